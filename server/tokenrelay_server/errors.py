@@ -1,0 +1,194 @@
+"""Every error tokenrelay raises, in one tree.
+
+    TokenRelayError
+     ├── RequestError            the client's request is wrong      → INVALID_ARGUMENT
+     │    └── UnknownModel       no such model alias                → INVALID_ARGUMENT
+     ├── ResumeDenied            tampered or foreign resume token   → PERMISSION_DENIED
+     ├── StreamNotFound          expired or unknown stream          → NOT_FOUND
+     ├── Overloaded              load shedding, quotas              → RESOURCE_EXHAUSTED
+     ├── Draining                the server is shutting down        → UNAVAILABLE
+     └── UpstreamError           a provider attempt failed; carries a `Fault`
+          ├── NetworkError       reset, refused, DNS, TLS, body cut short
+          ├── ProtocolError      HTTP status, wrong content type
+          ├── ApplicationError   an error payload from the provider
+          ├── DataError          garbled or wrongly shaped data, missing end marker
+          ├── ResourceError      size caps, memory limits
+          └── UpstreamTimeout    connect, first token, stall, total deadline
+
+The first group never reaches a running stream: the servicer maps them to a
+gRPC status in one table. `UpstreamError`s happen inside a generation and
+reach the client as a typed `StreamError` event, built from their `Fault`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+
+
+class ErrorType(enum.IntEnum):
+    """The layer a failure was detected in (values match the proto enum)."""
+
+    NETWORK = 1
+    PROTOCOL = 2
+    APPLICATION = 3
+    DATA = 4
+    RESOURCE = 5
+    TIMEOUT = 6
+
+
+class SuggestedAction(enum.IntEnum):
+    """What to do about a failure (values match the proto enum)."""
+
+    RETRY = 1
+    RESUME = 2
+    FALLBACK = 3
+    ABORT = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """A classified failure: what the client sees as a `StreamError`."""
+
+    type: ErrorType
+    code: str
+    message: str
+    retryable: bool
+    suggested_action: SuggestedAction
+    fatal: bool = True
+    bytes_received: int = 0
+    tokens_received: int = 0
+    provider: str = ""
+    attempt: int = 0
+    retry_after_s: float | None = None
+
+    def with_context(self, **changes: object) -> Fault:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "type": int(self.type),
+            "code": self.code,
+            "message": self.message,
+            "retryable": self.retryable,
+            "suggested_action": int(self.suggested_action),
+            "fatal": self.fatal,
+            "bytes_received": self.bytes_received,
+            "tokens_received": self.tokens_received,
+            "provider": self.provider,
+            "attempt": self.attempt,
+            "retry_after_s": self.retry_after_s,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, object]) -> Fault:
+        retry_after = raw.get("retry_after_s")
+        return cls(
+            type=ErrorType(int(raw["type"])),  # type: ignore[call-overload]
+            code=str(raw["code"]),
+            message=str(raw["message"]),
+            retryable=bool(raw["retryable"]),
+            suggested_action=SuggestedAction(int(raw["suggested_action"])),  # type: ignore[call-overload]
+            fatal=bool(raw["fatal"]),
+            bytes_received=int(raw.get("bytes_received", 0)),  # type: ignore[call-overload]
+            tokens_received=int(raw.get("tokens_received", 0)),  # type: ignore[call-overload]
+            provider=str(raw.get("provider", "")),
+            attempt=int(raw.get("attempt", 0)),  # type: ignore[call-overload]
+            retry_after_s=None if retry_after is None else float(retry_after),  # type: ignore[arg-type]
+        )
+
+
+class TokenRelayError(Exception):
+    """Base of every tokenrelay error."""
+
+
+class RequestError(TokenRelayError):
+    """The request is malformed; the message names the field. Fix it; do not retry."""
+
+
+class UnknownModel(RequestError):
+    """The model alias is not configured. Use one the gateway lists; do not retry."""
+
+
+class ResumeDenied(TokenRelayError):
+    """The resume token was tampered with or signed by another deployment.
+    Start a new stream; retrying with this token will not help."""
+
+
+class StreamNotFound(TokenRelayError):
+    """The stream expired (past retention) or never existed. Start a new stream."""
+
+
+class Overloaded(TokenRelayError):
+    """The gateway is shedding load or a quota is spent. Retry later with backoff."""
+
+
+class Draining(TokenRelayError):
+    """The server is shutting down. Reconnect (to another replica) and resume."""
+
+
+class UpstreamError(TokenRelayError):
+    """A provider attempt failed. `fault` says how; its suggested_action says
+    whether to retry, resume from the last checkpoint, fall back or give up."""
+
+    error_type: ErrorType = ErrorType.NETWORK
+
+    def __init__(self, fault: Fault) -> None:
+        super().__init__(f"{fault.code}: {fault.message}")
+        self.fault = fault
+
+
+class NetworkError(UpstreamError):
+    """Connection refused or reset, DNS, TLS, a body cut short. Retry, or resume
+    from the last checkpoint when tokens were delivered."""
+
+    error_type = ErrorType.NETWORK
+
+
+class ProtocolError(UpstreamError):
+    """An HTTP status or content type that is not a stream. 429/5xx: retry after
+    the delay; other 4xx: abort."""
+
+    error_type = ErrorType.PROTOCOL
+
+
+class ApplicationError(UpstreamError):
+    """The provider sent an error payload. Rate limit/overloaded: retry later;
+    invalid request/auth: abort."""
+
+    error_type = ErrorType.APPLICATION
+
+
+class DataError(UpstreamError):
+    """Garbled or wrongly shaped data, or a stream that ended without its end
+    marker. Abort by default, keeping the partial answer."""
+
+    error_type = ErrorType.DATA
+
+
+class ResourceError(UpstreamError):
+    """A size cap or memory limit was hit. Return the partial answer."""
+
+    error_type = ErrorType.RESOURCE
+
+
+class UpstreamTimeout(UpstreamError):
+    """Connect, first-token, stall or total deadline passed. Retry, or resume
+    when tokens were delivered."""
+
+    error_type = ErrorType.TIMEOUT
+
+
+_BY_TYPE: dict[ErrorType, type[UpstreamError]] = {
+    ErrorType.NETWORK: NetworkError,
+    ErrorType.PROTOCOL: ProtocolError,
+    ErrorType.APPLICATION: ApplicationError,
+    ErrorType.DATA: DataError,
+    ErrorType.RESOURCE: ResourceError,
+    ErrorType.TIMEOUT: UpstreamTimeout,
+}
+
+
+def upstream_error(fault: Fault) -> UpstreamError:
+    """The exception class that matches a fault's type."""
+    return _BY_TYPE[fault.type](fault)

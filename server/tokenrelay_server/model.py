@@ -1,0 +1,118 @@
+"""Typed values that cross module boundaries.
+
+Protobuf stays in the servicer; these frozen dataclasses are what the rest of
+the gateway passes around and what the stream log stores.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .errors import Fault
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[Role, ...] = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationParams:
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryPolicy:
+    """Per-call overrides; None means "use the gateway's configuration"."""
+
+    max_retries: int | None = None
+    allow_fallback: bool | None = None
+    allow_partial: bool | None = None
+    checkpoint_interval: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StartRequest:
+    """A validated `StartGeneration`."""
+
+    model: str
+    messages: tuple[Message, ...]
+    params: GenerationParams = GenerationParams()
+    idempotency_key: str = ""
+    policy: RecoveryPolicy = RecoveryPolicy()
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    def meta(self, key: str, default: str = "") -> str:
+        for k, v in self.metadata:
+            if k == key:
+                return v
+        return default
+
+
+class StreamStatus(enum.StrEnum):
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+# --- what the stream log holds -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A piece of the answer. seq is 1, 2, 3, … within a stream."""
+
+    seq: int
+    text: str
+    provider: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A non-fatal error: the gateway is recovering. Sits after chunk `after_seq`."""
+
+    after_seq: int
+    fault: Fault
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """The last entry of a stream."""
+
+    finish_reason: str
+    total_seq: int
+    text_sha256: str
+    usage: Usage = Usage()
+    partial: bool = False
+    error: Fault | None = None
+
+
+LogEntry = Chunk | Notice | End
+
+
+@dataclass(frozen=True, slots=True)
+class StreamMeta:
+    """What the store keeps about a stream besides its log."""
+
+    stream_id: str
+    model: str
+    created_at: float
+    checkpoint_interval: int
+    request: StartRequest | None = None
+    idempotency_key: str = ""
+    extra: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,90 @@
+"""What a provider is, for the rest of the gateway.
+
+A provider adapter owns one upstream (the simulator, an OpenAI-compatible API,
+Anthropic). The generation loop calls `stream()` once per upstream attempt and
+iterates the deltas. The adapter:
+
+- turns the provider's wire format into `TextDelta`, `UsageReport` and one
+  final `Finish`; a stream that ends without `Finish` is a `DataError`;
+- raises only `UpstreamError` subclasses (errors.py), with a classified
+  `Fault`, never a transport exception;
+- builds the continuation request itself when `request.continuation` is set
+  (the partial answer already delivered): the model must continue it without
+  repeating it;
+- closes its upstream response when the iteration is closed or cancelled.
+
+Timeouts between deltas (first token, stall) are enforced by the caller, the
+same way for every provider; connect timeouts belong to the adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..model import GenerationParams, Message, Usage
+
+# The instruction appended when a provider cannot take an assistant prefill.
+CONTINUE_INSTRUCTION = (
+    "Continue your previous answer exactly where it stopped. Do not repeat any of "
+    "it and do not add any preamble; start with the very next characters."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRequest:
+    """One upstream attempt."""
+
+    model: str  # the upstream model name (after alias routing)
+    messages: tuple[Message, ...]
+    params: GenerationParams
+    attempt: int = 1  # 1-based, across every provider of the stream
+    continuation: str = ""  # the partial answer to continue; "" for a fresh start
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    def meta(self, key: str, default: str = "") -> str:
+        for k, v in self.metadata:
+            if k == key:
+                return v
+        return default
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """A piece of answer text (never a split UTF-8 character)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    """Token usage as the provider reported it."""
+
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """The provider finished the answer: "stop", "length", "content_filter", …"""
+
+    reason: str
+    usage: Usage | None = None
+
+
+Delta = TextDelta | UsageReport | Finish
+
+
+class Provider(Protocol):
+    """An upstream the gateway can stream from."""
+
+    @property
+    def name(self) -> str: ...
+
+    def stream(self, request: ProviderRequest) -> AsyncIterator[Delta]:
+        """The deltas of one attempt. Raises `UpstreamError` subclasses."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release pooled connections."""
+        ...

@@ -1,0 +1,337 @@
+"""The simulated provider: deterministic text, scripted faults, continuation.
+
+The simulator is the embedded default (model `sim`) and the engine behind the
+mock upstream's HTTP endpoints. Its core here is sans-IO: `SimAnswer` says
+which tokens a conversation produces, `parse_fault_script` reads the fault
+script, `plan_attempt` says what one attempt sends and how it fails. The
+in-process `SimProvider` at the bottom plays a plan with asyncio pacing.
+
+Text: an endless token sequence that is a pure function of the original
+messages and `sim.seed`. An answer of n tokens is the first n of them, so a
+clean run and a run broken and continued produce the same text.
+
+Faults (`sim.faults`, comma separated, one item per successive attempt; after
+the last item every attempt is `ok`):
+
+    ok          a clean answer
+    reset@N     N tokens, then the connection is reset
+    stall@N     N tokens, then nothing more (the stall timeout must notice)
+    eof@N       N tokens, then the stream ends without a finish reason
+    garbage@N   N tokens, then malformed data
+    http:CODE   fails before the first token with HTTP status CODE
+
+Continuation: when the conversation ends with the partial answer (an
+assistant message, optionally followed by the continue instruction), the
+simulator finds where that prefix stops in its text and carries on from
+there, first repeating the last `sim.overlap` characters of the prefix (a
+model that repeats itself, for the stitcher).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal
+
+from .. import classify
+from ..errors import RequestError, upstream_error
+from ..model import Message, Usage
+from .base import CONTINUE_INSTRUCTION, Delta, Finish, ProviderRequest, TextDelta, UsageReport
+
+DEFAULT_MAX_TOKENS = 200
+MAX_PACE_MS = 60_000
+MAX_OVERLAP = 64
+DEFAULT_RETRY_AFTER_S = 1.0
+
+_WORDS = (
+    "the", "stream", "token", "relay", "gateway", "survives", "every", "failure", "and",
+    "keeps", "its", "order", "a", "client", "resumes", "exactly", "where", "it", "stopped",
+    "checkpoint", "provider", "retry", "backoff", "jitter", "circuit", "breaker", "falls",
+    "back", "to", "another", "model", "while", "sequence", "numbers", "grow", "by", "one",
+    "café", "naïve", "déjà", "vu", "über", "señor", "日本語", "データ", "🚀", "∑", "λ",
+    "durable", "before", "visible", "replica", "lease", "continuation", "stitcher",
+)
+
+
+# --- text -------------------------------------------------------------------------
+
+
+class SimAnswer:
+    """The endless deterministic token sequence of one conversation."""
+
+    def __init__(self, messages: tuple[Message, ...], seed: str = "0") -> None:
+        digest = hashlib.sha256(seed.encode())
+        for message in messages:
+            digest.update(b"\x00" + message.role.encode() + b"\x01" + message.content.encode())
+        self._rng = random.Random(digest.digest())
+        self._tokens: list[str] = []
+
+    def token(self, index: int) -> str:
+        while len(self._tokens) <= index:
+            self._tokens.append(self._next_token(len(self._tokens)))
+        return self._tokens[index]
+
+    def text(self, n_tokens: int) -> str:
+        return "".join(self.token(i) for i in range(n_tokens))
+
+    def _next_token(self, index: int) -> str:
+        word = self._rng.choice(_WORDS)
+        roll = self._rng.random()
+        if index == 0:
+            return word.capitalize()
+        if roll < 0.06:
+            return "."
+        if roll < 0.10:
+            return ","
+        if roll < 0.12:
+            return "\n\n"
+        previous = self._tokens[-1]
+        if previous in (".", "\n\n"):
+            return (" " if previous == "." else "") + word.capitalize()
+        return " " + word
+
+    def locate(self, prefix: str, limit_tokens: int = 1_000_000) -> tuple[int, int] | None:
+        """(token index, characters of that token) where `prefix` stops, or None
+        when `prefix` is not a prefix of this answer."""
+        position = 0
+        index = 0
+        while position < len(prefix):
+            if index >= limit_tokens:
+                return None
+            token = self.token(index)
+            remaining = prefix[position:]
+            if remaining.startswith(token):
+                position += len(token)
+                index += 1
+                continue
+            if token.startswith(remaining):
+                return index, len(remaining)
+            return None
+        return index, 0
+
+
+def split_continuation(messages: tuple[Message, ...]) -> tuple[tuple[Message, ...], str]:
+    """(original messages, partial answer) of a continuation request; the
+    partial answer is "" for a fresh request."""
+    if len(messages) >= 2 and messages[-1].role == "user":
+        if messages[-1].content == CONTINUE_INSTRUCTION and messages[-2].role == "assistant":
+            return messages[:-2], messages[-2].content
+    if len(messages) >= 2 and messages[-1].role == "assistant":
+        return messages[:-1], messages[-1].content
+    return messages, ""
+
+
+# --- faults -------------------------------------------------------------------------
+
+FaultKind = Literal["ok", "reset", "stall", "eof", "garbage", "http"]
+
+
+@dataclass(frozen=True, slots=True)
+class FaultStep:
+    kind: FaultKind
+    n: int = 0  # tokens before the fault, or the HTTP status for "http"
+
+
+def parse_fault_script(script: str, field: str = 'metadata["sim.faults"]') -> tuple[FaultStep, ...]:
+    """Parse `reset@25,ok`; a bad item raises RequestError naming the field."""
+    steps: list[FaultStep] = []
+    if not script.strip():
+        return ()
+    for position, raw in enumerate(script.split(","), start=1):
+        item = raw.strip()
+        if item == "ok":
+            steps.append(FaultStep("ok"))
+            continue
+        if item.startswith("http:"):
+            code = item[5:]
+            if not code.isdigit() or not 400 <= int(code) <= 599:
+                raise RequestError(
+                    f"{field}: item {position} {item!r} needs an HTTP error status 400-599"
+                )
+            steps.append(FaultStep("http", int(code)))
+            continue
+        kind, at, count = item.partition("@")
+        if kind in ("reset", "stall", "eof", "garbage") and at and count.isdigit():
+            steps.append(FaultStep(kind, int(count)))  # type: ignore[arg-type]
+            continue
+        raise RequestError(
+            f"{field}: item {position} {item!r} is not one of ok, reset@N, stall@N, eof@N, "
+            "garbage@N, http:CODE"
+        )
+    return tuple(steps)
+
+
+def fault_for_attempt(steps: tuple[FaultStep, ...], attempt: int) -> FaultStep:
+    return steps[attempt - 1] if 0 < attempt <= len(steps) else FaultStep("ok")
+
+
+# --- one attempt -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SimSettings:
+    """The simulator's knobs, read from request metadata (validated)."""
+
+    seed: str = "0"
+    pace_ms: float = 0.0
+    overlap: int = 0
+    faults: tuple[FaultStep, ...] = ()
+    retry_after_s: float = DEFAULT_RETRY_AFTER_S
+
+    @classmethod
+    def from_metadata(cls, metadata: tuple[tuple[str, str], ...], default_pace_ms: float = 0.0) -> SimSettings:
+        values = dict(metadata)
+        return cls(
+            seed=values.get("sim.seed", "0"),
+            pace_ms=_number(values, "sim.pace_ms", default_pace_ms, 0, MAX_PACE_MS),
+            overlap=int(_number(values, "sim.overlap", 0, 0, MAX_OVERLAP, integer=True)),
+            faults=parse_fault_script(values.get("sim.faults", "")),
+            retry_after_s=_number(values, "sim.retry_after_s", DEFAULT_RETRY_AFTER_S, 0, 3600),
+        )
+
+
+def _number(
+    values: dict[str, str], key: str, default: float, low: float, high: float, *, integer: bool = False
+) -> float:
+    raw = values.get(key)
+    if raw is None:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        raise RequestError(f'metadata["{key}"]={raw!r} is not {kind}') from None
+    if not low <= value <= high:
+        raise RequestError(f'metadata["{key}"]={raw!r} is out of range {low:g}..{high:g}')
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptPlan:
+    """What one simulated attempt sends: `pieces` of text, then `fault`
+    (which, for "ok", means a clean finish)."""
+
+    pieces: tuple[str, ...]
+    fault: FaultStep
+    finish_reason: str
+    usage: Usage
+
+
+def plan_attempt(
+    messages: tuple[Message, ...],
+    *,
+    max_tokens: int | None,
+    attempt: int,
+    settings: SimSettings,
+    continuation: str | None = None,
+) -> AttemptPlan:
+    """The deterministic script of one attempt.
+
+    `continuation` overrides the partial answer found in `messages` (the
+    in-process provider passes it directly; HTTP requests carry it in the
+    messages)."""
+    originals, found_prefix = split_continuation(messages)
+    prefix = found_prefix if continuation is None else continuation
+    if continuation is not None:
+        originals = messages
+    answer = SimAnswer(originals, settings.seed)
+    budget = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+    pieces: list[str] = []
+    if prefix:
+        start = answer.locate(prefix, limit_tokens=len(prefix) + 1)
+        if start is None:
+            index, offset = len(prefix.split()), 0
+        else:
+            index, offset = start
+        if offset:
+            pieces.append(answer.token(index)[offset:])
+            index += 1
+        pieces.extend(answer.token(i) for i in range(index, index + budget - len(pieces)))
+        if settings.overlap and pieces:
+            pieces[0] = prefix[-settings.overlap :] + pieces[0]
+    else:
+        pieces.extend(answer.token(i) for i in range(budget))
+    fault = fault_for_attempt(settings.faults, attempt)
+    if fault.kind in ("reset", "stall", "eof", "garbage"):
+        pieces = pieces[: fault.n]
+    elif fault.kind == "http":
+        pieces = []
+    prompt_tokens = sum(len(m.content.split()) for m in messages)
+    return AttemptPlan(
+        pieces=tuple(pieces),
+        fault=fault,
+        finish_reason="stop",
+        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=len(pieces)),
+    )
+
+
+# --- the in-process provider ----------------------------------------------------------------
+
+
+class SimProvider:
+    """Model `sim`, played in-process with asyncio pacing."""
+
+    def __init__(self, name: str = "sim", *, default_pace_ms: float = 0.0) -> None:
+        self._name = name
+        self._default_pace_ms = default_pace_ms
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def validate(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        """Raise RequestError naming the bad `sim.*` metadata key, if any."""
+        SimSettings.from_metadata(metadata, self._default_pace_ms)
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[Delta]:
+        settings = SimSettings.from_metadata(request.metadata, self._default_pace_ms)
+        plan = plan_attempt(
+            request.messages,
+            max_tokens=request.params.max_tokens,
+            attempt=request.attempt,
+            settings=settings,
+            continuation=request.continuation,
+        )
+        fault = plan.fault
+        if fault.kind == "http":
+            retry_after = settings.retry_after_s if fault.n in (429, 503, 529) else None
+            raise upstream_error(
+                classify.classify_http_status(fault.n, retry_after_s=retry_after).with_context(
+                    provider=self._name, attempt=request.attempt
+                )
+            )
+        pace_s = settings.pace_ms / 1000.0
+        sent_bytes = 0
+        for piece in plan.pieces:
+            # sleep(0) at full speed still yields, like a socket read would.
+            await asyncio.sleep(pace_s)
+            sent_bytes += len(piece.encode())
+            yield TextDelta(piece)
+        context = {
+            "tokens_received": len(plan.pieces),
+            "bytes_received": sent_bytes,
+        }
+        if fault.kind == "reset":
+            raise upstream_error(
+                classify.connection_reset(**context).with_context(
+                    provider=self._name, attempt=request.attempt
+                )
+            )
+        if fault.kind == "garbage":
+            raise upstream_error(
+                classify.malformed_data("invalid JSON in a data line", **context).with_context(
+                    provider=self._name, attempt=request.attempt
+                )
+            )
+        if fault.kind == "stall":
+            await asyncio.Event().wait()  # hangs until the caller's stall timeout cancels us
+        if fault.kind == "eof":
+            return  # no Finish: the caller reports NO_FINISH_REASON
+        yield UsageReport(plan.usage)
+        yield Finish(plan.finish_reason, plan.usage)
+
+    async def aclose(self) -> None:
+        return None

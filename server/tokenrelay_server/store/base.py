@@ -1,0 +1,93 @@
+"""The contract every stream log implementation keeps.
+
+Rules (tests/test_store.py runs one suite against every implementation):
+
+1. Entries of a stream are ordered: chunk seq s sorts after every entry that
+   was appended before it; a `Notice` sits after chunk `after_seq`; the `End`
+   sorts last. `read(after_seq=S)` returns everything after chunk S, in order,
+   starting with the notices that followed chunk S.
+2. `append` returns only once the entries are durable (for Redis: acknowledged
+   by the server). The gateway shows a chunk to clients only after that.
+3. Nothing is appended after an `End`.
+4. `create` with an idempotency key that is already taken returns the existing
+   stream's meta and creates nothing.
+5. A stream and everything about it is gone after the retention period.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..model import LogEntry, StreamMeta
+
+
+@dataclass(frozen=True, slots=True)
+class StreamTail:
+    """Where a stream's log stands: the last chunk's seq and whether it ended."""
+
+    last_seq: int
+    ended: bool
+
+
+class StreamStore(Protocol):
+    """Durable, ordered log of each stream, plus its metadata and lease."""
+
+    async def create(self, meta: StreamMeta) -> tuple[StreamMeta, bool]:
+        """Register a stream. Returns (meta, created). When meta.idempotency_key
+        already names a stream, returns (that stream's meta, False)."""
+        ...
+
+    async def get_meta(self, stream_id: str) -> StreamMeta | None:
+        """The stream's meta, or None when it expired or never existed."""
+        ...
+
+    async def delete(self, stream_id: str) -> None:
+        """Forget a stream and its idempotency key (used to undo a failed start)."""
+        ...
+
+    async def append(self, stream_id: str, entries: Sequence[LogEntry]) -> None:
+        """Durably append entries (see rule 1 for their order)."""
+        ...
+
+    async def read(self, stream_id: str, after_seq: int, limit: int = 1000) -> list[LogEntry]:
+        """Up to `limit` entries after chunk `after_seq`, in log order."""
+        ...
+
+    async def wait(self, stream_id: str, after_seq: int, timeout_s: float) -> list[LogEntry]:
+        """Like `read`, but when nothing is there yet, wait up to `timeout_s`
+        for something to be appended. Returns [] on timeout."""
+        ...
+
+    async def tail(self, stream_id: str) -> StreamTail | None:
+        """The last chunk's seq and whether the stream ended; None if unknown."""
+        ...
+
+    async def acquire_lease(self, stream_id: str, owner: str, ttl_s: float) -> bool:
+        """Take ownership of a stream's generation if nobody holds it."""
+        ...
+
+    async def renew_lease(self, stream_id: str, owner: str, ttl_s: float) -> bool:
+        """Extend our lease; False when someone else holds it (or it lapsed and was taken)."""
+        ...
+
+    async def release_lease(self, stream_id: str, owner: str) -> None:
+        """Give up ownership (only if we hold it)."""
+        ...
+
+    async def lease_owner(self, stream_id: str) -> str | None:
+        """Who owns the generation now, or None when the lease lapsed."""
+        ...
+
+    async def request_cancel(self, stream_id: str, reason: str) -> None:
+        """Ask the owner (on whatever replica) to stop the generation."""
+        ...
+
+    async def cancel_requested(self, stream_id: str) -> str | None:
+        """The reason given to `request_cancel`, or None."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...

@@ -1,0 +1,195 @@
+"""The in-memory stream log: the embedded default (one process, nothing to
+install). It keeps the same rules as the Redis store (see base.py) so the
+gateway cannot tell them apart, except that it dies with the process."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..clock import Clock, SystemClock
+from ..model import Chunk, LogEntry, Notice, StreamMeta
+from .base import StreamTail
+
+# Log position of an entry: chunk s is (s, 0); notices after chunk s are
+# (s, 1), (s, 2), …; the End is (total_seq + 1, 0). The Redis store uses the
+# same numbers as stream IDs "s-n".
+Position = tuple[int, int]
+
+
+@dataclass
+class _Stream:
+    meta: StreamMeta
+    expires_at: float
+    positions: list[Position] = field(default_factory=list)
+    entries: list[LogEntry] = field(default_factory=list)
+    last_seq: int = 0
+    notices_after_last: int = 0
+    ended: bool = False
+    cancel_reason: str | None = None
+    lease: tuple[str, float] | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class MemoryStore:
+    def __init__(self, *, retention_s: float = 3600.0, clock: Clock | None = None) -> None:
+        self._clock = clock or SystemClock()
+        self._retention_s = retention_s
+        self._streams: dict[str, _Stream] = {}
+        self._idempotency: dict[str, str] = {}
+        self._last_sweep = self._clock.wall()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def create(self, meta: StreamMeta) -> tuple[StreamMeta, bool]:
+        self._sweep()
+        key = meta.idempotency_key
+        if key:
+            existing_id = self._idempotency.get(key)
+            existing = self._live(existing_id) if existing_id else None
+            if existing is not None:
+                return existing.meta, False
+            self._idempotency[key] = meta.stream_id
+        self._streams[meta.stream_id] = _Stream(meta, self._clock.wall() + self._retention_s)
+        return meta, True
+
+    async def get_meta(self, stream_id: str) -> StreamMeta | None:
+        stream = self._live(stream_id)
+        return None if stream is None else stream.meta
+
+    async def delete(self, stream_id: str) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None and stream.meta.idempotency_key:
+            if self._idempotency.get(stream.meta.idempotency_key) == stream_id:
+                del self._idempotency[stream.meta.idempotency_key]
+
+    # -- the log -----------------------------------------------------------------
+
+    async def append(self, stream_id: str, entries: Sequence[LogEntry]) -> None:
+        stream = self._require(stream_id)
+        for entry in entries:
+            if stream.ended:
+                raise ValueError(f"stream {stream_id} has ended; nothing can follow its End")
+            if isinstance(entry, Chunk):
+                if entry.seq != stream.last_seq + 1:
+                    raise ValueError(
+                        f"chunk seq {entry.seq} does not follow {stream.last_seq} in {stream_id}"
+                    )
+                position = (entry.seq, 0)
+                stream.last_seq = entry.seq
+                stream.notices_after_last = 0
+            elif isinstance(entry, Notice):
+                stream.notices_after_last += 1
+                position = (stream.last_seq, stream.notices_after_last)
+            else:
+                position = (stream.last_seq + 1, 0)
+                stream.ended = True
+            stream.positions.append(position)
+            stream.entries.append(entry)
+        stream.expires_at = self._clock.wall() + self._retention_s
+        stream.changed.set()
+        stream.changed = asyncio.Event()
+
+    async def read(self, stream_id: str, after_seq: int, limit: int = 1000) -> list[LogEntry]:
+        stream = self._require(stream_id)
+        start = bisect.bisect_right(stream.positions, (after_seq, 0))
+        return stream.entries[start : start + limit]
+
+    async def wait(self, stream_id: str, after_seq: int, timeout_s: float) -> list[LogEntry]:
+        stream = self._require(stream_id)
+        entries = await self.read(stream_id, after_seq)
+        if entries or stream.ended:
+            return entries
+        try:
+            async with asyncio.timeout(timeout_s):
+                await stream.changed.wait()
+        except TimeoutError:
+            return []
+        return await self.read(stream_id, after_seq)
+
+    async def tail(self, stream_id: str) -> StreamTail | None:
+        stream = self._live(stream_id)
+        return None if stream is None else StreamTail(stream.last_seq, stream.ended)
+
+    # -- ownership and cancellation ------------------------------------------------
+
+    async def acquire_lease(self, stream_id: str, owner: str, ttl_s: float) -> bool:
+        stream = self._require(stream_id)
+        now = self._clock.monotonic()
+        if stream.lease is not None and stream.lease[1] > now and stream.lease[0] != owner:
+            return False
+        stream.lease = (owner, now + ttl_s)
+        return True
+
+    async def renew_lease(self, stream_id: str, owner: str, ttl_s: float) -> bool:
+        stream = self._live(stream_id)
+        if stream is None:
+            return False
+        now = self._clock.monotonic()
+        if stream.lease is None or stream.lease[0] != owner or stream.lease[1] <= now:
+            return False
+        stream.lease = (owner, now + ttl_s)
+        return True
+
+    async def release_lease(self, stream_id: str, owner: str) -> None:
+        stream = self._live(stream_id)
+        if stream is not None and stream.lease is not None and stream.lease[0] == owner:
+            stream.lease = None
+
+    async def lease_owner(self, stream_id: str) -> str | None:
+        stream = self._live(stream_id)
+        if stream is None or stream.lease is None:
+            return None
+        owner, expires_at = stream.lease
+        return owner if expires_at > self._clock.monotonic() else None
+
+    async def request_cancel(self, stream_id: str, reason: str) -> None:
+        self._require(stream_id).cancel_reason = reason
+
+    async def cancel_requested(self, stream_id: str) -> str | None:
+        stream = self._live(stream_id)
+        return None if stream is None else stream.cancel_reason
+
+    async def close(self) -> None:
+        self._streams.clear()
+        self._idempotency.clear()
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _live(self, stream_id: str) -> _Stream | None:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return None
+        if stream.expires_at <= self._clock.wall():
+            self._forget(stream_id, stream)
+            return None
+        return stream
+
+    def _require(self, stream_id: str) -> _Stream:
+        stream = self._live(stream_id)
+        if stream is None:
+            raise KeyError(f"stream {stream_id} is unknown or expired")
+        return stream
+
+    def _forget(self, stream_id: str, stream: _Stream) -> None:
+        self._streams.pop(stream_id, None)
+        key = stream.meta.idempotency_key
+        if key and self._idempotency.get(key) == stream_id:
+            del self._idempotency[key]
+
+    def _sweep(self) -> None:
+        now = self._clock.wall()
+        if now - self._last_sweep < 5.0:
+            return
+        self._last_sweep = now
+        for stream_id, stream in list(self._streams.items()):
+            if stream.expires_at <= now:
+                self._forget(stream_id, stream)
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+
+__all__ = ["MemoryStore"]
