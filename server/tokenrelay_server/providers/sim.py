@@ -47,12 +47,61 @@ MAX_OVERLAP = 64
 DEFAULT_RETRY_AFTER_S = 1.0
 
 _WORDS = (
-    "the", "stream", "token", "relay", "gateway", "survives", "every", "failure", "and",
-    "keeps", "its", "order", "a", "client", "resumes", "exactly", "where", "it", "stopped",
-    "checkpoint", "provider", "retry", "backoff", "jitter", "circuit", "breaker", "falls",
-    "back", "to", "another", "model", "while", "sequence", "numbers", "grow", "by", "one",
-    "café", "naïve", "déjà", "vu", "über", "señor", "日本語", "データ", "🚀", "∑", "λ",
-    "durable", "before", "visible", "replica", "lease", "continuation", "stitcher",
+    "the",
+    "stream",
+    "token",
+    "relay",
+    "gateway",
+    "survives",
+    "every",
+    "failure",
+    "and",
+    "keeps",
+    "its",
+    "order",
+    "a",
+    "client",
+    "resumes",
+    "exactly",
+    "where",
+    "it",
+    "stopped",
+    "checkpoint",
+    "provider",
+    "retry",
+    "backoff",
+    "jitter",
+    "circuit",
+    "breaker",
+    "falls",
+    "back",
+    "to",
+    "another",
+    "model",
+    "while",
+    "sequence",
+    "numbers",
+    "grow",
+    "by",
+    "one",
+    "café",
+    "naïve",
+    "déjà",
+    "vu",
+    "über",
+    "señor",
+    "日本語",
+    "データ",
+    "🚀",
+    "∑",
+    "λ",
+    "durable",
+    "before",
+    "visible",
+    "replica",
+    "lease",
+    "continuation",
+    "stitcher",
 )
 
 
@@ -182,7 +231,9 @@ class SimSettings:
     retry_after_s: float = DEFAULT_RETRY_AFTER_S
 
     @classmethod
-    def from_metadata(cls, metadata: tuple[tuple[str, str], ...], default_pace_ms: float = 0.0) -> SimSettings:
+    def from_metadata(
+        cls, metadata: tuple[tuple[str, str], ...], default_pace_ms: float = 0.0
+    ) -> SimSettings:
         values = dict(metadata)
         return cls(
             seed=values.get("sim.seed", "0"),
@@ -194,7 +245,13 @@ class SimSettings:
 
 
 def _number(
-    values: dict[str, str], key: str, default: float, low: float, high: float, *, integer: bool = False
+    values: dict[str, str],
+    key: str,
+    default: float,
+    low: float,
+    high: float,
+    *,
+    integer: bool = False,
 ) -> float:
     raw = values.get(key)
     if raw is None:

@@ -1,0 +1,180 @@
+"""Assemble and run a gateway: store, providers, hub, gRPC server.
+
+`RelayServer.start(settings)` is what the CLI, the demo, the benchmark and the
+tests all use: a real grpc.aio server on a real port, with health checking
+(SERVING when ready, NOT_SERVING while draining) and server reflection.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tokenrelay.v1 import relay_pb2, relay_pb2_grpc
+
+from .clock import Clock, SystemClock
+from .config import Settings
+from .generation import Route, Timeouts
+from .hub import HubSettings, Router, StreamHub
+from .providers.base import Provider
+from .providers.sim import SimProvider
+from .servicer import RelayServicer
+from .store.base import StreamStore
+from .store.memory import MemoryStore
+from .tokens import ResumeTokens
+
+RELAY_SERVICE = relay_pb2.DESCRIPTOR.services_by_name["Relay"].full_name
+# Room for the largest prompt we accept plus protobuf framing.
+MESSAGE_SLACK_BYTES = 64 * 1024
+
+
+def build_router(settings: Settings, extra: Mapping[str, list[Route]] | None = None) -> Router:
+    """The `sim` model is always there; configured aliases come on top."""
+    routes: dict[str, list[Route]] = {
+        "sim": [Route(SimProvider("sim", default_pace_ms=settings.sim_pace_ms), "sim")]
+    }
+    routes.update(extra or {})
+    return Router(routes)
+
+
+async def build_store(settings: Settings, clock: Clock) -> StreamStore:
+    if settings.store == "redis":
+        from .store.redis import RedisStore
+
+        return RedisStore.from_url(
+            settings.redis_url,
+            retention_s=settings.retention_s,
+            prefix=settings.redis_prefix,
+            clock=clock,
+        )
+    return MemoryStore(retention_s=settings.retention_s, clock=clock)
+
+
+class RelayServer:
+    """A running gateway."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        server: grpc.aio.Server,
+        hub: StreamHub,
+        health_servicer: health.aio.HealthServicer,
+        providers: list[Provider],
+        port: int,
+        owns_store: bool,
+    ) -> None:
+        self.settings = settings
+        self.hub = hub
+        self.port = port
+        self._server = server
+        self._health = health_servicer
+        self._providers = providers
+        self._owns_store = owns_store
+        self._stopped = False
+
+    @property
+    def address(self) -> str:
+        host = self.settings.host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{self.port}"
+
+    @classmethod
+    async def start(
+        cls,
+        settings: Settings | None = None,
+        *,
+        store: StreamStore | None = None,
+        clock: Clock | None = None,
+        routes: Mapping[str, list[Route]] | None = None,
+    ) -> RelayServer:
+        settings = settings or Settings()
+        clock = clock or SystemClock()
+        # Without a configured secret, tokens die with this process; the CLI
+        # warns about it right after the "listening" line.
+        secret = settings.resume_secret or secrets.token_urlsafe(32)
+        owns_store = store is None
+        store = store or await build_store(settings, clock)
+        router = build_router(settings, routes)
+        hub = StreamHub(
+            store=store,
+            router=router,
+            tokens=ResumeTokens(secret.encode(), ttl_s=settings.retention_s, clock=clock),
+            clock=clock,
+            settings=HubSettings(
+                detach_grace_s=settings.detach_grace_s,
+                checkpoint_interval=settings.checkpoint_interval,
+                max_streams=settings.max_streams,
+                lease_ttl_s=settings.lease_ttl_s,
+                timeouts=Timeouts(
+                    first_token_s=settings.first_token_timeout_s,
+                    stall_s=settings.stall_timeout_s,
+                ),
+            ),
+        )
+        limit = settings.max_prompt_bytes + MESSAGE_SLACK_BYTES
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        relay_pb2_grpc.add_RelayServicer_to_server(
+            RelayServicer(hub, max_prompt_bytes=settings.max_prompt_bytes), server
+        )
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (RELAY_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        try:
+            port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        except RuntimeError as error:
+            raise OSError(f"cannot listen on {settings.host}:{settings.port}: {error}") from None
+        await server.start()
+        for service in ("", RELAY_SERVICE):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        providers = [route.provider for routes_ in router_routes(router) for route in routes_]
+        return cls(
+            settings=settings,
+            server=server,
+            hub=hub,
+            health_servicer=health_servicer,
+            providers=providers,
+            port=port,
+            owns_store=owns_store,
+        )
+
+    async def drain_and_stop(self) -> None:
+        """The SIGTERM path: NOT_SERVING, no new streams, let open ones finish
+        for `drain_grace_s`, then UNAVAILABLE to the rest, then stop."""
+        if self._stopped:
+            return
+        await self._health.enter_graceful_shutdown()
+        await self.hub.drain(self.settings.drain_grace_s)
+        await self.stop(grace=1.0)
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        """Stop now: end local generations, close the server and the store."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.hub.draining = True
+        await self._health.enter_graceful_shutdown()
+        await self.hub.close()
+        await self._server.stop(grace)
+        for provider in self._providers:
+            await provider.aclose()
+        if self._owns_store:
+            await self.hub.store.close()
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+
+def router_routes(router: Router) -> list[list[Route]]:
+    return [router.resolve(model) for model in router.models]

@@ -1,0 +1,244 @@
+"""The `tokenrelay` command: serve, chat, demo.
+
+Every `serve` flag can also be set by an environment variable (shown in
+`--help`) or in the [server] table of `--config FILE`; a flag beats the
+environment, which beats the file, which beats the default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .config import ConfigError, Settings, build_settings, read_config_file
+
+log = logging.getLogger("tokenrelay")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _env(name: str) -> str:
+    return f"TOKENRELAY_{name.upper()}"
+
+
+SERVE_OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("host", {"help": "Address to listen on.", "default": "127.0.0.1"}),
+    ("port", {"type": int, "help": "Port to listen on; 0 picks a free one.", "default": 50051}),
+    (
+        "store",
+        {
+            "type": click.Choice(["memory", "redis"]),
+            "default": "memory",
+            "help": "Stream log: in-process memory, or Redis shared by replicas.",
+        },
+    ),
+    ("redis_url", {"default": "redis://127.0.0.1:6379/0", "help": "Redis URL for --store redis."}),
+    (
+        "resume_secret",
+        {"default": None, "help": "HMAC secret for resume tokens (share it between replicas)."},
+    ),
+    (
+        "detach_grace_s",
+        {
+            "type": float,
+            "default": 60.0,
+            "help": "Seconds a generation runs on with no client attached.",
+        },
+    ),
+    (
+        "drain_grace_s",
+        {"type": float, "default": 10.0, "help": "Seconds open streams get to finish on SIGTERM."},
+    ),
+    (
+        "retention_s",
+        {
+            "type": float,
+            "default": 3600.0,
+            "help": "Seconds a stream stays resumable after its last chunk.",
+        },
+    ),
+    (
+        "checkpoint_interval",
+        {"type": int, "default": 10, "help": "Chunks between Checkpoint events."},
+    ),
+    (
+        "stall_timeout_s",
+        {
+            "type": float,
+            "default": 30.0,
+            "help": "Seconds without a token before the upstream counts as stalled.",
+        },
+    ),
+    (
+        "first_token_timeout_s",
+        {"type": float, "default": 30.0, "help": "Seconds to wait for the first token."},
+    ),
+    (
+        "sim_pace_ms",
+        {
+            "type": float,
+            "default": 0.0,
+            "help": "Default delay per token of the simulated provider.",
+        },
+    ),
+    (
+        "log_level",
+        {
+            "type": click.Choice(["debug", "info", "warning", "error"]),
+            "default": "info",
+            "help": "Log verbosity.",
+        },
+    ),
+]
+
+
+def serve_options(function: Any) -> Any:
+    for name, spec in reversed(SERVE_OPTIONS):
+        flag = "--" + name.replace("_", "-")
+        function = click.option(
+            flag, name, envvar=_env(name), show_envvar=True, show_default=True, **spec
+        )(function)
+    return function
+
+
+@click.group()
+@click.version_option(package_name="tokenrelay")
+def main() -> None:
+    """tokenrelay: a gRPC gateway that makes LLM token streams survive failure."""
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=_env("config"),
+    show_envvar=True,
+    default=None,
+    help="TOML file with [server], [providers.*] and [models.*] tables.",
+)
+@serve_options
+@click.pass_context
+def serve(ctx: click.Context, config_file: Path | None, **flags: Any) -> None:
+    """Run the gateway (in-memory store and the `sim` model by default)."""
+    try:
+        settings = resolve_settings(ctx, config_file, flags)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+    setup_logging(settings.log_level)
+    try:
+        asyncio.run(_serve(settings))
+    except OSError as error:
+        raise click.ClickException(str(error)) from None
+    except KeyboardInterrupt:
+        pass
+
+
+def resolve_settings(
+    ctx: click.Context, config_file: Path | None, flags: dict[str, Any]
+) -> Settings:
+    values: dict[str, Any] = read_config_file(config_file) if config_file else {}
+    for name, value in flags.items():
+        source = ctx.get_parameter_source(name)
+        if source is not click.core.ParameterSource.DEFAULT or name not in values:
+            if value is not None:
+                values[name] = value
+    return build_settings(values, source=str(config_file or "settings"))
+
+
+async def _serve(settings: Settings) -> None:
+    from .app import RelayServer
+
+    server = await RelayServer.start(settings)
+    log.info(
+        "tokenrelay listening on %s (store=%s, models=%s)",
+        server.address,
+        settings.store,
+        ",".join(server.hub.router.models),
+    )
+    if settings.port == 0:
+        print(f"port {server.port}", flush=True)
+    if settings.resume_secret is None:
+        log.warning(
+            "no resume secret set (--resume-secret / TOKENRELAY_RESUME_SECRET): using a random "
+            "one, so resume tokens will not survive a restart or work on other replicas"
+        )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining: no new streams; open streams get %.0f s", settings.drain_grace_s)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+    await server.drain_and_stop()
+    log.info("stopped")
+
+
+@main.command()
+@click.argument("prompt")
+@click.option(
+    "--target",
+    default="127.0.0.1:50051",
+    envvar=_env("target"),
+    show_envvar=True,
+    show_default=True,
+    help="The gateway's address.",
+)
+@click.option("--model", default="sim", show_default=True, help="Model alias.")
+@click.option("--max-tokens", type=int, default=None, help="Answer length limit.")
+@click.option(
+    "--meta",
+    "meta",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Request metadata, e.g. --meta sim.pace_ms=20 (repeatable).",
+)
+def chat(
+    prompt: str, target: str, model: str, max_tokens: int | None, meta: tuple[str, ...]
+) -> None:
+    """Stream an answer to PROMPT, printing tokens as they arrive."""
+    from tokenrelay_client.chat import run_chat
+
+    metadata: dict[str, str] = {}
+    for item in meta:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--meta")
+        metadata[key] = value
+    sys.exit(
+        asyncio.run(run_chat(target, prompt, model=model, metadata=metadata, max_tokens=max_tokens))
+    )
+
+
+@main.command()
+@click.option(
+    "--target",
+    default=None,
+    envvar=_env("target"),
+    help="Use this gateway instead of starting one in-process.",
+)
+def demo(target: str | None) -> None:
+    """Watch a stream survive a dropped connection: cut, reconnect, resume, verify."""
+    from .demo import run_demo
+
+    setup_logging("warning")
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(asyncio.run(run_demo(target)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,388 @@
+"""The stream hub: which streams exist, who generates them, who reads them.
+
+The hub owns every generation task of this replica (they outlive the RPC
+that started them: guarantee 4) and every attached reader. It knows nothing
+of protobuf; the servicer translates.
+
+Reading a stream:
+- generated here: from the generation's in-memory entries (already stored),
+  then live as they arrive;
+- generated elsewhere, or finished: from the store, waiting on it for more.
+  When the stream is unfinished and nobody holds its lease (the owning
+  replica died), the reader ends it with a typed partial (OWNER_LOST).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from .clock import Clock
+from .errors import Draining as DrainingError
+from .errors import (
+    ErrorType,
+    Fault,
+    Overloaded,
+    RequestError,
+    StreamNotFound,
+    SuggestedAction,
+    UnknownModel,
+)
+from .generation import Generation, Route, Subscription, Timeouts, stop_fault
+from .model import Chunk, End, LogEntry, Notice, StartRequest, StreamMeta, Usage
+from .store.base import StreamStore, StreamTail
+from .tokens import ResumeTokens
+
+log = logging.getLogger(__name__)
+
+
+class Router:
+    """Model aliases → routes. Validation hooks let a provider reject bad
+    per-request settings (e.g. a malformed `sim.faults`) before anything starts."""
+
+    def __init__(self, routes: dict[str, list[Route]]) -> None:
+        self._routes = routes
+
+    @property
+    def models(self) -> list[str]:
+        return sorted(self._routes)
+
+    def resolve(self, model: str) -> list[Route]:
+        routes = self._routes.get(model)
+        if not routes:
+            known = ", ".join(self.models) or "none"
+            raise UnknownModel(f"start.model: unknown model {model!r} (configured: {known})")
+        return routes
+
+    def validate(self, request: StartRequest) -> None:
+        for route in self.resolve(request.model):
+            validate: Callable[[tuple[tuple[str, str], ...]], None] | None = getattr(
+                route.provider, "validate", None
+            )
+            if validate is not None:
+                validate(request.metadata)
+
+
+@dataclass(eq=False)
+class Session:
+    """One call attached to one stream."""
+
+    meta: StreamMeta
+    resumed: bool
+    after_seq: int
+    subscription: Subscription
+    generation: Generation | None
+
+    @property
+    def stream_id(self) -> str:
+        return self.meta.stream_id
+
+
+@dataclass(frozen=True, slots=True)
+class HubSettings:
+    detach_grace_s: float = 60.0
+    checkpoint_interval: int = 10
+    max_streams: int = 10_000
+    lease_ttl_s: float = 10.0
+    store_poll_s: float = 1.0
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+class StreamHub:
+    def __init__(
+        self,
+        *,
+        store: StreamStore,
+        router: Router,
+        tokens: ResumeTokens,
+        clock: Clock,
+        settings: HubSettings = HubSettings(),
+        replica_id: str | None = None,
+    ) -> None:
+        self.store = store
+        self.router = router
+        self.tokens = tokens
+        self._clock = clock
+        self._settings = settings
+        self.replica_id = replica_id or uuid.uuid4().hex[:12]
+        self._local: dict[str, Generation] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sessions: set[Session] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
+
+    # -- introspection (tests, metrics, the benchmark) ---------------------------------
+
+    @property
+    def running_generations(self) -> int:
+        return len(self._local)
+
+    @property
+    def attached_sessions(self) -> int:
+        return len(self._sessions)
+
+    def generation(self, stream_id: str) -> Generation | None:
+        return self._local.get(stream_id)
+
+    # -- start and resume ------------------------------------------------------------
+
+    async def start(self, request: StartRequest) -> Session:
+        if self.draining:
+            raise DrainingError("the server is draining; start the stream on another replica")
+        self.router.validate(request)
+        routes = self.router.resolve(request.model)
+        if len(self._local) >= self._settings.max_streams:
+            raise Overloaded(
+                f"this replica is generating {len(self._local)} streams, its limit; retry later"
+            )
+        meta = StreamMeta(
+            stream_id=uuid.uuid4().hex,
+            model=request.model,
+            created_at=self._clock.wall(),
+            checkpoint_interval=request.policy.checkpoint_interval
+            or self._settings.checkpoint_interval,
+            request=request,
+            idempotency_key=request.idempotency_key,
+        )
+        meta, created = await self.store.create(meta)
+        if not created:
+            if meta.request is not None and meta.request != request:
+                raise RequestError(
+                    "start.idempotency_key was already used for a different request "
+                    f"(stream {meta.stream_id}); use a new key for a new request"
+                )
+            return await self._attach(meta, after_seq=0)
+        try:
+            await self.store.acquire_lease(
+                meta.stream_id, self.replica_id, self._settings.lease_ttl_s
+            )
+            generation = Generation(
+                meta=meta,
+                request=request,
+                route=routes[0],
+                store=self.store,
+                timeouts=self._settings.timeouts,
+                detach_grace_s=self._settings.detach_grace_s,
+            )
+        except BaseException:
+            await self.store.delete(meta.stream_id)
+            raise
+        subscription = Subscription()
+        generation.attach(subscription)
+        self._local[meta.stream_id] = generation
+        task = asyncio.create_task(self._own(generation), name=f"generation {meta.stream_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return self._open(Session(meta, False, 0, subscription, generation))
+
+    async def resume(self, token: str, last_seq: int) -> Session:
+        grant = self.tokens.verify(token)
+        meta = await self.store.get_meta(grant.stream_id)
+        if meta is None:
+            raise StreamNotFound(
+                f"stream {grant.stream_id} has expired or never existed; start a new stream"
+            )
+        return await self._attach(meta, after_seq=last_seq)
+
+    async def _attach(self, meta: StreamMeta, *, after_seq: int) -> Session:
+        generation = self._local.get(meta.stream_id)
+        if generation is not None:
+            current = generation.last_seq
+        else:
+            tail = await self.store.tail(meta.stream_id)
+            if tail is None:
+                raise StreamNotFound(f"stream {meta.stream_id} has expired; start a new stream")
+            current = tail.last_seq
+            generation = self._local.get(meta.stream_id)  # it may have ended meanwhile
+            if generation is not None and generation.last_seq > current:
+                current = generation.last_seq
+        if after_seq > current:
+            raise RequestError(
+                f"resume.last_seq={after_seq} is beyond the stream's last seq {current}"
+            )
+        subscription = Subscription()
+        if generation is not None:
+            generation.attach(subscription)
+        return self._open(Session(meta, True, after_seq, subscription, generation))
+
+    def _open(self, session: Session) -> Session:
+        self._sessions.add(session)
+        self._idle.clear()
+        return session
+
+    # -- reading ---------------------------------------------------------------------
+
+    async def follow(self, session: Session) -> AsyncIterator[LogEntry]:
+        """Every entry of the session's stream after its `after_seq`, until the End."""
+        generation = session.generation
+        try:
+            if generation is not None:
+                source = generation.follow(session.after_seq, session.subscription)
+            else:
+                source = self._follow_store(session)
+            async with contextlib.aclosing(source) as entries:
+                async for entry in entries:
+                    yield entry
+        finally:
+            if generation is not None:
+                generation.detach(session.subscription)
+            self._sessions.discard(session)
+            if not self._sessions:
+                self._idle.set()
+
+    async def _follow_store(self, session: Session) -> AsyncIterator[LogEntry]:
+        stream_id = session.stream_id
+        cursor = session.after_seq
+        notices_seen = 0  # notices after chunk `cursor` already yielded
+        while True:
+            if session.subscription.violation is not None:
+                raise session.subscription.violation
+            entries = await self.store.wait(stream_id, cursor, self._settings.store_poll_s)
+            if not entries:
+                tail = await self.store.tail(stream_id)
+                if tail is None:
+                    raise StreamNotFound(f"stream {stream_id} expired while being read")
+                if not tail.ended and await self.store.lease_owner(stream_id) is None:
+                    await self._end_orphan(stream_id)
+                continue
+            notices_here = 0
+            for entry in entries:
+                if isinstance(entry, Notice):
+                    notices_here += 1
+                    if notices_here <= notices_seen:
+                        continue
+                    notices_seen = notices_here
+                elif isinstance(entry, Chunk):
+                    cursor = entry.seq
+                    notices_seen = notices_here = 0
+                yield entry
+                if isinstance(entry, End):
+                    return
+
+    async def _end_orphan(self, stream_id: str) -> None:
+        """The owner's lease lapsed with the stream unfinished: its replica died.
+        Continuing it by takeover is the recovery pipeline's job; until then the
+        stream ends here with what was produced and a typed error."""
+        if not await self.store.acquire_lease(
+            stream_id, self.replica_id, self._settings.lease_ttl_s
+        ):
+            return
+        try:
+            tail = await self.store.tail(stream_id)
+            if tail is None or tail.ended:
+                return
+            digest = await self._digest(stream_id, tail)
+            fault = Fault(
+                type=ErrorType.APPLICATION,
+                code="OWNER_LOST",
+                message="the replica generating this stream stopped; this is what it produced",
+                retryable=True,
+                suggested_action=SuggestedAction.RETRY,
+            )
+            end = End(
+                finish_reason="error",
+                total_seq=tail.last_seq,
+                text_sha256=digest,
+                usage=Usage(completion_tokens=tail.last_seq),
+                partial=True,
+                error=fault,
+            )
+            await self.store.append(stream_id, [end])
+            log.warning(
+                "stream %s: owner lost; ended as partial at seq %d", stream_id, tail.last_seq
+            )
+        finally:
+            await self.store.release_lease(stream_id, self.replica_id)
+
+    async def _digest(self, stream_id: str, tail: StreamTail) -> str:
+        digest = hashlib.sha256()
+        cursor = 0
+        while cursor < tail.last_seq:
+            for entry in await self.store.read(stream_id, cursor):
+                if isinstance(entry, Chunk):
+                    digest.update(entry.text.encode())
+                    cursor = entry.seq
+        return digest.hexdigest()
+
+    # -- control ---------------------------------------------------------------------
+
+    async def cancel(self, session: Session, reason: str) -> None:
+        generation = self._local.get(session.stream_id)
+        message = "cancelled by the client" + (f": {reason}" if reason else "")
+        if generation is not None:
+            generation.stop(stop_fault("CANCELLED", message))
+        else:
+            await self.store.request_cancel(session.stream_id, reason)
+
+    async def _own(self, generation: Generation) -> None:
+        keeper = asyncio.create_task(self._keep_lease(generation))
+        try:
+            await generation.run()
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            self._local.pop(generation.stream_id, None)
+            with contextlib.suppress(Exception):
+                await self.store.release_lease(generation.stream_id, self.replica_id)
+
+    async def _keep_lease(self, generation: Generation) -> None:
+        """Renew the lease and honour cancels sent to other replicas."""
+        stream_id = generation.stream_id
+        interval = self._settings.lease_ttl_s / 3
+        while True:
+            await self._clock.sleep(interval)
+            try:
+                if not await self.store.renew_lease(
+                    stream_id, self.replica_id, self._settings.lease_ttl_s
+                ):
+                    log.warning("stream %s: lost its lease", stream_id)
+                reason = await self.store.cancel_requested(stream_id)
+            except Exception:
+                log.exception("stream %s: lease renewal failed", stream_id)
+                continue
+            if reason is not None:
+                message = "cancelled by the client" + (f": {reason}" if reason else "")
+                generation.stop(stop_fault("CANCELLED", message))
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop taking new streams; give open calls and running generations
+        `grace_s` to finish; then tell the remaining calls UNAVAILABLE (their
+        resume tokens stay valid) and end the remaining generations."""
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace_s):
+                await self._idle.wait()
+                if self._tasks:
+                    await asyncio.wait(set(self._tasks))
+        for session in list(self._sessions):
+            session.subscription.fail(
+                DrainingError(
+                    "the server is shutting down; reconnect (to another replica) and resume "
+                    "with your latest resume token"
+                )
+            )
+        await self.close()
+
+    async def close(self) -> None:
+        """End every generation of this replica (SERVER_SHUTDOWN) and wait for them."""
+        for generation in list(self._local.values()):
+            generation.stop(
+                stop_fault(
+                    "SERVER_SHUTDOWN",
+                    "the replica generating this stream shut down; start it again",
+                    retryable=True,
+                )
+            )
+        tasks = set(self._tasks)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=5.0)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)

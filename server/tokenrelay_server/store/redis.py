@@ -1,0 +1,477 @@
+"""The Redis stream log: any replica can serve a resume, and a chunk survives
+the replica that produced it.
+
+Key layout (P is the prefix, S the stream id, K an idempotency key)::
+
+    P:{S}:meta   hash    meta (encode_meta JSON), last_seq, notices, ended,
+                         cancel, idem (the full idempotency key name), idem_at
+    P:{S}:log    stream  one entry per log entry, ID "s-n", field "e" holds
+                         encode_entry JSON
+    P:{S}:lease  string  the owner's name, with PX = the lease TTL
+    P:idem:K     string  S
+
+Why this shape:
+
+- The braces make `{S}` the Redis Cluster hash tag, so the three keys of one
+  stream live in one slot and every multi-key Lua script below is legal on a
+  cluster. The idempotency key lives elsewhere (it is looked up by K, not S),
+  so nothing here touches it together with the stream's keys in one script.
+- Entry IDs are the memory store's log positions (memory.py): chunk s is
+  "s-0", the notices after chunk s are "s-1", "s-2", …, the End is
+  "total_seq+1-0". So `XRANGE key (S-0 +` is exactly "everything after chunk
+  S" (rule 1 of base.py) and `XREAD … S-0` wakes on exactly that.
+- `append` is one EVALSHA: it checks the seq rules against the hash, XADDs
+  and refreshes the retention TTL atomically. It is the per-token hot path.
+- Every key carries a TTL of `retention_s`, refreshed on append (rule 5).
+  The idempotency key cannot be refreshed in the same script (other slot), so
+  it gets a longer TTL (`_IDEM_TTL_FACTOR`) and the append script asks for a
+  separate refresh once a quarter of the retention has passed since the last
+  one. An idempotency key that outlives its stream is treated as free.
+- Blocking reads (`wait`) go through a second client with its own pool: each
+  parked XREAD BLOCK holds a connection, and followers must not use up the
+  pool that appends need (redis-py's asyncio pool raises when it is empty).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from ..clock import Clock, SystemClock
+from ..model import Chunk, LogEntry, Notice, StreamMeta
+from .base import StreamTail
+from .codec import decode_entry, decode_meta, encode_entry, encode_meta
+
+# The idempotency key is refreshed every `retention / _IDEM_REFRESH_DIVISOR`
+# at most, so its TTL must cover that gap on top of the stream's retention.
+_IDEM_REFRESH_DIVISOR = 4
+_IDEM_TTL_FACTOR = 1.0 + 1.0 / _IDEM_REFRESH_DIVISOR
+
+# How many times `create` retries claiming an idempotency key that other
+# creators keep changing under it (each retry means someone else progressed).
+_CLAIM_ATTEMPTS = 8
+
+# Errors raised by the scripts start with one of these words, so they can be
+# turned back into the exceptions the memory store raises.
+_UNKNOWN = "TR_UNKNOWN"
+_ORDER = "TR_ORDER"
+
+# KEYS: meta, log, lease. ARGV: encoded meta, retention ms, idem key name or "",
+# now ms. A create replaces whatever an earlier stream of the same id left.
+_CREATE = """
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('HSET', KEYS[1], 'meta', ARGV[1], 'last_seq', 0, 'notices', 0, 'ended', '0')
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[1], 'idem', ARGV[3], 'idem_at', ARGV[4])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: meta, log. ARGV: retention ms, now ms, idem refresh interval ms, then
+# one (kind, seq, payload) triple per entry. The whole batch is checked
+# before anything is written, so a rejected batch leaves the log unchanged.
+# Returns the idempotency key name when its TTL is due for a refresh.
+_APPEND = """
+local state = redis.call('HMGET', KEYS[1], 'last_seq', 'notices', 'ended', 'idem', 'idem_at')
+if not state[1] then
+  return redis.error_reply('TR_UNKNOWN stream is unknown or expired')
+end
+local last_seq = tonumber(state[1])
+local notices = tonumber(state[2])
+local ended = state[3] == '1'
+local ids = {}
+for i = 4, #ARGV, 3 do
+  if ended then
+    return redis.error_reply('TR_ORDER stream has ended; nothing can follow its End')
+  end
+  local kind = ARGV[i]
+  if kind == 'c' then
+    local seq = tonumber(ARGV[i + 1])
+    if seq ~= last_seq + 1 then
+      return redis.error_reply(string.format(
+        'TR_ORDER chunk seq %s does not follow %d', ARGV[i + 1], last_seq))
+    end
+    last_seq = seq
+    notices = 0
+    ids[#ids + 1] = string.format('%d-0', last_seq)
+  elseif kind == 'n' then
+    notices = notices + 1
+    ids[#ids + 1] = string.format('%d-%d', last_seq, notices)
+  else
+    ended = true
+    ids[#ids + 1] = string.format('%d-0', last_seq + 1)
+  end
+end
+for j = 1, #ids do
+  redis.call('XADD', KEYS[2], ids[j], 'e', ARGV[3 + 3 * j])
+end
+redis.call('HSET', KEYS[1], 'last_seq', last_seq, 'notices', notices,
+  'ended', ended and '1' or '0')
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+if state[4] and tonumber(ARGV[2]) - tonumber(state[5] or 0) >= tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], 'idem_at', ARGV[2])
+  return state[4]
+end
+return false
+"""
+
+# KEYS: meta, log. ARGV: XRANGE start, limit. Returns {state, payload...} where
+# state is 0 (unknown stream), 1 (live) or 2 (live and ended).
+_READ = """
+local ended = redis.call('HGET', KEYS[1], 'ended')
+if not ended then
+  return {0}
+end
+local out = {ended == '1' and 2 or 1}
+local limit = tonumber(ARGV[2])
+if limit > 0 then
+  for _, item in ipairs(redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', limit)) do
+    out[#out + 1] = item[2][2]
+  end
+end
+return out
+"""
+
+# KEYS: meta, log, lease. Returns the idempotency key name, if the stream had one.
+_DELETE = """
+local idem = redis.call('HGET', KEYS[1], 'idem')
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return idem
+"""
+
+# KEYS: the key. ARGV: expected value. Deletes the key only if it holds that value.
+_DELETE_IF_EQUAL = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# KEYS: the idempotency key. ARGV: stale stream id, new stream id, TTL ms.
+_SWAP_IF_EQUAL = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+# KEYS: meta, lease. ARGV: owner, TTL ms. The holder may acquire again (which
+# extends the lease), as in the memory store.
+_ACQUIRE_LEASE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('TR_UNKNOWN stream is unknown or expired')
+end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# KEYS: meta, lease. ARGV: owner, TTL ms.
+_RENEW_LEASE = """
+if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('GET', KEYS[2]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+return 0
+"""
+
+# KEYS: meta, lease. A lease of an expired stream is no lease.
+_LEASE_OWNER = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return false
+end
+return redis.call('GET', KEYS[2])
+"""
+
+# KEYS: meta. ARGV: reason.
+_REQUEST_CANCEL = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('TR_UNKNOWN stream is unknown or expired')
+end
+return redis.call('HSET', KEYS[1], 'cancel', ARGV[1])
+"""
+
+
+class RedisStore:
+    """The `StreamStore` on Redis (see the module docstring for the key layout).
+
+    `client` serves every command except the blocking read in `wait`, which
+    uses `blocking_client` (default: `client`; `from_url` gives it a pool of
+    its own). The store owns both clients: `close()` closes them.
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        blocking_client: Redis | None = None,
+        retention_s: float = 3600.0,
+        prefix: str = "tr",
+        clock: Clock | None = None,
+    ) -> None:
+        if "{" in prefix or "}" in prefix:
+            # A brace in the prefix would become the hash tag and put every
+            # stream in one cluster slot.
+            raise ValueError(f"the key prefix must not contain braces: {prefix!r}")
+        if retention_s <= 0:
+            raise ValueError(f"retention_s must be positive, not {retention_s}")
+        self._client = client
+        self._blocking = blocking_client or client
+        self._retention_ms = _ms(retention_s)
+        self._idem_ttl_ms = _ms(retention_s * _IDEM_TTL_FACTOR)
+        self._idem_refresh_ms = _ms(retention_s / _IDEM_REFRESH_DIVISOR)
+        self._prefix = prefix
+        self._clock = clock or SystemClock()
+        self._block_slice_s = _block_slice(self._blocking)
+        register = client.register_script
+        self._create = register(_CREATE)
+        self._append = register(_APPEND)
+        self._read = register(_READ)
+        self._delete = register(_DELETE)
+        self._delete_if_equal = register(_DELETE_IF_EQUAL)
+        self._swap_if_equal = register(_SWAP_IF_EQUAL)
+        self._acquire_lease = register(_ACQUIRE_LEASE)
+        self._renew_lease = register(_RENEW_LEASE)
+        self._lease_owner = register(_LEASE_OWNER)
+        self._request_cancel = register(_REQUEST_CANCEL)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        retention_s: float = 3600.0,
+        prefix: str = "tr",
+        clock: Clock | None = None,
+        max_waiters: int = 1000,
+        **client_kwargs: Any,
+    ) -> RedisStore:
+        """Connect to the Redis at `url` (redis://, rediss://, unix://).
+
+        `max_waiters` caps the connections parked in `wait` (one per blocked
+        follower); `client_kwargs` go to both `Redis.from_url` calls.
+        """
+        client_kwargs["decode_responses"] = False
+        client = Redis.from_url(url, **client_kwargs)
+        blocking_kwargs = {**client_kwargs, "max_connections": max_waiters}
+        blocking_client = Redis.from_url(url, **blocking_kwargs)
+        return cls(
+            client,
+            blocking_client=blocking_client,
+            retention_s=retention_s,
+            prefix=prefix,
+            clock=clock,
+        )
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def create(self, meta: StreamMeta) -> tuple[StreamMeta, bool]:
+        key = meta.idempotency_key
+        idem_key = self._idem_key(key) if key else ""
+        if key:
+            # The common retry: the key already names a live stream.
+            existing = await self._stream_named_by(idem_key)
+            if existing is not None:
+                return existing, False
+        # Write the stream before claiming the key, so that a key always points
+        # to a stream that exists or existed: a pointer to a missing stream is
+        # stale, never "about to be written".
+        await self._create(
+            keys=self._stream_keys(meta.stream_id),
+            args=[encode_meta(meta), self._retention_ms, idem_key, self._now_ms()],
+        )
+        if not key:
+            return meta, True
+        for _ in range(_CLAIM_ATTEMPTS):
+            if await self._client.set(idem_key, meta.stream_id, nx=True, px=self._idem_ttl_ms):
+                return meta, True
+            holder = await self._client.get(idem_key)
+            if holder is None:
+                continue  # it expired just now; claim it again
+            holder_id = _text(holder)
+            if holder_id == meta.stream_id:
+                # A concurrent create of this very stream id won the claim.
+                stored = await self.get_meta(holder_id)
+                return (stored or meta), False
+            held = await self.get_meta(holder_id)
+            if held is not None:
+                await self._delete(keys=self._stream_keys(meta.stream_id))
+                return held, False
+            # The holder's stream expired or was deleted: take the key over,
+            # unless another creator just did.
+            if await self._swap_if_equal(
+                keys=[idem_key], args=[holder_id, meta.stream_id, self._idem_ttl_ms]
+            ):
+                return meta, True
+        await self._delete(keys=self._stream_keys(meta.stream_id))
+        raise RuntimeError(
+            f"could not claim idempotency key {key!r}: it kept changing; retry the create"
+        )
+
+    async def get_meta(self, stream_id: str) -> StreamMeta | None:
+        raw = await self._client.hget(self._key(stream_id, "meta"), "meta")
+        return None if raw is None else decode_meta(raw)
+
+    async def delete(self, stream_id: str) -> None:
+        idem_key = await self._delete(keys=self._stream_keys(stream_id))
+        if idem_key is not None:
+            await self._delete_if_equal(keys=[idem_key], args=[stream_id])
+
+    # -- the log -----------------------------------------------------------------
+
+    async def append(self, stream_id: str, entries: Sequence[LogEntry]) -> None:
+        args: list[str | int] = [self._retention_ms, self._now_ms(), self._idem_refresh_ms]
+        for entry in entries:
+            if isinstance(entry, Chunk):
+                args += ["c", entry.seq, encode_entry(entry)]
+            elif isinstance(entry, Notice):
+                args += ["n", 0, encode_entry(entry)]
+            else:
+                args += ["e", 0, encode_entry(entry)]
+        try:
+            idem_key = await self._append(keys=self._log_keys(stream_id), args=args)
+        except ResponseError as exc:
+            raise _translate(exc, stream_id) from exc
+        if idem_key is not None:
+            await self._client.pexpire(idem_key, self._idem_ttl_ms)
+
+    async def read(self, stream_id: str, after_seq: int, limit: int = 1000) -> list[LogEntry]:
+        entries, _ = await self._read_after(stream_id, after_seq, limit)
+        return entries
+
+    async def wait(self, stream_id: str, after_seq: int, timeout_s: float) -> list[LogEntry]:
+        entries, ended = await self._read_after(stream_id, after_seq)
+        if entries or ended or timeout_s <= 0:
+            return entries
+        log_key = self._key(stream_id, "log")
+        # XREAD is exclusive: from "S-0" it returns exactly what `read` would.
+        last_seen = f"{max(after_seq, 0)}-0"
+        deadline = self._clock.monotonic() + timeout_s
+        while True:
+            remaining = deadline - self._clock.monotonic()
+            if remaining <= 0:
+                return []
+            if self._block_slice_s is not None:
+                remaining = min(remaining, self._block_slice_s)
+            # Used as a doorbell only (COUNT 1): the entries come from `read`,
+            # which also applies the limit and knows about the End.
+            if await self._blocking.xread({log_key: last_seen}, count=1, block=_ms(remaining)):
+                return await self.read(stream_id, after_seq)
+
+    async def tail(self, stream_id: str) -> StreamTail | None:
+        last_seq, ended = await self._client.hmget(
+            self._key(stream_id, "meta"), ["last_seq", "ended"]
+        )
+        if last_seq is None:
+            return None
+        return StreamTail(int(last_seq), _text(ended) == "1")
+
+    # -- ownership and cancellation ------------------------------------------------
+
+    async def acquire_lease(self, stream_id: str, owner: str, ttl_s: float) -> bool:
+        try:
+            acquired = await self._acquire_lease(
+                keys=self._lease_keys(stream_id), args=[owner, _ms(ttl_s)]
+            )
+        except ResponseError as exc:
+            raise _translate(exc, stream_id) from exc
+        return bool(acquired)
+
+    async def renew_lease(self, stream_id: str, owner: str, ttl_s: float) -> bool:
+        renewed = await self._renew_lease(
+            keys=self._lease_keys(stream_id), args=[owner, _ms(ttl_s)]
+        )
+        return bool(renewed)
+
+    async def release_lease(self, stream_id: str, owner: str) -> None:
+        await self._delete_if_equal(keys=[self._key(stream_id, "lease")], args=[owner])
+
+    async def lease_owner(self, stream_id: str) -> str | None:
+        owner = await self._lease_owner(keys=self._lease_keys(stream_id))
+        return None if owner is None else _text(owner)
+
+    async def request_cancel(self, stream_id: str, reason: str) -> None:
+        try:
+            await self._request_cancel(keys=[self._key(stream_id, "meta")], args=[reason])
+        except ResponseError as exc:
+            raise _translate(exc, stream_id) from exc
+
+    async def cancel_requested(self, stream_id: str) -> str | None:
+        reason = await self._client.hget(self._key(stream_id, "meta"), "cancel")
+        return None if reason is None else _text(reason)
+
+    async def close(self) -> None:
+        if self._blocking is not self._client:
+            await self._blocking.aclose()
+        await self._client.aclose()
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _key(self, stream_id: str, part: str) -> str:
+        return f"{self._prefix}:{{{stream_id}}}:{part}"
+
+    def _stream_keys(self, stream_id: str) -> list[str]:
+        return [self._key(stream_id, part) for part in ("meta", "log", "lease")]
+
+    def _log_keys(self, stream_id: str) -> list[str]:
+        return [self._key(stream_id, "meta"), self._key(stream_id, "log")]
+
+    def _lease_keys(self, stream_id: str) -> list[str]:
+        return [self._key(stream_id, "meta"), self._key(stream_id, "lease")]
+
+    def _idem_key(self, idempotency_key: str) -> str:
+        return f"{self._prefix}:idem:{idempotency_key}"
+
+    def _now_ms(self) -> int:
+        return int(self._clock.wall() * 1000)
+
+    async def _stream_named_by(self, idem_key: str) -> StreamMeta | None:
+        holder = await self._client.get(idem_key)
+        return None if holder is None else await self.get_meta(_text(holder))
+
+    async def _read_after(
+        self, stream_id: str, after_seq: int, limit: int = 1000
+    ) -> tuple[list[LogEntry], bool]:
+        start = f"({after_seq}-0" if after_seq >= 0 else "-"
+        state, *payloads = await self._read(keys=self._log_keys(stream_id), args=[start, limit])
+        if state == 0:
+            raise KeyError(f"stream {stream_id} is unknown or expired")
+        return [decode_entry(raw) for raw in payloads], state == 2
+
+
+def _ms(seconds: float) -> int:
+    """Whole milliseconds for PX/PEXPIRE/BLOCK, at least 1 (0 means "forever" to BLOCK)."""
+    return max(1, math.ceil(seconds * 1000))
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def _block_slice(client: Redis) -> float | None:
+    """The longest XREAD BLOCK the client can wait for without its own socket
+    timeout firing first (None: no socket timeout, block as long as asked)."""
+    socket_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+    return None if not socket_timeout else max(0.001, socket_timeout / 2)
+
+
+def _translate(exc: ResponseError, stream_id: str) -> Exception:
+    """The memory store's exception for a script's refusal."""
+    message = str(exc)
+    if message.startswith(_UNKNOWN):
+        return KeyError(f"stream {stream_id} is unknown or expired")
+    if message.startswith(_ORDER):
+        return ValueError(f"{message.removeprefix(_ORDER).strip()} in {stream_id}")
+    return exc
+
+
+__all__ = ["RedisStore"]
