@@ -27,8 +27,10 @@ from .store.memory import MemoryStore
 from .tokens import ResumeTokens
 
 RELAY_SERVICE = relay_pb2.DESCRIPTOR.services_by_name["Relay"].full_name
-# Room for the largest prompt we accept plus protobuf framing.
-MESSAGE_SLACK_BYTES = 64 * 1024
+# The transport limit sits well above the prompt limit, so a prompt that is too
+# large reaches our validation and gets INVALID_ARGUMENT naming the message;
+# only a request past this limit is refused by gRPC itself (RESOURCE_EXHAUSTED).
+MIN_TRANSPORT_LIMIT_BYTES = 16 << 20
 
 
 def build_router(settings: Settings, extra: Mapping[str, list[Route]] | None = None) -> Router:
@@ -98,7 +100,8 @@ class RelayServer:
         # warns about it right after the "listening" line.
         secret = settings.resume_secret or secrets.token_urlsafe(32)
         owns_store = store is None
-        store = store or await build_store(settings, clock)
+        if store is None:
+            store = await build_store(settings, clock)
         router = build_router(settings, routes)
         hub = StreamHub(
             store=store,
@@ -116,7 +119,7 @@ class RelayServer:
                 ),
             ),
         )
-        limit = settings.max_prompt_bytes + MESSAGE_SLACK_BYTES
+        limit = max(4 * settings.max_prompt_bytes, MIN_TRANSPORT_LIMIT_BYTES)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", limit),

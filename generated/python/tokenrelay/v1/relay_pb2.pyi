@@ -390,6 +390,7 @@ class Ack(_message.Message):
 
     SEQ_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
+    """The last seq the client has processed."""
     def __init__(
         self,
         *,
@@ -696,7 +697,9 @@ class Usage(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
+    """Tokens in the prompt (as the provider counted them)."""
     completion_tokens: _builtins.int
+    """Tokens in the answer."""
     def __init__(
         self,
         *,

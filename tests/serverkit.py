@@ -1,0 +1,161 @@
+"""Fixtures and helpers for tests that talk to a real gateway over a real port.
+
+Loaded as a pytest plugin from conftest.py. `relay_factory` starts
+`RelayServer`s on port 0 and stops them after the test; `RawCall` drives one
+`Relay.Stream` call with a request queue the test controls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+from tokenrelay.v1 import relay_pb2 as pb
+from tokenrelay.v1 import relay_pb2_grpc as pbg
+from tokenrelay_server.app import RelayServer
+from tokenrelay_server.config import Settings
+from tokenrelay_server.store.base import StreamStore
+
+SECRET = "test-secret-0123456789abcdef"
+
+RelayFactory = Callable[..., Awaitable[RelayServer]]
+
+
+@pytest.fixture
+async def relay_factory() -> AsyncIterator[RelayFactory]:
+    servers: list[RelayServer] = []
+
+    async def start(store: StreamStore | None = None, **overrides: Any) -> RelayServer:
+        values: dict[str, Any] = {"port": 0, "resume_secret": SECRET}
+        values.update(overrides)
+        server = await RelayServer.start(Settings(**values), store=store)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop(grace=0.5)
+
+
+@pytest.fixture
+async def relay(relay_factory: RelayFactory) -> RelayServer:
+    return await relay_factory()
+
+
+@pytest.fixture
+async def channel(relay: RelayServer) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(relay.address) as channel:
+        yield channel
+
+
+def start_request(
+    *,
+    model: str = "sim",
+    prompt: str = "tell me about streams",
+    max_tokens: int | None = 30,
+    metadata: dict[str, str] | None = None,
+    idempotency_key: str = "",
+    checkpoint_interval: int | None = None,
+) -> pb.StreamRequest:
+    params = pb.GenerationParams()
+    if max_tokens is not None:
+        params.max_tokens = max_tokens
+    policy = pb.RecoveryPolicy()
+    if checkpoint_interval is not None:
+        policy.checkpoint_interval = checkpoint_interval
+    return pb.StreamRequest(
+        start=pb.StartGeneration(
+            model=model,
+            messages=[pb.Message(role="user", content=prompt)],
+            params=params,
+            idempotency_key=idempotency_key,
+            policy=policy,
+            metadata=metadata or {},
+        )
+    )
+
+
+def resume_request(token: str, last_seq: int) -> pb.StreamRequest:
+    return pb.StreamRequest(resume=pb.ResumeStream(resume_token=token, last_seq=last_seq))
+
+
+class RawCall:
+    """One Relay.Stream call whose requests the test sends one by one."""
+
+    def __init__(self, channel: grpc.aio.Channel, *first: pb.StreamRequest) -> None:
+        self._outbox: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
+        for request in first:
+            self._outbox.put_nowait(request)
+        self.call = pbg.RelayStub(channel).Stream(self._requests())
+
+    async def _requests(self) -> AsyncIterator[pb.StreamRequest]:
+        while (request := await self._outbox.get()) is not None:
+            yield request
+
+    def send(self, request: pb.StreamRequest) -> None:
+        self._outbox.put_nowait(request)
+
+    def half_close(self) -> None:
+        self._outbox.put_nowait(None)
+
+    async def next_event(self) -> pb.StreamEvent:
+        event = await self.call.read()
+        if event is grpc.aio.EOF:
+            raise EOFError("the call ended")
+        return event
+
+    async def events_until(
+        self, stop: Callable[[pb.StreamEvent], bool] = lambda e: e.HasField("end")
+    ) -> list[pb.StreamEvent]:
+        events = []
+        while True:
+            event = await self.next_event()
+            events.append(event)
+            if stop(event):
+                return events
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+
+def chunks_of(events: list[pb.StreamEvent]) -> list[pb.TokenChunk]:
+    return [e.chunk for e in events if e.HasField("chunk")]
+
+
+def text_of(events: list[pb.StreamEvent]) -> str:
+    return "".join(c.text for c in chunks_of(events))
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def end_of(events: list[pb.StreamEvent]) -> pb.StreamEnd:
+    ends = [e.end for e in events if e.HasField("end")]
+    assert len(ends) == 1, f"expected one end, got {len(ends)}"
+    return ends[0]
+
+
+async def run_to_end(channel: grpc.aio.Channel, request: pb.StreamRequest) -> list[pb.StreamEvent]:
+    call = RawCall(channel, request)
+    try:
+        return await call.events_until()
+    finally:
+        call.cancel()
+
+
+async def eventually(predicate: Callable[[], bool], *, within_s: float = 10.0) -> None:
+    """Wait until `predicate()` holds, checking often; fail after `within_s`.
+    The bound only guards against hanging; no test asserts how long it took."""
+    async with asyncio.timeout(within_s):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+def assert_contiguous(chunks: list[pb.TokenChunk], first: int = 1) -> None:
+    seqs = [c.seq for c in chunks]
+    assert seqs == list(range(first, first + len(seqs))), f"seq not contiguous: {seqs}"
