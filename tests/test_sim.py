@@ -43,7 +43,7 @@ def test_broken_and_continued_equals_clean(total: int, cut: int, as_prefill: boo
     cut = min(cut, total)
     clean = SimAnswer(PROMPT).text(total)
     delivered = SimAnswer(PROMPT).text(cut)
-    messages = PROMPT + (Message("assistant", delivered),)
+    messages = (*PROMPT, Message("assistant", delivered))
     if not as_prefill:
         messages += (Message("user", CONTINUE_INSTRUCTION),)
     if not delivered:
@@ -73,8 +73,8 @@ def test_overlap_repeats_the_end_of_the_prefix() -> None:
 
 
 def test_split_continuation_recognises_both_shapes() -> None:
-    prefill = PROMPT + (Message("assistant", "abc"),)
-    instructed = prefill + (Message("user", CONTINUE_INSTRUCTION),)
+    prefill = (*PROMPT, Message("assistant", "abc"))
+    instructed = (*prefill, Message("user", CONTINUE_INSTRUCTION))
     assert split_continuation(prefill) == (PROMPT, "abc")
     assert split_continuation(instructed) == (PROMPT, "abc")
     assert split_continuation(PROMPT) == (PROMPT, "")
