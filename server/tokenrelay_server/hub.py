@@ -230,11 +230,18 @@ class StreamHub:
                 async for entry in entries:
                     yield entry
         finally:
-            if generation is not None:
-                generation.detach(session.subscription)
-            self._sessions.discard(session)
-            if not self._sessions:
-                self._idle.set()
+            self.release(session)
+
+    def release(self, session: Session) -> None:
+        """Detach a session from its stream (idempotent). The servicer calls it
+        when its call ends, whether or not it ever started reading."""
+        if session not in self._sessions:
+            return
+        if session.generation is not None:
+            session.generation.detach(session.subscription)
+        self._sessions.discard(session)
+        if not self._sessions:
+            self._idle.set()
 
     async def _follow_store(self, session: Session) -> AsyncIterator[LogEntry]:
         stream_id = session.stream_id

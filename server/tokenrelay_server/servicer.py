@@ -246,6 +246,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         except Exception:
             await self._abort_internal(context, f"streaming {session.stream_id}")
         finally:
+            self._hub.release(session)
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
