@@ -34,6 +34,7 @@ Why this shape:
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -50,6 +51,14 @@ from .codec import decode_entry, decode_meta, encode_entry, encode_meta
 # at most, so its TTL must cover that gap on top of the stream's retention.
 _IDEM_REFRESH_DIVISOR = 4
 _IDEM_TTL_FACTOR = 1.0 + 1.0 / _IDEM_REFRESH_DIVISOR
+
+# Redis ends an expired BLOCK from its timer, up to 1/hz late (100 ms at the
+# default hz 10), and the reply still has to travel: a blocking read must be
+# asked to end this much before the client's socket timeout would fire.
+_BLOCK_SLACK_S = 0.5
+# `from_url` gives the blocking client a socket timeout of slice + slack, so a
+# follower parked on a dead connection notices within a few seconds.
+_BLOCK_SLICE_S = 5.0
 
 # How many times `create` retries claiming an idempotency key that other
 # creators keep changing under it (each retry means someone else progressed).
@@ -207,6 +216,9 @@ class RedisStore:
     `client` serves every command except the blocking read in `wait`, which
     uses `blocking_client` (default: `client`; `from_url` gives it a pool of
     its own). The store owns both clients: `close()` closes them.
+
+    TTLs (retention, leases) run on the Redis server's clock; `clock` only
+    dates the idempotency-key refreshes.
     """
 
     def __init__(
@@ -258,11 +270,19 @@ class RedisStore:
         """Connect to the Redis at `url` (redis://, rediss://, unix://).
 
         `max_waiters` caps the connections parked in `wait` (one per blocked
-        follower); `client_kwargs` go to both `Redis.from_url` calls.
+        follower); `client_kwargs` go to both `Redis.from_url` calls, except
+        that the blocking client's socket timeout is raised to fit a slice of
+        `wait` (see `_BLOCK_SLICE_S`).
         """
         client_kwargs["decode_responses"] = False
         client = Redis.from_url(url, **client_kwargs)
-        blocking_kwargs = {**client_kwargs, "max_connections": max_waiters}
+        blocking_kwargs = {
+            **client_kwargs,
+            "max_connections": max_waiters,
+            "socket_timeout": max(
+                client_kwargs.get("socket_timeout") or 0.0, _BLOCK_SLICE_S + _BLOCK_SLACK_S
+            ),
+        }
         blocking_client = Redis.from_url(url, **blocking_kwargs)
         return cls(
             client,
@@ -355,9 +375,13 @@ class RedisStore:
         log_key = self._key(stream_id, "log")
         # XREAD is exclusive: from "S-0" it returns exactly what `read` would.
         last_seen = f"{max(after_seq, 0)}-0"
-        deadline = self._clock.monotonic() + timeout_s
+        # Loop time, not the injected clock: the server's BLOCK timer runs in
+        # real time whatever the clock says (the memory store uses
+        # asyncio.timeout here for the same reason).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         while True:
-            remaining = deadline - self._clock.monotonic()
+            remaining = deadline - loop.time()
             if remaining <= 0:
                 return []
             if self._block_slice_s is not None:
@@ -461,7 +485,15 @@ def _block_slice(client: Redis) -> float | None:
     """The longest XREAD BLOCK the client can wait for without its own socket
     timeout firing first (None: no socket timeout, block as long as asked)."""
     socket_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
-    return None if not socket_timeout else max(0.001, socket_timeout / 2)
+    if not socket_timeout:
+        return None
+    if socket_timeout <= 2 * _BLOCK_SLACK_S:
+        raise ValueError(
+            f"the blocking client's socket_timeout ({socket_timeout}s) is too short for "
+            f"blocking reads: pass a blocking_client whose socket_timeout is over "
+            f"{2 * _BLOCK_SLACK_S}s, or None"
+        )
+    return socket_timeout - _BLOCK_SLACK_S
 
 
 def _translate(exc: ResponseError, stream_id: str) -> Exception:

@@ -1,0 +1,107 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+# Fixtures for tests over a real gateway (tests/serverkit.py).
+pytest_plugins = ["serverkit"]
+
+# --- Redis ---------------------------------------------------------------------
+#
+# `redis_url` gives the session one usable Redis: the one named by
+# TOKENRELAY_TEST_REDIS_URL (default: a local one on 6379), or else a throwaway
+# `redis-server` started here and stopped at the end of the session. A test
+# that needs Redis fails when there is none: a skipped Redis suite is how a
+# broken store goes unnoticed. TOKENRELAY_SKIP_REDIS=1 turns that into a skip.
+#
+# `redis_prefix` gives each test its own key prefix and deletes its keys after.
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_START_TIMEOUT_S = 10.0
+
+
+def _redis_answers(url: str) -> bool:
+    try:
+        with redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1) as client:
+            return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def _free_port() -> int:
+    # The port could be taken between here and redis-server binding it; a
+    # clash shows up as the server never answering, which fails loudly.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    url = os.environ.get("TOKENRELAY_TEST_REDIS_URL", DEFAULT_REDIS_URL)
+    if _redis_answers(url):
+        yield url
+        return
+
+    binary = shutil.which("redis-server")
+    problem = f"no Redis answers at {url} and no redis-server binary is on PATH"
+    if binary is not None:
+        with tempfile.TemporaryDirectory(prefix="tokenrelay-redis-") as workdir:
+            port = _free_port()
+            command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir]
+            # No RDB snapshots, no AOF: nothing of the test data reaches disk.
+            command += ["--save", "", "--appendonly", "no"]
+            server = subprocess.Popen(
+                command,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                local_url = f"redis://127.0.0.1:{port}/0"
+                deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+                while server.poll() is None and time.monotonic() < deadline:
+                    if _redis_answers(local_url):
+                        yield local_url
+                        return
+                    time.sleep(0.05)
+                problem = (
+                    f"no Redis answers at {url}, and the redis-server started on port "
+                    f"{port} did not answer PING (exit code {server.poll()})"
+                )
+            finally:
+                server.terminate()
+                try:
+                    server.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                    server.wait()
+
+    if os.environ.get("TOKENRELAY_SKIP_REDIS") == "1":
+        pytest.skip(f"{problem} (TOKENRELAY_SKIP_REDIS=1)")
+    pytest.fail(
+        f"{problem}. Start Redis, point TOKENRELAY_TEST_REDIS_URL at one, "
+        "or set TOKENRELAY_SKIP_REDIS=1 to skip the Redis tests.",
+        pytrace=False,
+    )
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix no other test uses; its keys are deleted after the test."""
+    prefix = f"trtest-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    with redis.Redis.from_url(redis_url) as client:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=500))
+        if keys:
+            client.delete(*keys)

@@ -1,0 +1,786 @@
+"""One suite for every `StreamStore` (base.py): each test runs against the
+memory store and the Redis store, so the gateway cannot tell them apart.
+
+Time: the memory store runs on a `ManualClock` that tests move forward; Redis
+TTLs run on the server's real clock, so there the same tests poll (with a
+bound) for the expected state. No test asserts how long anything took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redis.asyncio import BlockingConnectionPool, Redis
+from tokenrelay_server.clock import ManualClock
+from tokenrelay_server.errors import ErrorType, Fault, SuggestedAction
+from tokenrelay_server.model import (
+    Chunk,
+    End,
+    GenerationParams,
+    LogEntry,
+    Message,
+    Notice,
+    RecoveryPolicy,
+    StartRequest,
+    StreamMeta,
+    Usage,
+)
+from tokenrelay_server.store import MemoryStore, StreamStore, StreamTail
+from tokenrelay_server.store.redis import RedisStore
+
+# Redis TTLs are real: polls for "it expired" give up after this many rounds.
+POLL_ROUNDS = 500
+POLL_INTERVAL_S = 0.01
+# A hang guard for calls that must return at once: far above any real latency.
+HANG_GUARD_S = 10.0
+
+NETWORK_BLIP = Fault(
+    type=ErrorType.NETWORK,
+    code="upstream_reset",
+    message="connection reset; retrying (接続がリセットされました)",
+    retryable=True,
+    suggested_action=SuggestedAction.RETRY,
+    fatal=False,
+    bytes_received=120,
+    tokens_received=3,
+    provider="sim",
+    attempt=1,
+    retry_after_s=0.25,
+)
+
+
+# --- the two stores -------------------------------------------------------------
+
+
+@dataclass
+class Backend:
+    """Opens stores of one kind and lets time pass for them."""
+
+    kind: str
+    clock: ManualClock
+    redis_url: str | None = None
+    redis_prefix: str | None = None
+    opened: list[StreamStore] = field(default_factory=list)
+
+    def open(self, *, retention_s: float = 3600.0) -> StreamStore:
+        store: StreamStore
+        if self.kind == "memory":
+            store = MemoryStore(retention_s=retention_s, clock=self.clock)
+        else:
+            assert self.redis_url is not None and self.redis_prefix is not None
+            # The clock only dates idempotency-key refreshes here; a ManualClock
+            # also proves that `wait` does not time out on it.
+            store = RedisStore.from_url(
+                self.redis_url, retention_s=retention_s, prefix=self.redis_prefix, clock=self.clock
+            )
+        self.opened.append(store)
+        return store
+
+    async def let_time_pass(self, seconds: float, until: Callable[[], Awaitable[bool]]) -> bool:
+        """Move time on by `seconds`, then report whether `until()` holds. On
+        Redis time moves by itself: poll `until()` a bounded number of times."""
+        if self.kind == "memory":
+            self.clock.advance(seconds)
+            return await until()
+        for _ in range(POLL_ROUNDS):
+            if await until():
+                return True
+            await asyncio.sleep(POLL_INTERVAL_S)
+        return False
+
+    async def parked_waiters(self) -> int:
+        """How many blocking reads the server holds (Redis); 0 for memory."""
+        if self.kind == "memory":
+            return 0
+        async with Redis.from_url(self.redis_url) as client:
+            return int((await client.info("clients"))["blocked_clients"])
+
+    async def until_parked(self, count: int) -> None:
+        """Best effort: return once `count` waiters are blocked, so an append
+        really has to wake them. Correctness never depends on it."""
+        if self.kind == "memory":
+            for _ in range(10):
+                await asyncio.sleep(0)
+            return
+        for _ in range(POLL_ROUNDS):
+            if await self.parked_waiters() >= count:
+                return
+            await asyncio.sleep(POLL_INTERVAL_S)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    if request.param == "memory":
+        backend = Backend("memory", ManualClock())
+    else:
+        backend = Backend(
+            "redis",
+            ManualClock(),
+            redis_url=request.getfixturevalue("redis_url"),
+            redis_prefix=request.getfixturevalue("redis_prefix"),
+        )
+    yield backend
+    for store in backend.opened:
+        await store.close()
+
+
+@pytest.fixture
+def store(backend: Backend) -> StreamStore:
+    return backend.open()
+
+
+# --- helpers ----------------------------------------------------------------------
+
+
+def new_stream_id() -> str:
+    return f"st-{uuid.uuid4().hex}"
+
+
+def make_meta(stream_id: str | None = None, *, key: str = "") -> StreamMeta:
+    request = StartRequest(
+        model="sim-fast",
+        messages=(Message("system", "Be brief."), Message("user", "Say hi in 日本語 🚀")),
+        params=GenerationParams(max_tokens=64, temperature=0.2, top_p=None, stop=("\n\n",)),
+        idempotency_key=key,
+        policy=RecoveryPolicy(max_retries=2, allow_fallback=True),
+        metadata=(("tenant", "acme"), ("trace", "abc")),
+    )
+    return StreamMeta(
+        stream_id=stream_id or new_stream_id(),
+        model="sim-fast",
+        created_at=1_700_000_000.25,
+        checkpoint_interval=8,
+        request=request,
+        idempotency_key=key,
+        extra={"region": "eu-west", "note": "ünïcödé 🚀"},
+    )
+
+
+async def new_stream(store: StreamStore, *, key: str = "") -> str:
+    meta, created = await store.create(make_meta(key=key))
+    assert created
+    return meta.stream_id
+
+
+def chunk(seq: int, text: str | None = None) -> Chunk:
+    return Chunk(seq=seq, text=f"tok{seq} " if text is None else text, provider="sim", attempt=1)
+
+
+def notice(after_seq: int) -> Notice:
+    return Notice(after_seq=after_seq, fault=NETWORK_BLIP)
+
+
+def end(total_seq: int) -> End:
+    return End(
+        finish_reason="stop",
+        total_seq=total_seq,
+        text_sha256="0" * 64,
+        usage=Usage(prompt_tokens=11, completion_tokens=total_seq),
+    )
+
+
+async def read_all(store: StreamStore, stream_id: str) -> list[LogEntry]:
+    return await store.read(stream_id, after_seq=0, limit=100_000)
+
+
+# --- create, meta, delete -------------------------------------------------------------
+
+
+async def test_create_then_get_meta_returns_the_same_meta(store: StreamStore) -> None:
+    meta = make_meta(key="k-meta")
+    assert await store.create(meta) == (meta, True)
+    assert await store.get_meta(meta.stream_id) == meta
+
+
+async def test_unknown_stream_has_no_meta_tail_lease_or_cancel(store: StreamStore) -> None:
+    stream_id = new_stream_id()
+    assert await store.get_meta(stream_id) is None
+    assert await store.tail(stream_id) is None
+    assert await store.lease_owner(stream_id) is None
+    assert await store.renew_lease(stream_id, "replica-a", 1.0) is False
+    assert await store.cancel_requested(stream_id) is None
+
+
+async def test_log_operations_on_unknown_stream_raise_key_error(store: StreamStore) -> None:
+    stream_id = new_stream_id()
+    with pytest.raises(KeyError):
+        await store.append(stream_id, [chunk(1)])
+    with pytest.raises(KeyError):
+        await store.read(stream_id, after_seq=0)
+    with pytest.raises(KeyError):
+        await store.wait(stream_id, after_seq=0, timeout_s=0.05)
+    with pytest.raises(KeyError):
+        await store.acquire_lease(stream_id, "replica-a", 1.0)
+    with pytest.raises(KeyError):
+        await store.request_cancel(stream_id, "nobody is listening")
+
+
+async def test_idempotency_key_returns_existing_stream(store: StreamStore) -> None:
+    first = make_meta(key="retry-me")
+    await store.create(first)
+    await store.append(first.stream_id, [chunk(1)])
+
+    again, created = await store.create(make_meta(key="retry-me"))
+
+    assert (again, created) == (first, False)
+    assert await read_all(store, first.stream_id) == [chunk(1)]
+
+
+async def test_retry_with_same_stream_id_and_key_keeps_the_log(store: StreamStore) -> None:
+    meta = make_meta(key="same-id")
+    await store.create(meta)
+    await store.append(meta.stream_id, [chunk(1), chunk(2)])
+
+    assert await store.create(meta) == (meta, False)
+    assert await read_all(store, meta.stream_id) == [chunk(1), chunk(2)]
+
+
+async def test_streams_without_idempotency_key_are_independent(store: StreamStore) -> None:
+    first, second = make_meta(), make_meta()
+    assert (await store.create(first))[1] is True
+    assert (await store.create(second))[1] is True
+    assert await store.get_meta(first.stream_id) == first
+    assert await store.get_meta(second.stream_id) == second
+
+
+async def test_concurrent_creates_with_same_key_make_one_stream(store: StreamStore) -> None:
+    candidates = [make_meta(key="racy") for _ in range(12)]
+
+    results = await asyncio.gather(*(store.create(meta) for meta in candidates))
+
+    winners = [meta for meta, created in results if created]
+    assert len(winners) == 1
+    assert {meta.stream_id for meta, _ in results} == {winners[0].stream_id}
+    for loser in candidates:
+        if loser.stream_id != winners[0].stream_id:
+            assert await store.get_meta(loser.stream_id) is None
+
+
+async def test_delete_forgets_stream_and_key(store: StreamStore) -> None:
+    meta = make_meta(key="undo-me")
+    await store.create(meta)
+    await store.append(meta.stream_id, [chunk(1)])
+    assert await store.acquire_lease(meta.stream_id, "replica-a", 30.0)
+
+    await store.delete(meta.stream_id)
+
+    assert await store.get_meta(meta.stream_id) is None
+    assert await store.tail(meta.stream_id) is None
+    assert await store.lease_owner(meta.stream_id) is None
+    with pytest.raises(KeyError):
+        await store.read(meta.stream_id, after_seq=0)
+    fresh = make_meta(key="undo-me")
+    assert await store.create(fresh) == (fresh, True)
+
+
+async def test_delete_leaves_a_key_that_names_another_stream(store: StreamStore) -> None:
+    old = make_meta(key="reused")
+    await store.create(old)
+    await store.delete(old.stream_id)
+    new = make_meta(key="reused")
+    await store.create(new)
+
+    await store.delete(old.stream_id)  # a late second undo of the old stream
+
+    assert await store.create(make_meta(key="reused")) == (new, False)
+
+
+async def test_delete_of_unknown_stream_is_a_no_op(store: StreamStore) -> None:
+    await store.delete(new_stream_id())
+
+
+# --- the log ----------------------------------------------------------------------
+
+
+async def test_read_after_seq_returns_later_entries_in_order(store: StreamStore) -> None:
+    stream_id = await new_stream(store)
+    await store.append(stream_id, [chunk(1), chunk(2)])
+    await store.append(stream_id, [chunk(3)])
+    await store.append(stream_id, [chunk(4), chunk(5)])
+
+    assert await store.read(stream_id, after_seq=0) == [chunk(s) for s in range(1, 6)]
+    assert await store.read(stream_id, after_seq=2) == [chunk(3), chunk(4), chunk(5)]
+    assert await store.read(stream_id, after_seq=5) == []
+    assert await store.read(stream_id, after_seq=9) == []
+
+
+async def test_notices_sit_after_their_chunk(store: StreamStore) -> None:
+    stream_id = await new_stream(store)
+    first_blip = notice(2)
+    second_blip = Notice(after_seq=2, fault=NETWORK_BLIP.with_context(attempt=2))
+    await store.append(stream_id, [chunk(1), chunk(2), first_blip, second_blip, chunk(3)])
+
+    assert await store.read(stream_id, after_seq=2) == [first_blip, second_blip, chunk(3)]
+    assert await store.read(stream_id, after_seq=1) == [chunk(2), first_blip, second_blip, chunk(3)]
+    assert await store.read(stream_id, after_seq=3) == []
+
+
+async def test_notices_before_the_first_chunk_follow_chunk_zero(store: StreamStore) -> None:
+    stream_id = await new_stream(store)
+    await store.append(stream_id, [notice(0)])
+    await store.append(stream_id, [notice(0), chunk(1)])
+
+    assert await store.read(stream_id, after_seq=0) == [notice(0), notice(0), chunk(1)]
+    assert await store.read(stream_id, after_seq=1) == []
+
+
+async def test_end_sorts_last(store: StreamStore) -> None:
+    stream_id = await new_stream(store)
+    await store.append(stream_id, [chunk(1), chunk(2), notice(2), end(2)])
+
+    assert await store.read(stream_id, after_seq=2) == [notice(2), end(2)]
+    assert await store.read(stream_id, after_seq=3) == []
+
+
+async def test_end_of_an_empty_stream_is_its_only_entry(store: StreamStore) -> None:
+    stream_id = await new_stream(store)
+    await store.append(stream_id, [end(0)])
+
+    assert await store.read(stream_id, after_seq=0) == [end(0)]
+    assert await store.tail(stream_id) == StreamTail(last_seq=0, ended=True)
+
+
+@pytest.mark.parametrize(
+    "bad_seq",
+    [pytest.param(4, id="a gap"), pytest.param(2, id="a repeat"), pytest.param(1, id="a rewind")],
+)
+async def test_append_rejects_gap_in_seq(store: StreamStore, bad_seq: int) -> None:
+    stream_id = await new_stream(store)
+    await store.append(stream_id, [chunk(1), chunk(2)])
+
+    with pytest.raises(ValueError, match="does not follow"):
+        await store.append(stream_id, [chunk(bad_seq)])
+
+    assert await read_all(store, stream_id) == [chunk(1), chunk(2)]
+    await store.append(stream_id, [chunk(3)])
+    assert await store.tail(stream_id) == StreamTail(last_seq=3, ended=False)
+
+
+async def test_first_chunk_must_be_seq_one(store: StreamStore) -> None:
+    stream_id = await new_stream(store)
+    with pytest.raises(ValueError):
+        await store.append(stream_id, [chunk(2)])
+    assert await read_all(store, stream_id) == []
+
+
+@pytest.mark.parametrize(
+    "late_entry",
+    [
+        pytest.param(chunk(2), id="a chunk"),
+        pytest.param(notice(1), id="a notice"),
+        pytest.param(end(1), id="a second end"),
+    ],
+)
+async def test_nothing_appends_after_end(store: StreamStore, late_entry: LogEntry) -> None:
+    stream_id = await new_stream(store)
+    await store.append(stream_id, [chunk(1), end(1)])
+
+    with pytest.raises(ValueError, match="End"):
+        await store.append(stream_id, [late_entry])
+
+    assert await read_all(store, stream_id) == [chunk(1), end(1)]
+
+
+async def test_empty_append_changes_nothing(store: StreamStore) -> None:
+    stream_id = await new_stream(store)
+    await store.append(stream_id, [chunk(1)])
+    await store.append(stream_id, [])
+    assert await read_all(store, stream_id) == [chunk(1)]
+    assert await store.tail(stream_id) == StreamTail(last_seq=1, ended=False)
+
+
+async def test_tail_tracks_last_chunk_and_end(store: StreamStore) -> None:
+    stream_id = await new_stream(store)
+    assert await store.tail(stream_id) == StreamTail(last_seq=0, ended=False)
+
+    await store.append(stream_id, [chunk(1), chunk(2)])
+    assert await store.tail(stream_id) == StreamTail(last_seq=2, ended=False)
+
+    await store.append(stream_id, [notice(2)])
+    assert await store.tail(stream_id) == StreamTail(last_seq=2, ended=False)
+
+    await store.append(stream_id, [end(2)])
+    assert await store.tail(stream_id) == StreamTail(last_seq=2, ended=True)
+
+
+async def test_unicode_text_round_trips(store: StreamStore) -> None:
+    stream_id = await new_stream(store)
+    texts = ["日本語 🚀", "e\u0301", "\u200b", '"quotes" \\ and \n newlines', "", "∑ ≠ ∞ 𓂀"]
+    entries: list[LogEntry] = [chunk(seq, text) for seq, text in enumerate(texts, start=1)]
+    retrying = NETWORK_BLIP.with_context(message="🚀 再試行")
+    entries.append(Notice(after_seq=len(texts), fault=retrying))
+    entries.append(end(len(texts)))
+    await store.append(stream_id, entries)
+
+    assert await read_all(store, stream_id) == entries
+
+
+async def test_read_limit_caps_entries(store: StreamStore) -> None:
+    stream_id = await new_stream(store)
+    await store.append(stream_id, [chunk(s) for s in range(1, 11)])
+
+    assert await store.read(stream_id, after_seq=0, limit=3) == [chunk(1), chunk(2), chunk(3)]
+    assert await store.read(stream_id, after_seq=8, limit=5) == [chunk(9), chunk(10)]
+
+
+async def test_large_stream_reads_back_in_pages(store: StreamStore) -> None:
+    stream_id = await new_stream(store)
+    total = 2_000
+    entries: list[LogEntry] = [chunk(s) for s in range(1, total + 1)]
+    entries.append(end(total))
+    for start in range(0, len(entries), 100):
+        await store.append(stream_id, entries[start : start + 100])
+
+    pages: list[list[LogEntry]] = []
+    after_seq = 0
+    while True:
+        page = await store.read(stream_id, after_seq=after_seq, limit=128)
+        if not page:
+            break
+        pages.append(page)
+        if isinstance(page[-1], End):
+            break
+        last_chunk = page[-1]
+        assert isinstance(last_chunk, Chunk)
+        after_seq = last_chunk.seq
+
+    assert [entry for page in pages for entry in page] == entries
+    assert all(len(page) <= 128 for page in pages)
+
+
+# --- wait -------------------------------------------------------------------------
+
+
+async def test_wait_returns_entries_already_there(store: StreamStore) -> None:
+    stream_id = await new_stream(store)
+    await store.append(stream_id, [chunk(1), chunk(2)])
+
+    async with asyncio.timeout(HANG_GUARD_S):
+        assert await store.wait(stream_id, after_seq=1, timeout_s=60.0) == [chunk(2)]
+
+
+async def test_wait_wakes_on_append(backend: Backend, store: StreamStore) -> None:
+    stream_id = await new_stream(store)
+    await store.append(stream_id, [chunk(1)])
+    parked_before = await backend.parked_waiters()
+
+    async with asyncio.TaskGroup() as tasks:
+        waiters = [
+            tasks.create_task(store.wait(stream_id, after_seq=1, timeout_s=30.0)) for _ in range(3)
+        ]
+        await backend.until_parked(parked_before + len(waiters))
+        await store.append(stream_id, [notice(1), chunk(2)])
+
+    for waiter in waiters:
+        assert waiter.result() == [notice(1), chunk(2)]
+
+
+async def test_wait_times_out_with_empty_list(store: StreamStore) -> None:
+    stream_id = await new_stream(store)
+    await store.append(stream_id, [chunk(1)])
+
+    assert await store.wait(stream_id, after_seq=1, timeout_s=0.05) == []
+
+
+async def test_wait_returns_at_once_when_stream_has_ended(store: StreamStore) -> None:
+    stream_id = await new_stream(store)
+    await store.append(stream_id, [chunk(1), end(1)])
+
+    async with asyncio.timeout(HANG_GUARD_S):
+        assert await store.wait(stream_id, after_seq=1, timeout_s=60.0) == [end(1)]
+        assert await store.wait(stream_id, after_seq=2, timeout_s=60.0) == []
+
+
+async def test_cancelled_wait_leaves_the_store_usable(backend: Backend, store: StreamStore) -> None:
+    # A client disconnect cancels its follower's wait mid-block.
+    stream_id = await new_stream(store)
+    parked_before = await backend.parked_waiters()
+    async with asyncio.TaskGroup() as tasks:
+        waiter = tasks.create_task(store.wait(stream_id, after_seq=0, timeout_s=30.0))
+        await backend.until_parked(parked_before + 1)
+        waiter.cancel()
+    assert waiter.cancelled()
+
+    await store.append(stream_id, [chunk(1)])
+    assert await store.wait(stream_id, after_seq=0, timeout_s=30.0) == [chunk(1)]
+
+
+# --- leases and cancellation --------------------------------------------------------
+
+
+async def test_lease_acquire_renew_release(store: StreamStore) -> None:
+    stream_id = await new_stream(store)
+    assert await store.lease_owner(stream_id) is None
+
+    assert await store.acquire_lease(stream_id, "replica-a", 30.0) is True
+    assert await store.acquire_lease(stream_id, "replica-b", 30.0) is False
+    assert await store.acquire_lease(stream_id, "replica-a", 30.0) is True  # the holder again
+    assert await store.lease_owner(stream_id) == "replica-a"
+
+    assert await store.renew_lease(stream_id, "replica-a", 30.0) is True
+    assert await store.renew_lease(stream_id, "replica-b", 30.0) is False
+
+    await store.release_lease(stream_id, "replica-b")  # not the holder: no effect
+    assert await store.lease_owner(stream_id) == "replica-a"
+    await store.release_lease(stream_id, "replica-a")
+    assert await store.lease_owner(stream_id) is None
+    assert await store.renew_lease(stream_id, "replica-a", 30.0) is False
+
+    assert await store.acquire_lease(stream_id, "replica-b", 30.0) is True
+    assert await store.lease_owner(stream_id) == "replica-b"
+
+
+async def test_lease_lapses(backend: Backend, store: StreamStore) -> None:
+    stream_id = await new_stream(store)
+    assert await store.acquire_lease(stream_id, "replica-a", 0.05)
+
+    async def lapsed() -> bool:
+        return await store.lease_owner(stream_id) is None
+
+    assert await backend.let_time_pass(0.1, until=lapsed)
+    assert await store.renew_lease(stream_id, "replica-a", 30.0) is False
+    assert await store.acquire_lease(stream_id, "replica-b", 30.0) is True
+    assert await store.lease_owner(stream_id) == "replica-b"
+
+
+async def test_cancel_request_round_trip(store: StreamStore) -> None:
+    stream_id = await new_stream(store)
+    assert await store.cancel_requested(stream_id) is None
+
+    await store.request_cancel(stream_id, "client asked to stop 🛑")
+
+    assert await store.cancel_requested(stream_id) == "client asked to stop 🛑"
+
+
+# --- retention ----------------------------------------------------------------------
+
+
+async def test_stream_expires_after_retention(backend: Backend) -> None:
+    store = backend.open(retention_s=0.2)
+    meta = make_meta(key="short-lived")
+    await store.create(meta)
+    await store.append(meta.stream_id, [chunk(1), notice(1)])
+    await store.acquire_lease(meta.stream_id, "replica-a", 30.0)
+    await store.request_cancel(meta.stream_id, "stop")
+
+    async def gone() -> bool:
+        return await store.get_meta(meta.stream_id) is None
+
+    assert await backend.let_time_pass(0.3, until=gone)
+    assert await store.tail(meta.stream_id) is None
+    assert await store.lease_owner(meta.stream_id) is None
+    assert await store.cancel_requested(meta.stream_id) is None
+    with pytest.raises(KeyError):
+        await store.read(meta.stream_id, after_seq=0)
+    fresh = make_meta(key="short-lived")
+    assert await store.create(fresh) == (fresh, True)
+
+
+# --- property: read returns exactly what follows a chunk ----------------------------
+
+log_steps = st.lists(
+    st.one_of(st.text(max_size=4), st.none()),  # text: a chunk; None: a notice
+    max_size=25,
+)
+
+
+def entries_after_chunk(log: list[LogEntry], after_seq: int) -> list[LogEntry]:
+    """Rule 1 of base.py, stated on the list of appended entries."""
+    if after_seq == 0:
+        return log
+    for index, entry in enumerate(log):
+        if isinstance(entry, Chunk) and entry.seq == after_seq:
+            return log[index + 1 :]
+    return []
+
+
+@settings(
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(steps=log_steps, ended=st.booleans(), data=st.data())
+async def test_read_returns_exactly_the_entries_after_a_chunk(
+    store: StreamStore, steps: list[str | None], ended: bool, data: st.DataObject
+) -> None:
+    log: list[LogEntry] = []
+    last_seq = 0
+    for step in steps:
+        if step is None:
+            log.append(notice(last_seq))
+        else:
+            last_seq += 1
+            log.append(chunk(last_seq, step))
+    if ended:
+        log.append(end(last_seq))
+
+    stream_id = await new_stream(store)
+    start = 0
+    while start < len(log):  # appended in batches of random size
+        size = data.draw(st.integers(min_value=1, max_value=5), label="batch size")
+        await store.append(stream_id, log[start : start + size])
+        start += size
+    after_seq = data.draw(st.integers(min_value=0, max_value=last_seq + 2), label="after_seq")
+
+    assert await store.read(stream_id, after_seq=after_seq) == entries_after_chunk(log, after_seq)
+
+
+# --- Redis only: what the other replicas and the operator rely on ---------------------
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
+    async with Redis.from_url(redis_url) as client:
+        yield client
+
+
+async def test_redis_keys_of_a_stream_share_a_hash_tag_and_expire(
+    redis_url: str, redis_prefix: str, redis_client: Redis
+) -> None:
+    store = RedisStore.from_url(redis_url, prefix=redis_prefix, retention_s=60.0)
+    try:
+        meta = make_meta(key="tagged")
+        await store.create(meta)
+        await store.append(meta.stream_id, [chunk(1)])
+        await store.acquire_lease(meta.stream_id, "replica-a", 30.0)
+
+        keys = sorted(k.decode() for k in await redis_client.keys(f"{redis_prefix}:*"))
+        tag = f"{{{meta.stream_id}}}"
+        assert keys == sorted(
+            [
+                f"{redis_prefix}:{tag}:log",
+                f"{redis_prefix}:{tag}:meta",
+                f"{redis_prefix}:{tag}:lease",
+                f"{redis_prefix}:idem:tagged",
+            ]
+        )
+        for key in keys:
+            assert await redis_client.pttl(key) > 0, key
+    finally:
+        await store.close()
+
+
+async def test_redis_append_refreshes_retention(
+    redis_url: str, redis_prefix: str, redis_client: Redis
+) -> None:
+    store = RedisStore.from_url(redis_url, prefix=redis_prefix, retention_s=600.0)
+    try:
+        stream_id = await new_stream(store)
+        await store.append(stream_id, [chunk(1)])
+        stream_keys = [f"{redis_prefix}:{{{stream_id}}}:{part}" for part in ("meta", "log")]
+        for key in stream_keys:  # as if the stream had sat idle for most of its retention
+            await redis_client.pexpire(key, 1_000)
+
+        await store.append(stream_id, [chunk(2)])
+
+        for key in stream_keys:
+            assert await redis_client.pttl(key) > 1_000, key
+    finally:
+        await store.close()
+
+
+async def test_redis_parked_waiters_leave_the_command_pool_free(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # Two connections for commands; a pool this small would be used up by the
+    # waiters below if they blocked on it, and the append would never get through.
+    commands = Redis.from_pool(
+        BlockingConnectionPool.from_url(redis_url, max_connections=2, timeout=HANG_GUARD_S)
+    )
+    store = RedisStore(commands, blocking_client=Redis.from_url(redis_url), prefix=redis_prefix)
+    backend = Backend("redis", ManualClock(), redis_url=redis_url, redis_prefix=redis_prefix)
+    try:
+        stream_id = await new_stream(store)
+        parked_before = await backend.parked_waiters()
+        async with asyncio.TaskGroup() as tasks:
+            waiters = [
+                tasks.create_task(store.wait(stream_id, after_seq=0, timeout_s=30.0))
+                for _ in range(5)
+            ]
+            await backend.until_parked(parked_before + len(waiters))
+            await store.append(stream_id, [chunk(1)])
+        assert all(waiter.result() == [chunk(1)] for waiter in waiters)
+    finally:
+        await store.close()
+
+
+def test_redis_prefix_must_not_contain_braces() -> None:
+    with pytest.raises(ValueError, match="braces"):
+        RedisStore(Redis(), prefix="tr{x}")
+
+
+async def test_redis_key_left_by_an_expired_stream_is_taken_over(
+    redis_url: str, redis_prefix: str, redis_client: Redis
+) -> None:
+    store = RedisStore.from_url(redis_url, prefix=redis_prefix)
+    try:
+        old = make_meta(key="outlived")
+        await store.create(old)
+        # The idempotency key outlives its stream by design (it cannot be
+        # refreshed in the append script); simulate the stream expiring first.
+        await redis_client.delete(f"{redis_prefix}:{{{old.stream_id}}}:meta")
+
+        new = make_meta(key="outlived")
+        assert await store.create(new) == (new, True)
+        assert await redis_client.get(f"{redis_prefix}:idem:outlived") == new.stream_id.encode()
+    finally:
+        await store.close()
+
+
+async def test_redis_append_keeps_the_idempotency_key_alive(
+    redis_url: str, redis_prefix: str, redis_client: Redis
+) -> None:
+    clock = ManualClock()
+    store = RedisStore.from_url(redis_url, prefix=redis_prefix, retention_s=600.0, clock=clock)
+    idem_key = f"{redis_prefix}:idem:long-answer"
+    try:
+        meta = make_meta(key="long-answer")
+        await store.create(meta)
+        await redis_client.pexpire(idem_key, 1_000)
+
+        await store.append(meta.stream_id, [chunk(1)])  # refreshed recently: left alone
+        assert await redis_client.pttl(idem_key) <= 1_000
+
+        clock.advance(150.0)  # a quarter of the retention
+        await store.append(meta.stream_id, [chunk(2)])
+        assert await redis_client.pttl(idem_key) > 600_000
+    finally:
+        await store.close()
+
+
+async def test_redis_wait_survives_a_short_socket_timeout(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # from_url keeps the short timeout for commands but gives blocking reads room.
+    store = RedisStore.from_url(redis_url, prefix=redis_prefix, socket_timeout=0.05)
+    try:
+        stream_id = await new_stream(store)
+        assert await store.wait(stream_id, after_seq=0, timeout_s=0.1) == []
+        await store.append(stream_id, [chunk(1)])
+        assert await store.wait(stream_id, after_seq=0, timeout_s=30.0) == [chunk(1)]
+    finally:
+        await store.close()
+
+
+async def test_redis_wait_longer_than_the_socket_timeout_blocks_in_slices(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # Each blocking read must end before the socket timeout (1.2 s) fires.
+    blocking = Redis.from_url(redis_url, socket_timeout=1.2)
+    store = RedisStore(Redis.from_url(redis_url), blocking_client=blocking, prefix=redis_prefix)
+    try:
+        stream_id = await new_stream(store)
+        assert await store.wait(stream_id, after_seq=0, timeout_s=1.5) == []
+    finally:
+        await store.close()
+
+
+def test_redis_blocking_client_needs_room_for_a_blocking_read() -> None:
+    with pytest.raises(ValueError, match="socket_timeout"):
+        RedisStore(Redis(), blocking_client=Redis(socket_timeout=0.2))
