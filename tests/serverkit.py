@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
+
 from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay.v1 import relay_pb2_grpc as pbg
 from tokenrelay_server.app import RelayServer
@@ -29,10 +30,10 @@ RelayFactory = Callable[..., Awaitable[RelayServer]]
 async def relay_factory() -> AsyncIterator[RelayFactory]:
     servers: list[RelayServer] = []
 
-    async def start(store: StreamStore | None = None, **overrides: Any) -> RelayServer:
+    async def start(store_instance: StreamStore | None = None, **overrides: Any) -> RelayServer:
         values: dict[str, Any] = {"port": 0, "resume_secret": SECRET}
         values.update(overrides)
-        server = await RelayServer.start(Settings(**values), store=store)
+        server = await RelayServer.start(Settings(**values), store=store_instance)
         servers.append(server)
         return server
 

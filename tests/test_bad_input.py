@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+
 from serverkit import SECRET, RawCall, eventually, resume_request, run_to_end, start_request
 from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay_server.app import RelayServer
@@ -186,7 +187,7 @@ async def test_a_failing_store_ends_the_stream_typed_never_unknown(relay_factory
                 raise ConnectionError("store connection lost")
             await super().append(stream_id, entries)
 
-    relay = await relay_factory(store=StoreThatFailsAfterFiveAppends())
+    relay = await relay_factory(store_instance=StoreThatFailsAfterFiveAppends())
     async with grpc.aio.insecure_channel(relay.address) as channel:
         events = await run_to_end(channel, start_request(max_tokens=20))
     end = events[-1].end

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from serverkit import run_to_end, start_request
 
 TOKENRELAY = [sys.executable, "-m", "tokenrelay_server.cli"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from tokenrelay_server import classify
 from tokenrelay_server.errors import ErrorType, Fault, SuggestedAction
 from tokenrelay_server.recovery import Decision, RecoveryConfig, Situation, Step, decide

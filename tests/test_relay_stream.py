@@ -6,6 +6,7 @@ import asyncio
 
 import grpc
 import pytest
+
 from serverkit import (
     RawCall,
     RelayFactory,

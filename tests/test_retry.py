@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from tokenrelay_server.clock import ManualClock
 from tokenrelay_server.retry import BackoffPolicy, RetryBudget, next_delay
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from tokenrelay_server.errors import RequestError
 from tokenrelay_server.model import Message
 from tokenrelay_server.providers.base import CONTINUE_INSTRUCTION

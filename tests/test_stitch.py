@@ -6,6 +6,7 @@ import itertools
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from tokenrelay_server.model import Message
 from tokenrelay_server.providers.sim import SimAnswer
 from tokenrelay_server.stitch import Stitcher, overlap_length

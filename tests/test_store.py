@@ -17,8 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import BlockingConnectionPool, Redis
+
 from tokenrelay_server.clock import ManualClock
-from tokenrelay_server.errors import ErrorType, Fault, SuggestedAction
+from tokenrelay_server.errors import ErrorType, Fault, StreamNotFound, SuggestedAction
 from tokenrelay_server.model import (
     Chunk,
     End,
@@ -209,15 +210,15 @@ async def test_unknown_stream_has_no_meta_tail_lease_or_cancel(store: StreamStor
 
 async def test_log_operations_on_unknown_stream_raise_key_error(store: StreamStore) -> None:
     stream_id = new_stream_id()
-    with pytest.raises(KeyError):
+    with pytest.raises(StreamNotFound):
         await store.append(stream_id, [chunk(1)])
-    with pytest.raises(KeyError):
+    with pytest.raises(StreamNotFound):
         await store.read(stream_id, after_seq=0)
-    with pytest.raises(KeyError):
+    with pytest.raises(StreamNotFound):
         await store.wait(stream_id, after_seq=0, timeout_s=0.05)
-    with pytest.raises(KeyError):
+    with pytest.raises(StreamNotFound):
         await store.acquire_lease(stream_id, "replica-a", 1.0)
-    with pytest.raises(KeyError):
+    with pytest.raises(StreamNotFound):
         await store.request_cancel(stream_id, "nobody is listening")
 
 
@@ -273,7 +274,7 @@ async def test_delete_forgets_stream_and_key(store: StreamStore) -> None:
     assert await store.get_meta(meta.stream_id) is None
     assert await store.tail(meta.stream_id) is None
     assert await store.lease_owner(meta.stream_id) is None
-    with pytest.raises(KeyError):
+    with pytest.raises(StreamNotFound):
         await store.read(meta.stream_id, after_seq=0)
     fresh = make_meta(key="undo-me")
     assert await store.create(fresh) == (fresh, True)
@@ -576,7 +577,7 @@ async def test_stream_expires_after_retention(backend: Backend) -> None:
     assert await store.tail(meta.stream_id) is None
     assert await store.lease_owner(meta.stream_id) is None
     assert await store.cancel_requested(meta.stream_id) is None
-    with pytest.raises(KeyError):
+    with pytest.raises(StreamNotFound):
         await store.read(meta.stream_id, after_seq=0)
     fresh = make_meta(key="short-lived")
     assert await store.create(fresh) == (fresh, True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tokenrelay_server.clock import ManualClock
 from tokenrelay_server.errors import RequestError, ResumeDenied, StreamNotFound
 from tokenrelay_server.tokens import ResumeTokens

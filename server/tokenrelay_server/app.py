@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from tokenrelay.v1 import relay_pb2, relay_pb2_grpc
 
 from .clock import Clock, SystemClock

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
+
 from tokenrelay.v1 import relay_pb2, relay_pb2_grpc
 
 from .errors import (

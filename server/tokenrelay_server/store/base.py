@@ -12,6 +12,11 @@ Rules (tests/test_store.py runs one suite against every implementation):
 4. `create` with an idempotency key that is already taken returns the existing
    stream's meta and creates nothing.
 5. A stream and everything about it is gone after the retention period.
+6. Operations on a stream that is unknown or expired raise `StreamNotFound`
+   (except `get_meta`, `tail`, `lease_owner` and `cancel_requested`, which
+   answer None).
+7. A rejected `append` (a seq gap, anything after the End) stores nothing of
+   its batch and raises ValueError.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..clock import Clock, SystemClock
+from ..errors import StreamNotFound
 from ..model import Chunk, LogEntry, Notice, StreamMeta
 from .base import StreamTail
 
@@ -69,14 +70,21 @@ class MemoryStore:
 
     async def append(self, stream_id: str, entries: Sequence[LogEntry]) -> None:
         stream = self._require(stream_id)
+        # Validate the whole batch first: a rejected append stores nothing.
+        last_seq, ended = stream.last_seq, stream.ended
         for entry in entries:
-            if stream.ended:
+            if ended:
                 raise ValueError(f"stream {stream_id} has ended; nothing can follow its End")
             if isinstance(entry, Chunk):
-                if entry.seq != stream.last_seq + 1:
+                if entry.seq != last_seq + 1:
                     raise ValueError(
-                        f"chunk seq {entry.seq} does not follow {stream.last_seq} in {stream_id}"
+                        f"chunk seq {entry.seq} does not follow {last_seq} in {stream_id}"
                     )
+                last_seq = entry.seq
+            elif not isinstance(entry, Notice):
+                ended = True
+        for entry in entries:
+            if isinstance(entry, Chunk):
                 position = (entry.seq, 0)
                 stream.last_seq = entry.seq
                 stream.notices_after_last = 0
@@ -170,7 +178,7 @@ class MemoryStore:
     def _require(self, stream_id: str) -> _Stream:
         stream = self._live(stream_id)
         if stream is None:
-            raise KeyError(f"stream {stream_id} is unknown or expired")
+            raise StreamNotFound(f"stream {stream_id} is unknown or expired")
         return stream
 
     def _forget(self, stream_id: str, stream: _Stream) -> None:

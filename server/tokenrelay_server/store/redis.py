@@ -43,6 +43,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from ..clock import Clock, SystemClock
+from ..errors import StreamNotFound
 from ..model import Chunk, LogEntry, Notice, StreamMeta
 from .base import StreamTail
 from .codec import decode_entry, decode_meta, encode_entry, encode_meta
@@ -468,7 +469,7 @@ class RedisStore:
         start = f"({after_seq}-0" if after_seq >= 0 else "-"
         state, *payloads = await self._read(keys=self._log_keys(stream_id), args=[start, limit])
         if state == 0:
-            raise KeyError(f"stream {stream_id} is unknown or expired")
+            raise StreamNotFound(f"stream {stream_id} is unknown or expired")
         return [decode_entry(raw) for raw in payloads], state == 2
 
 
@@ -500,7 +501,7 @@ def _translate(exc: ResponseError, stream_id: str) -> Exception:
     """The memory store's exception for a script's refusal."""
     message = str(exc)
     if message.startswith(_UNKNOWN):
-        return KeyError(f"stream {stream_id} is unknown or expired")
+        return StreamNotFound(f"stream {stream_id} is unknown or expired")
     if message.startswith(_ORDER):
         return ValueError(f"{message.removeprefix(_ORDER).strip()} in {stream_id}")
     return exc

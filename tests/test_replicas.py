@@ -1,0 +1,165 @@
+"""Several replicas on one Redis: resume anywhere, drain, dead owners.
+
+Each replica is a real server with its own Redis connections; they share only
+Redis and the resume secret, as in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from serverkit import (
+    RawCall,
+    RelayFactory,
+    assert_contiguous,
+    chunks_of,
+    end_of,
+    eventually,
+    resume_request,
+    run_to_end,
+    sha256,
+    start_request,
+    text_of,
+)
+from tokenrelay.v1 import relay_pb2 as pb
+from tokenrelay_server.app import RelayServer
+from tokenrelay_server.model import Chunk, StreamMeta
+from tokenrelay_server.store.redis import RedisStore
+
+
+@pytest.fixture
+async def replicas(
+    relay_factory: RelayFactory, redis_url: str, redis_prefix: str
+) -> tuple[RelayServer, RelayServer]:
+    shared = {"store": "redis", "redis_url": redis_url, "redis_prefix": redis_prefix}
+    a = await relay_factory(**shared, lease_ttl_s=0.6)
+    b = await relay_factory(**shared, lease_ttl_s=0.6)
+    return a, b
+
+
+async def test_resume_at_every_seq_boundary_on_another_replica(replicas) -> None:
+    a, b = replicas
+    async with (
+        grpc.aio.insecure_channel(a.address) as on_a,
+        grpc.aio.insecure_channel(b.address) as on_b,
+    ):
+        events = await run_to_end(on_a, start_request(max_tokens=12))
+        token = events[0].started.resume_token
+        for last_seq in range(0, 13):
+            resumed = await run_to_end(on_b, resume_request(token, last_seq))
+            assert [c.seq for c in chunks_of(resumed)] == list(range(last_seq + 1, 13))
+            assert [c.text for c in chunks_of(resumed)] == [
+                c.text for c in chunks_of(events)[last_seq:]
+            ]
+            assert end_of(resumed) == end_of(events)
+
+
+async def test_resume_on_another_replica_follows_the_live_stream(replicas) -> None:
+    a, b = replicas
+    async with (
+        grpc.aio.insecure_channel(a.address) as on_a,
+        grpc.aio.insecure_channel(b.address) as on_b,
+    ):
+        call = RawCall(on_a, start_request(max_tokens=80, metadata={"sim.pace_ms": "4"}))
+        seen = await call.events_until(lambda e: e.HasField("chunk") and e.chunk.seq == 10)
+        call.cancel()
+        assert a.hub.running_generations == 1
+        rest = await run_to_end(on_b, resume_request(seen[0].started.resume_token, 10))
+        assert b.hub.running_generations == 0  # B only reads; A generates
+        chunks = chunks_of(seen) + chunks_of(rest)
+        assert_contiguous(chunks)
+        assert len(chunks) == 80
+        end = end_of(rest)
+        assert not end.partial
+        assert end.text_sha256 == sha256("".join(c.text for c in chunks))
+        clean = await run_to_end(on_b, start_request(max_tokens=80))
+        assert text_of(clean) == "".join(c.text for c in chunks)
+
+
+async def test_the_same_idempotency_key_on_another_replica_attaches(replicas) -> None:
+    a, b = replicas
+    async with (
+        grpc.aio.insecure_channel(a.address) as on_a,
+        grpc.aio.insecure_channel(b.address) as on_b,
+    ):
+        request = start_request(max_tokens=30, idempotency_key="job-7")
+        first, second = await asyncio.gather(run_to_end(on_a, request), run_to_end(on_b, request))
+    assert first[0].started.stream_id == second[0].started.stream_id
+    assert sorted([first[0].started.resumed, second[0].started.resumed]) == [False, True]
+    assert text_of(first) == text_of(second)
+
+
+async def test_cancel_sent_to_another_replica_stops_the_generation(replicas) -> None:
+    a, b = replicas
+    async with (
+        grpc.aio.insecure_channel(a.address) as on_a,
+        grpc.aio.insecure_channel(b.address) as on_b,
+    ):
+        call = RawCall(on_a, start_request(max_tokens=100_000, metadata={"sim.pace_ms": "5"}))
+        started = await call.next_event()
+        other = RawCall(on_b, resume_request(started.started.resume_token, 0))
+        await other.events_until(lambda e: e.HasField("chunk"))
+        other.send(pb.StreamRequest(cancel=pb.Cancel(reason="from B")))
+        events = await call.events_until()
+        call.cancel()
+        other.cancel()
+    end = end_of(events)
+    assert end.partial and end.error.code == "CANCELLED" and "from B" in end.error.message
+    await eventually(lambda: a.hub.running_generations == 0)
+
+
+async def test_a_draining_replica_sends_unavailable_and_another_serves_the_resume(
+    relay_factory: RelayFactory, redis_url: str, redis_prefix: str
+) -> None:
+    shared = {"store": "redis", "redis_url": redis_url, "redis_prefix": redis_prefix}
+    a = await relay_factory(**shared, drain_grace_s=0.2)
+    b = await relay_factory(**shared)
+    async with (
+        grpc.aio.insecure_channel(a.address) as on_a,
+        grpc.aio.insecure_channel(b.address) as on_b,
+    ):
+        call = RawCall(on_a, start_request(max_tokens=100_000, metadata={"sim.pace_ms": "5"}))
+        seen: list[pb.StreamEvent] = []
+        drain = None
+        with pytest.raises(grpc.aio.AioRpcError) as told:
+            while True:
+                event = await call.next_event()
+                seen.append(event)
+                if event.HasField("chunk") and event.chunk.seq == 5 and drain is None:
+                    drain = asyncio.create_task(a.drain_and_stop())
+        assert told.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert drain is not None
+        await drain
+        last_seq = max(c.seq for c in chunks_of(seen))
+        rest = await run_to_end(on_b, resume_request(seen[0].started.resume_token, last_seq))
+    chunks = chunks_of(seen) + chunks_of(rest)
+    assert_contiguous(chunks)
+    end = end_of(rest)
+    assert end.partial and end.error.code == "SERVER_SHUTDOWN"
+    assert end.total_seq == len(chunks)
+    assert end.text_sha256 == sha256("".join(c.text for c in chunks))
+
+
+async def test_a_stream_whose_owner_died_ends_typed_with_what_it_produced(
+    relay_factory: RelayFactory, redis_url: str, redis_prefix: str
+) -> None:
+    b = await relay_factory(store="redis", redis_url=redis_url, redis_prefix=redis_prefix)
+    # A replica that died mid-generation leaves a log, no End and no lease.
+    store = RedisStore.from_url(redis_url, prefix=redis_prefix)
+    try:
+        meta = StreamMeta("deadbeef" * 4, "sim", 0.0, 10)
+        await store.create(meta)
+        await store.append(meta.stream_id, [Chunk(i, f" w{i}", "sim", 1) for i in range(1, 6)])
+    finally:
+        await store.close()
+    token = b.hub.tokens.issue(meta.stream_id)
+    async with grpc.aio.insecure_channel(b.address) as on_b:
+        events = await run_to_end(on_b, resume_request(token, 2))
+    assert [c.seq for c in chunks_of(events)] == [3, 4, 5]
+    end = end_of(events)
+    assert end.partial and end.error.code == "OWNER_LOST"
+    assert end.total_seq == 5
+    assert end.text_sha256 == sha256("".join(f" w{i}" for i in range(1, 6)))
