@@ -61,6 +61,7 @@ def start_request(
     metadata: dict[str, str] | None = None,
     idempotency_key: str = "",
     checkpoint_interval: int | None = None,
+    max_retries: int | None = None,
 ) -> pb.StreamRequest:
     params = pb.GenerationParams()
     if max_tokens is not None:
@@ -68,6 +69,8 @@ def start_request(
     policy = pb.RecoveryPolicy()
     if checkpoint_interval is not None:
         policy.checkpoint_interval = checkpoint_interval
+    if max_retries is not None:
+        policy.max_retries = max_retries
     return pb.StreamRequest(
         start=pb.StartGeneration(
             model=model,

@@ -216,11 +216,12 @@ async def test_idempotency_key_reused_for_another_request_is_rejected(channel) -
         "an end without finish reason is a data error",
     ],
 )
-async def test_upstream_failure_ends_as_typed_partial(
+async def test_unrecovered_upstream_failure_ends_as_typed_partial(
     channel, faults: str, code: str, error_type: int, action: int, tokens: int
 ) -> None:
     events = await run_to_end(
-        channel, start_request(max_tokens=30, metadata={"sim.faults": faults})
+        # No retries: this is about how a failure is typed, not how it is recovered.
+        channel, start_request(max_tokens=30, metadata={"sim.faults": faults}, max_retries=0)
     )
     end = end_of(events)
     assert end.partial
@@ -242,7 +243,8 @@ async def test_stalled_upstream_is_detected_by_the_stall_timeout(
 ) -> None:
     relay = await relay_factory(stall_timeout_s=0.2)
     async with grpc.aio.insecure_channel(relay.address) as channel:
-        events = await run_to_end(channel, start_request(metadata={"sim.faults": "stall@3"}))
+        request = start_request(metadata={"sim.faults": "stall@3"}, max_retries=0)
+        events = await run_to_end(channel, request)
     end = end_of(events)
     assert end.partial
     assert end.error.code == "STALL_TIMEOUT"

@@ -7,6 +7,7 @@ tests all use: a real grpc.aio server on a real port, with health checking
 
 from __future__ import annotations
 
+import random
 import secrets
 from collections.abc import Mapping
 
@@ -16,12 +17,17 @@ from grpc_reflection.v1alpha import reflection
 
 from tokenrelay.v1 import relay_pb2, relay_pb2_grpc
 
+from .breaker import BreakerSettings
 from .clock import Clock, SystemClock
 from .config import Settings
-from .generation import Route, Timeouts
-from .hub import HubSettings, Router, StreamHub
+from .generation import Recovery
+from .hub import HubSettings, StreamHub
 from .providers.base import Provider
 from .providers.sim import SimProvider
+from .recovery import RecoveryConfig
+from .retry import BackoffPolicy
+from .routing import Route, Router, Timeouts
+from .selection import UpstreamHealth
 from .servicer import RelayServicer
 from .store.base import StreamStore
 from .store.memory import MemoryStore
@@ -36,11 +42,40 @@ MIN_TRANSPORT_LIMIT_BYTES = 16 << 20
 
 def build_router(settings: Settings, extra: Mapping[str, list[Route]] | None = None) -> Router:
     """The `sim` model is always there; configured aliases come on top."""
-    routes: dict[str, list[Route]] = {
-        "sim": [Route(SimProvider("sim", default_pace_ms=settings.sim_pace_ms), "sim")]
-    }
+    sim_timeouts = Timeouts(
+        first_token_s=settings.first_token_timeout_s, stall_s=settings.stall_timeout_s
+    )
+    sim = SimProvider("sim", default_pace_ms=settings.sim_pace_ms)
+    routes: dict[str, list[Route]] = {"sim": [Route(sim, "sim", sim_timeouts)]}
     routes.update(extra or {})
     return Router(routes)
+
+
+def build_recovery(settings: Settings, clock: Clock, rng: random.Random | None = None) -> Recovery:
+    return Recovery(
+        health=UpstreamHealth(
+            clock=clock,
+            breaker_settings=BreakerSettings(
+                failure_threshold=settings.breaker_failure_threshold,
+                cooldown_s=settings.breaker_cooldown_s,
+            ),
+            retry_budget_ratio=settings.retry_budget_ratio,
+        ),
+        config=RecoveryConfig(
+            max_retries=settings.max_retries,
+            allow_fallback=settings.allow_fallback,
+            allow_partial=settings.allow_partial,
+            resume_on_malformed=settings.resume_on_malformed,
+            backoff=BackoffPolicy(
+                base_s=settings.backoff_base_s,
+                cap_s=settings.backoff_cap_s,
+                jitter=settings.jitter,
+            ),
+        ),
+        clock=clock,
+        rng=rng or random.Random(),
+        selection=settings.selection,
+    )
 
 
 async def build_store(settings: Settings, clock: Clock) -> StreamStore:
@@ -109,15 +144,12 @@ class RelayServer:
             router=router,
             tokens=ResumeTokens(secret.encode(), ttl_s=settings.retention_s, clock=clock),
             clock=clock,
+            recovery=build_recovery(settings, clock),
             settings=HubSettings(
                 detach_grace_s=settings.detach_grace_s,
                 checkpoint_interval=settings.checkpoint_interval,
                 max_streams=settings.max_streams,
                 lease_ttl_s=settings.lease_ttl_s,
-                timeouts=Timeouts(
-                    first_token_s=settings.first_token_timeout_s,
-                    stall_s=settings.stall_timeout_s,
-                ),
             ),
         )
         limit = max(4 * settings.max_prompt_bytes, MIN_TRANSPORT_LIMIT_BYTES)
@@ -142,7 +174,7 @@ class RelayServer:
         await server.start()
         for service in ("", RELAY_SERVICE):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-        providers = [route.provider for routes_ in router_routes(router) for route in routes_]
+        providers = router.providers()
         return cls(
             settings=settings,
             server=server,
@@ -178,7 +210,3 @@ class RelayServer:
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
-
-
-def router_routes(router: Router) -> list[list[Route]]:
-    return [router.resolve(model) for model in router.models]

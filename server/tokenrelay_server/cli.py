@@ -34,82 +34,42 @@ def _env(name: str) -> str:
     return f"TOKENRELAY_{name.upper()}"
 
 
-SERVE_OPTIONS: list[tuple[str, dict[str, Any]]] = [
-    ("host", {"help": "Address to listen on.", "default": "127.0.0.1"}),
-    ("port", {"type": int, "help": "Port to listen on; 0 picks a free one.", "default": 50051}),
+# (setting, click type, help). Defaults live in config.Settings alone.
+SERVE_OPTIONS: list[tuple[str, Any, str]] = [
+    ("host", str, "Address to listen on."),
+    ("port", int, "Port to listen on; 0 picks a free one and prints it."),
     (
         "store",
-        {
-            "type": click.Choice(["memory", "redis"]),
-            "default": "memory",
-            "help": "Stream log: in-process memory, or Redis shared by replicas.",
-        },
+        click.Choice(["memory", "redis"]),
+        "Stream log: memory, or Redis shared by replicas.",
     ),
-    ("redis_url", {"default": "redis://127.0.0.1:6379/0", "help": "Redis URL for --store redis."}),
-    (
-        "resume_secret",
-        {"default": None, "help": "HMAC secret for resume tokens (share it between replicas)."},
-    ),
-    (
-        "detach_grace_s",
-        {
-            "type": float,
-            "default": 60.0,
-            "help": "Seconds a generation runs on with no client attached.",
-        },
-    ),
-    (
-        "drain_grace_s",
-        {"type": float, "default": 10.0, "help": "Seconds open streams get to finish on SIGTERM."},
-    ),
-    (
-        "retention_s",
-        {
-            "type": float,
-            "default": 3600.0,
-            "help": "Seconds a stream stays resumable after its last chunk.",
-        },
-    ),
-    (
-        "checkpoint_interval",
-        {"type": int, "default": 10, "help": "Chunks between Checkpoint events."},
-    ),
-    (
-        "stall_timeout_s",
-        {
-            "type": float,
-            "default": 30.0,
-            "help": "Seconds without a token before the upstream counts as stalled.",
-        },
-    ),
-    (
-        "first_token_timeout_s",
-        {"type": float, "default": 30.0, "help": "Seconds to wait for the first token."},
-    ),
-    (
-        "sim_pace_ms",
-        {
-            "type": float,
-            "default": 0.0,
-            "help": "Default delay per token of the simulated provider.",
-        },
-    ),
-    (
-        "log_level",
-        {
-            "type": click.Choice(["debug", "info", "warning", "error"]),
-            "default": "info",
-            "help": "Log verbosity.",
-        },
-    ),
+    ("redis_url", str, "Redis URL for --store redis."),
+    ("resume_secret", str, "HMAC secret for resume tokens (the same on every replica)."),
+    ("detach_grace_s", float, "Seconds a generation runs on with no client attached."),
+    ("drain_grace_s", float, "Seconds open streams get to finish after SIGTERM."),
+    ("retention_s", float, "Seconds a stream stays resumable after its last write."),
+    ("checkpoint_interval", int, "Chunks between Checkpoint events."),
+    ("first_token_timeout_s", float, "Seconds to wait for the first token (every provider)."),
+    ("stall_timeout_s", float, "Seconds without a token before a stall (every provider)."),
+    ("max_retries", int, "Upstream retries per provider before falling back."),
+    ("backoff_base_s", float, "First retry delay; doubles per retry, with jitter."),
+    ("sim_pace_ms", float, "Default delay per token of the simulated model."),
+    ("log_level", click.Choice(["debug", "info", "warning", "error"]), "Log verbosity."),
 ]
 
 
 def serve_options(function: Any) -> Any:
-    for name, spec in reversed(SERVE_OPTIONS):
-        flag = "--" + name.replace("_", "-")
+    for name, kind, help_text in reversed(SERVE_OPTIONS):
+        default = Settings.model_fields[name].default
+        shown = "random" if name == "resume_secret" else default
         function = click.option(
-            flag, name, envvar=_env(name), show_envvar=True, show_default=True, **spec
+            "--" + name.replace("_", "-"),
+            name,
+            type=kind,
+            default=None,
+            envvar=_env(name),
+            show_envvar=True,
+            help=f"{help_text}  [default: {shown}]",
         )(function)
     return function
 
@@ -150,12 +110,16 @@ def serve(ctx: click.Context, config_file: Path | None, **flags: Any) -> None:
 def resolve_settings(
     ctx: click.Context, config_file: Path | None, flags: dict[str, Any]
 ) -> Settings:
+    """Defaults < config file < environment < flags (click reads the last two)."""
+    del ctx
     values: dict[str, Any] = read_config_file(config_file) if config_file else {}
-    for name, value in flags.items():
-        source = ctx.get_parameter_source(name)
-        if source is not click.core.ParameterSource.DEFAULT or name not in values:
-            if value is not None:
-                values[name] = value
+    explicit = {name: value for name, value in flags.items() if value is not None}
+    values.update(explicit)
+    # A timeout given as a flag or variable applies to every provider, `sim` included.
+    overrides = {
+        k: explicit[k] for k in ("stall_timeout_s", "first_token_timeout_s") if k in explicit
+    }
+    values["timeout_overrides"] = overrides
     return build_settings(values, source=str(config_file or "settings"))
 
 

@@ -36,12 +36,41 @@ class Settings(BaseModel):
     first_token_timeout_s: float = Field(30.0, gt=0)
     stall_timeout_s: float = Field(30.0, gt=0)
     sim_pace_ms: float = Field(0.0, ge=0, le=60_000)
+    # [recovery]
+    max_retries: int = Field(3, ge=0, le=100)
+    backoff_base_s: float = Field(1.0, ge=0)
+    backoff_cap_s: float = Field(60.0, ge=0)
+    jitter: float = Field(0.1, ge=0, le=1)
+    retry_budget_ratio: float = Field(0.2, ge=0)
+    allow_fallback: bool = True
+    allow_partial: bool = True
+    resume_on_malformed: bool = False
+    selection: Literal["order", "score"] = "order"
+    # [breaker]
+    breaker_failure_threshold: int = Field(5, ge=1)
+    breaker_cooldown_s: float = Field(30.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Provider and model tables ([providers.*], [models.*]) from the config file.
     upstream: dict[str, Any] = Field(default_factory=dict)
+    # Timeouts set by flag or environment: they beat every provider's own.
+    timeout_overrides: dict[str, float] = Field(default_factory=dict)
 
 
-SERVER_KEYS = frozenset(Settings.model_fields) - {"upstream"}
+SERVER_KEYS = frozenset(Settings.model_fields) - {"upstream", "timeout_overrides"}
+RECOVERY_KEYS = frozenset(
+    {
+        "max_retries",
+        "backoff_base_s",
+        "backoff_cap_s",
+        "jitter",
+        "retry_budget_ratio",
+        "allow_fallback",
+        "allow_partial",
+        "resume_on_malformed",
+        "selection",
+    }
+)
+BREAKER_KEYS = frozenset({"breaker_failure_threshold", "breaker_cooldown_s"})
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -56,15 +85,31 @@ def read_config_file(path: Path) -> dict[str, Any]:
     unknown = set(raw) - {"server", "providers", "models", "recovery", "breaker"}
     if unknown:
         raise ConfigError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}")
-    server = raw.get("server", {})
-    bad = set(server) - SERVER_KEYS
-    if bad:
-        raise ConfigError(f"{path}: unknown key(s) server.{', server.'.join(sorted(bad))}")
-    values = dict(server)
-    upstream = {k: raw[k] for k in ("providers", "models", "recovery", "breaker") if k in raw}
+    values: dict[str, Any] = {}
+    for table, prefix, keys in (
+        ("server", "", SERVER_KEYS - RECOVERY_KEYS - BREAKER_KEYS),
+        ("recovery", "", RECOVERY_KEYS),
+        ("breaker", "breaker_", BREAKER_KEYS),
+    ):
+        section = raw.get(table, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: [{table}] must be a table")
+        for key, value in section.items():
+            if prefix + key not in keys:
+                raise ConfigError(f"{path}: unknown key {table}.{key}{_line_of(path, key)}")
+            values[prefix + key] = value
+    upstream = {k: raw[k] for k in ("providers", "models") if k in raw}
     if upstream:
         values["upstream"] = upstream
     return values
+
+
+def _line_of(path: Path, key: str) -> str:
+    """(line N)" for the first line that sets `key`, to point at the mistake."""
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip().startswith(f"{key} ") or line.strip().startswith(f"{key}="):
+            return f" (line {number})"
+    return ""
 
 
 def build_settings(values: dict[str, Any], *, source: str = "settings") -> Settings:

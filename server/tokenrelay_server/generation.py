@@ -24,30 +24,48 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
 
 from . import classify
-from .errors import ErrorType, Fault, SuggestedAction, UpstreamError, UpstreamTimeout
+from .clock import Clock
+from .errors import (
+    DataError,
+    ErrorType,
+    Fault,
+    SuggestedAction,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from .model import Chunk, End, LogEntry, Notice, StartRequest, StreamMeta, Usage
-from .providers.base import Finish, Provider, ProviderRequest, TextDelta, UsageReport
+from .providers.base import Finish, ProviderRequest, TextDelta, UsageReport
+from .recovery import Decision, RecoveryConfig, Situation, Step, decide
+from .routing import Route, Timeouts
+from .selection import SelectionMode, UpstreamHealth
+from .stitch import Stitcher
 from .store.base import StreamStore
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Generation", "Recovery", "Route", "Subscription", "Timeouts", "stop_fault"]
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    """Where a generation goes: a provider and its upstream model name."""
+ACTION_FOR_STEP = {
+    Step.RETRY: SuggestedAction.RETRY,
+    Step.RESUME: SuggestedAction.RESUME,
+    Step.FALLBACK: SuggestedAction.FALLBACK,
+}
 
-    provider: Provider
-    upstream_model: str
 
+@dataclass(frozen=True)
+class Recovery:
+    """What a generation needs to recover: shared health, policy, time, jitter."""
 
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    first_token_s: float = 30.0
-    stall_s: float = 30.0
+    health: UpstreamHealth
+    config: RecoveryConfig
+    clock: Clock
+    rng: random.Random
+    selection: SelectionMode = "order"
 
 
 @dataclass(eq=False)
@@ -74,24 +92,35 @@ def stop_fault(code: str, message: str, *, retryable: bool = False) -> Fault:
     )
 
 
+def breaker_open_fault(route: Route) -> Fault:
+    return Fault(
+        type=ErrorType.APPLICATION,
+        code="BREAKER_OPEN",
+        message=f"the circuit breaker of {route.provider.name}/{route.upstream_model} is open",
+        retryable=True,
+        suggested_action=SuggestedAction.FALLBACK,
+        provider=route.provider.name,
+    )
+
+
 class Generation:
     def __init__(
         self,
         *,
         meta: StreamMeta,
         request: StartRequest,
-        route: Route,
+        chain: list[Route],
         store: StreamStore,
-        timeouts: Timeouts,
+        recovery: Recovery,
         detach_grace_s: float,
-        on_detached_expired: Callable[[Generation], None] | None = None,
     ) -> None:
         self.meta = meta
         self.stream_id = meta.stream_id
         self.request = request
-        self.route = route
+        self.chain = chain
         self._store = store
-        self._timeouts = timeouts
+        self._recovery = recovery
+        self._config = _config_for(request, recovery.config)
         self._detach_grace_s = detach_grace_s
         self.entries: list[LogEntry] = []
         self._chunk_index: list[int] = []  # entries index of chunk seq s at [s - 1]
@@ -100,7 +129,9 @@ class Generation:
         self._stop_scope: asyncio.Timeout | None = None
         self._stop_fault: Fault | None = None
         self._digest = hashlib.sha256()
+        self._text_parts: list[str] = []
         self.last_seq = 0
+        self.attempts = 0
         self.end: End | None = None
         self.finished = asyncio.Event()
         self.upstream_cancelled = False  # the provider call was cut short by a stop
@@ -194,75 +225,167 @@ class Generation:
         self.finished.set()
 
     async def _produce(self) -> End:
-        request = ProviderRequest(
-            model=self.route.upstream_model,
-            messages=self.request.messages,
-            params=self.request.params,
-            attempt=1,
-            metadata=self.request.metadata,
-        )
-        provider = self.route.provider
-        finish: Finish | None = None
-        usage: Usage | None = None
-        tokens = 0
+        """Attempts until one finishes or the recovery decision gives up."""
+        health = self._recovery.health
+        retries = [0] * len(self.chain)
+        given_up: set[int] = set()
         try:
             async with asyncio.timeout(None) as scope:
                 self._stop_scope = scope
                 if self._stop_fault is not None:  # stopped before we started
                     scope.reschedule(asyncio.get_running_loop().time())
-                async with contextlib.aclosing(provider.stream(request)) as deltas:
-                    iterator = aiter(deltas)
-                    while True:
-                        limit = self._timeouts.stall_s if tokens else self._timeouts.first_token_s
-                        try:
-                            async with asyncio.timeout(limit):
-                                delta = await anext(iterator)
-                        except StopAsyncIteration:
-                            break
-                        except TimeoutError:
-                            if self._stop_fault is not None:
-                                raise
-                            raise UpstreamTimeout(
-                                classify.stall_timeout(
-                                    limit, first_token=tokens == 0, tokens_received=tokens
-                                ).with_context(provider=provider.name, attempt=request.attempt)
-                            ) from None
-                        if isinstance(delta, TextDelta):
-                            if delta.text:
-                                tokens += 1
-                                await self._emit_chunk(delta.text, provider.name, request.attempt)
-                        elif isinstance(delta, UsageReport):
-                            usage = delta.usage
+                index = health.choose(self.chain, self._recovery.selection)
+                if index is None:
+                    return self._partial_end(breaker_open_fault(self.chain[0]))
+                while True:
+                    route = self.chain[index]
+                    breaker = health.breaker(route)
+                    self.attempts += 1
+                    try:
+                        if not breaker.allow():
+                            raise _BreakerOpen(breaker_open_fault(route))
+                        health.budget(route).record_request()
+                        finish = await self._attempt(route, self.attempts)
+                    except UpstreamError as error:
+                        fault = error.fault.with_context(
+                            provider=error.fault.provider or route.provider.name,
+                            attempt=error.fault.attempt or self.attempts,
+                        )
+                        if not isinstance(error, _BreakerOpen):
+                            breaker.record_failure()
+                            health.health(route).observe_failure()
+                        decision = self._decide(fault, index, retries, given_up)
+                        if not decision.continues:
+                            log.info("stream %s: giving up: %s", self.stream_id, decision.reason)
+                            return self._partial_end(fault)
+                        await self._announce(fault, decision)
+                        if decision.step is Step.FALLBACK:
+                            given_up.add(index)
                         else:
-                            finish = delta
-                            usage = delta.usage or usage
-                            break
+                            retries[index] += 1
+                            health.budget(route).spend_retry()
+                        index = decision.provider_index
+                        await self._recovery.clock.sleep(decision.delay_s)
+                        continue
+                    breaker.record_success()
+                    usage = finish.usage or Usage(completion_tokens=self.last_seq)
+                    if self.attempts > 1:  # the answer spans attempts: count what we sent
+                        usage = Usage(usage.prompt_tokens, completion_tokens=self.last_seq)
+                    return End(
+                        finish_reason=finish.reason,
+                        total_seq=self.last_seq,
+                        text_sha256=self._digest.hexdigest(),
+                        usage=usage,
+                    )
         except TimeoutError:
             if self._stop_fault is None:
                 raise
             self.upstream_cancelled = True
             return self._partial_end(self._stop_fault)
-        except UpstreamError as error:
-            fault = error.fault.with_context(
-                fatal=True,
-                provider=error.fault.provider or provider.name,
-                attempt=error.fault.attempt or request.attempt,
-            )
-            log.info("stream %s: upstream failed: %s", self.stream_id, error)
-            return self._partial_end(fault)
         finally:
             self._stop_scope = None
-        if finish is None:
-            fault = classify.missing_finish(tokens_received=tokens).with_context(
-                provider=provider.name, attempt=request.attempt
-            )
-            return self._partial_end(fault)
-        return End(
-            finish_reason=finish.reason,
-            total_seq=self.last_seq,
-            text_sha256=self._digest.hexdigest(),
-            usage=usage or Usage(completion_tokens=self.last_seq),
+
+    def _decide(self, fault: Fault, index: int, retries: list[int], given_up: set[int]) -> Decision:
+        health = self._recovery.health
+        usable = tuple(
+            i not in given_up and health.breaker(route).available()
+            for i, route in enumerate(self.chain)
         )
+        situation = Situation(
+            fault=fault,
+            tokens_delivered=self.last_seq,
+            provider_index=index,
+            retries_on_provider=retries[index],
+            usable=usable,
+            budget_allows_retry=health.budget(self.chain[index]).allows_retry(),
+        )
+        return decide(situation, self._config, self._recovery.rng)
+
+    async def _announce(self, fault: Fault, decision: Decision) -> None:
+        """A non-fatal StreamError: what failed and what the gateway does now."""
+        target = self.chain[decision.provider_index].provider.name
+        what = {
+            Step.RETRY: f"retrying {target}",
+            Step.RESUME: f"resuming on {target} from seq {self.last_seq}",
+            Step.FALLBACK: f"falling back to {target}"
+            + (f", resuming from seq {self.last_seq}" if self.last_seq else ""),
+        }[decision.step]
+        log.info(
+            "stream %s: %s (%s) -> %s in %.2fs",
+            self.stream_id,
+            fault.code,
+            fault.provider,
+            what,
+            decision.delay_s,
+        )
+        await self.notice(
+            replace(
+                fault,
+                fatal=False,
+                suggested_action=ACTION_FOR_STEP[decision.step],
+                message=f"{fault.message}; {what} in {decision.delay_s:.2f} s",
+            )
+        )
+
+    async def _attempt(self, route: Route, attempt: int) -> Finish:
+        """One upstream call. Returns its Finish; raises UpstreamError."""
+        delivered = "".join(self._text_parts) if self.last_seq else ""
+        params = self.request.params
+        if delivered and params.max_tokens is not None:
+            params = replace(params, max_tokens=max(params.max_tokens - self.last_seq, 1))
+        request = ProviderRequest(
+            model=route.upstream_model,
+            messages=self.request.messages,
+            params=params,
+            attempt=attempt,
+            continuation=delivered,
+            metadata=self.request.metadata,
+        )
+        stitcher = Stitcher(delivered) if delivered else None
+        provider = route.provider
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first_token_at: float | None = None
+        tokens = 0
+        async with contextlib.aclosing(provider.stream(request)) as deltas:
+            iterator = aiter(deltas)
+            while True:
+                limit = route.timeouts.stall_s if tokens else route.timeouts.first_token_s
+                try:
+                    async with asyncio.timeout(limit):
+                        delta = await anext(iterator)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    if self._stop_fault is not None:
+                        raise
+                    raise UpstreamTimeout(
+                        classify.stall_timeout(
+                            limit, first_token=tokens == 0, tokens_received=tokens
+                        ).with_context(provider=provider.name, attempt=attempt)
+                    ) from None
+                if isinstance(delta, TextDelta):
+                    if not delta.text:
+                        continue
+                    tokens += 1
+                    if first_token_at is None:
+                        first_token_at = loop.time()
+                    text = stitcher.feed(delta.text) if stitcher else delta.text
+                    if text:
+                        await self._emit_chunk(text, provider.name, attempt)
+                elif isinstance(delta, UsageReport):
+                    continue
+                else:
+                    if stitcher is not None and (rest := stitcher.finish()):
+                        await self._emit_chunk(rest, provider.name, attempt)
+                    self._recovery.health.health(route).observe_success(
+                        None if first_token_at is None else first_token_at - started,
+                        None
+                        if tokens < 2 or first_token_at is None
+                        else (loop.time() - first_token_at) / (tokens - 1),
+                    )
+                    return delta
+        raise upstream_missing_finish(provider.name, attempt, tokens)
 
     def _partial_end(self, fault: Fault) -> End:
         return End(
@@ -277,21 +400,66 @@ class Generation:
     async def _emit_chunk(self, text: str, provider: str, attempt: int) -> None:
         chunk = Chunk(seq=self.last_seq + 1, text=text, provider=provider, attempt=attempt)
         await self._append([chunk])
-        self.last_seq = chunk.seq
-        self._digest.update(text.encode())
 
     async def notice(self, fault: Fault) -> None:
         """Tell every client about a failure the gateway is recovering from."""
         await self._append([Notice(after_seq=self.last_seq, fault=fault.with_context(fatal=False))])
 
     async def _append(self, entries: list[LogEntry]) -> None:
-        await self._store.append(self.stream_id, entries)
+        if self._store.in_process:
+            # Nothing in an in-process append can suspend, so no cancellation
+            # can land between the write and our record of it.
+            await self._store.append(self.stream_id, entries)
+        else:
+            # A stop or shutdown may cancel us while the write is on the wire;
+            # the write may still land. Let it finish, record it, then go on
+            # being cancelled, so what clients saw and the End always agree.
+            write = asyncio.ensure_future(self._store.append(self.stream_id, entries))
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await write
+                if write.done() and not write.cancelled() and write.exception() is None:
+                    self._record(entries)
+                raise
+        self._record(entries)
+
+    def _record(self, entries: list[LogEntry]) -> None:
         for entry in entries:
             if isinstance(entry, Chunk):
                 self._chunk_index.append(len(self.entries))
+                self.last_seq = entry.seq
+                self._digest.update(entry.text.encode())
+                self._text_parts.append(entry.text)
             self.entries.append(entry)
         self._wake_all()
 
     def _wake_all(self) -> None:
         for subscription in self._subscribers:
             subscription.wake.set()
+
+
+class _BreakerOpen(UpstreamError):
+    """No call was made: the breaker refused it."""
+
+
+def upstream_missing_finish(provider: str, attempt: int, tokens: int) -> UpstreamError:
+    return DataError(
+        classify.missing_finish(tokens_received=tokens).with_context(
+            provider=provider, attempt=attempt
+        )
+    )
+
+
+def _config_for(request: StartRequest, base: RecoveryConfig) -> RecoveryConfig:
+    """The gateway's recovery policy with the call's overrides applied."""
+    policy = request.policy
+    return replace(
+        base,
+        max_retries=base.max_retries if policy.max_retries is None else policy.max_retries,
+        allow_fallback=(
+            base.allow_fallback if policy.allow_fallback is None else policy.allow_fallback
+        ),
+        allow_partial=base.allow_partial if policy.allow_partial is None else policy.allow_partial,
+    )

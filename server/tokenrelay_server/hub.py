@@ -19,8 +19,8 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from .clock import Clock
 from .errors import Draining as DrainingError
@@ -31,41 +31,14 @@ from .errors import (
     RequestError,
     StreamNotFound,
     SuggestedAction,
-    UnknownModel,
 )
-from .generation import Generation, Route, Subscription, Timeouts, stop_fault
+from .generation import Generation, Recovery, Subscription, stop_fault
 from .model import Chunk, End, LogEntry, Notice, StartRequest, StreamMeta, Usage
+from .routing import Router
 from .store.base import StreamStore, StreamTail
 from .tokens import ResumeTokens
 
 log = logging.getLogger(__name__)
-
-
-class Router:
-    """Model aliases → routes. Validation hooks let a provider reject bad
-    per-request settings (e.g. a malformed `sim.faults`) before anything starts."""
-
-    def __init__(self, routes: dict[str, list[Route]]) -> None:
-        self._routes = routes
-
-    @property
-    def models(self) -> list[str]:
-        return sorted(self._routes)
-
-    def resolve(self, model: str) -> list[Route]:
-        routes = self._routes.get(model)
-        if not routes:
-            known = ", ".join(self.models) or "none"
-            raise UnknownModel(f"start.model: unknown model {model!r} (configured: {known})")
-        return routes
-
-    def validate(self, request: StartRequest) -> None:
-        for route in self.resolve(request.model):
-            validate: Callable[[tuple[tuple[str, str], ...]], None] | None = getattr(
-                route.provider, "validate", None
-            )
-            if validate is not None:
-                validate(request.metadata)
 
 
 @dataclass(eq=False)
@@ -90,7 +63,6 @@ class HubSettings:
     max_streams: int = 10_000
     lease_ttl_s: float = 10.0
     store_poll_s: float = 1.0
-    timeouts: Timeouts = field(default_factory=Timeouts)
 
 
 class StreamHub:
@@ -101,6 +73,7 @@ class StreamHub:
         router: Router,
         tokens: ResumeTokens,
         clock: Clock,
+        recovery: Recovery,
         settings: HubSettings = HubSettings(),
         replica_id: str | None = None,
     ) -> None:
@@ -108,6 +81,7 @@ class StreamHub:
         self.router = router
         self.tokens = tokens
         self._clock = clock
+        self.recovery = recovery
         self._settings = settings
         self.replica_id = replica_id or uuid.uuid4().hex[:12]
         self._local: dict[str, Generation] = {}
@@ -165,9 +139,9 @@ class StreamHub:
             generation = Generation(
                 meta=meta,
                 request=request,
-                route=routes[0],
+                chain=routes,
                 store=self.store,
-                timeouts=self._settings.timeouts,
+                recovery=self.recovery,
                 detach_grace_s=self._settings.detach_grace_s,
             )
         except BaseException:

@@ -303,6 +303,10 @@ def plan_attempt(
             index, offset = len(prefix.split()), 0
         else:
             index, offset = start
+        if max_tokens is None:
+            # The default length is the whole answer's, so a continuation
+            # without max_tokens still ends where a clean run would.
+            budget = max(DEFAULT_MAX_TOKENS - index, 0)
         if offset:
             pieces.append(answer.token(index)[offset:])
             index += 1

@@ -39,6 +39,10 @@ class StreamTail:
 class StreamStore(Protocol):
     """Durable, ordered log of each stream, plus its metadata and lease."""
 
+    # True when no method ever suspends (the memory store): callers may skip
+    # guarding writes against cancellation.
+    in_process: bool
+
     async def create(self, meta: StreamMeta) -> tuple[StreamMeta, bool]:
         """Register a stream. Returns (meta, created). When meta.idempotency_key
         already names a stream, returns (that stream's meta, False)."""

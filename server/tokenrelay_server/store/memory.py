@@ -35,6 +35,8 @@ class _Stream:
 
 
 class MemoryStore:
+    in_process = True
+
     def __init__(self, *, retention_s: float = 3600.0, clock: Clock | None = None) -> None:
         self._clock = clock or SystemClock()
         self._retention_s = retention_s

@@ -212,6 +212,8 @@ return redis.call('HSET', KEYS[1], 'cancel', ARGV[1])
 
 
 class RedisStore:
+    in_process = False
+
     """The `StreamStore` on Redis (see the module docstring for the key layout).
 
     `client` serves every command except the blocking read in `wait`, which
