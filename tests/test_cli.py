@@ -89,3 +89,27 @@ def test_flags_beat_the_config_file(tmp_path: Path, flag: str) -> None:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_recovery_and_breaker_tables_are_read_from_the_config_file(tmp_path: Path) -> None:
+    from tokenrelay_server.config import build_settings, read_config_file
+
+    config = tmp_path / "tokenrelay.toml"
+    config.write_text(
+        "[recovery]\nmax_retries = 5\nbackoff_base_s = 0.5\nbackoff_cap_s = 10\n"
+        "jitter = 0.2\nretry_budget_ratio = 0.1\n[breaker]\nfailure_threshold = 7\n"
+        "cooldown_s = 12\n"
+    )
+    settings = build_settings(read_config_file(config))
+    assert (settings.max_retries, settings.backoff_base_s, settings.backoff_cap_s) == (5, 0.5, 10)
+    assert (settings.jitter, settings.retry_budget_ratio) == (0.2, 0.1)
+    assert (settings.breaker_failure_threshold, settings.breaker_cooldown_s) == (7, 12)
+
+
+def test_an_unknown_recovery_key_is_refused_with_its_line(tmp_path: Path) -> None:
+    from tokenrelay_server.config import ConfigError, read_config_file
+
+    config = tmp_path / "tokenrelay.toml"
+    config.write_text("[recovery]\nmax_retries = 5\nmax_retires = 3\n")
+    with pytest.raises(ConfigError, match=r"recovery\.max_retires \(line 3\)"):
+        read_config_file(config)
