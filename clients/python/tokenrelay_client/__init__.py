@@ -1,0 +1,69 @@
+"""tokenrelay client: LLM token streams that survive a broken connection.
+
+    from tokenrelay_client import Chunk, RelayClient
+
+    async with RelayClient("localhost:50051") as client:
+        async for event in client.stream("sim", [("user", "hello")]):
+            if isinstance(event, Chunk):
+                print(event.text, end="", flush=True)
+
+See `client` for the reconnect rules and `errors` for what can go wrong.
+"""
+
+from .client import (
+    RelayClient,
+    RelayStream,
+    Result,
+    backoff_delay,
+    is_transient,
+    text_sha256,
+    verify_assembly,
+)
+from .errors import (
+    DigestMismatch,
+    PartialStream,
+    ProtocolViolation,
+    ReconnectsExhausted,
+    ResumeRejected,
+    StreamFailed,
+    TokenRelayClientError,
+)
+from .events import (
+    Checkpoint,
+    Chunk,
+    End,
+    ErrorDetail,
+    Event,
+    Notice,
+    Reconnected,
+    Reconnecting,
+    Started,
+    Usage,
+)
+
+__all__ = [
+    "Checkpoint",
+    "Chunk",
+    "DigestMismatch",
+    "End",
+    "ErrorDetail",
+    "Event",
+    "Notice",
+    "PartialStream",
+    "ProtocolViolation",
+    "Reconnected",
+    "Reconnecting",
+    "ReconnectsExhausted",
+    "RelayClient",
+    "RelayStream",
+    "Result",
+    "ResumeRejected",
+    "Started",
+    "StreamFailed",
+    "TokenRelayClientError",
+    "Usage",
+    "backoff_delay",
+    "is_transient",
+    "text_sha256",
+    "verify_assembly",
+]

@@ -1,0 +1,882 @@
+"""The tokenrelay Python client: one generation as an async iterator of events
+that survives a broken connection.
+
+    async with RelayClient("localhost:50051") as client:
+        async for event in client.stream("sim", [("user", "hello")]):
+            if isinstance(event, Chunk):
+                print(event.text, end="", flush=True)
+
+What the client does for you:
+
+* Reconnects. When the call fails transiently (`is_transient`: UNAVAILABLE,
+  or a connection-level CANCELLED/INTERNAL/UNKNOWN such as a reset) it waits
+  `backoff_delay(attempt)` and reattaches: with `resume` (latest resume token,
+  last seq it holds) once the server has said StreamStarted, otherwise by
+  sending the same `start` again with the same idempotency key, so the server
+  attaches to the generation it may already have begun instead of starting a
+  second one.
+* Bounds each attempt: StreamStarted must arrive within `connect_timeout_s`.
+  A reconnect attempt spends that window waiting for the channel to connect
+  (grpc `wait_for_ready`), so grpc's own reconnect backoff after a refused
+  connection cannot make an attempt fail while the gateway is back.
+* Counts reconnect attempts per round: `max_reconnects` consecutive failed
+  attempts without progress raise `ReconnectsExhausted`. Progress means a new
+  chunk (seq > last seq); a StreamStarted alone is not progress, so a server
+  that accepts every resume and drops it at once still exhausts the budget.
+  A long stream may therefore survive many separate breaks, each with a full
+  budget, but never loops forever without receiving text.
+* Delivers every seq exactly once: chunks at or below the last seq (replayed
+  after a resume) are dropped and counted; a gap raises `ProtocolViolation`.
+* Verifies the end: the text it assembled must hash to `StreamEnd.text_sha256`
+  and its last seq must equal `total_seq`, or `DigestMismatch` is raised.
+
+Statuses that a reconnect cannot fix (INVALID_ARGUMENT, PERMISSION_DENIED,
+NOT_FOUND, RESOURCE_EXHAUSTED, …) raise `StreamFailed` / `ResumeRejected` at
+once. Protobuf and grpc exceptions stay inside this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import random
+import uuid
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import grpc
+import grpc.aio
+
+from tokenrelay.v1 import relay_pb2, relay_pb2_grpc
+
+from .errors import (
+    DigestMismatch,
+    PartialStream,
+    ProtocolViolation,
+    ReconnectsExhausted,
+    ResumeRejected,
+    StreamFailed,
+    TokenRelayClientError,
+)
+from .events import (
+    Checkpoint,
+    Chunk,
+    End,
+    ErrorDetail,
+    Event,
+    Notice,
+    Reconnected,
+    Reconnecting,
+    Started,
+    Usage,
+)
+
+Sleep = Callable[[float], Awaitable[None]]
+MessageLike = tuple[str, str] | Mapping[str, str]
+ChannelOptions = Sequence[tuple[str, Any]]
+_Call: TypeAlias = "grpc.aio.StreamStreamCall[relay_pb2.StreamRequest, relay_pb2.StreamEvent]"
+
+# gRPC's own reconnect backoff starts at 1 s and grows to 120 s. Our backoff
+# decides when to try again; the channel's must not make an attempt fail fast
+# because the subchannel is still backing off from the previous refusal.
+_DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
+# How long a finished call may take to report its status after StreamEnd
+# before the client cancels it (only matters for a misbehaving server).
+_CLOSE_TIMEOUT_S = 1.0
+
+
+# --- decisions (pure) -------------------------------------------------------------
+
+
+def backoff_delay(
+    attempt: int,
+    *,
+    base_s: float,
+    cap_s: float,
+    jitter: float,
+    rng: Callable[[], float],
+) -> float:
+    """Seconds to wait before reconnect attempt `attempt` (1-based).
+
+    base_s · 2^(attempt-1), capped at cap_s, then spread by ±jitter (a fraction:
+    0.1 is ±10 %) with `rng()` in [0, 1): 0.5 gives the exact exponential
+    value. The result is never negative and never above cap_s.
+    """
+    if attempt < 1:
+        raise ValueError(f"attempt must be at least 1, got {attempt}")
+    exponential = min(cap_s, base_s * 2.0 ** (attempt - 1))
+    spread = exponential * jitter * (2.0 * rng() - 1.0)
+    return max(0.0, min(cap_s, exponential + spread))
+
+
+# Connection-level failures that grpc reports with a status other than
+# UNAVAILABLE, depending on where in the call the connection broke.
+_CONNECTION_FAILURE_HINTS = (
+    "socket closed",
+    "connection reset",
+    "connection refused",
+    "connection closed",
+    "broken pipe",
+    "rst_stream",
+    "goaway",
+    "stream removed",
+    "failed to connect",
+    "keepalive",
+    "transport closed",
+    "end of tcp stream",
+)
+
+
+def is_transient(code: grpc.StatusCode, details: str) -> bool:
+    """Whether a call that ended with (code, details) is worth a reconnect.
+
+    UNAVAILABLE: the server is draining or unreachable (the contract says:
+    resume elsewhere). CANCELLED: we never cancel a call we still read from
+    (a local cancel surfaces as asyncio.CancelledError, not a status), so it
+    was the network or a server shutting down; a resume tells the truth
+    either way. INTERNAL and UNKNOWN: only when grpc says the transport broke
+    ("Stream removed", "RST_STREAM", "Socket closed"); otherwise it is a
+    server bug that a retry would repeat. Everything else (INVALID_ARGUMENT,
+    PERMISSION_DENIED, NOT_FOUND, RESOURCE_EXHAUSTED, …) is final.
+    """
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return True
+    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+        lowered = details.lower()
+        return any(hint in lowered for hint in _CONNECTION_FAILURE_HINTS)
+    return False
+
+
+def text_sha256(text: str) -> str:
+    """The digest the server puts in StreamEnd: hex SHA-256 of the UTF-8 text."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def verify_assembly(text: str, last_seq: int, *, total_seq: int, expected_sha256: str) -> None:
+    """Raise DigestMismatch unless (text, last_seq) is what StreamEnd describes."""
+    actual = text_sha256(text)
+    problems = []
+    if last_seq != total_seq:
+        problems.append(f"the client holds chunks 1..{last_seq}, the server sent 1..{total_seq}")
+    if actual != expected_sha256.lower():
+        problems.append(
+            f"sha256 of the assembled text is {actual}, the server says "
+            f"{expected_sha256 or '(none)'}"
+        )
+    if problems:
+        raise DigestMismatch(
+            "the assembled text does not match the stream: " + "; ".join(problems),
+            expected_sha256=expected_sha256,
+            actual_sha256=actual,
+            expected_total_seq=total_seq,
+            actual_last_seq=last_seq,
+        )
+
+
+# --- results ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """A whole generation, as `RelayClient.generate` collects it."""
+
+    text: str
+    end: End
+    stream_id: str
+    chunks: int
+    reconnects: int
+    duplicates_dropped: int
+    notices: tuple[Notice, ...]
+
+
+class _Transient(Exception):
+    """A call failed in a way a reconnect may fix; `cause` says how."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
+# --- the client --------------------------------------------------------------------
+
+
+class RelayClient:
+    """A connection to a tokenrelay gateway (one gRPC channel, many streams).
+
+    target: "host:port" (any grpc target, e.g. "dns:///relay:50051").
+    max_reconnects: consecutive failed reconnect attempts allowed without a
+        new chunk arriving (see the module docstring for the exact rule).
+    backoff_base_s, backoff_cap_s, jitter, rng: `backoff_delay`'s knobs; rng
+        is a random.Random (seed it for reproducible delays).
+    sleep: how to wait between attempts (tests pass a fake that returns at once).
+    connect_timeout_s: how long one attempt may take to get StreamStarted; a
+        reconnect attempt spends it waiting for the channel to connect, so a
+        gateway that comes back during the window is reached.
+    channel_options: extra grpc channel options, applied after our defaults.
+    credentials: TLS credentials; None means a plaintext channel.
+    call_metadata: gRPC metadata sent with every call (e.g. authorization).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        max_reconnects: int = 3,
+        backoff_base_s: float = 1.0,
+        backoff_cap_s: float = 30.0,
+        jitter: float = 0.1,
+        rng: random.Random | None = None,
+        sleep: Sleep = asyncio.sleep,
+        connect_timeout_s: float = 2.0,
+        channel_options: ChannelOptions | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        call_metadata: Sequence[tuple[str, str]] | None = None,
+    ) -> None:
+        if max_reconnects < 0:
+            raise ValueError("max_reconnects must be 0 or more")
+        if backoff_base_s < 0 or backoff_cap_s < 0:
+            raise ValueError("backoff_base_s and backoff_cap_s must be 0 or more")
+        if connect_timeout_s <= 0:
+            raise ValueError("connect_timeout_s must be positive")
+        if not 0.0 <= jitter <= 1.0:
+            raise ValueError("jitter must be between 0 and 1")
+        self.target = target
+        self.max_reconnects = max_reconnects
+        self.backoff_base_s = backoff_base_s
+        self.backoff_cap_s = backoff_cap_s
+        self.jitter = jitter
+        self._rng = rng if rng is not None else random.Random()
+        self._sleep = sleep
+        self.connect_timeout_s = connect_timeout_s
+        self._channel_options = (*_DEFAULT_CHANNEL_OPTIONS, *(channel_options or ()))
+        self._credentials = credentials
+        self._call_metadata = tuple(call_metadata or ())
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: relay_pb2_grpc.RelayStub | None = None
+
+    async def __aenter__(self) -> RelayClient:
+        self._ensure_channel()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel; streams still open on it fail."""
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            await channel.close()
+
+    def stream(
+        self,
+        model: str,
+        messages: Iterable[MessageLike],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: Sequence[str] = (),
+        idempotency_key: str | None = None,
+        policy: Mapping[str, int | bool] | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> RelayStream:
+        """Start a generation; iterate the result for its events.
+
+        messages: (role, content) tuples or {"role": …, "content": …} dicts.
+        policy: overrides of the recovery policy, keys as in the proto's
+            RecoveryPolicy (max_retries, allow_fallback, allow_partial,
+            checkpoint_interval).
+        metadata: StartGeneration.metadata (e.g. {"sim.pace_ms": "20"}).
+        idempotency_key: generated (uuid4) when not given; a retried start
+            reuses it, so the server never runs the generation twice.
+        """
+        key = idempotency_key or str(uuid.uuid4())
+        start = relay_pb2.StartGeneration(
+            model=model,
+            messages=[_to_message(message) for message in messages],
+            params=_to_params(max_tokens, temperature, top_p, stop),
+            idempotency_key=key,
+            metadata=dict(metadata or {}),
+        )
+        if policy:
+            start.policy.CopyFrom(_to_policy(policy))
+        return RelayStream(self, start=start)
+
+    def resume(
+        self,
+        resume_token: str,
+        last_seq: int,
+        *,
+        text_so_far: str | None = None,
+    ) -> RelayStream:
+        """Reattach to a stream (e.g. from `ReconnectsExhausted.partial`).
+
+        Yields what follows `last_seq`. Pass the text of chunks 1..last_seq as
+        `text_so_far` to have the final digest verified over the whole text;
+        without it (and last_seq > 0) End.verified is False.
+        """
+        if last_seq < 0:
+            raise ValueError("last_seq must be 0 or more")
+        return RelayStream(
+            self,
+            resume_token=resume_token,
+            last_seq=last_seq,
+            text_so_far=text_so_far if text_so_far is not None else ("" if last_seq == 0 else None),
+        )
+
+    async def generate(
+        self,
+        model: str,
+        messages: Iterable[MessageLike],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: Sequence[str] = (),
+        idempotency_key: str | None = None,
+        policy: Mapping[str, int | bool] | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Result:
+        """Run a whole generation and return its verified text."""
+        relay_stream = self.stream(
+            model,
+            messages,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=stop,
+            idempotency_key=idempotency_key,
+            policy=policy,
+            metadata=metadata,
+        )
+        return await relay_stream.collect()
+
+    # -- used by RelayStream ---------------------------------------------------
+
+    def _ensure_channel(self) -> relay_pb2_grpc.RelayStub:
+        if self._stub is None:
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(
+                    self.target, options=self._channel_options
+                )
+            else:
+                self._channel = grpc.aio.secure_channel(
+                    self.target, self._credentials, options=self._channel_options
+                )
+            self._stub = relay_pb2_grpc.RelayStub(self._channel)
+        return self._stub
+
+    def _open_call(self, *, reconnecting: bool) -> _Call:
+        stub = self._ensure_channel()
+        # A reconnect waits (up to connect_timeout_s) for the channel to
+        # connect rather than failing at once while grpc is still backing off
+        # from the last refused connection: the attempt then reflects whether
+        # the gateway is reachable now, not a minute-old channel state.
+        call: _Call = stub.Stream(metadata=self._call_metadata or None, wait_for_ready=reconnecting)
+        return call
+
+    def _delay(self, attempt: int) -> float:
+        return backoff_delay(
+            attempt,
+            base_s=self.backoff_base_s,
+            cap_s=self.backoff_cap_s,
+            jitter=self.jitter,
+            rng=self._rng.random,
+        )
+
+
+class RelayStream:
+    """One generation: iterate it once for its events (see `events`).
+
+    While (and after) iterating, `stream_id`, `last_seq`, `resume_token`,
+    `text`, `reconnects` and `duplicates_dropped` describe what arrived.
+    Leaving early (break, exception) closes the call; the server keeps the
+    generation running for its grace period, so `client.resume(...)` with
+    `partial()` can pick it up. `cancel()` stops the generation itself.
+    """
+
+    def __init__(
+        self,
+        client: RelayClient,
+        *,
+        start: relay_pb2.StartGeneration | None = None,
+        resume_token: str = "",
+        last_seq: int = 0,
+        text_so_far: str | None = "",
+    ) -> None:
+        self._client = client
+        self._start = start
+        self.stream_id = ""
+        self.resume_token = resume_token
+        self.last_seq = last_seq
+        self.reconnects = 0
+        self.duplicates_dropped = 0
+        self.notices: list[Notice] = []
+        self.end: End | None = None
+        # None: we resumed mid-stream without the earlier text, so the final
+        # digest cannot be checked.
+        self._verifiable = text_so_far is not None
+        self._pieces: list[str] = [text_so_far] if text_so_far else []
+        self._last_checkpoint_seq = last_seq
+        # Notices received since the last new chunk: a resume from last_seq
+        # replays them, and the caller has already seen them.
+        self._notices_since_chunk: list[Notice] = []
+        self._call: _Call | None = None
+        self._pending_cancel: str | None = None
+        self._iterator: AsyncGenerator[Event, None] | None = None
+
+    # -- public ------------------------------------------------------------------
+
+    @property
+    def idempotency_key(self) -> str:
+        return self._start.idempotency_key if self._start is not None else ""
+
+    @property
+    def text(self) -> str:
+        """The text assembled so far (chunks 1..last_seq, when known)."""
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
+
+    def partial(self) -> PartialStream:
+        return PartialStream(
+            stream_id=self.stream_id,
+            resume_token=self.resume_token,
+            last_seq=self.last_seq,
+            text=self.text,
+        )
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        if self._iterator is not None:
+            raise RuntimeError("a RelayStream can be iterated only once")
+        self._iterator = self._events()
+        return self._iterator
+
+    async def __aenter__(self) -> RelayStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop iterating and close the call (the generation keeps running)."""
+        if self._iterator is not None:
+            await self._iterator.aclose()
+        elif self._call is not None:
+            self._call.cancel()
+
+    async def cancel(self, reason: str = "") -> None:
+        """Ask the server to stop the generation; it ends with finish "cancelled".
+        Keep iterating to receive that End."""
+        self._pending_cancel = reason
+        if self._call is not None and not self._call.done():
+            try:
+                await self._call.write(_cancel_request(reason))
+                self._pending_cancel = None
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                pass  # sent on the next attach instead
+
+    async def collect(self) -> Result:
+        """Iterate to the end and return the result."""
+        async for _ in self:
+            pass
+        if self.end is None:  # pragma: no cover - _events always ends with End or raises
+            raise ProtocolViolation("the stream ended without StreamEnd", partial=self.partial())
+        return Result(
+            text=self.text,
+            end=self.end,
+            stream_id=self.stream_id,
+            chunks=self.last_seq,
+            reconnects=self.reconnects,
+            duplicates_dropped=self.duplicates_dropped,
+            notices=tuple(self.notices),
+        )
+
+    # -- the reconnect loop ----------------------------------------------------------
+
+    async def _events(self) -> AsyncGenerator[Event, None]:
+        client = self._client
+        attempt = 0  # failed attempts in the current round (reset by a new chunk)
+        round_cause = ""
+        delay_s = 0.0
+        while True:
+            seq_before = self.last_seq
+            call = client._open_call(reconnecting=attempt > 0)
+            self._call = call
+            resuming = bool(self.resume_token)
+            try:
+                async with contextlib.aclosing(
+                    self._attach_and_read(call, resuming=resuming)
+                ) as call_events:
+                    async for event in call_events:
+                        if isinstance(event, Started) and attempt > 0:
+                            self.reconnects += 1
+                            yield Reconnected(
+                                attempt=attempt,
+                                last_seq=self.last_seq,
+                                delay_s=delay_s,
+                                cause=round_cause,
+                            )
+                        yield event
+                        if isinstance(event, End):
+                            await _finish_call(call)
+                            return
+            except _Transient as failure:
+                cause = failure.cause
+            except TokenRelayClientError as error:
+                if error.partial is None:
+                    error.partial = self.partial()
+                raise
+            finally:
+                self._call = None
+                if not call.done():
+                    call.cancel()
+            if self.last_seq > seq_before or attempt == 0:
+                # Progress since the last failure (or the first failure): a new round.
+                attempt = 0
+                round_cause = cause
+            if attempt >= client.max_reconnects:
+                raise ReconnectsExhausted(
+                    f"gave up after {attempt} reconnect attempt(s) without progress; "
+                    f"last failure: {cause}",
+                    attempts=attempt,
+                    cause=cause,
+                    partial=self.partial(),
+                )
+            attempt += 1
+            delay_s = client._delay(attempt)
+            yield Reconnecting(
+                attempt=attempt,
+                max_attempts=client.max_reconnects,
+                last_seq=self.last_seq,
+                delay_s=delay_s,
+                cause=cause,
+            )
+            await client._sleep(delay_s)
+
+    async def _attach_and_read(
+        self,
+        call: _Call,
+        *,
+        resuming: bool,
+    ) -> AsyncGenerator[Event, None]:
+        """Send the first request on `call` and yield its new events.
+
+        Raises _Transient when a reconnect may help, a TokenRelayClientError
+        otherwise. Returns after yielding End.
+        """
+        if resuming:
+            first = relay_pb2.StreamRequest(
+                resume=relay_pb2.ResumeStream(
+                    resume_token=self.resume_token, last_seq=self.last_seq
+                )
+            )
+        else:
+            assert self._start is not None
+            first = relay_pb2.StreamRequest(start=self._start)
+        timeout_s = self._client.connect_timeout_s
+        try:
+            # StreamStarted is the server's first answer and comes at once; a
+            # call without it in time is as good as a broken connection.
+            async with asyncio.timeout(timeout_s):
+                await _write(call, first, resuming=resuming)
+                message: relay_pb2.StreamEvent | None = await _read(call, resuming=resuming)
+        except TimeoutError:
+            raise _Transient(f"no StreamStarted within {timeout_s:g} s") from None
+        if self._pending_cancel is not None:
+            await _write(call, _cancel_request(self._pending_cancel), resuming=resuming)
+            self._pending_cancel = None
+
+        started = False
+        replayed_notices = list(self._notices_since_chunk)
+        while True:
+            if started:
+                message = await _read(call, resuming=resuming)
+            if message is None:
+                # The call ended OK without StreamEnd: the contract says End is
+                # always last, so the connection was cut short; resume.
+                raise _Transient("the call ended without StreamEnd")
+            kind = message.WhichOneof("kind")
+            if not started:
+                if kind != "started":
+                    raise ProtocolViolation(f"the first event was {kind!r}, not 'started'")
+                started = True
+                yield self._on_started(message.started)
+                continue
+            if kind == "chunk":
+                chunk = self._on_chunk(message.chunk)
+                if chunk is not None:
+                    replayed_notices.clear()
+                    yield chunk
+            elif kind == "checkpoint":
+                checkpoint = self._on_checkpoint(message.checkpoint)
+                if checkpoint is not None:
+                    yield checkpoint
+            elif kind == "error":
+                detail = _to_error_detail(message.error)
+                notice = Notice(detail)
+                if notice in replayed_notices:
+                    replayed_notices.remove(notice)
+                    continue
+                if detail.fatal:
+                    # A fatal error is followed by End(partial=true), which
+                    # carries it; record it but do not present it as a notice.
+                    continue
+                self.notices.append(notice)
+                self._notices_since_chunk.append(notice)
+                yield notice
+            elif kind == "end":
+                yield self._on_end(message.end)
+                return
+            # An unknown kind comes from a newer server: skip it.
+
+    # -- event handlers ----------------------------------------------------------------
+
+    def _on_started(self, started: relay_pb2.StreamStarted) -> Started:
+        if self.stream_id and started.stream_id != self.stream_id:
+            raise ProtocolViolation(
+                f"reattached to stream {started.stream_id!r}, expected {self.stream_id!r}"
+            )
+        self.stream_id = started.stream_id
+        if started.resume_token:
+            self.resume_token = started.resume_token
+        return Started(
+            stream_id=started.stream_id,
+            resume_token=started.resume_token,
+            resumed=started.resumed,
+            model=started.model,
+        )
+
+    def _on_chunk(self, chunk: relay_pb2.TokenChunk) -> Chunk | None:
+        if chunk.seq <= self.last_seq:
+            self.duplicates_dropped += 1
+            return None
+        if chunk.seq != self.last_seq + 1:
+            raise ProtocolViolation(
+                f"chunk seq {chunk.seq} arrived after seq {self.last_seq}: "
+                f"{chunk.seq - self.last_seq - 1} chunk(s) missing"
+            )
+        self.last_seq = chunk.seq
+        self._pieces.append(chunk.text)
+        self._notices_since_chunk.clear()
+        return Chunk(seq=chunk.seq, text=chunk.text, provider=chunk.provider, attempt=chunk.attempt)
+
+    def _on_checkpoint(self, checkpoint: relay_pb2.Checkpoint) -> Checkpoint | None:
+        if checkpoint.resume_token:
+            self.resume_token = checkpoint.resume_token
+        if checkpoint.seq <= self._last_checkpoint_seq:
+            return None  # replayed after a resume
+        self._last_checkpoint_seq = checkpoint.seq
+        return Checkpoint(
+            seq=checkpoint.seq,
+            token_count=checkpoint.token_count,
+            resume_token=checkpoint.resume_token,
+        )
+
+    def _on_end(self, end: relay_pb2.StreamEnd) -> End:
+        if self._verifiable:
+            verify_assembly(
+                self.text,
+                self.last_seq,
+                total_seq=end.total_seq,
+                expected_sha256=end.text_sha256,
+            )
+        elif end.total_seq != self.last_seq:
+            raise DigestMismatch(
+                f"the client holds chunks up to {self.last_seq}, "
+                f"the server sent 1..{end.total_seq}",
+                expected_sha256=end.text_sha256,
+                actual_sha256="",
+                expected_total_seq=end.total_seq,
+                actual_last_seq=self.last_seq,
+            )
+        self.end = End(
+            finish_reason=end.finish_reason,
+            partial=end.partial,
+            error=_to_error_detail(end.error) if end.HasField("error") else None,
+            usage=Usage(
+                prompt_tokens=end.usage.prompt_tokens,
+                completion_tokens=end.usage.completion_tokens,
+            ),
+            total_seq=end.total_seq,
+            text_sha256=end.text_sha256,
+            verified=self._verifiable,
+        )
+        return self.end
+
+
+# --- grpc boundary -------------------------------------------------------------------
+
+_RESUME_REFUSALS = frozenset(
+    {
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+    }
+)
+
+
+def _translate_status(code: grpc.StatusCode, details: str, *, resuming: bool) -> Exception:
+    """The one place grpc statuses become client errors (or a reconnect)."""
+    if is_transient(code, details):
+        return _Transient(f"{code.name}: {details}")
+    if resuming and code in _RESUME_REFUSALS:
+        return ResumeRejected(code, details)
+    return StreamFailed(code, details)
+
+
+async def _write(
+    call: _Call,
+    request: relay_pb2.StreamRequest,
+    *,
+    resuming: bool,
+) -> None:
+    try:
+        await call.write(request)
+    except grpc.aio.AioRpcError as exc:
+        raise _translate_status(exc.code(), exc.details() or "", resuming=resuming) from None
+    except asyncio.InvalidStateError:
+        # The call already finished; its status says why.
+        code = await call.code()
+        details = await call.details()
+        if code == grpc.StatusCode.OK:
+            raise _Transient("the call ended before the request was sent") from None
+        raise _translate_status(code, details or "", resuming=resuming) from None
+
+
+async def _read(
+    call: _Call,
+    *,
+    resuming: bool,
+) -> relay_pb2.StreamEvent | None:
+    try:
+        message = await call.read()
+    except grpc.aio.AioRpcError as exc:
+        raise _translate_status(exc.code(), exc.details() or "", resuming=resuming) from None
+    if message is grpc.aio.EOF:
+        return None
+    assert isinstance(message, relay_pb2.StreamEvent)
+    return message
+
+
+async def _finish_call(
+    call: _Call,
+) -> None:
+    """Half-close after StreamEnd and let the server finish the call cleanly."""
+    try:
+        async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+            await call.done_writing()
+            while await call.read() is not grpc.aio.EOF:
+                pass
+    except (TimeoutError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        pass  # the answer is complete and verified; how the call closes is moot
+    finally:
+        if not call.done():
+            call.cancel()
+
+
+# --- conversions ---------------------------------------------------------------------
+
+
+def _to_message(message: MessageLike) -> relay_pb2.Message:
+    if isinstance(message, tuple):
+        if len(message) != 2:
+            raise TypeError(f"a message tuple must be (role, content), got {message!r}")
+        role, content = message
+        return relay_pb2.Message(role=role, content=content)
+    if isinstance(message, Mapping):
+        return relay_pb2.Message(role=message["role"], content=message["content"])
+    raise TypeError(
+        f"a message must be a (role, content) tuple or a dict, got {type(message).__name__}"
+    )
+
+
+def _to_params(
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    stop: Sequence[str],
+) -> relay_pb2.GenerationParams:
+    if isinstance(stop, str):
+        stop = (stop,)
+    params = relay_pb2.GenerationParams(stop=list(stop))
+    if max_tokens is not None:
+        params.max_tokens = max_tokens
+    if temperature is not None:
+        params.temperature = temperature
+    if top_p is not None:
+        params.top_p = top_p
+    return params
+
+
+_POLICY_FIELDS = ("max_retries", "allow_fallback", "allow_partial", "checkpoint_interval")
+
+
+def _to_policy(policy: Mapping[str, int | bool]) -> relay_pb2.RecoveryPolicy:
+    unknown = set(policy) - set(_POLICY_FIELDS)
+    if unknown:
+        raise ValueError(
+            f"unknown recovery policy field(s) {sorted(unknown)}; known: {list(_POLICY_FIELDS)}"
+        )
+    return relay_pb2.RecoveryPolicy(**policy)  # type: ignore[arg-type]
+
+
+def _enum_name(value: int, prefix: str, enum: Any) -> str:
+    if value == 0:
+        return ""
+    try:
+        name: str = enum.Name(value)
+    except ValueError:
+        return str(value)
+    return name.removeprefix(prefix).lower()
+
+
+def _to_error_detail(error: relay_pb2.StreamError) -> ErrorDetail:
+    retry_after: float | None = None
+    if error.HasField("retry_after"):
+        retry_after = error.retry_after.seconds + error.retry_after.nanos / 1e9
+    return ErrorDetail(
+        type=_enum_name(error.type, "ERROR_TYPE_", relay_pb2.ErrorType),
+        code=error.code,
+        message=error.message,
+        retryable=error.retryable,
+        suggested_action=_enum_name(
+            error.suggested_action, "SUGGESTED_ACTION_", relay_pb2.SuggestedAction
+        ),
+        fatal=error.fatal,
+        bytes_received=error.bytes_received,
+        tokens_received=error.tokens_received,
+        provider=error.provider,
+        attempt=error.attempt,
+        retry_after_s=retry_after,
+    )
+
+
+def _cancel_request(reason: str) -> relay_pb2.StreamRequest:
+    return relay_pb2.StreamRequest(cancel=relay_pb2.Cancel(reason=reason))
+
+
+__all__ = [
+    "RelayClient",
+    "RelayStream",
+    "Result",
+    "backoff_delay",
+    "is_transient",
+    "text_sha256",
+    "verify_assembly",
+]

@@ -1,0 +1,110 @@
+"""Every error the tokenrelay client raises, in one tree.
+
+    TokenRelayClientError
+     ├── StreamFailed            a gRPC status that retrying cannot fix (code + details)
+     │    └── ResumeRejected     the server refused a resume (NOT_FOUND, PERMISSION_DENIED)
+     ├── ReconnectsExhausted     transient failures outlasted the reconnect budget
+     ├── DigestMismatch          the assembled text is not what the server says it sent
+     └── ProtocolViolation       the server broke the contract (gap in seq, no StreamStarted)
+
+Every error raised after the stream started carries a `PartialStream`: the
+text assembled so far, the last seq and the latest resume token. With it a
+caller can show what arrived, or resume later with `RelayClient.resume`.
+
+gRPC exceptions never escape the client; they are translated here, at one
+boundary (`client._translate_status`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+
+@dataclass(frozen=True, slots=True)
+class PartialStream:
+    """What a stream had delivered when it failed."""
+
+    stream_id: str
+    resume_token: str
+    last_seq: int
+    text: str
+
+
+class TokenRelayClientError(Exception):
+    """Base of every client error. `partial` is what had arrived, if anything."""
+
+    def __init__(self, message: str, *, partial: PartialStream | None = None) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+
+class StreamFailed(TokenRelayClientError):
+    """The server (or gRPC) ended the call with a status that a reconnect cannot
+    fix: a bad request (INVALID_ARGUMENT names the field), credentials, quota.
+    Fix the request or give up; do not retry the same call."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        *,
+        partial: PartialStream | None = None,
+    ) -> None:
+        super().__init__(f"{code.name}: {details}", partial=partial)
+        self.code = code
+        self.details = details
+
+
+class ResumeRejected(StreamFailed):
+    """The server refused to reattach: the stream expired or is unknown
+    (NOT_FOUND), or the resume token is not valid here (PERMISSION_DENIED).
+    The partial text is all there is; start a new stream for the rest."""
+
+
+class ReconnectsExhausted(TokenRelayClientError):
+    """The connection kept failing (UNAVAILABLE, resets) and every reconnect
+    attempt was spent without progress. `cause` is the last failure. The
+    stream may still be alive on the server: resume later with
+    `partial.resume_token` and `partial.last_seq`."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        attempts: int,
+        cause: str,
+        partial: PartialStream | None = None,
+    ) -> None:
+        super().__init__(message, partial=partial)
+        self.attempts = attempts
+        self.cause = cause
+
+
+class DigestMismatch(TokenRelayClientError):
+    """The text assembled from the chunks does not match the server's
+    `text_sha256` (or the chunk count differs from `total_seq`). Do not trust
+    the text; report the bug and start again."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        expected_sha256: str,
+        actual_sha256: str,
+        expected_total_seq: int,
+        actual_last_seq: int,
+        partial: PartialStream | None = None,
+    ) -> None:
+        super().__init__(message, partial=partial)
+        self.expected_sha256 = expected_sha256
+        self.actual_sha256 = actual_sha256
+        self.expected_total_seq = expected_total_seq
+        self.actual_last_seq = actual_last_seq
+
+
+class ProtocolViolation(TokenRelayClientError):
+    """The server sent something the contract forbids (a seq gap, a first event
+    that is not StreamStarted). This is a server bug; report it. The partial
+    text up to the violation is intact."""

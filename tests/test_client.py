@@ -1,0 +1,758 @@
+"""The Python client: reconnect decisions (pure), the reconnect loop against a
+scripted gRPC server, and whole streams against a real gateway whose
+connection a real TCP proxy cuts.
+
+No test sleeps: the client is given a `sleep` that records the delay and
+returns at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import random
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+from rich.console import Console
+
+from tokenrelay.v1 import relay_pb2 as pb
+from tokenrelay.v1 import relay_pb2_grpc as pbg
+from tokenrelay_client import (
+    Chunk,
+    DigestMismatch,
+    End,
+    Event,
+    Notice,
+    ProtocolViolation,
+    Reconnected,
+    ReconnectsExhausted,
+    RelayClient,
+    ResumeRejected,
+    Started,
+    StreamFailed,
+    backoff_delay,
+    is_transient,
+    text_sha256,
+    verify_assembly,
+)
+from tokenrelay_client.chat import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, run_chat
+from tokenrelay_server.app import RelayServer
+from tokenrelay_server.config import Settings
+from tokenrelay_server.demo import run_demo
+from tokenrelay_server.netfault import FaultProxy
+
+SECRET = "client-test-secret-0123456789"
+PROMPT = [("user", "tell me about streams that survive failure")]
+
+
+class RecordingSleep:
+    """Stands in for asyncio.sleep: remembers the delays, waits for nothing."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+        await asyncio.sleep(0)
+
+
+async def collect(stream: AsyncIterator[Event]) -> list[Event]:
+    return [event async for event in stream]
+
+
+def chunks(events: Sequence[Event]) -> list[Chunk]:
+    return [event for event in events if isinstance(event, Chunk)]
+
+
+# --- backoff (pure) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("attempt", "base_s", "cap_s", "jitter", "rng_value", "expected"),
+    [
+        pytest.param(1, 1.0, 30.0, 0.1, 0.5, 1.0, id="first attempt waits the base"),
+        pytest.param(2, 1.0, 30.0, 0.1, 0.5, 2.0, id="second attempt doubles"),
+        pytest.param(3, 1.0, 30.0, 0.1, 0.5, 4.0, id="third attempt doubles again"),
+        pytest.param(1, 1.0, 30.0, 0.1, 0.0, 0.9, id="lowest jitter takes ten percent off"),
+        pytest.param(1, 1.0, 30.0, 0.1, 1.0, 1.1, id="highest jitter adds ten percent"),
+        pytest.param(6, 1.0, 30.0, 0.1, 0.5, 30.0, id="the cap bounds the exponential"),
+        pytest.param(6, 1.0, 30.0, 0.1, 1.0, 30.0, id="jitter never pushes past the cap"),
+        pytest.param(6, 1.0, 30.0, 0.1, 0.0, 27.0, id="jitter at the cap only shortens"),
+        pytest.param(4, 0.25, 30.0, 0.0, 0.9, 2.0, id="no jitter ignores the rng"),
+        pytest.param(3, 0.0, 30.0, 0.5, 0.0, 0.0, id="a zero base never waits"),
+        pytest.param(40, 1.0, 30.0, 0.1, 0.5, 30.0, id="huge attempts stay at the cap"),
+    ],
+)
+def test_backoff_delay_table(attempt, base_s, cap_s, jitter, rng_value, expected):
+    delay = backoff_delay(attempt, base_s=base_s, cap_s=cap_s, jitter=jitter, rng=lambda: rng_value)
+    assert delay == pytest.approx(expected)
+
+
+def test_backoff_delay_rejects_attempt_zero():
+    with pytest.raises(ValueError, match="attempt"):
+        backoff_delay(0, base_s=1.0, cap_s=30.0, jitter=0.1, rng=lambda: 0.5)
+
+
+# --- which statuses reconnect (pure) ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "expected"),
+    [
+        pytest.param(grpc.StatusCode.UNAVAILABLE, "draining", True, id="draining reconnects"),
+        pytest.param(
+            grpc.StatusCode.UNAVAILABLE,
+            "Stream removed (recvmsg:Connection reset by peer)",
+            True,
+            id="a reset reconnects",
+        ),
+        pytest.param(grpc.StatusCode.CANCELLED, "Cancelled", True, id="a remote cancel resumes"),
+        pytest.param(
+            grpc.StatusCode.INTERNAL,
+            "Received RST_STREAM with error code 2",
+            True,
+            id="internal from a broken transport reconnects",
+        ),
+        pytest.param(grpc.StatusCode.UNKNOWN, "Stream removed", True, id="stream removed resumes"),
+        pytest.param(
+            grpc.StatusCode.INTERNAL,
+            "incident 7f3a: unexpected error",
+            False,
+            id="a real server error is final",
+        ),
+        pytest.param(
+            grpc.StatusCode.UNKNOWN,
+            "Exception calling application",
+            False,
+            id="an unknown server exception is final",
+        ),
+        pytest.param(
+            grpc.StatusCode.INVALID_ARGUMENT, "start.model", False, id="a bad request is final"
+        ),
+        pytest.param(
+            grpc.StatusCode.PERMISSION_DENIED, "token", False, id="a foreign token is final"
+        ),
+        pytest.param(grpc.StatusCode.NOT_FOUND, "expired", False, id="an expired stream is final"),
+        pytest.param(grpc.StatusCode.RESOURCE_EXHAUSTED, "quota", False, id="a quota is final"),
+        pytest.param(
+            grpc.StatusCode.DEADLINE_EXCEEDED, "deadline", False, id="a deadline is final"
+        ),
+    ],
+)
+def test_is_transient_table(code, details, expected):
+    assert is_transient(code, details) is expected
+
+
+# --- digest verification (pure) ----------------------------------------------------------
+
+
+def test_verify_assembly_accepts_the_matching_text():
+    verify_assembly("héllo 🚀", 3, total_seq=3, expected_sha256=text_sha256("héllo 🚀"))
+
+
+def test_verify_assembly_raises_digest_mismatch_on_other_text():
+    with pytest.raises(DigestMismatch, match="sha256") as caught:
+        verify_assembly("hello", 2, total_seq=2, expected_sha256=text_sha256("hellO"))
+    assert caught.value.expected_sha256 == text_sha256("hellO")
+    assert caught.value.actual_sha256 == hashlib.sha256(b"hello").hexdigest()
+
+
+def test_verify_assembly_raises_digest_mismatch_on_a_missing_chunk():
+    with pytest.raises(DigestMismatch, match=r"1\.\.4"):
+        verify_assembly("hello", 3, total_seq=4, expected_sha256=text_sha256("hello"))
+
+
+def test_text_sha256_hashes_utf8():
+    assert text_sha256("日本語") == hashlib.sha256("日本語".encode()).hexdigest()
+
+
+# --- request building ------------------------------------------------------------------------
+
+
+async def test_messages_may_be_tuples_or_dicts():
+    server = ScriptedRelay([[started(), end_for("")]])
+    async with server.running() as address, RelayClient(address) as client:
+        await client.generate(
+            "sim", [("system", "be brief"), {"role": "user", "content": "hi"}], max_tokens=5
+        )
+    start = server.first_requests[0].start
+    assert [(m.role, m.content) for m in start.messages] == [
+        ("system", "be brief"),
+        ("user", "hi"),
+    ]
+    assert start.params.max_tokens == 5
+    assert not start.params.HasField("temperature")
+
+
+async def test_a_message_that_is_neither_tuple_nor_dict_is_refused():
+    async with RelayClient("127.0.0.1:1") as client:
+        with pytest.raises(TypeError, match="role, content"):
+            client.stream("sim", ["hello"])  # type: ignore[list-item]
+
+
+async def test_an_unknown_policy_field_is_refused():
+    async with RelayClient("127.0.0.1:1") as client:
+        with pytest.raises(ValueError, match="max_retrys"):
+            client.stream("sim", PROMPT, policy={"max_retrys": 2})
+
+
+# --- the reconnect loop, against a scripted server ----------------------------------------
+
+
+Step = pb.StreamEvent | tuple[grpc.StatusCode, str]
+
+
+def started(resumed: bool = False) -> pb.StreamEvent:
+    return pb.StreamEvent(
+        started=pb.StreamStarted(
+            stream_id="s1", resume_token=f"token-{resumed}", resumed=resumed, model="sim"
+        )
+    )
+
+
+def chunk(seq: int) -> pb.StreamEvent:
+    return pb.StreamEvent(chunk=pb.TokenChunk(seq=seq, text=f"t{seq} ", provider="sim", attempt=1))
+
+
+def text_upto(last: int) -> str:
+    return "".join(f"t{seq} " for seq in range(1, last + 1))
+
+
+def end_for(text: str, total_seq: int = 0, digest: str | None = None) -> pb.StreamEvent:
+    return pb.StreamEvent(
+        end=pb.StreamEnd(
+            finish_reason="stop",
+            total_seq=total_seq,
+            text_sha256=digest if digest is not None else text_sha256(text),
+        )
+    )
+
+
+def notice(code: str) -> pb.StreamEvent:
+    return pb.StreamEvent(
+        error=pb.StreamError(code=code, message="retrying upstream", retryable=True, fatal=False)
+    )
+
+
+def unavailable(details: str = "draining") -> tuple[grpc.StatusCode, str]:
+    return (grpc.StatusCode.UNAVAILABLE, details)
+
+
+@dataclass
+class ScriptedRelay(pbg.RelayServicer):
+    """A Relay server that plays one scripted list of steps per call (the
+    last script repeats) and records each call's first request."""
+
+    scripts: list[list[Step]]
+    first_requests: list[pb.StreamRequest] = field(default_factory=list)
+    later_requests: list[pb.StreamRequest] = field(default_factory=list)
+
+    async def Stream(self, request_iterator, context):
+        script = self.scripts[min(len(self.first_requests), len(self.scripts) - 1)]
+        requests = aiter(request_iterator)
+        self.first_requests.append(await anext(requests))
+        reader = asyncio.ensure_future(self._record_rest(requests))
+        try:
+            for step in script:
+                if isinstance(step, tuple):
+                    await context.abort(*step)
+                yield step
+        finally:
+            reader.cancel()
+
+    async def _record_rest(self, requests: AsyncIterator[pb.StreamRequest]) -> None:
+        async for request in requests:
+            self.later_requests.append(request)
+
+    def running(self) -> _Running:
+        return _Running(self)
+
+
+class _Running:
+    def __init__(self, servicer: ScriptedRelay) -> None:
+        self._servicer = servicer
+        self._server = grpc.aio.server()
+
+    async def __aenter__(self) -> str:
+        pbg.add_RelayServicer_to_server(self._servicer, self._server)
+        port = self._server.add_insecure_port("127.0.0.1:0")
+        await self._server.start()
+        return f"127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._server.stop(grace=None)
+
+
+def scripted_client(address: str, sleep: RecordingSleep, **kwargs) -> RelayClient:
+    return RelayClient(address, sleep=sleep, rng=random.Random(7), **kwargs)
+
+
+async def test_a_start_retried_before_started_reuses_the_idempotency_key():
+    server = ScriptedRelay(
+        [[unavailable()], [started(resumed=True), chunk(1), end_for(text_upto(1), 1)]]
+    )
+    sleep = RecordingSleep()
+    async with server.running() as address, scripted_client(address, sleep) as client:
+        events = await collect(client.stream("sim", PROMPT))
+    first, second = server.first_requests
+    assert first.HasField("start") and second.HasField("start")
+    assert first.start.idempotency_key
+    assert second.start.idempotency_key == first.start.idempotency_key
+    assert [c.seq for c in chunks(events)] == [1]
+    assert len(sleep.delays) == 1
+
+
+async def test_a_given_idempotency_key_is_sent_as_is():
+    server = ScriptedRelay([[started(), end_for("")]])
+    async with server.running() as address, RelayClient(address) as client:
+        await client.generate("sim", PROMPT, idempotency_key="order-42")
+    assert server.first_requests[0].start.idempotency_key == "order-42"
+
+
+async def test_resume_after_unavailable_uses_latest_token_and_drops_replayed_chunks():
+    checkpoint = pb.StreamEvent(checkpoint=pb.Checkpoint(seq=2, token_count=2, resume_token="cp2"))
+    server = ScriptedRelay(
+        [
+            [started(), chunk(1), chunk(2), checkpoint, chunk(3), unavailable()],
+            # A sloppy server that replays 2 and 3: the client must drop them.
+            [started(resumed=True), chunk(2), chunk(3), chunk(4), end_for(text_upto(4), 4)],
+        ]
+    )
+    sleep = RecordingSleep()
+    async with server.running() as address, scripted_client(address, sleep) as client:
+        relay_stream = client.stream("sim", PROMPT)
+        events = await collect(relay_stream)
+    resume = server.first_requests[1].resume
+    assert (resume.resume_token, resume.last_seq) == ("cp2", 3)
+    assert [c.seq for c in chunks(events)] == [1, 2, 3, 4]
+    assert relay_stream.duplicates_dropped == 2
+    assert relay_stream.text == text_upto(4)
+    reconnected = [e for e in events if isinstance(e, Reconnected)]
+    assert len(reconnected) == 1
+    assert reconnected[0].last_seq == 3 and reconnected[0].attempt == 1
+    assert "UNAVAILABLE" in reconnected[0].cause
+    end = events[-1]
+    assert isinstance(end, End) and end.verified
+
+
+async def test_reconnect_events_come_in_order_around_the_resume():
+    server = ScriptedRelay(
+        [
+            [started(), chunk(1), unavailable()],
+            [started(resumed=True), chunk(2), end_for(text_upto(2), 2)],
+        ]
+    )
+    async with server.running() as address, scripted_client(address, RecordingSleep()) as client:
+        events = await collect(client.stream("sim", PROMPT))
+    kinds = [type(event).__name__ for event in events]
+    assert kinds == ["Started", "Chunk", "Reconnecting", "Reconnected", "Started", "Chunk", "End"]
+
+
+async def test_a_notice_replayed_after_resume_is_delivered_once():
+    server = ScriptedRelay(
+        [
+            [started(), chunk(1), notice("HTTP_429"), unavailable()],
+            [started(resumed=True), notice("HTTP_429"), chunk(2), end_for(text_upto(2), 2)],
+        ]
+    )
+    async with server.running() as address, scripted_client(address, RecordingSleep()) as client:
+        events = await collect(client.stream("sim", PROMPT))
+    assert [e.code for e in events if isinstance(e, Notice)] == ["HTTP_429"]
+
+
+async def test_reconnects_exhausted_after_the_budget_with_the_partial_text():
+    server = ScriptedRelay([[started(), chunk(1), chunk(2), unavailable()], [unavailable()]])
+    sleep = RecordingSleep()
+    async with (
+        server.running() as address,
+        scripted_client(address, sleep, max_reconnects=3) as client,
+    ):
+        with pytest.raises(ReconnectsExhausted) as caught:
+            await collect(client.stream("sim", PROMPT))
+    error = caught.value
+    assert error.attempts == 3
+    assert error.partial is not None
+    assert (error.partial.last_seq, error.partial.text) == (2, text_upto(2))
+    assert error.partial.resume_token == "token-False"
+    assert len(server.first_requests) == 4  # the call, then three reconnects
+    rng = random.Random(7)
+    assert sleep.delays == [
+        backoff_delay(n, base_s=1.0, cap_s=30.0, jitter=0.1, rng=rng.random) for n in (1, 2, 3)
+    ]
+
+
+async def test_progress_resets_the_reconnect_budget():
+    # Every call delivers one new chunk and then breaks: with a budget of one
+    # reconnect the stream still completes, because each chunk is progress.
+    scripts: list[list[Step]] = [[started(), chunk(1), unavailable()]]
+    for seq in range(2, 6):
+        scripts.append([started(resumed=True), chunk(seq), unavailable()])
+    scripts.append([started(resumed=True), chunk(6), end_for(text_upto(6), 6)])
+    server = ScriptedRelay(scripts)
+    sleep = RecordingSleep()
+    async with (
+        server.running() as address,
+        scripted_client(address, sleep, max_reconnects=1) as client,
+    ):
+        relay_stream = client.stream("sim", PROMPT)
+        events = await collect(relay_stream)
+    assert [c.seq for c in chunks(events)] == [1, 2, 3, 4, 5, 6]
+    assert relay_stream.reconnects == 5
+    # Each round is a fresh first attempt, so every delay is the base delay.
+    assert all(0.9 <= delay <= 1.1 for delay in sleep.delays)
+
+
+async def test_attaching_without_a_new_chunk_is_not_progress():
+    server = ScriptedRelay(
+        [[started(), chunk(1), unavailable()], [started(resumed=True), unavailable()]]
+    )
+    async with (
+        server.running() as address,
+        scripted_client(address, RecordingSleep(), max_reconnects=2) as client,
+    ):
+        with pytest.raises(ReconnectsExhausted):
+            await collect(client.stream("sim", PROMPT))
+    assert len(server.first_requests) == 3
+
+
+async def test_invalid_argument_is_not_retried():
+    server = ScriptedRelay([[(grpc.StatusCode.INVALID_ARGUMENT, "start.model: unknown model")]])
+    sleep = RecordingSleep()
+    async with server.running() as address, scripted_client(address, sleep) as client:
+        with pytest.raises(StreamFailed) as caught:
+            await collect(client.stream("nope", PROMPT))
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "start.model" in caught.value.details
+    assert len(server.first_requests) == 1
+    assert sleep.delays == []
+
+
+async def test_a_real_server_error_is_not_retried():
+    server = ScriptedRelay([[started(), chunk(1), (grpc.StatusCode.INTERNAL, "incident 42")]])
+    sleep = RecordingSleep()
+    async with server.running() as address, scripted_client(address, sleep) as client:
+        with pytest.raises(StreamFailed) as caught:
+            await collect(client.stream("sim", PROMPT))
+    assert caught.value.partial is not None and caught.value.partial.text == text_upto(1)
+    assert sleep.delays == []
+
+
+async def test_a_refused_resume_raises_resume_rejected():
+    server = ScriptedRelay(
+        [[started(), chunk(1), unavailable()], [(grpc.StatusCode.NOT_FOUND, "stream expired")]]
+    )
+    async with server.running() as address, scripted_client(address, RecordingSleep()) as client:
+        with pytest.raises(ResumeRejected) as caught:
+            await collect(client.stream("sim", PROMPT))
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND
+    assert caught.value.partial is not None and caught.value.partial.last_seq == 1
+
+
+async def test_a_wrong_digest_at_the_end_raises_digest_mismatch():
+    server = ScriptedRelay([[started(), chunk(1), chunk(2), end_for("t1 t2", 2)]])
+    async with server.running() as address, RelayClient(address) as client:
+        with pytest.raises(DigestMismatch) as caught:
+            await collect(client.stream("sim", PROMPT))
+    assert caught.value.partial is not None and caught.value.partial.text == text_upto(2)
+
+
+async def test_a_seq_gap_raises_protocol_violation():
+    server = ScriptedRelay([[started(), chunk(1), chunk(3), end_for(text_upto(3), 3)]])
+    async with server.running() as address, RelayClient(address) as client:
+        with pytest.raises(ProtocolViolation, match="1 chunk"):
+            await collect(client.stream("sim", PROMPT))
+
+
+async def test_a_first_event_that_is_not_started_raises_protocol_violation():
+    server = ScriptedRelay([[chunk(1)]])
+    async with server.running() as address, RelayClient(address) as client:
+        with pytest.raises(ProtocolViolation, match="started"):
+            await collect(client.stream("sim", PROMPT))
+
+
+async def test_cancel_sends_a_cancel_request():
+    cancelled_end = pb.StreamEvent(
+        end=pb.StreamEnd(finish_reason="cancelled", total_seq=1, text_sha256=text_sha256("t1 "))
+    )
+    gate = asyncio.Event()
+
+    class WaitsForCancel(ScriptedRelay):
+        async def Stream(self, request_iterator, context):
+            requests = aiter(request_iterator)
+            self.first_requests.append(await anext(requests))
+            yield started()
+            yield chunk(1)
+            self.later_requests.append(await anext(requests))
+            gate.set()
+            yield cancelled_end
+
+    server = WaitsForCancel([])
+    async with server.running() as address, RelayClient(address) as client:
+        relay_stream = client.stream("sim", PROMPT)
+        events = []
+        async for event in relay_stream:
+            events.append(event)
+            if isinstance(event, Chunk):
+                await relay_stream.cancel("enough")
+    assert gate.is_set()
+    assert server.later_requests[0].cancel.reason == "enough"
+    assert isinstance(events[-1], End) and events[-1].finish_reason == "cancelled"
+
+
+async def test_resume_without_the_earlier_text_cannot_verify_but_still_checks_the_count():
+    server = ScriptedRelay([[started(resumed=True), chunk(3), end_for(text_upto(3), 3)]])
+    async with server.running() as address, RelayClient(address) as client:
+        events = await collect(client.resume("tok", 2))
+    end = events[-1]
+    assert isinstance(end, End) and not end.verified
+    assert server.first_requests[0].resume.last_seq == 2
+
+
+async def test_resume_with_the_earlier_text_verifies_the_whole_digest():
+    server = ScriptedRelay([[started(resumed=True), chunk(3), end_for(text_upto(3), 3)]])
+    async with server.running() as address, RelayClient(address) as client:
+        relay_stream = client.resume("tok", 2, text_so_far=text_upto(2))
+        events = await collect(relay_stream)
+    end = events[-1]
+    assert isinstance(end, End) and end.verified
+    assert relay_stream.text == text_upto(3)
+
+
+# --- against a real gateway, through a real proxy ---------------------------------------------
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[RelayServer]:
+    server = await RelayServer.start(Settings(port=0, resume_secret=SECRET))
+    try:
+        yield server
+    finally:
+        await server.stop(grace=0.5)
+
+
+@pytest.fixture
+async def proxy(gateway: RelayServer) -> AsyncIterator[FaultProxy]:
+    async with FaultProxy.for_target(gateway.address) as fault_proxy:
+        yield fault_proxy
+
+
+async def reference_text(address: str, max_tokens: int, seed: str) -> str:
+    async with RelayClient(address) as client:
+        result = await client.generate(
+            "sim", PROMPT, max_tokens=max_tokens, metadata={"sim.seed": seed}
+        )
+    return result.text
+
+
+async def test_a_clean_stream_is_contiguous_and_verified(gateway):
+    async with RelayClient(gateway.address) as client:
+        relay_stream = client.stream("sim", PROMPT, max_tokens=45)
+        events = await collect(relay_stream)
+    assert isinstance(events[0], Started) and not events[0].resumed
+    assert [c.seq for c in chunks(events)] == list(range(1, 46))
+    end = events[-1]
+    assert isinstance(end, End)
+    assert end.verified and not end.partial and end.total_seq == 45
+    assert end.text_sha256 == text_sha256("".join(c.text for c in chunks(events)))
+    assert relay_stream.reconnects == 0 and relay_stream.duplicates_dropped == 0
+
+
+async def test_generate_collects_the_verified_text(gateway):
+    async with RelayClient(gateway.address) as client:
+        result = await client.generate("sim", PROMPT, max_tokens=20)
+    assert result.chunks == 20
+    assert result.end.text_sha256 == text_sha256(result.text)
+
+
+async def test_a_connection_cut_mid_stream_is_resumed_seamlessly(gateway, proxy):
+    expected = await reference_text(gateway.address, 40, "cut")
+    sleep = RecordingSleep()
+    async with RelayClient(proxy.address, sleep=sleep) as client:
+        relay_stream = client.stream(
+            "sim", PROMPT, max_tokens=40, metadata={"sim.pace_ms": "10", "sim.seed": "cut"}
+        )
+        events = []
+        async for event in relay_stream:
+            events.append(event)
+            if isinstance(event, Chunk) and event.seq == 10:
+                assert proxy.cut_all() == 1
+    seqs = [c.seq for c in chunks(events)]
+    assert seqs == list(range(1, 41)), "every seq exactly once, in order"
+    assert relay_stream.text == expected
+    assert relay_stream.reconnects == 1
+    assert any(isinstance(e, Reconnected) and e.last_seq >= 10 for e in events)
+    resumed = [e for e in events if isinstance(e, Started) and e.resumed]
+    assert len(resumed) == 1
+    end = events[-1]
+    assert isinstance(end, End) and end.verified and end.total_seq == 40
+    assert proxy.connections_accepted == 2
+
+
+async def test_an_unreachable_gateway_exhausts_reconnects_and_the_stream_resumes_later(
+    gateway, proxy
+):
+    expected = await reference_text(gateway.address, 30, "gone")
+    sleep = RecordingSleep()
+    # Each reconnect waits up to connect_timeout_s for a connection the proxy
+    # keeps resetting; keep that window short.
+    async with RelayClient(
+        proxy.address, sleep=sleep, max_reconnects=3, connect_timeout_s=0.2
+    ) as client:
+        relay_stream = client.stream(
+            "sim", PROMPT, max_tokens=30, metadata={"sim.pace_ms": "10", "sim.seed": "gone"}
+        )
+        with pytest.raises(ReconnectsExhausted) as caught:
+            async for event in relay_stream:
+                if isinstance(event, Chunk) and event.seq == 5:
+                    proxy.refuse_new = True
+                    proxy.cut_all()
+        partial = caught.value.partial
+        assert partial is not None and partial.last_seq >= 5
+        assert partial.text == expected[: len(partial.text)]
+        assert len(sleep.delays) == 3
+
+        # The gateway kept the generation running; once the network is back,
+        # the partial stream resumes and the whole digest checks out.
+        proxy.refuse_new = False
+        resumed = client.resume(partial.resume_token, partial.last_seq, text_so_far=partial.text)
+        events = await collect(resumed)
+    assert [c.seq for c in chunks(events)] == list(range(partial.last_seq + 1, 31))
+    assert resumed.text == expected
+    end = events[-1]
+    assert isinstance(end, End) and end.verified
+
+
+async def test_an_unknown_model_fails_at_once_without_reconnecting(gateway):
+    sleep = RecordingSleep()
+    async with RelayClient(gateway.address, sleep=sleep) as client:
+        with pytest.raises(StreamFailed) as caught:
+            await client.generate("no-such-model", PROMPT)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert sleep.delays == []
+
+
+async def test_a_forged_resume_token_is_rejected(gateway):
+    sleep = RecordingSleep()
+    async with RelayClient(gateway.address, sleep=sleep) as client:
+        result = await client.generate("sim", PROMPT, max_tokens=3)
+        forged = f"v1.{result.stream_id}.9999999999.AAAA"
+        with pytest.raises(ResumeRejected):
+            await collect(client.resume(forged, 0))
+    assert sleep.delays == []
+
+
+async def test_the_same_idempotency_key_attaches_to_the_same_stream(gateway):
+    async with RelayClient(gateway.address) as client:
+        first = await client.generate("sim", PROMPT, max_tokens=8, idempotency_key="same-key")
+        again = client.stream("sim", PROMPT, max_tokens=8, idempotency_key="same-key")
+        events = await collect(again)
+    assert isinstance(events[0], Started) and events[0].resumed
+    assert events[0].stream_id == first.stream_id
+    assert again.text == first.text
+
+
+async def test_cancel_ends_the_stream_with_finish_cancelled(gateway):
+    async with RelayClient(gateway.address) as client:
+        relay_stream = client.stream("sim", PROMPT, max_tokens=500, metadata={"sim.pace_ms": "5"})
+        async for event in relay_stream:
+            if isinstance(event, Chunk) and event.seq == 3:
+                await relay_stream.cancel("enough")
+    assert relay_stream.end is not None
+    assert relay_stream.end.finish_reason == "cancelled"
+    assert relay_stream.end.verified
+    assert relay_stream.last_seq < 500
+
+
+# --- chat and demo -------------------------------------------------------------------------------
+
+
+async def test_chat_prints_the_answer_to_stdout_and_a_summary_to_stderr(gateway):
+    expected = await reference_text(gateway.address, 12, "0")
+    out, err = io.StringIO(), io.StringIO()
+    code = await run_chat(
+        gateway.address, PROMPT[0][1], max_tokens=12, metadata={"sim.seed": "0"}, out=out, err=err
+    )
+    assert code == EXIT_OK
+    assert out.getvalue() == expected + "\n"
+    assert "12 chunks" in err.getvalue() and "verified" in err.getvalue()
+
+
+async def test_chat_reports_a_bad_request_with_exit_code_1(gateway):
+    out, err = io.StringIO(), io.StringIO()
+    code = await run_chat(gateway.address, "hi", model="no-such-model", out=out, err=err)
+    assert code == EXIT_FAILED
+    assert out.getvalue() == ""
+    assert "INVALID_ARGUMENT" in err.getvalue()
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["plain lines", "live display"])
+async def test_the_demo_survives_its_cut_and_passes_its_checks(terminal):
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=terminal, width=120)
+    code = await run_demo(tokens=30, pace_ms=2.0, cut_after=10, console=console, backoff_base_s=0.0)
+    output = buffer.getvalue()
+    assert code == 0, output
+    assert "reconnect" in output
+    assert "same text as an uninterrupted run" in output
+
+
+def test_the_demo_refuses_a_cut_after_the_end():
+    with pytest.raises(ValueError, match="cut_after"):
+        asyncio.run(run_demo(tokens=10, cut_after=10))
+
+
+async def test_chat_exits_2_on_a_partial_answer_and_says_why():
+    partial_end = pb.StreamEvent(
+        end=pb.StreamEnd(
+            finish_reason="error",
+            partial=True,
+            error=pb.StreamError(code="ECONNRESET", message="upstream reset", fatal=True),
+            total_seq=2,
+            text_sha256=text_sha256(text_upto(2)),
+        )
+    )
+    server = ScriptedRelay([[started(), chunk(1), chunk(2), partial_end]])
+    out, err = io.StringIO(), io.StringIO()
+    async with server.running() as address:
+        code = await run_chat(address, "hi", out=out, err=err)
+    assert code == EXIT_PARTIAL
+    assert out.getvalue() == text_upto(2) + "\n"
+    assert "ECONNRESET" in err.getvalue()
+
+
+async def test_chat_keeps_reconnect_messages_out_of_the_answer():
+    server = ScriptedRelay(
+        [
+            [started(), chunk(1), unavailable()],
+            [started(resumed=True), chunk(2), end_for(text_upto(2), 2)],
+        ]
+    )
+    out, err = io.StringIO(), io.StringIO()
+    async with server.running() as address, scripted_client(address, RecordingSleep()) as client:
+        code = await run_chat(address, "hi", client=client, out=out, err=err)
+    assert code == EXIT_OK
+    assert out.getvalue() == text_upto(2) + "\n"
+    assert "connection lost at seq 1" in err.getvalue()
+    assert "1 reconnect(s)" in err.getvalue()
+
+
+async def test_leaving_early_keeps_the_generation_for_a_later_resume(gateway):
+    expected = await reference_text(gateway.address, 25, "later")
+    async with RelayClient(gateway.address) as client:
+        relay_stream = client.stream(
+            "sim", PROMPT, max_tokens=25, metadata={"sim.pace_ms": "5", "sim.seed": "later"}
+        )
+        async with relay_stream:
+            async for event in relay_stream:
+                if isinstance(event, Chunk) and event.seq == 5:
+                    break
+        partial = relay_stream.partial()
+        assert partial.last_seq == 5
+        resumed = client.resume(partial.resume_token, partial.last_seq, text_so_far=partial.text)
+        result = await resumed.collect()
+    assert result.text == expected
+    assert result.end.verified
