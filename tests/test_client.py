@@ -693,7 +693,10 @@ async def test_chat_reports_a_bad_request_with_exit_code_1(gateway):
 async def test_the_demo_survives_its_cut_and_passes_its_checks(terminal):
     buffer = io.StringIO()
     console = Console(file=buffer, force_terminal=terminal, width=120)
-    code = await run_demo(tokens=30, pace_ms=2.0, cut_after=10, console=console, backoff_base_s=0.0)
+    # A pace well above rendering time, so the cut lands while chunks are still due.
+    code = await run_demo(
+        tokens=30, pace_ms=20.0, cut_after=10, console=console, backoff_base_s=0.0
+    )
     output = buffer.getvalue()
     assert code == 0, output
     assert "reconnect" in output
