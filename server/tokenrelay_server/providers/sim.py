@@ -131,15 +131,17 @@ class SimAnswer:
         roll = self._rng.random()
         if index == 0:
             return word.capitalize()
+        previous = self._tokens[-1]
+        if previous in (".", ",", "\n\n"):
+            return (" " if previous != "\n\n" else "") + (
+                word if previous == "," else word.capitalize()
+            )
         if roll < 0.06:
             return "."
         if roll < 0.10:
             return ","
         if roll < 0.12:
             return "\n\n"
-        previous = self._tokens[-1]
-        if previous in (".", "\n\n"):
-            return (" " if previous == "." else "") + word.capitalize()
         return " " + word
 
     def locate(self, prefix: str, limit_tokens: int = 1_000_000) -> tuple[int, int] | None:
