@@ -7,6 +7,7 @@ tests all use: a real grpc.aio server on a real port, with health checking
 
 from __future__ import annotations
 
+import os
 import random
 import secrets
 from collections.abc import Mapping
@@ -19,10 +20,11 @@ from tokenrelay.v1 import relay_pb2, relay_pb2_grpc
 
 from .breaker import BreakerSettings
 from .clock import Clock, SystemClock
-from .config import Settings
+from .config import ConfigError, Settings
 from .generation import Recovery
 from .hub import HubSettings, StreamHub
 from .providers.base import Provider
+from .providers.config import UpstreamConfigError, build_providers
 from .providers.sim import SimProvider
 from .recovery import RecoveryConfig
 from .retry import BackoffPolicy
@@ -40,13 +42,43 @@ RELAY_SERVICE = relay_pb2.DESCRIPTOR.services_by_name["Relay"].full_name
 MIN_TRANSPORT_LIMIT_BYTES = 16 << 20
 
 
-def build_router(settings: Settings, extra: Mapping[str, list[Route]] | None = None) -> Router:
-    """The `sim` model is always there; configured aliases come on top."""
-    sim_timeouts = Timeouts(
-        first_token_s=settings.first_token_timeout_s, stall_s=settings.stall_timeout_s
-    )
+def build_router(
+    settings: Settings,
+    extra: Mapping[str, list[Route]] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> Router:
+    """The `sim` model is always there; configured aliases come on top.
+
+    Timeouts: a provider's own, unless `--stall-timeout-s` /
+    `--first-token-timeout-s` (flag or environment) was given, which beats
+    every provider's; `sim` uses the server settings."""
     sim = SimProvider("sim", default_pace_ms=settings.sim_pace_ms)
-    routes: dict[str, list[Route]] = {"sim": [Route(sim, "sim", sim_timeouts)]}
+    providers: dict[str, Provider] = {"sim": sim}
+    timeouts: dict[str, Timeouts] = {
+        "sim": Timeouts(
+            first_token_s=settings.first_token_timeout_s, stall_s=settings.stall_timeout_s
+        )
+    }
+    overrides = settings.timeout_overrides
+    for name, config in settings.upstream.providers.items():
+        timeouts[name] = Timeouts(
+            first_token_s=overrides.get("first_token_timeout_s", config.first_token_timeout_s),
+            stall_s=overrides.get("stall_timeout_s", config.stall_timeout_s),
+        )
+    if settings.upstream.providers:
+        try:
+            providers.update(
+                build_providers(settings.upstream, os.environ if env is None else env)
+            )
+        except UpstreamConfigError as error:
+            raise ConfigError(str(error)) from None
+    routes: dict[str, list[Route]] = {"sim": [Route(sim, "sim", timeouts["sim"])]}
+    for alias, route in settings.upstream.models.items():
+        routes[alias] = [
+            Route(providers[entry.provider], entry.model, timeouts[entry.provider])
+            for entry in route.chain
+        ]
     routes.update(extra or {})
     return Router(routes)
 

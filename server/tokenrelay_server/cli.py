@@ -101,7 +101,7 @@ def serve(ctx: click.Context, config_file: Path | None, **flags: Any) -> None:
     setup_logging(settings.log_level)
     try:
         asyncio.run(_serve(settings))
-    except OSError as error:
+    except (OSError, ConfigError) as error:
         raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:
         pass
@@ -186,6 +186,18 @@ def chat(
     sys.exit(
         asyncio.run(run_chat(target, prompt, model=model, metadata=metadata, max_tokens=max_tokens))
     )
+
+
+@main.command("mock-upstream")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=8081, show_default=True, help="Port to listen on.")
+def mock_upstream(host: str, port: int) -> None:
+    """Serve the simulator over HTTP in the OpenAI and Anthropic streaming
+    formats, with fault injection per request (see the README)."""
+    from .mock_upstream import main as serve_mock
+
+    setup_logging("info")
+    serve_mock(host, port)
 
 
 @main.command()

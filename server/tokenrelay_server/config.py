@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .providers.config import UpstreamConfig, UpstreamConfigError, load_upstream_config
+
 
 class ConfigError(Exception):
     """The configuration is invalid; the message names the key."""
@@ -51,7 +53,7 @@ class Settings(BaseModel):
     breaker_cooldown_s: float = Field(30.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Provider and model tables ([providers.*], [models.*]) from the config file.
-    upstream: dict[str, Any] = Field(default_factory=dict)
+    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
     # Timeouts set by flag or environment: they beat every provider's own.
     timeout_overrides: dict[str, float] = Field(default_factory=dict)
 
@@ -77,7 +79,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
     """The settings a TOML config file sets: its [server] table, flattened,
     plus the provider tables under "upstream"."""
     try:
-        raw = tomllib.loads(path.read_text())
+        text = path.read_text()
+        raw = tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as error:
@@ -98,9 +101,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
             if prefix + key not in keys:
                 raise ConfigError(f"{path}: unknown key {table}.{key}{_line_of(path, key)}")
             values[prefix + key] = value
-    upstream = {k: raw[k] for k in ("providers", "models") if k in raw}
-    if upstream:
-        values["upstream"] = upstream
+    if "providers" in raw or "models" in raw:
+        try:
+            values["upstream"] = load_upstream_config(raw, str(path), source_text=text)
+        except UpstreamConfigError as error:
+            raise ConfigError(str(error)) from None
     return values
 
 

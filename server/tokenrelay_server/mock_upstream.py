@@ -1,0 +1,920 @@
+"""`tokenrelay mock-upstream`: the simulator over real HTTP, with faults.
+
+An aiohttp server that answers
+
+    POST /v1/chat/completions   OpenAI Chat Completions streaming (see providers/openai.py)
+    POST /v1/messages           Anthropic Messages streaming (see providers/anthropic.py)
+
+in the providers' exact wire formats, with the text of the deterministic
+simulator: each request goes through `sim.plan_attempt`, so an HTTP attempt
+and an in-process `SimProvider` attempt with the same messages, settings and
+attempt number produce the same text. Point a provider's `base_url` at
+`http://HOST:PORT/v1`. Requests without `"stream": true` get the whole
+answer as one JSON body.
+
+Per-request controls (headers; every one optional)
+
+    x-sim-attempt: N          the gateway's attempt number (1-based; default 1). The
+                              adapters always send it, from ProviderRequest.attempt.
+    x-sim-faults: SCRIPT      the fault script below. When absent, a model-name suffix
+                              is used instead: "model": "sim#reset@10,ok".
+    x-sim-seed, x-sim-pace-ms, x-sim-overlap, x-sim-retry-after-s
+                              the simulator's settings (metadata sim.seed, sim.pace_ms,
+                              sim.overlap, sim.retry_after_s): any `x-sim-NAME-PARTS`
+                              header becomes `sim.NAME_PARTS`.
+
+The fault script: comma-separated items, item i for attempt i; attempts past
+the last item are clean. An item is one or more parts joined with `+`:
+
+    simulator faults (at most one per item; the simulator parses these):
+    ok                  a clean answer
+    reset@N             N text events, then a TCP reset (RST)          → ECONNRESET
+    stall@N             N text events, then silence until the client leaves
+    eof@N               N text events, then the body ends cleanly with no
+                        finish reason and no end marker                → NO_FINISH_REASON
+    garbage@N           N text events, then a data line of broken JSON → MALFORMED_DATA
+    http:CODE           status CODE with the provider's JSON error body, and
+                        Retry-After for 429, 503 and 529               → HTTP_CODE
+
+    HTTP-only faults (any number per item):
+    reset_bytes@N       a TCP reset after exactly N bytes of the body  → ECONNRESET
+    drop@N              N text events, then the connection is closed (FIN) in the
+                        middle of the chunked body                     → UNEXPECTED_EOF
+    slow_first_byte@MS  wait MS milliseconds before the status line
+    html                200 with an HTML error page                    → WRONG_CONTENT_TYPE
+    html:CODE           status CODE with an HTML error page            → HTTP_CODE
+    json_error:KIND     200 application/json with an error object      → application error
+    error@N:KIND        N text events, then an error event in the provider's format
+                        (OpenAI `data: {"error": …}`, Anthropic `event: error`)
+    shape@N             N text events, then an event of the wrong shape → UNEXPECTED_SHAPE
+    split_utf8          every event is written in two writes split inside its first
+                        multi-byte UTF-8 character
+    random_chunks       every event is written in random pieces of 1-16 bytes
+                        (seeded by x-sim-seed and the attempt)
+    thinking            reasoning before the text: an Anthropic thinking block, or
+                        OpenAI-style `reasoning_content` deltas
+    retry_after:seconds|date|ms
+                        how http:CODE says when to retry: `Retry-After: <seconds>`
+                        (default), `Retry-After: <HTTP-date>`, or `retry-after-ms`
+
+    KIND: rate_limit, overloaded, server_error, invalid_request, authentication,
+    context_length
+
+Example: `x-sim-faults: reset@5+split_utf8,http:429+retry_after:date,ok` resets
+the first attempt after 5 events written with split characters, answers the
+second with 429 and a Retry-After date, and lets the third succeed.
+
+A bad header or body gets a 400 in the provider's error format naming it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import json
+import math
+import random
+import re
+import signal
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any, Literal, get_args
+
+from aiohttp import web
+
+from .clock import Clock, SystemClock
+from .errors import RequestError
+from .model import Message, Role
+from .providers.sim import AttemptPlan, SimSettings, parse_fault_script, plan_attempt
+
+FAULTS_HEADER = "x-sim-faults"
+ATTEMPT_HEADER = "x-sim-attempt"
+SIM_HEADER_PREFIX = "x-sim-"
+MODEL_FAULT_SEPARATOR = "#"
+
+ErrorKind = Literal[
+    "rate_limit",
+    "overloaded",
+    "server_error",
+    "invalid_request",
+    "authentication",
+    "context_length",
+]
+ERROR_KINDS: tuple[str, ...] = get_args(ErrorKind)
+RetryAfterStyle = Literal["seconds", "date", "ms"]
+_SIM_FAULTS = ("ok", "reset", "stall", "eof", "garbage", "http")
+_RETRY_AFTER_STATUSES = frozenset({429, 503, 529})
+
+
+# --- the fault script ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HttpFaults:
+    """The HTTP-only faults of one attempt."""
+
+    reset_bytes: int | None = None
+    drop_at: int | None = None
+    slow_first_byte_ms: float = 0.0
+    html_status: int | None = None
+    json_error: ErrorKind | None = None
+    error_at: int | None = None
+    error_kind: ErrorKind = "server_error"
+    shape_at: int | None = None
+    split_utf8: bool = False
+    random_chunks: bool = False
+    thinking: bool = False
+    retry_after: RetryAfterStyle = "seconds"
+
+    @property
+    def cut_at(self) -> int | None:
+        """Text events to send before an event-level HTTP fault, if any."""
+        points = [n for n in (self.drop_at, self.error_at, self.shape_at) if n is not None]
+        return min(points) if points else None
+
+
+@dataclass(frozen=True, slots=True)
+class MockFaultItem:
+    sim: str  # the simulator part ("ok" when none)
+    http: HttpFaults
+
+
+def _count(text: str, what: str, field: str, position: int) -> int:
+    if not text.isdigit():
+        raise RequestError(f"{field}: item {position}: {what} needs a whole number, got {text!r}")
+    return int(text)
+
+
+def _status(text: str, field: str, position: int) -> int:
+    if not text.isdigit() or not 100 <= int(text) <= 599:
+        raise RequestError(f"{field}: item {position}: {text!r} is not an HTTP status")
+    return int(text)
+
+
+def _error_kind(text: str, field: str, position: int) -> ErrorKind:
+    if text not in ERROR_KINDS:
+        raise RequestError(
+            f"{field}: item {position}: error kind {text!r} is not one of {', '.join(ERROR_KINDS)}"
+        )
+    return text  # type: ignore[return-value]
+
+
+def _apply_http_fault(faults: HttpFaults, part: str, field: str, position: int) -> HttpFaults:
+    name, at, argument = part.partition("@")
+    if at:
+        if name == "reset_bytes":
+            return replace(faults, reset_bytes=_count(argument, name, field, position))
+        if name == "drop":
+            return replace(faults, drop_at=_count(argument, name, field, position))
+        if name == "slow_first_byte":
+            return replace(faults, slow_first_byte_ms=_count(argument, name, field, position))
+        if name == "shape":
+            return replace(faults, shape_at=_count(argument, name, field, position))
+        if name == "error":
+            count, colon, kind = argument.partition(":")
+            return replace(
+                faults,
+                error_at=_count(count, name, field, position),
+                error_kind=_error_kind(kind, field, position) if colon else "server_error",
+            )
+    name, colon, argument = part.partition(":")
+    if name == "html":
+        return replace(faults, html_status=_status(argument, field, position) if colon else 200)
+    if name == "json_error" and colon:
+        return replace(faults, json_error=_error_kind(argument, field, position))
+    if name == "retry_after" and argument in ("seconds", "date", "ms"):
+        return replace(faults, retry_after=argument)  # type: ignore[arg-type]
+    if part == "split_utf8":
+        return replace(faults, split_utf8=True)
+    if part == "random_chunks":
+        return replace(faults, random_chunks=True)
+    if part == "thinking":
+        return replace(faults, thinking=True)
+    raise RequestError(
+        f"{field}: item {position}: {part!r} is not a fault (see the mock upstream's "
+        "documentation: ok, reset@N, stall@N, eof@N, garbage@N, http:CODE, reset_bytes@N, "
+        "drop@N, slow_first_byte@MS, html[:CODE], json_error:KIND, error@N[:KIND], shape@N, "
+        "split_utf8, random_chunks, thinking, retry_after:seconds|date|ms)"
+    )
+
+
+def parse_mock_faults(script: str, field: str = FAULTS_HEADER) -> tuple[MockFaultItem, ...]:
+    """Parse the fault script; raises RequestError naming `field` and the item."""
+    if not script.strip():
+        return ()
+    items: list[MockFaultItem] = []
+    for position, raw in enumerate(script.split(","), start=1):
+        sim_part = ""
+        http = HttpFaults()
+        for part in (piece.strip() for piece in raw.split("+")):
+            head = part.split("@", 1)[0].split(":", 1)[0]
+            if head in _SIM_FAULTS:
+                if sim_part:
+                    raise RequestError(
+                        f"{field}: item {position} has two simulator faults "
+                        f"({sim_part!r} and {part!r})"
+                    )
+                sim_part = part
+            else:
+                http = _apply_http_fault(http, part, field, position)
+        items.append(MockFaultItem(sim=sim_part or "ok", http=http))
+    # The simulator validates its own part of every item.
+    parse_fault_script(",".join(item.sim for item in items), field=field)
+    return tuple(items)
+
+
+# --- wire formats -------------------------------------------------------------------------------
+
+
+def _json(value: object) -> str:
+    # ensure_ascii=False: characters go out as UTF-8 bytes, which split_utf8 can split.
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+_OPENAI_ERRORS: dict[str, tuple[str, str | None, str]] = {
+    "rate_limit": ("requests", "rate_limit_exceeded", "Rate limit reached for requests"),
+    "overloaded": ("server_error", "server_overloaded", "The server is overloaded"),
+    "server_error": ("server_error", None, "The server had an error processing your request"),
+    "invalid_request": ("invalid_request_error", None, "Invalid request"),
+    "authentication": ("invalid_request_error", "invalid_api_key", "Incorrect API key provided"),
+    "context_length": (
+        "invalid_request_error",
+        "context_length_exceeded",
+        "This model's maximum context length is 128000 tokens.",
+    ),
+}
+
+_ANTHROPIC_ERRORS: dict[str, tuple[str, str]] = {
+    "rate_limit": ("rate_limit_error", "Number of requests has exceeded your rate limit"),
+    "overloaded": ("overloaded_error", "Overloaded"),
+    "server_error": ("api_error", "Internal server error"),
+    "invalid_request": ("invalid_request_error", "Invalid request"),
+    "authentication": ("authentication_error", "invalid x-api-key"),
+    "context_length": (
+        "invalid_request_error",
+        "prompt is too long: 210000 tokens > 200000 maximum",
+    ),
+}
+
+_ANTHROPIC_STATUS_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+
+
+def _kind_for_status(status: int) -> ErrorKind:
+    if status == 429:
+        return "rate_limit"
+    if status in (503, 529):
+        return "overloaded"
+    if status == 401:
+        return "authentication"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request"
+
+
+class _OpenAIWire:
+    """Chat Completions chunks (https://platform.openai.com/docs/api-reference/chat/streaming)."""
+
+    def __init__(self, model: str, include_usage: bool, created: int) -> None:
+        self._model = model
+        self._include_usage = include_usage
+        self._created = created
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        chunk = {
+            "id": "chatcmpl-sim",
+            "object": "chat.completion.chunk",
+            "created": self._created,
+            "model": self._model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }
+        return f"data: {_json(chunk)}\n\n".encode()
+
+    def preamble(self, plan: AttemptPlan, thinking: bool) -> list[bytes]:
+        events = [self._chunk({"role": "assistant", "content": ""})]
+        if thinking:
+            events.append(self._chunk({"reasoning_content": "Let me think about that."}))
+        return events
+
+    def text(self, piece: str) -> bytes:
+        return self._chunk({"content": piece})
+
+    def finish(self, plan: AttemptPlan) -> list[bytes]:
+        events = [self._chunk({}, plan.finish_reason)]
+        if self._include_usage:
+            usage = {
+                "prompt_tokens": plan.usage.prompt_tokens,
+                "completion_tokens": plan.usage.completion_tokens,
+                "total_tokens": plan.usage.prompt_tokens + plan.usage.completion_tokens,
+            }
+            chunk = {
+                "id": "chatcmpl-sim",
+                "object": "chat.completion.chunk",
+                "created": self._created,
+                "model": self._model,
+                "choices": [],
+                "usage": usage,
+            }
+            events.append(f"data: {_json(chunk)}\n\n".encode())
+        events.append(b"data: [DONE]\n\n")
+        return events
+
+    def garbage(self) -> bytes:
+        return b'data: {"choices": [{"index": 0, "delta": {"content": "oops\n\n'
+
+    def wrong_shape(self) -> bytes:
+        return b'data: {"choices": {"index": 0, "delta": "not an object"}}\n\n'
+
+    def error_object(self, kind: str) -> dict[str, Any]:
+        error_type, code, message = _OPENAI_ERRORS[kind]
+        return {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+
+    def status_error(self, status: int, message: str = "") -> dict[str, Any]:
+        body = self.error_object(_kind_for_status(status))
+        if message:
+            body["error"]["message"] = message
+        return body
+
+    def error_event(self, kind: str) -> bytes:
+        return f"data: {_json(self.error_object(kind))}\n\n".encode()
+
+    def whole(self, plan: AttemptPlan) -> dict[str, Any]:
+        return {
+            "id": "chatcmpl-sim",
+            "object": "chat.completion",
+            "created": self._created,
+            "model": self._model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(plan.pieces)},
+                    "finish_reason": plan.finish_reason,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": plan.usage.prompt_tokens,
+                "completion_tokens": plan.usage.completion_tokens,
+                "total_tokens": plan.usage.prompt_tokens + plan.usage.completion_tokens,
+            },
+        }
+
+
+class _AnthropicWire:
+    """Messages events (https://docs.anthropic.com/en/docs/build-with-claude/streaming)."""
+
+    STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
+
+    def __init__(self, model: str) -> None:
+        self._model = model
+        self._text_index = 0
+
+    @staticmethod
+    def _event(name: str, data: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: {_json({'type': name, **data})}\n\n".encode()
+
+    def preamble(self, plan: AttemptPlan, thinking: bool) -> list[bytes]:
+        message: dict[str, Any] = {
+            "id": "msg_sim",
+            "type": "message",
+            "role": "assistant",
+            "content": [],
+            "model": self._model,
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": plan.usage.prompt_tokens, "output_tokens": 1},
+        }
+        events = [self._event("message_start", {"message": message})]
+        if thinking:
+            events += [
+                self._event(
+                    "content_block_start",
+                    {"index": 0, "content_block": {"type": "thinking", "thinking": ""}},
+                ),
+                self._event(
+                    "content_block_delta",
+                    {"index": 0, "delta": {"type": "thinking_delta", "thinking": "Let me think."}},
+                ),
+                self._event(
+                    "content_block_delta",
+                    {"index": 0, "delta": {"type": "signature_delta", "signature": "c2ln"}},
+                ),
+                self._event("content_block_stop", {"index": 0}),
+            ]
+            self._text_index = 1
+        events += [
+            self._event(
+                "content_block_start",
+                {"index": self._text_index, "content_block": {"type": "text", "text": ""}},
+            ),
+            self._event("ping", {}),
+        ]
+        return events
+
+    def text(self, piece: str) -> bytes:
+        return self._event(
+            "content_block_delta",
+            {"index": self._text_index, "delta": {"type": "text_delta", "text": piece}},
+        )
+
+    def finish(self, plan: AttemptPlan) -> list[bytes]:
+        stop_reason = self.STOP_REASONS.get(plan.finish_reason, plan.finish_reason)
+        return [
+            self._event("content_block_stop", {"index": self._text_index}),
+            self._event(
+                "message_delta",
+                {
+                    "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                    "usage": {"output_tokens": plan.usage.completion_tokens},
+                },
+            ),
+            self._event("message_stop", {}),
+        ]
+
+    def garbage(self) -> bytes:
+        return (
+            b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, "de\n\n'
+        )
+
+    def wrong_shape(self) -> bytes:
+        return self._event(
+            "content_block_delta",
+            {"index": self._text_index, "delta": {"type": "text_delta", "text": 42}},
+        )
+
+    def error_object(self, kind: str) -> dict[str, Any]:
+        error_type, message = _ANTHROPIC_ERRORS[kind]
+        return {"type": "error", "error": {"type": error_type, "message": message}}
+
+    def status_error(self, status: int, message: str = "") -> dict[str, Any]:
+        error_type = _ANTHROPIC_STATUS_TYPES.get(status)
+        if error_type is None:
+            return self.error_object(_kind_for_status(status))
+        default_message = dict(_ANTHROPIC_ERRORS.values()).get(error_type, f"HTTP {status}")
+        return {
+            "type": "error",
+            "error": {"type": error_type, "message": message or default_message},
+        }
+
+    def error_event(self, kind: str) -> bytes:
+        return f"event: error\ndata: {_json(self.error_object(kind))}\n\n".encode()
+
+    def whole(self, plan: AttemptPlan) -> dict[str, Any]:
+        return {
+            "id": "msg_sim",
+            "type": "message",
+            "role": "assistant",
+            "model": self._model,
+            "content": [{"type": "text", "text": "".join(plan.pieces)}],
+            "stop_reason": self.STOP_REASONS.get(plan.finish_reason, plan.finish_reason),
+            "stop_sequence": None,
+            "usage": {
+                "input_tokens": plan.usage.prompt_tokens,
+                "output_tokens": plan.usage.completion_tokens,
+            },
+        }
+
+
+_Wire = _OpenAIWire | _AnthropicWire
+
+_HTML_PAGE = (
+    "<!DOCTYPE html>\n<html><head><title>{status} {reason}</title></head>\n"
+    "<body><center><h1>{status} {reason}</h1></center><hr><center>nginx</center></body></html>\n"
+)
+
+
+# --- request bodies ------------------------------------------------------------
+
+
+class _BadRequest(Exception):
+    """A request the mock rejects with 400; the message names the field."""
+
+
+def _text_of(content: object, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for block in content:
+            if isinstance(block, dict) and isinstance(block.get("text"), str):
+                parts.append(block["text"])
+        return "".join(parts)
+    raise _BadRequest(f"{where} must be a string or a list of text blocks")
+
+
+_ROLES: dict[str, Role] = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+}
+
+
+def _messages(raw: object, field: str) -> list[Message]:
+    if not isinstance(raw, list) or not raw:
+        raise _BadRequest(f"{field} must be a non-empty list")
+    messages = []
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict) or not isinstance(item.get("role"), str):
+            raise _BadRequest(f"{field}[{index}] must be an object with a role")
+        role = _ROLES.get(item["role"], "user")
+        messages.append(
+            Message(role, _text_of(item.get("content", ""), f"{field}[{index}].content"))
+        )
+    return messages
+
+
+def _max_tokens(body: dict[str, Any], *keys: str) -> int | None:
+    for key in keys:
+        value = body.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise _BadRequest(f"{key} must be a positive integer")
+        return value
+    return None
+
+
+# --- the server ----------------------------------------------------------------
+
+
+_METADATA_KEY = re.compile(r'metadata\["sim\.([a-z_]+)"\]')
+
+
+def _as_header_names(message: str) -> str:
+    """The simulator names `metadata["sim.pace_ms"]`; here it came as a header."""
+    return _METADATA_KEY.sub(
+        lambda match: SIM_HEADER_PREFIX + match.group(1).replace("_", "-"), message
+    )
+
+
+class _ConnectionCut(Exception):
+    """The mock cut the connection on purpose; the handler just ends."""
+
+
+class _BodyWriter:
+    """Writes SSE bytes with the attempt's write-level faults."""
+
+    def __init__(
+        self, request: web.Request, response: web.StreamResponse, faults: HttpFaults, seed: str
+    ) -> None:
+        self._request = request
+        self._response = response
+        self._faults = faults
+        self._rng = random.Random(seed)
+        self.sent = 0
+
+    async def write(self, data: bytes) -> None:
+        limit = self._faults.reset_bytes
+        if limit is not None and self.sent + len(data) >= limit:
+            await self._send(data[: limit - self.sent])
+            await self.cut(reset=True)
+        await self._send(data)
+
+    async def _send(self, data: bytes) -> None:
+        if not data:
+            return
+        pieces = [data]
+        if self._faults.split_utf8:
+            pieces = _split_inside_character(data)
+        if self._faults.random_chunks:
+            pieces = [part for piece in pieces for part in self._random_split(piece)]
+        for index, piece in enumerate(pieces):
+            if index:
+                # Let the event loop run so the reader can see the pieces apart.
+                await asyncio.sleep(0)
+            await self._response.write(piece)
+            self.sent += len(piece)
+
+    def _random_split(self, data: bytes) -> list[bytes]:
+        pieces = []
+        position = 0
+        while position < len(data):
+            size = self._rng.randint(1, 16)
+            pieces.append(data[position : position + size])
+            position += size
+        return pieces
+
+    async def cut(self, *, reset: bool) -> None:
+        """Flush what was written, then RST (reset) or FIN mid-body (drop)."""
+        transport = self._request.transport
+        if transport is not None:
+            # Bounded: the peer may have stopped reading.
+            for _ in range(1000):
+                if transport.get_write_buffer_size() == 0:
+                    break
+                await asyncio.sleep(0.001)
+            if reset:
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    # SO_LINGER 0: close() sends RST instead of FIN.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                transport.abort()
+            else:
+                transport.close()
+        raise _ConnectionCut
+
+
+def _split_inside_character(data: bytes) -> list[bytes]:
+    for index, byte in enumerate(data):
+        if byte >= 0xC0:  # the lead byte of a multi-byte UTF-8 character
+            return [data[: index + 1], data[index + 1 :]]
+    middle = len(data) // 2
+    return [data[:middle], data[middle:]]
+
+
+class MockUpstream:
+    """The mock upstream server. `await start()`, use `base_url`, `await stop()`."""
+
+    def __init__(self, *, clock: Clock | None = None, access_log: bool = False) -> None:
+        self._clock = clock or SystemClock()
+        self._access_log = access_log
+        self._runner: web.AppRunner | None = None
+        self._stopping = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.host = ""
+        self.port = 0
+        self.active_requests = 0
+        self.requests_served = 0
+
+    @property
+    def base_url(self) -> str:
+        """The `base_url` for either provider kind."""
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6
+        return f"http://{host}:{self.port}/v1"
+
+    def build_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat_completions)
+        app.router.add_post("/v1/messages", self._messages)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Listen (port 0 picks a free port); returns the actual port."""
+        options: dict[str, Any] = {} if self._access_log else {"access_log": None}
+        runner = web.AppRunner(
+            self.build_app(),
+            handler_cancellation=True,  # a client that leaves cancels its handler
+            shutdown_timeout=2.0,
+            **options,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.host = host
+        self.port = runner.addresses[0][1]  # port 0: the one the OS picked
+        return self.port
+
+    async def wait_idle(self) -> None:
+        """Return once no request is being handled (bound it with a timeout)."""
+        await self._idle.wait()
+
+    async def stop(self) -> None:
+        """Stop listening, end stalled answers and close every connection."""
+        self._stopping.set()
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def __aenter__(self) -> MockUpstream:
+        if self._runner is None:
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # --- handlers ---------------------------------------------------------------------------
+
+    async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, self._openai_request)
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, self._anthropic_request)
+
+    async def _handle(
+        self,
+        request: web.Request,
+        read: Callable[
+            [web.Request, dict[str, Any]], Awaitable[tuple[_Wire, list[Message], int | None, bool]]
+        ],
+    ) -> web.StreamResponse:
+        self.active_requests += 1
+        self._idle.clear()
+        try:
+            anthropic = request.path.endswith("/messages")
+            fallback_wire: _Wire = (
+                _AnthropicWire("sim") if anthropic else _OpenAIWire("sim", False, 0)
+            )
+            try:
+                body = await request.json()
+                if not isinstance(body, dict):
+                    raise _BadRequest("the body must be a JSON object")
+                wire, messages, max_tokens, stream = await read(request, body)
+                settings, attempt, faults = self._controls(request, str(body.get("model", "")))
+            except (_BadRequest, RequestError, ValueError) as exc:
+                message = _as_header_names(str(exc))
+                return web.json_response(fallback_wire.status_error(400, message), status=400)
+            plan = plan_attempt(
+                tuple(messages), max_tokens=max_tokens, attempt=attempt, settings=settings
+            )
+            return await self._respond(request, wire, plan, settings, attempt, faults, stream)
+        finally:
+            self.active_requests -= 1
+            self.requests_served += 1
+            if not self.active_requests:
+                self._idle.set()
+
+    async def _openai_request(
+        self, request: web.Request, body: dict[str, Any]
+    ) -> tuple[_Wire, list[Message], int | None, bool]:
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise _BadRequest("model must be a non-empty string")
+        messages = _messages(body.get("messages"), "messages")
+        options = body.get("stream_options") or {}
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        wire = _OpenAIWire(
+            model.split(MODEL_FAULT_SEPARATOR, 1)[0], include_usage, int(self._clock.wall())
+        )
+        max_tokens = _max_tokens(body, "max_completion_tokens", "max_tokens")
+        return wire, messages, max_tokens, body.get("stream") is True
+
+    async def _anthropic_request(
+        self, request: web.Request, body: dict[str, Any]
+    ) -> tuple[_Wire, list[Message], int | None, bool]:
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise _BadRequest("model must be a non-empty string")
+        max_tokens = _max_tokens(body, "max_tokens")
+        if max_tokens is None:
+            raise _BadRequest("max_tokens is required")
+        messages = _messages(body.get("messages"), "messages")
+        system = body.get("system")
+        if system:
+            messages.insert(0, Message("system", _text_of(system, "system")))
+        wire = _AnthropicWire(model.split(MODEL_FAULT_SEPARATOR, 1)[0])
+        return wire, messages, max_tokens, body.get("stream") is True
+
+    def _controls(self, request: web.Request, model: str) -> tuple[SimSettings, int, HttpFaults]:
+        raw_attempt = request.headers.get(ATTEMPT_HEADER, "1")
+        if not raw_attempt.isdigit() or int(raw_attempt) < 1:
+            raise _BadRequest(f"{ATTEMPT_HEADER} must be a positive integer, got {raw_attempt!r}")
+        attempt = int(raw_attempt)
+        _, has_suffix, suffix = model.partition(MODEL_FAULT_SEPARATOR)
+        if FAULTS_HEADER in request.headers:
+            items = parse_mock_faults(request.headers[FAULTS_HEADER], FAULTS_HEADER)
+        elif has_suffix:
+            items = parse_mock_faults(suffix, f"model suffix {MODEL_FAULT_SEPARATOR}{suffix}")
+        else:
+            items = ()
+        metadata = [
+            ("sim." + name[len(SIM_HEADER_PREFIX) :].replace("-", "_"), value)
+            for name, value in ((name.lower(), value) for name, value in request.headers.items())
+            if name.startswith(SIM_HEADER_PREFIX) and name not in (ATTEMPT_HEADER, FAULTS_HEADER)
+        ]
+        metadata.append(("sim.faults", ",".join(item.sim for item in items)))
+        settings = SimSettings.from_metadata(tuple(metadata))
+        faults = items[attempt - 1].http if attempt <= len(items) else HttpFaults()
+        return settings, attempt, faults
+
+    async def _respond(
+        self,
+        request: web.Request,
+        wire: _Wire,
+        plan: AttemptPlan,
+        settings: SimSettings,
+        attempt: int,
+        faults: HttpFaults,
+        stream: bool,
+    ) -> web.StreamResponse:
+        if faults.slow_first_byte_ms:
+            await asyncio.sleep(faults.slow_first_byte_ms / 1000.0)
+        if faults.html_status is not None:
+            reason = "OK" if faults.html_status == 200 else "Bad Gateway"
+            page = _HTML_PAGE.format(status=faults.html_status, reason=reason)
+            return web.Response(status=faults.html_status, text=page, content_type="text/html")
+        if faults.json_error is not None:
+            return web.json_response(wire.error_object(faults.json_error), status=200)
+        if plan.fault.kind == "http":
+            status = plan.fault.n
+            headers = {}
+            if status in _RETRY_AFTER_STATUSES:
+                headers = self._retry_after_headers(settings.retry_after_s, faults.retry_after)
+            return web.json_response(wire.status_error(status), status=status, headers=headers)
+        if not stream:
+            return web.json_response(wire.whole(plan))
+
+        response = web.StreamResponse(
+            status=200,
+            headers={
+                "content-type": "text/event-stream; charset=utf-8",
+                "cache-control": "no-cache",
+            },
+        )
+        await response.prepare(request)
+        out = _BodyWriter(request, response, faults, f"{settings.seed}:{attempt}")
+        try:
+            await self._write_stream(out, wire, plan, settings, faults)
+        except _ConnectionCut:
+            pass
+        return response
+
+    async def _write_stream(
+        self,
+        out: _BodyWriter,
+        wire: _Wire,
+        plan: AttemptPlan,
+        settings: SimSettings,
+        faults: HttpFaults,
+    ) -> None:
+        for event in wire.preamble(plan, faults.thinking):
+            await out.write(event)
+        pieces = plan.pieces
+        cut_at = faults.cut_at
+        if cut_at is not None:
+            pieces = pieces[:cut_at]
+        pace_s = settings.pace_ms / 1000.0
+        for piece in pieces:
+            if pace_s:
+                await asyncio.sleep(pace_s)
+            await out.write(wire.text(piece))
+        if cut_at is not None:
+            if cut_at == faults.drop_at:
+                await out.cut(reset=False)
+            elif cut_at == faults.error_at:
+                await out.write(wire.error_event(faults.error_kind))
+            else:
+                await out.write(wire.wrong_shape())
+            return
+        kind = plan.fault.kind
+        if kind == "reset":
+            await out.cut(reset=True)
+        elif kind == "stall":
+            await self._stopping.wait()  # the client leaving cancels this handler
+            await out.cut(reset=False)
+        elif kind == "garbage":
+            await out.write(wire.garbage())
+        elif kind == "ok":
+            for event in wire.finish(plan):
+                await out.write(event)
+        # "eof": the body just ends
+
+    def _retry_after_headers(self, seconds: float, style: RetryAfterStyle) -> dict[str, str]:
+        if style == "ms":
+            return {"retry-after-ms": str(round(seconds * 1000))}
+        if style == "date":
+            when = datetime.fromtimestamp(math.ceil(self._clock.wall() + seconds), UTC)
+            return {"retry-after": email.utils.format_datetime(when, usegmt=True)}
+        return {"retry-after": str(math.ceil(seconds))}
+
+
+async def start_mock_upstream(
+    host: str = "127.0.0.1", port: int = 0, *, clock: Clock | None = None
+) -> tuple[MockUpstream, int]:
+    """Start a mock upstream; returns it (call `await stop()`) and its port."""
+    upstream = MockUpstream(clock=clock)
+    actual_port = await upstream.start(host, port)
+    return upstream, actual_port
+
+
+async def serve_mock_upstream(host: str, port: int) -> None:
+    """Run until SIGINT/SIGTERM (or cancellation)."""
+    upstream = MockUpstream(access_log=True)
+    await upstream.start(host, port)
+    print(
+        f'mock upstream listening: base_url = "{upstream.base_url}" (kind "openai" or "anthropic")',
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on every platform
+            loop.add_signal_handler(signal_number, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await upstream.stop()
+
+
+def main(host: str = "127.0.0.1", port: int = 8081) -> None:
+    """Entry point for `tokenrelay mock-upstream --host --port`."""
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve_mock_upstream(host, port))

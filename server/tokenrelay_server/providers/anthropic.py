@@ -1,0 +1,303 @@
+"""Anthropic Messages streaming.
+
+Wire format (https://docs.anthropic.com/en/docs/build-with-claude/streaming):
+`POST {base_url}/messages` with `"stream": true`, headers `x-api-key` and
+`anthropic-version`, answers named events whose data repeats the name in
+`type`:
+
+    event: message_start        {"message": {…, "usage": {"input_tokens": 25, …}}}
+    event: content_block_start  {"index": 0, "content_block": {"type": "text", "text": ""}}
+    event: ping
+    event: content_block_delta  {"index": 0, "delta": {"type": "text_delta", "text": "Hello"}}
+    event: content_block_stop   {"index": 0}
+    event: message_delta        {"delta": {"stop_reason": "end_turn"},
+                                 "usage": {"output_tokens": 15}}
+    event: message_stop
+
+- Only `text_delta` is answer text. `thinking_delta` and `signature_delta`
+  (extended thinking), `input_json_delta` (tool use) and `citations_delta`
+  are not.
+- `message_delta` carries the stop reason and the cumulative output tokens;
+  stop reasons are mapped to the gateway's finish reasons: end_turn and
+  stop_sequence → stop, max_tokens → length, tool_use → tool_calls,
+  refusal → content_filter; others pass through.
+- `event: error` can arrive mid-stream (`{"type": "error", "error": {"type":
+  "overloaded_error", "message": "Overloaded"}}`) and is classified like an
+  error body.
+- Unknown event types are ignored, as Anthropic's versioning policy asks.
+- The stream is complete at `message_stop`, or at the end of the body once
+  the stop reason arrived. A body that ends with neither is NO_FINISH_REASON.
+
+Continuation: the partial answer goes last as an assistant message, which
+Claude continues as a prefill (the API rejects a prefill that ends in
+whitespace, so trailing whitespace is trimmed; the stitcher removes what the
+model repeats). With `assistant_prefill = false` the OpenAI-style instruction
+is used instead. System messages become the top-level `system` string.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from .. import classify
+from ..clock import Clock, SystemClock
+from ..errors import UpstreamError, upstream_error
+from ..model import Usage
+from .base import CONTINUE_INSTRUCTION, Delta, Finish, ProviderRequest, TextDelta, UsageReport
+from .config import ProviderConfig
+from .http_stream import sim_headers, stream_deltas
+from .sse import ServerSentEvent
+
+STOP_REASONS: dict[str, str] = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+
+
+def messages_body(
+    request: ProviderRequest, *, default_max_tokens: int, assistant_prefill: bool = True
+) -> dict[str, Any]:
+    """The JSON body of a streaming Messages request."""
+    system = "\n\n".join(m.content for m in request.messages if m.role == "system")
+    messages: list[dict[str, str]] = [
+        {"role": m.role, "content": m.content} for m in request.messages if m.role != "system"
+    ]
+    if request.continuation:
+        prefill = request.continuation.rstrip()
+        if assistant_prefill:
+            if prefill:  # an all-whitespace prefill is rejected; the model starts over
+                messages.append({"role": "assistant", "content": prefill})
+        else:
+            messages.append({"role": "assistant", "content": prefill or request.continuation})
+            messages.append({"role": "user", "content": CONTINUE_INSTRUCTION})
+    params = request.params
+    body: dict[str, Any] = {
+        "model": request.model,
+        "max_tokens": params.max_tokens if params.max_tokens is not None else default_max_tokens,
+        "messages": messages,
+        "stream": True,
+    }
+    if system:
+        body["system"] = system
+    if params.temperature is not None:
+        body["temperature"] = params.temperature
+    if params.top_p is not None:
+        body["top_p"] = params.top_p
+    if params.stop:
+        body["stop_sequences"] = list(params.stop)
+    return body
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+class MessagesParser:
+    """Anthropic Messages SSE events → deltas. Sans-IO; one per attempt."""
+
+    def __init__(self) -> None:
+        self.tokens_received = 0
+        self.stop_reason: str | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self._stopped = False
+
+    @property
+    def ended(self) -> bool:
+        return self._stopped
+
+    @property
+    def answer_complete(self) -> bool:
+        return self.stop_reason is not None
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens)
+
+    def _shape(self, detail: str) -> UpstreamError:
+        return upstream_error(
+            classify.unexpected_shape(detail, tokens_received=self.tokens_received)
+        )
+
+    def on_event(self, event: ServerSentEvent) -> list[Delta]:
+        if self._stopped or event.event == "ping":
+            return []
+        try:
+            data = json.loads(event.data)
+        except ValueError:
+            raise upstream_error(
+                classify.malformed_data(
+                    f"invalid JSON in a {event.event} event: {event.data[:80]!r}",
+                    tokens_received=self.tokens_received,
+                )
+            ) from None
+        if not isinstance(data, dict):
+            raise self._shape(f"the {event.event} event is not a JSON object")
+        # The name is in both `event:` and `type`; a proxy that drops the
+        # `event:` lines leaves the default "message".
+        name = event.event if event.event != "message" else str(data.get("type", ""))
+        if name == "error" or data.get("type") == "error":
+            payload = classify.error_payload_fields(data) or classify.ErrorPayload(
+                "", "", event.data[:200]
+            )
+            raise upstream_error(
+                classify.classify_provider_error(
+                    payload.type,
+                    payload.code,
+                    payload.message,
+                    tokens_received=self.tokens_received,
+                )
+            )
+        handler = _HANDLERS.get(name)
+        return handler(self, data) if handler is not None else []
+
+    def _message_start(self, data: dict[str, Any]) -> list[Delta]:
+        message = data.get("message")
+        if not isinstance(message, dict):
+            raise self._shape("message_start without a message object")
+        usage = message.get("usage")
+        if isinstance(usage, dict):
+            self._read_usage(usage)
+        return []
+
+    def _content_block_start(self, data: dict[str, Any]) -> list[Delta]:
+        block = data.get("content_block")
+        if not isinstance(block, dict):
+            raise self._shape("content_block_start without a content_block object")
+        if block.get("type") == "text":
+            return self._text(block.get("text", ""))
+        return []  # thinking, redacted_thinking, tool_use, …
+
+    def _content_block_delta(self, data: dict[str, Any]) -> list[Delta]:
+        delta = data.get("delta")
+        if not isinstance(delta, dict):
+            raise self._shape("content_block_delta without a delta object")
+        if delta.get("type") == "text_delta":
+            if "text" not in delta:
+                raise self._shape("text_delta without text")
+            return self._text(delta["text"])
+        return []  # thinking_delta, signature_delta, input_json_delta, citations_delta
+
+    def _text(self, text: object) -> list[Delta]:
+        if not isinstance(text, str):
+            raise self._shape("text is not a string")
+        if not text:
+            return []
+        self.tokens_received += 1
+        return [TextDelta(text)]
+
+    def _message_delta(self, data: dict[str, Any]) -> list[Delta]:
+        delta = data.get("delta")
+        if not isinstance(delta, dict):
+            raise self._shape("message_delta without a delta object")
+        reason = delta.get("stop_reason")
+        if reason is not None:
+            if not isinstance(reason, str):
+                raise self._shape("stop_reason is not a string")
+            self.stop_reason = reason
+        usage = data.get("usage")
+        if usage is None:
+            return []
+        if not isinstance(usage, dict):
+            raise self._shape("usage is not an object")
+        self._read_usage(usage)
+        return [UsageReport(self.usage)]
+
+    def _message_stop(self, data: dict[str, Any]) -> list[Delta]:
+        self._stopped = True
+        return []
+
+    def _read_usage(self, usage: dict[str, Any]) -> None:
+        if "input_tokens" in usage:
+            # Cached prompt tokens are prompt tokens too.
+            self.prompt_tokens = (
+                _count(usage.get("input_tokens"))
+                + _count(usage.get("cache_creation_input_tokens"))
+                + _count(usage.get("cache_read_input_tokens"))
+            )
+        if "output_tokens" in usage:
+            self.completion_tokens = _count(usage.get("output_tokens"))  # cumulative
+
+    def on_end(self) -> list[Delta]:
+        if self.stop_reason is None and not self._stopped:
+            raise upstream_error(classify.missing_finish(tokens_received=self.tokens_received))
+        reason = self.stop_reason or "end_turn"
+        return [Finish(STOP_REASONS.get(reason, reason), self.usage)]
+
+
+_HANDLERS = {
+    "message_start": MessagesParser._message_start,
+    "content_block_start": MessagesParser._content_block_start,
+    "content_block_delta": MessagesParser._content_block_delta,
+    "message_delta": MessagesParser._message_delta,
+    "message_stop": MessagesParser._message_stop,
+}
+
+
+class AnthropicProvider:
+    """An Anthropic Messages upstream."""
+
+    def __init__(
+        self,
+        name: str,
+        config: ProviderConfig,
+        client: httpx.AsyncClient,
+        *,
+        api_key: str | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self._name = name
+        self._config = config
+        self._client = client
+        self._api_key = api_key
+        self._clock = clock or SystemClock()
+        self._url = f"{config.base_url.rstrip('/')}/messages"
+
+    def __repr__(self) -> str:
+        return f"AnthropicProvider(name={self._name!r}, url={self._url!r})"
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def config(self) -> ProviderConfig:
+        return self._config
+
+    def build_request(self, request: ProviderRequest) -> httpx.Request:
+        headers = {
+            "accept": "text/event-stream",
+            "accept-encoding": "identity",
+            "anthropic-version": self._config.anthropic_version,
+            **sim_headers(request, forward_metadata=self._config.forward_sim_headers),
+        }
+        if self._api_key:
+            headers["x-api-key"] = self._api_key
+        body = messages_body(
+            request,
+            default_max_tokens=self._config.default_max_tokens,
+            assistant_prefill=self._config.assistant_prefill,
+        )
+        return self._client.build_request("POST", self._url, json=body, headers=headers)
+
+    def stream(self, request: ProviderRequest) -> AsyncIterator[Delta]:
+        return stream_deltas(
+            self._client,
+            self.build_request(request),
+            MessagesParser(),
+            provider=self._name,
+            attempt=request.attempt,
+            max_response_bytes=self._config.max_response_bytes,
+            clock=self._clock,
+            secrets=(self._api_key,) if self._api_key else (),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,262 @@
+"""OpenAI-compatible Chat Completions streaming (OpenAI, vLLM, Ollama,
+llama.cpp server, OpenRouter, Together, …).
+
+Wire format (https://platform.openai.com/docs/api-reference/chat/streaming):
+`POST {base_url}/chat/completions` with `"stream": true` answers
+`text/event-stream` whose events carry no `event:` name and whose data is a
+`chat.completion.chunk` object, then the literal `data: [DONE]`:
+
+    data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}
+    data: {"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}
+    data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}
+    data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11}}
+    data: [DONE]
+
+- The first delta usually has only the role (and `content: ""`): no text.
+- `finish_reason` is stop, length, content_filter, tool_calls (or the
+  deprecated function_call); it is passed through as the `Finish` reason.
+- With `stream_options.include_usage` the usage arrives in a last chunk with
+  empty `choices`, after the finish reason and before `[DONE]`.
+- An error mid-stream is a chunk with an `error` object
+  (`data: {"error": {"message", "type", "code"}}`; OpenRouter also sets
+  `finish_reason: "error"` beside it); `event: error` is read the same way.
+- `reasoning_content` / `reasoning` deltas (DeepSeek, vLLM, OpenRouter) are
+  thinking, not answer text; `tool_calls` deltas are not text either.
+- The stream is complete at `[DONE]`, or at the end of the body once a
+  finish reason arrived (some servers omit `[DONE]`). A body that ends with
+  neither is NO_FINISH_REASON.
+
+Continuation: the original messages, the partial answer as an assistant
+message, then a user message with `CONTINUE_INSTRUCTION` (Chat Completions
+has no assistant prefill).
+
+`ChatCompletionsParser` and `chat_completions_body` are sans-IO; the
+`OpenAIProvider` only wires them to `http_stream.stream_deltas`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from .. import classify
+from ..clock import Clock, SystemClock
+from ..errors import UpstreamError, upstream_error
+from ..model import Usage
+from .base import CONTINUE_INSTRUCTION, Delta, Finish, ProviderRequest, TextDelta, UsageReport
+from .config import ProviderConfig
+from .http_stream import sim_headers, stream_deltas
+from .sse import ServerSentEvent
+
+DONE_MARKER = "[DONE]"
+
+
+def chat_messages(request: ProviderRequest) -> list[dict[str, str]]:
+    """The conversation to send, with the continuation when there is one."""
+    messages = [{"role": m.role, "content": m.content} for m in request.messages]
+    if request.continuation:
+        messages.append({"role": "assistant", "content": request.continuation})
+        messages.append({"role": "user", "content": CONTINUE_INSTRUCTION})
+    return messages
+
+
+def chat_completions_body(request: ProviderRequest, *, include_usage: bool) -> dict[str, Any]:
+    """The JSON body of a streaming Chat Completions request."""
+    body: dict[str, Any] = {
+        "model": request.model,
+        "messages": chat_messages(request),
+        "stream": True,
+    }
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    params = request.params
+    # `max_tokens` rather than `max_completion_tokens`: every compatible
+    # server understands it.
+    if params.max_tokens is not None:
+        body["max_tokens"] = params.max_tokens
+    if params.temperature is not None:
+        body["temperature"] = params.temperature
+    if params.top_p is not None:
+        body["top_p"] = params.top_p
+    if params.stop:
+        body["stop"] = list(params.stop)
+    return body
+
+
+def _shape_error(detail: str, tokens_received: int) -> UpstreamError:
+    return upstream_error(classify.unexpected_shape(detail, tokens_received=tokens_received))
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def parse_usage(raw: object, tokens_received: int) -> Usage:
+    if not isinstance(raw, dict):
+        raise _shape_error("usage is not an object", tokens_received)
+    return Usage(
+        prompt_tokens=_count(raw.get("prompt_tokens")),
+        completion_tokens=_count(raw.get("completion_tokens")),
+    )
+
+
+class ChatCompletionsParser:
+    """Chat Completions SSE events → deltas. Sans-IO; one per attempt."""
+
+    def __init__(self) -> None:
+        self.tokens_received = 0
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+        self._done = False
+
+    @property
+    def ended(self) -> bool:
+        return self._done
+
+    @property
+    def answer_complete(self) -> bool:
+        return self.finish_reason is not None
+
+    def on_event(self, event: ServerSentEvent) -> list[Delta]:
+        if self._done:
+            return []
+        data = event.data
+        if data[:1] != "{" and data.strip() == DONE_MARKER:
+            self._done = True
+            return []
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise upstream_error(
+                classify.malformed_data(
+                    f"invalid JSON in a data event: {data[:80]!r}",
+                    tokens_received=self.tokens_received,
+                )
+            ) from None
+        if event.event == "error" and not isinstance(chunk, dict):
+            chunk = {"error": str(chunk)}
+        if not isinstance(chunk, dict):
+            raise _shape_error("a data event is not a JSON object", self.tokens_received)
+        payload = classify.error_payload_fields(chunk) if "error" in chunk else None
+        if payload is not None or event.event == "error":
+            payload = payload or classify.ErrorPayload("", "", json.dumps(chunk)[:200])
+            raise upstream_error(
+                classify.classify_provider_error(
+                    payload.type,
+                    payload.code,
+                    payload.message,
+                    tokens_received=self.tokens_received,
+                )
+            )
+        deltas: list[Delta] = []
+        choices = chunk.get("choices")
+        raw_usage = chunk.get("usage")
+        if choices is None and raw_usage is None:
+            raise _shape_error("a chunk with neither choices nor usage", self.tokens_received)
+        if choices is not None:
+            if not isinstance(choices, list):
+                raise _shape_error("choices is not a list", self.tokens_received)
+            for choice in choices:
+                deltas.extend(self._choice(choice))
+        if raw_usage is not None:
+            self.usage = parse_usage(raw_usage, self.tokens_received)
+            deltas.append(UsageReport(self.usage))
+        return deltas
+
+    def _choice(self, choice: object) -> list[Delta]:
+        if not isinstance(choice, dict):
+            raise _shape_error("a choice is not an object", self.tokens_received)
+        if choice.get("index", 0) != 0:
+            return []  # we ask for one choice; ignore any other
+        deltas: list[Delta] = []
+        delta = choice.get("delta")
+        if delta is not None:
+            if not isinstance(delta, dict):
+                raise _shape_error("delta is not an object", self.tokens_received)
+            content = delta.get("content")
+            if content is not None and not isinstance(content, str):
+                raise _shape_error("delta.content is not a string", self.tokens_received)
+            if content:
+                self.tokens_received += 1
+                deltas.append(TextDelta(content))
+        reason = choice.get("finish_reason")
+        if reason is not None:
+            if not isinstance(reason, str):
+                raise _shape_error("finish_reason is not a string", self.tokens_received)
+            if reason == "error":  # OpenRouter, without an error object
+                raise upstream_error(
+                    classify.classify_provider_error(
+                        "server_error",
+                        message="the stream finished with finish_reason 'error'",
+                        tokens_received=self.tokens_received,
+                    )
+                )
+            if reason:
+                self.finish_reason = reason
+        return deltas
+
+    def on_end(self) -> list[Delta]:
+        if self.finish_reason is None and not self._done:
+            raise upstream_error(classify.missing_finish(tokens_received=self.tokens_received))
+        # `[DONE]` with no finish reason: the server ended the answer normally.
+        return [Finish(self.finish_reason or "stop", self.usage)]
+
+
+class OpenAIProvider:
+    """An OpenAI-compatible Chat Completions upstream."""
+
+    def __init__(
+        self,
+        name: str,
+        config: ProviderConfig,
+        client: httpx.AsyncClient,
+        *,
+        api_key: str | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self._name = name
+        self._config = config
+        self._client = client
+        self._api_key = api_key
+        self._clock = clock or SystemClock()
+        self._url = f"{config.base_url.rstrip('/')}/chat/completions"
+
+    def __repr__(self) -> str:
+        return f"OpenAIProvider(name={self._name!r}, url={self._url!r})"
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def config(self) -> ProviderConfig:
+        return self._config
+
+    def build_request(self, request: ProviderRequest) -> httpx.Request:
+        headers = {
+            "accept": "text/event-stream",
+            "accept-encoding": "identity",  # gzip would hold tokens back in buffers
+            **sim_headers(request, forward_metadata=self._config.forward_sim_headers),
+        }
+        if self._api_key:
+            headers["authorization"] = f"Bearer {self._api_key}"
+        body = chat_completions_body(request, include_usage=self._config.include_usage)
+        return self._client.build_request("POST", self._url, json=body, headers=headers)
+
+    def stream(self, request: ProviderRequest) -> AsyncIterator[Delta]:
+        return stream_deltas(
+            self._client,
+            self.build_request(request),
+            ChatCompletionsParser(),
+            provider=self._name,
+            attempt=request.attempt,
+            max_response_bytes=self._config.max_response_bytes,
+            clock=self._clock,
+            secrets=(self._api_key,) if self._api_key else (),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

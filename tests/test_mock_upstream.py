@@ -1,0 +1,577 @@
+"""The real adapters against the mock upstream over a real socket.
+
+Every fault the mock can inject must reach the caller as the right
+`UpstreamError` with the right code. Every test ends with the leak checks of
+the fixtures: no httpx connection left in use, every client closed with an
+empty pool, no mock handler still running, no asyncio task left over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tokenrelay_server.clock import ManualClock
+from tokenrelay_server.errors import (
+    ApplicationError,
+    DataError,
+    NetworkError,
+    ProtocolError,
+    RequestError,
+    ResourceError,
+    SuggestedAction,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from tokenrelay_server.mock_upstream import (
+    MockUpstream,
+    parse_mock_faults,
+    start_mock_upstream,
+)
+from tokenrelay_server.model import GenerationParams, Message
+from tokenrelay_server.providers.anthropic import AnthropicProvider
+from tokenrelay_server.providers.base import Delta, Finish, ProviderRequest, TextDelta
+from tokenrelay_server.providers.config import (
+    ProviderConfig,
+    build_providers,
+    load_upstream_config,
+    make_client,
+)
+from tokenrelay_server.providers.openai import OpenAIProvider
+from tokenrelay_server.providers.sim import SimProvider
+
+KINDS = ["openai", "anthropic"]
+MESSAGES = (Message("system", "Answer briefly."), Message("user", "Tell me about relays."))
+Provider = OpenAIProvider | AnthropicProvider
+
+
+async def until_idle(upstream: MockUpstream, *, within: float = 5.0) -> None:
+    """Wait, for at most `within` seconds, until no mock handler is running."""
+    async with asyncio.timeout(within):
+        await upstream.wait_idle()
+
+
+def pool_of(client: httpx.AsyncClient) -> Any:
+    return client._transport._pool  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()  # a fixed wall clock shared by the mock and the adapters
+
+
+@pytest.fixture
+async def upstream(clock: ManualClock) -> AsyncIterator[MockUpstream]:
+    baseline = asyncio.all_tasks()
+    mock = MockUpstream(clock=clock)
+    await mock.start("127.0.0.1", 0)
+    yield mock
+    await until_idle(mock)  # every handler has ended
+    await mock.stop()
+    stray = [t for t in asyncio.all_tasks() - baseline if t is not asyncio.current_task()]
+    assert not stray, f"tasks left over: {stray}"
+
+
+class Providers:
+    """Builds adapters pointed at the mock and checks their pools at the end."""
+
+    def __init__(self, upstream: MockUpstream, clock: ManualClock) -> None:
+        self.upstream = upstream
+        self.clock = clock
+        self.made: list[Provider] = []
+
+    def __call__(self, kind: str, base_url: str | None = None, **config: Any) -> Provider:
+        cfg = ProviderConfig(
+            kind=kind,  # type: ignore[arg-type]
+            base_url=base_url or self.upstream.base_url,
+            **{"forward_sim_headers": True, **config},
+        )
+        client = make_client(cfg)
+        cls = OpenAIProvider if kind == "openai" else AnthropicProvider
+        provider = cls(f"mock-{kind}", cfg, client, api_key="test-key", clock=self.clock)
+        self.made.append(provider)
+        return provider
+
+    async def close_and_check(self) -> None:
+        for provider in self.made:
+            pool = pool_of(provider._client)
+            busy = [c for c in pool.connections if not (c.is_idle() or c.is_closed())]
+            assert not busy, f"connections still in use: {busy}"
+            await provider.aclose()
+            assert pool.connections == []
+
+
+@pytest.fixture
+async def make(upstream: MockUpstream, clock: ManualClock) -> AsyncIterator[Providers]:
+    providers = Providers(upstream, clock)
+    yield providers
+    await providers.close_and_check()
+
+
+def request(
+    faults: str = "",
+    *,
+    max_tokens: int = 12,
+    attempt: int = 1,
+    continuation: str = "",
+    model: str = "sim-model",
+    **sim: str,
+) -> ProviderRequest:
+    metadata = [("sim.faults", faults)] if faults else []
+    metadata += [(f"sim.{key}", value) for key, value in sim.items()]
+    return ProviderRequest(
+        model=model,
+        messages=MESSAGES,
+        params=GenerationParams(max_tokens=max_tokens),
+        attempt=attempt,
+        continuation=continuation,
+        metadata=tuple(metadata),
+    )
+
+
+async def run(provider: Any, req: ProviderRequest) -> tuple[list[Delta], UpstreamError | None]:
+    deltas: list[Delta] = []
+    try:
+        async for delta in provider.stream(req):
+            deltas.append(delta)
+    except UpstreamError as error:
+        return deltas, error
+    return deltas, None
+
+
+def text_of(deltas: list[Delta]) -> str:
+    return "".join(d.text for d in deltas if isinstance(d, TextDelta))
+
+
+async def sim_text(req: ProviderRequest) -> str:
+    deltas, error = await run(SimProvider(), req)
+    assert error is None
+    return text_of(deltas)
+
+
+# --- the same text as the in-process simulator ----------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_clean_answer_over_http_is_the_simulators_answer(make: Providers, kind: str):
+    req = request(max_tokens=30)
+    deltas, error = await run(make(kind), req)
+    assert error is None
+    assert text_of(deltas) == await sim_text(req)
+    assert isinstance(deltas[-1], Finish)
+    assert deltas[-1].reason == "stop"
+    assert deltas[-1].usage is not None and deltas[-1].usage.completion_tokens == 30
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_continuation_over_http_carries_on_like_the_simulator(make: Providers, kind: str):
+    partial = await sim_text(request(max_tokens=7))
+    req = request(max_tokens=10, continuation=partial)
+    deltas, error = await run(make(kind), req)
+    assert error is None
+    assert text_of(deltas) == await sim_text(req)
+    assert partial + text_of(deltas) == await sim_text(request(max_tokens=17))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    "faults",
+    [
+        pytest.param("split_utf8", id="characters split across writes"),
+        pytest.param("random_chunks", id="random chunking"),
+        pytest.param("split_utf8+random_chunks", id="both at once"),
+    ],
+)
+async def test_write_level_chunking_does_not_change_the_text(make: Providers, kind: str, faults):
+    req = request(faults, max_tokens=60, seed="utf8")
+    deltas, error = await run(make(kind), req)
+    assert error is None
+    assert text_of(deltas) == await sim_text(request(max_tokens=60, seed="utf8"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_thinking_is_not_part_of_the_answer(make: Providers, kind: str):
+    deltas, error = await run(make(kind), request("thinking"))
+    assert error is None
+    assert text_of(deltas) == await sim_text(request())
+
+
+# --- every fault → the right error ----------------------------------------------------------------
+
+FAULTS = [
+    pytest.param(
+        "reset@3", NetworkError, "ECONNRESET", 3, id="a reset after 3 tokens is ECONNRESET"
+    ),
+    pytest.param(
+        "reset_bytes@700",
+        NetworkError,
+        "ECONNRESET",
+        None,
+        id="a reset after 700 bytes is ECONNRESET",
+    ),
+    pytest.param(
+        "drop@3",
+        NetworkError,
+        "UNEXPECTED_EOF",
+        3,
+        id="a connection closed mid body is UNEXPECTED_EOF",
+    ),
+    pytest.param(
+        "eof@3", DataError, "NO_FINISH_REASON", 3, id="a body ending without a finish reason"
+    ),
+    pytest.param("garbage@3", DataError, "MALFORMED_DATA", 3, id="broken JSON is MALFORMED_DATA"),
+    pytest.param("shape@2", DataError, "UNEXPECTED_SHAPE", 2, id="an event of the wrong shape"),
+    pytest.param(
+        "error@3:overloaded", ApplicationError, "OVERLOADED", 3, id="an overloaded event mid stream"
+    ),
+    pytest.param(
+        "error@1:rate_limit",
+        ApplicationError,
+        "RATE_LIMITED",
+        1,
+        id="a rate limit event mid stream",
+    ),
+    pytest.param(
+        "error@0:context_length",
+        ApplicationError,
+        "CONTEXT_LENGTH_EXCEEDED",
+        0,
+        id="a context length error event",
+    ),
+    pytest.param(
+        "error@2:authentication",
+        ApplicationError,
+        "AUTHENTICATION_FAILED",
+        2,
+        id="an authentication error event",
+    ),
+    pytest.param(
+        "error@2:invalid_request",
+        ApplicationError,
+        "INVALID_REQUEST",
+        2,
+        id="an invalid request error event",
+    ),
+    pytest.param(
+        "error@2:server_error", ApplicationError, "PROVIDER_ERROR", 2, id="a server error event"
+    ),
+    pytest.param(
+        "json_error:overloaded", ApplicationError, "OVERLOADED", 0, id="a JSON error body with 200"
+    ),
+    pytest.param("http:429", ProtocolError, "HTTP_429", 0, id="HTTP 429"),
+    pytest.param("http:529", ProtocolError, "HTTP_529", 0, id="HTTP 529"),
+    pytest.param("http:500", ProtocolError, "HTTP_500", 0, id="HTTP 500"),
+    pytest.param("http:502", ProtocolError, "HTTP_502", 0, id="HTTP 502"),
+    pytest.param("http:503", ProtocolError, "HTTP_503", 0, id="HTTP 503"),
+    pytest.param("http:504", ProtocolError, "HTTP_504", 0, id="HTTP 504"),
+    pytest.param("http:401", ProtocolError, "HTTP_401", 0, id="HTTP 401"),
+    pytest.param("http:400", ProtocolError, "HTTP_400", 0, id="HTTP 400"),
+    pytest.param("html", ProtocolError, "WRONG_CONTENT_TYPE", 0, id="an HTML page with 200"),
+    pytest.param("html:502", ProtocolError, "HTTP_502", 0, id="an HTML page with 502"),
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("faults", "error_class", "code", "tokens"), FAULTS)
+async def test_each_injected_fault_reaches_the_caller_classified(
+    make: Providers, kind: str, faults: str, error_class: type, code: str, tokens: int | None
+):
+    deltas, error = await run(make(kind), request(faults, attempt=1))
+    assert isinstance(error, error_class), error
+    fault = error.fault
+    assert fault.code == code
+    assert (fault.provider, fault.attempt) == (f"mock-{kind}", 1)
+    if tokens is not None:
+        assert fault.tokens_received == tokens
+        assert text_of(deltas) == await sim_text(request(max_tokens=tokens))
+    if fault.retryable:
+        expected = SuggestedAction.RESUME if fault.tokens_received else SuggestedAction.RETRY
+        assert fault.suggested_action is expected
+    else:
+        assert fault.suggested_action is SuggestedAction.ABORT
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    ("faults", "sim", "retry_after"),
+    [
+        pytest.param("http:429", {}, 1.0, id="Retry-After in seconds"),
+        pytest.param("http:429", {"retry_after_s": "3"}, 3.0, id="the delay the request asked for"),
+        pytest.param(
+            "http:529+retry_after:date",
+            {"retry_after_s": "2"},
+            2.0,
+            id="Retry-After as an HTTP date",
+        ),
+        pytest.param(
+            "http:503+retry_after:ms", {"retry_after_s": "0.25"}, 0.25, id="retry-after-ms"
+        ),
+    ],
+)
+async def test_retry_after_reaches_the_fault(make, kind, faults, sim, retry_after):
+    _, error = await run(make(kind), request(faults, **sim))
+    assert error is not None
+    assert error.fault.retry_after_s == retry_after
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_the_fault_script_applies_per_attempt(make: Providers, kind: str):
+    provider = make(kind)
+    _, first = await run(provider, request("reset@2,http:503,ok", attempt=1))
+    _, second = await run(provider, request("reset@2,http:503,ok", attempt=2))
+    third, error = await run(provider, request("reset@2,http:503,ok", attempt=3))
+    assert first is not None and first.fault.code == "ECONNRESET"
+    assert second is not None and second.fault.code == "HTTP_503"
+    assert error is None and isinstance(third[-1], Finish)
+
+
+async def test_a_model_name_suffix_injects_faults_without_headers(make: Providers):
+    _, error = await run(make("openai", forward_sim_headers=False), request(model="gpt#http:502"))
+    assert error is not None and error.fault.code == "HTTP_502"
+
+
+async def test_the_fault_header_wins_over_the_model_suffix(make: Providers):
+    _, error = await run(make("openai"), request("http:504", model="gpt#http:502"))
+    assert error is not None and error.fault.code == "HTTP_504"
+
+
+async def test_a_bad_fault_script_is_a_400_that_names_the_header(make: Providers):
+    _, error = await run(make("anthropic"), request("explode@3"))
+    assert error is not None and error.fault.code == "HTTP_400"
+    assert "x-sim-faults" in error.fault.message
+
+
+# --- network failures below HTTP ------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_refused_connection_is_econnrefused(make: Providers, kind: str):
+    provider = make(kind, base_url=f"http://127.0.0.1:{_closed_port()}/v1")
+    _, error = await run(provider, request())
+    assert isinstance(error, NetworkError)
+    assert error.fault.code == "ECONNREFUSED"
+
+
+async def test_tls_to_a_plain_http_server_is_a_tls_error(make: Providers, upstream: MockUpstream):
+    provider = make("openai", base_url=f"https://127.0.0.1:{upstream.port}/v1")
+    _, error = await run(provider, request())
+    assert isinstance(error, NetworkError)
+    assert error.fault.code == "TLS_ERROR"
+
+
+async def test_a_listener_that_never_accepts_is_a_connect_timeout(make: Providers):
+    # A full accept queue drops SYNs, so the connect hangs until the timeout.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        fillers = []
+        try:
+            for _ in range(4):
+                filler = socket.socket()
+                filler.setblocking(False)
+                filler.connect_ex(listener.getsockname())
+                fillers.append(filler)
+            host, port = listener.getsockname()
+            provider = make("openai", base_url=f"http://{host}:{port}/v1", connect_timeout_s=0.2)
+            _, error = await run(provider, request())
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert isinstance(error, UpstreamTimeout)
+    assert error.fault.code == "CONNECT_TIMEOUT"
+    assert error.fault.retryable
+
+
+# --- stalls and slow starts are the caller's timeouts; nothing may leak ---------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_stalled_stream_blocks_until_the_caller_gives_up_and_then_closes(
+    make: Providers, upstream: MockUpstream, kind: str
+):
+    stream = make(kind).stream(request("stall@2"))
+    received = [await anext(stream), await anext(stream)]  # type: ignore[call-overload]
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):  # the generation loop's stall timeout
+            await anext(stream)  # type: ignore[call-overload]
+    assert text_of(received) == await sim_text(request(max_tokens=2))
+    await until_idle(upstream)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_slow_first_byte_is_abandoned_cleanly_by_the_caller(
+    make: Providers, upstream: MockUpstream, kind: str
+):
+    stream = make(kind).stream(request("slow_first_byte@60000"))
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):  # the generation loop's first-token timeout
+            await anext(stream)  # type: ignore[call-overload]
+    await until_idle(upstream)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_slow_first_byte_still_answers_when_waited_for(make: Providers, kind: str):
+    deltas, error = await run(make(kind), request("slow_first_byte@50"))
+    assert error is None
+    assert text_of(deltas) == await sim_text(request())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_response_over_the_size_cap_is_cut_off(make: Providers, kind: str):
+    deltas, error = await run(make(kind, max_response_bytes=3_000), request(max_tokens=500))
+    assert isinstance(error, ResourceError)
+    assert error.fault.code == "RESPONSE_TOO_LARGE"
+    assert 0 < error.fault.tokens_received == len(deltas)
+    assert error.fault.bytes_received > 3_000
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_the_consumer_closing_early_closes_the_connection(
+    make: Providers, upstream: MockUpstream, kind: str
+):
+    stream = make(kind).stream(request(max_tokens=200, pace_ms="5"))
+    await anext(stream)  # type: ignore[call-overload]
+    await stream.aclose()  # type: ignore[attr-defined]
+    await until_idle(upstream)
+
+
+# --- pooling --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_sequential_streams_reuse_one_pooled_connection(make: Providers, kind: str):
+    provider = make(kind)
+    for _ in range(3):
+        _, error = await run(provider, request())
+        assert error is None
+    assert len(pool_of(provider._client).connections) == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_concurrent_streams_share_the_client(make: Providers, kind: str):
+    provider = make(kind)
+    requests = [request(max_tokens=20, seed=str(n)) for n in range(20)]
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(run(provider, req)) for req in requests]
+    for task, req in zip(tasks, requests, strict=True):
+        deltas, error = task.result()
+        assert error is None
+        assert text_of(deltas) == await sim_text(req)
+
+
+# --- building from configuration ------------------------------------------------------------------
+
+
+async def test_providers_built_from_config_stream_from_the_mock(upstream: MockUpstream):
+    document = {
+        "providers": {
+            "local-openai": {
+                "kind": "openai",
+                "base_url": upstream.base_url,
+                "api_key_env": "LOCAL_OPENAI_KEY",
+            },
+            "local-anthropic": {"kind": "anthropic", "base_url": upstream.base_url},
+        },
+        "models": {
+            "fast": {
+                "chain": [
+                    {"provider": "local-openai", "model": "gpt-4o-mini"},
+                    {"provider": "local-anthropic", "model": "claude-3-5-haiku-latest"},
+                ]
+            }
+        },
+    }
+    config = load_upstream_config(document, "test.toml")
+    providers = build_providers(config, {"LOCAL_OPENAI_KEY": "k-123"})
+    try:
+        for entry in config.models["fast"].chain:
+            deltas, error = await run(providers[entry.provider], request())
+            assert error is None
+            assert text_of(deltas) == await sim_text(request())
+    finally:
+        for provider in providers.values():
+            await provider.aclose()
+
+
+# --- the mock itself ------------------------------------------------------------------------------
+
+
+async def test_a_request_without_stream_gets_the_whole_answer(upstream: MockUpstream):
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"{upstream.base_url}/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5},
+        )
+    message = response.json()["choices"][0]["message"]
+    assert message["content"] == await sim_text(
+        ProviderRequest("m", (Message("user", "Hi"),), GenerationParams(max_tokens=5))
+    )
+
+
+async def test_anthropic_requests_need_max_tokens_like_the_real_api(upstream: MockUpstream):
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"{upstream.base_url}/messages",
+            json={"model": "m", "messages": [{"role": "user", "content": "Hi"}], "stream": True},
+        )
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert "max_tokens" in response.json()["error"]["message"]
+
+
+async def test_start_mock_upstream_returns_the_port_it_listens_on():
+    mock, port = await start_mock_upstream("127.0.0.1", 0)
+    try:
+        assert port == mock.port > 0
+        async with httpx.AsyncClient() as client:
+            response = await client.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions", content=b"not json"
+            )
+        assert response.status_code == 400
+        assert json.loads(response.content)["error"]["type"] == "invalid_request_error"
+    finally:
+        await mock.stop()
+
+
+@pytest.mark.parametrize(
+    ("script", "problem"),
+    [
+        pytest.param("reset@x", "reset@x", id="a count that is not a number"),
+        pytest.param(
+            "reset@2+stall@3", "two simulator faults", id="two simulator faults in one item"
+        ),
+        pytest.param("error@2:meteor", "meteor", id="an unknown error kind"),
+        pytest.param("html:999", "999", id="a status that is not HTTP"),
+        pytest.param("ok,frobnicate", "item 2", id="an unknown fault names its item"),
+    ],
+)
+def test_bad_fault_scripts_are_rejected_with_the_item(script: str, problem: str):
+    with pytest.raises(RequestError) as caught:
+        parse_mock_faults(script)
+    assert problem in str(caught.value)
+
+
+def test_a_fault_script_splits_simulator_and_http_parts():
+    items = parse_mock_faults("reset@5+split_utf8, http:429+retry_after:date ,drop@2")
+    assert [item.sim for item in items] == ["reset@5", "http:429", "ok"]
+    assert items[0].http.split_utf8
+    assert items[1].http.retry_after == "date"
+    assert items[2].http.drop_at == 2
+
+
+async def test_a_bad_simulator_setting_is_a_400_that_names_the_header(make: Providers):
+    _, error = await run(make("openai"), request(pace_ms="fast"))
+    assert error is not None and error.fault.code == "HTTP_400"
+    assert "x-sim-pace-ms" in error.fault.message
