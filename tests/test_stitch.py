@@ -14,7 +14,9 @@ from tokenrelay_server.stitch import Stitcher, overlap_length
 
 def stitch(delivered: str, pieces: list[str], **kwargs) -> str:
     stitcher = Stitcher(delivered, **kwargs)
-    return "".join(stitcher.feed(p) for p in pieces) + stitcher.finish()
+    out = [piece for p in pieces for piece in stitcher.feed(p)] + stitcher.finish()
+    assert all(out), "no empty pieces"
+    return "".join(out)
 
 
 def chunked(text: str, cuts: list[int]) -> list[str]:
@@ -36,9 +38,16 @@ def test_overlaps_shorter_than_the_minimum_are_kept() -> None:
 
 def test_the_start_is_held_only_while_a_longer_overlap_is_possible() -> None:
     stitcher = Stitcher("hello world")
-    assert stitcher.feed("wor") == ""  # could be "world…"
-    assert stitcher.feed("ld and more") == " and more"
+    assert stitcher.feed("wor") == []  # could be "world…"
+    assert stitcher.feed("ld and more") == [" and more"]
     assert stitcher.trimmed == 5
+
+
+def test_released_pieces_keep_the_delta_boundaries() -> None:
+    stitcher = Stitcher("one two three four")
+    assert stitcher.feed(" two") == []  # could be repeating " two three four"
+    assert stitcher.feed(" five") == [" two", " five"]
+    assert stitcher.feed(" six") == [" six"]
 
 
 @settings(max_examples=150, deadline=None)

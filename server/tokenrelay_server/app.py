@@ -90,6 +90,9 @@ def build_recovery(settings: Settings, clock: Clock, rng: random.Random | None =
             breaker_settings=BreakerSettings(
                 failure_threshold=settings.breaker_failure_threshold,
                 cooldown_s=settings.breaker_cooldown_s,
+                failure_rate=settings.breaker_failure_rate,
+                min_calls=settings.breaker_min_calls,
+                window_s=settings.breaker_window_s,
             ),
             retry_budget_ratio=settings.retry_budget_ratio,
         ),

@@ -129,6 +129,7 @@ class CircuitBreaker:
         if calls < self._settings.min_calls:
             return False
         failures = sum(1 for _, failed in self._outcomes if failed)
+        # failure_rate = 1 turns the rate rule off: no share exceeds it.
         return failures / calls > self._settings.failure_rate
 
     def _record(self, *, failed: bool) -> None:

@@ -51,6 +51,9 @@ class Settings(BaseModel):
     # [breaker]
     breaker_failure_threshold: int = Field(5, ge=1)
     breaker_cooldown_s: float = Field(30.0, ge=0)
+    breaker_failure_rate: float = Field(0.5, gt=0, le=1)
+    breaker_min_calls: int = Field(20, ge=1)
+    breaker_window_s: float = Field(60.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Provider and model tables ([providers.*], [models.*]) from the config file.
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
@@ -72,7 +75,15 @@ RECOVERY_KEYS = frozenset(
         "selection",
     }
 )
-BREAKER_KEYS = frozenset({"breaker_failure_threshold", "breaker_cooldown_s"})
+BREAKER_KEYS = frozenset(
+    {
+        "breaker_failure_threshold",
+        "breaker_cooldown_s",
+        "breaker_failure_rate",
+        "breaker_min_calls",
+        "breaker_window_s",
+    }
+)
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

@@ -254,6 +254,13 @@ class Generation:
                         if not isinstance(error, _BreakerOpen):
                             breaker.record_failure()
                             health.health(route).observe_failure()
+                        if self._budget_spent():
+                            # Every token the caller asked for is delivered;
+                            # what broke afterwards cannot take any away.
+                            log.info(
+                                "stream %s: %s after the last token", self.stream_id, fault.code
+                            )
+                            return self._complete_end(Finish("length"))
                         decision = self._decide(fault, index, retries, given_up)
                         if not decision.continues:
                             log.info("stream %s: giving up: %s", self.stream_id, decision.reason)
@@ -268,15 +275,7 @@ class Generation:
                         await self._recovery.clock.sleep(decision.delay_s)
                         continue
                     breaker.record_success()
-                    usage = finish.usage or Usage(completion_tokens=self.last_seq)
-                    if self.attempts > 1:  # the answer spans attempts: count what we sent
-                        usage = Usage(usage.prompt_tokens, completion_tokens=self.last_seq)
-                    return End(
-                        finish_reason=finish.reason,
-                        total_seq=self.last_seq,
-                        text_sha256=self._digest.hexdigest(),
-                        usage=usage,
-                    )
+                    return self._complete_end(finish)
         except TimeoutError:
             if self._stop_fault is None:
                 raise
@@ -284,6 +283,21 @@ class Generation:
             return self._partial_end(self._stop_fault)
         finally:
             self._stop_scope = None
+
+    def _budget_spent(self) -> bool:
+        limit = self.request.params.max_tokens
+        return limit is not None and self.last_seq >= limit
+
+    def _complete_end(self, finish: Finish) -> End:
+        usage = finish.usage or Usage(completion_tokens=self.last_seq)
+        if self.attempts > 1:  # the answer spans attempts: count what we sent
+            usage = Usage(usage.prompt_tokens, completion_tokens=self.last_seq)
+        return End(
+            finish_reason=finish.reason,
+            total_seq=self.last_seq,
+            text_sha256=self._digest.hexdigest(),
+            usage=usage,
+        )
 
     def _decide(self, fault: Fault, index: int, retries: list[int], given_up: set[int]) -> Decision:
         health = self._recovery.health
@@ -332,7 +346,7 @@ class Generation:
         delivered = "".join(self._text_parts) if self.last_seq else ""
         params = self.request.params
         if delivered and params.max_tokens is not None:
-            params = replace(params, max_tokens=max(params.max_tokens - self.last_seq, 1))
+            params = replace(params, max_tokens=params.max_tokens - self.last_seq)
         request = ProviderRequest(
             model=route.upstream_model,
             messages=self.request.messages,
@@ -370,14 +384,16 @@ class Generation:
                     tokens += 1
                     if first_token_at is None:
                         first_token_at = loop.time()
-                    text = stitcher.feed(delta.text) if stitcher else delta.text
-                    if text:
-                        await self._emit_chunk(text, provider.name, attempt)
+                    if stitcher is None:
+                        await self._emit_chunk(delta.text, provider.name, attempt)
+                    else:
+                        for piece in stitcher.feed(delta.text):
+                            await self._emit_chunk(piece, provider.name, attempt)
                 elif isinstance(delta, UsageReport):
                     continue
                 else:
-                    if stitcher is not None and (rest := stitcher.finish()):
-                        await self._emit_chunk(rest, provider.name, attempt)
+                    for piece in stitcher.finish() if stitcher is not None else ():
+                        await self._emit_chunk(piece, provider.name, attempt)
                     self._recovery.health.health(route).observe_success(
                         None if first_token_at is None else first_token_at - started,
                         None

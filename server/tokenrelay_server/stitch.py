@@ -21,34 +21,42 @@ def overlap_length(delivered: str, continuation: str, *, window: int, min_overla
 
 
 class Stitcher:
+    """Feed the continuation's deltas; get back the pieces to emit.
+
+    Pieces keep the provider's delta boundaries (a chunk stays one delta, so
+    chunk counts still track tokens); only the repeated characters are cut
+    from the front."""
+
     def __init__(self, delivered: str, *, window: int = 256, min_overlap: int = 4) -> None:
         self._tail = delivered[-window:] if window else ""
         self._window = min(window, len(self._tail))
         self._min_overlap = max(min_overlap, 1)
-        self._held = ""
+        self._held: list[str] = []
+        self._held_text = ""
         self._decided = self._window < self._min_overlap
         self.trimmed = 0  # characters dropped as repeated
 
-    def feed(self, text: str) -> str:
-        """Text to emit now (possibly "" while the start is still undecided)."""
+    def feed(self, text: str) -> list[str]:
+        """Pieces to emit now ([] while the start is still undecided)."""
         if self._decided:
-            return text
-        self._held += text
+            return [text] if text else []
+        self._held.append(text)
+        self._held_text += text
         if self._could_grow():
-            return ""
+            return []
         return self._release()
 
-    def finish(self) -> str:
+    def finish(self) -> list[str]:
         """The continuation ended: emit whatever is still held."""
         if self._decided:
-            return ""
+            return []
         return self._release()
 
     def _could_grow(self) -> bool:
         """Whether a longer overlap than the held text can already prove is
         still possible: some suffix of the tail longer than the held text
         starts with all of it."""
-        held = self._held
+        held = self._held_text
         if len(held) >= self._window:
             return False
         for k in range(len(held) + 1, self._window + 1):
@@ -56,11 +64,18 @@ class Stitcher:
                 return True
         return False
 
-    def _release(self) -> str:
+    def _release(self) -> list[str]:
         self._decided = True
-        k = overlap_length(
-            self._tail, self._held, window=self._window, min_overlap=self._min_overlap
+        cut = overlap_length(
+            self._tail, self._held_text, window=self._window, min_overlap=self._min_overlap
         )
-        self.trimmed = k
-        out, self._held = self._held[k:], ""
+        self.trimmed = cut
+        out: list[str] = []
+        for piece in self._held:
+            if cut >= len(piece):
+                cut -= len(piece)
+                continue
+            out.append(piece[cut:])
+            cut = 0
+        self._held, self._held_text = [], ""
         return out

@@ -37,6 +37,7 @@ is used instead. System messages become the top-level `system` string.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -78,9 +79,15 @@ def messages_body(
             messages.append({"role": "assistant", "content": prefill or request.continuation})
             messages.append({"role": "user", "content": CONTINUE_INSTRUCTION})
     params = request.params
+    max_tokens = params.max_tokens if params.max_tokens is not None else default_max_tokens
+    if assistant_prefill and request.continuation != request.continuation.rstrip():
+        # The model writes the trimmed whitespace again (skip_repeated drops
+        # it): give it the token that costs, so the answer still ends where
+        # the caller's budget says.
+        max_tokens += 1
     body: dict[str, Any] = {
         "model": request.model,
-        "max_tokens": params.max_tokens if params.max_tokens is not None else default_max_tokens,
+        "max_tokens": max_tokens,
         "messages": messages,
         "stream": True,
     }
@@ -288,7 +295,7 @@ class AnthropicProvider:
         return self._client.build_request("POST", self._url, json=body, headers=headers)
 
     def stream(self, request: ProviderRequest) -> AsyncIterator[Delta]:
-        return stream_deltas(
+        deltas = stream_deltas(
             self._client,
             self.build_request(request),
             MessagesParser(),
@@ -298,6 +305,35 @@ class AnthropicProvider:
             clock=self._clock,
             secrets=(self._api_key,) if self._api_key else (),
         )
+        continuation = request.continuation
+        trimmed = continuation[len(continuation.rstrip()) :] if continuation else ""
+        if trimmed and self._config.assistant_prefill:
+            return skip_repeated(deltas, trimmed)
+        return deltas
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+async def skip_repeated(deltas: AsyncIterator[Delta], trimmed: str) -> AsyncIterator[Delta]:
+    """The prefill lost its trailing whitespace (the API refuses it), so the
+    model starts by writing it again: drop that much from the first text, which
+    the client already has. Any other text passes through untouched."""
+    pending = trimmed
+    async with contextlib.aclosing(deltas):  # type: ignore[type-var]
+        async for delta in deltas:
+            if pending and isinstance(delta, TextDelta):
+                text = delta.text
+                same = _common_prefix_length(text, pending)
+                pending = pending[same:] if same == len(text) else ""
+                if same == len(text):
+                    continue
+                delta = TextDelta(text[same:])
+            yield delta
+
+
+def _common_prefix_length(a: str, b: str) -> int:
+    for index, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return index
+    return min(len(a), len(b))
