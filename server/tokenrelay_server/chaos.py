@@ -44,6 +44,7 @@ from .config import build_settings, read_config_file
 from .mock_upstream import MockUpstream
 from .model import Message
 from .providers.sim import SimAnswer
+from .stitch import Stitcher
 
 MAX_RETRIES = 2
 PROVIDERS = ("oa1", "an1", "oa2", "an2")
@@ -121,8 +122,16 @@ class Scenario:
 
 @dataclass(frozen=True)
 class Prediction:
-    exact: bool
-    codes: frozenset[str] = frozenset()  # when not exact: the codes the end may carry
+    """The outcomes the policy allows. A TCP reset may destroy data the client
+    had not read yet (the kernel drops it on RST), so after `reset@N` anywhere
+    from 0 to N tokens arrived, and both outcomes can be right."""
+
+    exact_possible: bool
+    partial_codes: frozenset[str] = frozenset()  # the codes a partial end may carry
+
+    @property
+    def exact(self) -> bool:
+        return self.exact_possible and not self.partial_codes
 
 
 @dataclass
@@ -132,13 +141,15 @@ class Tally:
     typed_partial: int = 0
     resumed: int = 0
     violations: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
     seconds: float = 0.0
 
     def line(self) -> str:
+        seconds = self.seconds or time.perf_counter() - self.started
         return (
             f"runs={self.runs} exact={self.exact} typed-partial={self.typed_partial} "
             f"client-resumes={self.resumed} violations={len(self.violations)} "
-            f"({self.seconds:.1f} s)"
+            f"({seconds:.1f} s)"
         )
 
 
@@ -171,49 +182,75 @@ def make_scenario(rng: random.Random, index: int) -> Scenario:
     )
 
 
-def _tokens_sent(item: str) -> int | None:
-    """Text events an attempt sends before its fault (None: the whole answer)."""
+def _tokens_sent(item: str) -> tuple[int, bool] | None:
+    """(text events an attempt sends before its fault, whether a TCP reset may
+    destroy some of them); None when the attempt sends the whole answer."""
+    lossy = "reset" in item
     for part in item.split("+"):
         kind, at, rest = part.partition("@")
         if at and kind in ("reset", "stall", "eof", "garbage", "drop", "error", "shape"):
-            return int(rest.split(":")[0])
+            return int(rest.split(":")[0]), lossy
         if part.startswith(("http:", "html", "reset_bytes@")):
-            return 0
+            return 0, False
     return None
+
+
+def _emitted(tokens: SimAnswer, delivered: int, arrived: int) -> int:
+    """Chunks a failed attempt leaves: a continuation's start is held by the
+    stitcher until it can tell new text from a repeat, and what is still held
+    when the attempt breaks is dropped (the next attempt writes it again)."""
+    if not delivered or not arrived:
+        return arrived
+    stitcher = Stitcher(tokens.text(delivered))
+    return sum(
+        len(stitcher.feed(tokens.token(i))) for i in range(delivered, delivered + arrived)
+    )
 
 
 def predict(scenario: Scenario, max_retries: int = MAX_RETRIES) -> Prediction:
     """Walk the schedule as the recovery policy does (without breakers or
     budgets): retries per provider, then the next provider of the chain,
-    counting delivered tokens: once the budget is delivered the answer is
-    whole, whatever breaks after."""
+    counting delivered tokens (once the budget is delivered the answer is
+    whole, whatever breaks after). Every state a reset's data loss allows is
+    followed."""
     chain = CHAINS[scenario.alias]
     tokens = SimAnswer((Message("user", PROMPT),))
-    provider, retries, delivered = 0, 0, 0
+    exact_possible = False
+    partial_codes: set[str] = set()
+    states = {(0, 0, 0)}  # (provider, retries, delivered)
     for attempt, item in enumerate(scenario.faults):
         sent = _tokens_sent(item)
-        if sent is None:
-            return Prediction(exact=True)
-        remaining = scenario.max_tokens - delivered
-        # An Anthropic prefill loses trailing whitespace; the model writes it
-        # again first and the adapter drops it: one event that is no chunk.
-        repeated = int(
-            delivered > 0
-            and chain[provider].startswith("an")
-            and not tokens.token(delivered - 1).strip()
-        )
-        delivered += max(min(sent, remaining + repeated) - repeated, 0)
-        if delivered >= scenario.max_tokens:
-            return Prediction(exact=True)
-        if not scenario.recoverable[attempt]:
-            return Prediction(exact=False, codes=scenario.codes[attempt])
-        if retries < max_retries:
-            retries += 1
-        elif provider + 1 < len(chain):
-            provider, retries = provider + 1, 0
-        else:
-            return Prediction(exact=False, codes=scenario.codes[attempt])
-    return Prediction(exact=True)
+        following: set[tuple[int, int, int]] = set()
+        for provider, retries, delivered in states:
+            if sent is None:
+                exact_possible = True
+                continue
+            count, lossy = sent
+            remaining = scenario.max_tokens - delivered
+            # An Anthropic prefill loses trailing whitespace; the model writes
+            # it again first and the adapter drops it: one event, no chunk.
+            repeated = int(
+                delivered > 0
+                and chain[provider].startswith("an")
+                and not tokens.token(delivered - 1).strip()
+            )
+            most = max(min(count, remaining + repeated) - repeated, 0)
+            for arrived in range(most + 1) if lossy else (most,):
+                total = delivered + _emitted(tokens, delivered, arrived)
+                if total >= scenario.max_tokens:
+                    exact_possible = True
+                elif not scenario.recoverable[attempt]:
+                    partial_codes |= scenario.codes[attempt]
+                elif retries < max_retries:
+                    following.add((provider, retries + 1, total))
+                elif provider + 1 < len(chain):
+                    following.add((provider + 1, 0, total))
+                else:
+                    partial_codes |= scenario.codes[attempt]
+        states = following
+    if states:
+        exact_possible = True  # attempts past the schedule are clean
+    return Prediction(exact_possible, frozenset(partial_codes))
 
 
 def chaos_config(base_url: str, max_retries: int = MAX_RETRIES) -> str:
@@ -314,18 +351,17 @@ async def run_scenario(stub: pbg.RelayStub, scenario: Scenario) -> tuple[list[st
     if end.total_seq != len(chunks):
         problems.append(f"total_seq {end.total_seq} but {len(chunks)} chunks")
     prediction = predict(scenario)
-    if prediction.exact:
-        if end.partial:
-            problems.append(f"expected the clean text, got partial {end.error.code}")
+    if not end.partial:
+        if not prediction.exact_possible:
+            problems.append("expected a typed partial, got a complete answer")
         elif text != clean:
             problems.append("text differs from the clean text")
         return problems, "exact", resumed
-    if not end.partial:
-        problems.append("expected a typed partial, got a complete answer")
-    elif not end.error.fatal or end.error.code not in prediction.codes:
-        problems.append(
-            f"expected a fatal error in {sorted(prediction.codes)}, got {end.error.code}"
-        )
+    if not prediction.partial_codes:
+        problems.append(f"expected the clean text, got partial {end.error.code}")
+    elif not end.error.fatal or end.error.code not in prediction.partial_codes:
+        expected = sorted(prediction.partial_codes)
+        problems.append(f"expected a fatal error in {expected}, got {end.error.code}")
     if not clean.startswith(text):
         problems.append("partial text is not a prefix of the clean text")
     return problems, "partial", resumed
@@ -337,7 +373,6 @@ async def run_chaos(
     rng = random.Random(seed)
     scenarios = [make_scenario(rng, index) for index in range(runs)]
     tally = Tally()
-    started = time.perf_counter()
     async with chaos_rig() as (server, upstream):
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = pbg.RelayStub(channel)
@@ -371,5 +406,5 @@ async def run_chaos(
             while server.hub.running_generations or server.hub.attached_sessions:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
         await upstream.wait_idle()
-    tally.seconds = time.perf_counter() - started
+    tally.seconds = time.perf_counter() - tally.started
     return tally

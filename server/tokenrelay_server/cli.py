@@ -188,6 +188,23 @@ def chat(
     )
 
 
+@main.command()
+@click.option("--runs", type=int, default=1000, show_default=True, help="Seeded runs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the schedules.")
+@click.option("--concurrency", type=int, default=8, show_default=True, help="Runs at once.")
+def chaos(runs: int, seed: int, concurrency: int) -> None:
+    """Random fault schedules over real HTTP and gRPC; prints a tally and
+    every violation, and exits 1 if there is any."""
+    from .chaos import run_chaos
+
+    setup_logging("error")
+    tally = asyncio.run(run_chaos(runs, seed=seed, concurrency=concurrency, progress=True))
+    print(tally.line())
+    for violation in tally.violations:
+        print(f"VIOLATION {violation}")
+    sys.exit(1 if tally.violations else 0)
+
+
 @main.command("mock-upstream")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=int, default=8081, show_default=True, help="Port to listen on.")

@@ -25,7 +25,9 @@ class Stitcher:
 
     Pieces keep the provider's delta boundaries (a chunk stays one delta, so
     chunk counts still track tokens); only the repeated characters are cut
-    from the front."""
+    from the front. When the continuation breaks while its start is still
+    held, the held text is dropped: it may be a repeat, and the next attempt
+    continues from what was delivered and writes it again."""
 
     def __init__(self, delivered: str, *, window: int = 256, min_overlap: int = 4) -> None:
         self._tail = delivered[-window:] if window else ""
