@@ -39,7 +39,7 @@ from .errors import (
     UpstreamTimeout,
 )
 from .model import Chunk, End, LogEntry, Notice, StartRequest, StreamMeta, Usage
-from .providers.base import Finish, ProviderRequest, TextDelta, UsageReport
+from .providers.base import Finish, ProviderRequest, TextDelta
 from .recovery import Decision, RecoveryConfig, Situation, Step, decide
 from .routing import Route, Timeouts
 from .selection import SelectionMode, UpstreamHealth
@@ -166,9 +166,12 @@ class Generation:
                 )
             )
 
-    async def follow(self, after_seq: int, subscription: Subscription) -> AsyncIterator[LogEntry]:
-        """Every entry after chunk `after_seq`, then live ones, until the End.
-        The caller must have attached `subscription` (and detaches it)."""
+    async def follow(
+        self, after_seq: int, subscription: Subscription
+    ) -> AsyncIterator[list[LogEntry]]:
+        """Every entry after chunk `after_seq`, then live ones, until the End,
+        in batches (whatever arrived since the last look: one hop per batch,
+        not per chunk). The caller attached `subscription` and detaches it."""
         index = self._chunk_index[after_seq - 1] + 1 if after_seq > 0 else 0
         while True:
             if subscription.violation is not None:
@@ -176,8 +179,7 @@ class Generation:
             if index < len(self.entries):
                 batch = self.entries[index:]
                 index += len(batch)
-                for entry in batch:
-                    yield entry
+                yield batch
                 continue
             if self.end is not None:
                 return
@@ -361,47 +363,49 @@ class Generation:
         started = loop.time()
         first_token_at: float | None = None
         tokens = 0
-        async with contextlib.aclosing(provider.stream(request)) as deltas:
-            iterator = aiter(deltas)
-            while True:
-                limit = route.timeouts.stall_s if tokens else route.timeouts.first_token_s
+        finish: Finish | None = None
+        try:
+            async with asyncio.timeout(None) as idle_scope:
+                watchdog = IdleWatchdog(loop, idle_scope, route.timeouts)
                 try:
-                    async with asyncio.timeout(limit):
-                        delta = await anext(iterator)
-                except StopAsyncIteration:
-                    break
-                except TimeoutError:
-                    if self._stop_fault is not None:
-                        raise
-                    raise UpstreamTimeout(
-                        classify.stall_timeout(
-                            limit, first_token=tokens == 0, tokens_received=tokens
-                        ).with_context(provider=provider.name, attempt=attempt)
-                    ) from None
-                if isinstance(delta, TextDelta):
-                    if not delta.text:
-                        continue
-                    tokens += 1
-                    if first_token_at is None:
-                        first_token_at = loop.time()
-                    if stitcher is None:
-                        await self._emit_chunk(delta.text, provider.name, attempt)
-                    else:
-                        for piece in stitcher.feed(delta.text):
-                            await self._emit_chunk(piece, provider.name, attempt)
-                elif isinstance(delta, UsageReport):
-                    continue
-                else:
-                    for piece in stitcher.finish() if stitcher is not None else ():
-                        await self._emit_chunk(piece, provider.name, attempt)
-                    self._recovery.health.health(route).observe_success(
-                        None if first_token_at is None else first_token_at - started,
-                        None
-                        if tokens < 2 or first_token_at is None
-                        else (loop.time() - first_token_at) / (tokens - 1),
-                    )
-                    return delta
-        raise upstream_missing_finish(provider.name, attempt, tokens)
+                    async with contextlib.aclosing(provider.stream(request)) as deltas:
+                        async for delta in deltas:
+                            if isinstance(delta, TextDelta):
+                                if not delta.text:
+                                    continue
+                                tokens += 1
+                                watchdog.last_token_at = now = loop.time()
+                                if first_token_at is None:
+                                    first_token_at = now
+                                if stitcher is None:
+                                    await self._emit_chunk(delta.text, provider.name, attempt)
+                                else:
+                                    for piece in stitcher.feed(delta.text):
+                                        await self._emit_chunk(piece, provider.name, attempt)
+                            elif isinstance(delta, Finish):
+                                finish = delta
+                                break
+                finally:
+                    watchdog.cancel()
+        except TimeoutError:
+            if watchdog.expired_after is None:
+                raise  # the stop scope's, not ours
+            raise UpstreamTimeout(
+                classify.stall_timeout(
+                    watchdog.expired_after, first_token=tokens == 0, tokens_received=tokens
+                ).with_context(provider=provider.name, attempt=attempt)
+            ) from None
+        if finish is None:
+            raise upstream_missing_finish(provider.name, attempt, tokens)
+        for piece in stitcher.finish() if stitcher is not None else ():
+            await self._emit_chunk(piece, provider.name, attempt)
+        self._recovery.health.health(route).observe_success(
+            None if first_token_at is None else first_token_at - started,
+            None
+            if tokens < 2 or first_token_at is None
+            else (loop.time() - first_token_at) / (tokens - 1),
+        )
+        return finish
 
     def _partial_end(self, fault: Fault) -> End:
         return End(
@@ -454,6 +458,49 @@ class Generation:
     def _wake_all(self) -> None:
         for subscription in self._subscribers:
             subscription.wake.set()
+
+
+class IdleWatchdog:
+    """Expires `scope` when the upstream is silent too long: first-token
+    timeout before the first token, stall timeout between tokens.
+
+    One timer per timeout period instead of one per token: a token only
+    stores its time (`last_token_at`); the timer, when it fires, re-arms
+    itself at the next possible deadline or expires the scope."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, scope: asyncio.Timeout, timeouts: Timeouts
+    ) -> None:
+        self._loop = loop
+        self._scope = scope
+        self._timeouts = timeouts
+        self._started_at = loop.time()
+        self.last_token_at: float | None = None
+        self.expired_after: float | None = None  # the limit that ran out
+        # Checks come at least every stall_s, so a stall right after the first
+        # token is caught on time even when the first-token limit is longer.
+        first_check = min(timeouts.first_token_s, timeouts.stall_s)
+        self._handle = loop.call_at(self._started_at + first_check, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if self.last_token_at is None:
+            limit, deadline = (
+                self._timeouts.first_token_s,
+                self._started_at + self._timeouts.first_token_s,
+            )
+            next_check = min(deadline, now + self._timeouts.stall_s)
+        else:
+            limit, deadline = self._timeouts.stall_s, self.last_token_at + self._timeouts.stall_s
+            next_check = deadline
+        if now >= deadline:
+            self.expired_after = limit
+            self._scope.reschedule(now)
+        else:
+            self._handle = self._loop.call_at(next_check, self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 class _BreakerOpen(UpstreamError):

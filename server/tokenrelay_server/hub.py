@@ -192,8 +192,9 @@ class StreamHub:
 
     # -- reading ---------------------------------------------------------------------
 
-    async def follow(self, session: Session) -> AsyncIterator[LogEntry]:
-        """Every entry of the session's stream after its `after_seq`, until the End."""
+    async def follow(self, session: Session) -> AsyncIterator[list[LogEntry]]:
+        """Every entry of the session's stream after its `after_seq`, until the
+        End, in batches."""
         generation = session.generation
         try:
             if generation is not None:
@@ -201,8 +202,8 @@ class StreamHub:
             else:
                 source = self._follow_store(session)
             async with contextlib.aclosing(source) as entries:
-                async for entry in entries:
-                    yield entry
+                async for batch in entries:
+                    yield batch
         finally:
             self.release(session)
 
@@ -217,7 +218,7 @@ class StreamHub:
         if not self._sessions:
             self._idle.set()
 
-    async def _follow_store(self, session: Session) -> AsyncIterator[LogEntry]:
+    async def _follow_store(self, session: Session) -> AsyncIterator[list[LogEntry]]:
         stream_id = session.stream_id
         cursor = session.after_seq
         notices_seen = 0  # notices after chunk `cursor` already yielded
@@ -233,6 +234,7 @@ class StreamHub:
                     await self._end_orphan(stream_id)
                 continue
             notices_here = 0
+            batch: list[LogEntry] = []
             for entry in entries:
                 if isinstance(entry, Notice):
                     notices_here += 1
@@ -242,9 +244,13 @@ class StreamHub:
                 elif isinstance(entry, Chunk):
                     cursor = entry.seq
                     notices_seen = notices_here = 0
-                yield entry
+                batch.append(entry)
                 if isinstance(entry, End):
-                    return
+                    break
+            if batch:
+                yield batch
+            if batch and isinstance(batch[-1], End):
+                return
 
     async def _end_orphan(self, stream_id: str) -> None:
         """The owner's lease lapsed with the stream unfinished: its replica died.

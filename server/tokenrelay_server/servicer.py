@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -42,6 +43,7 @@ from .model import (
     RecoveryPolicy,
     StartRequest,
 )
+from .tokens import ResumeTokens
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +204,24 @@ def end_to_proto(end: End) -> relay_pb2.StreamEnd:
 # --- the servicer -------------------------------------------------------------------------
 
 
+class TokenCache:
+    """Fresh resume tokens for one call, signed at most once a second: a
+    token's expiry has one-second resolution, so a newer one would be equal."""
+
+    def __init__(self, tokens: ResumeTokens, stream_id: str) -> None:
+        self._tokens = tokens
+        self._stream_id = stream_id
+        self._second = -1
+        self._token = ""
+
+    def current(self) -> str:
+        second = int(time.monotonic())
+        if second != self._second:
+            self._second = second
+            self._token = self._tokens.issue(self._stream_id)
+        return self._token
+
+
 class RelayServicer(relay_pb2_grpc.RelayServicer):
     def __init__(self, hub: StreamHub, *, max_prompt_bytes: int) -> None:
         self._hub = hub
@@ -229,17 +249,19 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
                 )
             )
             interval = session.meta.checkpoint_interval
-            async with contextlib.aclosing(self._hub.follow(session)) as entries:
-                async for entry in entries:
-                    yield self._event(entry)
-                    if isinstance(entry, Chunk) and entry.seq % interval == 0:
-                        yield relay_pb2.StreamEvent(
-                            checkpoint=relay_pb2.Checkpoint(
-                                seq=entry.seq,
-                                token_count=entry.seq,
-                                resume_token=self._hub.tokens.issue(session.stream_id),
+            tokens = TokenCache(self._hub.tokens, session.stream_id)
+            async with contextlib.aclosing(self._hub.follow(session)) as batches:
+                async for batch in batches:
+                    for entry in batch:
+                        yield self._event(entry)
+                        if isinstance(entry, Chunk) and entry.seq % interval == 0:
+                            yield relay_pb2.StreamEvent(
+                                checkpoint=relay_pb2.Checkpoint(
+                                    seq=entry.seq,
+                                    token_count=entry.seq,
+                                    resume_token=tokens.current(),
+                                )
                             )
-                        )
         except TokenRelayError as error:
             await context.abort(status_for(error), str(error))
         except (asyncio.CancelledError, GeneratorExit):

@@ -45,6 +45,7 @@ DEFAULT_MAX_TOKENS = 200
 MAX_PACE_MS = 60_000
 MAX_OVERLAP = 64
 DEFAULT_RETRY_AFTER_S = 1.0
+FULL_SPEED_BURST = 16  # tokens between yields to the event loop at pace 0
 
 _WORDS = (
     "the",
@@ -368,9 +369,13 @@ class SimProvider:
             )
         pace_s = settings.pace_ms / 1000.0
         sent_bytes = 0
-        for piece in plan.pieces:
-            # sleep(0) at full speed still yields, like a socket read would.
-            await asyncio.sleep(pace_s)
+        for index, piece in enumerate(plan.pieces):
+            if pace_s:
+                await asyncio.sleep(pace_s)
+            elif index % FULL_SPEED_BURST == 0:
+                # At full speed, hand the loop back now and then, as a socket
+                # read that returns several tokens at once would.
+                await asyncio.sleep(0)
             sent_bytes += len(piece.encode())
             yield TextDelta(piece)
         context = {

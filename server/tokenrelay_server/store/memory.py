@@ -31,7 +31,7 @@ class _Stream:
     ended: bool = False
     cancel_reason: str | None = None
     lease: tuple[str, float] | None = None
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    changed: asyncio.Event | None = None  # made by the first waiter, set by the next append
 
 
 class MemoryStore:
@@ -99,8 +99,9 @@ class MemoryStore:
             stream.positions.append(position)
             stream.entries.append(entry)
         stream.expires_at = self._clock.wall() + self._retention_s
-        stream.changed.set()
-        stream.changed = asyncio.Event()
+        if stream.changed is not None:
+            stream.changed.set()
+            stream.changed = None
 
     async def read(self, stream_id: str, after_seq: int, limit: int = 1000) -> list[LogEntry]:
         stream = self._require(stream_id)
@@ -112,9 +113,12 @@ class MemoryStore:
         entries = await self.read(stream_id, after_seq)
         if entries or stream.ended:
             return entries
+        if stream.changed is None:
+            stream.changed = asyncio.Event()
+        changed = stream.changed
         try:
             async with asyncio.timeout(timeout_s):
-                await stream.changed.wait()
+                await changed.wait()
         except TimeoutError:
             return []
         return await self.read(stream_id, after_seq)
