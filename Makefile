@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo serve test lint proto bench chat clean
+.PHONY: demo serve test lint proto bench chaos chat clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ proto: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/relay_vs_echo.py
+
+chaos: $(STAMP)
+	$(BIN)/tokenrelay chaos --runs 1000
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
