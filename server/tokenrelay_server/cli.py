@@ -29,7 +29,8 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
     )
     # httpx logs every upstream request at INFO; keep that for debug.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    if level != "debug":
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _env(name: str) -> str:
