@@ -45,12 +45,10 @@ from typing import Any
 import httpx
 
 from .. import classify
-from ..clock import Clock, SystemClock
 from ..errors import UpstreamError, upstream_error
 from ..model import Usage
 from .base import CONTINUE_INSTRUCTION, Delta, Finish, ProviderRequest, TextDelta, UsageReport
-from .config import ProviderConfig
-from .http_stream import sim_headers, stream_deltas
+from .http_stream import HttpProvider, sim_headers
 from .sse import ServerSentEvent
 
 STOP_REASONS: dict[str, str] = {
@@ -248,35 +246,10 @@ _HANDLERS = {
 }
 
 
-class AnthropicProvider:
+class AnthropicProvider(HttpProvider):
     """An Anthropic Messages upstream."""
 
-    def __init__(
-        self,
-        name: str,
-        config: ProviderConfig,
-        client: httpx.AsyncClient,
-        *,
-        api_key: str | None = None,
-        clock: Clock | None = None,
-    ) -> None:
-        self._name = name
-        self._config = config
-        self._client = client
-        self._api_key = api_key
-        self._clock = clock or SystemClock()
-        self._url = f"{config.base_url.rstrip('/')}/messages"
-
-    def __repr__(self) -> str:
-        return f"AnthropicProvider(name={self._name!r}, url={self._url!r})"
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def config(self) -> ProviderConfig:
-        return self._config
+    path = "messages"
 
     def build_request(self, request: ProviderRequest) -> httpx.Request:
         headers = {
@@ -294,25 +267,16 @@ class AnthropicProvider:
         )
         return self._client.build_request("POST", self._url, json=body, headers=headers)
 
+    def parser(self) -> MessagesParser:
+        return MessagesParser()
+
     def stream(self, request: ProviderRequest) -> AsyncIterator[Delta]:
-        deltas = stream_deltas(
-            self._client,
-            self.build_request(request),
-            MessagesParser(),
-            provider=self._name,
-            attempt=request.attempt,
-            max_response_bytes=self._config.max_response_bytes,
-            clock=self._clock,
-            secrets=(self._api_key,) if self._api_key else (),
-        )
+        deltas = super().stream(request)
         continuation = request.continuation
         trimmed = continuation[len(continuation.rstrip()) :] if continuation else ""
         if trimmed and self._config.assistant_prefill:
             return skip_repeated(deltas, trimmed)
         return deltas
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
 
 
 async def skip_repeated(deltas: AsyncIterator[Delta], trimmed: str) -> AsyncIterator[Delta]:

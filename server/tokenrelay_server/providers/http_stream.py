@@ -30,15 +30,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import httpx
 
 from .. import classify
-from ..clock import Clock
+from ..clock import Clock, SystemClock
 from ..errors import Fault, UpstreamError, upstream_error
 from .base import Delta, ProviderRequest
 from .sse import ServerSentEvent, SSEDecoder
+
+if TYPE_CHECKING:
+    from .config import ProviderConfig
 
 ERROR_BODY_LIMIT = 64 * 1024
 ERROR_BODY_WAIT_S = 5.0
@@ -298,3 +301,59 @@ async def _drain(chunks: AsyncIterator[bytes]) -> None:
                 drained += len(chunk)
                 if drained > DRAIN_AFTER_END_BYTES:
                     return
+
+
+class HttpProvider:
+    """What the HTTP adapters share: one pooled client per provider, its URL,
+    its key, and the streaming loop above. A subclass names its `path`, builds
+    its request body and brings its wire parser."""
+
+    path: ClassVar[str]
+
+    def __init__(
+        self,
+        name: str,
+        config: ProviderConfig,
+        client: httpx.AsyncClient,
+        *,
+        api_key: str | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self._name = name
+        self._config = config
+        self._client = client
+        self._api_key = api_key
+        self._clock = clock or SystemClock()
+        self._url = f"{config.base_url.rstrip('/')}/{self.path}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self._name!r}, url={self._url!r})"
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def config(self) -> ProviderConfig:
+        return self._config
+
+    def build_request(self, request: ProviderRequest) -> httpx.Request:
+        raise NotImplementedError
+
+    def parser(self) -> WireParser:
+        raise NotImplementedError
+
+    def stream(self, request: ProviderRequest) -> AsyncIterator[Delta]:
+        return stream_deltas(
+            self._client,
+            self.build_request(request),
+            self.parser(),
+            provider=self._name,
+            attempt=request.attempt,
+            max_response_bytes=self._config.max_response_bytes,
+            clock=self._clock,
+            secrets=(self._api_key,) if self._api_key else (),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -37,18 +37,15 @@ has no assistant prefill).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 
 from .. import classify
-from ..clock import Clock, SystemClock
 from ..errors import UpstreamError, upstream_error
 from ..model import Usage
 from .base import CONTINUE_INSTRUCTION, Delta, Finish, ProviderRequest, TextDelta, UsageReport
-from .config import ProviderConfig
-from .http_stream import sim_headers, stream_deltas
+from .http_stream import HttpProvider, sim_headers
 from .sse import ServerSentEvent
 
 DONE_MARKER = "[DONE]"
@@ -205,35 +202,10 @@ class ChatCompletionsParser:
         return [Finish(self.finish_reason or "stop", self.usage)]
 
 
-class OpenAIProvider:
+class OpenAIProvider(HttpProvider):
     """An OpenAI-compatible Chat Completions upstream."""
 
-    def __init__(
-        self,
-        name: str,
-        config: ProviderConfig,
-        client: httpx.AsyncClient,
-        *,
-        api_key: str | None = None,
-        clock: Clock | None = None,
-    ) -> None:
-        self._name = name
-        self._config = config
-        self._client = client
-        self._api_key = api_key
-        self._clock = clock or SystemClock()
-        self._url = f"{config.base_url.rstrip('/')}/chat/completions"
-
-    def __repr__(self) -> str:
-        return f"OpenAIProvider(name={self._name!r}, url={self._url!r})"
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def config(self) -> ProviderConfig:
-        return self._config
+    path = "chat/completions"
 
     def build_request(self, request: ProviderRequest) -> httpx.Request:
         headers = {
@@ -246,17 +218,5 @@ class OpenAIProvider:
         body = chat_completions_body(request, include_usage=self._config.include_usage)
         return self._client.build_request("POST", self._url, json=body, headers=headers)
 
-    def stream(self, request: ProviderRequest) -> AsyncIterator[Delta]:
-        return stream_deltas(
-            self._client,
-            self.build_request(request),
-            ChatCompletionsParser(),
-            provider=self._name,
-            attempt=request.attempt,
-            max_response_bytes=self._config.max_response_bytes,
-            clock=self._clock,
-            secrets=(self._api_key,) if self._api_key else (),
-        )
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
+    def parser(self) -> ChatCompletionsParser:
+        return ChatCompletionsParser()
