@@ -759,3 +759,25 @@ async def test_leaving_early_keeps_the_generation_for_a_later_resume(gateway):
         result = await resumed.collect()
     assert result.text == expected
     assert result.end.verified
+
+
+async def test_a_partial_answer_is_a_result_unless_strict():
+    from tokenrelay_client import PartialAnswer, RelayClient
+    from tokenrelay_server.app import RelayServer
+    from tokenrelay_server.config import Settings
+
+    server = await RelayServer.start(Settings(port=0, resume_secret="partial-secret-0123456789"))
+    try:
+        async with RelayClient(server.address) as client:
+            kwargs = {
+                "max_tokens": 20,
+                "metadata": {"sim.faults": "http:401"},
+            }
+            result = await client.generate("sim", [("user", "hi")], **kwargs)
+            assert result.partial and result.end.error is not None
+            assert result.end.error.code == "HTTP_401"
+            with pytest.raises(PartialAnswer) as caught:
+                await client.generate("sim", [("user", "hi")], strict=True, **kwargs)
+            assert caught.value.result.end.error.code == "HTTP_401"
+    finally:
+        await server.stop()

@@ -21,6 +21,7 @@ from .client import (
 )
 from .errors import (
     DigestMismatch,
+    PartialAnswer,
     PartialStream,
     ProtocolViolation,
     ReconnectsExhausted,
@@ -49,6 +50,7 @@ __all__ = [
     "ErrorDetail",
     "Event",
     "Notice",
+    "PartialAnswer",
     "PartialStream",
     "ProtocolViolation",
     "Reconnected",

@@ -61,6 +61,7 @@ from tokenrelay.v1 import relay_pb2, relay_pb2_grpc
 
 from .errors import (
     DigestMismatch,
+    PartialAnswer,
     PartialStream,
     ProtocolViolation,
     ReconnectsExhausted,
@@ -202,6 +203,11 @@ class Result:
     reconnects: int
     duplicates_dropped: int
     notices: tuple[Notice, ...]
+
+    @property
+    def partial(self) -> bool:
+        """True when the gateway gave up: `text` is all there is, `end.error` says why."""
+        return self.end.partial
 
 
 class _Transient(Exception):
@@ -351,8 +357,11 @@ class RelayClient:
         idempotency_key: str | None = None,
         policy: Mapping[str, int | bool] | None = None,
         metadata: Mapping[str, str] | None = None,
+        strict: bool = False,
     ) -> Result:
-        """Run a whole generation and return its verified text."""
+        """Run a whole generation and return its verified text. A partial
+        answer is a `Result` with `partial` true, or, with `strict=True`, a
+        `PartialAnswer` exception carrying that result."""
         relay_stream = self.stream(
             model,
             messages,
@@ -364,7 +373,16 @@ class RelayClient:
             policy=policy,
             metadata=metadata,
         )
-        return await relay_stream.collect()
+        result = await relay_stream.collect()
+        if strict and result.partial:
+            error = result.end.error
+            reason = f"{error.code}: {error.message}" if error is not None else "no reason given"
+            raise PartialAnswer(
+                f"the gateway returned a partial answer ({result.chunks} chunks): {reason}",
+                result=result,
+                partial=relay_stream.partial(),
+            )
+        return result
 
     # -- used by RelayStream ---------------------------------------------------
 

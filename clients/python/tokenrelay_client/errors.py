@@ -104,6 +104,16 @@ class DigestMismatch(TokenRelayClientError):
         self.actual_last_seq = actual_last_seq
 
 
+class PartialAnswer(TokenRelayClientError):
+    """Strict mode only (`generate(..., strict=True)`): the gateway gave up and
+    returned a partial answer. `result` holds it, `result.end.error` says why.
+    Without strict mode the same answer is a `Result` with `partial` true."""
+
+    def __init__(self, message: str, *, result: object, partial: PartialStream) -> None:
+        super().__init__(message, partial=partial)
+        self.result = result
+
+
 class ProtocolViolation(TokenRelayClientError):
     """The server sent something the contract forbids (a seq gap, a first event
     that is not StreamStarted). This is a server bug; report it. The partial
