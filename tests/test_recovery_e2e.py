@@ -163,3 +163,21 @@ async def test_an_open_breaker_is_skipped_without_calling_the_provider(
     assert notices(events) == []
     breaker = relay.hub.recovery.health.breaker(relay.hub.router.resolve("chain")[0])
     assert breaker.state == "open"
+
+
+async def test_a_fallback_caused_by_an_open_breaker_says_so(relay_factory: RelayFactory) -> None:
+    relay = await relay_factory(**FAST, max_retries=3, breaker_failure_threshold=1)
+    timeouts = Timeouts(first_token_s=5, stall_s=5)
+    relay.hub.router._routes["chain"] = [  # type: ignore[attr-defined]
+        Route(SimProvider("flaky"), "sim", timeouts),
+        Route(SimProvider("steady"), "sim", timeouts),
+    ]
+    async with grpc.aio.insecure_channel(relay.address) as channel:
+        events = await run_to_end(
+            channel, start_request(model="chain", metadata={"sim.faults": "reset@4"})
+        )
+    [notice] = notices(events)
+    assert notice.suggested_action == pb.SUGGESTED_ACTION_FALLBACK
+    assert "circuit breaker of flaky/sim is open" in notice.message
+    assert not end_of(events).partial
+    assert relay.hub.recovery.health.transitions[("flaky/sim", "open")] == 1

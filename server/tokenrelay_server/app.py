@@ -7,6 +7,8 @@ tests all use: a real grpc.aio server on a real port, with health checking
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import random
 import secrets
@@ -27,6 +29,7 @@ from .providers.base import Provider
 from .providers.config import UpstreamConfigError, build_providers
 from .providers.sim import SimProvider
 from .recovery import RecoveryConfig
+from .resources import resident_bytes
 from .retry import BackoffPolicy
 from .routing import Route, Router, Timeouts
 from .selection import UpstreamHealth
@@ -68,9 +71,7 @@ def build_router(
         )
     if settings.upstream.providers:
         try:
-            providers.update(
-                build_providers(settings.upstream, os.environ if env is None else env)
-            )
+            providers.update(build_providers(settings.upstream, os.environ if env is None else env))
         except UpstreamConfigError as error:
             raise ConfigError(str(error)) from None
     routes: dict[str, list[Route]] = {"sim": [Route(sim, "sim", timeouts["sim"])]}
@@ -139,6 +140,7 @@ class RelayServer:
         providers: list[Provider],
         port: int,
         owns_store: bool,
+        guard: asyncio.Task[None] | None = None,
     ) -> None:
         self.settings = settings
         self.hub = hub
@@ -147,6 +149,7 @@ class RelayServer:
         self._health = health_servicer
         self._providers = providers
         self._owns_store = owns_store
+        self._guard = guard
         self._stopped = False
 
     @property
@@ -185,6 +188,8 @@ class RelayServer:
                 checkpoint_interval=settings.checkpoint_interval,
                 max_streams=settings.max_streams,
                 lease_ttl_s=settings.lease_ttl_s,
+                max_memory_bytes=int(settings.max_memory_mb * (1 << 20)),
+                memory_check_interval_s=settings.memory_check_interval_s,
             ),
         )
         limit = max(4 * settings.max_prompt_bytes, MIN_TRANSPORT_LIMIT_BYTES)
@@ -210,7 +215,13 @@ class RelayServer:
         for service in ("", RELAY_SERVICE):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         providers = router.providers()
+        guard = (
+            asyncio.create_task(hub.guard_memory(resident_bytes), name="memory guard")
+            if settings.max_memory_mb
+            else None
+        )
         return cls(
+            guard=guard,
             settings=settings,
             server=server,
             hub=hub,
@@ -235,6 +246,10 @@ class RelayServer:
             return
         self._stopped = True
         self.hub.draining = True
+        if self._guard is not None:
+            self._guard.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._guard
         await self._health.enter_graceful_shutdown()
         await self.hub.close()
         await self._server.stop(grace)

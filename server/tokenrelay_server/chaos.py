@@ -202,9 +202,7 @@ def _emitted(tokens: SimAnswer, delivered: int, arrived: int) -> int:
     if not delivered or not arrived:
         return arrived
     stitcher = Stitcher(tokens.text(delivered))
-    return sum(
-        len(stitcher.feed(tokens.token(i))) for i in range(delivered, delivered + arrived)
-    )
+    return sum(len(stitcher.feed(tokens.token(i))) for i in range(delivered, delivered + arrived))
 
 
 def predict(scenario: Scenario, max_retries: int = MAX_RETRIES) -> Prediction:

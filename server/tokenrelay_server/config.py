@@ -35,6 +35,10 @@ class Settings(BaseModel):
     max_streams: int = Field(10_000, ge=1)
     max_prompt_bytes: int = Field(1 << 20, ge=1)
     lease_ttl_s: float = Field(10.0, gt=0)
+    # Above this resident memory (MiB; 0 = no limit) new streams are refused
+    # with RESOURCE_EXHAUSTED and running ones end as typed partials.
+    max_memory_mb: float = Field(0.0, ge=0)
+    memory_check_interval_s: float = Field(1.0, gt=0)
     first_token_timeout_s: float = Field(30.0, gt=0)
     stall_timeout_s: float = Field(30.0, gt=0)
     sim_pace_ms: float = Field(0.0, ge=0, le=60_000)

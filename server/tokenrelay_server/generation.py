@@ -92,6 +92,16 @@ def stop_fault(code: str, message: str, *, retryable: bool = False) -> Fault:
     )
 
 
+def deadline_fault(deadline_s: float) -> Fault:
+    return Fault(
+        type=ErrorType.TIMEOUT,
+        code="DEADLINE_EXCEEDED",
+        message=f"the caller's deadline of {deadline_s:.3g} s passed; this is what was produced",
+        retryable=True,
+        suggested_action=SuggestedAction.RETRY,
+    )
+
+
 def breaker_open_fault(route: Route) -> Fault:
     return Fault(
         type=ErrorType.APPLICATION,
@@ -113,6 +123,7 @@ class Generation:
         store: StreamStore,
         recovery: Recovery,
         detach_grace_s: float,
+        deadline_s: float | None = None,
     ) -> None:
         self.meta = meta
         self.stream_id = meta.stream_id
@@ -122,6 +133,7 @@ class Generation:
         self._recovery = recovery
         self._config = _config_for(request, recovery.config)
         self._detach_grace_s = detach_grace_s
+        self._deadline_s = deadline_s
         self.entries: list[LogEntry] = []
         self._chunk_index: list[int] = []  # entries index of chunk seq s at [s - 1]
         self._subscribers: set[Subscription] = set()
@@ -201,6 +213,12 @@ class Generation:
     async def run(self) -> None:
         """Produce the stream; always leaves an End in the store unless the
         task itself is cancelled."""
+        deadline = None
+        if self._deadline_s is not None:
+            # The caller's gRPC deadline is the generation's total deadline.
+            deadline = asyncio.get_running_loop().call_later(
+                self._deadline_s, self.stop, deadline_fault(self._deadline_s)
+            )
         try:
             end = await self._produce()
         except Exception:
@@ -213,6 +231,8 @@ class Generation:
                 )
             )
         finally:
+            if deadline is not None:
+                deadline.cancel()
             if self._grace_timer is not None:
                 self._grace_timer.cancel()
                 self._grace_timer = None
@@ -267,7 +287,7 @@ class Generation:
                         if not decision.continues:
                             log.info("stream %s: giving up: %s", self.stream_id, decision.reason)
                             return self._partial_end(fault)
-                        await self._announce(fault, decision)
+                        await self._announce(fault, decision, route)
                         if decision.step is Step.FALLBACK:
                             given_up.add(index)
                         else:
@@ -317,15 +337,18 @@ class Generation:
         )
         return decide(situation, self._config, self._recovery.rng)
 
-    async def _announce(self, fault: Fault, decision: Decision) -> None:
+    async def _announce(self, fault: Fault, decision: Decision, failed: Route) -> None:
         """A non-fatal StreamError: what failed and what the gateway does now."""
         target = self.chain[decision.provider_index].provider.name
+        breaker = self._recovery.health.breaker(failed)
         what = {
             Step.RETRY: f"retrying {target}",
             Step.RESUME: f"resuming on {target} from seq {self.last_seq}",
             Step.FALLBACK: f"falling back to {target}"
             + (f", resuming from seq {self.last_seq}" if self.last_seq else ""),
         }[decision.step]
+        if decision.step is Step.FALLBACK and not breaker.available():
+            what += f" (the circuit breaker of {breaker.name} is open)"
         log.info(
             "stream %s: %s (%s) -> %s in %.2fs",
             self.stream_id,

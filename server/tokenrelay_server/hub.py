@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from .clock import Clock
@@ -63,6 +63,8 @@ class HubSettings:
     max_streams: int = 10_000
     lease_ttl_s: float = 10.0
     store_poll_s: float = 1.0
+    max_memory_bytes: int = 0  # 0: no limit
+    memory_check_interval_s: float = 1.0
 
 
 class StreamHub:
@@ -90,6 +92,8 @@ class StreamHub:
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
+        self.max_memory_bytes = settings.max_memory_bytes
+        self.memory_exceeded: int | None = None  # resident bytes when over the limit
 
     # -- introspection (tests, metrics, the benchmark) ---------------------------------
 
@@ -106,9 +110,16 @@ class StreamHub:
 
     # -- start and resume ------------------------------------------------------------
 
-    async def start(self, request: StartRequest) -> Session:
+    async def start(self, request: StartRequest, *, deadline_s: float | None = None) -> Session:
+        """A new stream (or the one its idempotency key names). `deadline_s`
+        is the caller's gRPC deadline: the generation stops when it passes."""
         if self.draining:
             raise DrainingError("the server is draining; start the stream on another replica")
+        if self.memory_exceeded is not None:
+            raise Overloaded(
+                f"this replica is over its memory limit ({self.memory_exceeded >> 20} MiB of "
+                f"{self.max_memory_bytes >> 20} MiB); retry later or on another replica"
+            )
         self.router.validate(request)
         routes = self.router.resolve(request.model)
         if len(self._local) >= self._settings.max_streams:
@@ -143,6 +154,7 @@ class StreamHub:
                 store=self.store,
                 recovery=self.recovery,
                 detach_grace_s=self._settings.detach_grace_s,
+                deadline_s=deadline_s,
             )
         except BaseException:
             await self.store.delete(meta.stream_id)
@@ -337,6 +349,44 @@ class StreamHub:
             if reason is not None:
                 message = "cancelled by the client" + (f": {reason}" if reason else "")
                 generation.stop(stop_fault("CANCELLED", message))
+
+    def check_memory(self, resident: int | None) -> None:
+        """Enforce the memory limit given the process's resident bytes: over
+        it, refuse new streams and end the running ones as typed partials."""
+        if not self.max_memory_bytes or resident is None:
+            return
+        if resident <= self.max_memory_bytes:
+            if self.memory_exceeded is not None:
+                log.warning("memory back under the limit: taking new streams again")
+            self.memory_exceeded = None
+            return
+        if self.memory_exceeded is None:
+            log.warning(
+                "memory limit passed (%d MiB of %d MiB): refusing new streams, ending %d",
+                resident >> 20,
+                self.max_memory_bytes >> 20,
+                len(self._local),
+            )
+        self.memory_exceeded = resident
+        fault = Fault(
+            type=ErrorType.RESOURCE,
+            code="MEMORY_LIMIT",
+            message=(
+                f"the gateway replica passed its memory limit ({resident >> 20} MiB of "
+                f"{self.max_memory_bytes >> 20} MiB); this is what was produced"
+            ),
+            retryable=True,
+            suggested_action=SuggestedAction.RETRY,
+        )
+        for generation in list(self._local.values()):
+            generation.stop(fault)
+
+    async def guard_memory(self, probe: Callable[[], int | None]) -> None:
+        """Check the memory limit every `memory_check_interval_s` (owned by
+        the server, cancelled when it stops)."""
+        while True:
+            self.check_memory(probe())
+            await self._clock.sleep(self._settings.memory_check_interval_s)
 
     async def drain(self, grace_s: float) -> None:
         """Stop taking new streams; give open calls and running generations

@@ -10,10 +10,11 @@ best score (`score`: lower is better: expected latency, penalised by errors).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .breaker import BreakerListener, BreakerSettings, CircuitBreaker
+from .breaker import BreakerChange, BreakerListener, BreakerSettings, CircuitBreaker
 from .clock import Clock
 from .retry import RetryBudget
 from .routing import Route
@@ -58,6 +59,8 @@ class UpstreamHealth:
     breaker_settings: BreakerSettings = field(default_factory=BreakerSettings)
     retry_budget_ratio: float = 0.2
     listeners: tuple[BreakerListener, ...] = ()
+    # How often each breaker changed state, by (breaker, new state): for metrics.
+    transitions: Counter[tuple[str, str]] = field(default_factory=Counter)
     _breakers: dict[tuple[str, str], CircuitBreaker] = field(default_factory=dict)
     _budgets: dict[str, RetryBudget] = field(default_factory=dict)
     _health: dict[tuple[str, str], Health] = field(default_factory=dict)
@@ -69,9 +72,12 @@ class UpstreamHealth:
                 f"{key[0]}/{key[1]}",
                 clock=self.clock,
                 settings=self.breaker_settings,
-                listeners=self.listeners,
+                listeners=(self._count, *self.listeners),
             )
         return self._breakers[key]
+
+    def _count(self, change: BreakerChange) -> None:
+        self.transitions[(change.name, str(change.after))] += 1
 
     def budget(self, route: Route) -> RetryBudget:
         name = route.provider.name

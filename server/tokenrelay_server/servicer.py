@@ -233,7 +233,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[relay_pb2.StreamEvent]:
         try:
-            session = await self._open(request_iterator)
+            session = await self._open(request_iterator, context.time_remaining())
         except TokenRelayError as error:
             await context.abort(status_for(error), str(error))
         except Exception:
@@ -274,7 +274,11 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
 
-    async def _open(self, request_iterator: AsyncIterator[relay_pb2.StreamRequest]) -> Session:
+    async def _open(
+        self,
+        request_iterator: AsyncIterator[relay_pb2.StreamRequest],
+        deadline_s: float | None,
+    ) -> Session:
         try:
             first = await anext(aiter(request_iterator))
         except StopAsyncIteration:
@@ -284,7 +288,8 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         kind = first.WhichOneof("kind")
         if kind == "start":
             return await self._hub.start(
-                parse_start(first.start, max_prompt_bytes=self._max_prompt_bytes)
+                parse_start(first.start, max_prompt_bytes=self._max_prompt_bytes),
+                deadline_s=deadline_s,
             )
         if kind == "resume":
             return await self._hub.resume(first.resume.resume_token, first.resume.last_seq)
