@@ -7,11 +7,14 @@ Redis and the resume secret, as in production.
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 
 import grpc
 import pytest
 
 from serverkit import (
+    SECRET,
     RawCall,
     RelayFactory,
     assert_contiguous,
@@ -163,3 +166,51 @@ async def test_a_stream_whose_owner_died_ends_typed_with_what_it_produced(
     assert end.partial and end.error.code == "OWNER_LOST"
     assert end.total_seq == 5
     assert end.text_sha256 == sha256("".join(f" w{i}" for i in range(1, 6)))
+
+
+async def test_a_dead_replicas_generation_is_taken_over_and_finished(
+    relay_factory: RelayFactory, redis_url: str, redis_prefix: str, tmp_path
+) -> None:
+    config = tmp_path / "replica-a.toml"
+    config.write_text(
+        '[server]\nport = 0\nstore = "redis"\n'
+        f'redis_url = "{redis_url}"\nredis_prefix = "{redis_prefix}"\n'
+        f'resume_secret = "{SECRET}"\nlease_ttl_s = 0.6\n'
+    )
+    replica_a = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "tokenrelay_server.cli", "serve", "--config", str(config)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert replica_a.stdout is not None
+        port = int((await replica_a.stdout.readline()).split()[1])
+        b = await relay_factory(
+            store="redis", redis_url=redis_url, redis_prefix=redis_prefix, lease_ttl_s=0.6
+        )
+        request = start_request(max_tokens=60, metadata={"sim.pace_ms": "20"})
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as on_a:
+            call = RawCall(on_a, request)
+            seen = await call.events_until(lambda e: e.HasField("chunk") and e.chunk.seq == 8)
+            replica_a.send_signal(signal.SIGKILL)  # no drain, no End, the lease left to lapse
+            await replica_a.wait()
+            with pytest.raises(grpc.aio.AioRpcError):
+                await call.events_until()
+        last = max(c.seq for c in chunks_of(seen))
+        async with grpc.aio.insecure_channel(b.address) as on_b:
+            rest = await run_to_end(on_b, resume_request(seen[0].started.resume_token, last))
+            clean = await run_to_end(on_b, start_request(max_tokens=60))
+        chunks = chunks_of(seen) + chunks_of(rest)
+        assert_contiguous(chunks)
+        assert "".join(c.text for c in chunks) == text_of(clean)
+        end = end_of(rest)
+        assert not end.partial
+        assert end.text_sha256 == sha256(text_of(clean))
+        takeover = [e.error for e in rest if e.HasField("error")]
+        assert [n.code for n in takeover] == ["OWNER_LOST"]
+        assert not takeover[0].fatal
+        assert {c.attempt for c in chunks_of(rest)} >= {2}
+    finally:
+        if replica_a.returncode is None:
+            replica_a.kill()
+            await replica_a.wait()

@@ -148,6 +148,12 @@ class Generation:
         self.finished = asyncio.Event()
         self.upstream_cancelled = False  # the provider call was cut short by a stop
 
+    def restore(self, entries: list[LogEntry]) -> None:
+        """Take over a stream another replica started: its stored log becomes
+        ours, and the next attempt continues from its text (guarantee 5)."""
+        self._record(entries)
+        self.attempts = max((e.attempt for e in entries if isinstance(e, Chunk)), default=0)
+
     # -- reading -------------------------------------------------------------------
 
     @property
@@ -162,9 +168,13 @@ class Generation:
 
     def detach(self, subscription: Subscription) -> None:
         self._subscribers.discard(subscription)
+        self.arm_grace()
+
+    def arm_grace(self) -> None:
+        """With nobody attached, start the grace period (guarantee 4): keep
+        generating so a reconnect loses nothing, then stop paying for tokens
+        nobody reads."""
         if not self._subscribers and self.end is None and self._grace_timer is None:
-            # Guarantee 4: keep generating for a grace period so a reconnect
-            # loses nothing, then stop paying for tokens nobody reads.
             loop = asyncio.get_running_loop()
             self._grace_timer = loop.call_later(self._detach_grace_s, self._grace_expired)
 

@@ -31,14 +31,69 @@ from .errors import (
     RequestError,
     StreamNotFound,
     SuggestedAction,
+    UnknownModel,
 )
 from .generation import Generation, Recovery, Subscription, stop_fault
 from .model import Chunk, End, LogEntry, Notice, StartRequest, StreamMeta, Usage
 from .routing import Router
-from .store.base import StreamStore, StreamTail
+from .store.base import StreamStore
 from .tokens import ResumeTokens
 
 log = logging.getLogger(__name__)
+
+
+class LogCursor:
+    """Where a reader of the stored log stands: after chunk `seq`, having seen
+    `notices` of the notices that follow it. `take` drops what was already
+    read (a read after chunk S repeats the notices after S)."""
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.notices = 0
+        self.ended = False
+
+    def take(self, entries: list[LogEntry]) -> list[LogEntry]:
+        fresh: list[LogEntry] = []
+        notices_here = 0
+        for entry in entries:
+            if isinstance(entry, Notice):
+                if entry.after_seq == self.seq:
+                    notices_here += 1
+                    if notices_here <= self.notices:
+                        continue
+                    self.notices = notices_here
+            elif isinstance(entry, Chunk):
+                if entry.seq <= self.seq:
+                    continue
+                self.seq, self.notices, notices_here = entry.seq, 0, 0
+            else:
+                self.ended = True
+            fresh.append(entry)
+            if self.ended:
+                break
+        return fresh
+
+
+def orphan_end(entries: list[LogEntry]) -> End:
+    """The End of a stream whose generation cannot be continued."""
+    chunks = [e for e in entries if isinstance(e, Chunk)]
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk.text.encode())
+    return End(
+        finish_reason="error",
+        total_seq=len(chunks),
+        text_sha256=digest.hexdigest(),
+        usage=Usage(completion_tokens=len(chunks)),
+        partial=True,
+        error=Fault(
+            type=ErrorType.APPLICATION,
+            code="OWNER_LOST",
+            message="the replica generating this stream stopped; this is what it produced",
+            retryable=True,
+            suggested_action=SuggestedAction.RETRY,
+        ),
+    )
 
 
 @dataclass(eq=False)
@@ -161,11 +216,15 @@ class StreamHub:
             raise
         subscription = Subscription()
         generation.attach(subscription)
-        self._local[meta.stream_id] = generation
-        task = asyncio.create_task(self._own(generation), name=f"generation {meta.stream_id}")
+        self._run(generation)
+        return self._open(Session(meta, False, 0, subscription, generation))
+
+    def _run(self, generation: Generation) -> None:
+        """Register a generation and start its task, which the hub owns."""
+        self._local[generation.stream_id] = generation
+        task = asyncio.create_task(self._own(generation), name=f"generation {generation.stream_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return self._open(Session(meta, False, 0, subscription, generation))
 
     async def resume(self, token: str, last_seq: int) -> Session:
         grant = self.tokens.verify(token)
@@ -232,82 +291,102 @@ class StreamHub:
 
     async def _follow_store(self, session: Session) -> AsyncIterator[list[LogEntry]]:
         stream_id = session.stream_id
-        cursor = session.after_seq
-        notices_seen = 0  # notices after chunk `cursor` already yielded
+        cursor = LogCursor(session.after_seq)
         while True:
             if session.subscription.violation is not None:
                 raise session.subscription.violation
-            entries = await self.store.wait(stream_id, cursor, self._settings.store_poll_s)
-            if not entries:
-                tail = await self.store.tail(stream_id)
-                if tail is None:
-                    raise StreamNotFound(f"stream {stream_id} expired while being read")
-                if not tail.ended and await self.store.lease_owner(stream_id) is None:
-                    await self._end_orphan(stream_id)
+            entries = await self.store.wait(stream_id, cursor.seq, self._settings.store_poll_s)
+            if entries:
+                batch = cursor.take(entries)
+                if batch:
+                    yield batch
+                if cursor.ended:
+                    return
                 continue
-            notices_here = 0
-            batch: list[LogEntry] = []
-            for entry in entries:
-                if isinstance(entry, Notice):
-                    notices_here += 1
-                    if notices_here <= notices_seen:
-                        continue
-                    notices_seen = notices_here
-                elif isinstance(entry, Chunk):
-                    cursor = entry.seq
-                    notices_seen = notices_here = 0
-                batch.append(entry)
-                if isinstance(entry, End):
-                    break
-            if batch:
-                yield batch
-            if batch and isinstance(batch[-1], End):
-                return
-
-    async def _end_orphan(self, stream_id: str) -> None:
-        """The owner's lease lapsed with the stream unfinished: its replica died.
-        Continuing it by takeover is the recovery pipeline's job; until then the
-        stream ends here with what was produced and a typed error."""
-        if not await self.store.acquire_lease(
-            stream_id, self.replica_id, self._settings.lease_ttl_s
-        ):
-            return
-        try:
             tail = await self.store.tail(stream_id)
-            if tail is None or tail.ended:
-                return
-            digest = await self._digest(stream_id, tail)
-            fault = Fault(
-                type=ErrorType.APPLICATION,
-                code="OWNER_LOST",
-                message="the replica generating this stream stopped; this is what it produced",
-                retryable=True,
-                suggested_action=SuggestedAction.RETRY,
-            )
-            end = End(
-                finish_reason="error",
-                total_seq=tail.last_seq,
-                text_sha256=digest,
-                usage=Usage(completion_tokens=tail.last_seq),
-                partial=True,
-                error=fault,
-            )
-            await self.store.append(stream_id, [end])
-            log.warning(
-                "stream %s: owner lost; ended as partial at seq %d", stream_id, tail.last_seq
-            )
-        finally:
-            await self.store.release_lease(stream_id, self.replica_id)
+            if tail is None:
+                raise StreamNotFound(f"stream {stream_id} expired while being read")
+            if tail.ended or await self.store.lease_owner(stream_id) is not None:
+                continue
+            generation = await self._take_over(stream_id)
+            if generation is None:
+                continue
+            # We generate it now: read it live, like any local stream.
+            session.generation = generation
+            generation.attach(session.subscription)
+            async with contextlib.aclosing(
+                generation.follow(cursor.seq, session.subscription)
+            ) as batches:
+                async for entries in batches:
+                    batch = cursor.take(entries)
+                    if batch:
+                        yield batch
+            return
 
-    async def _digest(self, stream_id: str, tail: StreamTail) -> str:
-        digest = hashlib.sha256()
-        cursor = 0
-        while cursor < tail.last_seq:
-            for entry in await self.store.read(stream_id, cursor):
-                if isinstance(entry, Chunk):
-                    digest.update(entry.text.encode())
-                    cursor = entry.seq
-        return digest.hexdigest()
+    async def _take_over(self, stream_id: str) -> Generation | None:
+        """The owner's lease lapsed with the stream unfinished: its replica died.
+        Take the lease and continue the generation here by continuation from
+        the stored log (guarantee 5). Where that cannot be done (no stored
+        request, a model this replica does not route, draining), end it with
+        what was produced and OWNER_LOST. None when another replica got the
+        lease first or the stream is not ours to continue."""
+        ttl_s = self._settings.lease_ttl_s
+        if not await self.store.acquire_lease(stream_id, self.replica_id, ttl_s):
+            return None
+        handed_over = False
+        try:
+            meta = await self.store.get_meta(stream_id)
+            tail = await self.store.tail(stream_id)
+            if meta is None or tail is None or tail.ended:
+                return None
+            entries = await self._read_log(stream_id)
+            routes = None
+            if meta.request is not None and not self.draining:
+                with contextlib.suppress(UnknownModel):
+                    routes = self.router.resolve(meta.model)
+            if meta.request is None or routes is None:
+                await self.store.append(stream_id, [orphan_end(entries)])
+                log.warning(
+                    "stream %s: owner lost; ended partial at seq %d", stream_id, tail.last_seq
+                )
+                return None
+            generation = Generation(
+                meta=meta,
+                request=meta.request,
+                chain=routes,
+                store=self.store,
+                recovery=self.recovery,
+                detach_grace_s=self._settings.detach_grace_s,
+            )
+            generation.restore(entries)
+            await generation.notice(
+                Fault(
+                    type=ErrorType.APPLICATION,
+                    code="OWNER_LOST",
+                    message=(
+                        "the replica generating this stream stopped; replica "
+                        f"{self.replica_id} continues it from seq {tail.last_seq}"
+                    ),
+                    retryable=True,
+                    suggested_action=SuggestedAction.RESUME,
+                    fatal=False,
+                )
+            )
+            self._run(generation)
+            generation.arm_grace()
+            handed_over = True
+            log.warning("stream %s: owner lost; taken over at seq %d", stream_id, tail.last_seq)
+            return generation
+        finally:
+            if not handed_over:
+                await self.store.release_lease(stream_id, self.replica_id)
+
+    async def _read_log(self, stream_id: str) -> list[LogEntry]:
+        cursor = LogCursor(0)
+        entries: list[LogEntry] = []
+        while page := cursor.take(await self.store.read(stream_id, cursor.seq)):
+            entries += page
+        return entries
 
     # -- control ---------------------------------------------------------------------
 
