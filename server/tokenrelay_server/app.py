@@ -114,7 +114,7 @@ def build_recovery(settings: Settings, clock: Clock, rng: random.Random | None =
     )
 
 
-async def build_store(settings: Settings, clock: Clock) -> StreamStore:
+def build_store(settings: Settings, clock: Clock) -> StreamStore:
     if settings.store == "redis":
         from .store.redis import RedisStore
 
@@ -175,7 +175,7 @@ class RelayServer:
         secret = settings.resume_secret or secrets.token_urlsafe(32)
         owns_store = store is None
         if store is None:
-            store = await build_store(settings, clock)
+            store = build_store(settings, clock)
         router = build_router(settings, routes)
         hub = StreamHub(
             store=store,

@@ -156,10 +156,6 @@ class Generation:
 
     # -- reading -------------------------------------------------------------------
 
-    @property
-    def subscriber_count(self) -> int:
-        return len(self._subscribers)
-
     def attach(self, subscription: Subscription) -> None:
         self._subscribers.add(subscription)
         if self._grace_timer is not None:

@@ -244,7 +244,8 @@ class StreamHub:
             if tail is None:
                 raise StreamNotFound(f"stream {meta.stream_id} has expired; start a new stream")
             current = tail.last_seq
-            generation = self._local.get(meta.stream_id)  # it may have ended meanwhile
+            # A takeover on this replica may have started generating it meanwhile.
+            generation = self._local.get(meta.stream_id)
             if generation is not None and generation.last_seq > current:
                 current = generation.last_seq
         if after_seq > current:

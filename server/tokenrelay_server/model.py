@@ -6,7 +6,6 @@ the gateway passes around and what the stream log stores.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -56,11 +55,6 @@ class StartRequest:
             if k == key:
                 return v
         return default
-
-
-class StreamStatus(enum.StrEnum):
-    RUNNING = "running"
-    FINISHED = "finished"
 
 
 @dataclass(frozen=True, slots=True)
