@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -205,20 +204,20 @@ def end_to_proto(end: End) -> relay_pb2.StreamEnd:
 
 
 class TokenCache:
-    """Fresh resume tokens for one call, signed at most once a second: a
-    token's expiry has one-second resolution, so a newer one would be equal."""
+    """Fresh resume tokens for one call, signed again only when the expiry they
+    carry (whole seconds) moves on: until then a new one would be identical."""
 
     def __init__(self, tokens: ResumeTokens, stream_id: str) -> None:
         self._tokens = tokens
         self._stream_id = stream_id
-        self._second = -1
+        self._expiry = -1
         self._token = ""
 
     def current(self) -> str:
-        second = int(time.monotonic())
-        if second != self._second:
-            self._second = second
-            self._token = self._tokens.issue(self._stream_id)
+        expiry = self._tokens.expiry()
+        if expiry != self._expiry:
+            self._expiry = expiry
+            self._token = self._tokens.issue(self._stream_id, expiry)
         return self._token
 
 

@@ -35,8 +35,13 @@ class ResumeTokens:
         self._ttl_s = ttl_s
         self._clock = clock
 
-    def issue(self, stream_id: str) -> str:
-        expires_at = int(self._clock.wall() + self._ttl_s)
+    def expiry(self) -> int:
+        """The expiry a token issued now carries (whole seconds)."""
+        return int(self._clock.wall() + self._ttl_s)
+
+    def issue(self, stream_id: str, expires_at: int | None = None) -> str:
+        if expires_at is None:
+            expires_at = self.expiry()
         payload = f"{_VERSION}.{stream_id}.{expires_at}"
         return f"{payload}.{self._sign(payload)}"
 
