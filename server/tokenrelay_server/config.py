@@ -12,7 +12,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .providers.config import UpstreamConfig, UpstreamConfigError, load_upstream_config
+from .providers.config import (
+    KeyLines,
+    UpstreamConfig,
+    UpstreamConfigError,
+    load_upstream_config,
+)
 
 
 class ConfigError(Exception):
@@ -114,7 +119,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: [{table}] must be a table")
         for key, value in section.items():
             if prefix + key not in keys:
-                raise ConfigError(f"{path}: unknown key {table}.{key}{_line_of(path, key)}")
+                line = KeyLines(text).line_of((table, key))
+                where = f" (line {line})" if line else ""
+                raise ConfigError(f"{path}: unknown key {table}.{key}{where}")
             values[prefix + key] = value
     if "providers" in raw or "models" in raw:
         try:
@@ -122,14 +129,6 @@ def read_config_file(path: Path) -> dict[str, Any]:
         except UpstreamConfigError as error:
             raise ConfigError(str(error)) from None
     return values
-
-
-def _line_of(path: Path, key: str) -> str:
-    """(line N)" for the first line that sets `key`, to point at the mistake."""
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip().startswith(f"{key} ") or line.strip().startswith(f"{key}="):
-            return f" (line {number})"
-    return ""
 
 
 def build_settings(values: dict[str, Any], *, source: str = "settings") -> Settings:

@@ -204,7 +204,7 @@ def load_upstream_config(
     of `builtin_providers` (the simulator). Raises `UpstreamConfigError`.
     """
     section = {key: document[key] for key in ("providers", "models") if key in document}
-    lines = _KeyLines(source_text) if source_text is not None else None
+    lines = KeyLines(source_text) if source_text is not None else None
     try:
         config = UpstreamConfig.model_validate(section)
     except pydantic.ValidationError as exc:
@@ -274,7 +274,7 @@ def _split_key(text: str) -> tuple[tuple[str, ...], str] | None:
         return tuple(parts), text[position:]
 
 
-class _KeyLines:
+class KeyLines:
     """Maps key paths to the line that defines them, by following table
     headers and `key =` lines through the source text."""
 
