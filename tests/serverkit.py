@@ -27,6 +27,15 @@ RelayFactory = Callable[..., Awaitable[RelayServer]]
 
 
 @pytest.fixture
+async def no_stray_tasks() -> AsyncIterator[None]:
+    """Fails the test if it left an asyncio task running."""
+    before = asyncio.all_tasks()
+    yield
+    stray = [t for t in asyncio.all_tasks() - before if t is not asyncio.current_task()]
+    assert not stray, stray
+
+
+@pytest.fixture
 async def relay_factory() -> AsyncIterator[RelayFactory]:
     servers: list[RelayServer] = []
 

@@ -3,9 +3,7 @@ adapter over `httpx.MockTransport` replaying recorded SSE bytes."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -13,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from replay import Upstream, sse
 from tokenrelay_server.clock import ManualClock
 from tokenrelay_server.errors import (
     ApplicationError,
@@ -304,45 +303,6 @@ def test_an_all_whitespace_partial_answer_is_not_sent_as_a_prefill():
 # --- the adapter over a mock transport ----------------------------------------------------------
 
 
-class Replay(httpx.AsyncByteStream):
-    def __init__(self, chunks: list[bytes], error: Exception | None = None) -> None:
-        self.chunks = chunks
-        self.error = error
-        self.closed = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for data in self.chunks:
-            yield data
-        if self.error is not None:
-            raise self.error
-
-    async def aclose(self) -> None:
-        self.closed = True
-
-
-class Upstream:
-    def __init__(self, respond: Callable[[httpx.Request], httpx.Response]) -> None:
-        self.respond = respond
-        self.requests: list[httpx.Request] = []
-        self.bodies: list[Replay] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        response = self.respond(request)
-        if isinstance(response.stream, Replay):
-            self.bodies.append(response.stream)
-        return response
-
-    def all_closed(self) -> bool:
-        return all(body.closed for body in self.bodies)
-
-
-def sse(chunks: list[bytes], error: Exception | None = None) -> httpx.Response:
-    return httpx.Response(
-        200, headers={"content-type": "text/event-stream"}, stream=Replay(chunks, error)
-    )
-
-
 def make_provider(upstream: Upstream, **config: object) -> AnthropicProvider:
     cfg = ProviderConfig(kind="anthropic", base_url="https://api.example.test/v1", **config)
     client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
@@ -356,14 +316,6 @@ REQUEST = ProviderRequest(
 
 async def collect(provider: AnthropicProvider) -> list[Delta]:
     return [delta async for delta in provider.stream(REQUEST)]
-
-
-@pytest.fixture
-async def no_stray_tasks():
-    before = asyncio.all_tasks()
-    yield
-    stray = [t for t in asyncio.all_tasks() - before if t is not asyncio.current_task()]
-    assert not stray, stray
 
 
 pytestmark = pytest.mark.usefixtures("no_stray_tasks")

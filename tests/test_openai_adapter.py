@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from replay import Replay, Upstream, sse
 from tokenrelay_server.clock import ManualClock
 from tokenrelay_server.errors import (
     ApplicationError,
@@ -295,49 +296,6 @@ def test_continuation_sends_the_partial_answer_then_the_instruction():
 # --- the adapter over a mock transport ----------------------------------------------------------
 
 
-class Replay(httpx.AsyncByteStream):
-    """Recorded body bytes, optionally followed by a transport error."""
-
-    def __init__(self, chunks: list[bytes], error: Exception | None = None) -> None:
-        self.chunks = chunks
-        self.error = error
-        self.closed = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for data in self.chunks:
-            yield data
-        if self.error is not None:
-            raise self.error
-
-    async def aclose(self) -> None:
-        self.closed = True
-
-
-class Upstream:
-    """A MockTransport handler that records requests and the bodies it served."""
-
-    def __init__(self, respond: Callable[[httpx.Request], httpx.Response]) -> None:
-        self.respond = respond
-        self.requests: list[httpx.Request] = []
-        self.bodies: list[Replay] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        response = self.respond(request)
-        if isinstance(response.stream, Replay):
-            self.bodies.append(response.stream)
-        return response
-
-    def all_closed(self) -> bool:
-        return all(body.closed for body in self.bodies)
-
-
-def sse(chunks: list[bytes], error: Exception | None = None, status: int = 200) -> httpx.Response:
-    return httpx.Response(
-        status, headers={"content-type": "text/event-stream"}, stream=Replay(chunks, error)
-    )
-
-
 def make_provider(upstream: Upstream, **config: object) -> OpenAIProvider:
     cfg = ProviderConfig(kind="openai", base_url="https://api.example.test/v1", **config)
     client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
@@ -361,14 +319,6 @@ async def failure(provider: OpenAIProvider, request: ProviderRequest = REQUEST) 
     with pytest.raises(UpstreamError) as caught:
         await collect(provider, request)
     return caught.value
-
-
-@pytest.fixture
-async def no_stray_tasks():
-    before = asyncio.all_tasks()
-    yield
-    stray = [t for t in asyncio.all_tasks() - before if t is not asyncio.current_task()]
-    assert not stray, stray
 
 
 pytestmark = pytest.mark.usefixtures("no_stray_tasks")
