@@ -35,9 +35,9 @@ import grpc
 
 from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay.v1 import relay_pb2_grpc as pbg
-from tokenrelay_server.app import RelayServer
-from tokenrelay_server.config import build_settings, read_config_file
-from tokenrelay_server.mock_upstream import MockUpstream
+from tokenrelay_devtools.mock_upstream import MockUpstream
+from tokenrelay_server.api.server import RelayServer
+from tokenrelay_server.config.settings import build_settings, read_config_file
 
 CONFIG = """
 [recovery]

@@ -111,8 +111,8 @@ PROMPT = "benchmark: tell me about token streams"
 def sim_token_texts(count: int = 4096) -> list[str]:
     """The simulator's tokens for the benchmark prompt, so the ceiling sends
     texts of the same sizes (words, punctuation, some multi-byte UTF-8)."""
-    from tokenrelay_server.model import Message
-    from tokenrelay_server.providers.sim import SimAnswer
+    from tokenrelay_server.core.model import Message
+    from tokenrelay_server.upstream.sim import SimAnswer
 
     answer = SimAnswer((Message("user", PROMPT),))
     return [answer.token(i) for i in range(count)]
@@ -161,8 +161,8 @@ def serve_in_child(kind: ServerKind, conn: Connection) -> None:
 
 
 async def _serve(kind: ServerKind, conn: Connection) -> None:
-    from tokenrelay_server.app import MIN_TRANSPORT_LIMIT_BYTES, RelayServer
-    from tokenrelay_server.config import Settings
+    from tokenrelay_server.api.server import MIN_TRANSPORT_LIMIT_BYTES, RelayServer
+    from tokenrelay_server.config.settings import Settings
 
     relay: RelayServer | None = None
     echo: grpc.aio.Server | None = None

@@ -27,14 +27,15 @@ import sys
 import time
 from collections.abc import AsyncIterator
 
-from tokenrelay_server.mock_upstream import MockUpstream
-from tokenrelay_server.model import GenerationParams, Message
-from tokenrelay_server.providers.anthropic import AnthropicProvider
-from tokenrelay_server.providers.base import Delta, ProviderRequest, TextDelta
-from tokenrelay_server.providers.config import ProviderConfig, make_client
-from tokenrelay_server.providers.openai import ChatCompletionsParser, OpenAIProvider
-from tokenrelay_server.providers.sim import SimAnswer, SimProvider
-from tokenrelay_server.providers.sse import SSEDecoder
+from tokenrelay_devtools.mock_upstream import MockUpstream
+from tokenrelay_server.config.upstream import ProviderConfig
+from tokenrelay_server.core.model import GenerationParams, Message
+from tokenrelay_server.upstream.anthropic import AnthropicProvider
+from tokenrelay_server.upstream.base import Delta, ProviderRequest, TextDelta
+from tokenrelay_server.upstream.build import make_client
+from tokenrelay_server.upstream.openai import ChatCompletionsParser, OpenAIProvider
+from tokenrelay_server.upstream.sim import SimAnswer, SimProvider
+from tokenrelay_server.upstream.sse import SSEDecoder
 
 MESSAGES = (Message("user", "Write a long essay about token relays."),)
 
@@ -120,7 +121,7 @@ async def mock_upstream(same_process: bool) -> AsyncIterator[str]:
             await upstream.stop()
         return
     port = free_port()
-    code = f"from tokenrelay_server.mock_upstream import main; main('127.0.0.1', {port})"
+    code = f"from tokenrelay_devtools.mock_upstream import main; main('127.0.0.1', {port})"
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-c", code, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

@@ -17,8 +17,8 @@ import pytest
 
 from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay.v1 import relay_pb2_grpc as pbg
-from tokenrelay_server.app import RelayServer
-from tokenrelay_server.config import Settings
+from tokenrelay_server.api.server import RelayServer
+from tokenrelay_server.config.settings import Settings
 from tokenrelay_server.store.base import StreamStore
 
 SECRET = "test-secret-0123456789abcdef"

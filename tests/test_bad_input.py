@@ -7,9 +7,9 @@ import pytest
 
 from serverkit import SECRET, RawCall, eventually, resume_request, run_to_end, start_request
 from tokenrelay.v1 import relay_pb2 as pb
-from tokenrelay_server.app import RelayServer
-from tokenrelay_server.clock import SystemClock
-from tokenrelay_server.tokens import ResumeTokens
+from tokenrelay_server.api.server import RelayServer
+from tokenrelay_server.api.tokens import ResumeTokens
+from tokenrelay_server.core.clock import SystemClock
 
 
 def start_with(**fields: object) -> pb.StreamRequest:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from tokenrelay_server.breaker import (
+from tokenrelay_server.core.breaker import (
     BreakerChange,
     BreakerSettings,
     BreakerState,
     CircuitBreaker,
 )
-from tokenrelay_server.clock import ManualClock
+from tokenrelay_server.core.clock import ManualClock
 
 
 def make(**settings) -> tuple[CircuitBreaker, ManualClock, list[BreakerChange]]:

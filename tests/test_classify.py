@@ -9,8 +9,8 @@ import ssl
 
 import pytest
 
-from tokenrelay_server import classify
-from tokenrelay_server.classify import (
+from tokenrelay_server.core import classify
+from tokenrelay_server.core.classify import (
     BadData,
     HttpFailure,
     ProviderErrorKind,
@@ -20,7 +20,7 @@ from tokenrelay_server.classify import (
     TransportKind,
     WrongContentType,
 )
-from tokenrelay_server.errors import ErrorType, SuggestedAction
+from tokenrelay_server.core.errors import ErrorType, SuggestedAction
 
 NOW = 1_700_000_000.0  # a fixed wall clock: Tue, 14 Nov 2023 22:13:20 GMT
 

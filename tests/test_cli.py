@@ -92,7 +92,7 @@ def test_flags_beat_the_config_file(tmp_path: Path, flag: str) -> None:
 
 
 def test_recovery_and_breaker_tables_are_read_from_the_config_file(tmp_path: Path) -> None:
-    from tokenrelay_server.config import build_settings, read_config_file
+    from tokenrelay_server.config.settings import build_settings, read_config_file
 
     config = tmp_path / "tokenrelay.toml"
     config.write_text(
@@ -107,7 +107,7 @@ def test_recovery_and_breaker_tables_are_read_from_the_config_file(tmp_path: Pat
 
 
 def test_an_unknown_recovery_key_is_refused_with_its_line(tmp_path: Path) -> None:
-    from tokenrelay_server.config import ConfigError, read_config_file
+    from tokenrelay_server.config.settings import ConfigError, read_config_file
 
     config = tmp_path / "tokenrelay.toml"
     config.write_text("[recovery]\nmax_retries = 5\nmax_retires = 3\n")

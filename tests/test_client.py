@@ -40,10 +40,10 @@ from tokenrelay_client import (
     verify_assembly,
 )
 from tokenrelay_client.chat import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, run_chat
-from tokenrelay_server.app import RelayServer
-from tokenrelay_server.config import Settings
-from tokenrelay_server.demo import run_demo
-from tokenrelay_server.netfault import FaultProxy
+from tokenrelay_devtools.demo import run_demo
+from tokenrelay_devtools.netfault import FaultProxy
+from tokenrelay_server.api.server import RelayServer
+from tokenrelay_server.config.settings import Settings
 
 SECRET = "client-test-secret-0123456789"
 PROMPT = [("user", "tell me about streams that survive failure")]
@@ -763,8 +763,8 @@ async def test_leaving_early_keeps_the_generation_for_a_later_resume(gateway):
 
 async def test_a_partial_answer_is_a_result_unless_strict():
     from tokenrelay_client import PartialAnswer, RelayClient
-    from tokenrelay_server.app import RelayServer
-    from tokenrelay_server.config import Settings
+    from tokenrelay_server.api.server import RelayServer
+    from tokenrelay_server.config.settings import Settings
 
     server = await RelayServer.start(Settings(port=0, resume_secret="partial-secret-0123456789"))
     try:

@@ -21,11 +21,11 @@ from serverkit import (
     text_of,
 )
 from tokenrelay.v1 import relay_pb2 as pb
-from tokenrelay_server.app import RelayServer
-from tokenrelay_server.config import build_settings, read_config_file
-from tokenrelay_server.mock_upstream import MockUpstream
-from tokenrelay_server.model import Message
-from tokenrelay_server.providers.sim import SimAnswer
+from tokenrelay_devtools.mock_upstream import MockUpstream
+from tokenrelay_server.api.server import RelayServer
+from tokenrelay_server.config.settings import build_settings, read_config_file
+from tokenrelay_server.core.model import Message
+from tokenrelay_server.upstream.sim import SimAnswer
 
 PROMPT = "tell me about streams"
 

@@ -22,7 +22,7 @@ from serverkit import (
 )
 from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay.v1 import relay_pb2_grpc as pbg
-from tokenrelay_server.resources import resident_bytes
+from tokenrelay_server.engine.resources import resident_bytes
 
 
 def test_resident_memory_is_readable_here() -> None:

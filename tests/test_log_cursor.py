@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from tokenrelay_server.errors import ErrorType, Fault, SuggestedAction
-from tokenrelay_server.hub import LogCursor, orphan_end
-from tokenrelay_server.model import Chunk, End, Notice
+from tokenrelay_server.core.errors import ErrorType, Fault, SuggestedAction
+from tokenrelay_server.core.model import Chunk, End, Notice
+from tokenrelay_server.engine.hub import LogCursor, orphan_end
 
 FAULT = Fault(ErrorType.NETWORK, "ECONNRESET", "reset", True, SuggestedAction.RESUME, fatal=False)
 

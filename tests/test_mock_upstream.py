@@ -17,8 +17,17 @@ from typing import Any
 import httpx
 import pytest
 
-from tokenrelay_server.clock import ManualClock
-from tokenrelay_server.errors import (
+from tokenrelay_devtools.mock_upstream import (
+    MockUpstream,
+    parse_mock_faults,
+    start_mock_upstream,
+)
+from tokenrelay_server.config.upstream import (
+    ProviderConfig,
+    load_upstream_config,
+)
+from tokenrelay_server.core.clock import ManualClock
+from tokenrelay_server.core.errors import (
     ApplicationError,
     DataError,
     NetworkError,
@@ -29,22 +38,12 @@ from tokenrelay_server.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from tokenrelay_server.mock_upstream import (
-    MockUpstream,
-    parse_mock_faults,
-    start_mock_upstream,
-)
-from tokenrelay_server.model import GenerationParams, Message
-from tokenrelay_server.providers.anthropic import AnthropicProvider
-from tokenrelay_server.providers.base import Delta, Finish, ProviderRequest, TextDelta
-from tokenrelay_server.providers.config import (
-    ProviderConfig,
-    build_providers,
-    load_upstream_config,
-    make_client,
-)
-from tokenrelay_server.providers.openai import OpenAIProvider
-from tokenrelay_server.providers.sim import SimProvider
+from tokenrelay_server.core.model import GenerationParams, Message
+from tokenrelay_server.upstream.anthropic import AnthropicProvider
+from tokenrelay_server.upstream.base import Delta, Finish, ProviderRequest, TextDelta
+from tokenrelay_server.upstream.build import build_providers, make_client
+from tokenrelay_server.upstream.openai import OpenAIProvider
+from tokenrelay_server.upstream.sim import SimProvider
 
 KINDS = ["openai", "anthropic"]
 MESSAGES = (Message("system", "Answer briefly."), Message("user", "Tell me about relays."))

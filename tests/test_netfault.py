@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tokenrelay_server.netfault import FaultProxy
+from tokenrelay_devtools.netfault import FaultProxy
 
 
 class EchoServer:

@@ -15,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from replay import Replay, Upstream, sse
-from tokenrelay_server.clock import ManualClock
-from tokenrelay_server.errors import (
+from tokenrelay_server.config.upstream import ProviderConfig
+from tokenrelay_server.core.clock import ManualClock
+from tokenrelay_server.core.errors import (
     ApplicationError,
     DataError,
     ErrorType,
@@ -27,8 +28,8 @@ from tokenrelay_server.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from tokenrelay_server.model import GenerationParams, Message, Usage
-from tokenrelay_server.providers.base import (
+from tokenrelay_server.core.model import GenerationParams, Message, Usage
+from tokenrelay_server.upstream.base import (
     CONTINUE_INSTRUCTION,
     Delta,
     Finish,
@@ -36,14 +37,13 @@ from tokenrelay_server.providers.base import (
     TextDelta,
     UsageReport,
 )
-from tokenrelay_server.providers.config import ProviderConfig
-from tokenrelay_server.providers.openai import (
+from tokenrelay_server.upstream.openai import (
     ChatCompletionsParser,
     OpenAIProvider,
     chat_completions_body,
 )
-from tokenrelay_server.providers.sim import split_continuation
-from tokenrelay_server.providers.sse import SSEDecoder
+from tokenrelay_server.upstream.sim import split_continuation
+from tokenrelay_server.upstream.sse import SSEDecoder
 
 API_KEY = "sk-test-0123456789abcdef"
 

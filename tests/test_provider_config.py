@@ -8,21 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from tokenrelay_server.model import GenerationParams
-from tokenrelay_server.providers.anthropic import AnthropicProvider
-from tokenrelay_server.providers.base import ProviderRequest
-from tokenrelay_server.providers.config import (
+from tokenrelay_server.config.upstream import (
     DEFAULT_MAX_RESPONSE_BYTES,
     ProviderConfig,
     UpstreamConfigError,
-    build_providers,
     format_key_path,
-    h2_available,
     load_upstream_config,
     load_upstream_config_file,
-    make_client,
 )
-from tokenrelay_server.providers.openai import OpenAIProvider
+from tokenrelay_server.core.model import GenerationParams
+from tokenrelay_server.upstream.anthropic import AnthropicProvider
+from tokenrelay_server.upstream.base import ProviderRequest
+from tokenrelay_server.upstream.build import build_providers, h2_available, make_client
+from tokenrelay_server.upstream.openai import OpenAIProvider
 
 EXAMPLE = """\
 [server]

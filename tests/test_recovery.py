@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from tokenrelay_server import classify
-from tokenrelay_server.errors import ErrorType, Fault, SuggestedAction
-from tokenrelay_server.recovery import Decision, RecoveryConfig, Situation, Step, decide
-from tokenrelay_server.retry import BackoffPolicy
+from tokenrelay_server.core import classify
+from tokenrelay_server.core.errors import ErrorType, Fault, SuggestedAction
+from tokenrelay_server.core.recovery import Decision, RecoveryConfig, Situation, Step, decide
+from tokenrelay_server.core.retry import BackoffPolicy
 
 NO_JITTER = RecoveryConfig(backoff=BackoffPolicy(jitter=0.0))
 

@@ -21,9 +21,9 @@ from serverkit import (
     text_of,
 )
 from tokenrelay.v1 import relay_pb2 as pb
-from tokenrelay_server.app import RelayServer
-from tokenrelay_server.model import Message
-from tokenrelay_server.providers.sim import SimAnswer
+from tokenrelay_server.api.server import RelayServer
+from tokenrelay_server.core.model import Message
+from tokenrelay_server.upstream.sim import SimAnswer
 
 
 async def test_clean_stream_has_contiguous_seq_and_matching_digest(channel) -> None:

@@ -28,8 +28,8 @@ from serverkit import (
     text_of,
 )
 from tokenrelay.v1 import relay_pb2 as pb
-from tokenrelay_server.app import RelayServer
-from tokenrelay_server.model import Chunk, StreamMeta
+from tokenrelay_server.api.server import RelayServer
+from tokenrelay_server.core.model import Chunk, StreamMeta
 from tokenrelay_server.store.redis import RedisStore
 
 

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from tokenrelay_server.clock import ManualClock
-from tokenrelay_server.retry import BackoffPolicy, RetryBudget, next_delay
+from tokenrelay_server.core.clock import ManualClock
+from tokenrelay_server.core.retry import BackoffPolicy, RetryBudget, next_delay
 
 EXACT = BackoffPolicy(jitter=0.0)
 

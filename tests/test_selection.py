@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from tokenrelay_server.breaker import BreakerSettings
-from tokenrelay_server.clock import ManualClock
-from tokenrelay_server.providers.sim import SimProvider
-from tokenrelay_server.routing import Route
-from tokenrelay_server.selection import Health, UpstreamHealth
+from tokenrelay_server.core.breaker import BreakerSettings
+from tokenrelay_server.core.clock import ManualClock
+from tokenrelay_server.engine.routing import Route
+from tokenrelay_server.engine.selection import Health, UpstreamHealth
+from tokenrelay_server.upstream.sim import SimProvider
 
 CHAIN = [Route(SimProvider("a"), "m"), Route(SimProvider("b"), "m"), Route(SimProvider("c"), "m")]
 

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenrelay_server.errors import RequestError
-from tokenrelay_server.model import Message
-from tokenrelay_server.providers.base import CONTINUE_INSTRUCTION
-from tokenrelay_server.providers.sim import (
+from tokenrelay_server.core.errors import RequestError
+from tokenrelay_server.core.model import Message
+from tokenrelay_server.upstream.base import CONTINUE_INSTRUCTION
+from tokenrelay_server.upstream.sim import (
     FaultStep,
     SimAnswer,
     SimSettings,

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenrelay_server.providers.sse import (
+from tokenrelay_server.upstream.sse import (
     NEED_DATA,
     STREAM_END,
     ServerSentEvent,

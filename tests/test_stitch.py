@@ -7,9 +7,9 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenrelay_server.model import Message
-from tokenrelay_server.providers.sim import SimAnswer
-from tokenrelay_server.stitch import Stitcher, overlap_length
+from tokenrelay_server.core.model import Message
+from tokenrelay_server.core.stitch import Stitcher, overlap_length
+from tokenrelay_server.upstream.sim import SimAnswer
 
 
 def stitch(delivered: str, pieces: list[str], **kwargs) -> str:

@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from tokenrelay_server.clock import ManualClock
-from tokenrelay_server.errors import ErrorType, Fault, StreamNotFound, SuggestedAction
-from tokenrelay_server.model import (
+from tokenrelay_server.core.clock import ManualClock
+from tokenrelay_server.core.errors import ErrorType, Fault, StreamNotFound, SuggestedAction
+from tokenrelay_server.core.model import (
     Chunk,
     End,
     GenerationParams,

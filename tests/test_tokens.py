@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tokenrelay_server.clock import ManualClock
-from tokenrelay_server.errors import RequestError, ResumeDenied, StreamNotFound
-from tokenrelay_server.tokens import ResumeTokens
+from tokenrelay_server.api.tokens import ResumeTokens
+from tokenrelay_server.core.clock import ManualClock
+from tokenrelay_server.core.errors import RequestError, ResumeDenied, StreamNotFound
 
 SECRET = b"0123456789abcdef-secret"
 

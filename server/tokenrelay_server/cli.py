@@ -17,7 +17,12 @@ from typing import Any
 
 import click
 
-from .config import ConfigError, Settings, build_settings, read_config_file
+from tokenrelay_server.config.settings import (
+    ConfigError,
+    Settings,
+    build_settings,
+    read_config_file,
+)
 
 log = logging.getLogger("tokenrelay")
 
@@ -127,7 +132,7 @@ def resolve_settings(
 
 
 async def _serve(settings: Settings) -> None:
-    from .app import RelayServer
+    from tokenrelay_server.api.server import RelayServer
 
     server = await RelayServer.start(settings)
     log.info(
@@ -198,7 +203,7 @@ def chat(
 def chaos(runs: int, seed: int, concurrency: int) -> None:
     """Random fault schedules over real HTTP and gRPC; prints a tally and
     every violation, and exits 1 if there is any."""
-    from .chaos import run_chaos
+    from tokenrelay_devtools.chaos import run_chaos
 
     setup_logging("error")
     tally = asyncio.run(run_chaos(runs, seed=seed, concurrency=concurrency, progress=True))
@@ -214,7 +219,7 @@ def chaos(runs: int, seed: int, concurrency: int) -> None:
 def mock_upstream(host: str, port: int) -> None:
     """Serve the simulator over HTTP in the OpenAI and Anthropic streaming
     formats, with fault injection per request (see the README)."""
-    from .mock_upstream import main as serve_mock
+    from tokenrelay_devtools.mock_upstream import main as serve_mock
 
     setup_logging("info")
     serve_mock(host, port)
@@ -229,7 +234,7 @@ def mock_upstream(host: str, port: int) -> None:
 )
 def demo(target: str | None) -> None:
     """Watch a stream survive a dropped connection: cut, reconnect, resume, verify."""
-    from .demo import run_demo
+    from tokenrelay_devtools.demo import run_demo
 
     setup_logging("warning")
     with contextlib.suppress(KeyboardInterrupt):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokenrelay_server.chaos import (
+from tokenrelay_devtools.chaos import (
     CHAINS,
     Scenario,
     make_scenario,

@@ -5,7 +5,7 @@
   replica can serve a resume and a chunk survives the replica that made it.
 """
 
-from .base import StreamStore, StreamTail
-from .memory import MemoryStore
+from tokenrelay_server.store.base import StreamStore, StreamTail
+from tokenrelay_server.store.memory import MemoryStore
 
 __all__ = ["MemoryStore", "StreamStore", "StreamTail"]

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..model import LogEntry, StreamMeta
+from tokenrelay_server.core.model import LogEntry, StreamMeta
 
 
 @dataclass(frozen=True, slots=True)

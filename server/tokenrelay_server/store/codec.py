@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..errors import Fault
-from ..model import (
+from tokenrelay_server.core.errors import Fault
+from tokenrelay_server.core.model import (
     Chunk,
     End,
     GenerationParams,

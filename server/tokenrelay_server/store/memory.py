@@ -9,10 +9,10 @@ import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..clock import Clock, SystemClock
-from ..errors import StreamNotFound
-from ..model import Chunk, LogEntry, Notice, StreamMeta
-from .base import StreamTail
+from tokenrelay_server.core.clock import Clock, SystemClock
+from tokenrelay_server.core.errors import StreamNotFound
+from tokenrelay_server.core.model import Chunk, LogEntry, Notice, StreamMeta
+from tokenrelay_server.store.base import StreamTail
 
 # Log position of an entry: chunk s is (s, 0); notices after chunk s are
 # (s, 1), (s, 2), …; the End is (total_seq + 1, 0). The Redis store uses the

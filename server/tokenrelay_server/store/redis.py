@@ -42,11 +42,11 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from ..clock import Clock, SystemClock
-from ..errors import StreamNotFound
-from ..model import Chunk, LogEntry, Notice, StreamMeta
-from .base import StreamTail
-from .codec import decode_entry, decode_meta, encode_entry, encode_meta
+from tokenrelay_server.core.clock import Clock, SystemClock
+from tokenrelay_server.core.errors import StreamNotFound
+from tokenrelay_server.core.model import Chunk, LogEntry, Notice, StreamMeta
+from tokenrelay_server.store.base import StreamTail
+from tokenrelay_server.store.codec import decode_entry, decode_meta, encode_entry, encode_meta
 
 # The idempotency key is refreshed every `retention / _IDEM_REFRESH_DIVISOR`
 # at most, so its TTL must cover that gap on top of the stream's retention.

@@ -19,24 +19,24 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tokenrelay.v1 import relay_pb2, relay_pb2_grpc
-
-from .breaker import BreakerSettings
-from .clock import Clock, SystemClock
-from .config import ConfigError, Settings
-from .generation import Recovery
-from .hub import HubSettings, StreamHub
-from .providers.base import Provider
-from .providers.config import UpstreamConfigError, build_providers
-from .providers.sim import SimProvider
-from .recovery import RecoveryConfig
-from .resources import resident_bytes
-from .retry import BackoffPolicy
-from .routing import Route, Router, Timeouts
-from .selection import UpstreamHealth
-from .servicer import RelayServicer
-from .store.base import StreamStore
-from .store.memory import MemoryStore
-from .tokens import ResumeTokens
+from tokenrelay_server.api.servicer import RelayServicer
+from tokenrelay_server.api.tokens import ResumeTokens
+from tokenrelay_server.config.settings import ConfigError, Settings
+from tokenrelay_server.config.upstream import UpstreamConfigError
+from tokenrelay_server.core.breaker import BreakerSettings
+from tokenrelay_server.core.clock import Clock, SystemClock
+from tokenrelay_server.core.recovery import RecoveryConfig
+from tokenrelay_server.core.retry import BackoffPolicy
+from tokenrelay_server.engine.generation import Recovery
+from tokenrelay_server.engine.hub import HubSettings, StreamHub
+from tokenrelay_server.engine.resources import resident_bytes
+from tokenrelay_server.engine.routing import Route, Router, Timeouts
+from tokenrelay_server.engine.selection import UpstreamHealth
+from tokenrelay_server.store.base import StreamStore
+from tokenrelay_server.store.memory import MemoryStore
+from tokenrelay_server.upstream.base import Provider
+from tokenrelay_server.upstream.build import build_providers
+from tokenrelay_server.upstream.sim import SimProvider
 
 RELAY_SERVICE = relay_pb2.DESCRIPTOR.services_by_name["Relay"].full_name
 # The transport limit sits well above the prompt limit, so a prompt that is too
@@ -116,7 +116,7 @@ def build_recovery(settings: Settings, clock: Clock, rng: random.Random | None =
 
 def build_store(settings: Settings, clock: Clock) -> StreamStore:
     if settings.store == "redis":
-        from .store.redis import RedisStore
+        from tokenrelay_server.store.redis import RedisStore
 
         return RedisStore.from_url(
             settings.redis_url,

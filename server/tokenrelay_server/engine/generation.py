@@ -28,9 +28,9 @@ import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
-from . import classify
-from .clock import Clock
-from .errors import (
+from tokenrelay_server.core import classify
+from tokenrelay_server.core.clock import Clock
+from tokenrelay_server.core.errors import (
     DataError,
     ErrorType,
     Fault,
@@ -38,13 +38,21 @@ from .errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from .model import Chunk, End, LogEntry, Notice, StartRequest, StreamMeta, Usage
-from .providers.base import Finish, ProviderRequest, TextDelta
-from .recovery import Decision, RecoveryConfig, Situation, Step, decide
-from .routing import Route, Timeouts
-from .selection import SelectionMode, UpstreamHealth
-from .stitch import Stitcher
-from .store.base import StreamStore
+from tokenrelay_server.core.model import (
+    Chunk,
+    End,
+    LogEntry,
+    Notice,
+    StartRequest,
+    StreamMeta,
+    Usage,
+)
+from tokenrelay_server.core.recovery import Decision, RecoveryConfig, Situation, Step, decide
+from tokenrelay_server.core.stitch import Stitcher
+from tokenrelay_server.engine.routing import Route, Timeouts
+from tokenrelay_server.engine.selection import SelectionMode, UpstreamHealth
+from tokenrelay_server.store.base import StreamStore
+from tokenrelay_server.upstream.base import Finish, ProviderRequest, TextDelta
 
 log = logging.getLogger(__name__)
 

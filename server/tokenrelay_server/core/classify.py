@@ -54,7 +54,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from .errors import ErrorType, Fault, SuggestedAction
+from tokenrelay_server.core.errors import ErrorType, Fault, SuggestedAction
 
 # Statuses that mean "try again later" (RFC 9110 §15.6, plus 429 from RFC 6585
 # and Anthropic's 529 "overloaded").

@@ -34,14 +34,14 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import httpx
 
-from .. import classify
-from ..clock import Clock, SystemClock
-from ..errors import Fault, UpstreamError, upstream_error
-from .base import Delta, ProviderRequest
-from .sse import ServerSentEvent, SSEDecoder
+from tokenrelay_server.core import classify
+from tokenrelay_server.core.clock import Clock, SystemClock
+from tokenrelay_server.core.errors import Fault, UpstreamError, upstream_error
+from tokenrelay_server.upstream.base import Delta, ProviderRequest
+from tokenrelay_server.upstream.sse import ServerSentEvent, SSEDecoder
 
 if TYPE_CHECKING:
-    from .config import ProviderConfig
+    from tokenrelay_server.config.upstream import ProviderConfig
 
 ERROR_BODY_LIMIT = 64 * 1024
 ERROR_BODY_WAIT_S = 5.0

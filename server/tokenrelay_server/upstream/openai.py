@@ -41,12 +41,19 @@ from typing import Any
 
 import httpx
 
-from .. import classify
-from ..errors import UpstreamError, upstream_error
-from ..model import Usage
-from .base import CONTINUE_INSTRUCTION, Delta, Finish, ProviderRequest, TextDelta, UsageReport
-from .http_stream import HttpProvider, sim_headers
-from .sse import ServerSentEvent
+from tokenrelay_server.core import classify
+from tokenrelay_server.core.errors import UpstreamError, upstream_error
+from tokenrelay_server.core.model import Usage
+from tokenrelay_server.upstream.base import (
+    CONTINUE_INSTRUCTION,
+    Delta,
+    Finish,
+    ProviderRequest,
+    TextDelta,
+    UsageReport,
+)
+from tokenrelay_server.upstream.http_stream import HttpProvider, sim_headers
+from tokenrelay_server.upstream.sse import ServerSentEvent
 
 DONE_MARKER = "[DONE]"
 

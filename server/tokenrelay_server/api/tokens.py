@@ -14,8 +14,8 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
-from .clock import Clock
-from .errors import RequestError, ResumeDenied, StreamNotFound
+from tokenrelay_server.core.clock import Clock
+from tokenrelay_server.core.errors import RequestError, ResumeDenied, StreamNotFound
 
 _VERSION = "v1"
 MAX_TOKEN_LENGTH = 512

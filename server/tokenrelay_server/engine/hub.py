@@ -22,9 +22,10 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from .clock import Clock
-from .errors import Draining as DrainingError
-from .errors import (
+from tokenrelay_server.api.tokens import ResumeTokens
+from tokenrelay_server.core.clock import Clock
+from tokenrelay_server.core.errors import Draining as DrainingError
+from tokenrelay_server.core.errors import (
     ErrorType,
     Fault,
     Overloaded,
@@ -33,11 +34,18 @@ from .errors import (
     SuggestedAction,
     UnknownModel,
 )
-from .generation import Generation, Recovery, Subscription, stop_fault
-from .model import Chunk, End, LogEntry, Notice, StartRequest, StreamMeta, Usage
-from .routing import Router
-from .store.base import StreamStore
-from .tokens import ResumeTokens
+from tokenrelay_server.core.model import (
+    Chunk,
+    End,
+    LogEntry,
+    Notice,
+    StartRequest,
+    StreamMeta,
+    Usage,
+)
+from tokenrelay_server.engine.generation import Generation, Recovery, Subscription, stop_fault
+from tokenrelay_server.engine.routing import Router
+from tokenrelay_server.store.base import StreamStore
 
 log = logging.getLogger(__name__)
 

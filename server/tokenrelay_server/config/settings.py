@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .providers.config import (
+from tokenrelay_server.config.upstream import (
     KeyLines,
     UpstreamConfig,
     UpstreamConfigError,

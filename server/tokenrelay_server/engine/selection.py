@@ -14,10 +14,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .breaker import BreakerChange, BreakerListener, BreakerSettings, CircuitBreaker
-from .clock import Clock
-from .retry import RetryBudget
-from .routing import Route
+from tokenrelay_server.core.breaker import (
+    BreakerChange,
+    BreakerListener,
+    BreakerSettings,
+    CircuitBreaker,
+)
+from tokenrelay_server.core.clock import Clock
+from tokenrelay_server.core.retry import RetryBudget
+from tokenrelay_server.engine.routing import Route
 
 SelectionMode = Literal["order", "score"]
 EWMA_ALPHA = 0.2

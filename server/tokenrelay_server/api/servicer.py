@@ -20,8 +20,8 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from tokenrelay.v1 import relay_pb2, relay_pb2_grpc
-
-from .errors import (
+from tokenrelay_server.api.tokens import ResumeTokens
+from tokenrelay_server.core.errors import (
     Draining,
     Fault,
     Overloaded,
@@ -30,8 +30,7 @@ from .errors import (
     StreamNotFound,
     TokenRelayError,
 )
-from .hub import Session, StreamHub
-from .model import (
+from tokenrelay_server.core.model import (
     ROLES,
     Chunk,
     End,
@@ -42,7 +41,7 @@ from .model import (
     RecoveryPolicy,
     StartRequest,
 )
-from .tokens import ResumeTokens
+from tokenrelay_server.engine.hub import Session, StreamHub
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import UnknownModel
-from .model import StartRequest
-from .providers.base import Provider
+from tokenrelay_server.core.errors import UnknownModel
+from tokenrelay_server.core.model import StartRequest
+from tokenrelay_server.upstream.base import Provider
 
 
 @dataclass(frozen=True, slots=True)

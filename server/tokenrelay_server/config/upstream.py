@@ -36,21 +36,16 @@ followed one level deep).
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import tomllib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import httpx
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-if TYPE_CHECKING:
-    from ..clock import Clock
-    from .base import Provider
 
 DEFAULT_MAX_RESPONSE_BYTES = 100 * 1024 * 1024
 BUILTIN_PROVIDERS: frozenset[str] = frozenset({"sim"})
@@ -58,9 +53,6 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-def h2_available() -> bool:
-    """HTTP/2 needs the optional `h2` package (`httpx[http2]`)."""
-    return importlib.util.find_spec("h2") is not None
 
 
 class _Strict(BaseModel):
@@ -348,68 +340,3 @@ class KeyLines:
             if number is not None:
                 return number
         return None
-
-
-# --- building the providers -------------------------------------------------------------------
-
-
-def make_client(config: ProviderConfig) -> httpx.AsyncClient:
-    """The one pooled client of a provider.
-
-    The connect timeout is the adapter's; reads have none because the
-    generation loop enforces first-token and stall timeouts for every
-    provider alike. Redirects are not followed: an API that redirects a
-    POST is misconfigured, and following it could leak the key elsewhere.
-    """
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(
-            connect=config.connect_timeout_s,
-            read=None,
-            write=config.connect_timeout_s,
-            pool=config.connect_timeout_s,
-        ),
-        limits=httpx.Limits(
-            max_connections=config.max_connections,
-            max_keepalive_connections=config.max_keepalive_connections,
-            keepalive_expiry=config.keepalive_expiry_s,
-        ),
-        http2=config.http2 and h2_available(),
-        follow_redirects=False,
-    )
-
-
-def resolve_api_key(name: str, config: ProviderConfig, env: Mapping[str, str]) -> str | None:
-    """The key from the environment variable the config names (never logged)."""
-    if config.api_key_env is None:
-        return None
-    key = env.get(config.api_key_env, "")
-    if not key.strip():
-        path = format_key_path(("providers", name, "api_key_env"))
-        raise UpstreamConfigError(
-            "environment",
-            [ConfigProblem(path, f"environment variable {config.api_key_env} is not set or empty")],
-        )
-    return key.strip()
-
-
-def build_providers(
-    config: UpstreamConfig, env: Mapping[str, str], *, clock: Clock | None = None
-) -> dict[str, Provider]:
-    """One adapter per configured provider, each with its own pooled client.
-
-    Raises `UpstreamConfigError` (naming `api_key_env`) when a key's
-    environment variable is missing; no client is left open in that case.
-    The caller owns the result: `await provider.aclose()` each at shutdown.
-    """
-    from .anthropic import AnthropicProvider
-    from .openai import OpenAIProvider
-
-    keys = {name: resolve_api_key(name, cfg, env) for name, cfg in config.providers.items()}
-    providers: dict[str, Provider] = {}
-    for name, cfg in config.providers.items():
-        client = make_client(cfg)
-        if cfg.kind == "openai":
-            providers[name] = OpenAIProvider(name, cfg, client, api_key=keys[name], clock=clock)
-        else:
-            providers[name] = AnthropicProvider(name, cfg, client, api_key=keys[name], clock=clock)
-    return providers

@@ -38,13 +38,12 @@ import grpc
 
 from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay.v1 import relay_pb2_grpc as pbg
-
-from .app import RelayServer
-from .config import build_settings, read_config_file
-from .mock_upstream import MockUpstream
-from .model import Message
-from .providers.sim import SimAnswer
-from .stitch import Stitcher
+from tokenrelay_devtools.mock_upstream import MockUpstream
+from tokenrelay_server.api.server import RelayServer
+from tokenrelay_server.config.settings import build_settings, read_config_file
+from tokenrelay_server.core.model import Message
+from tokenrelay_server.core.stitch import Stitcher
+from tokenrelay_server.upstream.sim import SimAnswer
 
 MAX_RETRIES = 2
 PROVIDERS = ("oa1", "an1", "oa2", "an2")

@@ -41,8 +41,7 @@ from tokenrelay_client import (
     Started,
     TokenRelayClientError,
 )
-
-from .netfault import FaultProxy
+from tokenrelay_devtools.netfault import FaultProxy
 
 PROMPT = "Explain how a token stream survives a dropped connection."
 MODEL = "sim"
@@ -252,8 +251,8 @@ async def run_demo(
     server = None
     if target is None:
         # Imported here: `tokenrelay demo --target` needs no server code paths.
-        from .app import RelayServer
-        from .config import Settings
+        from tokenrelay_server.api.server import RelayServer
+        from tokenrelay_server.config.settings import Settings
 
         try:
             server = await RelayServer.start(Settings(port=0))

@@ -25,8 +25,8 @@ import enum
 import random
 from dataclasses import dataclass, field
 
-from .errors import ErrorType, Fault
-from .retry import BackoffPolicy, next_delay
+from tokenrelay_server.core.errors import ErrorType, Fault
+from tokenrelay_server.core.retry import BackoffPolicy, next_delay
 
 RATE_LIMIT_CODES = frozenset({"HTTP_429", "HTTP_529", "RATE_LIMITED", "OVERLOADED"})
 

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..model import GenerationParams, Message, Usage
+from tokenrelay_server.core.model import GenerationParams, Message, Usage
 
 # The instruction appended when a provider cannot take an assistant prefill.
 CONTINUE_INSTRUCTION = (

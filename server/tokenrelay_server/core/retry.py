@@ -12,7 +12,7 @@ import random
 from collections import deque
 from dataclasses import dataclass
 
-from .clock import Clock
+from tokenrelay_server.core.clock import Clock
 
 
 @dataclass(frozen=True, slots=True)

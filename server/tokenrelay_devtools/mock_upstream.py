@@ -86,10 +86,15 @@ from typing import Any, Literal, get_args
 
 from aiohttp import web
 
-from .clock import Clock, SystemClock
-from .errors import RequestError
-from .model import Message, Role
-from .providers.sim import AttemptPlan, SimSettings, parse_fault_script, plan_attempt
+from tokenrelay_server.core.clock import Clock, SystemClock
+from tokenrelay_server.core.errors import RequestError
+from tokenrelay_server.core.model import Message, Role
+from tokenrelay_server.upstream.sim import (
+    AttemptPlan,
+    SimSettings,
+    parse_fault_script,
+    plan_attempt,
+)
 
 FAULTS_HEADER = "x-sim-faults"
 ATTEMPT_HEADER = "x-sim-attempt"

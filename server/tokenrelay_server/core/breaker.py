@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .clock import Clock
+from tokenrelay_server.core.clock import Clock
 
 log = logging.getLogger(__name__)
 

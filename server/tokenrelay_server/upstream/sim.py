@@ -36,10 +36,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal
 
-from .. import classify
-from ..errors import RequestError, upstream_error
-from ..model import Message, Usage
-from .base import CONTINUE_INSTRUCTION, Delta, Finish, ProviderRequest, TextDelta, UsageReport
+from tokenrelay_server.core import classify
+from tokenrelay_server.core.errors import RequestError, upstream_error
+from tokenrelay_server.core.model import Message, Usage
+from tokenrelay_server.upstream.base import (
+    CONTINUE_INSTRUCTION,
+    Delta,
+    Finish,
+    ProviderRequest,
+    TextDelta,
+    UsageReport,
+)
 
 DEFAULT_MAX_TOKENS = 200
 MAX_PACE_MS = 60_000

@@ -1,0 +1,86 @@
+"""Build the provider adapters from validated configuration: one pooled
+httpx client per provider, its API key from the environment."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping
+
+import httpx
+
+from tokenrelay_server.config.upstream import (
+    ConfigProblem,
+    ProviderConfig,
+    UpstreamConfig,
+    UpstreamConfigError,
+    format_key_path,
+)
+from tokenrelay_server.core.clock import Clock
+from tokenrelay_server.upstream.anthropic import AnthropicProvider
+from tokenrelay_server.upstream.base import Provider
+from tokenrelay_server.upstream.openai import OpenAIProvider
+
+
+def h2_available() -> bool:
+    """HTTP/2 needs the optional `h2` package (`httpx[http2]`)."""
+    return importlib.util.find_spec("h2") is not None
+
+
+
+def make_client(config: ProviderConfig) -> httpx.AsyncClient:
+    """The one pooled client of a provider.
+
+    The connect timeout is the adapter's; reads have none because the
+    generation loop enforces first-token and stall timeouts for every
+    provider alike. Redirects are not followed: an API that redirects a
+    POST is misconfigured, and following it could leak the key elsewhere.
+    """
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(
+            connect=config.connect_timeout_s,
+            read=None,
+            write=config.connect_timeout_s,
+            pool=config.connect_timeout_s,
+        ),
+        limits=httpx.Limits(
+            max_connections=config.max_connections,
+            max_keepalive_connections=config.max_keepalive_connections,
+            keepalive_expiry=config.keepalive_expiry_s,
+        ),
+        http2=config.http2 and h2_available(),
+        follow_redirects=False,
+    )
+
+
+def resolve_api_key(name: str, config: ProviderConfig, env: Mapping[str, str]) -> str | None:
+    """The key from the environment variable the config names (never logged)."""
+    if config.api_key_env is None:
+        return None
+    key = env.get(config.api_key_env, "")
+    if not key.strip():
+        path = format_key_path(("providers", name, "api_key_env"))
+        raise UpstreamConfigError(
+            "environment",
+            [ConfigProblem(path, f"environment variable {config.api_key_env} is not set or empty")],
+        )
+    return key.strip()
+
+
+def build_providers(
+    config: UpstreamConfig, env: Mapping[str, str], *, clock: Clock | None = None
+) -> dict[str, Provider]:
+    """One adapter per configured provider, each with its own pooled client.
+
+    Raises `UpstreamConfigError` (naming `api_key_env`) when a key's
+    environment variable is missing; no client is left open in that case.
+    The caller owns the result: `await provider.aclose()` each at shutdown.
+    """
+    keys = {name: resolve_api_key(name, cfg, env) for name, cfg in config.providers.items()}
+    providers: dict[str, Provider] = {}
+    for name, cfg in config.providers.items():
+        client = make_client(cfg)
+        if cfg.kind == "openai":
+            providers[name] = OpenAIProvider(name, cfg, client, api_key=keys[name], clock=clock)
+        else:
+            providers[name] = AnthropicProvider(name, cfg, client, api_key=keys[name], clock=clock)
+    return providers
