@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from tokenrelay_server.core.errors import ErrorType, Fault, SuggestedAction
 from tokenrelay_server.core.model import Chunk, End, Notice
-from tokenrelay_server.engine.hub import LogCursor, orphan_end
+from tokenrelay_server.engine.cursor import LogCursor
+from tokenrelay_server.engine.takeover import orphan_end
 
 FAULT = Fault(ErrorType.NETWORK, "ECONNRESET", "reset", True, SuggestedAction.RESUME, fatal=False)
 

@@ -158,7 +158,7 @@ async def test_a_stream_whose_owner_died_ends_typed_with_what_it_produced(
         await store.append(meta.stream_id, [Chunk(i, f" w{i}", "sim", 1) for i in range(1, 6)])
     finally:
         await store.close()
-    token = b.hub.tokens.issue(meta.stream_id)
+    token = b.tokens.issue(meta.stream_id)
     async with grpc.aio.insecure_channel(b.address) as on_b:
         events = await run_to_end(on_b, resume_request(token, 2))
     assert [c.seq for c in chunks_of(events)] == [3, 4, 5]

@@ -27,8 +27,8 @@ from tokenrelay_server.core.breaker import BreakerSettings
 from tokenrelay_server.core.clock import Clock, SystemClock
 from tokenrelay_server.core.recovery import RecoveryConfig
 from tokenrelay_server.core.retry import BackoffPolicy
-from tokenrelay_server.engine.generation import Recovery
 from tokenrelay_server.engine.hub import HubSettings, StreamHub
+from tokenrelay_server.engine.recovery_loop import Recovery
 from tokenrelay_server.engine.resources import resident_bytes
 from tokenrelay_server.engine.routing import Route, Router, Timeouts
 from tokenrelay_server.engine.selection import UpstreamHealth
@@ -50,13 +50,14 @@ def build_router(
     extra: Mapping[str, list[Route]] | None = None,
     *,
     env: Mapping[str, str] | None = None,
+    clock: Clock | None = None,
 ) -> Router:
     """The `sim` model is always there; configured aliases come on top.
 
     Timeouts: a provider's own, unless `--stall-timeout-s` /
     `--first-token-timeout-s` (flag or environment) was given, which beats
     every provider's; `sim` uses the server settings."""
-    sim = SimProvider("sim", default_pace_ms=settings.sim_pace_ms)
+    sim = SimProvider("sim", default_pace_ms=settings.sim_pace_ms, clock=clock or SystemClock())
     providers: dict[str, Provider] = {"sim": sim}
     timeouts: dict[str, Timeouts] = {
         "sim": Timeouts(
@@ -71,7 +72,9 @@ def build_router(
         )
     if settings.upstream.providers:
         try:
-            providers.update(build_providers(settings.upstream, os.environ if env is None else env))
+            providers.update(
+                build_providers(settings.upstream, os.environ if env is None else env, clock=clock)
+            )
         except UpstreamConfigError as error:
             raise ConfigError(str(error)) from None
     routes: dict[str, list[Route]] = {"sim": [Route(sim, "sim", timeouts["sim"])]}
@@ -85,6 +88,8 @@ def build_router(
 
 
 def build_recovery(settings: Settings, clock: Clock, rng: random.Random | None = None) -> Recovery:
+    """The shared recovery context: one UpstreamHealth (breakers, budgets,
+    scores) per replica, the policy, the clock and the jitter source."""
     return Recovery(
         health=UpstreamHealth(
             clock=clock,
@@ -107,10 +112,10 @@ def build_recovery(settings: Settings, clock: Clock, rng: random.Random | None =
                 cap_s=settings.backoff_cap_s,
                 jitter=settings.jitter,
             ),
+            selection=settings.selection,
         ),
         clock=clock,
         rng=rng or random.Random(),
-        selection=settings.selection,
     )
 
 
@@ -136,6 +141,7 @@ class RelayServer:
         settings: Settings,
         server: grpc.aio.Server,
         hub: StreamHub,
+        tokens: ResumeTokens,
         health_servicer: health.aio.HealthServicer,
         providers: list[Provider],
         port: int,
@@ -144,6 +150,7 @@ class RelayServer:
     ) -> None:
         self.settings = settings
         self.hub = hub
+        self.tokens = tokens
         self.port = port
         self._server = server
         self._health = health_servicer
@@ -176,17 +183,18 @@ class RelayServer:
         owns_store = store is None
         if store is None:
             store = build_store(settings, clock)
-        router = build_router(settings, routes)
+        router = build_router(settings, routes, clock=clock)
+        tokens = ResumeTokens(secret.encode(), ttl_s=settings.retention_s, clock=clock)
         hub = StreamHub(
             store=store,
             router=router,
-            tokens=ResumeTokens(secret.encode(), ttl_s=settings.retention_s, clock=clock),
             clock=clock,
             recovery=build_recovery(settings, clock),
             settings=HubSettings(
                 detach_grace_s=settings.detach_grace_s,
                 checkpoint_interval=settings.checkpoint_interval,
                 max_streams=settings.max_streams,
+                max_stream_bytes=settings.max_response_bytes,
                 lease_ttl_s=settings.lease_ttl_s,
                 max_memory_bytes=int(settings.max_memory_mb * (1 << 20)),
                 memory_check_interval_s=settings.memory_check_interval_s,
@@ -200,7 +208,7 @@ class RelayServer:
             ]
         )
         relay_pb2_grpc.add_RelayServicer_to_server(
-            RelayServicer(hub, max_prompt_bytes=settings.max_prompt_bytes), server
+            RelayServicer(hub, tokens, max_prompt_bytes=settings.max_prompt_bytes), server
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -225,6 +233,7 @@ class RelayServer:
             settings=settings,
             server=server,
             hub=hub,
+            tokens=tokens,
             health_servicer=health_servicer,
             providers=providers,
             port=port,

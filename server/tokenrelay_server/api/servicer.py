@@ -221,8 +221,9 @@ class TokenCache:
 
 
 class RelayServicer(relay_pb2_grpc.RelayServicer):
-    def __init__(self, hub: StreamHub, *, max_prompt_bytes: int) -> None:
+    def __init__(self, hub: StreamHub, tokens: ResumeTokens, *, max_prompt_bytes: int) -> None:
         self._hub = hub
+        self._tokens = tokens
         self._max_prompt_bytes = max_prompt_bytes
 
     async def Stream(
@@ -241,13 +242,13 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             yield relay_pb2.StreamEvent(
                 started=relay_pb2.StreamStarted(
                     stream_id=session.stream_id,
-                    resume_token=self._hub.tokens.issue(session.stream_id),
+                    resume_token=self._tokens.issue(session.stream_id),
                     resumed=session.resumed,
                     model=session.meta.model,
                 )
             )
             interval = session.meta.checkpoint_interval
-            tokens = TokenCache(self._hub.tokens, session.stream_id)
+            tokens = TokenCache(self._tokens, session.stream_id)
             async with contextlib.aclosing(self._hub.follow(session)) as batches:
                 async for batch in batches:
                     for entry in batch:
@@ -256,7 +257,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
                             yield relay_pb2.StreamEvent(
                                 checkpoint=relay_pb2.Checkpoint(
                                     seq=entry.seq,
-                                    token_count=entry.seq,
+                                    token_count=entry.tokens_so_far,
                                     resume_token=tokens.current(),
                                 )
                             )
@@ -290,7 +291,8 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
                 deadline_s=deadline_s,
             )
         if kind == "resume":
-            return await self._hub.resume(first.resume.resume_token, first.resume.last_seq)
+            grant = self._tokens.verify(first.resume.resume_token)
+            return await self._hub.resume(grant.stream_id, first.resume.last_seq)
         raise RequestError(
             f"the first message must be `start` or `resume`, not `{kind or 'an empty request'}`"
         )

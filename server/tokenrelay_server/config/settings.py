@@ -39,6 +39,9 @@ class Settings(BaseModel):
     checkpoint_interval: int = Field(10, ge=1, le=100_000)
     max_streams: int = Field(10_000, ge=1)
     max_prompt_bytes: int = Field(1 << 20, ge=1)
+    # The text one stream may hold, across all its attempts (a longer answer
+    # ends partial with RESPONSE_TOO_LARGE).
+    max_response_bytes: int = Field(100 << 20, ge=1)
     lease_ttl_s: float = Field(10.0, gt=0)
     # Above this resident memory (MiB; 0 = no limit) new streams are refused
     # with RESOURCE_EXHAUSTED and running ones end as typed partials.

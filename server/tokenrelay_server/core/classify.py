@@ -733,3 +733,9 @@ def _wrong_content_type(
         tokens_received=tokens_received,
         bytes_received=bytes_received,
     )
+
+
+def counts_against_provider(fault: Fault) -> bool:  # TEMPORARY until the classify branch merges
+    return fault.retryable and fault.type is not ErrorType.RESOURCE and fault.code not in {
+        "BREAKER_OPEN", "CANCELLED", "CLIENT_GONE", "DEADLINE_EXCEEDED", "SERVER_SHUTDOWN",
+        "OWNER_LOST", "INTERNAL", "MEMORY_LIMIT"}

@@ -68,12 +68,17 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """A piece of the answer. seq is 1, 2, 3, … within a stream."""
+    """A piece of the answer: one provider delta. seq is 1, 2, 3, … within a
+    stream; seq counts chunks, `tokens_so_far` counts tokens."""
 
     seq: int
     text: str
     provider: str
     attempt: int
+    # Completion tokens the upstream had produced for this stream when this
+    # chunk arrived: the reported usage of earlier attempts plus this
+    # attempt's count so far (its deltas until the provider reports usage).
+    tokens_so_far: int = 0
 
 
 @dataclass(frozen=True, slots=True)

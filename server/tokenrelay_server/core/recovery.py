@@ -14,24 +14,32 @@ A pure function from (classified fault, where the stream stands, policy) to a
     malformed data                 abort (policy: resume)       same, partial kept
     resource exhaustion            partial with the error       partial with the error
 
-Priority: resume > retry > fallback > partial > abort. Retries are counted
-per provider (`max_retries` each) and need the provider's breaker and retry
-budget to agree; a fallback goes to the next usable provider of the chain.
+Priority: complete > resume > retry > fallback > partial > abort. Retries
+are counted per provider (`max_retries` each) and need the provider's
+breaker and retry budget to agree; a fallback goes to the next usable
+provider of the chain. Everything the decision depends on is in the
+`Situation`: the fault (its code says "rate limited"), what was delivered,
+the breakers (`usable`), the retry budget, and whether the caller's token
+budget is already spent; the loop that acts on it (engine/recovery_loop.py)
+decides nothing itself.
 """
 
 from __future__ import annotations
 
 import enum
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from tokenrelay_server.core.errors import ErrorType, Fault
+from tokenrelay_server.core.model import RecoveryPolicy
 from tokenrelay_server.core.retry import BackoffPolicy, next_delay
 
 RATE_LIMIT_CODES = frozenset({"HTTP_429", "HTTP_529", "RATE_LIMITED", "OVERLOADED"})
 
 
 class Step(enum.StrEnum):
+    COMPLETE = "complete"  # the caller's token budget is delivered: end complete
     RESUME = "resume"  # same provider, continuation from what was delivered
     RETRY = "retry"  # same provider, the request again (nothing delivered yet)
     FALLBACK = "fallback"  # next provider (continuation when tokens were delivered)
@@ -39,13 +47,38 @@ class Step(enum.StrEnum):
     ABORT = "abort"  # not recoverable: end with the error (and any partial text)
 
 
+SelectionMode = Literal["order", "score"]
+
+
 @dataclass(frozen=True, slots=True)
 class RecoveryConfig:
+    """The recovery policy: the gateway's (from [recovery]), with a call's
+    overrides applied by `with_overrides`. Each default is written here once;
+    the settings take theirs from this class."""
+
     max_retries: int = 3
     allow_fallback: bool = True
     allow_partial: bool = True
     resume_on_malformed: bool = False  # treat garbled data as a provider fault
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
+    # Which chain entry a stream starts on: the first usable one (`order`) or
+    # the best health score (`score`).
+    selection: SelectionMode = "order"
+
+    def with_overrides(self, overrides: RecoveryPolicy) -> RecoveryConfig:
+        """This policy with a call's `policy` fields applied (None: keep ours)."""
+        return replace(
+            self,
+            max_retries=self.max_retries
+            if overrides.max_retries is None
+            else overrides.max_retries,
+            allow_fallback=self.allow_fallback
+            if overrides.allow_fallback is None
+            else overrides.allow_fallback,
+            allow_partial=self.allow_partial
+            if overrides.allow_partial is None
+            else overrides.allow_partial,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +90,8 @@ class Situation:
     provider_index: int  # the chain entry that failed
     retries_on_provider: int  # retries already made on that entry
     usable: tuple[bool, ...]  # per chain entry: breaker closed (or probe free), not given up on
-    budget_allows_retry: bool = True
+    budget_allows_retry: bool = True  # the provider's retry budget has room
+    answer_complete: bool = False  # every token the caller asked for was delivered
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +118,10 @@ def decide(situation: Situation, config: RecoveryConfig, rng: random.Random) -> 
     fault = situation.fault
     here = situation.provider_index
     delivered = situation.tokens_delivered > 0
+    if situation.answer_complete:
+        # What broke after the last token the caller asked for cannot take
+        # any of them away.
+        return Decision(Step.COMPLETE, here, reason=f"{fault.code} after the last token")
     if fault.type is ErrorType.RESOURCE:
         return Decision(Step.PARTIAL, here, reason="a resource limit was hit")
     if not is_recoverable(fault, config):

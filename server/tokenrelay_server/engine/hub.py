@@ -2,27 +2,30 @@
 
 The hub owns every generation task of this replica (they outlive the RPC
 that started them: guarantee 4) and every attached reader. It knows nothing
-of protobuf; the servicer translates.
+of protobuf or resume tokens; the servicer translates and verifies.
 
 Reading a stream:
-- generated here: from the generation's in-memory entries (already stored),
-  then live as they arrive;
+- generated here: from the generation's local log (already stored), then
+  live as it grows;
 - generated elsewhere, or finished: from the store, waiting on it for more.
   When the stream is unfinished and nobody holds its lease (the owning
-  replica died), the reader ends it with a typed partial (OWNER_LOST).
+  replica died), the reader takes it over and continues it here
+  (takeover.py), or ends it OWNER_LOST when it cannot be continued.
+
+Admission is one synchronous step: the check against `max_streams` and the
+reservation of the slot happen with no await between them, so concurrent
+starts can never admit more than the limit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from tokenrelay_server.api.tokens import ResumeTokens
 from tokenrelay_server.core.clock import Clock
 from tokenrelay_server.core.errors import Draining as DrainingError
 from tokenrelay_server.core.errors import (
@@ -32,76 +35,17 @@ from tokenrelay_server.core.errors import (
     RequestError,
     StreamNotFound,
     SuggestedAction,
-    UnknownModel,
 )
-from tokenrelay_server.core.model import (
-    Chunk,
-    End,
-    LogEntry,
-    Notice,
-    StartRequest,
-    StreamMeta,
-    Usage,
-)
-from tokenrelay_server.engine.generation import Generation, Recovery, Subscription, stop_fault
-from tokenrelay_server.engine.routing import Router
+from tokenrelay_server.core.model import LogEntry, StartRequest, StreamMeta
+from tokenrelay_server.engine.cursor import LogCursor
+from tokenrelay_server.engine.fanout import Subscription
+from tokenrelay_server.engine.generation import Generation, stop_fault
+from tokenrelay_server.engine.recovery_loop import Recovery
+from tokenrelay_server.engine.routing import Route, Router
+from tokenrelay_server.engine.takeover import Leases, Takeover, cancel_fault
 from tokenrelay_server.store.base import StreamStore
 
 log = logging.getLogger(__name__)
-
-
-class LogCursor:
-    """Where a reader of the stored log stands: after chunk `seq`, having seen
-    `notices` of the notices that follow it. `take` drops what was already
-    read (a read after chunk S repeats the notices after S)."""
-
-    def __init__(self, seq: int) -> None:
-        self.seq = seq
-        self.notices = 0
-        self.ended = False
-
-    def take(self, entries: list[LogEntry]) -> list[LogEntry]:
-        fresh: list[LogEntry] = []
-        notices_here = 0
-        for entry in entries:
-            if isinstance(entry, Notice):
-                if entry.after_seq == self.seq:
-                    notices_here += 1
-                    if notices_here <= self.notices:
-                        continue
-                    self.notices = notices_here
-            elif isinstance(entry, Chunk):
-                if entry.seq <= self.seq:
-                    continue
-                self.seq, self.notices, notices_here = entry.seq, 0, 0
-            else:
-                self.ended = True
-            fresh.append(entry)
-            if self.ended:
-                break
-        return fresh
-
-
-def orphan_end(entries: list[LogEntry]) -> End:
-    """The End of a stream whose generation cannot be continued."""
-    chunks = [e for e in entries if isinstance(e, Chunk)]
-    digest = hashlib.sha256()
-    for chunk in chunks:
-        digest.update(chunk.text.encode())
-    return End(
-        finish_reason="error",
-        total_seq=len(chunks),
-        text_sha256=digest.hexdigest(),
-        usage=Usage(completion_tokens=len(chunks)),
-        partial=True,
-        error=Fault(
-            type=ErrorType.APPLICATION,
-            code="OWNER_LOST",
-            message="the replica generating this stream stopped; this is what it produced",
-            retryable=True,
-            suggested_action=SuggestedAction.RETRY,
-        ),
-    )
 
 
 @dataclass(eq=False)
@@ -128,6 +72,8 @@ class HubSettings:
     store_poll_s: float = 1.0
     max_memory_bytes: int = 0  # 0: no limit
     memory_check_interval_s: float = 1.0
+    max_stream_bytes: int = 100 * 1024 * 1024  # the text one stream may hold
+    shutdown_wait_s: float = 5.0  # how long close() waits for generations to end
 
 
 class StreamHub:
@@ -136,27 +82,33 @@ class StreamHub:
         *,
         store: StreamStore,
         router: Router,
-        tokens: ResumeTokens,
         clock: Clock,
         recovery: Recovery,
-        settings: HubSettings = HubSettings(),
+        settings: HubSettings | None = None,
         replica_id: str | None = None,
     ) -> None:
         self.store = store
         self.router = router
-        self.tokens = tokens
         self._clock = clock
         self.recovery = recovery
-        self._settings = settings
+        self._settings = settings or HubSettings()
         self.replica_id = replica_id or uuid.uuid4().hex[:12]
         self._local: dict[str, Generation] = {}
+        self._admitting = 0  # starts admitted but not yet registered in _local
         self._tasks: set[asyncio.Task[None]] = set()
         self._sessions: set[Session] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
-        self.max_memory_bytes = settings.max_memory_bytes
+        self.max_memory_bytes = self._settings.max_memory_bytes
         self.memory_exceeded: int | None = None  # resident bytes when over the limit
+        self.leases = Leases(store, self.replica_id, self._settings.lease_ttl_s, clock)
+        self._takeover = Takeover(
+            leases=self.leases,
+            router=router,
+            make_generation=lambda meta, routes: self._generation(meta, meta.request, routes),
+            draining=lambda: self.draining,
+        )
 
     # -- introspection (tests, metrics, the benchmark) ---------------------------------
 
@@ -173,9 +125,8 @@ class StreamHub:
 
     # -- start and resume ------------------------------------------------------------
 
-    async def start(self, request: StartRequest, *, deadline_s: float | None = None) -> Session:
-        """A new stream (or the one its idempotency key names). `deadline_s`
-        is the caller's gRPC deadline: the generation stops when it passes."""
+    def _admit(self) -> None:
+        """Refuse a new generation (raise), or reserve its slot; no await here."""
         if self.draining:
             raise DrainingError("the server is draining; start the stream on another replica")
         if self.memory_exceeded is not None:
@@ -183,12 +134,27 @@ class StreamHub:
                 f"this replica is over its memory limit ({self.memory_exceeded >> 20} MiB of "
                 f"{self.max_memory_bytes >> 20} MiB); retry later or on another replica"
             )
+        running = len(self._local) + self._admitting
+        if running >= self._settings.max_streams:
+            raise Overloaded(
+                f"this replica is generating {running} streams, its limit; retry later"
+            )
+        self._admitting += 1
+
+    async def start(self, request: StartRequest, *, deadline_s: float | None = None) -> Session:
+        """A new stream (or the one its idempotency key names). `deadline_s`
+        is the caller's gRPC deadline: the generation stops when it passes."""
         self.router.validate(request)
         routes = self.router.resolve(request.model)
-        if len(self._local) >= self._settings.max_streams:
-            raise Overloaded(
-                f"this replica is generating {len(self._local)} streams, its limit; retry later"
-            )
+        self._admit()
+        try:
+            return await self._start_admitted(request, routes, deadline_s)
+        finally:
+            self._admitting -= 1
+
+    async def _start_admitted(
+        self, request: StartRequest, routes: list[Route], deadline_s: float | None
+    ) -> Session:
         meta = StreamMeta(
             stream_id=uuid.uuid4().hex,
             model=request.model,
@@ -202,23 +168,13 @@ class StreamHub:
         if not created:
             if meta.request is not None and meta.request != request:
                 raise RequestError(
-                    "start.idempotency_key was already used for a different request "
-                    f"(stream {meta.stream_id}); use a new key for a new request"
+                    "start.idempotency_key was already used for a different request; "
+                    "use a new key for a new request"
                 )
             return await self._attach(meta, after_seq=0)
         try:
-            await self.store.acquire_lease(
-                meta.stream_id, self.replica_id, self._settings.lease_ttl_s
-            )
-            generation = Generation(
-                meta=meta,
-                request=request,
-                chain=routes,
-                store=self.store,
-                recovery=self.recovery,
-                detach_grace_s=self._settings.detach_grace_s,
-                deadline_s=deadline_s,
-            )
+            await self.store.acquire_lease(meta.stream_id, self.replica_id, self.leases.ttl_s)
+            generation = self._generation(meta, request, routes, deadline_s=deadline_s)
         except BaseException:
             await self.store.delete(meta.stream_id)
             raise
@@ -227,6 +183,26 @@ class StreamHub:
         self._run(generation)
         return self._open(Session(meta, False, 0, subscription, generation))
 
+    def _generation(
+        self,
+        meta: StreamMeta,
+        request: StartRequest | None,
+        routes: list[Route],
+        *,
+        deadline_s: float | None = None,
+    ) -> Generation:
+        assert request is not None
+        return Generation(
+            meta=meta,
+            request=request,
+            chain=routes,
+            store=self.store,
+            recovery=self.recovery,
+            detach_grace_s=self._settings.detach_grace_s,
+            deadline_s=deadline_s,
+            max_stream_bytes=self._settings.max_stream_bytes,
+        )
+
     def _run(self, generation: Generation) -> None:
         """Register a generation and start its task, which the hub owns."""
         self._local[generation.stream_id] = generation
@@ -234,12 +210,24 @@ class StreamHub:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def resume(self, token: str, last_seq: int) -> Session:
-        grant = self.tokens.verify(token)
-        meta = await self.store.get_meta(grant.stream_id)
+    async def _own(self, generation: Generation) -> None:
+        keeper = asyncio.create_task(self.leases.keep(generation), name="lease keeper")
+        try:
+            await generation.run()
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            self._local.pop(generation.stream_id, None)
+            with contextlib.suppress(Exception):
+                await self.store.release_lease(generation.stream_id, self.replica_id)
+
+    async def resume(self, stream_id: str, last_seq: int) -> Session:
+        """Attach to a stream (the servicer verified the token naming it)."""
+        meta = await self.store.get_meta(stream_id)
         if meta is None:
             raise StreamNotFound(
-                f"stream {grant.stream_id} has expired or never existed; start a new stream"
+                f"stream {stream_id} has expired or never existed; start a new stream"
             )
         return await self._attach(meta, after_seq=last_seq)
 
@@ -252,10 +240,11 @@ class StreamHub:
             if tail is None:
                 raise StreamNotFound(f"stream {meta.stream_id} has expired; start a new stream")
             current = tail.last_seq
-            # A takeover on this replica may have started generating it meanwhile.
+            # A takeover on this replica may have started generating it meanwhile
+            # (during the await): read the live one.
             generation = self._local.get(meta.stream_id)
-            if generation is not None and generation.last_seq > current:
-                current = generation.last_seq
+            if generation is not None:
+                current = max(current, generation.last_seq)
         if after_seq > current:
             raise RequestError(
                 f"resume.last_seq={after_seq} is beyond the stream's last seq {current}"
@@ -317,126 +306,31 @@ class StreamHub:
                 raise StreamNotFound(f"stream {stream_id} expired while being read")
             if tail.ended or await self.store.lease_owner(stream_id) is not None:
                 continue
-            generation = await self._take_over(stream_id)
+            generation = await self._takeover.take_over(stream_id)
             if generation is None:
                 continue
+            self._run(generation)
+            generation.arm_grace()
             # We generate it now: read it live, like any local stream.
             session.generation = generation
             generation.attach(session.subscription)
             async with contextlib.aclosing(
                 generation.follow(cursor.seq, session.subscription)
             ) as batches:
-                async for entries in batches:
-                    batch = cursor.take(entries)
+                async for live in batches:
+                    batch = cursor.take(live)
                     if batch:
                         yield batch
             return
-
-    async def _take_over(self, stream_id: str) -> Generation | None:
-        """The owner's lease lapsed with the stream unfinished: its replica died.
-        Take the lease and continue the generation here by continuation from
-        the stored log (guarantee 5). Where that cannot be done (no stored
-        request, a model this replica does not route, draining), end it with
-        what was produced and OWNER_LOST. None when another replica got the
-        lease first or the stream is not ours to continue."""
-        ttl_s = self._settings.lease_ttl_s
-        if not await self.store.acquire_lease(stream_id, self.replica_id, ttl_s):
-            return None
-        handed_over = False
-        try:
-            meta = await self.store.get_meta(stream_id)
-            tail = await self.store.tail(stream_id)
-            if meta is None or tail is None or tail.ended:
-                return None
-            entries = await self._read_log(stream_id)
-            routes = None
-            if meta.request is not None and not self.draining:
-                with contextlib.suppress(UnknownModel):
-                    routes = self.router.resolve(meta.model)
-            if meta.request is None or routes is None:
-                await self.store.append(stream_id, [orphan_end(entries)])
-                log.warning(
-                    "stream %s: owner lost; ended partial at seq %d", stream_id, tail.last_seq
-                )
-                return None
-            generation = Generation(
-                meta=meta,
-                request=meta.request,
-                chain=routes,
-                store=self.store,
-                recovery=self.recovery,
-                detach_grace_s=self._settings.detach_grace_s,
-            )
-            generation.restore(entries)
-            await generation.notice(
-                Fault(
-                    type=ErrorType.APPLICATION,
-                    code="OWNER_LOST",
-                    message=(
-                        "the replica generating this stream stopped; replica "
-                        f"{self.replica_id} continues it from seq {tail.last_seq}"
-                    ),
-                    retryable=True,
-                    suggested_action=SuggestedAction.RESUME,
-                    fatal=False,
-                )
-            )
-            self._run(generation)
-            generation.arm_grace()
-            handed_over = True
-            log.warning("stream %s: owner lost; taken over at seq %d", stream_id, tail.last_seq)
-            return generation
-        finally:
-            if not handed_over:
-                await self.store.release_lease(stream_id, self.replica_id)
-
-    async def _read_log(self, stream_id: str) -> list[LogEntry]:
-        cursor = LogCursor(0)
-        entries: list[LogEntry] = []
-        while page := cursor.take(await self.store.read(stream_id, cursor.seq)):
-            entries += page
-        return entries
 
     # -- control ---------------------------------------------------------------------
 
     async def cancel(self, session: Session, reason: str) -> None:
         generation = self._local.get(session.stream_id)
-        message = "cancelled by the client" + (f": {reason}" if reason else "")
         if generation is not None:
-            generation.stop(stop_fault("CANCELLED", message))
+            generation.stop(cancel_fault(reason))
         else:
             await self.store.request_cancel(session.stream_id, reason)
-
-    async def _own(self, generation: Generation) -> None:
-        keeper = asyncio.create_task(self._keep_lease(generation))
-        try:
-            await generation.run()
-        finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
-            self._local.pop(generation.stream_id, None)
-            with contextlib.suppress(Exception):
-                await self.store.release_lease(generation.stream_id, self.replica_id)
-
-    async def _keep_lease(self, generation: Generation) -> None:
-        """Renew the lease and honour cancels sent to other replicas."""
-        stream_id = generation.stream_id
-        interval = self._settings.lease_ttl_s / 3
-        while True:
-            await self._clock.sleep(interval)
-            try:
-                if not await self.store.renew_lease(
-                    stream_id, self.replica_id, self._settings.lease_ttl_s
-                ):
-                    log.warning("stream %s: lost its lease", stream_id)
-                reason = await self.store.cancel_requested(stream_id)
-            except Exception:
-                log.exception("stream %s: lease renewal failed", stream_id)
-                continue
-            if reason is not None:
-                message = "cancelled by the client" + (f": {reason}" if reason else "")
-                generation.stop(stop_fault("CANCELLED", message))
 
     def check_memory(self, resident: int | None) -> None:
         """Enforce the memory limit given the process's resident bytes: over
@@ -482,7 +376,7 @@ class StreamHub:
         resume tokens stay valid) and end the remaining generations."""
         self.draining = True
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(grace_s):
+            async with self._clock.deadline(grace_s):
                 await self._idle.wait()
                 if self._tasks:
                     await asyncio.wait(set(self._tasks))
@@ -496,7 +390,8 @@ class StreamHub:
         await self.close()
 
     async def close(self) -> None:
-        """End every generation of this replica (SERVER_SHUTDOWN) and wait for them."""
+        """End every generation of this replica (SERVER_SHUTDOWN) and wait for
+        them, up to `shutdown_wait_s`; cancel what is still running then."""
         for generation in list(self._local.values()):
             generation.stop(
                 stop_fault(
@@ -506,8 +401,12 @@ class StreamHub:
                 )
             )
         tasks = set(self._tasks)
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=5.0)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        if not tasks:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with self._clock.deadline(self._settings.shutdown_wait_s):
+                await asyncio.wait(tasks)
+        pending = [task for task in tasks if not task.done()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal
 
 from tokenrelay_server.core.breaker import (
     BreakerChange,
@@ -21,10 +20,10 @@ from tokenrelay_server.core.breaker import (
     CircuitBreaker,
 )
 from tokenrelay_server.core.clock import Clock
+from tokenrelay_server.core.recovery import SelectionMode
 from tokenrelay_server.core.retry import RetryBudget
 from tokenrelay_server.engine.routing import Route
 
-SelectionMode = Literal["order", "score"]
 EWMA_ALPHA = 0.2
 # A typical answer is ~ this many tokens: weighs inter-token time against TTFT.
 TYPICAL_TOKENS = 200
@@ -35,6 +34,10 @@ class Health:
     ttft_s: float | None = None
     inter_token_s: float | None = None
     error_rate: float = 0.0
+    # Tokens per text delta, learned from the usage the provider reports at
+    # the end of an answer: weighs the deltas of an attempt that broke before
+    # its usage came (a continuation's token budget depends on it).
+    tokens_per_delta: float | None = None
 
     def observe_success(self, ttft_s: float | None, inter_token_s: float | None) -> None:
         if ttft_s is not None:
@@ -42,6 +45,14 @@ class Health:
         if inter_token_s is not None:
             self.inter_token_s = _ewma(self.inter_token_s, inter_token_s)
         self.error_rate = _ewma(self.error_rate, 0.0)
+
+    def observe_usage(self, deltas: int, completion_tokens: int) -> None:
+        if deltas > 0 and completion_tokens > 0:
+            self.tokens_per_delta = _ewma(self.tokens_per_delta, completion_tokens / deltas)
+
+    def delta_weight(self) -> float:
+        """Tokens a delta is worth when the provider did not say (1 until learned)."""
+        return self.tokens_per_delta or 1.0
 
     def observe_failure(self) -> None:
         self.error_rate = _ewma(self.error_rate, 1.0)

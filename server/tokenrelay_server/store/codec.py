@@ -24,7 +24,14 @@ from tokenrelay_server.core.model import (
 def encode_entry(entry: LogEntry) -> str:
     if isinstance(entry, Chunk):
         return json.dumps(
-            {"k": "c", "s": entry.seq, "t": entry.text, "p": entry.provider, "a": entry.attempt},
+            {
+                "k": "c",
+                "s": entry.seq,
+                "t": entry.text,
+                "p": entry.provider,
+                "a": entry.attempt,
+                "n": entry.tokens_so_far,
+            },
             ensure_ascii=False,
             separators=(",", ":"),
         )
@@ -47,7 +54,13 @@ def decode_entry(raw: str | bytes) -> LogEntry:
     data: dict[str, Any] = json.loads(raw)
     kind = data["k"]
     if kind == "c":
-        return Chunk(seq=data["s"], text=data["t"], provider=data["p"], attempt=data["a"])
+        return Chunk(
+            seq=data["s"],
+            text=data["t"],
+            provider=data["p"],
+            attempt=data["a"],
+            tokens_so_far=data.get("n", data["s"]),
+        )
     if kind == "n":
         return Notice(after_seq=data["s"], fault=Fault.from_json(data["f"]))
     if kind == "e":

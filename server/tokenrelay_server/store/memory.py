@@ -5,30 +5,21 @@ gateway cannot tell them apart, except that it dies with the process."""
 from __future__ import annotations
 
 import asyncio
-import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tokenrelay_server.core.clock import Clock, SystemClock
+from tokenrelay_server.core.compact_log import CompactLog
 from tokenrelay_server.core.errors import StreamNotFound
-from tokenrelay_server.core.model import Chunk, LogEntry, Notice, StreamMeta
+from tokenrelay_server.core.model import LogEntry, StreamMeta
 from tokenrelay_server.store.base import StreamTail
-
-# Log position of an entry: chunk s is (s, 0); notices after chunk s are
-# (s, 1), (s, 2), …; the End is (total_seq + 1, 0). The Redis store uses the
-# same numbers as stream IDs "s-n".
-Position = tuple[int, int]
 
 
 @dataclass
 class _Stream:
     meta: StreamMeta
     expires_at: float
-    positions: list[Position] = field(default_factory=list)
-    entries: list[LogEntry] = field(default_factory=list)
-    last_seq: int = 0
-    notices_after_last: int = 0
-    ended: bool = False
+    log: CompactLog = field(default_factory=CompactLog)
     cancel_reason: str | None = None
     lease: tuple[str, float] | None = None
     changed: asyncio.Event | None = None  # made by the first waiter, set by the next append
@@ -72,52 +63,29 @@ class MemoryStore:
 
     async def append(self, stream_id: str, entries: Sequence[LogEntry]) -> None:
         stream = self._require(stream_id)
-        # Validate the whole batch first: a rejected append stores nothing.
-        last_seq, ended = stream.last_seq, stream.ended
-        for entry in entries:
-            if ended:
-                raise ValueError(f"stream {stream_id} has ended; nothing can follow its End")
-            if isinstance(entry, Chunk):
-                if entry.seq != last_seq + 1:
-                    raise ValueError(
-                        f"chunk seq {entry.seq} does not follow {last_seq} in {stream_id}"
-                    )
-                last_seq = entry.seq
-            elif not isinstance(entry, Notice):
-                ended = True
-        for entry in entries:
-            if isinstance(entry, Chunk):
-                position = (entry.seq, 0)
-                stream.last_seq = entry.seq
-                stream.notices_after_last = 0
-            elif isinstance(entry, Notice):
-                stream.notices_after_last += 1
-                position = (stream.last_seq, stream.notices_after_last)
-            else:
-                position = (stream.last_seq + 1, 0)
-                stream.ended = True
-            stream.positions.append(position)
-            stream.entries.append(entry)
+        try:
+            stream.log.check(entries)  # the whole batch first: a rejected append stores nothing
+        except ValueError as error:
+            raise ValueError(f"{error} in {stream_id}") from None
+        stream.log.add(entries)
         stream.expires_at = self._clock.wall() + self._retention_s
         if stream.changed is not None:
             stream.changed.set()
             stream.changed = None
 
     async def read(self, stream_id: str, after_seq: int, limit: int = 1000) -> list[LogEntry]:
-        stream = self._require(stream_id)
-        start = bisect.bisect_right(stream.positions, (after_seq, 0))
-        return stream.entries[start : start + limit]
+        return self._require(stream_id).log.read(after_seq, limit)
 
     async def wait(self, stream_id: str, after_seq: int, timeout_s: float) -> list[LogEntry]:
         stream = self._require(stream_id)
         entries = await self.read(stream_id, after_seq)
-        if entries or stream.ended:
+        if entries or stream.log.end is not None:
             return entries
         if stream.changed is None:
             stream.changed = asyncio.Event()
         changed = stream.changed
         try:
-            async with asyncio.timeout(timeout_s):
+            async with self._clock.deadline(timeout_s):
                 await changed.wait()
         except TimeoutError:
             return []
@@ -125,7 +93,9 @@ class MemoryStore:
 
     async def tail(self, stream_id: str) -> StreamTail | None:
         stream = self._live(stream_id)
-        return None if stream is None else StreamTail(stream.last_seq, stream.ended)
+        if stream is None:
+            return None
+        return StreamTail(stream.log.last_seq, stream.log.end is not None)
 
     # -- ownership and cancellation ------------------------------------------------
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from tokenrelay_server.core import classify
+from tokenrelay_server.core.clock import Clock, SystemClock
 from tokenrelay_server.core.errors import RequestError, upstream_error
 from tokenrelay_server.core.model import Message, Usage
 from tokenrelay_server.upstream.base import (
@@ -53,6 +54,7 @@ MAX_PACE_MS = 60_000
 MAX_OVERLAP = 64
 DEFAULT_RETRY_AFTER_S = 1.0
 FULL_SPEED_BURST = 16  # tokens between yields to the event loop at pace 0
+MAX_TOKENS_PER_CHUNK = 16
 
 _WORDS = (
     "the",
@@ -239,6 +241,9 @@ class SimSettings:
     overlap: int = 0
     faults: tuple[FaultStep, ...] = ()
     retry_after_s: float = DEFAULT_RETRY_AFTER_S
+    # Tokens per delta: real providers often put several tokens in one
+    # delta, so chunks (deltas) and tokens (usage) differ.
+    tokens_per_chunk: int = 1
 
     @classmethod
     def from_metadata(
@@ -251,6 +256,11 @@ class SimSettings:
             overlap=int(_number(values, "sim.overlap", 0, 0, MAX_OVERLAP, integer=True)),
             faults=parse_fault_script(values.get("sim.faults", "")),
             retry_after_s=_number(values, "sim.retry_after_s", DEFAULT_RETRY_AFTER_S, 0, 3600),
+            tokens_per_chunk=int(
+                _number(
+                    values, "sim.tokens_per_chunk", 1, 1, MAX_TOKENS_PER_CHUNK, integer=True
+                )
+            ),
         )
 
 
@@ -325,17 +335,21 @@ def plan_attempt(
             pieces[0] = prefix[-settings.overlap :] + pieces[0]
     else:
         pieces.extend(answer.token(i) for i in range(budget))
+    # Deltas of `tokens_per_chunk` tokens each; faults count deltas.
+    size = settings.tokens_per_chunk
+    tokens = [len(pieces[i : i + size]) for i in range(0, len(pieces), size)]
+    pieces = ["".join(pieces[i : i + size]) for i in range(0, len(pieces), size)]
     fault = fault_for_attempt(settings.faults, attempt)
     if fault.kind in ("reset", "stall", "eof", "garbage"):
-        pieces = pieces[: fault.n]
+        pieces, tokens = pieces[: fault.n], tokens[: fault.n]
     elif fault.kind == "http":
-        pieces = []
+        pieces, tokens = [], []
     prompt_tokens = sum(len(m.content.split()) for m in messages)
     return AttemptPlan(
         pieces=tuple(pieces),
         fault=fault,
         finish_reason="stop",
-        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=len(pieces)),
+        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(tokens)),
     )
 
 
@@ -345,9 +359,12 @@ def plan_attempt(
 class SimProvider:
     """Model `sim`, played in-process with asyncio pacing."""
 
-    def __init__(self, name: str = "sim", *, default_pace_ms: float = 0.0) -> None:
+    def __init__(
+        self, name: str = "sim", *, default_pace_ms: float = 0.0, clock: Clock | None = None
+    ) -> None:
         self._name = name
         self._default_pace_ms = default_pace_ms
+        self._clock = clock or SystemClock()
 
     @property
     def name(self) -> str:
@@ -376,9 +393,13 @@ class SimProvider:
             )
         pace_s = settings.pace_ms / 1000.0
         sent_bytes = 0
+        # An absolute schedule: token i is due at start + (i + 1) * pace, so
+        # the rate holds however late each wake-up is (issue 10: sleeping the
+        # full pace after each token drifted to ~47 tok/s at 50 tok/s).
+        started = self._clock.monotonic()
         for index, piece in enumerate(plan.pieces):
             if pace_s:
-                await asyncio.sleep(pace_s)
+                await self._clock.sleep(started + (index + 1) * pace_s - self._clock.monotonic())
             elif index % FULL_SPEED_BURST == 0:
                 # At full speed, hand the loop back now and then, as a socket
                 # read that returns several tokens at once would.

@@ -1,0 +1,156 @@
+"""A generation's log as this replica holds it, and its readers.
+
+Rules:
+- Durable before visible (guarantee 3): `append` writes to the store first
+  and records the entries here (where readers see them) only once the store
+  has them.
+- What readers were shown and what the store holds agree even when the
+  writer is cancelled mid-write: a store write that may still land is let
+  finish, and recorded if it did, before the cancellation goes on.
+- The writer never waits for a reader: readers take what is new at their
+  own pace (a slow reader costs memory, the text, never throughput).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+from tokenrelay_server.core.compact_log import CompactLog
+from tokenrelay_server.core.model import Chunk, End, LogEntry
+from tokenrelay_server.store.base import StreamStore
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One attached reader. The servicer may `fail` it (a bad message on its
+    call, a drain) to end its read with that error."""
+
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    violation: BaseException | None = None
+    acked_seq: int = 0
+
+    def fail(self, error: BaseException) -> None:
+        self.violation = error
+        self.wake.set()
+
+
+class LocalLog:
+    """The entries of one stream generated here: stored, then shown."""
+
+    def __init__(
+        self,
+        stream_id: str,
+        store: StreamStore,
+        *,
+        on_unattended: Callable[[], None] | None = None,
+    ) -> None:
+        self.stream_id = stream_id
+        self._store = store
+        self.entries = CompactLog()
+        self._digest = hashlib.sha256()
+        self._subscribers: set[Subscription] = set()
+        # Called when the last reader detaches (the generation arms its grace).
+        self._on_unattended = on_unattended
+
+    # -- what it holds ---------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        return self.entries.last_seq
+
+    @property
+    def end(self) -> End | None:
+        return self.entries.end
+
+    @property
+    def text_bytes(self) -> int:
+        return self.entries.text_bytes
+
+    @property
+    def tokens_so_far(self) -> int:
+        return self.entries.tokens_so_far()
+
+    def text(self) -> str:
+        return self.entries.text()
+
+    def digest(self) -> str:
+        """Hex SHA-256 of the text so far (what an End carries)."""
+        return self._digest.hexdigest()
+
+    # -- readers ---------------------------------------------------------------------
+
+    @property
+    def attended(self) -> bool:
+        return bool(self._subscribers)
+
+    def attach(self, subscription: Subscription) -> None:
+        self._subscribers.add(subscription)
+
+    def detach(self, subscription: Subscription) -> None:
+        if subscription not in self._subscribers:
+            return
+        self._subscribers.discard(subscription)
+        if not self._subscribers and self._on_unattended is not None:
+            self._on_unattended()
+
+    async def follow(
+        self, after_seq: int, subscription: Subscription
+    ) -> AsyncIterator[list[LogEntry]]:
+        """Every entry after chunk `after_seq`, then live ones, until the End,
+        in batches (whatever arrived since the last look)."""
+        cursor = self.entries.cursor(after_seq)
+        while True:
+            if subscription.violation is not None:
+                raise subscription.violation
+            batch = cursor.take()
+            if batch:
+                yield batch
+                continue
+            if cursor.done:
+                return
+            subscription.wake.clear()
+            await subscription.wake.wait()
+
+    # -- writing ---------------------------------------------------------------------
+
+    def restore(self, entries: Sequence[LogEntry]) -> None:
+        """Hold entries another replica stored (a takeover): they are durable."""
+        self._record(entries)
+
+    async def append(self, entries: Sequence[LogEntry]) -> None:
+        """Store `entries`, then show them. Raises what the store raises."""
+        if self._store.in_process:
+            # Nothing in an in-process append can suspend, so no cancellation
+            # can land between the write and our record of it.
+            await self._store.append(self.stream_id, entries)
+            self._record(entries)
+            return
+        write = asyncio.ensure_future(self._store.append(self.stream_id, entries))
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            # A stop or shutdown cancelled us while the write was on the wire;
+            # it may still land. Let it finish, record it if it did, then go
+            # on being cancelled, so what clients saw and the End agree.
+            with contextlib.suppress(Exception):
+                await write
+            if write.done() and not write.cancelled() and write.exception() is None:
+                self._record(entries)
+            raise
+        self._record(entries)
+
+    def record_unstored(self, end: End) -> None:
+        """The store is gone: let local readers at least learn how it ended."""
+        self._record([end])
+
+    def _record(self, entries: Sequence[LogEntry]) -> None:
+        self.entries.add(entries)
+        for entry in entries:
+            if isinstance(entry, Chunk):
+                self._digest.update(entry.text.encode())
+        for subscription in self._subscribers:
+            subscription.wake.set()

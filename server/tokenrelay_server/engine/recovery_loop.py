@@ -1,0 +1,249 @@
+"""The recovery loop: attempts until one finishes or `decide()` gives up.
+
+Per attempt: take a breaker permit for the chain entry (none: the fault is
+BREAKER_OPEN and no call is made), run the attempt, settle the permit once
+(a success, the provider's failure, or no verdict: a caller's fault or a
+stop), then ask `decide()` (core/recovery.py) what to do and do exactly
+that: wait on the clock, retry, resume by continuation, fall back, or end.
+The loop decides nothing itself; every input of the decision (breakers,
+retry budget, the caller's token budget, rate limits in the fault) goes into
+the `Situation`.
+
+A stop from outside (cancel, deadline, grace, memory, drain) arrives as the
+enclosing scope's TimeoutError or a CancelledError, in an attempt or in a
+wait between attempts; it propagates out, and the permit's `with` block
+releases the probe on the way (issue 8: an abandoned probe used to keep the
+slot and the breaker half open forever).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+
+from tokenrelay_server.core import classify
+from tokenrelay_server.core.clock import Clock
+from tokenrelay_server.core.errors import ErrorType, Fault, SuggestedAction
+from tokenrelay_server.core.model import StartRequest
+from tokenrelay_server.core.recovery import Decision, RecoveryConfig, Situation, Step, decide
+from tokenrelay_server.core.stitch import Stitcher
+from tokenrelay_server.engine.attempt import AttemptReport, Emit, run_attempt
+from tokenrelay_server.engine.routing import Route
+from tokenrelay_server.engine.selection import UpstreamHealth
+from tokenrelay_server.upstream.base import Finish, ProviderRequest
+
+log = logging.getLogger(__name__)
+
+ACTION_FOR_STEP = {
+    Step.RETRY: SuggestedAction.RETRY,
+    Step.RESUME: SuggestedAction.RESUME,
+    Step.FALLBACK: SuggestedAction.FALLBACK,
+}
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What every generation of a replica shares to recover: the health of
+    the upstreams (breakers, budgets, scores), the policy, time, jitter."""
+
+    health: UpstreamHealth
+    config: RecoveryConfig
+    clock: Clock
+    rng: random.Random
+
+
+@dataclass
+class Tally:
+    """Tokens of one stream over all its attempts, in two senses.
+
+    - `completion_tokens` (and `prompt_tokens`): what the upstream calls
+      cost, as the providers reported it, summed over attempts; an attempt
+      that broke before its usage came counts its deltas, weighed by what the
+      provider's earlier answers reported per delta. This is the End's usage.
+    - `delivered_tokens`: the tokens of the text the clients were shown (the
+      caller's max_tokens budget, a Checkpoint's token_count). Text a model
+      repeated in a continuation was paid for but not shown, so the two can
+      differ.
+    """
+
+    attempts: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    delivered_tokens: int = 0
+
+    def add(self, report: AttemptReport, weight: float) -> None:
+        """Count a finished or failed attempt. `weight`: tokens per delta when
+        the provider reported no usage."""
+        self.prompt_tokens += report.prompt_tokens
+        if report.completion_tokens and report.deltas:
+            weight = report.completion_tokens / report.deltas
+            self.completion_tokens += report.completion_tokens
+        else:
+            self.completion_tokens += round(report.deltas * weight)
+        self.delivered_tokens += round(report.emitted * weight)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How the loop ended: `finish` when the answer is complete, else `fault`
+    (the error the stream ends partial with)."""
+
+    finish: Finish | None = None
+    fault: Fault | None = None
+
+
+def breaker_open_fault(route: Route) -> Fault:
+    return Fault(
+        type=ErrorType.APPLICATION,
+        code="BREAKER_OPEN",
+        message=f"the circuit breaker of {route.provider.name}/{route.upstream_model} is open",
+        retryable=True,
+        suggested_action=SuggestedAction.FALLBACK,
+        provider=route.provider.name,
+    )
+
+
+@dataclass
+class RecoveryLoop:
+    stream_id: str
+    request: StartRequest
+    chain: list[Route]
+    policy: RecoveryConfig
+    recovery: Recovery
+    tally: Tally
+    # Store and show one chunk: (text, provider, attempt, tokens_so_far).
+    emit_chunk: Callable[[str, str, int, int], Awaitable[None]]
+    # Store and show one non-fatal notice.
+    notice: Callable[[Fault], Awaitable[None]]
+    # What was delivered so far (the continuation prefix) and its chunk count.
+    delivered_text: Callable[[], str]
+    delivered_chunks: Callable[[], int]
+    _retries: list[int] = field(default_factory=list)
+    _given_up: set[int] = field(default_factory=set)
+
+    async def run(self) -> Outcome:
+        health = self.recovery.health
+        self._retries = [0] * len(self.chain)
+        index = health.choose(self.chain, self.policy.selection)
+        if index is None:
+            # Every breaker is open: no call is made; the decision says how it ends.
+            index = 0
+        while True:
+            route = self.chain[index]
+            permit = health.breaker(route).try_acquire()
+            if permit is None:
+                fault = breaker_open_fault(route)
+            else:
+                with permit:
+                    self.tally.attempts += 1
+                    health.budget(route).record_request()
+                    report = await self._attempt(route, self.tally.attempts)
+                    route_health = health.health(route)
+                    self.tally.add(report, route_health.delta_weight())
+                    if report.fault is None:
+                        permit.succeeded()
+                        route_health.observe_success(report.first_token_s, report.inter_token_s)
+                        route_health.observe_usage(report.deltas, report.completion_tokens)
+                        assert report.finish is not None
+                        return Outcome(finish=report.finish)
+                    fault = report.fault
+                    if classify.counts_against_provider(fault):
+                        permit.failed()
+                        health.health(route).observe_failure()
+                    else:
+                        permit.released()
+            decision = decide(self._situation(fault, index), self.policy, self.recovery.rng)
+            if decision.step is Step.COMPLETE:
+                log.info("stream %s: %s", self.stream_id, decision.reason)
+                return Outcome(finish=Finish("length"))
+            if not decision.continues:
+                log.info("stream %s: giving up: %s", self.stream_id, decision.reason)
+                return Outcome(fault=fault)
+            await self._announce(fault, decision, route)
+            if decision.step is Step.FALLBACK:
+                self._given_up.add(index)
+            else:
+                self._retries[index] += 1
+                health.budget(route).spend_retry()
+            index = decision.provider_index
+            await self.recovery.clock.sleep(decision.delay_s)
+
+    def _situation(self, fault: Fault, index: int) -> Situation:
+        health = self.recovery.health
+        limit = self.request.params.max_tokens
+        return Situation(
+            fault=fault,
+            tokens_delivered=self.delivered_chunks(),
+            provider_index=index,
+            retries_on_provider=self._retries[index],
+            usable=tuple(
+                i not in self._given_up and health.breaker(route).available()
+                for i, route in enumerate(self.chain)
+            ),
+            budget_allows_retry=health.budget(self.chain[index]).allows_retry(),
+            answer_complete=limit is not None and self.tally.delivered_tokens >= limit,
+        )
+
+    async def _attempt(self, route: Route, attempt: int) -> AttemptReport:
+        delivered = self.delivered_text() if self.delivered_chunks() else ""
+        params = self.request.params
+        if params.max_tokens is not None and self.tally.delivered_tokens:
+            # The caller's budget covers the whole answer, across attempts.
+            remaining = max(params.max_tokens - self.tally.delivered_tokens, 1)
+            params = replace(params, max_tokens=remaining)
+        request = ProviderRequest(
+            model=route.upstream_model,
+            messages=self.request.messages,
+            params=params,
+            attempt=attempt,
+            continuation=delivered,
+            metadata=self.request.metadata,
+        )
+        base_tokens = self.tally.delivered_tokens
+        weight = self.recovery.health.health(route).delta_weight()
+        provider_name = route.provider.name
+
+        async def emit(text: str, pieces: int) -> None:
+            tokens = base_tokens + round(pieces * weight)
+            await self.emit_chunk(text, provider_name, attempt, tokens)
+
+        emitter: Emit = emit
+        return await run_attempt(
+            route,
+            request,
+            clock=self.recovery.clock,
+            emit=emitter,
+            stitcher=Stitcher(delivered) if delivered else None,
+        )
+
+    async def _announce(self, fault: Fault, decision: Decision, failed: Route) -> None:
+        """A non-fatal StreamError: what failed and what the gateway does now."""
+        target = self.chain[decision.provider_index].provider.name
+        breaker = self.recovery.health.breaker(failed)
+        at = self.delivered_chunks()
+        what = {
+            Step.RETRY: f"retrying {target}",
+            Step.RESUME: f"resuming on {target} from seq {at}",
+            Step.FALLBACK: f"falling back to {target}"
+            + (f", resuming from seq {at}" if at else ""),
+        }[decision.step]
+        if decision.step is Step.FALLBACK and not breaker.available():
+            what += f" (the circuit breaker of {breaker.name} is open)"
+        log.info(
+            "stream %s: %s (%s) -> %s in %.2fs",
+            self.stream_id,
+            fault.code,
+            fault.provider,
+            what,
+            decision.delay_s,
+        )
+        await self.notice(
+            replace(
+                fault,
+                fatal=False,
+                suggested_action=ACTION_FOR_STEP[decision.step],
+                message=f"{fault.message}; {what} in {decision.delay_s:.2f} s",
+            )
+        )
