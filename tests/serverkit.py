@@ -19,6 +19,7 @@ from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay.v1 import relay_pb2_grpc as pbg
 from tokenrelay_server.api.server import RelayServer
 from tokenrelay_server.config.settings import Settings
+from tokenrelay_server.core.clock import Clock
 from tokenrelay_server.store.base import StreamStore
 
 SECRET = "test-secret-0123456789abcdef"
@@ -39,10 +40,12 @@ async def no_stray_tasks() -> AsyncIterator[None]:
 async def relay_factory() -> AsyncIterator[RelayFactory]:
     servers: list[RelayServer] = []
 
-    async def start(store_instance: StreamStore | None = None, **overrides: Any) -> RelayServer:
+    async def start(
+        store_instance: StreamStore | None = None, *, clock: Clock | None = None, **overrides: Any
+    ) -> RelayServer:
         values: dict[str, Any] = {"port": 0, "resume_secret": SECRET}
         values.update(overrides)
-        server = await RelayServer.start(Settings(**values), store=store_instance)
+        server = await RelayServer.start(Settings(**values), store=store_instance, clock=clock)
         servers.append(server)
         return server
 
