@@ -40,6 +40,9 @@ from tokenrelay_server.api.server import RelayServer
 from tokenrelay_server.config.settings import build_settings, read_config_file
 
 CONFIG = """
+[server]
+sim = true  # the in-process case below uses model sim beside the aliases
+
 [recovery]
 backoff_base_s = {backoff}
 jitter = 0.0

@@ -331,7 +331,7 @@ async def test_adapter_streams_the_recorded_answer_and_closes_the_response():
     assert upstream.all_closed()
 
 
-async def test_adapter_posts_to_messages_with_key_version_and_default_max_tokens():
+async def test_adapter_posts_to_messages_with_key_version_default_max_tokens_no_sim_headers():
     upstream = Upstream(lambda request: sse(HELLO))
     provider = make_provider(upstream, default_max_tokens=777)
     await collect(provider)
@@ -340,8 +340,16 @@ async def test_adapter_posts_to_messages_with_key_version_and_default_max_tokens
     assert str(sent.url) == "https://api.example.test/v1/messages"
     assert sent.headers["x-api-key"] == API_KEY
     assert sent.headers["anthropic-version"] == "2023-06-01"
-    assert sent.headers["x-sim-attempt"] == "2"
+    assert [name for name in sent.headers if name.lower().startswith("x-sim-")] == []
     assert json.loads(sent.content)["max_tokens"] == 777
+
+
+async def test_the_attempt_is_forwarded_as_a_header_only_when_configured():
+    upstream = Upstream(lambda request: sse(HELLO))
+    provider = make_provider(upstream, forward_sim_headers=True)
+    await collect(provider)
+    await provider.aclose()
+    assert upstream.requests[0].headers["x-sim-attempt"] == "2"
 
 
 async def test_http_529_is_a_retryable_protocol_error():

@@ -50,29 +50,124 @@ async def test_serve_logs_where_it_listens_first_and_drains_on_sigterm() -> None
         process.wait()
 
 
+def refused(*args: str, env: dict[str, str] | None = None) -> list[str]:
+    """`serve` with a bad configuration: exits 2 at once, no traceback; the
+    lines it printed on stderr."""
+    process = spawn(*args, env=env)
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 2, err
+    assert "Traceback" not in err and out == ""
+    return err.splitlines()
+
+
 def test_environment_variables_set_flags() -> None:
-    process = spawn(env={"TOKENRELAY_PORT": "0", "TOKENRELAY_CHECKPOINT_INTERVAL": "0"})
-    _, err = process.communicate(timeout=30)
-    assert process.returncode != 0
-    assert "checkpoint_interval" in err
+    assert refused(env={"TOKENRELAY_PORT": "0", "TOKENRELAY_CHECKPOINT_INTERVAL": "0"}) == [
+        "TOKENRELAY_CHECKPOINT_INTERVAL: must be at least 1",
+        "Error: 1 configuration mistake; nothing was started.",
+    ]
 
 
 def test_a_config_file_with_an_unknown_key_is_refused_naming_it(tmp_path: Path) -> None:
     config = tmp_path / "tokenrelay.toml"
     config.write_text("[server]\nport = 0\nstal_timeout_s = 3\n")
-    process = spawn("--config", str(config))
-    _, err = process.communicate(timeout=30)
-    assert process.returncode != 0
-    assert "server.stal_timeout_s" in err
+    assert refused("--config", str(config))[0] == (
+        f"{config}:3: server.stal_timeout_s: is not a known key (did you mean stall_timeout_s?)"
+    )
 
 
 def test_a_config_file_value_out_of_range_is_refused_naming_it(tmp_path: Path) -> None:
     config = tmp_path / "tokenrelay.toml"
     config.write_text("[server]\nport = 70000\n")
-    process = spawn("--config", str(config))
-    _, err = process.communicate(timeout=30)
-    assert process.returncode != 0
-    assert "port" in err and "65535" in err
+    assert refused("--config", str(config))[0] == f"{config}:2: server.port: must be at most 65535"
+
+
+MISTAKES = """\
+[server]
+port = "abc"
+stal_timeout_s = 3
+
+[recovery]
+max_retires = 3
+
+[breaker]
+cooldown_s = -1
+
+[bogus]
+
+[providers.main]
+kind = "openai"
+base_url = "http://127.0.0.1:1/v1"
+api_key_env = "TR_TEST_KEY_THAT_IS_NOT_SET"
+
+[models.fast]
+chain = [{ provider = "main", model = "m" }]
+"""
+
+
+def test_serve_reports_every_mistake_of_file_environment_and_flags_at_once(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "tokenrelay.toml"
+    config.write_text(MISTAKES)
+    lines = refused(
+        "--config",
+        str(config),
+        "--port",
+        "0",  # overrides the file's port, which is still checked
+        "--resume-secret",
+        "short",
+        "--redis-url",
+        "redis://localhost:abc/0",
+        env={"TOKENRELAY_SIM": "perhaps", "TOKENRELAY_STALL_TIMEOUT_S": "soon"},
+    )
+    assert lines == [
+        f"{config}:2: server.port: must be a whole number",
+        f"{config}:3: server.stal_timeout_s: is not a known key (did you mean stall_timeout_s?)",
+        f"{config}:6: recovery.max_retires: is not a known key (did you mean max_retries?)",
+        f"{config}:9: breaker.cooldown_s: must be at least 0",
+        f"{config}:11: bogus: is not a known table "
+        "(known: breaker, models, providers, recovery, server)",
+        f"{config}:16: providers.main.api_key_env: "
+        "environment variable TR_TEST_KEY_THAT_IS_NOT_SET is not set or empty",
+        "TOKENRELAY_STALL_TIMEOUT_S: must be a number",
+        "TOKENRELAY_SIM: must be true or false",
+        "--redis-url: is not a valid Redis URL: port could not be cast to integer value as 'abc'",
+        "--resume-secret: must be at least 16 characters long",
+        "Error: 10 configuration mistakes; nothing was started.",
+    ]
+
+
+def test_a_bad_redis_url_is_one_line_not_a_traceback() -> None:
+    assert refused("--port", "0", "--store", "redis", "--redis-url", "redis://h:abc/0") == [
+        "--redis-url: is not a valid Redis URL: port could not be cast to integer value as 'abc'",
+        "Error: 1 configuration mistake; nothing was started.",
+    ]
+
+
+async def test_no_sim_makes_model_sim_an_unknown_model() -> None:
+    process = spawn("--port", "0", "--no-sim")
+    try:
+        port, _ = read_port(process)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await run_to_end(channel, start_request(model="sim"))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "unknown model 'sim'" in caught.value.details()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_serve_help_shows_the_sim_switch_and_every_variable() -> None:
+    from click.testing import CliRunner
+
+    from tokenrelay_server.cli import main
+
+    result = CliRunner().invoke(main, ["serve", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    assert "--sim / --no-sim" in result.output
+    for variable in ("TOKENRELAY_SIM", "TOKENRELAY_PORT", "TOKENRELAY_REDIS_URL"):
+        assert f"env var: {variable}" in result.output
 
 
 @pytest.mark.parametrize("flag", ["--port", "--stall-timeout-s"])
@@ -104,12 +199,3 @@ def test_recovery_and_breaker_tables_are_read_from_the_config_file(tmp_path: Pat
     assert (settings.max_retries, settings.backoff_base_s, settings.backoff_cap_s) == (5, 0.5, 10)
     assert (settings.jitter, settings.retry_budget_ratio) == (0.2, 0.1)
     assert (settings.breaker_failure_threshold, settings.breaker_cooldown_s) == (7, 12)
-
-
-def test_an_unknown_recovery_key_is_refused_with_its_line(tmp_path: Path) -> None:
-    from tokenrelay_server.config.settings import ConfigError, read_config_file
-
-    config = tmp_path / "tokenrelay.toml"
-    config.write_text("[recovery]\nmax_retries = 5\nmax_retires = 3\n")
-    with pytest.raises(ConfigError, match=r"recovery\.max_retires \(line 3\)"):
-        read_config_file(config)

@@ -46,8 +46,15 @@ base_url = "{base_url}"
 forward_sim_headers = true
 stall_timeout_s = 0.5
 
+[providers.mock-plain]
+kind = "openai"
+base_url = "{base_url}"
+
 [models.oa]
 chain = [{{ provider = "mock-openai", model = "gpt-4o-mini" }}]
+
+[models.plain]
+chain = [{{ provider = "mock-plain", model = "gpt-4o-mini" }}]
 
 [models.an]
 chain = [{{ provider = "mock-anthropic", model = "claude-3-5-haiku-latest" }}]
@@ -156,6 +163,33 @@ async def test_a_failing_provider_falls_back_to_the_other_format(gateway: RelayS
     assert chunks[0].provider == "mock-openai" and chunks[-1].provider == "mock-anthropic"
     actions = [e.error.suggested_action for e in events if e.HasField("error")]
     assert actions[-1] == pb.SUGGESTED_ACTION_FALLBACK
+
+
+@pytest.mark.parametrize("kind", ["oa", "an"], ids=["openai format", "anthropic format"])
+async def test_a_provider_that_forwards_sim_headers_sends_the_attempt_and_the_faults(
+    upstream: MockUpstream, gateway: RelayServer, kind: str
+) -> None:
+    metadata = {"sim.faults": "reset@3,ok", "sim.retry_after_s": "0.01"}
+    request = start_request(model=kind, prompt=PROMPT, max_tokens=10, metadata=metadata)
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        events = await run_to_end(channel, request)
+    assert not end_of(events).partial
+    received = list(upstream.sim_headers_received)
+    assert [headers.get("x-sim-attempt") for headers in received] == ["1", "2"]
+    assert {headers.get("x-sim-faults") for headers in received} == {"reset@3,ok"}
+
+
+async def test_a_provider_without_forward_sim_headers_sends_no_sim_header(
+    upstream: MockUpstream, gateway: RelayServer
+) -> None:
+    # Issue 8: a real API must never see x-sim-* headers, not even the attempt.
+    metadata = {"sim.faults": "reset@3,ok", "sim.seed": "7"}
+    request = start_request(model="plain", prompt=PROMPT, max_tokens=10, metadata=metadata)
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        events = await run_to_end(channel, request)
+    assert list(upstream.sim_headers_received) == [{}]  # one request, no x-sim-* header
+    assert not end_of(events).partial
+    assert text_of(events) == clean(10)  # no fault and no seed reached the mock
 
 
 async def test_nothing_is_left_open_after_streams_and_shutdown(

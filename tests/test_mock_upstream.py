@@ -335,6 +335,15 @@ async def test_a_model_name_suffix_injects_faults_without_headers(make: Provider
     assert error is not None and error.fault.code == "HTTP_502"
 
 
+async def test_without_the_attempt_header_every_request_is_the_first_attempt(make: Providers):
+    # A provider that does not forward sim headers sends no x-sim-attempt: the
+    # mock cannot tell retries apart, so the script's first item applies to all.
+    provider = make("openai", forward_sim_headers=False)
+    for attempt in (1, 2, 3):
+        _, error = await run(provider, request(model="gpt#http:503,ok", attempt=attempt))
+        assert error is not None and error.fault.code == "HTTP_503", attempt
+
+
 async def test_the_fault_header_wins_over_the_model_suffix(make: Providers):
     _, error = await run(make("openai"), request("http:504", model="gpt#http:502"))
     assert error is not None and error.fault.code == "HTTP_504"

@@ -334,7 +334,7 @@ async def test_adapter_streams_the_recorded_answer_and_closes_the_response():
     assert upstream.all_closed()
 
 
-async def test_adapter_posts_to_chat_completions_with_the_key_and_attempt():
+async def test_adapter_posts_to_chat_completions_with_the_key_and_no_sim_headers():
     upstream = Upstream(lambda request: sse(HELLO))
     provider = make_provider(upstream)
     await collect(provider)
@@ -343,17 +343,18 @@ async def test_adapter_posts_to_chat_completions_with_the_key_and_attempt():
     assert (sent.method, str(sent.url)) == ("POST", "https://api.example.test/v1/chat/completions")
     assert sent.headers["authorization"] == f"Bearer {API_KEY}"
     assert sent.headers["accept"] == "text/event-stream"
-    assert sent.headers["x-sim-attempt"] == "3"
-    assert "x-sim-faults" not in sent.headers  # metadata is not forwarded by default
+    # A real API never sees the mock's controls, not even the attempt (issue 8).
+    assert [name for name in sent.headers if name.lower().startswith("x-sim-")] == []
     assert json.loads(sent.content)["model"] == "gpt-4o-mini"
 
 
-async def test_sim_metadata_is_forwarded_as_headers_only_when_configured():
+async def test_sim_metadata_and_attempt_are_forwarded_as_headers_only_when_configured():
     upstream = Upstream(lambda request: sse(HELLO))
     provider = make_provider(upstream, forward_sim_headers=True)
     await collect(provider)
     await provider.aclose()
     assert upstream.requests[0].headers["x-sim-faults"] == "reset@2"
+    assert upstream.requests[0].headers["x-sim-attempt"] == "3"
     assert "x-sim-tenant" not in upstream.requests[0].headers
 
 

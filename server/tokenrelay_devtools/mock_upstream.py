@@ -14,8 +14,13 @@ answer as one JSON body.
 
 Per-request controls (headers; every one optional)
 
-    x-sim-attempt: N          the gateway's attempt number (1-based; default 1). The
-                              adapters always send it, from ProviderRequest.attempt.
+    x-sim-attempt: N          the gateway's attempt number (1-based), sent by the
+                              adapters of a provider with `forward_sim_headers = true`,
+                              like every x-sim-* header. Without it each request is
+                              attempt 1: a script's first item applies to every
+                              attempt (so a model suffix, the way to inject faults
+                              through a provider that does not forward, is best one
+                              item long: "sim#http:503").
     x-sim-faults: SCRIPT      the fault script below. When absent, a model-name suffix
                               is used instead: "model": "sim#reset@10,ok".
     x-sim-seed, x-sim-pace-ms, x-sim-overlap, x-sim-retry-after-s
@@ -70,6 +75,7 @@ A bad header or body gets a 400 in the provider's error format naming it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import email.utils
 import json
@@ -653,6 +659,11 @@ class MockUpstream:
         self.port = 0
         self.active_requests = 0
         self.requests_served = 0
+        # The x-sim-* headers of the latest requests (names lower-cased), so a
+        # test can see what an adapter forwards; bounded for a long-lived mock.
+        self.sim_headers_received: collections.deque[dict[str, str]] = collections.deque(
+            maxlen=1000
+        )
 
     @property
     def base_url(self) -> str:
@@ -723,6 +734,13 @@ class MockUpstream:
     ) -> web.StreamResponse:
         self.active_requests += 1
         self._idle.clear()
+        self.sim_headers_received.append(
+            {
+                name.lower(): value
+                for name, value in request.headers.items()
+                if name.lower().startswith(SIM_HEADER_PREFIX)
+            }
+        )
         try:
             anthropic = request.path.endswith("/messages")
             fallback_wire: _Wire = (

@@ -3,6 +3,11 @@
 Every `serve` flag can also be set by an environment variable (shown in
 `--help`) or in the [server] table of `--config FILE`; a flag beats the
 environment, which beats the file, which beats the default.
+
+click only parses the `serve` flags (as text); config.settings checks them
+with the environment and the file, so every mistake of a run is reported at
+once, each naming its flag, variable or file line, and `serve` exits with
+status 2 without starting anything.
 """
 
 from __future__ import annotations
@@ -10,18 +15,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from tokenrelay_server.config.settings import (
     ConfigError,
     Settings,
-    build_settings,
-    read_config_file,
+    env_var,
+    flag_of,
+    load_settings,
 )
 
 log = logging.getLogger("tokenrelay")
@@ -38,47 +45,47 @@ def setup_logging(level: str) -> None:
         logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-def _env(name: str) -> str:
-    return f"TOKENRELAY_{name.upper()}"
+# Shown in --help; the values are checked by config.settings, not by click.
+TEXT, INTEGER, NUMBER = "TEXT", "INTEGER", "NUMBER"
 
-
-# (setting, click type, help). Defaults live in config.Settings alone.
-SERVE_OPTIONS: list[tuple[str, Any, str]] = [
-    ("host", str, "Address to listen on."),
-    ("port", int, "Port to listen on; 0 picks a free one and prints it."),
-    (
-        "store",
-        click.Choice(["memory", "redis"]),
-        "Stream log: memory, or Redis shared by replicas.",
-    ),
-    ("redis_url", str, "Redis URL for --store redis."),
-    ("resume_secret", str, "HMAC secret for resume tokens (the same on every replica)."),
-    ("detach_grace_s", float, "Seconds a generation runs on with no client attached."),
-    ("drain_grace_s", float, "Seconds open streams get to finish after SIGTERM."),
-    ("retention_s", float, "Seconds a stream stays resumable after its last write."),
-    ("checkpoint_interval", int, "Chunks between Checkpoint events."),
-    ("first_token_timeout_s", float, "Seconds to wait for the first token (every provider)."),
-    ("stall_timeout_s", float, "Seconds without a token before a stall (every provider)."),
-    ("max_retries", int, "Upstream retries per provider before falling back."),
-    ("backoff_base_s", float, "First retry delay; doubles per retry, with jitter."),
-    ("sim_pace_ms", float, "Default delay per token of the simulated model."),
-    ("log_level", click.Choice(["debug", "info", "warning", "error"]), "Log verbosity."),
+# (setting, metavar, help). Defaults live in config.Settings alone; a bool
+# setting is a --name/--no-name switch.
+SERVE_OPTIONS: list[tuple[str, str | type[bool], str]] = [
+    ("host", TEXT, "Address to listen on."),
+    ("port", INTEGER, "Port to listen on; 0 picks a free one and prints it."),
+    ("store", "[memory|redis]", "Stream log: memory, or Redis shared by replicas."),
+    ("redis_url", TEXT, "Redis URL for --store redis."),
+    ("resume_secret", TEXT, "HMAC secret for resume tokens (the same on every replica)."),
+    ("detach_grace_s", NUMBER, "Seconds a generation runs on with no client attached."),
+    ("drain_grace_s", NUMBER, "Seconds open streams get to finish after SIGTERM."),
+    ("retention_s", NUMBER, "Seconds a stream stays resumable after its last write."),
+    ("checkpoint_interval", INTEGER, "Chunks between Checkpoint events."),
+    ("first_token_timeout_s", NUMBER, "Seconds to wait for the first token (every provider)."),
+    ("stall_timeout_s", NUMBER, "Seconds without a token before a stall (every provider)."),
+    ("max_retries", INTEGER, "Upstream retries per provider before falling back."),
+    ("backoff_base_s", NUMBER, "First retry delay; doubles per retry, with jitter."),
+    ("sim", bool, "Serve model `sim`, the simulator that takes fault scripts from requests."),
+    ("sim_pace_ms", NUMBER, "Default delay per token of the simulated model."),
+    ("log_level", "[debug|info|warning|error]", "Log verbosity."),
 ]
+DEFAULT_SHOWN = {
+    "resume_secret": "random",
+    "sim": "on when the config defines no [models.*]",
+}
 
 
 def serve_options(function: Any) -> Any:
-    for name, kind, help_text in reversed(SERVE_OPTIONS):
-        default = Settings.model_fields[name].default
-        shown = "random" if name == "resume_secret" else default
-        function = click.option(
-            "--" + name.replace("_", "-"),
-            name,
-            type=kind,
-            default=None,
-            envvar=_env(name),
-            show_envvar=True,
-            help=f"{help_text}  [default: {shown}]",
-        )(function)
+    # No envvar= and no click types: the environment is read, and every
+    # value checked, by config.settings.load_settings (all mistakes at once).
+    for name, metavar, help_text in reversed(SERVE_OPTIONS):
+        shown = DEFAULT_SHOWN.get(name, Settings.model_fields[name].default)
+        text = f"{help_text}  [env var: {env_var(name)}; default: {shown}]"
+        if metavar is bool:
+            flag = flag_of(name)
+            option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=text)
+        else:
+            option = click.option(flag_of(name), name, metavar=metavar, default=None, help=text)
+        function = option(function)
     return function
 
 
@@ -93,42 +100,41 @@ def main() -> None:
     "--config",
     "config_file",
     type=click.Path(dir_okay=False, path_type=Path),
-    envvar=_env("config"),
+    envvar=env_var("config"),
     show_envvar=True,
     default=None,
     help="TOML file with [server], [providers.*] and [models.*] tables.",
 )
 @serve_options
 @click.pass_context
-def serve(ctx: click.Context, config_file: Path | None, **flags: Any) -> None:
+def serve(ctx: click.Context, /, config_file: Path | None, **flags: Any) -> None:
     """Run the gateway (in-memory store and the `sim` model by default)."""
     try:
-        settings = resolve_settings(ctx, config_file, flags)
+        settings = load_settings(config_file, flags=flags, env=os.environ)
     except ConfigError as error:
-        raise click.ClickException(str(error)) from None
+        exit_with_problems(ctx, error)
     setup_logging(settings.log_level)
     try:
         asyncio.run(_serve(settings))
-    except (OSError, ConfigError) as error:
+    except ConfigError as error:
+        exit_with_problems(ctx, error)
+    except OSError as error:
         raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:
         pass
 
 
-def resolve_settings(
-    ctx: click.Context, config_file: Path | None, flags: dict[str, Any]
-) -> Settings:
-    """Defaults < config file < environment < flags (click reads the last two)."""
-    del ctx
-    values: dict[str, Any] = read_config_file(config_file) if config_file else {}
-    explicit = {name: value for name, value in flags.items() if value is not None}
-    values.update(explicit)
-    # A timeout given as a flag or variable applies to every provider, `sim` included.
-    overrides = {
-        k: explicit[k] for k in ("stall_timeout_s", "first_token_timeout_s") if k in explicit
-    }
-    values["timeout_overrides"] = overrides
-    return build_settings(values, source=str(config_file or "settings"))
+CONFIG_ERROR_STATUS = 2  # click's status for a usage error
+
+
+def exit_with_problems(ctx: click.Context, error: ConfigError) -> NoReturn:
+    """Every mistake on its own line, then a count; nothing was started."""
+    for problem in error.problems:
+        click.echo(problem.describe(), err=True)
+    count = len(error.problems)
+    noun = "mistake" if count == 1 else "mistakes"
+    click.echo(f"Error: {count} configuration {noun}; nothing was started.", err=True)
+    ctx.exit(CONFIG_ERROR_STATUS)
 
 
 async def _serve(settings: Settings) -> None:
@@ -165,7 +171,7 @@ async def _serve(settings: Settings) -> None:
 @click.option(
     "--target",
     default="127.0.0.1:50051",
-    envvar=_env("target"),
+    envvar=env_var("target"),
     show_envvar=True,
     show_default=True,
     help="The gateway's address.",
@@ -229,7 +235,7 @@ def mock_upstream(host: str, port: int) -> None:
 @click.option(
     "--target",
     default=None,
-    envvar=_env("target"),
+    envvar=env_var("target"),
     help="Use this gateway instead of starting one in-process.",
 )
 def demo(target: str | None) -> None:

@@ -268,7 +268,20 @@ async def test_the_token_budget_spans_continuations_in_tokens_not_chunks() -> No
     # Issue 8, defect 3: two tokens per delta. A clean answer teaches the
     # gateway the ratio; a broken one then continues with the right budget.
     two_per_delta = Script(text("a b ", "c d "), finish(usage=Usage(1, 4)))
-    engine = build_engine({"m": [("p", [two_per_delta, Script(text("e f ", "g h "), fail(RESET)), Script(text("i j "), finish(usage=Usage(1, 2)))])]})
+    engine = build_engine(
+        {
+            "m": [
+                (
+                    "p",
+                    [
+                        two_per_delta,
+                        Script(text("e f ", "g h "), fail(RESET)),
+                        Script(text("i j "), finish(usage=Usage(1, 2))),
+                    ],
+                )
+            ]
+        }
+    )
     learn = await engine.start(max_tokens=4)
     end = end_of(await engine.run_to_end(learn))
     assert end.usage.completion_tokens == 4 and end.total_seq == 2
@@ -366,9 +379,7 @@ async def test_a_slow_reader_never_slows_the_generation() -> None:
 
 
 async def test_a_subscription_failed_by_the_edge_ends_only_that_read() -> None:
-    engine = build_engine(
-        {"m": [("p", [Script(text("a"), wait(10), finish())])]}, timeouts=PATIENT
-    )
+    engine = build_engine({"m": [("p", [Script(text("a"), wait(10), finish())])]}, timeouts=PATIENT)
     session = await engine.start()
     reader = asyncio.create_task(engine.read_all(session))
     await engine.clock.run_for(0)

@@ -21,8 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from tokenrelay.v1 import relay_pb2, relay_pb2_grpc
 from tokenrelay_server.api.servicer import RelayServicer
 from tokenrelay_server.api.tokens import ResumeTokens
-from tokenrelay_server.config.settings import ConfigError, Settings
-from tokenrelay_server.config.upstream import UpstreamConfigError
+from tokenrelay_server.config.settings import Settings
 from tokenrelay_server.core.breaker import BreakerSettings
 from tokenrelay_server.core.clock import Clock, SystemClock
 from tokenrelay_server.core.recovery import RecoveryConfig
@@ -52,7 +51,9 @@ def build_router(
     env: Mapping[str, str] | None = None,
     clock: Clock | None = None,
 ) -> Router:
-    """The `sim` model is always there; configured aliases come on top.
+    """The configured aliases, plus model `sim` where `settings.sim_routable`
+    (a configured alias named `sim` wins). The `sim` provider stays available
+    to chains that name it.
 
     Timeouts: a provider's own, unless `--stall-timeout-s` /
     `--first-token-timeout-s` (flag or environment) was given, which beats
@@ -71,13 +72,12 @@ def build_router(
             stall_s=overrides.get("stall_timeout_s", config.stall_timeout_s),
         )
     if settings.upstream.providers:
-        try:
-            providers.update(
-                build_providers(settings.upstream, os.environ if env is None else env, clock=clock)
-            )
-        except UpstreamConfigError as error:
-            raise ConfigError(str(error)) from None
-    routes: dict[str, list[Route]] = {"sim": [Route(sim, "sim", timeouts["sim"])]}
+        providers.update(
+            build_providers(settings.upstream, os.environ if env is None else env, clock=clock)
+        )
+    routes: dict[str, list[Route]] = {}
+    if settings.sim_routable:
+        routes["sim"] = [Route(sim, "sim", timeouts["sim"])]
     for alias, route in settings.upstream.models.items():
         routes[alias] = [
             Route(providers[entry.provider], entry.model, timeouts[entry.provider])

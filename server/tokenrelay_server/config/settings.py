@@ -1,27 +1,92 @@
-"""Server settings: defaults < config file ([server] table) < environment < flags.
+"""Server settings: defaults < config file < environment < flags.
 
-Flags and `TOKENRELAY_*` environment variables are read by the CLI (click);
-this module owns the typed settings, their limits, and the config file.
+The file's [server], [recovery] and [breaker] tables, the `TOKENRELAY_*`
+environment variables and the `serve` flags each set some settings; the CLI
+reads the flags (click) and hands them here with the environment.
+`load_settings` checks every source on its own, so a file value that a flag
+overrides is still checked, and a mistake is reported where it was made
+(`FILE:LINE: server.port`, `TOKENRELAY_PORT`, `--port`), every mistake of
+a run at once (config/problems.py).
+
+pydantic-settings is not used: it merges its sources before validating, so
+an error could name only the setting, never the flag, variable or line that
+set it, and an overridden file value would go unchecked.
 """
 
 from __future__ import annotations
 
+import difflib
 import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from redis.asyncio.connection import parse_url
 
-from tokenrelay_server.config.upstream import (
+from tokenrelay_server.config.problems import (
+    ConfigError,
+    ConfigProblem,
     KeyLines,
+    format_key_path,
+    toml_syntax_problem,
+    validation_problems,
+)
+from tokenrelay_server.config.upstream import (
     UpstreamConfig,
     UpstreamConfigError,
     load_upstream_config,
+    missing_api_keys,
 )
 
+__all__ = [
+    "ConfigError",
+    "ConfigProblem",
+    "Settings",
+    "build_settings",
+    "env_var",
+    "flag_of",
+    "load_settings",
+    "read_config_file",
+]
 
-class ConfigError(Exception):
-    """The configuration is invalid; the message names the key."""
+ENV_PREFIX = "TOKENRELAY_"
+
+
+def env_var(name: str) -> str:
+    """The environment variable of a setting: `port` → `TOKENRELAY_PORT`."""
+    return ENV_PREFIX + name.upper()
+
+
+def flag_of(name: str) -> str:
+    """The flag of a setting: `resume_secret` → `--resume-secret`."""
+    return "--" + name.replace("_", "-")
+
+
+def check_redis_url(url: str) -> str:
+    """redis-py's own parser (the one `Redis.from_url` runs) plus what it lets
+    pass silently: a host, and a database number that is a number."""
+    try:
+        parse_url(url)
+    except ValueError as error:
+        reason = str(error)
+        if "scheme" in reason:
+            raise ValueError("must start with redis://, rediss:// or unix://") from None
+        raise ValueError(f"is not a valid Redis URL: {reason[:1].lower()}{reason[1:]}") from None
+    scheme, _, rest = url.partition("://")
+    if scheme == "unix":
+        if not rest.split("?", 1)[0]:
+            raise ValueError("must give the socket path, like unix:///run/redis.sock")
+        return url
+    authority, _, path = rest.partition("/")
+    host = authority.rsplit("@", 1)[-1].split("?", 1)[0]
+    if not host or host.startswith(":"):
+        raise ValueError("must name a host, like redis://127.0.0.1:6379/0")
+    database = path.split("?", 1)[0]
+    if database and not database.isdigit():
+        raise ValueError("must end with a database number, like /0")
+    return url
 
 
 class Settings(BaseModel):
@@ -50,6 +115,9 @@ class Settings(BaseModel):
     first_token_timeout_s: float = Field(30.0, gt=0)
     stall_timeout_s: float = Field(30.0, gt=0)
     sim_pace_ms: float = Field(0.0, ge=0, le=60_000)
+    # Route model `sim` (the built-in simulator, which takes fault scripts
+    # from request metadata)? None: only when the config defines no [models.*].
+    sim: bool | None = None
     # [recovery]
     max_retries: int = Field(3, ge=0, le=100)
     backoff_base_s: float = Field(1.0, ge=0)
@@ -71,6 +139,17 @@ class Settings(BaseModel):
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
     # Timeouts set by flag or environment: they beat every provider's own.
     timeout_overrides: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        return check_redis_url(value)
+
+    @property
+    def sim_routable(self) -> bool:
+        """Model `sim` is served: as `sim` says, else only without [models.*]
+        (a deployment with real models does not offer fault injection)."""
+        return self.sim if self.sim is not None else not self.upstream.models
 
 
 SERVER_KEYS = frozenset(Settings.model_fields) - {"upstream", "timeout_overrides"}
@@ -98,47 +177,172 @@ BREAKER_KEYS = frozenset(
 )
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    """The settings a TOML config file sets: its [server] table, flattened,
-    plus the provider tables under "upstream"."""
+# table → (prefix of its settings, its settings); [breaker] failure_threshold
+# is the setting breaker_failure_threshold.
+TABLES: dict[str, tuple[str, frozenset[str]]] = {
+    "server": ("", SERVER_KEYS - RECOVERY_KEYS - BREAKER_KEYS),
+    "recovery": ("", RECOVERY_KEYS),
+    "breaker": ("breaker_", BREAKER_KEYS),
+}
+UPSTREAM_TABLES = ("providers", "models")
+KNOWN_TABLES = (*TABLES, *UPSTREAM_TABLES)
+
+
+def _table_key(setting: str) -> tuple[str, str]:
+    """Where a setting lives in the file: max_retries → (recovery, max_retries)."""
+    for table, (prefix, keys) in TABLES.items():
+        if setting in keys:
+            return table, setting.removeprefix(prefix)
+    return "server", setting
+
+
+@dataclass
+class _FileSettings:
+    """What a config file sets, the mistakes in it, and its text (for lines)."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    problems: list[ConfigProblem] = field(default_factory=list)
+    text: str | None = None
+
+
+def _unknown_key(table: str, key: str) -> str:
+    prefix, keys = TABLES[table]
+    for other, (other_prefix, other_keys) in TABLES.items():
+        if other != table and other_prefix + key in other_keys:
+            return f"is not a [{table}] key; it belongs in [{other}]"
+    names = sorted(name.removeprefix(prefix) for name in keys)
+    close = difflib.get_close_matches(key, names, n=1)
+    return "is not a known key" + (f" (did you mean {close[0]}?)" if close else "")
+
+
+def _read_file(path: Path) -> _FileSettings:
+    source = str(path)
     try:
-        text = path.read_text()
-        raw = tomllib.loads(text)
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
+        return _FileSettings(problems=[ConfigProblem("", "the file does not exist", None, source)])
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        message = f"the file cannot be read ({reason})"
+        return _FileSettings(problems=[ConfigProblem("", message, None, source)])
+    try:
+        document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: {error}") from None
-    unknown = set(raw) - {"server", "providers", "models", "recovery", "breaker"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}")
-    values: dict[str, Any] = {}
-    for table, prefix, keys in (
-        ("server", "", SERVER_KEYS - RECOVERY_KEYS - BREAKER_KEYS),
-        ("recovery", "", RECOVERY_KEYS),
-        ("breaker", "breaker_", BREAKER_KEYS),
-    ):
-        section = raw.get(table, {})
+        return _FileSettings(problems=[toml_syntax_problem(source, error)], text=text)
+    result = _check_document(document, source, KeyLines(text))
+    if any(name in document for name in UPSTREAM_TABLES):
+        try:
+            result.values["upstream"] = load_upstream_config(document, source, source_text=text)
+        except UpstreamConfigError as error:
+            result.problems.extend(error.problems)
+    result.problems.sort(key=lambda problem: problem.line or 0)
+    result.text = text
+    return result
+
+
+def _check_document(document: dict[str, Any], source: str, lines: KeyLines) -> _FileSettings:
+    """The [server], [recovery] and [breaker] settings of a parsed file, and
+    every mistake in them and in the top-level tables."""
+    result = _FileSettings()
+
+    def problem(loc: tuple[str | int, ...], message: str) -> None:
+        result.problems.append(
+            ConfigProblem(format_key_path(loc), message, lines.line_of(loc), source)
+        )
+
+    for name in document:
+        if name in KNOWN_TABLES:
+            continue
+        if name in SERVER_KEYS:
+            table, _ = _table_key(name)
+            problem((name,), f"is not a table; the setting {name} belongs in [{table}]")
+        else:
+            problem((name,), f"is not a known table (known: {', '.join(sorted(KNOWN_TABLES))})")
+    where: dict[str, tuple[str, str]] = {}  # setting → (table, key)
+    for table, (prefix, keys) in TABLES.items():
+        section = document.get(table, {})
         if not isinstance(section, dict):
-            raise ConfigError(f"{path}: [{table}] must be a table")
+            problem((table,), "must be a table")
+            continue
         for key, value in section.items():
             if prefix + key not in keys:
-                line = KeyLines(text).line_of((table, key))
-                where = f" (line {line})" if line else ""
-                raise ConfigError(f"{path}: unknown key {table}.{key}{where}")
-            values[prefix + key] = value
-    if "providers" in raw or "models" in raw:
-        try:
-            values["upstream"] = load_upstream_config(raw, str(path), source_text=text)
-        except UpstreamConfigError as error:
-            raise ConfigError(str(error)) from None
-    return values
+                problem((table, key), _unknown_key(table, key))
+                continue
+            result.values[prefix + key] = value
+            where[prefix + key] = (table, key)
+
+    def locate(loc: tuple[str | int, ...]) -> tuple[str, str, int | None]:
+        path = (*where.get(str(loc[0]), ("server", str(loc[0]))), *loc[1:])
+        return source, format_key_path(path), lines.line_of(path)
+
+    try:
+        Settings.model_validate(result.values)
+    except ValidationError as error:
+        result.problems.extend(validation_problems(error, locate))
+    return result
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings a TOML config file sets: its [server], [recovery] and
+    [breaker] tables, flattened, plus the provider tables under "upstream".
+    Raises `ConfigError` listing every mistake in the file."""
+    file = _read_file(path)
+    if file.problems:
+        raise ConfigError(file.problems)
+    return file.values
+
+
+def _problems_of(values: Mapping[str, Any], name_of: Callable[[str], str]) -> list[ConfigProblem]:
+    """The mistakes of one source on its own (environment or flags)."""
+    try:
+        Settings.model_validate(values)
+    except ValidationError as error:
+        return validation_problems(error, lambda loc: (name_of(str(loc[0])), "", None))
+    return []
+
+
+def load_settings(
+    config_file: Path | None,
+    *,
+    flags: Mapping[str, Any],
+    env: Mapping[str, str],
+) -> Settings:
+    """Defaults < config file < environment < flags, every source checked.
+
+    `flags` maps each setting that has a flag to the value given on the
+    command line (None: not given); each of those settings can also be set
+    by its `TOKENRELAY_*` variable in `env` (an empty variable counts as
+    unset, as click has it). `env` also holds the variables that providers'
+    `api_key_env` name. Raises `ConfigError` with every mistake found.
+    """
+    file = _read_file(config_file) if config_file is not None else _FileSettings()
+    problems = list(file.problems)
+    upstream = file.values.get("upstream")
+    if isinstance(upstream, UpstreamConfig):
+        problems += missing_api_keys(upstream, env, str(config_file), source_text=file.text)
+        problems.sort(key=lambda problem: problem.line or 0)
+    environment = {name: env[env_var(name)] for name in flags if env.get(env_var(name))}
+    given = {name: value for name, value in flags.items() if value is not None}
+    problems += _problems_of(environment, env_var)
+    problems += _problems_of(given, flag_of)
+    if problems:
+        raise ConfigError(problems)
+    explicit = {**environment, **given}
+    # A timeout given as a flag or variable applies to every provider, `sim` included.
+    overrides = {
+        name: explicit[name]
+        for name in ("stall_timeout_s", "first_token_timeout_s")
+        if name in explicit
+    }
+    return build_settings({**file.values, **explicit, "timeout_overrides": overrides})
 
 
 def build_settings(values: dict[str, Any], *, source: str = "settings") -> Settings:
+    """Settings from already merged values (tests, the chaos runner, the
+    benchmarks); a mistake is reported against `source`."""
     try:
         return Settings(**values)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
-        )
-        raise ConfigError(f"{source}: {problems}") from None
+        raise ConfigError(
+            validation_problems(error, lambda loc: (source, format_key_path(loc), None))
+        ) from None

@@ -20,8 +20,9 @@ Optional provider keys (defaults in `ProviderConfig`): `max_response_bytes`
 `include_usage` (OpenAI `stream_options.include_usage`; turn off for servers
 that reject it), `anthropic_version`, `default_max_tokens` (Anthropic needs
 one), `assistant_prefill` (Anthropic continuation as a prefill rather than an
-instruction), `forward_sim_headers` (send `sim.*` request metadata as
-`x-sim-*` headers, for the mock upstream).
+instruction), `forward_sim_headers` (send the attempt number and `sim.*` request
+metadata as `x-sim-*` headers, for the mock upstream; off by default, so a
+real API never sees them).
 
 Secrets never live in the file: a key is read from the environment variable
 that `api_key_env` names, when the providers are built, and an `api_key`
@@ -29,9 +30,7 @@ key in the file is an error that says so.
 
 Validation errors name the key path (`providers.local-openai.base_url`,
 `models.fast.chain[1].provider`) and, when the source text is at hand, the
-line: tomllib gives no positions, so the line is found by following table
-headers and keys through the text (best effort; inline tables and arrays are
-followed one level deep).
+line (config/problems.py).
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,12 +46,18 @@ import httpx
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tokenrelay_server.config.problems import (
+    ConfigError,
+    ConfigProblem,
+    KeyLines,
+    format_key_path,
+    toml_syntax_problem,
+    validation_problems,
+)
+
 DEFAULT_MAX_RESPONSE_BYTES = 100 * 1024 * 1024
 BUILTIN_PROVIDERS: frozenset[str] = frozenset({"sim"})
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
 
 
 class _Strict(BaseModel):
@@ -121,65 +126,16 @@ class UpstreamConfig(_Strict):
 # --- errors that name the key --------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class ConfigProblem:
-    path: str  # `providers.local-openai.base_url`
-    message: str
-    line: int | None = None
-
-    def describe(self, source_name: str) -> str:
-        where = f"{source_name}:{self.line}" if self.line else source_name
-        return f"{where}: {self.path}: {self.message}"
-
-
-class UpstreamConfigError(ValueError):
-    """The upstream configuration is invalid. Each problem names its key."""
+class UpstreamConfigError(ConfigError, ValueError):
+    """The upstream configuration is invalid. Each problem names its key
+    (and its line, when the source text was at hand)."""
 
     def __init__(self, source_name: str, problems: Collection[ConfigProblem]) -> None:
         self.source_name = source_name
-        self.problems = tuple(problems)
-        super().__init__("\n".join(problem.describe(source_name) for problem in self.problems))
-
-
-def format_key_path(loc: tuple[str | int, ...]) -> str:
-    """('models', 'fast', 'chain', 1, 'provider') → models.fast.chain[1].provider"""
-    text = ""
-    for part in loc:
-        if isinstance(part, int):
-            text += f"[{part}]"
-            continue
-        key = part if _BARE_KEY.match(part) else '"' + part.replace('"', '\\"') + '"'
-        text += ("." if text else "") + key
-    return text
-
-
-_FRIENDLY: dict[str, str] = {
-    "extra_forbidden": "is not a known key",
-    "missing": "is required",
-    "literal_error": "must be one of {expected}",
-    "greater_than": "must be greater than {gt}",
-    "greater_than_equal": "must be at least {ge}",
-    "too_short": "must not be empty",
-    "string_too_short": "must not be empty",
-}
-
-
-def _problem_message(error: Mapping[str, Any]) -> str:
-    loc = tuple(error["loc"])
-    if error["type"] == "extra_forbidden" and loc and loc[-1] == "api_key":
-        return (
-            "API keys do not go in the config file; set api_key_env to the name of "
-            "an environment variable that holds it"
+        super().__init__(
+            problem if problem.source else replace(problem, source=source_name)
+            for problem in problems
         )
-    template = _FRIENDLY.get(error["type"])
-    context = error.get("ctx") or {}
-    if template is not None:
-        try:
-            return template.format(**context)
-        except (KeyError, IndexError):
-            pass
-    message = str(error["msg"])
-    return message.removeprefix("Value error, ")
 
 
 def load_upstream_config(
@@ -197,37 +153,77 @@ def load_upstream_config(
     """
     section = {key: document[key] for key in ("providers", "models") if key in document}
     lines = KeyLines(source_text) if source_text is not None else None
+
+    def line_of(loc: tuple[str | int, ...]) -> int | None:
+        return lines.line_of(loc) if lines else None
+
+    problems: list[ConfigProblem] = []
+    config: UpstreamConfig | None = None
     try:
         config = UpstreamConfig.model_validate(section)
     except pydantic.ValidationError as exc:
-        problems: list[ConfigProblem] = []
-        for error in exc.errors():
-            loc: tuple[str | int, ...] = tuple(error["loc"])
+        problems.extend(
+            validation_problems(exc, lambda loc: (source_name, format_key_path(loc), line_of(loc)))
+        )
+    # Checked on the document itself, so a chain naming an unknown provider is
+    # reported even when some other key is wrong too.
+    providers = section.get("providers")
+    known = set(builtin_providers) | (set(providers) if isinstance(providers, dict) else set())
+    names = ", ".join(sorted(known)) or "none"
+    for loc, provider in _chain_providers(section.get("models")):
+        if provider not in known:
             problems.append(
                 ConfigProblem(
                     path=format_key_path(loc),
-                    message=_problem_message(error),
-                    line=lines.line_of(loc) if lines else None,
+                    message=f"no provider named {provider!r} (known: {names})",
+                    line=line_of(loc),
                 )
             )
-        raise UpstreamConfigError(source_name, problems) from None
-    problems = []
-    known = set(config.providers) | set(builtin_providers)
-    for alias, route in config.models.items():
-        for index, entry in enumerate(route.chain):
-            if entry.provider not in known:
-                loc = ("models", alias, "chain", index, "provider")
-                names = ", ".join(sorted(known)) or "none"
-                problems.append(
-                    ConfigProblem(
-                        path=format_key_path(loc),
-                        message=f"no provider named {entry.provider!r} (known: {names})",
-                        line=lines.line_of(loc) if lines else None,
-                    )
-                )
-    if problems:
+    if problems or config is None:
         raise UpstreamConfigError(source_name, problems)
     return config
+
+
+def _chain_providers(models: Any) -> list[tuple[tuple[str | int, ...], str]]:
+    """(key path, provider name) of every chain entry that names one."""
+    found: list[tuple[tuple[str | int, ...], str]] = []
+    if not isinstance(models, dict):
+        return found
+    for alias, route in models.items():
+        chain = route.get("chain") if isinstance(route, dict) else None
+        if not isinstance(chain, list):
+            continue
+        for index, entry in enumerate(chain):
+            provider = entry.get("provider") if isinstance(entry, dict) else None
+            if isinstance(provider, str) and provider:
+                found.append((("models", alias, "chain", index, "provider"), provider))
+    return found
+
+
+def missing_api_keys(
+    config: UpstreamConfig,
+    env: Mapping[str, str],
+    source_name: str,
+    *,
+    source_text: str | None = None,
+) -> list[ConfigProblem]:
+    """A problem at each `api_key_env` whose variable is not set (or empty),
+    so a missing key is reported with the other mistakes, before anything
+    starts. (`upstream.build` checks again when it builds the providers.)"""
+    lines = KeyLines(source_text) if source_text is not None else None
+    problems = []
+    for name, provider in config.providers.items():
+        if provider.api_key_env is not None and not env.get(provider.api_key_env, "").strip():
+            loc = ("providers", name, "api_key_env")
+            problems.append(
+                ConfigProblem(
+                    path=format_key_path(loc),
+                    message=f"environment variable {provider.api_key_env} is not set or empty",
+                    line=lines.line_of(loc) if lines else None,
+                    source=source_name,
+                )
+            )
+    return problems
 
 
 def load_upstream_config_file(
@@ -238,105 +234,7 @@ def load_upstream_config_file(
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise UpstreamConfigError(str(path), [ConfigProblem("(syntax)", str(exc))]) from None
+        raise UpstreamConfigError(str(path), [toml_syntax_problem(str(path), exc)]) from None
     return load_upstream_config(
         document, str(path), source_text=text, builtin_providers=builtin_providers
     )
-
-
-# --- from keys to line numbers (best effort) --------------------------------------------------
-
-
-_KEY_PART = re.compile(r'\s*(?:"((?:[^"\\]|\\.)*)"|\'([^\']*)\'|([A-Za-z0-9_-]+))\s*')
-
-
-def _split_key(text: str) -> tuple[tuple[str, ...], str] | None:
-    """('a', 'b'), rest for `a."b" = rest`; None when the text starts with no key."""
-    parts: list[str] = []
-    position = 0
-    while True:
-        match = _KEY_PART.match(text, position)
-        if not match or match.end() == match.start():
-            return None
-        parts.append(next(group for group in match.groups() if group is not None))
-        position = match.end()
-        if text.startswith(".", position):
-            position += 1
-            continue
-        return tuple(parts), text[position:]
-
-
-class KeyLines:
-    """Maps key paths to the line that defines them, by following table
-    headers and `key =` lines through the source text."""
-
-    def __init__(self, text: str) -> None:
-        self._lines: dict[tuple[str | int, ...], int] = {}
-        table: tuple[str | int, ...] = ()
-        array_counts: dict[tuple[str | int, ...], int] = {}
-        open_array: tuple[tuple[str | int, ...], int] | None = None  # key, items so far
-        for number, raw in enumerate(text.splitlines(), start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            if open_array is not None:
-                key, count = open_array
-                count = self._inline_items(key, line, number, count)
-                open_array = (key, count)
-                if line.startswith("]") or line.rstrip(",").endswith("]"):
-                    open_array = None
-                continue
-            if line.startswith("[["):
-                parsed = _split_key(line[2:])
-                if parsed:
-                    header = parsed[0]
-                    index = array_counts.get(header, 0)
-                    array_counts[header] = index + 1
-                    table = (*header, index)
-                    self._remember(header, number)
-                    self._remember(table, number)
-                continue
-            if line.startswith("["):
-                parsed = _split_key(line[1:])
-                if parsed:
-                    table = parsed[0]
-                    self._remember(table, number)
-                continue
-            parsed = _split_key(line)
-            if not parsed or not parsed[1].lstrip().startswith("="):
-                continue
-            key = (*table, *parsed[0])
-            self._remember(key, number)
-            value = parsed[1].lstrip()[1:].strip()
-            if value.startswith("["):
-                count = self._inline_items(key, value[1:], number, 0)
-                if not value.rstrip(",").endswith("]"):
-                    open_array = (key, count)
-            elif value.startswith("{"):
-                self._inline_table(key, value[1:], number)
-
-    def _remember(self, key: tuple[str | int, ...], number: int) -> None:
-        self._lines.setdefault(key, number)
-
-    def _inline_items(self, key: tuple[str | int, ...], text: str, number: int, count: int) -> int:
-        # One level deep: each `{` on the line starts the next item.
-        for piece in text.split("{")[1:]:
-            item = (*key, count)
-            self._remember(item, number)
-            self._inline_table(item, piece, number)
-            count += 1
-        return count
-
-    def _inline_table(self, key: tuple[str | int, ...], text: str, number: int) -> None:
-        for assignment in text.split(","):
-            parsed = _split_key(assignment)
-            if parsed and parsed[1].lstrip().startswith("="):
-                self._remember((*key, *parsed[0]), number)
-
-    def line_of(self, loc: tuple[str | int, ...]) -> int | None:
-        """The line of the longest prefix of `loc` that the text defines."""
-        for end in range(len(loc), 0, -1):
-            number = self._lines.get(loc[:end])
-            if number is not None:
-                return number
-        return None

@@ -263,7 +263,7 @@ class AnthropicProvider(HttpProvider):
             "accept": "text/event-stream",
             "accept-encoding": "identity",
             "anthropic-version": self._config.anthropic_version,
-            **sim_headers(request, forward_metadata=self._config.forward_sim_headers),
+            **sim_headers(request, forward=self._config.forward_sim_headers),
         }
         if self._api_key:
             headers["x-api-key"] = self._api_key

@@ -9,11 +9,10 @@ from collections.abc import Mapping
 import httpx
 
 from tokenrelay_server.config.upstream import (
-    ConfigProblem,
     ProviderConfig,
     UpstreamConfig,
     UpstreamConfigError,
-    format_key_path,
+    missing_api_keys,
 )
 from tokenrelay_server.core.clock import Clock
 from tokenrelay_server.upstream.anthropic import AnthropicProvider
@@ -24,7 +23,6 @@ from tokenrelay_server.upstream.openai import OpenAIProvider
 def h2_available() -> bool:
     """HTTP/2 needs the optional `h2` package (`httpx[http2]`)."""
     return importlib.util.find_spec("h2") is not None
-
 
 
 def make_client(config: ProviderConfig) -> httpx.AsyncClient:
@@ -52,18 +50,11 @@ def make_client(config: ProviderConfig) -> httpx.AsyncClient:
     )
 
 
-def resolve_api_key(name: str, config: ProviderConfig, env: Mapping[str, str]) -> str | None:
+def resolve_api_key(config: ProviderConfig, env: Mapping[str, str]) -> str | None:
     """The key from the environment variable the config names (never logged)."""
     if config.api_key_env is None:
         return None
-    key = env.get(config.api_key_env, "")
-    if not key.strip():
-        path = format_key_path(("providers", name, "api_key_env"))
-        raise UpstreamConfigError(
-            "environment",
-            [ConfigProblem(path, f"environment variable {config.api_key_env} is not set or empty")],
-        )
-    return key.strip()
+    return env[config.api_key_env].strip()
 
 
 def build_providers(
@@ -71,11 +62,14 @@ def build_providers(
 ) -> dict[str, Provider]:
     """One adapter per configured provider, each with its own pooled client.
 
-    Raises `UpstreamConfigError` (naming `api_key_env`) when a key's
-    environment variable is missing; no client is left open in that case.
+    Raises `UpstreamConfigError` (naming every `api_key_env` whose variable
+    is missing) before any client is opened.
     The caller owns the result: `await provider.aclose()` each at shutdown.
     """
-    keys = {name: resolve_api_key(name, cfg, env) for name, cfg in config.providers.items()}
+    missing = missing_api_keys(config, env, "environment")
+    if missing:
+        raise UpstreamConfigError("environment", missing)
+    keys = {name: resolve_api_key(cfg, env) for name, cfg in config.providers.items()}
     providers: dict[str, Provider] = {}
     for name, cfg in config.providers.items():
         client = make_client(cfg)

@@ -78,16 +78,18 @@ class WireParser(Protocol):
         ...
 
 
-def sim_headers(request: ProviderRequest, *, forward_metadata: bool) -> dict[str, str]:
-    """`x-sim-attempt` always (harmless to real APIs; the mock upstream needs
-    it to pick the attempt's fault); `sim.*` metadata as `x-sim-*` headers
-    only when the provider config forwards them. Values that cannot be
-    header values are not sent."""
+def sim_headers(request: ProviderRequest, *, forward: bool) -> dict[str, str]:
+    """The mock upstream's controls, only for a provider configured with
+    `forward_sim_headers = true` (issue 8: a real API never sees them):
+    `x-sim-attempt` (the mock picks the attempt's fault by it) and the
+    `sim.*` metadata as `x-sim-*` headers. Values that cannot be header
+    values are not sent."""
+    if not forward:
+        return {}
     headers = {SIM_ATTEMPT_HEADER: str(request.attempt)}
-    if forward_metadata:
-        for key, value in request.metadata:
-            if key.startswith("sim.") and len(key) > 4 and _header_safe(value):
-                headers["x-sim-" + key[4:].replace("_", "-").replace(".", "-")] = value
+    for key, value in request.metadata:
+        if key.startswith("sim.") and len(key) > 4 and _header_safe(value):
+            headers["x-sim-" + key[4:].replace("_", "-").replace(".", "-")] = value
     return headers
 
 

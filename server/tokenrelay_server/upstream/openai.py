@@ -218,7 +218,7 @@ class OpenAIProvider(HttpProvider):
         headers = {
             "accept": "text/event-stream",
             "accept-encoding": "identity",  # gzip would hold tokens back in buffers
-            **sim_headers(request, forward_metadata=self._config.forward_sim_headers),
+            **sim_headers(request, forward=self._config.forward_sim_headers),
         }
         if self._api_key:
             headers["authorization"] = f"Bearer {self._api_key}"
