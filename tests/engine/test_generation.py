@@ -128,6 +128,7 @@ async def test_cancel_during_an_attempt_closes_the_upstream_and_ends_partial() -
     assert end.partial and end.finish_reason == "cancelled"
     assert end.error is not None and "user pressed stop" in end.error.message
     assert text_of(entries) == "ab"
+    assert end.usage.completion_tokens == 2  # the cut attempt never reported: its deltas
     provider = engine.providers["p"]
     assert provider.open_streams == 0 and provider.closed_streams == 1
 

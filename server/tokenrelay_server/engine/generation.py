@@ -161,6 +161,12 @@ class Generation:
     def attempts(self) -> int:
         return self.tally.attempts
 
+    @property
+    def phase(self) -> str:
+        """"attempt" (an upstream call runs), "backoff" (waiting to try again)
+        or "done" (the End is being written or was)."""
+        return self._loop.phase
+
     def restore(self, entries: list[LogEntry]) -> None:
         """Take over a stream another replica started: its stored log becomes
         ours, and the next attempt continues from its text (guarantee 5)."""
@@ -304,9 +310,11 @@ class Generation:
         return self._partial_end(outcome.fault)
 
     def _usage(self) -> Usage:
+        # An attempt cut short by a stop never reported: its delivered tokens
+        # (the last chunk's count) are the least it cost.
         return Usage(
             prompt_tokens=self.tally.prompt_tokens,
-            completion_tokens=self.tally.completion_tokens,
+            completion_tokens=max(self.tally.completion_tokens, self.log.tokens_so_far),
         )
 
     def _partial_end(self, fault: Fault) -> End:

@@ -122,8 +122,18 @@ class RecoveryLoop:
     delivered_chunks: Callable[[], int]
     _retries: list[int] = field(default_factory=list)
     _given_up: set[int] = field(default_factory=set)
+    # Where the loop is, for operators (and tests that move a manual clock):
+    # "attempt" while an upstream call runs, "backoff" while it waits to try
+    # again, "done" once it returned.
+    phase: str = "attempt"
 
     async def run(self) -> Outcome:
+        try:
+            return await self._run()
+        finally:
+            self.phase = "done"
+
+    async def _run(self) -> Outcome:
         health = self.recovery.health
         self._retries = [0] * len(self.chain)
         index = health.choose(self.chain, self.policy.selection)
@@ -168,7 +178,9 @@ class RecoveryLoop:
                 self._retries[index] += 1
                 health.budget(route).spend_retry()
             index = decision.provider_index
+            self.phase = "backoff"
             await self.recovery.clock.sleep(decision.delay_s)
+            self.phase = "attempt"
 
     def _situation(self, fault: Fault, index: int) -> Situation:
         health = self.recovery.health
