@@ -503,7 +503,7 @@ STATUS_ROWS = [
         502, K.SERVER_ERROR, True, PROVIDER, id="502 is retried and counts against the provider"
     ),
     pytest.param(
-        503, K.OVERLOADED, True, PROVIDER, id="503 is an overload, retried and the provider's"
+        503, K.SERVER_ERROR, True, PROVIDER, id="503 is retried and counts against the provider"
     ),
     pytest.param(
         504, K.SERVER_ERROR, True, PROVIDER, id="504 is retried and counts against the provider"
@@ -583,7 +583,7 @@ def test_a_numeric_payload_code_means_what_its_status_means():
     ("fault", "overload"),
     [
         pytest.param(classify.classify_http_status(429), True, id="a 429 is an overload"),
-        pytest.param(classify.classify_http_status(503), True, id="a 503 is an overload"),
+        pytest.param(classify.classify_http_status(503), False, id="a 503 is a plain 5xx"),
         pytest.param(classify.classify_http_status(529), True, id="a 529 is an overload"),
         pytest.param(
             classify.classify_provider_error("overloaded_error"),

@@ -352,8 +352,6 @@ async def test_the_in_process_simulator_fails_as_the_status_table_says(status: i
     assert (error.fault.retryable, classify.counts_against_provider(error.fault)) == _meaning(
         status
     )
-    # It says when to retry exactly where the status means an overload.
-    assert (error.fault.retry_after_s is not None) is classify.is_overload_status(status)
 
 
 @pytest.mark.parametrize("kind", KINDS)

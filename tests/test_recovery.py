@@ -29,8 +29,7 @@ RESET = classify.connection_reset()
 STALL = classify.stall_timeout(30, first_token=False)
 RATE_LIMITED = classify.classify_http_status(429, retry_after_s=7.0)
 OVERLOADED = classify.classify_http_status(529)
-SERVER_ERROR = classify.classify_http_status(500)
-UNAVAILABLE = classify.classify_http_status(503)
+SERVER_ERROR = classify.classify_http_status(503)
 UNAUTHORIZED = classify.classify_http_status(401)
 BAD_REQUEST = classify.classify_http_status(400)
 GARBAGE = classify.malformed_data("bad json")
@@ -93,16 +92,10 @@ ROWS = [
         Decision(Step.RETRY, 0, 2.0),
     ),
     (
-        "a 500 after tokens resumes with backoff",
+        "a 503 after tokens resumes with backoff",
         situation(SERVER_ERROR, tokens=3, retries=1),
         NO_JITTER,
         Decision(Step.RESUME, 0, 2.0),
-    ),
-    (
-        "a 503 without Retry-After waits twice the backoff like every overload",
-        situation(UNAVAILABLE),
-        NO_JITTER,
-        Decision(Step.RETRY, 0, 2.0),
     ),
     ("a 401 aborts", situation(UNAUTHORIZED), NO_JITTER, Decision(Step.ABORT, 0)),
     (

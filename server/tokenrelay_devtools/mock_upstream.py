@@ -114,6 +114,7 @@ ErrorKind = Literal[
 ERROR_KINDS: tuple[str, ...] = get_args(ErrorKind)
 RetryAfterStyle = Literal["seconds", "date", "ms"]
 _SIM_FAULTS = ("ok", "reset", "stall", "eof", "garbage", "http")
+_RETRY_AFTER_STATUSES = frozenset({429, 503, 529})
 
 
 # --- the fault script ---------------------------------------------------------------------
@@ -826,7 +827,7 @@ class MockUpstream:
         if plan.fault.kind == "http":
             status = plan.fault.n
             headers = {}
-            if classify.is_overload_status(status):
+            if status in _RETRY_AFTER_STATUSES:
                 headers = self._retry_after_headers(settings.retry_after_s, faults.retry_after)
             return web.json_response(wire.status_error(status), status=status, headers=headers)
         if not stream:

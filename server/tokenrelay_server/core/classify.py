@@ -236,8 +236,9 @@ HTTP_STATUSES: Mapping[int, StatusMeaning] = {
     502: StatusMeaning(
         ProviderErrorKind.SERVER_ERROR, "a proxy got no valid answer from the provider"
     ),
-    # 503 (RFC 9110 §15.6.4): "temporary overload or scheduled maintenance".
-    503: StatusMeaning(ProviderErrorKind.OVERLOADED, "the provider is unavailable"),
+    # 503 is a 5xx like the others (DESIGN: plain backoff, its Retry-After
+    # obeyed); the overload statuses that wait longer are 429 and 529.
+    503: StatusMeaning(ProviderErrorKind.SERVER_ERROR, "the provider is unavailable"),
     504: StatusMeaning(
         ProviderErrorKind.SERVER_ERROR, "a proxy timed out waiting for the provider"
     ),
@@ -909,12 +910,6 @@ def counts_against_provider(fault: Fault) -> bool:
 
 
 def is_overload(fault: Fault) -> bool:
-    """A rate limit or an overload (429, 503, 529, or such a payload): the
-    retry waits longer when the provider did not say how long."""
+    """A rate limit or an overload (429, 529, or such a payload): the retry
+    waits longer when the provider did not say how long."""
     return _kind_of_code(fault.code) in _OVERLOAD_KINDS
-
-
-def is_overload_status(status: int) -> bool:
-    """429, 503, 529: the statuses a provider sends `Retry-After` with (what
-    the simulator and the mock upstream imitate)."""
-    return http_status_meaning(status).kind in _OVERLOAD_KINDS

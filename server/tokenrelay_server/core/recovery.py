@@ -6,7 +6,7 @@ A pure function from (classified fault, where the stream stands, policy) to a
     error                          no tokens delivered yet      tokens already delivered
     network reset / refused        retry, then fall back        resume, then fall back
     timeout (connect/first/stall)  retry, then fall back        resume, then fall back
-    429 / 503 / 529                retry after Retry-After      resume after the delay
+    429 / 529                      retry after Retry-After      resume after the delay
                                    (longer), then fall back     then fall back
     5xx                            retry with backoff, then     resume, then fall back
                                    fall back
@@ -95,7 +95,7 @@ def decide(situation: Situation, config: RecoveryConfig, rng: random.Random) -> 
                 policy=config.backoff,
                 rng=rng,
                 retry_after_s=fault.retry_after_s,
-                rate_limited=is_overload(fault),  # classify's status table: 429, 503, 529
+                rate_limited=is_overload(fault),  # classify's status table: 429, 529
             )
             step = Step.RESUME if delivered else Step.RETRY
             return Decision(step, here, delay, f"{fault.code}: {step} on the same provider")

@@ -368,7 +368,7 @@ class SimProvider:
         )
         fault = plan.fault
         if fault.kind == "http":
-            retry_after = settings.retry_after_s if classify.is_overload_status(fault.n) else None
+            retry_after = settings.retry_after_s if fault.n in (429, 503, 529) else None
             raise upstream_error(
                 classify.classify_http_status(fault.n, retry_after_s=retry_after).with_context(
                     provider=self._name, attempt=request.attempt
