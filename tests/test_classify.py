@@ -20,7 +20,7 @@ from tokenrelay_server.core.classify import (
     TransportKind,
     WrongContentType,
 )
-from tokenrelay_server.core.errors import ErrorType, SuggestedAction
+from tokenrelay_server.core.errors import ErrorType, Fault, SuggestedAction
 
 NOW = 1_700_000_000.0  # a fixed wall clock: Tue, 14 Nov 2023 22:13:20 GMT
 
@@ -97,8 +97,8 @@ ROWS = [
     ),
     pytest.param(
         HttpFailure(429, body=_body({"type": "insufficient_quota", "code": "insufficient_quota"})),
-        0, PROTOCOL, "HTTP_429", False, ABORT,
-        id="HTTP 429 for a spent quota is not retried because waiting will not help",
+        0, APPLICATION, "QUOTA_EXCEEDED", False, ABORT,
+        id="HTTP 429 for a spent quota is a final quota error because waiting will not help",
     ),
     pytest.param(
         WrongContentType(200, "text/html; charset=utf-8", b"<html>502 Bad Gateway</html>"), 0,
@@ -448,3 +448,340 @@ def test_existing_helpers_keep_their_codes():
         classify.stall_timeout(3, first_token=False, tokens_received=2).suggested_action is RESUME
     )
     assert classify.classify_http_status(429, retry_after_s=2.0).retry_after_s == 2.0
+
+
+# --- the one HTTP status table (issue 8, defect 5) ------------------------------------------------
+
+PROVIDER, CALLER, GATEWAY = classify.Blame.PROVIDER, classify.Blame.CALLER, classify.Blame.GATEWAY
+K = ProviderErrorKind
+
+# Every status HTTP_STATUSES names, plus one of each class it does not.
+STATUS_ROWS = [
+    pytest.param(
+        400, K.INVALID_REQUEST, False, CALLER, id="400 bad request is final and the caller's"
+    ),
+    pytest.param(
+        401, K.AUTHENTICATION, False, CALLER, id="401 bad credentials is final and ours to fix"
+    ),
+    pytest.param(402, K.QUOTA, False, CALLER, id="402 spent credits is a final quota error"),
+    pytest.param(403, K.PERMISSION, False, CALLER, id="403 forbidden is final and ours to fix"),
+    pytest.param(404, K.NOT_FOUND, False, CALLER, id="404 unknown model is final and ours to fix"),
+    pytest.param(
+        408,
+        K.SERVER_ERROR,
+        True,
+        PROVIDER,
+        id="408 request timeout is retried as the provider's failure",
+    ),
+    pytest.param(
+        409,
+        K.SERVER_ERROR,
+        True,
+        PROVIDER,
+        id="409 lock conflict is retried as the provider's failure",
+    ),
+    pytest.param(
+        413, K.REQUEST_TOO_LARGE, False, CALLER, id="413 too large is final and the caller's"
+    ),
+    pytest.param(
+        422, K.INVALID_REQUEST, False, CALLER, id="422 unprocessable is final and the caller's"
+    ),
+    pytest.param(
+        425, K.SERVER_ERROR, True, PROVIDER, id="425 too early is retried as the provider's failure"
+    ),
+    pytest.param(
+        429,
+        K.RATE_LIMITED,
+        True,
+        PROVIDER,
+        id="429 rate limit is retried and counts against the provider",
+    ),
+    pytest.param(
+        500, K.SERVER_ERROR, True, PROVIDER, id="500 is retried and counts against the provider"
+    ),
+    pytest.param(
+        502, K.SERVER_ERROR, True, PROVIDER, id="502 is retried and counts against the provider"
+    ),
+    pytest.param(
+        503, K.SERVER_ERROR, True, PROVIDER, id="503 is retried and counts against the provider"
+    ),
+    pytest.param(
+        504, K.SERVER_ERROR, True, PROVIDER, id="504 is retried and counts against the provider"
+    ),
+    pytest.param(
+        529, K.OVERLOADED, True, PROVIDER, id="529 overloaded is retried and the provider's"
+    ),
+    pytest.param(
+        418, K.INVALID_REQUEST, False, CALLER, id="an unlisted 4xx is final and the caller's"
+    ),
+    pytest.param(
+        507, K.SERVER_ERROR, True, PROVIDER, id="an unlisted 5xx is retried and the provider's"
+    ),
+    pytest.param(
+        302,
+        K.INVALID_REQUEST,
+        False,
+        CALLER,
+        id="a redirect we do not follow is a final misconfiguration",
+    ),
+]
+
+
+@pytest.mark.parametrize(("status", "kind", "retryable", "blame"), STATUS_ROWS)
+def test_one_status_table_gives_one_answer_for_a_status_line_and_a_payload(
+    status, kind, retryable, blame
+):
+    assert classify.http_status_meaning(status).kind is kind
+    line = classify.classify(HttpFailure(status), now=NOW)
+    assert line.code == f"HTTP_{status}"
+    # An error payload that only has the status means the same (a 3xx is no
+    # error payload status: only the status line names it).
+    if 400 <= status <= 599:
+        payload = classify.classify(ProviderErrorPayload("", status=status), now=NOW)
+        assert payload.code == kind.value
+        assert payload.retryable is retryable
+        assert classify.blame_of(payload) is blame
+    assert line.retryable is retryable
+    assert classify.blame_of(line) is blame
+
+
+def test_the_status_table_test_covers_every_status_the_code_names():
+    tested = {row.values[0] for row in STATUS_ROWS}
+    assert set(classify.HTTP_STATUSES) <= tested
+
+
+@pytest.mark.parametrize("status", range(400, 600))
+def test_every_error_status_means_the_same_as_a_line_and_as_a_payload(status):
+    line = classify.classify_http_status(status)
+    payload = classify.classify_provider_error("", status=status)
+    assert (line.retryable, classify.blame_of(line)) == (
+        payload.retryable,
+        classify.blame_of(payload),
+    )
+
+
+def test_an_http_fault_message_does_not_repeat_its_code():
+    # The client prints "code: message"; "HTTP_401: HTTP 401: …" said it twice.
+    fault = classify.classify(HttpFailure(401), now=NOW)
+    assert fault.code == "HTTP_401"
+    assert "401" not in fault.message
+
+
+def test_a_numeric_payload_code_means_what_its_status_means():
+    # OpenRouter sends the status as the error code, also mid-stream.
+    fault = classify.classify(
+        ProviderErrorPayload("", code="400", message="max_tokens must be positive"), now=NOW
+    )
+    assert (fault.code, fault.retryable, classify.blame_of(fault)) == (
+        "INVALID_REQUEST",
+        False,
+        CALLER,
+    )
+
+
+@pytest.mark.parametrize(
+    ("fault", "overload"),
+    [
+        pytest.param(classify.classify_http_status(429), True, id="a 429 is an overload"),
+        pytest.param(classify.classify_http_status(503), False, id="a 503 is a plain 5xx"),
+        pytest.param(classify.classify_http_status(529), True, id="a 529 is an overload"),
+        pytest.param(
+            classify.classify_provider_error("overloaded_error"),
+            True,
+            id="an overloaded payload is an overload",
+        ),
+        pytest.param(classify.classify_http_status(500), False, id="a 500 is no overload"),
+        pytest.param(classify.connection_reset(), False, id="a reset is no overload"),
+    ],
+)
+def test_is_overload_reads_the_status_table(fault, overload):
+    assert classify.is_overload(fault) is overload
+
+
+# --- whose failure it is (issue 8, defect 9) --------------------------------------------------
+
+
+def _engine(code: str, error_type: ErrorType = APPLICATION) -> Fault:
+    """A fault as the engine makes it (stop_fault, breaker_open_fault, …)."""
+    return Fault(type=error_type, code=code, message=code, retryable=False, suggested_action=ABORT)
+
+
+def _payload(error_type: str, code: str = "", message: str = "") -> Fault:
+    return classify.classify(ProviderErrorPayload(error_type, code, message), now=NOW)
+
+
+def _transport(kind: TransportKind) -> Fault:
+    return classify.classify(TransportFailure(kind), now=NOW)
+
+
+BLAME_ROWS = [
+    # the provider's failures: they count toward its breaker and health
+    pytest.param(classify.classify_http_status(500), True, id="a 500 is the provider's failure"),
+    pytest.param(classify.classify_http_status(503), True, id="a 503 is the provider's failure"),
+    pytest.param(
+        classify.classify_http_status(429), True, id="a 429 rate limit is the provider's state"
+    ),
+    pytest.param(
+        classify.classify_http_status(529), True, id="a 529 overload is the provider's state"
+    ),
+    pytest.param(
+        classify.classify_http_status(408), True, id="a 408 request timeout is the provider's"
+    ),
+    pytest.param(
+        _payload("rate_limit_error"), True, id="a rate limit payload is the provider's state"
+    ),
+    pytest.param(
+        _payload("overloaded_error"), True, id="an overloaded payload is the provider's state"
+    ),
+    pytest.param(
+        _payload("api_error"), True, id="a provider error payload is the provider's failure"
+    ),
+    pytest.param(
+        _payload("weird_new_error"),
+        True,
+        id="an unknown payload is taken for the provider's failure",
+    ),
+    *[
+        pytest.param(_transport(kind), True, id=f"{kind.value} is the provider's failure")
+        for kind in TransportKind
+        if kind is not TransportKind.POOL_TIMEOUT
+    ],
+    pytest.param(
+        classify.stall_timeout(5, first_token=True),
+        True,
+        id="no first token in time is the provider's",
+    ),
+    pytest.param(
+        classify.stall_timeout(5, first_token=False), True, id="a stall is the provider's failure"
+    ),
+    pytest.param(
+        classify.classify(WrongContentType(200, "text/html"), now=NOW),
+        True,
+        id="an HTML page instead of a stream is the provider's",
+    ),
+    pytest.param(classify.malformed_data("x"), True, id="malformed data is the provider's failure"),
+    pytest.param(
+        classify.unexpected_shape("x"), True, id="an event of the wrong shape is the provider's"
+    ),
+    pytest.param(
+        classify.missing_finish(), True, id="a stream without a finish reason is the provider's"
+    ),
+    # the caller's: the provider rightly refused the request
+    pytest.param(
+        classify.classify_http_status(400), False, id="a 400 is the caller's and opens no breaker"
+    ),
+    pytest.param(
+        classify.classify_http_status(401),
+        False,
+        id="a 401 is our key's problem, not the provider's health",
+    ),
+    pytest.param(
+        classify.classify_http_status(403),
+        False,
+        id="a 403 is our key's problem, not the provider's health",
+    ),
+    pytest.param(
+        classify.classify_http_status(404),
+        False,
+        id="a 404 unknown model is configuration, not health",
+    ),
+    pytest.param(
+        classify.classify_http_status(413), False, id="a 413 too large request is the caller's"
+    ),
+    pytest.param(
+        classify.classify_http_status(422), False, id="a 422 unprocessable request is the caller's"
+    ),
+    pytest.param(
+        classify.classify(
+            HttpFailure(
+                429, body=_body({"type": "insufficient_quota", "code": "insufficient_quota"})
+            ),
+            now=NOW,
+        ),
+        False,
+        id="a 429 saying the quota is spent is the account's, not the provider's",
+    ),
+    pytest.param(
+        _payload("invalid_request_error", message="bad"),
+        False,
+        id="an invalid request payload is the caller's",
+    ),
+    pytest.param(
+        _payload("authentication_error"), False, id="an authentication payload is our key's problem"
+    ),
+    pytest.param(
+        _payload("permission_error"), False, id="a permission payload is our key's problem"
+    ),
+    pytest.param(
+        _payload("not_found_error"), False, id="a model not found payload is configuration"
+    ),
+    pytest.param(_payload("billing_error"), False, id="a billing payload is the account's"),
+    pytest.param(
+        _payload("invalid_request_error", "context_length_exceeded"),
+        False,
+        id="a context length error is the caller's",
+    ),
+    pytest.param(
+        _payload("request_too_large"), False, id="a request too large payload is the caller's"
+    ),
+    # the gateway's own: our caps, our pool, and every fault the engine makes
+    pytest.param(
+        classify.response_too_large(1024), False, id="passing our response size cap is ours"
+    ),
+    pytest.param(
+        _transport(TransportKind.POOL_TIMEOUT),
+        False,
+        id="waiting for our own connection pool is ours",
+    ),
+    pytest.param(_engine("BREAKER_OPEN"), False, id="an open breaker does not feed itself"),
+    pytest.param(_engine("CANCELLED"), False, id="a cancel is not the provider's failure"),
+    pytest.param(
+        _engine("CLIENT_GONE"), False, id="a client that left is not the provider's failure"
+    ),
+    pytest.param(
+        _engine("DEADLINE_EXCEEDED", TIMEOUT),
+        False,
+        id="the caller's deadline is not the provider's failure",
+    ),
+    pytest.param(
+        _engine("SERVER_SHUTDOWN"), False, id="our shutdown is not the provider's failure"
+    ),
+    pytest.param(
+        _engine("OWNER_LOST"),
+        False,
+        id="a replica that lost its lease is not the provider's failure",
+    ),
+    pytest.param(_engine("INTERNAL"), False, id="our own bug is not the provider's failure"),
+    pytest.param(
+        _engine("MEMORY_LIMIT", RESOURCE),
+        False,
+        id="our memory limit is not the provider's failure",
+    ),
+    pytest.param(
+        _engine("SOMETHING_NEW"), False, id="a code nobody classified does not open the breaker"
+    ),
+]
+
+
+@pytest.mark.parametrize(("fault", "counts"), BLAME_ROWS)
+def test_counts_against_provider(fault: Fault, counts: bool):
+    assert classify.counts_against_provider(fault) is counts
+
+
+def test_the_blame_table_test_covers_every_code_classification_can_make():
+    tested = {row.values[0].code for row in BLAME_ROWS}
+    named = (
+        set(classify._BLAME_BY_CODE)
+        | {kind.value for kind in TransportKind}
+        | {kind.value for kind in ProviderErrorKind}
+    )
+    assert named <= tested, sorted(named - tested)
+
+
+def test_blame_survives_the_stored_form_and_added_context():
+    # The engine labels faults (provider, attempt) and the store round-trips
+    # them; neither changes whose failure it is.
+    for row in BLAME_ROWS:
+        fault, counts = row.values
+        stored = Fault.from_json(fault.with_context(provider="p", attempt=3).to_json())
+        assert classify.counts_against_provider(stored) is counts

@@ -1,9 +1,12 @@
-"""`tokenrelay serve` as an operator runs it: a real process, real signals."""
+"""`tokenrelay serve` as an operator runs it (a real process, real signals), and
+`tokenrelay chat` as a user runs it against a real gateway."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from serverkit import run_to_end, start_request
+from serverkit import RelayFactory, chunks_of, run_to_end, start_request, text_of
 
 TOKENRELAY = [sys.executable, "-m", "tokenrelay_server.cli"]
 
@@ -199,3 +202,100 @@ def test_recovery_and_breaker_tables_are_read_from_the_config_file(tmp_path: Pat
     assert (settings.max_retries, settings.backoff_base_s, settings.backoff_cap_s) == (5, 0.5, 10)
     assert (settings.jitter, settings.retry_budget_ratio) == (0.2, 0.1)
     assert (settings.breaker_failure_threshold, settings.breaker_cooldown_s) == (7, 12)
+
+
+
+
+# --- `tokenrelay chat` as a user runs it (issue 8, defect 8) -------------------------------------
+
+CHAT_PROMPT = "tell me about streams"
+
+
+async def run_chat_command(*args: str, merge_stderr: bool = False) -> tuple[int, str, str]:
+    """`tokenrelay chat ARGS` in a real process; the gateway keeps running in
+    this test's loop meanwhile. With `merge_stderr` both streams share one
+    pipe, as they share a terminal: the second string is then empty."""
+    process = await asyncio.create_subprocess_exec(
+        *TOKENRELAY,
+        "chat",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT if merge_stderr else asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), (err or b"").decode()
+
+
+@pytest.mark.parametrize(
+    ("faults", "exit_code", "chunks"),
+    [
+        pytest.param("http:401", 1, 0, id="a failure before any text exits 1"),
+        pytest.param("reset@3", 2, 3, id="a failure after some text is a partial answer, exit 2"),
+    ],
+)
+async def test_chat_exit_code_says_whether_any_answer_came_and_the_error_is_said_once(
+    relay_factory: RelayFactory, faults: str, exit_code: int, chunks: int
+) -> None:
+    relay = await relay_factory(max_retries=0, allow_fallback=False)
+    code, out, err = await run_chat_command(
+        "--target", relay.address, "--meta", f"sim.faults={faults}", CHAT_PROMPT
+    )
+    assert code == exit_code, err
+    error_code = "HTTP_401" if faults == "http:401" else "ECONNRESET"
+    assert err.count(error_code) == 1, err
+    if chunks == 0:
+        assert out == ""
+        assert "partial" not in err and "HTTP 401" not in err
+        assert err.startswith("error: ")
+    else:
+        assert out.endswith("\n") and out.strip()
+        assert f"— {chunks} chunks" in err and "partial answer" in err
+
+
+async def test_chat_notices_go_on_their_own_lines_and_leave_the_answer_whole(
+    relay_factory: RelayFactory,
+) -> None:
+    relay = await relay_factory(backoff_base_s=0.001)
+    metadata = {"sim.seed": "lines"}
+    async with grpc.aio.insecure_channel(relay.address) as channel:
+        clean = await run_to_end(
+            channel, start_request(prompt=CHAT_PROMPT, max_tokens=40, metadata=metadata)
+        )
+    answer = text_of(clean)
+    # The reset lands in the middle of a line of the answer.
+    assert not "".join(chunk.text for chunk in chunks_of(clean)[:5]).endswith("\n")
+    code, screen, _ = await run_chat_command(
+        "--target", relay.address, "--max-tokens", "40",
+        "--meta", "sim.seed=lines", "--meta", "sim.faults=reset@5",
+        CHAT_PROMPT,
+        merge_stderr=True,
+    )  # fmt: skip
+    assert code == 0, screen
+    lines = screen.splitlines(keepends=True)
+    notices = [line for line in lines if line.startswith("[")]
+    assert len(notices) == 1 and notices[0].startswith("[notice ECONNRESET: "), screen
+    summary = [line for line in lines if line.startswith("— ")]
+    assert len(summary) == 1 and "40 chunks" in summary[0]
+    # Without its notice and summary lines, the screen is the answer, unbroken.
+    rest = "".join(line for line in lines if line not in notices + summary)
+    assert rest == answer + "\n"
+
+
+async def test_chat_to_a_dead_address_reports_the_refused_connection() -> None:
+    # A bound socket that never listens: every connection to it is refused.
+    with socket.socket() as dead:
+        dead.bind(("127.0.0.1", 0))
+        port = dead.getsockname()[1]
+        code, out, err = await run_chat_command(
+            "--target", f"127.0.0.1:{port}",
+            "--reconnects", "1", "--connect-timeout-s", "0.2", "--backoff-base-s", "0",
+            CHAT_PROMPT,
+        )  # fmt: skip
+    assert code == 1
+    assert out == ""
+    assert "no StreamStarted" not in err, err
+    [last] = err.splitlines()[-1:]
+    assert last.startswith("error: the gateway at ") and "Connection refused" in last, err
+    assert f"cannot reach the gateway at 127.0.0.1:{port}" in err

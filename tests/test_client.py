@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import io
 import random
+import socket
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ from tokenrelay_client import (
     Notice,
     ProtocolViolation,
     Reconnected,
+    Reconnecting,
     ReconnectsExhausted,
     RelayClient,
     ResumeRejected,
@@ -633,6 +635,53 @@ async def test_an_unknown_model_fails_at_once_without_reconnecting(gateway):
             await client.generate("no-such-model", PROMPT)
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert sleep.delays == []
+
+
+async def test_a_gateway_never_reached_is_reported_by_its_connection_error():
+    # Issue 8: reconnects wait for the channel, and a dead address used to
+    # end in "no StreamStarted within 2 s" instead of the refused connection.
+    sleep = RecordingSleep()
+    with socket.socket() as dead:  # bound, never listening: connections are refused
+        dead.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{dead.getsockname()[1]}"
+        async with RelayClient(
+            address, sleep=sleep, max_reconnects=2, connect_timeout_s=0.2
+        ) as client:
+            relay_stream = client.stream("sim", PROMPT)
+            events: list[Event] = []
+            with pytest.raises(ReconnectsExhausted) as caught:
+                async for event in relay_stream:
+                    events.append(event)
+    causes = [e.cause for e in events if isinstance(e, Reconnecting)]
+    assert len(causes) == 2
+    for cause in [*causes, caught.value.cause]:
+        assert "Connection refused" in cause, cause
+        assert "no StreamStarted" not in cause
+    assert relay_stream.stream_id == ""
+
+
+class SilentRelay(pbg.RelayServicer):
+    """Accepts the call and never answers."""
+
+    async def Stream(self, request_iterator, context):
+        await asyncio.Event().wait()  # until the client cancels the call
+        yield pb.StreamEvent()  # pragma: no cover - never reached
+
+
+async def test_a_gateway_that_connects_but_never_starts_says_so():
+    server = grpc.aio.server()
+    pbg.add_RelayServicer_to_server(SilentRelay(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with RelayClient(
+            f"127.0.0.1:{port}", sleep=RecordingSleep(), max_reconnects=0, connect_timeout_s=0.2
+        ) as client:
+            with pytest.raises(ReconnectsExhausted) as caught:
+                await collect(client.stream("sim", PROMPT))
+    finally:
+        await server.stop(grace=None)
+    assert caught.value.cause == "no StreamStarted within 0.2 s"
 
 
 async def test_a_forged_resume_token_is_rejected(gateway):

@@ -26,6 +26,7 @@ from tokenrelay_server.config.upstream import (
     ProviderConfig,
     load_upstream_config,
 )
+from tokenrelay_server.core import classify
 from tokenrelay_server.core.clock import ManualClock
 from tokenrelay_server.core.errors import (
     ApplicationError,
@@ -294,6 +295,63 @@ async def test_each_injected_fault_reaches_the_caller_classified(
         assert fault.suggested_action is expected
     else:
         assert fault.suggested_action is SuggestedAction.ABORT
+
+
+# Every status the gateway's one status table names, and one of each class it does not.
+TABLE_STATUSES = [*sorted(classify.HTTP_STATUSES), 418, 507]
+
+
+def _meaning(status: int) -> tuple[bool, bool]:
+    fault = classify.classify_http_status(status)
+    return fault.retryable, classify.counts_against_provider(fault)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("status", TABLE_STATUSES)
+async def test_an_http_error_over_the_wire_means_what_the_status_table_says(
+    make: Providers, kind: str, status: int
+):
+    _, error = await run(make(kind), request(f"http:{status}"))
+    assert isinstance(error, ProtocolError), error
+    assert error.fault.code == f"HTTP_{status}"
+    assert (error.fault.retryable, classify.counts_against_provider(error.fault)) == _meaning(
+        status
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("status", TABLE_STATUSES)
+async def test_the_mock_sends_an_error_body_that_agrees_with_its_status(
+    upstream: MockUpstream, kind: str, status: int
+):
+    path = "chat/completions" if kind == "openai" else "messages"
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"{upstream.base_url}/{path}",
+            headers={"x-sim-faults": f"http:{status}"},
+            json={
+                "model": "m",
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 5,
+                "stream": True,
+            },
+        )
+    assert response.status_code == status
+    payload = classify.error_payload_fields(response.json())
+    assert payload is not None
+    # The body alone, as a mid-stream error would be read, means the same.
+    fault = classify.classify_provider_error(payload.type, payload.code, payload.message)
+    assert (fault.retryable, classify.counts_against_provider(fault)) == _meaning(status)
+
+
+@pytest.mark.parametrize("status", TABLE_STATUSES)
+async def test_the_in_process_simulator_fails_as_the_status_table_says(status: int):
+    _, error = await run(SimProvider(), request(f"http:{status}"))
+    assert isinstance(error, ProtocolError), error
+    assert error.fault.code == f"HTTP_{status}"
+    assert (error.fault.retryable, classify.counts_against_provider(error.fault)) == _meaning(
+        status
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -92,6 +92,8 @@ from typing import Any, Literal, get_args
 
 from aiohttp import web
 
+from tokenrelay_server.core import classify
+from tokenrelay_server.core.classify import ProviderErrorKind
 from tokenrelay_server.core.clock import Clock, SystemClock
 from tokenrelay_server.core.errors import RequestError
 from tokenrelay_server.core.model import Message, Role
@@ -283,16 +285,20 @@ _ANTHROPIC_STATUS_TYPES: dict[int, str] = {
 }
 
 
+# The body `http:CODE` sends is the one the gateway's status table says the
+# status means (classify.HTTP_STATUSES), so a status and its body never
+# disagree; kinds with no body of their own send `invalid_request`.
+_BODY_FOR_KIND: dict[ProviderErrorKind, ErrorKind] = {
+    ProviderErrorKind.RATE_LIMITED: "rate_limit",
+    ProviderErrorKind.OVERLOADED: "overloaded",
+    ProviderErrorKind.SERVER_ERROR: "server_error",
+    ProviderErrorKind.AUTHENTICATION: "authentication",
+    ProviderErrorKind.CONTEXT_LENGTH: "context_length",
+}
+
+
 def _kind_for_status(status: int) -> ErrorKind:
-    if status == 429:
-        return "rate_limit"
-    if status in (503, 529):
-        return "overloaded"
-    if status == 401:
-        return "authentication"
-    if status >= 500:
-        return "server_error"
-    return "invalid_request"
+    return _BODY_FOR_KIND.get(classify.http_status_meaning(status).kind, "invalid_request")
 
 
 class _OpenAIWire:

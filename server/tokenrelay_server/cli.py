@@ -185,10 +185,41 @@ async def _serve(settings: Settings) -> None:
     metavar="KEY=VALUE",
     help="Request metadata, e.g. --meta sim.pace_ms=20 (repeatable).",
 )
+@click.option(
+    "--reconnects",
+    type=click.IntRange(min=0),
+    default=3,
+    show_default=True,
+    help="Reconnect attempts in a row without a new chunk before giving up.",
+)
+@click.option(
+    "--connect-timeout-s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=2.0,
+    show_default=True,
+    help="How long one attempt waits for the gateway to answer.",
+)
+@click.option(
+    "--backoff-base-s",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="The first wait before a reconnect; it doubles per attempt.",
+)
 def chat(
-    prompt: str, target: str, model: str, max_tokens: int | None, meta: tuple[str, ...]
+    prompt: str,
+    target: str,
+    model: str,
+    max_tokens: int | None,
+    meta: tuple[str, ...],
+    reconnects: int,
+    connect_timeout_s: float,
+    backoff_base_s: float,
 ) -> None:
-    """Stream an answer to PROMPT, printing tokens as they arrive."""
+    """Stream an answer to PROMPT, printing tokens as they arrive.
+
+    Exit status: 0 a complete answer, 2 a partial one (the gateway gave up
+    after some text), 1 no answer."""
     from tokenrelay_client.chat import run_chat
 
     metadata: dict[str, str] = {}
@@ -198,7 +229,18 @@ def chat(
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--meta")
         metadata[key] = value
     sys.exit(
-        asyncio.run(run_chat(target, prompt, model=model, metadata=metadata, max_tokens=max_tokens))
+        asyncio.run(
+            run_chat(
+                target,
+                prompt,
+                model=model,
+                metadata=metadata,
+                max_tokens=max_tokens,
+                max_reconnects=reconnects,
+                connect_timeout_s=connect_timeout_s,
+                backoff_base_s=backoff_base_s,
+            )
+        )
     )
 
 

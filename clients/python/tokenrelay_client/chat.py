@@ -2,25 +2,97 @@
 
 The answer goes to stdout, nothing else: `tokenrelay chat hi > answer.txt`
 captures exactly the verified text. Reconnects, notices and the closing
-summary go to stderr.
+summary go to stderr, each on a line of its own. When stdout and stderr
+reach the same screen or file (a terminal, `2>&1`), a notice that arrives in
+the middle of an answer's line waits for that line to end, so it never
+splits the answer: drop the `[...]` lines and the answer is intact.
 
 Exit codes: 0 a complete, verified answer; 2 a partial answer (the gateway
-gave up; stdout holds what was produced); 1 no answer (a bad request, the
-gateway unreachable, a digest mismatch, …).
+gave up after some text; stdout holds what was produced); 1 no answer (the
+gateway gave up before any text, a bad request, the gateway unreachable, a
+digest mismatch, …).
 """
 
 from __future__ import annotations
 
+import io
+import os
 import sys
 from typing import TextIO
 
 from .client import RelayClient
 from .errors import ReconnectsExhausted, StreamFailed, TokenRelayClientError
-from .events import Chunk, End, Notice, Reconnected, Reconnecting
+from .events import Chunk, End, ErrorDetail, Notice, Reconnected, Reconnecting
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_PARTIAL = 2
+
+
+def _same_destination(out: TextIO, err: TextIO) -> bool:
+    """Whether stdout and stderr end up in one place (so their lines mix)."""
+    try:
+        return os.path.sameopenfile(out.fileno(), err.fileno())
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return True  # cannot tell (a test's buffers): assume one screen
+
+
+class _Console:
+    """The answer on `out`, everything else on `err`, never mixed in a line."""
+
+    def __init__(self, out: TextIO, err: TextIO) -> None:
+        self._out = out
+        self._err = err
+        self._shared = _same_destination(out, err)
+        self._mid_line = False  # the answer's current line has not ended
+        self._held: list[str] = []
+        self.wrote_text = False
+
+    def answer(self, text: str) -> None:
+        if not text:
+            return
+        self.wrote_text = True
+        if self._held:
+            # Let the held lines out where the answer's line ends.
+            done, newline, rest = text.rpartition("\n")
+            if newline:
+                self._write_out(done + newline)
+                self._release()
+                text = rest
+        if text:
+            self._write_out(text)
+
+    def line(self, text: str) -> None:
+        """One line for stderr: now, or once the answer's line has ended."""
+        if self._shared and self._mid_line:
+            self._held.append(text)
+            return
+        self._err.write(text + "\n")
+        self._err.flush()
+
+    def end_answer(self) -> None:
+        """The answer is over: end its line, then let held lines out."""
+        if self.wrote_text:
+            self._out.write("\n")
+            self._out.flush()
+            self.wrote_text = False
+        self._mid_line = False
+        self._release()
+
+    def _write_out(self, text: str) -> None:
+        self._out.write(text)
+        self._out.flush()
+        self._mid_line = not text.endswith("\n")
+
+    def _release(self) -> None:
+        held, self._held = self._held, []
+        for text in held:
+            self._err.write(text + "\n")
+        self._err.flush()
+
+
+def _why(error: ErrorDetail | None) -> str:
+    return f"{error.code}: {error.message}" if error is not None else "no reason given"
 
 
 async def run_chat(
@@ -30,32 +102,29 @@ async def run_chat(
     model: str = "sim",
     metadata: dict[str, str] | None = None,
     max_tokens: int | None = None,
+    max_reconnects: int = 3,
+    connect_timeout_s: float = 2.0,
+    backoff_base_s: float = 1.0,
     client: RelayClient | None = None,
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
     """Stream one answer to `prompt`; return the exit code (see module doc).
 
-    `client`, `out` and `err` are for tests; by default a RelayClient for
-    `target` with its default reconnect policy, stdout and stderr.
+    `max_reconnects`, `connect_timeout_s` and `backoff_base_s` tune the
+    RelayClient (see there; the defaults are its own). `client`, `out` and
+    `err` are for tests; by default a RelayClient for `target`, stdout and
+    stderr.
     """
-    out = out or sys.stdout
-    err = err or sys.stderr
+    console = _Console(out or sys.stdout, err or sys.stderr)
     own_client = client is None
-    client = client or RelayClient(target)
-    wrote_text = False  # stdout gets a final newline when it got any text
-    mid_line = False  # the terminal cursor is after answer text
-
-    def to_stderr(line: str) -> None:
-        nonlocal mid_line
-        if mid_line:
-            # Keep stderr lines off the answer's line on a shared terminal.
-            out.flush()
-            err.write("\n")
-            mid_line = False
-        err.write(line + "\n")
-        err.flush()
-
+    if client is None:
+        client = RelayClient(
+            target,
+            max_reconnects=max_reconnects,
+            connect_timeout_s=connect_timeout_s,
+            backoff_base_s=backoff_base_s,
+        )
     try:
         relay_stream = client.stream(
             model, [("user", prompt)], max_tokens=max_tokens, metadata=metadata
@@ -63,58 +132,58 @@ async def run_chat(
         end: End | None = None
         async for event in relay_stream:
             if isinstance(event, Chunk):
-                out.write(event.text)
-                out.flush()
-                wrote_text = mid_line = True
+                console.answer(event.text)
             elif isinstance(event, Reconnecting):
-                to_stderr(
-                    f"[connection lost at seq {event.last_seq}: {event.cause}; "
-                    f"reconnecting in {event.delay_s:.1f} s, "
+                # Before any StreamStarted there was no connection to lose.
+                what, then = (
+                    (f"connection lost at seq {event.last_seq}", "reconnecting")
+                    if relay_stream.stream_id
+                    else (f"cannot reach the gateway at {target}", "trying again")
+                )
+                console.line(
+                    f"[{what}: {event.cause}; {then} in {event.delay_s:.1f} s, "
                     f"attempt {event.attempt}/{event.max_attempts}]"
                 )
             elif isinstance(event, Reconnected):
-                to_stderr(f"[reconnected, resuming after seq {event.last_seq}]")
+                console.line(f"[reconnected, resuming after seq {event.last_seq}]")
             elif isinstance(event, Notice):
-                to_stderr(f"[notice {event.code}: {event.message}]")
+                console.line(f"[notice {event.code}: {event.message}]")
             elif isinstance(event, End):
                 end = event
     except ReconnectsExhausted as error:
-        _end_line(out, wrote_text)
-        err.write(f"error: the gateway at {target} is unreachable: {error}\n")
+        console.end_answer()
+        console.line(f"error: the gateway at {target} is unreachable: {error}")
         if error.partial is not None and error.partial.resume_token:
-            err.write(
+            console.line(
                 f"the stream may still be running; resume token {error.partial.resume_token}, "
-                f"last seq {error.partial.last_seq}\n"
+                f"last seq {error.partial.last_seq}"
             )
         return EXIT_FAILED
     except StreamFailed as error:
-        _end_line(out, wrote_text)
-        err.write(f"error: {error}\n")
+        console.end_answer()
+        console.line(f"error: {error}")
         return EXIT_FAILED
     except TokenRelayClientError as error:
-        _end_line(out, wrote_text)
-        err.write(f"error: {type(error).__name__}: {error}\n")
+        console.end_answer()
+        console.line(f"error: {type(error).__name__}: {error}")
         return EXIT_FAILED
     finally:
         if own_client:
             await client.close()
 
-    _end_line(out, wrote_text)
+    console.end_answer()
     assert end is not None  # the stream ends with End or raises
+    if end.partial and end.total_seq == 0:
+        # Nothing was produced: a failure, not a partial answer.
+        console.line(f"error: the gateway gave up before any text: {_why(end.error)}")
+        return EXIT_FAILED
     summary = (
         f"— {end.total_seq} chunks, finish {end.finish_reason!r}, "
         f"sha256 {end.text_sha256[:12]}… {'verified' if end.verified else 'not verified'}, "
         f"{relay_stream.reconnects} reconnect(s)"
     )
+    console.line(summary)
     if end.partial:
-        why = f"{end.error.code}: {end.error.message}" if end.error else "no reason given"
-        err.write(f"{summary}\npartial answer: the gateway gave up ({why})\n")
+        console.line(f"partial answer: the gateway gave up ({_why(end.error)})")
         return EXIT_PARTIAL
-    err.write(summary + "\n")
     return EXIT_OK
-
-
-def _end_line(out: TextIO, wrote_text: bool) -> None:
-    if wrote_text:
-        out.write("\n")
-        out.flush()

@@ -408,6 +408,13 @@ class RelayClient:
         call: _Call = stub.Stream(metadata=self._call_metadata or None, wait_for_ready=reconnecting)
         return call
 
+    def _channel_ready(self) -> bool:
+        channel = self._channel
+        return (
+            channel is not None
+            and channel.get_state(try_to_connect=False) is grpc.ChannelConnectivity.READY
+        )
+
     def _delay(self, attempt: int) -> float:
         return backoff_delay(
             attempt,
@@ -455,6 +462,8 @@ class RelayStream:
         # replays them, and the caller has already seen them.
         self._notices_since_chunk: list[Notice] = []
         self._call: _Call | None = None
+        # The last failure to reach the gateway (the channel was not connected).
+        self._connect_failure = ""
         self._pending_cancel: str | None = None
         self._iterator: AsyncGenerator[Event, None] | None = None
 
@@ -615,7 +624,14 @@ class RelayStream:
                 await _write(call, first, resuming=resuming)
                 message: relay_pb2.StreamEvent | None = await _read(call, resuming=resuming)
         except TimeoutError:
-            raise _Transient(f"no StreamStarted within {timeout_s:g} s") from None
+            raise _Transient(self._why_no_start(timeout_s)) from None
+        except _Transient as failure:
+            if not self._client._channel_ready():
+                # grpc's own words for it ("... Connection refused"): a
+                # reconnect that waits for the channel only sees time run out.
+                self._connect_failure = failure.cause
+            raise
+        self._connect_failure = ""  # the gateway answered: any old refusal is history
         if self._pending_cancel is not None:
             await _write(call, _cancel_request(self._pending_cancel), resuming=resuming)
             self._pending_cancel = None
@@ -662,6 +678,16 @@ class RelayStream:
                 yield self._on_end(message.end)
                 return
             # An unknown kind comes from a newer server: skip it.
+
+    def _why_no_start(self, timeout_s: float) -> str:
+        """Why an attempt got no StreamStarted in time. When the channel never
+        connected, the connection error as grpc reported it (issue 8: a dead
+        address said "no StreamStarted within 2 s" instead of the refusal)."""
+        if self._client._channel_ready():
+            return f"no StreamStarted within {timeout_s:g} s"
+        if self._connect_failure:
+            return f"{self._connect_failure} (still no connection after {timeout_s:g} s)"
+        return f"no connection to {self._client.target} within {timeout_s:g} s"
 
     # -- event handlers ----------------------------------------------------------------
 

@@ -16,7 +16,8 @@ for callers that already know what they have (the simulator).
     layer        evidence                       codes
     network      TransportFailure               ECONNREFUSED ECONNRESET UNEXPECTED_EOF
                                                 DNS_FAILURE TLS_ERROR NETWORK_ERROR
-    protocol     HttpFailure                    HTTP_<status>
+    protocol     HttpFailure                    HTTP_<status> (QUOTA_EXCEEDED when the
+                                                body of a 429 says the quota is spent)
                  WrongContentType               WRONG_CONTENT_TYPE
     application  ProviderErrorPayload           RATE_LIMITED OVERLOADED PROVIDER_ERROR
                                                 INVALID_REQUEST AUTHENTICATION_FAILED
@@ -28,6 +29,18 @@ for callers that already know what they have (the simulator).
     timeout      TransportFailure (timeouts)    CONNECT_TIMEOUT READ_TIMEOUT WRITE_TIMEOUT
                                                 POOL_TIMEOUT
                  (the generation loop)          FIRST_TOKEN_TIMEOUT STALL_TIMEOUT
+
+One table per question, so two answers cannot disagree (issue 8):
+
+- `HTTP_STATUSES`: what a status means (its `ProviderErrorKind`), both for a
+  status line and for an error payload that only carries a status; the kind
+  says whether it is retryable. `provider_error_kind` reads the providers'
+  own names first and falls back to this table.
+- `_BLAME_BY_CODE`: whose failure each code is (`Blame`: the provider's, the
+  caller's, or the gateway's own). `counts_against_provider(fault)` answers
+  from it, for the circuit breaker and the health scores: a request the
+  provider rightly refused (400, 401, 403, 404, 413, context length) must not
+  open the breaker for every other client.
 
 Nothing here imports httpx: the adapters in `providers/` translate httpx
 exceptions into `TransportFailure` at one boundary (STYLE anchor 3).
@@ -55,10 +68,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from tokenrelay_server.core.errors import ErrorType, Fault, SuggestedAction
-
-# Statuses that mean "try again later" (RFC 9110 §15.6, plus 429 from RFC 6585
-# and Anthropic's 529 "overloaded").
-RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
 
 # Messages quote at most this much of what the upstream sent.
 MAX_DETAIL_CHARS = 300
@@ -143,47 +152,12 @@ def _finite_non_negative(raw: str) -> float | None:
     return value
 
 
-# --- protocol: HTTP status ----------------------------------------------------------------
-
-
-def classify_http_status(
-    status: int,
-    *,
-    retry_after_s: float | None = None,
-    detail: str = "",
-    tokens_received: int = 0,
-    bytes_received: int = 0,
-) -> Fault:
-    """A non-2xx response to the streaming request."""
-    retryable = status in RETRYABLE_STATUSES or status >= 500
-    if status == 429:
-        what = "rate limited by the provider"
-    elif status == 529:
-        what = "the provider is overloaded"
-    elif status in (401, 403):
-        what = "the provider rejected the credentials"
-    elif status >= 500:
-        what = "the provider failed"
-    else:
-        what = "the provider rejected the request"
-    message = f"HTTP {status}: {what}" + (f" ({detail})" if detail else "")
-    return Fault(
-        type=ErrorType.PROTOCOL,
-        code=f"HTTP_{status}",
-        message=message,
-        retryable=retryable,
-        suggested_action=next_step(retryable, tokens_received),
-        tokens_received=tokens_received,
-        bytes_received=bytes_received,
-        retry_after_s=retry_after_s if retryable else None,
-    )
-
-
-# --- application: provider error payloads ---------------------------------------------------
+# --- what a failure means: kinds, and the one HTTP status table --------------------------
 
 
 class ProviderErrorKind(enum.Enum):
-    """What a provider's error payload means, whatever the provider calls it."""
+    """What a provider's error means, whatever the provider calls it. The value
+    is the fault code of an error payload (`classify_provider_error`)."""
 
     RATE_LIMITED = "RATE_LIMITED"
     OVERLOADED = "OVERLOADED"
@@ -197,9 +171,128 @@ class ProviderErrorKind(enum.Enum):
     REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
 
 
+class Blame(enum.Enum):
+    """Whose failure it is: what it may count toward (issue 8, defect 9)."""
+
+    # The provider's condition (down, overloaded, rate limiting us, unreachable,
+    # sending garbage): it counts toward the provider's circuit breaker and
+    # health, because the next request, whoever sends it, would likely fail too.
+    PROVIDER = "provider"
+    # The provider rightly refused this request: its content (bad parameters,
+    # too long, too large) or the route's configuration (the API key, the
+    # account's quota, the model name). The provider is healthy, a cool-down
+    # fixes nothing, and a BREAKER_OPEN for everyone would hide the one error
+    # that says what to fix.
+    CALLER = "caller"
+    # The gateway stopped it (its own caps, its breaker, a cancel, a deadline,
+    # a shutdown, a bug): the provider may never have seen the request.
+    GATEWAY = "gateway"
+
+
+# Only these are worth another attempt; every other kind is final.
 _RETRYABLE_KINDS = frozenset(
     {ProviderErrorKind.RATE_LIMITED, ProviderErrorKind.OVERLOADED, ProviderErrorKind.SERVER_ERROR}
 )
+# Overload wants longer waits than a plain failure (DESIGN: "429 rate limit,
+# 529 overloaded: retry honouring Retry-After (longer delays)").
+_OVERLOAD_KINDS = frozenset({ProviderErrorKind.RATE_LIMITED, ProviderErrorKind.OVERLOADED})
+
+
+@dataclass(frozen=True, slots=True)
+class StatusMeaning:
+    """One row of the HTTP status table."""
+
+    kind: ProviderErrorKind
+    what: str  # the message of an HTTP_<status> fault
+
+
+# The one HTTP status table (issue 8, defect 5): what every status the code
+# names means, for a status line (`classify_http_status`) and for an error
+# payload that only has a status (`provider_error_kind`). Retryability and
+# blame follow from the kind. A status not listed takes its class's row.
+HTTP_STATUSES: Mapping[int, StatusMeaning] = {
+    400: StatusMeaning(ProviderErrorKind.INVALID_REQUEST, "the provider rejected the request"),
+    401: StatusMeaning(ProviderErrorKind.AUTHENTICATION, "the provider rejected the credentials"),
+    # OpenRouter: "402: your account or API key has insufficient credits".
+    402: StatusMeaning(ProviderErrorKind.QUOTA, "the provider account's credits are spent"),
+    403: StatusMeaning(ProviderErrorKind.PERMISSION, "the credentials may not use this resource"),
+    404: StatusMeaning(ProviderErrorKind.NOT_FOUND, "the provider has no such model or endpoint"),
+    # 408 (RFC 9110 §15.5.9): the provider gave up waiting for a request we
+    # send in one go; the SDKs of OpenAI and Anthropic retry it
+    # (`_should_retry`), and it says nothing against the request itself.
+    408: StatusMeaning(
+        ProviderErrorKind.SERVER_ERROR, "the provider timed out waiting for the request"
+    ),
+    # 409: on these APIs a lock timeout on the provider's side, which the same
+    # SDKs retry ("Retry on lock timeouts"); the request had no state to clash.
+    409: StatusMeaning(ProviderErrorKind.SERVER_ERROR, "the provider reported a conflict"),
+    413: StatusMeaning(ProviderErrorKind.REQUEST_TOO_LARGE, "the request is too large"),
+    422: StatusMeaning(ProviderErrorKind.INVALID_REQUEST, "the provider could not use the request"),
+    # 425 (RFC 8470 §5.2): the provider will not act on TLS early data that
+    # might be replayed; the client "MAY automatically retry", whatever it sent.
+    425: StatusMeaning(ProviderErrorKind.SERVER_ERROR, "the provider refused early data"),
+    429: StatusMeaning(ProviderErrorKind.RATE_LIMITED, "rate limited by the provider"),
+    500: StatusMeaning(ProviderErrorKind.SERVER_ERROR, "the provider failed"),
+    502: StatusMeaning(
+        ProviderErrorKind.SERVER_ERROR, "a proxy got no valid answer from the provider"
+    ),
+    # 503 is a 5xx like the others (DESIGN: plain backoff, its Retry-After
+    # obeyed); the overload statuses that wait longer are 429 and 529.
+    503: StatusMeaning(ProviderErrorKind.SERVER_ERROR, "the provider is unavailable"),
+    504: StatusMeaning(
+        ProviderErrorKind.SERVER_ERROR, "a proxy timed out waiting for the provider"
+    ),
+    529: StatusMeaning(ProviderErrorKind.OVERLOADED, "the provider is overloaded"),  # Anthropic
+}
+_OTHER_5XX = StatusMeaning(ProviderErrorKind.SERVER_ERROR, "the provider failed")
+# Any other 4xx, and a status outside 4xx/5xx that is still not a stream (a
+# redirect we do not follow means the base URL is wrong): final.
+_OTHER_STATUS = StatusMeaning(
+    ProviderErrorKind.INVALID_REQUEST, "the provider rejected the request"
+)
+
+
+def http_status_meaning(status: int) -> StatusMeaning:
+    """The row of `HTTP_STATUSES` for a non-2xx status."""
+    meaning = HTTP_STATUSES.get(status)
+    if meaning is not None:
+        return meaning
+    return _OTHER_5XX if status >= 500 else _OTHER_STATUS
+
+
+def _kind_from_status(status: int | None) -> ProviderErrorKind | None:
+    if status is None or not 400 <= status <= 599:
+        return None
+    return http_status_meaning(status).kind
+
+
+# --- protocol: HTTP status ----------------------------------------------------------------
+
+
+def classify_http_status(
+    status: int,
+    *,
+    retry_after_s: float | None = None,
+    detail: str = "",
+    tokens_received: int = 0,
+    bytes_received: int = 0,
+) -> Fault:
+    """A non-2xx response to the streaming request. The code is
+    `HTTP_<status>`; the message does not repeat it."""
+    meaning = http_status_meaning(status)
+    message = meaning.what + (f" ({detail})" if detail else "")
+    return _fault(
+        ErrorType.PROTOCOL,
+        f"HTTP_{status}",
+        message,
+        meaning.kind in _RETRYABLE_KINDS,
+        tokens_received=tokens_received,
+        bytes_received=bytes_received,
+        retry_after_s=retry_after_s,
+    )
+
+
+# --- application: provider error payloads ---------------------------------------------------
 
 # Provider vocabularies (Anthropic error `type`s, OpenAI `type`/`code`s, and
 # what vLLM, Ollama, llama.cpp and OpenRouter send), lower-cased.
@@ -240,8 +333,6 @@ _KIND_BY_NAME: dict[str, ProviderErrorKind] = {
     "api_connection_error": ProviderErrorKind.SERVER_ERROR,
 }
 
-# The code is more specific than the type ("invalid_request_error" +
-# "context_length_exceeded"), so it is looked up first.
 _CONTEXT_LENGTH_PHRASES = (
     "context length",
     "context window",
@@ -251,32 +342,12 @@ _CONTEXT_LENGTH_PHRASES = (
 )
 
 
-def _kind_from_status(status: int | None) -> ProviderErrorKind | None:
-    if status is None:
-        return None
-    if status == 429:
-        return ProviderErrorKind.RATE_LIMITED
-    if status in (503, 529):
-        return ProviderErrorKind.OVERLOADED
-    if status >= 500:
-        return ProviderErrorKind.SERVER_ERROR
-    if status == 401:
-        return ProviderErrorKind.AUTHENTICATION
-    if status == 403:
-        return ProviderErrorKind.PERMISSION
-    if status == 404:
-        return ProviderErrorKind.NOT_FOUND
-    if status == 413:
-        return ProviderErrorKind.REQUEST_TOO_LARGE
-    if 400 <= status < 500:
-        return ProviderErrorKind.INVALID_REQUEST
-    return None
-
-
 def provider_error_kind(
     error_type: str, code: str = "", message: str = "", status: int | None = None
 ) -> ProviderErrorKind:
     """What a provider error means, from its code, type, message or status."""
+    # The code is more specific than the type ("invalid_request_error" +
+    # "context_length_exceeded"), so it is looked up first.
     for name in (code, error_type):
         kind = _KIND_BY_NAME.get(name.strip().lower())
         if kind is not None:
@@ -285,7 +356,11 @@ def provider_error_kind(
             return kind
     if _mentions_context_length(message):
         return ProviderErrorKind.CONTEXT_LENGTH
-    by_status = _kind_from_status(status)
+    # OpenRouter's errors carry the HTTP status as a numeric code
+    # (`{"error": {"code": 400, …}}`), also mid-stream where the status line
+    # said 200: it means what the status table says.
+    numeric_code = int(code) if code.strip().isdecimal() else None
+    by_status = _kind_from_status(numeric_code) or _kind_from_status(status)
     if by_status is not None:
         return by_status
     # An error we do not know, in the middle of a stream: treat it as the
@@ -692,12 +767,20 @@ def _http_failure(
     )
     if payload is not None and fault.retryable:
         # A 429 that says the quota is spent will not clear by waiting (OpenAI
-        # `insufficient_quota`; Anthropic's billing errors).
+        # `insufficient_quota`; Anthropic's billing errors). The payload's
+        # meaning wins and its code says so: QUOTA_EXCEEDED is final and not
+        # the provider's failure, where HTTP_429 would mean "wait, then retry".
         kind = provider_error_kind(payload.type, payload.code, payload.message, status)
         if kind is ProviderErrorKind.QUOTA:
-            return fault.with_context(
-                retryable=False, suggested_action=SuggestedAction.ABORT, retry_after_s=None
+            quota = classify_provider_error(
+                payload.type,
+                payload.code,
+                payload.message,
+                status=status,
+                tokens_received=tokens_received,
+                bytes_received=bytes_received,
             )
+            return quota.with_context(message=f"HTTP {status}, {quota.message}")
     return fault
 
 
@@ -735,7 +818,98 @@ def _wrong_content_type(
     )
 
 
-def counts_against_provider(fault: Fault) -> bool:  # TEMPORARY until the classify branch merges
-    return fault.retryable and fault.type is not ErrorType.RESOURCE and fault.code not in {
-        "BREAKER_OPEN", "CANCELLED", "CLIENT_GONE", "DEADLINE_EXCEEDED", "SERVER_SHUTDOWN",
-        "OWNER_LOST", "INTERNAL", "MEMORY_LIMIT"}
+# --- whose failure it is ---------------------------------------------------------------------
+
+# Every code a fault can carry, and whose failure it is (issue 8, defect 9).
+# `HTTP_<status>` codes are not listed: the status table decides them, through
+# the kind of the status's row. A code not listed is not the provider's.
+_BLAME_BY_CODE: Mapping[str, Blame] = {
+    # application: error payloads. The first three are the provider's state;
+    # the rest are the request or the route's own key, account or model name.
+    ProviderErrorKind.RATE_LIMITED.value: Blame.PROVIDER,
+    ProviderErrorKind.OVERLOADED.value: Blame.PROVIDER,
+    ProviderErrorKind.SERVER_ERROR.value: Blame.PROVIDER,
+    ProviderErrorKind.INVALID_REQUEST.value: Blame.CALLER,
+    ProviderErrorKind.AUTHENTICATION.value: Blame.CALLER,
+    ProviderErrorKind.PERMISSION.value: Blame.CALLER,
+    ProviderErrorKind.NOT_FOUND.value: Blame.CALLER,
+    # Like a bad key: every request fails until someone pays; no cool-down helps.
+    ProviderErrorKind.QUOTA.value: Blame.CALLER,
+    ProviderErrorKind.CONTEXT_LENGTH.value: Blame.CALLER,
+    ProviderErrorKind.REQUEST_TOO_LARGE.value: Blame.CALLER,
+    # network: the provider (or the path to it) is unreachable for everyone.
+    TransportKind.CONNECTION_REFUSED.value: Blame.PROVIDER,
+    TransportKind.CONNECTION_RESET.value: Blame.PROVIDER,
+    TransportKind.UNEXPECTED_EOF.value: Blame.PROVIDER,
+    TransportKind.DNS_FAILURE.value: Blame.PROVIDER,
+    TransportKind.TLS_FAILURE.value: Blame.PROVIDER,
+    TransportKind.NETWORK_ERROR.value: Blame.PROVIDER,
+    # timeouts: the provider did not connect, read or answer in time ...
+    TransportKind.CONNECT_TIMEOUT.value: Blame.PROVIDER,
+    TransportKind.READ_TIMEOUT.value: Blame.PROVIDER,
+    TransportKind.WRITE_TIMEOUT.value: Blame.PROVIDER,
+    "FIRST_TOKEN_TIMEOUT": Blame.PROVIDER,
+    "STALL_TIMEOUT": Blame.PROVIDER,
+    # ... except waiting for our own pool (httpx PoolTimeout: every connection
+    # of our `limits` was busy): the request never left the gateway.
+    TransportKind.POOL_TIMEOUT.value: Blame.GATEWAY,
+    # protocol: a 200 that is not a stream is a proxy in front of the provider
+    # answering for it (an HTML error page).
+    "WRONG_CONTENT_TYPE": Blame.PROVIDER,
+    # data: the provider sent what its own format forbids.
+    "MALFORMED_DATA": Blame.PROVIDER,
+    "UNEXPECTED_SHAPE": Blame.PROVIDER,
+    "NO_FINISH_REASON": Blame.PROVIDER,
+    # resource: our cap, not the provider's failure.
+    "RESPONSE_TOO_LARGE": Blame.GATEWAY,
+    # made by the engine (engine/generation.py, engine/hub.py), never by an
+    # upstream attempt: the breaker refusing, the client cancelling or gone,
+    # the caller's deadline, a shutdown, a lost lease, our memory cap, a bug.
+    "BREAKER_OPEN": Blame.GATEWAY,
+    "CANCELLED": Blame.GATEWAY,
+    "CLIENT_GONE": Blame.GATEWAY,
+    "DEADLINE_EXCEEDED": Blame.GATEWAY,
+    "SERVER_SHUTDOWN": Blame.GATEWAY,
+    "OWNER_LOST": Blame.GATEWAY,
+    "MEMORY_LIMIT": Blame.GATEWAY,
+    "INTERNAL": Blame.GATEWAY,
+}
+
+_HTTP_CODE_PREFIX = "HTTP_"
+
+
+def _status_in_code(code: str) -> int | None:
+    digits = code.removeprefix(_HTTP_CODE_PREFIX)
+    if digits == code or not (digits.isascii() and digits.isdigit()):
+        return None
+    return int(digits)
+
+
+def _kind_of_code(code: str) -> ProviderErrorKind | None:
+    status = _status_in_code(code)
+    if status is not None:
+        return http_status_meaning(status).kind
+    try:
+        return ProviderErrorKind(code)
+    except ValueError:
+        return None
+
+
+def blame_of(fault: Fault) -> Blame:
+    """Whose failure `fault` is, from its code (see `Blame`)."""
+    kind = _kind_of_code(fault.code)
+    code = kind.value if kind is not None else fault.code
+    return _BLAME_BY_CODE.get(code, Blame.GATEWAY)
+
+
+def counts_against_provider(fault: Fault) -> bool:
+    """True when the failure is the provider's (it should count toward the
+    provider's circuit breaker and health), False when the caller caused it
+    (a request the provider rightly refused) or the gateway stopped it."""
+    return blame_of(fault) is Blame.PROVIDER
+
+
+def is_overload(fault: Fault) -> bool:
+    """A rate limit or an overload (429, 529, or such a payload): the retry
+    waits longer when the provider did not say how long."""
+    return _kind_of_code(fault.code) in _OVERLOAD_KINDS

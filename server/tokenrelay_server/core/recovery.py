@@ -31,11 +31,10 @@ import random
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from tokenrelay_server.core.classify import is_overload
 from tokenrelay_server.core.errors import ErrorType, Fault
 from tokenrelay_server.core.model import RecoveryPolicy
 from tokenrelay_server.core.retry import BackoffPolicy, next_delay
-
-RATE_LIMIT_CODES = frozenset({"HTTP_429", "HTTP_529", "RATE_LIMITED", "OVERLOADED"})
 
 
 class Step(enum.StrEnum):
@@ -134,7 +133,7 @@ def decide(situation: Situation, config: RecoveryConfig, rng: random.Random) -> 
                 policy=config.backoff,
                 rng=rng,
                 retry_after_s=fault.retry_after_s,
-                rate_limited=fault.code in RATE_LIMIT_CODES,
+                rate_limited=is_overload(fault),  # classify's status table: 429, 529
             )
             step = Step.RESUME if delivered else Step.RETRY
             return Decision(step, here, delay, f"{fault.code}: {step} on the same provider")
