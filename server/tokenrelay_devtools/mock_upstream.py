@@ -87,11 +87,12 @@ from typing import Any, Literal, get_args
 from aiohttp import web
 
 from tokenrelay_server.core.clock import Clock, SystemClock
-from tokenrelay_server.core.errors import RequestError
+from tokenrelay_server.core.errors import RequestError, excerpt
 from tokenrelay_server.core.model import Message, Role
 from tokenrelay_server.upstream.sim import (
     AttemptPlan,
     SimSettings,
+    parse_count,
     parse_fault_script,
     plan_attempt,
 )
@@ -149,15 +150,19 @@ class MockFaultItem:
 
 
 def _count(text: str, what: str, field: str, position: int) -> int:
-    if not text.isdigit():
-        raise RequestError(f"{field}: item {position}: {what} needs a whole number, got {text!r}")
-    return int(text)
+    count = parse_count(text)
+    if count is None:
+        raise RequestError(
+            f"{field}: item {position}: {what} needs a whole number, got {excerpt(text)}"
+        )
+    return count
 
 
 def _status(text: str, field: str, position: int) -> int:
-    if not text.isdigit() or not 100 <= int(text) <= 599:
-        raise RequestError(f"{field}: item {position}: {text!r} is not an HTTP status")
-    return int(text)
+    status = parse_count(text)
+    if status is None or not 100 <= status <= 599:
+        raise RequestError(f"{field}: item {position}: {excerpt(text)} is not an HTTP status")
+    return status
 
 
 def _error_kind(text: str, field: str, position: int) -> ErrorKind:
@@ -780,9 +785,12 @@ class MockUpstream:
 
     def _controls(self, request: web.Request, model: str) -> tuple[SimSettings, int, HttpFaults]:
         raw_attempt = request.headers.get(ATTEMPT_HEADER, "1")
-        if not raw_attempt.isdigit() or int(raw_attempt) < 1:
-            raise _BadRequest(f"{ATTEMPT_HEADER} must be a positive integer, got {raw_attempt!r}")
-        attempt = int(raw_attempt)
+        parsed_attempt = parse_count(raw_attempt)
+        if parsed_attempt is None or parsed_attempt < 1:
+            raise _BadRequest(
+                f"{ATTEMPT_HEADER} must be a positive integer, got {excerpt(raw_attempt)}"
+            )
+        attempt = parsed_attempt
         _, has_suffix, suffix = model.partition(MODEL_FAULT_SEPARATOR)
         if FAULTS_HEADER in request.headers:
             items = parse_mock_faults(request.headers[FAULTS_HEADER], FAULTS_HEADER)
