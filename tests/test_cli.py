@@ -113,3 +113,17 @@ def test_an_unknown_recovery_key_is_refused_with_its_line(tmp_path: Path) -> Non
     config.write_text("[recovery]\nmax_retries = 5\nmax_retires = 3\n")
     with pytest.raises(ConfigError, match=r"recovery\.max_retires \(line 3\)"):
         read_config_file(config)
+
+
+def test_the_first_message_timeout_is_a_flag_and_a_variable() -> None:
+    from click.testing import CliRunner
+
+    from tokenrelay_server.cli import main
+
+    runner = CliRunner()
+    shown = runner.invoke(main, ["serve", "--help"])
+    assert "--first-message-timeout-s" in shown.output
+    assert "TOKENRELAY_FIRST_MESSAGE_TIMEOUT_S" in shown.output
+    refused = runner.invoke(main, ["serve"], env={"TOKENRELAY_FIRST_MESSAGE_TIMEOUT_S": "0"})
+    assert refused.exit_code != 0
+    assert "first_message_timeout_s" in refused.output

@@ -168,7 +168,8 @@ def _status(text: str, field: str, position: int) -> int:
 def _error_kind(text: str, field: str, position: int) -> ErrorKind:
     if text not in ERROR_KINDS:
         raise RequestError(
-            f"{field}: item {position}: error kind {text!r} is not one of {', '.join(ERROR_KINDS)}"
+            f"{field}: item {position}: error kind {excerpt(text)} is not one of "
+            f"{', '.join(ERROR_KINDS)}"
         )
     return text  # type: ignore[return-value]
 
@@ -205,7 +206,7 @@ def _apply_http_fault(faults: HttpFaults, part: str, field: str, position: int) 
     if part == "thinking":
         return replace(faults, thinking=True)
     raise RequestError(
-        f"{field}: item {position}: {part!r} is not a fault (see the mock upstream's "
+        f"{field}: item {position}: {excerpt(part)} is not a fault (see the mock upstream's "
         "documentation: ok, reset@N, stall@N, eof@N, garbage@N, http:CODE, reset_bytes@N, "
         "drop@N, slow_first_byte@MS, html[:CODE], json_error:KIND, error@N[:KIND], shape@N, "
         "split_utf8, random_chunks, thinking, retry_after:seconds|date|ms)"
@@ -226,7 +227,7 @@ def parse_mock_faults(script: str, field: str = FAULTS_HEADER) -> tuple[MockFaul
                 if sim_part:
                     raise RequestError(
                         f"{field}: item {position} has two simulator faults "
-                        f"({sim_part!r} and {part!r})"
+                        f"({excerpt(sim_part)} and {excerpt(part)})"
                     )
                 sim_part = part
             else:

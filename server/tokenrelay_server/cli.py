@@ -59,6 +59,11 @@ SERVE_OPTIONS: list[tuple[str, Any, str]] = [
     ("checkpoint_interval", int, "Chunks between Checkpoint events."),
     ("first_token_timeout_s", float, "Seconds to wait for the first token (every provider)."),
     ("stall_timeout_s", float, "Seconds without a token before a stall (every provider)."),
+    (
+        "first_message_timeout_s",
+        float,
+        "Seconds a call may take to send its first message (start or resume).",
+    ),
     ("max_retries", int, "Upstream retries per provider before falling back."),
     ("backoff_base_s", float, "First retry delay; doubles per retry, with jitter."),
     ("sim_pace_ms", float, "Default delay per token of the simulated model."),

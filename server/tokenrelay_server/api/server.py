@@ -200,7 +200,14 @@ class RelayServer:
             ]
         )
         relay_pb2_grpc.add_RelayServicer_to_server(
-            RelayServicer(hub, max_prompt_bytes=settings.max_prompt_bytes), server
+            RelayServicer(
+                hub,
+                max_prompt_bytes=settings.max_prompt_bytes,
+                clock=clock,
+                first_message_timeout_s=settings.first_message_timeout_s,
+                allow_partial=settings.allow_partial,
+            ),
+            server,
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
