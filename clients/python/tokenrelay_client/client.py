@@ -837,7 +837,7 @@ def _generation_failed(
 
 def _rich_status(exc: grpc.aio.AioRpcError) -> status_pb2.Status | None:
     try:
-        status: status_pb2.Status | None = rpc_status.from_call(exc)  # type: ignore[arg-type]
+        status: status_pb2.Status | None = rpc_status.from_call(exc)
     except ValueError:  # details that contradict the status: ignore them
         return None
     return status

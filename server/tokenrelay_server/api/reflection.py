@@ -39,10 +39,12 @@ class ReflectionV1Servicer(v1_pb2_grpc.ServerReflectionServicer):
     ) -> None:
         self._v1alpha = reflection_v1alpha.aio.ReflectionServicer(service_names, pool=pool)
 
-    async def ServerReflectionInfo(  # type: ignore[override]
+    async def ServerReflectionInfo(
         self,
         request_iterator: AsyncIterator[v1_pb2.ServerReflectionRequest],
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[
+            v1_pb2.ServerReflectionRequest, v1_pb2.ServerReflectionResponse
+        ],
     ) -> AsyncIterator[v1_pb2.ServerReflectionResponse]:
         async def as_v1alpha() -> AsyncIterator[v1alpha_pb2.ServerReflectionRequest]:
             async for request in request_iterator:

@@ -163,9 +163,10 @@ def refused_partial_status(stream_id: str, end: End) -> grpc.Status:
         f"(policy.allow_partial is false, so the call fails instead of ending with "
         f"end.partial = true; {end.total_seq} chunk(s) were delivered)"
     )
-    return rpc_status.to_status(
+    status: grpc.Status = rpc_status.to_status(
         status_pb2.Status(code=code.value[0], message=message, details=packed)
     )
+    return status
 
 
 # --- requests ---------------------------------------------------------------------------
@@ -372,7 +373,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
     async def Stream(
         self,
         request_iterator: AsyncIterator[relay_pb2.StreamRequest],
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[relay_pb2.StreamRequest, relay_pb2.StreamEvent],
     ) -> AsyncIterator[relay_pb2.StreamEvent]:
         requests = Requests(request_iterator)
         try:
@@ -502,7 +503,11 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             return relay_pb2.StreamEvent(error=fault_to_proto(entry.fault))
         return relay_pb2.StreamEvent(end=end_to_proto(entry))
 
-    async def _abort_internal(self, context: grpc.aio.ServicerContext, doing: str) -> None:
+    async def _abort_internal(
+        self,
+        context: grpc.aio.ServicerContext[relay_pb2.StreamRequest, relay_pb2.StreamEvent],
+        doing: str,
+    ) -> None:
         incident = uuid.uuid4().hex[:12]
         log.exception("internal error while %s (incident %s)", doing, incident)
         await context.abort(
