@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+
 import grpc
 import pytest
 
-from serverkit import SECRET, RawCall, eventually, resume_request, run_to_end, start_request
+from serverkit import (
+    SECRET,
+    RawCall,
+    end_of,
+    eventually,
+    resume_request,
+    run_to_end,
+    start_request,
+)
 from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay_server.api.server import RelayServer
+from tokenrelay_server.api.servicer import MAX_CANCEL_REASON_CHARS
 from tokenrelay_server.api.tokens import ResumeTokens
-from tokenrelay_server.core.clock import SystemClock
+from tokenrelay_server.config.settings import Settings
+from tokenrelay_server.core.clock import ManualClock, SystemClock
 
 
 def start_with(**fields: object) -> pb.StreamRequest:
@@ -83,6 +97,21 @@ BAD_FIRST_MESSAGES = [
         start_with(idempotency_key="k" * 300), "start.idempotency_key", id="a huge idempotency key"
     ),
     pytest.param(resume_request("", 0), "resume.resume_token is empty", id="an empty resume token"),
+    pytest.param(
+        start_with(metadata={"sim.faults": "reset@²"}),
+        'metadata["sim.faults"]: item 1',
+        id="a fault count in a superscript digit",
+    ),
+    pytest.param(
+        start_with(metadata={"sim.faults": "ok,http:٤٢٩"}),
+        'metadata["sim.faults"]: item 2',
+        id="a fault status in arabic-indic digits",
+    ),
+    pytest.param(
+        start_with(metadata={"sim.pace_ms": "٣"}),
+        'metadata["sim.pace_ms"]',
+        id="a pace in arabic-indic digits",
+    ),
 ]
 
 
@@ -194,3 +223,151 @@ async def test_a_failing_store_ends_the_stream_typed_never_unknown(relay_factory
     assert end.partial
     assert end.error.code == "INTERNAL"
     assert [e.chunk.seq for e in events if e.HasField("chunk")] == [1, 2, 3, 4, 5]
+
+
+# --- frames that are not StreamRequests -------------------------------------------------
+
+VALID_START = start_request(max_tokens=3).SerializeToString()
+
+UNDECODABLE_FRAMES = [
+    pytest.param(b"\xff\xff\xff", id="random bytes"),
+    pytest.param(b"\x0a\x05abc", id="a length past the end of the frame"),
+    pytest.param(b"\x0f\x00", id="a tag with an invalid wire type"),
+    pytest.param(b"\x0a\x04\x0a\x02\xff\xfe", id="invalid utf-8 in start.model"),
+    pytest.param(VALID_START[:-1], id="a valid start cut short"),
+    pytest.param(
+        bytes([VALID_START[0] ^ 0x07]) + VALID_START[1:], id="a valid start with a bad tag"
+    ),
+]
+
+
+def raw_stream(channel: grpc.aio.Channel):  # type: ignore[no-untyped-def]
+    """Relay.Stream sending bytes as they are: a client can put anything in a frame."""
+    return channel.stream_stream(
+        "/tokenrelay.v1.Relay/Stream",
+        request_serializer=lambda raw: raw,
+        response_deserializer=pb.StreamEvent.FromString,
+    )
+
+
+@pytest.mark.parametrize("frame", UNDECODABLE_FRAMES)
+async def test_an_undecodable_first_frame_is_invalid_argument(
+    relay: RelayServer, channel, frame: bytes
+) -> None:
+    call = raw_stream(channel)(iter([frame]))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in call:
+            pass
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid tokenrelay.v1.StreamRequest" in caught.value.details()
+    await eventually(lambda: relay.hub.attached_sessions == 0)
+    assert relay.hub.running_generations == 0
+    assert len(relay.hub.store) == 0  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("frame", UNDECODABLE_FRAMES)
+async def test_an_undecodable_later_frame_is_invalid_argument_and_the_stream_survives(
+    relay: RelayServer, channel, frame: bytes
+) -> None:
+    start = start_request(max_tokens=40, metadata={"sim.pace_ms": "5"}).SerializeToString()
+    outbox: asyncio.Queue[bytes] = asyncio.Queue()
+    outbox.put_nowait(start)
+
+    async def frames() -> AsyncIterator[bytes]:
+        while True:
+            yield await outbox.get()
+
+    call = raw_stream(channel)(frames())
+    started = await call.read()
+    outbox.put_nowait(frame)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        while await call.read() is not grpc.aio.EOF:
+            pass
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid tokenrelay.v1.StreamRequest" in caught.value.details()
+    rest = await run_to_end(channel, resume_request(started.started.resume_token, 0))
+    assert rest[-1].end.total_seq == 40 and not rest[-1].end.partial
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["v1.abc.1700000000.é", "v1.s.²." + "A" * 43, "ü" * 30],
+    ids=["a non-ascii signature", "a superscript expiry", "nothing but non-ascii"],
+)
+async def test_a_resume_token_with_non_ascii_characters_is_permission_denied(
+    channel, token: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await run_to_end(channel, resume_request(token, 0))
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "resume.resume_token" in caught.value.details()
+
+
+# --- echoed text is bounded -------------------------------------------------------------------
+
+
+async def test_a_huge_cancel_reason_is_cut_and_every_reader_still_gets_the_end(
+    relay: RelayServer, channel
+) -> None:
+    call = RawCall(channel, start_request(max_tokens=100_000, metadata={"sim.pace_ms": "5"}))
+    started = await call.next_event()
+    call.send(pb.StreamRequest(cancel=pb.Cancel(reason="stop " * 1_000_000)))  # 5 MB
+    events = await call.events_until()  # a reader with gRPC's default 4 MiB limit
+    call.cancel()
+    end = end_of(events)
+    assert end.finish_reason == "cancelled"
+    assert (
+        "stop stop" in end.error.message
+        and "truncated from 5000000 characters" in end.error.message
+    )
+    assert len(end.error.message) < MAX_CANCEL_REASON_CHARS + 200
+    again = await run_to_end(channel, resume_request(started.started.resume_token, 0))
+    assert end_of(again).error.message == end.error.message
+    await eventually(lambda: relay.hub.running_generations == 0)
+
+
+async def test_a_huge_role_is_not_echoed_whole(channel) -> None:
+    request = start_with(messages=[pb.Message(role="r" * 100_000, content="x")])
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await run_to_end(channel, request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "start.messages[0].role" in caught.value.details()
+    assert len(caught.value.details()) < 300
+
+
+# --- a call that never sends its first message ----------------------------------------------
+
+
+def live_tasks() -> Counter[str]:
+    """The running tasks by coroutine: grpc runs a handler inside the task
+    that accepted its call and starts another to accept the next one, so
+    only counts per kind can say whether something was left behind."""
+    return Counter(t.get_coro().__qualname__ for t in asyncio.all_tasks() if not t.done())
+
+
+async def test_a_call_without_a_first_message_ends_deadline_exceeded_on_the_clock() -> None:
+    clock = ManualClock()
+    settings = Settings(port=0, resume_secret=SECRET, first_message_timeout_s=10)
+    relay = await RelayServer.start(settings, clock=clock)
+    try:
+        async with grpc.aio.insecure_channel(relay.address) as channel:
+            await channel.channel_ready()
+            baseline = live_tasks()
+            call = RawCall(channel)  # opened, and nothing sent
+            await call.call.wait_for_connection()
+            await eventually(lambda: live_tasks() != baseline)
+            await clock.run_for(9.9)
+            assert not call.call.done()  # not before its time
+            await clock.run_for(0.2)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async with asyncio.timeout(10):  # a guard against hanging only
+                    await call.next_event()
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "first message" in caught.value.details()
+            assert "10 s" in caught.value.details()
+            call.half_close()
+            # The handler (and anything it started) is gone: only what was there before.
+            await eventually(lambda: live_tasks() == baseline)
+            assert relay.hub.attached_sessions == 0
+    finally:
+        await relay.stop(grace=0.5)

@@ -299,3 +299,17 @@ async def test_chat_to_a_dead_address_reports_the_refused_connection() -> None:
     [last] = err.splitlines()[-1:]
     assert last.startswith("error: the gateway at ") and "Connection refused" in last, err
     assert f"cannot reach the gateway at 127.0.0.1:{port}" in err
+
+
+def test_the_first_message_timeout_is_a_flag_and_a_variable() -> None:
+    from click.testing import CliRunner
+
+    from tokenrelay_server.cli import main
+
+    runner = CliRunner()
+    shown = runner.invoke(main, ["serve", "--help"])
+    assert "--first-message-timeout-s" in shown.output
+    assert "TOKENRELAY_FIRST_MESSAGE_TIMEOUT_S" in shown.output
+    refused = runner.invoke(main, ["serve"], env={"TOKENRELAY_FIRST_MESSAGE_TIMEOUT_S": "0"})
+    assert refused.exit_code != 0
+    assert "TOKENRELAY_FIRST_MESSAGE_TIMEOUT_S: " in refused.output

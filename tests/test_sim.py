@@ -105,7 +105,20 @@ def test_fault_scripts_parse(script: str, steps: tuple[FaultStep, ...]) -> None:
 
 @pytest.mark.parametrize(
     "script",
-    ["boom", "reset", "reset@x", "http:200", "http:abc", "ok,,ok", "stall@-1"],
+    [
+        "boom",
+        "reset",
+        "reset@x",
+        "http:200",
+        "http:abc",
+        "ok,,ok",
+        "stall@-1",
+        "reset@²",
+        "reset@٣",
+        "http:٤٢٩",
+        "http:4²9",
+        "eof@" + "9" * 4000,
+    ],
     ids=[
         "unknown word",
         "missing count",
@@ -114,6 +127,11 @@ def test_fault_scripts_parse(script: str, steps: tuple[FaultStep, ...]) -> None:
         "status not a number",
         "empty item",
         "negative count",
+        "a superscript digit that isdigit accepts and int refuses",
+        "an arabic-indic digit that int would read as three",
+        "a status in arabic-indic digits",
+        "a status with a superscript digit inside",
+        "a count past int's digit limit",
     ],
 )
 def test_bad_fault_scripts_name_the_field_and_item(script: str) -> None:
@@ -137,9 +155,54 @@ def test_faults_apply_to_successive_attempts() -> None:
         ({"sim.pace_ms": "-1"}, "sim.pace_ms"),
         ({"sim.overlap": "1.5"}, "sim.overlap"),
         ({"sim.overlap": "999"}, "sim.overlap"),
+        ({"sim.pace_ms": "٣"}, "sim.pace_ms"),
+        ({"sim.pace_ms": "²"}, "sim.pace_ms"),
+        ({"sim.overlap": "٣"}, "sim.overlap"),
+        ({"sim.retry_after_s": "1_0"}, "sim.retry_after_s"),
+        ({"sim.retry_after_s": "nan"}, "sim.retry_after_s"),
+        ({"sim.pace_ms": "1e3"}, "sim.pace_ms"),
     ],
-    ids=["negative pace", "fractional overlap", "overlap too large"],
+    ids=[
+        "negative pace",
+        "fractional overlap",
+        "overlap too large",
+        "a pace in arabic-indic digits",
+        "a pace that is a superscript",
+        "an overlap in arabic-indic digits",
+        "a retry-after with an underscore",
+        "a retry-after that is not a number",
+        "a pace in exponent notation",
+    ],
 )
 def test_bad_sim_metadata_names_the_key(metadata: dict[str, str], field: str) -> None:
     with pytest.raises(RequestError, match=field):
         SimSettings.from_metadata(tuple(metadata.items()))
+
+
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [
+        ({"sim.pace_ms": "20"}, SimSettings(pace_ms=20.0)),
+        ({"sim.pace_ms": " 2.5 "}, SimSettings(pace_ms=2.5)),
+        ({"sim.pace_ms": ".5"}, SimSettings(pace_ms=0.5)),
+        ({"sim.overlap": "+3"}, SimSettings(overlap=3)),
+        ({"sim.retry_after_s": "0"}, SimSettings(retry_after_s=0.0)),
+    ],
+    ids=[
+        "a whole pace",
+        "a decimal pace with spaces around",
+        "a pace without a leading zero",
+        "an overlap with a plus sign",
+        "a zero retry-after",
+    ],
+)
+def test_good_sim_metadata_in_ascii_digits_is_read(
+    metadata: dict[str, str], expected: SimSettings
+) -> None:
+    assert SimSettings.from_metadata(tuple(metadata.items())) == expected
+
+
+def test_an_echoed_fault_item_is_cut_short() -> None:
+    with pytest.raises(RequestError) as caught:
+        parse_fault_script("x" * 4000)
+    assert len(str(caught.value)) < 300 and "4000 characters" in str(caught.value)

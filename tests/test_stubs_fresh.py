@@ -55,3 +55,15 @@ def test_every_message_and_field_of_the_contract_is_documented() -> None:
         if not previous.startswith("//") and "_UNSPECIFIED" not in stripped:
             undocumented.append(f"line {number + 1}: {stripped}")
     assert not undocumented, "add a comment above:\n" + "\n".join(undocumented)
+
+
+def test_the_reflection_v1_stubs_come_from_the_vendored_proto() -> None:
+    """grpc.reflection.v1 (served beside grpcio-reflection's v1alpha) is
+    generated like our own contract, so the freshness check above covers it."""
+    generator = _load_generator()
+    vendored = ROOT / "protos" / "tokenrelay" / "vendor" / "grpc_reflection" / "v1"
+    assert vendored / "reflection.proto" in generator.proto_files()
+    from tokenrelay.vendor.grpc_reflection.v1 import reflection_pb2
+
+    assert reflection_pb2.DESCRIPTOR.package == "grpc.reflection.v1"
+    assert "ServerReflection" in reflection_pb2.DESCRIPTOR.services_by_name

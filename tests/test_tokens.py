@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tokenrelay_server.api.tokens import ResumeTokens
+from tokenrelay_server.api.tokens import MAX_TOKEN_LENGTH, ResumeTokens
 from tokenrelay_server.core.clock import ManualClock
 from tokenrelay_server.core.errors import RequestError, ResumeDenied, StreamNotFound
 
@@ -69,3 +71,44 @@ def test_an_empty_token_is_a_request_error() -> None:
 def test_a_short_secret_is_refused() -> None:
     with pytest.raises(ValueError, match="16 bytes"):
         ResumeTokens(b"short", ttl_s=60, clock=ManualClock())
+
+
+def _flip(token: str, index: int, bit: int) -> str:
+    flipped = ord(token[index]) ^ (1 << bit)
+    if 0xD800 <= flipped <= 0xDFFF:  # a lone surrogate cannot travel in a proto string
+        flipped = 0xFFFD
+    return token[:index] + chr(flipped) + token[index + 1 :]
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(data=st.data())
+def test_every_bit_flip_of_a_token_is_denied(data: st.DataObject) -> None:
+    tokens = ResumeTokens(SECRET, ttl_s=60, clock=ManualClock())
+    token = tokens.issue("0c5f0d4be6b64d0f9c1e6f2b8a3d9e11")
+    index = data.draw(st.integers(0, len(token) - 1), label="index")
+    bit = data.draw(st.integers(0, 20), label="bit")
+    with pytest.raises(ResumeDenied, match=r"resume\.resume_token"):
+        tokens.verify(_flip(token, index, bit))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(text=st.text(min_size=1, max_size=MAX_TOKEN_LENGTH))
+def test_arbitrary_text_is_refused_with_an_error_naming_the_field(text: str) -> None:
+    tokens = ResumeTokens(SECRET, ttl_s=60, clock=ManualClock())
+    with pytest.raises((ResumeDenied, RequestError), match=r"resume\.resume_token"):
+        tokens.verify(text)
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["v1.s1.1700000060.é", "v1.s1.17000000\uff160.sig", "v1.s1.²." + "A" * 43, "v1.s1.٣.sig"],
+    ids=[
+        "a non-ascii signature",
+        "a fullwidth digit in the expiry",
+        "a superscript expiry",
+        "an arabic-indic expiry",
+    ],
+)
+def test_a_token_with_non_ascii_characters_is_denied(token: str) -> None:
+    with pytest.raises(ResumeDenied, match="not a tokenrelay resume token"):
+        ResumeTokens(SECRET, ttl_s=60, clock=ManualClock()).verify(token)

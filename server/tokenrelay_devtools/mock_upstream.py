@@ -95,11 +95,12 @@ from aiohttp import web
 from tokenrelay_server.core import classify
 from tokenrelay_server.core.classify import ProviderErrorKind
 from tokenrelay_server.core.clock import Clock, SystemClock
-from tokenrelay_server.core.errors import RequestError
+from tokenrelay_server.core.errors import RequestError, excerpt
 from tokenrelay_server.core.model import Message, Role
 from tokenrelay_server.upstream.sim import (
     AttemptPlan,
     SimSettings,
+    parse_count,
     parse_fault_script,
     plan_attempt,
 )
@@ -157,21 +158,26 @@ class MockFaultItem:
 
 
 def _count(text: str, what: str, field: str, position: int) -> int:
-    if not text.isdigit():
-        raise RequestError(f"{field}: item {position}: {what} needs a whole number, got {text!r}")
-    return int(text)
+    count = parse_count(text)
+    if count is None:
+        raise RequestError(
+            f"{field}: item {position}: {what} needs a whole number, got {excerpt(text)}"
+        )
+    return count
 
 
 def _status(text: str, field: str, position: int) -> int:
-    if not text.isdigit() or not 100 <= int(text) <= 599:
-        raise RequestError(f"{field}: item {position}: {text!r} is not an HTTP status")
-    return int(text)
+    status = parse_count(text)
+    if status is None or not 100 <= status <= 599:
+        raise RequestError(f"{field}: item {position}: {excerpt(text)} is not an HTTP status")
+    return status
 
 
 def _error_kind(text: str, field: str, position: int) -> ErrorKind:
     if text not in ERROR_KINDS:
         raise RequestError(
-            f"{field}: item {position}: error kind {text!r} is not one of {', '.join(ERROR_KINDS)}"
+            f"{field}: item {position}: error kind {excerpt(text)} is not one of "
+            f"{', '.join(ERROR_KINDS)}"
         )
     return text  # type: ignore[return-value]
 
@@ -208,7 +214,7 @@ def _apply_http_fault(faults: HttpFaults, part: str, field: str, position: int) 
     if part == "thinking":
         return replace(faults, thinking=True)
     raise RequestError(
-        f"{field}: item {position}: {part!r} is not a fault (see the mock upstream's "
+        f"{field}: item {position}: {excerpt(part)} is not a fault (see the mock upstream's "
         "documentation: ok, reset@N, stall@N, eof@N, garbage@N, http:CODE, reset_bytes@N, "
         "drop@N, slow_first_byte@MS, html[:CODE], json_error:KIND, error@N[:KIND], shape@N, "
         "split_utf8, random_chunks, thinking, retry_after:seconds|date|ms)"
@@ -229,7 +235,7 @@ def parse_mock_faults(script: str, field: str = FAULTS_HEADER) -> tuple[MockFaul
                 if sim_part:
                     raise RequestError(
                         f"{field}: item {position} has two simulator faults "
-                        f"({sim_part!r} and {part!r})"
+                        f"({excerpt(sim_part)} and {excerpt(part)})"
                     )
                 sim_part = part
             else:
@@ -804,9 +810,12 @@ class MockUpstream:
 
     def _controls(self, request: web.Request, model: str) -> tuple[SimSettings, int, HttpFaults]:
         raw_attempt = request.headers.get(ATTEMPT_HEADER, "1")
-        if not raw_attempt.isdigit() or int(raw_attempt) < 1:
-            raise _BadRequest(f"{ATTEMPT_HEADER} must be a positive integer, got {raw_attempt!r}")
-        attempt = int(raw_attempt)
+        parsed_attempt = parse_count(raw_attempt)
+        if parsed_attempt is None or parsed_attempt < 1:
+            raise _BadRequest(
+                f"{ATTEMPT_HEADER} must be a positive integer, got {excerpt(raw_attempt)}"
+            )
+        attempt = parsed_attempt
         _, has_suffix, suffix = model.partition(MODEL_FAULT_SEPARATOR)
         if FAULTS_HEADER in request.headers:
             items = parse_mock_faults(request.headers[FAULTS_HEADER], FAULTS_HEADER)

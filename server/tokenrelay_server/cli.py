@@ -62,6 +62,11 @@ SERVE_OPTIONS: list[tuple[str, str | type[bool], str]] = [
     ("checkpoint_interval", INTEGER, "Chunks between Checkpoint events."),
     ("first_token_timeout_s", NUMBER, "Seconds to wait for the first token (every provider)."),
     ("stall_timeout_s", NUMBER, "Seconds without a token before a stall (every provider)."),
+    (
+        "first_message_timeout_s",
+        NUMBER,
+        "Seconds a call may take to send its first message (start or resume).",
+    ),
     ("max_retries", INTEGER, "Upstream retries per provider before falling back."),
     ("backoff_base_s", NUMBER, "First retry delay; doubles per retry, with jitter."),
     ("sim", bool, "Serve model `sim`, the simulator that takes fault scripts from requests."),

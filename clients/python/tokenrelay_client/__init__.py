@@ -21,6 +21,7 @@ from .client import (
 )
 from .errors import (
     DigestMismatch,
+    GenerationFailed,
     PartialAnswer,
     PartialStream,
     ProtocolViolation,
@@ -49,6 +50,7 @@ __all__ = [
     "End",
     "ErrorDetail",
     "Event",
+    "GenerationFailed",
     "Notice",
     "PartialAnswer",
     "PartialStream",

@@ -32,7 +32,11 @@ What the client does for you:
 
 Statuses that a reconnect cannot fix (INVALID_ARGUMENT, PERMISSION_DENIED,
 NOT_FOUND, RESOURCE_EXHAUSTED, …) raise `StreamFailed` / `ResumeRejected` at
-once. Protobuf and grpc exceptions stay inside this module.
+once. A status whose rich details (grpc-status-details-bin) carry a
+`tokenrelay.v1.StreamError` is the end of a stream that refused partial
+answers: it raises `GenerationFailed` with that error, whatever its code
+(an UNAVAILABLE among them is not a broken connection, and a resume would
+only end the same way). Protobuf and grpc exceptions stay inside this module.
 """
 
 from __future__ import annotations
@@ -56,11 +60,14 @@ from typing import Any, TypeAlias
 
 import grpc
 import grpc.aio
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from tokenrelay.v1 import relay_pb2, relay_pb2_grpc
 
 from .errors import (
     DigestMismatch,
+    GenerationFailed,
     PartialAnswer,
     PartialStream,
     ProtocolViolation,
@@ -565,6 +572,10 @@ class RelayStream:
                             return
             except _Transient as failure:
                 cause = failure.cause
+            except GenerationFailed as error:
+                error.partial = self.partial()
+                self._check_failed_delivery(error)
+                raise
             except TokenRelayClientError as error:
                 if error.partial is None:
                     error.partial = self.partial()
@@ -732,6 +743,29 @@ class RelayStream:
             resume_token=checkpoint.resume_token,
         )
 
+    def _check_failed_delivery(self, failure: GenerationFailed) -> None:
+        """What the server says it delivered before giving up must be what we
+        hold, as for an End (DigestMismatch otherwise)."""
+        if failure.total_seq is None:
+            return
+        if self._verifiable and failure.text_sha256:
+            verify_assembly(
+                self.text,
+                self.last_seq,
+                total_seq=failure.total_seq,
+                expected_sha256=failure.text_sha256,
+            )
+        elif failure.total_seq != self.last_seq:
+            raise DigestMismatch(
+                f"the client holds chunks up to {self.last_seq}, "
+                f"the server sent 1..{failure.total_seq}",
+                expected_sha256=failure.text_sha256,
+                actual_sha256="",
+                expected_total_seq=failure.total_seq,
+                actual_last_seq=self.last_seq,
+                partial=self.partial(),
+            )
+
     def _on_end(self, end: relay_pb2.StreamEnd) -> End:
         if self._verifiable:
             verify_assembly(
@@ -775,13 +809,70 @@ _RESUME_REFUSALS = frozenset(
 )
 
 
-def _translate_status(code: grpc.StatusCode, details: str, *, resuming: bool) -> Exception:
-    """The one place grpc statuses become client errors (or a reconnect)."""
+def _translate_status(
+    code: grpc.StatusCode,
+    details: str,
+    *,
+    resuming: bool,
+    rich: status_pb2.Status | None = None,
+) -> Exception:
+    """The one place grpc statuses become client errors (or a reconnect).
+    `rich` is the call's google.rpc.Status (grpc-status-details-bin), if any."""
+    failed = _generation_failed(code, details, rich)
+    if failed is not None:
+        return failed
     if is_transient(code, details):
         return _Transient(f"{code.name}: {details}")
     if resuming and code in _RESUME_REFUSALS:
         return ResumeRejected(code, details)
     return StreamFailed(code, details)
+
+
+def _generation_failed(
+    code: grpc.StatusCode, details: str, rich: status_pb2.Status | None
+) -> GenerationFailed | None:
+    """A GenerationFailed when the status details carry a StreamError: the
+    server ended a stream that refused partial answers."""
+    if rich is None:
+        return None
+    error: relay_pb2.StreamError | None = None
+    info: error_details_pb2.ErrorInfo | None = None
+    for detail in rich.details:
+        if detail.Is(relay_pb2.StreamError.DESCRIPTOR):
+            error = relay_pb2.StreamError()
+            detail.Unpack(error)
+        elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+    if error is None:
+        return None
+    total_seq: int | None = None
+    text_sha256 = ""
+    if info is not None:
+        raw_total = info.metadata.get("total_seq", "")
+        total_seq = int(raw_total) if raw_total.isascii() and raw_total.isdigit() else None
+        text_sha256 = info.metadata.get("text_sha256", "")
+    return GenerationFailed(
+        code,
+        details,
+        error=_to_error_detail(error),
+        total_seq=total_seq,
+        text_sha256=text_sha256,
+    )
+
+
+def _rich_status(exc: grpc.aio.AioRpcError) -> status_pb2.Status | None:
+    try:
+        status: status_pb2.Status | None = rpc_status.from_call(exc)
+    except ValueError:  # details that contradict the status: ignore them
+        return None
+    return status
+
+
+def _translate_rpc_error(exc: grpc.aio.AioRpcError, *, resuming: bool) -> Exception:
+    return _translate_status(
+        exc.code(), exc.details() or "", resuming=resuming, rich=_rich_status(exc)
+    )
 
 
 async def _write(
@@ -793,14 +884,18 @@ async def _write(
     try:
         await call.write(request)
     except grpc.aio.AioRpcError as exc:
-        raise _translate_status(exc.code(), exc.details() or "", resuming=resuming) from None
+        raise _translate_rpc_error(exc, resuming=resuming) from None
     except asyncio.InvalidStateError:
         # The call already finished; its status says why.
         code = await call.code()
         details = await call.details()
         if code == grpc.StatusCode.OK:
             raise _Transient("the call ended before the request was sent") from None
-        raise _translate_status(code, details or "", resuming=resuming) from None
+        try:
+            rich = await rpc_status.aio.from_call(call)
+        except ValueError:
+            rich = None
+        raise _translate_status(code, details or "", resuming=resuming, rich=rich) from None
 
 
 async def _read(
@@ -811,7 +906,7 @@ async def _read(
     try:
         message = await call.read()
     except grpc.aio.AioRpcError as exc:
-        raise _translate_status(exc.code(), exc.details() or "", resuming=resuming) from None
+        raise _translate_rpc_error(exc, resuming=resuming) from None
     if message is grpc.aio.EOF:
         return None
     assert isinstance(message, relay_pb2.StreamEvent)

@@ -2,7 +2,9 @@
 
     TokenRelayClientError
      ├── StreamFailed            a gRPC status that retrying cannot fix (code + details)
-     │    └── ResumeRejected     the server refused a resume (NOT_FOUND, PERMISSION_DENIED)
+     │    ├── ResumeRejected     the server refused a resume (NOT_FOUND, PERMISSION_DENIED)
+     │    └── GenerationFailed   the gateway gave up and the stream refused partials
+     │                           (policy allow_partial = false): the typed StreamError
      ├── ReconnectsExhausted     transient failures outlasted the reconnect budget
      ├── DigestMismatch          the assembled text is not what the server says it sent
      └── ProtocolViolation       the server broke the contract (gap in seq, no StreamStarted)
@@ -20,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import grpc
+
+from .events import ErrorDetail
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +65,39 @@ class ResumeRejected(StreamFailed):
     """The server refused to reattach: the stream expired or is unknown
     (NOT_FOUND), or the resume token is not valid here (PERMISSION_DENIED).
     The partial text is all there is; start a new stream for the rest."""
+
+
+class GenerationFailed(StreamFailed):
+    """The gateway gave up on the generation (every recovery option spent, a
+    provider error that cannot be recovered, a limit) and the stream was
+    started with `policy={"allow_partial": False}`, so the call failed instead
+    of ending with a partial `End`. `error` is the typed StreamError (the one
+    `End.error` would have carried); `code` is the gRPC status derived from it
+    (UNAVAILABLE when `error.retryable`, FAILED_PRECONDITION when not,
+    RESOURCE_EXHAUSTED for limits, DEADLINE_EXCEEDED for your deadline).
+    `partial` holds the chunks delivered before (checked against the
+    server's digest when the client saw the whole text).
+
+    The client never resumes this: a resume would end the same way. When
+    `error.retryable`, start again (after `error.retry_after_s`, when set)
+    with a new idempotency key (the old key names this failed stream);
+    otherwise fix the cause."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        *,
+        error: ErrorDetail,
+        total_seq: int | None = None,
+        text_sha256: str = "",
+        partial: PartialStream | None = None,
+    ) -> None:
+        super().__init__(code, details, partial=partial)
+        self.error = error
+        # What the server says it delivered (None when it did not say).
+        self.total_seq = total_seq
+        self.text_sha256 = text_sha256
 
 
 class ReconnectsExhausted(TokenRelayClientError):

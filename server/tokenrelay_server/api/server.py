@@ -16,9 +16,9 @@ from collections.abc import Mapping
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from tokenrelay.v1 import relay_pb2, relay_pb2_grpc
+from tokenrelay_server.api.reflection import enable_server_reflection
 from tokenrelay_server.api.servicer import RelayServicer
 from tokenrelay_server.api.tokens import ResumeTokens
 from tokenrelay_server.config.settings import Settings
@@ -208,13 +208,20 @@ class RelayServer:
             ]
         )
         relay_pb2_grpc.add_RelayServicer_to_server(
-            RelayServicer(hub, tokens, max_prompt_bytes=settings.max_prompt_bytes), server
+            RelayServicer(
+                hub,
+                tokens,
+                max_prompt_bytes=settings.max_prompt_bytes,
+                clock=clock,
+                first_message_timeout_s=settings.first_message_timeout_s,
+                allow_partial=settings.allow_partial,
+            ),
+            server,
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (RELAY_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        # Both reflection protocols (v1 and v1alpha): api/reflection.py.
+        enable_server_reflection((RELAY_SERVICE, health.SERVICE_NAME), server)
         try:
             port = server.add_insecure_port(f"{settings.host}:{settings.port}")
         except RuntimeError as error:

@@ -5,6 +5,25 @@ before the hub sees them; hub entries become `StreamEvent`s; our exceptions
 become gRPC statuses through one table (`STATUS_FOR`). An exception that is
 not ours is logged and reported as INTERNAL with an incident id: a client
 never sees a bare UNKNOWN.
+
+Input the servicer guards before anything else sees it:
+- a request frame that does not decode as a StreamRequest (grpc's
+  deserializer raises DecodeError out of the request iterator):
+  INVALID_ARGUMENT, for the first message and for later ones (`Requests`);
+- a call that sends no first message: DEADLINE_EXCEEDED after
+  `first_message_timeout_s` on the injected clock;
+- free text that comes back to clients (the cancel reason in the End other
+  readers get) is cut to `MAX_CANCEL_REASON_CHARS`.
+
+`policy.allow_partial = false` (per call, stored with the stream, so it
+holds for every reader, resumes included; unset: the gateway's
+`allow_partial`): when the gateway gives up, the call fails with a status
+from `status_for_fault` whose rich details (grpc-status-details-bin, a
+google.rpc.Status) carry the StreamError, an ErrorInfo with the stream id,
+total_seq and text_sha256, and RetryInfo when the provider said how long to
+wait, instead of ending with `end.partial = true`. Chunks already delivered
+stay delivered; only the ending differs. A client's own `cancel` still ends
+with `end` (finish_reason "cancelled"): it is what the caller asked for.
 """
 
 from __future__ import annotations
@@ -17,18 +36,27 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf import any_pb2
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from tokenrelay.v1 import relay_pb2, relay_pb2_grpc
 from tokenrelay_server.api.tokens import ResumeTokens
+from tokenrelay_server.core.clock import Clock
 from tokenrelay_server.core.errors import (
     Draining,
+    ErrorType,
     Fault,
+    FirstMessageTimeout,
     Overloaded,
     RequestError,
     ResumeDenied,
     StreamNotFound,
     TokenRelayError,
+    excerpt,
+    truncate,
 )
 from tokenrelay_server.core.model import (
     ROLES,
@@ -47,6 +75,7 @@ log = logging.getLogger(__name__)
 
 # Our errors → gRPC status. Most specific class first.
 STATUS_FOR: tuple[tuple[type[TokenRelayError], grpc.StatusCode], ...] = (
+    (FirstMessageTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
     (RequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (ResumeDenied, grpc.StatusCode.PERMISSION_DENIED),
     (StreamNotFound, grpc.StatusCode.NOT_FOUND),
@@ -64,6 +93,11 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
 MAX_TOKENS_LIMIT = 1_000_000
 MAX_RETRIES_LIMIT = 100
+# A cancel reason is repeated in the End every reader of the stream gets.
+MAX_CANCEL_REASON_CHARS = 512
+# google.rpc.ErrorInfo.domain of the details of a refused partial.
+ERROR_DOMAIN = "tokenrelay.v1"
+REQUEST_TYPE = relay_pb2.StreamRequest.DESCRIPTOR.full_name
 
 
 def status_for(error: TokenRelayError) -> grpc.StatusCode:
@@ -71,6 +105,68 @@ def status_for(error: TokenRelayError) -> grpc.StatusCode:
         if isinstance(error, error_class):
             return code
     return grpc.StatusCode.INTERNAL
+
+
+def status_for_fault(fault: Fault) -> grpc.StatusCode:
+    """The status of a call that refused partial answers, from the StreamError
+    the gateway gave up with. Never UNKNOWN or INTERNAL: an upstream failure
+    is not a gateway bug."""
+    if fault.code == "DEADLINE_EXCEEDED":  # the caller's own gRPC deadline
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if fault.type is ErrorType.RESOURCE:  # a size cap, the memory limit
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if fault.retryable:  # resets, timeouts, 429/5xx, shutdown, owner lost, breakers
+        return grpc.StatusCode.UNAVAILABLE
+    # Not recoverable as things are (the provider refused the request or its
+    # credentials, sent garbage): retrying the same call would fail the same way.
+    return grpc.StatusCode.FAILED_PRECONDITION
+
+
+def refuses_partial(end: End, allow_partial: bool) -> bool:
+    """Whether this End becomes a failed call: the gateway gave up on a stream
+    whose caller refused partials. A client's cancel is not giving up."""
+    return (
+        end.partial
+        and not allow_partial
+        and end.error is not None
+        and end.error.code != "CANCELLED"
+    )
+
+
+def refused_partial_status(stream_id: str, end: End) -> grpc.Status:
+    """The rich status (google.rpc.Status in grpc-status-details-bin) that
+    replaces a partial End for a caller with policy.allow_partial = false."""
+    fault = end.error
+    assert fault is not None
+    code = status_for_fault(fault)
+    info = error_details_pb2.ErrorInfo(
+        reason=fault.code,
+        domain=ERROR_DOMAIN,
+        metadata={
+            "stream_id": stream_id,
+            "total_seq": str(end.total_seq),
+            "text_sha256": end.text_sha256,
+        },
+    )
+    details = [fault_to_proto(fault), info]
+    if fault.retry_after_s is not None:
+        delay = Duration()
+        delay.FromNanoseconds(int(fault.retry_after_s * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    packed = []
+    for detail in details:
+        any_detail = any_pb2.Any()
+        any_detail.Pack(detail)
+        packed.append(any_detail)
+    message = (
+        f"stream {stream_id} failed with {fault.code}: {fault.message} "
+        f"(policy.allow_partial is false, so the call fails instead of ending with "
+        f"end.partial = true; {end.total_seq} chunk(s) were delivered)"
+    )
+    status: grpc.Status = rpc_status.to_status(
+        status_pb2.Status(code=code.value[0], message=message, details=packed)
+    )
+    return status
 
 
 # --- requests ---------------------------------------------------------------------------
@@ -94,7 +190,8 @@ def parse_start(start: relay_pb2.StartGeneration, *, max_prompt_bytes: int) -> S
     for index, message in enumerate(start.messages):
         if message.role not in ROLES:
             raise RequestError(
-                f"start.messages[{index}].role is {message.role!r}; use one of {', '.join(ROLES)}"
+                f"start.messages[{index}].role is {excerpt(message.role)}; "
+                f"use one of {', '.join(ROLES)}"
             )
         size = len(message.content.encode())
         total_bytes += size
@@ -132,9 +229,10 @@ def parse_start(start: relay_pb2.StartGeneration, *, max_prompt_bytes: int) -> S
     for key, value in start.metadata.items():
         if not key or len(key) > MAX_METADATA_KEY_CHARS:
             raise RequestError(
-                f"start.metadata key {key[:40]!r} must be 1..{MAX_METADATA_KEY_CHARS} characters"
+                f"start.metadata key {excerpt(key)} must be 1..{MAX_METADATA_KEY_CHARS} characters"
             )
         if len(value) > MAX_METADATA_VALUE_CHARS:
+            # The key is at most MAX_METADATA_KEY_CHARS (checked just above).
             raise RequestError(
                 f'start.metadata["{key}"] is longer than {MAX_METADATA_VALUE_CHARS} characters'
             )
@@ -220,24 +318,74 @@ class TokenCache:
         return self._token
 
 
+class Requests:
+    """The requests of one call, decoded.
+
+    grpc decodes each frame with StreamRequest.FromString while the servicer
+    iterates, so a frame that is not a StreamRequest (a bad tag, a length past
+    the end, invalid UTF-8 in a string, random bytes) comes out of the
+    iterator as protobuf's DecodeError. Here it becomes a RequestError
+    (INVALID_ARGUMENT) that says so."""
+
+    def __init__(self, request_iterator: AsyncIterator[relay_pb2.StreamRequest]) -> None:
+        self._iterator = aiter(request_iterator)
+
+    async def next(self) -> relay_pb2.StreamRequest | None:
+        """The next request; None when the client half-closed."""
+        try:
+            return await anext(self._iterator)
+        except StopAsyncIteration:
+            return None
+        except DecodeError as error:
+            # protobuf says "Error parsing message with type '…': <why>".
+            why = str(error).rpartition(": ")[2] or "it does not parse"
+            raise RequestError(
+                f"the request frame is not a valid {REQUEST_TYPE} ({truncate(why, 200)}); "
+                "send each message as a protobuf-encoded StreamRequest"
+            ) from None
+
+
+class _PartialRefused(Exception):
+    """The stream ended partial and this call refused partials (internal to
+    `Stream`: it becomes the call's status)."""
+
+    def __init__(self, end: End) -> None:
+        super().__init__(end.error.code if end.error is not None else "partial")
+        self.end = end
+
+
 class RelayServicer(relay_pb2_grpc.RelayServicer):
-    def __init__(self, hub: StreamHub, tokens: ResumeTokens, *, max_prompt_bytes: int) -> None:
+    def __init__(
+        self,
+        hub: StreamHub,
+        tokens: ResumeTokens,
+        *,
+        max_prompt_bytes: int,
+        clock: Clock,
+        first_message_timeout_s: float = 10.0,
+        allow_partial: bool = True,
+    ) -> None:
         self._hub = hub
         self._tokens = tokens
         self._max_prompt_bytes = max_prompt_bytes
+        self._clock = clock
+        self._first_message_timeout_s = first_message_timeout_s
+        self._allow_partial = allow_partial
 
     async def Stream(
         self,
         request_iterator: AsyncIterator[relay_pb2.StreamRequest],
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[relay_pb2.StreamRequest, relay_pb2.StreamEvent],
     ) -> AsyncIterator[relay_pb2.StreamEvent]:
+        requests = Requests(request_iterator)
         try:
-            session = await self._open(request_iterator, context.time_remaining())
+            session = await self._open(requests, context.time_remaining())
         except TokenRelayError as error:
             await context.abort(status_for(error), str(error))
         except Exception:
             await self._abort_internal(context, "opening a stream")
-        reader = asyncio.create_task(self._read_rest(request_iterator, session))
+        reader = asyncio.create_task(self._read_rest(requests, session))
+        allow_partial = self._allows_partial(session)
         try:
             yield relay_pb2.StreamEvent(
                 started=relay_pb2.StreamStarted(
@@ -252,6 +400,8 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             async with contextlib.aclosing(self._hub.follow(session)) as batches:
                 async for batch in batches:
                     for entry in batch:
+                        if isinstance(entry, End) and refuses_partial(entry, allow_partial):
+                            raise _PartialRefused(entry)
                         yield self._event(entry)
                         if isinstance(entry, Chunk) and entry.seq % interval == 0:
                             yield relay_pb2.StreamEvent(
@@ -261,6 +411,8 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
                                     resume_token=tokens.current(),
                                 )
                             )
+        except _PartialRefused as refused:
+            await context.abort_with_status(refused_partial_status(session.stream_id, refused.end))
         except TokenRelayError as error:
             await context.abort(status_for(error), str(error))
         except (asyncio.CancelledError, GeneratorExit):
@@ -273,17 +425,29 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
 
-    async def _open(
-        self,
-        request_iterator: AsyncIterator[relay_pb2.StreamRequest],
-        deadline_s: float | None,
-    ) -> Session:
+    def _allows_partial(self, session: Session) -> bool:
+        """The stream's own policy (stored with it: the same for every reader),
+        else the gateway's setting."""
+        request = session.meta.request
+        if request is not None and request.policy.allow_partial is not None:
+            return request.policy.allow_partial
+        return self._allow_partial
+
+    async def _open(self, requests: Requests, deadline_s: float | None) -> Session:
+        timeout_s = self._first_message_timeout_s
         try:
-            first = await anext(aiter(request_iterator))
-        except StopAsyncIteration:
-            raise RequestError(
-                "the call ended before its first message (`start` or `resume`)"
+            # On the injected clock: a call that never speaks must not hold
+            # its handler (and its reader) for ever.
+            async with self._clock.deadline(timeout_s):
+                first = await requests.next()
+        except TimeoutError:
+            raise FirstMessageTimeout(
+                f"the first message (`start` or `resume`) did not arrive within {timeout_s:g} s "
+                "of opening the call (the gateway's first_message_timeout_s); send it right "
+                "after opening the call"
             ) from None
+        if first is None:
+            raise RequestError("the call ended before its first message (`start` or `resume`)")
         kind = first.WhichOneof("kind")
         if kind == "start":
             return await self._hub.start(
@@ -297,20 +461,22 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             f"the first message must be `start` or `resume`, not `{kind or 'an empty request'}`"
         )
 
-    async def _read_rest(
-        self, request_iterator: AsyncIterator[relay_pb2.StreamRequest], session: Session
-    ) -> None:
-        """Messages after the first: acks and cancels; anything else ends the
-        call with INVALID_ARGUMENT (the stream itself keeps running)."""
+    async def _read_rest(self, requests: Requests, session: Session) -> None:
+        """Messages after the first: acks and cancels; anything else (another
+        kind, an undecodable frame) ends the call with INVALID_ARGUMENT (the
+        stream itself keeps running)."""
         try:
-            async for request in request_iterator:
+            while (request := await requests.next()) is not None:
                 kind = request.WhichOneof("kind")
                 if kind == "ack":
                     session.subscription.acked_seq = max(
                         session.subscription.acked_seq, request.ack.seq
                     )
                 elif kind == "cancel":
-                    await self._hub.cancel(session, request.cancel.reason)
+                    # Bounded before the hub sees it: the reason is repeated
+                    # in the End (and the store) for every reader.
+                    reason = truncate(request.cancel.reason, MAX_CANCEL_REASON_CHARS)
+                    await self._hub.cancel(session, reason)
                 else:
                     what = {"start": "a second `start`", "resume": "a `resume`"}.get(
                         kind or "", "an empty request"
@@ -322,6 +488,8 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
                         )
                     )
                     return
+        except RequestError as error:  # an undecodable frame
+            session.subscription.fail(error)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # the call broke; the main loop sees it too
@@ -338,7 +506,11 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             return relay_pb2.StreamEvent(error=fault_to_proto(entry.fault))
         return relay_pb2.StreamEvent(end=end_to_proto(entry))
 
-    async def _abort_internal(self, context: grpc.aio.ServicerContext, doing: str) -> None:
+    async def _abort_internal(
+        self,
+        context: grpc.aio.ServicerContext[relay_pb2.StreamRequest, relay_pb2.StreamEvent],
+        doing: str,
+    ) -> None:
         incident = uuid.uuid4().hex[:12]
         log.exception("internal error while %s (incident %s)", doing, incident)
         await context.abort(

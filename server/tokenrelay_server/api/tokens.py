@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass
 
 from tokenrelay_server.core.clock import Clock
@@ -19,6 +20,9 @@ from tokenrelay_server.core.errors import RequestError, ResumeDenied, StreamNotF
 
 _VERSION = "v1"
 MAX_TOKEN_LENGTH = 512
+# Whole seconds, ASCII digits only: str.isdigit() also accepts "²" and "٣",
+# which int() then refuses (or, for "٣", reads as 3).
+_EXPIRY = re.compile(r"[0-9]{1,12}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,11 +55,13 @@ class ResumeTokens:
             raise RequestError("resume.resume_token is empty")
         if len(token) > MAX_TOKEN_LENGTH:
             raise RequestError(f"resume.resume_token is longer than {MAX_TOKEN_LENGTH} characters")
-        parts = token.split(".")
-        if len(parts) != 4 or parts[0] != _VERSION or not parts[2].isdigit():
+        # Every token we issue is ASCII; anything else is not ours (and
+        # hmac.compare_digest refuses non-ASCII str with a TypeError).
+        parts = token.split(".") if token.isascii() else []
+        if len(parts) != 4 or parts[0] != _VERSION or not _EXPIRY.fullmatch(parts[2]):
             raise ResumeDenied("resume.resume_token is not a tokenrelay resume token")
         payload, signature = ".".join(parts[:3]), parts[3]
-        if not hmac.compare_digest(self._sign(payload), signature):
+        if not hmac.compare_digest(self._sign(payload).encode(), signature.encode()):
             raise ResumeDenied(
                 "resume.resume_token has an invalid signature (tampered, or issued by a "
                 "deployment with another resume secret)"

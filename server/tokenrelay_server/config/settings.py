@@ -114,6 +114,9 @@ class Settings(BaseModel):
     memory_check_interval_s: float = Field(1.0, gt=0)
     first_token_timeout_s: float = Field(30.0, gt=0)
     stall_timeout_s: float = Field(30.0, gt=0)
+    # A call that sends no first message (`start`/`resume`) within this time
+    # ends with DEADLINE_EXCEEDED, so an idle call holds nothing for long.
+    first_message_timeout_s: float = Field(10.0, gt=0)
     sim_pace_ms: float = Field(0.0, ge=0, le=60_000)
     # Route model `sim` (the built-in simulator, which takes fault scripts
     # from request metadata)? None: only when the config defines no [models.*].

@@ -2,7 +2,8 @@
 
     TokenRelayError
      ├── RequestError            the client's request is wrong      → INVALID_ARGUMENT
-     │    └── UnknownModel       no such model alias                → INVALID_ARGUMENT
+     │    ├── UnknownModel       no such model alias                → INVALID_ARGUMENT
+     │    └── FirstMessageTimeout  no `start`/`resume` in time       → DEADLINE_EXCEEDED
      ├── ResumeDenied            tampered or foreign resume token   → PERMISSION_DENIED
      ├── StreamNotFound          expired or unknown stream          → NOT_FOUND
      ├── Overloaded              load shedding, quotas              → RESOURCE_EXHAUSTED
@@ -18,6 +19,11 @@
 The first group never reaches a running stream: the servicer maps them to a
 gRPC status in one table. `UpstreamError`s happen inside a generation and
 reach the client as a typed `StreamError` event, built from their `Fault`.
+
+Client text that an error message (or a StreamEnd) repeats goes through
+`excerpt` / `truncate` first: a message never carries more of what the client
+sent than a few hundred characters, so a 5 MB field cannot come back as a
+5 MB status or End that readers with gRPC's 4 MiB default cannot receive.
 """
 
 from __future__ import annotations
@@ -110,6 +116,12 @@ class UnknownModel(RequestError):
     """The model alias is not configured. Use one the gateway lists; do not retry."""
 
 
+class FirstMessageTimeout(RequestError):
+    """The call sent no first message (`start` or `resume`) within the
+    gateway's `first_message_timeout_s`. Send the first message as soon as
+    the call is open; nothing was started."""
+
+
 class ResumeDenied(TokenRelayError):
     """The resume token was tampered with or signed by another deployment.
     Start a new stream; retrying with this token will not help."""
@@ -187,6 +199,27 @@ _BY_TYPE: dict[ErrorType, type[UpstreamError]] = {
     ErrorType.RESOURCE: ResourceError,
     ErrorType.TIMEOUT: UpstreamTimeout,
 }
+
+
+# --- client text in messages --------------------------------------------------------
+
+EXCERPT_CHARS = 64
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """`text` quoted (repr) for an error message, cut to `limit` characters
+    with a note of its real length."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text)} characters)"
+
+
+def truncate(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters with a marker saying so (free text a
+    message carries as it is, such as a cancel reason)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… [truncated from {len(text)} characters]"
 
 
 def upstream_error(fault: Fault) -> UpstreamError:

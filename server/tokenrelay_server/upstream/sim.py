@@ -32,13 +32,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal
 
 from tokenrelay_server.core import classify
 from tokenrelay_server.core.clock import Clock, SystemClock
-from tokenrelay_server.core.errors import RequestError, upstream_error
+from tokenrelay_server.core.errors import RequestError, excerpt, upstream_error
 from tokenrelay_server.core.model import Message, Usage
 from tokenrelay_server.upstream.base import (
     CONTINUE_INSTRUCTION,
@@ -55,6 +56,19 @@ MAX_OVERLAP = 64
 DEFAULT_RETRY_AFTER_S = 1.0
 FULL_SPEED_BURST = 16  # tokens between yields to the event loop at pace 0
 MAX_TOKENS_PER_CHUNK = 16
+
+# Numbers in sim.* metadata and fault scripts: ASCII digits only. str.isdigit()
+# and int()/float() also take other scripts' digits ("٣" is 3) and isdigit()
+# takes "²", which int() then refuses: what a client typed must mean one thing.
+_COUNT = re.compile(r"[0-9]{1,9}")
+_INTEGER = re.compile(r"[+-]?[0-9]{1,9}")
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]{1,9}(?:\.[0-9]{0,9})?|\.[0-9]{1,9})")
+
+
+def parse_count(text: str) -> int | None:
+    """A whole number written in ASCII digits (at most 9), else None."""
+    return int(text) if _COUNT.fullmatch(text) else None
+
 
 _WORDS = (
     "the",
@@ -207,20 +221,21 @@ def parse_fault_script(script: str, field: str = 'metadata["sim.faults"]') -> tu
             steps.append(FaultStep("ok"))
             continue
         if item.startswith("http:"):
-            code = item[5:]
-            if not code.isdigit() or not 400 <= int(code) <= 599:
+            code = parse_count(item[5:])
+            if code is None or not 400 <= code <= 599:
                 raise RequestError(
-                    f"{field}: item {position} {item!r} needs an HTTP error status 400-599"
+                    f"{field}: item {position} {excerpt(item)} needs an HTTP error status 400-599"
                 )
-            steps.append(FaultStep("http", int(code)))
+            steps.append(FaultStep("http", code))
             continue
-        kind, at, count = item.partition("@")
-        if kind in ("reset", "stall", "eof", "garbage") and at and count.isdigit():
-            steps.append(FaultStep(kind, int(count)))  # type: ignore[arg-type]
+        kind, at, raw_count = item.partition("@")
+        count = parse_count(raw_count)
+        if kind in ("reset", "stall", "eof", "garbage") and at and count is not None:
+            steps.append(FaultStep(kind, count))  # type: ignore[arg-type]
             continue
         raise RequestError(
-            f"{field}: item {position} {item!r} is not one of ok, reset@N, stall@N, eof@N, "
-            "garbage@N, http:CODE"
+            f"{field}: item {position} {excerpt(item)} is not one of ok, reset@N, stall@N, "
+            "eof@N, garbage@N, http:CODE (N in ASCII digits)"
         )
     return tuple(steps)
 
@@ -276,13 +291,15 @@ def _number(
     raw = values.get(key)
     if raw is None:
         return default
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
+    pattern = _INTEGER if integer else _DECIMAL
+    if not pattern.fullmatch(raw.strip()):
         kind = "an integer" if integer else "a number"
-        raise RequestError(f'metadata["{key}"]={raw!r} is not {kind}') from None
+        raise RequestError(
+            f'metadata["{key}"]={excerpt(raw)} is not {kind} (ASCII digits, e.g. "20")'
+        )
+    value = int(raw) if integer else float(raw)
     if not low <= value <= high:
-        raise RequestError(f'metadata["{key}"]={raw!r} is out of range {low:g}..{high:g}')
+        raise RequestError(f'metadata["{key}"]={excerpt(raw)} is out of range {low:g}..{high:g}')
     return value
 
 

@@ -14,11 +14,16 @@ Guarantees (see DESIGN.md):
   * a chunk is durably stored before any client sees it.
 
 Failures before or outside a stream use gRPC status codes:
-  INVALID_ARGUMENT  a bad request; the message names the field
+  INVALID_ARGUMENT  a bad request (or a frame that is not a StreamRequest);
+                    the message names the field
   PERMISSION_DENIED a resume token that is tampered or signed by another secret
   NOT_FOUND         a stream that expired or never existed
   RESOURCE_EXHAUSTED quotas and load shedding
   UNAVAILABLE       the server is draining; resume elsewhere with your token
+  DEADLINE_EXCEEDED no first message within the gateway's first-message
+                    timeout (default 10 s)
+A stream started with policy.allow_partial = false that the gateway gives up
+on ends with a status instead of a partial StreamEnd: see RecoveryPolicy.
 """
 
 from collections import abc as _abc
@@ -318,7 +323,18 @@ class RecoveryPolicy(_message.Message):
     allow_fallback: _builtins.bool
     """Whether the gateway may fall back to another provider of the alias."""
     allow_partial: _builtins.bool
-    """Whether the gateway may end with a partial answer instead of an error."""
+    """Whether the stream may end with a partial answer (StreamEnd.partial =
+    true) when the gateway gives up. false: every call reading the stream
+    (resumes included) instead fails with a gRPC status whose rich details
+    (grpc-status-details-bin, a google.rpc.Status) carry the final
+    StreamError, a google.rpc.ErrorInfo (reason = the error code; metadata
+    stream_id, total_seq, text_sha256) and, when the provider said how long
+    to wait, a google.rpc.RetryInfo. The status is UNAVAILABLE when the
+    error is retryable, FAILED_PRECONDITION when not, RESOURCE_EXHAUSTED for
+    size and memory limits, DEADLINE_EXCEEDED for the caller's deadline.
+    Chunks sent before stay valid. A client's own Cancel still ends with a
+    StreamEnd. Unset: the gateway's allow_partial setting (default true).
+    """
     checkpoint_interval: _builtins.int
     """A Checkpoint event goes out every this many chunks (default 10, at least 1)."""
     def __init__(
@@ -412,7 +428,9 @@ class Cancel(_message.Message):
 
     REASON_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
-    """Why, for logs and for the StreamEnd other clients see."""
+    """Why, for logs and for the StreamEnd other clients see (its first 512
+    characters: a longer reason is cut, with a note, and still cancels).
+    """
     def __init__(
         self,
         *,

@@ -14,11 +14,16 @@ Guarantees (see DESIGN.md):
   * a chunk is durably stored before any client sees it.
 
 Failures before or outside a stream use gRPC status codes:
-  INVALID_ARGUMENT  a bad request; the message names the field
+  INVALID_ARGUMENT  a bad request (or a frame that is not a StreamRequest);
+                    the message names the field
   PERMISSION_DENIED a resume token that is tampered or signed by another secret
   NOT_FOUND         a stream that expired or never existed
   RESOURCE_EXHAUSTED quotas and load shedding
   UNAVAILABLE       the server is draining; resume elsewhere with your token
+  DEADLINE_EXCEEDED no first message within the gateway's first-message
+                    timeout (default 10 s)
+A stream started with policy.allow_partial = false that the gateway gives up
+on ends with a status instead of a partial StreamEnd: see RecoveryPolicy.
 """
 
 from collections import abc as _abc
