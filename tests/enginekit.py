@@ -25,6 +25,7 @@ from tokenrelay_server.core import classify
 from tokenrelay_server.core.breaker import BreakerSettings
 from tokenrelay_server.core.clock import ManualClock
 from tokenrelay_server.core.errors import Fault, upstream_error
+from tokenrelay_server.core.limits import HubSettings, Timeouts
 from tokenrelay_server.core.model import (
     End,
     GenerationParams,
@@ -36,9 +37,9 @@ from tokenrelay_server.core.model import (
 )
 from tokenrelay_server.core.recovery import RecoveryConfig
 from tokenrelay_server.core.retry import BackoffPolicy
-from tokenrelay_server.engine.hub import HubSettings, Session, StreamHub
+from tokenrelay_server.engine.hub import Session, StreamHub
 from tokenrelay_server.engine.recovery_loop import Recovery
-from tokenrelay_server.engine.routing import Route, Router, Timeouts
+from tokenrelay_server.engine.routing import Route, Router
 from tokenrelay_server.engine.selection import UpstreamHealth
 from tokenrelay_server.store.memory import MemoryStore
 from tokenrelay_server.upstream.base import Delta, Finish, ProviderRequest, TextDelta, UsageReport

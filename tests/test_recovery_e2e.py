@@ -18,7 +18,8 @@ from serverkit import (
 )
 from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay_server.api.server import RelayServer
-from tokenrelay_server.engine.routing import Route, Timeouts
+from tokenrelay_server.core.limits import Timeouts
+from tokenrelay_server.engine.routing import Route
 from tokenrelay_server.upstream.sim import SimProvider
 
 FAST = {"backoff_base_s": 0.001, "stall_timeout_s": 0.3, "first_token_timeout_s": 5.0}

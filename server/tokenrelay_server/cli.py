@@ -13,11 +13,11 @@ status 2 without starting anything.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -249,49 +249,17 @@ def chat(
     )
 
 
-@main.command()
-@click.option("--runs", type=int, default=1000, show_default=True, help="Seeded runs.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the schedules.")
-@click.option("--concurrency", type=int, default=8, show_default=True, help="Runs at once.")
-def chaos(runs: int, seed: int, concurrency: int) -> None:
-    """Random fault schedules over real HTTP and gRPC; prints a tally and
-    every violation, and exits 1 if there is any."""
-    from tokenrelay_devtools.chaos import run_chaos
-
-    setup_logging("error")
-    tally = asyncio.run(run_chaos(runs, seed=seed, concurrency=concurrency, progress=True))
-    print(tally.line())
-    for violation in tally.violations:
-        print(f"VIOLATION {violation}")
-    sys.exit(1 if tally.violations else 0)
+def add_tool_commands(group: click.Group) -> None:
+    """Commands other installed packages contribute (entry point group
+    `tokenrelay.commands`): the development tools (`chaos`, `mock-upstream`,
+    `demo`) come this way, so the gateway never imports them itself."""
+    for entry in entry_points(group="tokenrelay.commands"):
+        command = entry.load()
+        if isinstance(command, click.Command):
+            group.add_command(command, entry.name)
 
 
-@main.command("mock-upstream")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=int, default=8081, show_default=True, help="Port to listen on.")
-def mock_upstream(host: str, port: int) -> None:
-    """Serve the simulator over HTTP in the OpenAI and Anthropic streaming
-    formats, with fault injection per request (see the README)."""
-    from tokenrelay_devtools.mock_upstream import main as serve_mock
-
-    setup_logging("info")
-    serve_mock(host, port)
-
-
-@main.command()
-@click.option(
-    "--target",
-    default=None,
-    envvar=env_var("target"),
-    help="Use this gateway instead of starting one in-process.",
-)
-def demo(target: str | None) -> None:
-    """Watch a stream survive a dropped connection: cut, reconnect, resume, verify."""
-    from tokenrelay_devtools.demo import run_demo
-
-    setup_logging("warning")
-    with contextlib.suppress(KeyboardInterrupt):
-        sys.exit(asyncio.run(run_demo(target)))
+add_tool_commands(main)
 
 
 if __name__ == "__main__":

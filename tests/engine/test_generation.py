@@ -22,10 +22,9 @@ from enginekit import (
     wait,
 )
 from tokenrelay_server.core.breaker import BreakerSettings, BreakerState
+from tokenrelay_server.core.limits import HubSettings, Timeouts
 from tokenrelay_server.core.model import Chunk, Notice, RecoveryPolicy, Usage
 from tokenrelay_server.engine.fanout import Subscription
-from tokenrelay_server.engine.hub import HubSettings
-from tokenrelay_server.engine.routing import Timeouts
 
 # Timeouts that never fire in a test that waits on the clock for other reasons.
 PATIENT = Timeouts(first_token_s=1_000, stall_s=1_000)

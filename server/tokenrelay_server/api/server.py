@@ -24,12 +24,13 @@ from tokenrelay_server.api.tokens import ResumeTokens
 from tokenrelay_server.config.settings import Settings
 from tokenrelay_server.core.breaker import BreakerSettings
 from tokenrelay_server.core.clock import Clock, SystemClock
+from tokenrelay_server.core.limits import HubSettings, Timeouts
 from tokenrelay_server.core.recovery import RecoveryConfig
 from tokenrelay_server.core.retry import BackoffPolicy
-from tokenrelay_server.engine.hub import HubSettings, StreamHub
+from tokenrelay_server.engine.hub import StreamHub
 from tokenrelay_server.engine.recovery_loop import Recovery
 from tokenrelay_server.engine.resources import resident_bytes
-from tokenrelay_server.engine.routing import Route, Router, Timeouts
+from tokenrelay_server.engine.routing import Route, Router
 from tokenrelay_server.engine.selection import UpstreamHealth
 from tokenrelay_server.store.base import StreamStore
 from tokenrelay_server.store.memory import MemoryStore

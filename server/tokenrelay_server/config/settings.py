@@ -39,6 +39,10 @@ from tokenrelay_server.config.upstream import (
     load_upstream_config,
     missing_api_keys,
 )
+from tokenrelay_server.core.breaker import BreakerSettings
+from tokenrelay_server.core.limits import HubSettings, Timeouts
+from tokenrelay_server.core.recovery import RecoveryConfig, SelectionMode
+from tokenrelay_server.core.retry import DEFAULT_RETRY_BUDGET_RATIO, BackoffPolicy
 
 __all__ = [
     "ConfigError",
@@ -89,6 +93,14 @@ def check_redis_url(url: str) -> str:
     return url
 
 
+# The defaults of the engine's settings live with the engine's types.
+_HUB = HubSettings()
+_TIMEOUTS = Timeouts()
+_POLICY = RecoveryConfig()
+_BACKOFF = BackoffPolicy()
+_BREAKER = BreakerSettings()
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -99,21 +111,21 @@ class Settings(BaseModel):
     redis_prefix: str = "tr"
     resume_secret: str | None = Field(None, min_length=16)
     retention_s: float = Field(3600.0, gt=0)
-    detach_grace_s: float = Field(60.0, ge=0)
+    detach_grace_s: float = Field(_HUB.detach_grace_s, ge=0)
     drain_grace_s: float = Field(10.0, ge=0)
-    checkpoint_interval: int = Field(10, ge=1, le=100_000)
-    max_streams: int = Field(10_000, ge=1)
+    checkpoint_interval: int = Field(_HUB.checkpoint_interval, ge=1, le=100_000)
+    max_streams: int = Field(_HUB.max_streams, ge=1)
     max_prompt_bytes: int = Field(1 << 20, ge=1)
     # The text one stream may hold, across all its attempts (a longer answer
     # ends partial with RESPONSE_TOO_LARGE).
-    max_response_bytes: int = Field(100 << 20, ge=1)
-    lease_ttl_s: float = Field(10.0, gt=0)
+    max_response_bytes: int = Field(_HUB.max_stream_bytes, ge=1)
+    lease_ttl_s: float = Field(_HUB.lease_ttl_s, gt=0)
     # Above this resident memory (MiB; 0 = no limit) new streams are refused
     # with RESOURCE_EXHAUSTED and running ones end as typed partials.
     max_memory_mb: float = Field(0.0, ge=0)
-    memory_check_interval_s: float = Field(1.0, gt=0)
-    first_token_timeout_s: float = Field(30.0, gt=0)
-    stall_timeout_s: float = Field(30.0, gt=0)
+    memory_check_interval_s: float = Field(_HUB.memory_check_interval_s, gt=0)
+    first_token_timeout_s: float = Field(_TIMEOUTS.first_token_s, gt=0)
+    stall_timeout_s: float = Field(_TIMEOUTS.stall_s, gt=0)
     # A call that sends no first message (`start`/`resume`) within this time
     # ends with DEADLINE_EXCEEDED, so an idle call holds nothing for long.
     first_message_timeout_s: float = Field(10.0, gt=0)
@@ -122,21 +134,21 @@ class Settings(BaseModel):
     # from request metadata)? None: only when the config defines no [models.*].
     sim: bool | None = None
     # [recovery]
-    max_retries: int = Field(3, ge=0, le=100)
-    backoff_base_s: float = Field(1.0, ge=0)
-    backoff_cap_s: float = Field(60.0, ge=0)
-    jitter: float = Field(0.1, ge=0, le=1)
-    retry_budget_ratio: float = Field(0.2, ge=0)
-    allow_fallback: bool = True
-    allow_partial: bool = True
-    resume_on_malformed: bool = False
-    selection: Literal["order", "score"] = "order"
+    max_retries: int = Field(_POLICY.max_retries, ge=0, le=100)
+    backoff_base_s: float = Field(_BACKOFF.base_s, ge=0)
+    backoff_cap_s: float = Field(_BACKOFF.cap_s, ge=0)
+    jitter: float = Field(_BACKOFF.jitter, ge=0, le=1)
+    retry_budget_ratio: float = Field(DEFAULT_RETRY_BUDGET_RATIO, ge=0)
+    allow_fallback: bool = _POLICY.allow_fallback
+    allow_partial: bool = _POLICY.allow_partial
+    resume_on_malformed: bool = _POLICY.resume_on_malformed
+    selection: SelectionMode = _POLICY.selection
     # [breaker]
-    breaker_failure_threshold: int = Field(5, ge=1)
-    breaker_cooldown_s: float = Field(30.0, ge=0)
-    breaker_failure_rate: float = Field(0.5, gt=0, le=1)
-    breaker_min_calls: int = Field(20, ge=1)
-    breaker_window_s: float = Field(60.0, gt=0)
+    breaker_failure_threshold: int = Field(_BREAKER.failure_threshold, ge=1)
+    breaker_cooldown_s: float = Field(_BREAKER.cooldown_s, ge=0)
+    breaker_failure_rate: float = Field(_BREAKER.failure_rate, gt=0, le=1)
+    breaker_min_calls: int = Field(_BREAKER.min_calls, ge=1)
+    breaker_window_s: float = Field(_BREAKER.window_s, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Provider and model tables ([providers.*], [models.*]) from the config file.
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)

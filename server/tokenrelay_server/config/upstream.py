@@ -54,6 +54,7 @@ from tokenrelay_server.config.problems import (
     toml_syntax_problem,
     validation_problems,
 )
+from tokenrelay_server.core.limits import Timeouts
 
 DEFAULT_MAX_RESPONSE_BYTES = 100 * 1024 * 1024
 BUILTIN_PROVIDERS: frozenset[str] = frozenset({"sim"})
@@ -71,8 +72,8 @@ class ProviderConfig(_Strict):
     base_url: str
     api_key_env: str | None = None
     connect_timeout_s: float = Field(default=5.0, gt=0)
-    first_token_timeout_s: float = Field(default=30.0, gt=0)
-    stall_timeout_s: float = Field(default=30.0, gt=0)
+    first_token_timeout_s: float = Field(default=Timeouts().first_token_s, gt=0)
+    stall_timeout_s: float = Field(default=Timeouts().stall_s, gt=0)
     max_response_bytes: int = Field(default=DEFAULT_MAX_RESPONSE_BYTES, gt=0)
     max_connections: int = Field(default=100, gt=0)
     max_keepalive_connections: int = Field(default=20, ge=0)

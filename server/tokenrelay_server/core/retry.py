@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 from tokenrelay_server.core.clock import Clock
 
+# Retries may be at most this share of a provider's requests (plus a floor).
+DEFAULT_RETRY_BUDGET_RATIO = 0.2
+
 
 @dataclass(frozen=True, slots=True)
 class BackoffPolicy:
@@ -52,7 +55,12 @@ class RetryBudget:
     """Retries ≤ ratio * requests over the last `window_s` seconds, plus `floor`."""
 
     def __init__(
-        self, *, clock: Clock, ratio: float = 0.2, window_s: float = 60.0, floor: int = 3
+        self,
+        *,
+        clock: Clock,
+        ratio: float = DEFAULT_RETRY_BUDGET_RATIO,
+        window_s: float = 60.0,
+        floor: int = 3,
     ) -> None:
         self._clock = clock
         self._ratio = ratio

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from tokenrelay_server.core import classify
 from tokenrelay_server.core.clock import Clock, Deadline, Timer
 from tokenrelay_server.core.errors import DataError, Fault, UpstreamError
+from tokenrelay_server.core.limits import Timeouts
 from tokenrelay_server.core.stitch import Stitcher
-from tokenrelay_server.engine.routing import Route, Timeouts
+from tokenrelay_server.engine.routing import Route
 from tokenrelay_server.upstream.base import Finish, ProviderRequest, TextDelta, UsageReport
 
 # emit(text, pieces): store and show one piece of the answer; `pieces` counts

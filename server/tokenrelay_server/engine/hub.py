@@ -36,6 +36,7 @@ from tokenrelay_server.core.errors import (
     StreamNotFound,
     SuggestedAction,
 )
+from tokenrelay_server.core.limits import HubSettings
 from tokenrelay_server.core.model import LogEntry, StartRequest, StreamMeta
 from tokenrelay_server.engine.cursor import LogCursor
 from tokenrelay_server.engine.fanout import Subscription
@@ -61,19 +62,6 @@ class Session:
     @property
     def stream_id(self) -> str:
         return self.meta.stream_id
-
-
-@dataclass(frozen=True, slots=True)
-class HubSettings:
-    detach_grace_s: float = 60.0
-    checkpoint_interval: int = 10
-    max_streams: int = 10_000
-    lease_ttl_s: float = 10.0
-    store_poll_s: float = 1.0
-    max_memory_bytes: int = 0  # 0: no limit
-    memory_check_interval_s: float = 1.0
-    max_stream_bytes: int = 100 * 1024 * 1024  # the text one stream may hold
-    shutdown_wait_s: float = 5.0  # how long close() waits for generations to end
 
 
 class StreamHub:

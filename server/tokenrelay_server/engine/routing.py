@@ -6,14 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tokenrelay_server.core.errors import UnknownModel
+from tokenrelay_server.core.limits import Timeouts
 from tokenrelay_server.core.model import StartRequest
 from tokenrelay_server.upstream.base import Provider
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    first_token_s: float = 30.0
-    stall_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)

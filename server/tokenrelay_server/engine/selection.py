@@ -21,7 +21,7 @@ from tokenrelay_server.core.breaker import (
 )
 from tokenrelay_server.core.clock import Clock
 from tokenrelay_server.core.recovery import SelectionMode
-from tokenrelay_server.core.retry import RetryBudget
+from tokenrelay_server.core.retry import DEFAULT_RETRY_BUDGET_RATIO, RetryBudget
 from tokenrelay_server.engine.routing import Route
 
 EWMA_ALPHA = 0.2
@@ -73,7 +73,7 @@ class UpstreamHealth:
 
     clock: Clock
     breaker_settings: BreakerSettings = field(default_factory=BreakerSettings)
-    retry_budget_ratio: float = 0.2
+    retry_budget_ratio: float = DEFAULT_RETRY_BUDGET_RATIO
     listeners: tuple[BreakerListener, ...] = ()
     # How often each breaker changed state, by (breaker, new state): for metrics.
     transitions: Counter[tuple[str, str]] = field(default_factory=Counter)

@@ -1,0 +1,34 @@
+"""The engine's tunables, each default written here once.
+
+The server settings (config/settings.py: flags, environment, file) take
+their defaults from these classes and from the policy objects beside them
+(`RecoveryConfig` and `BackoffPolicy` in recovery.py and retry.py,
+`BreakerSettings` in breaker.py), so a default never has two values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """How long an upstream attempt may be silent."""
+
+    first_token_s: float = 30.0  # from the request to the first token
+    stall_s: float = 30.0  # between two tokens
+
+
+@dataclass(frozen=True, slots=True)
+class HubSettings:
+    """What one replica's hub holds and for how long."""
+
+    detach_grace_s: float = 60.0  # a generation runs on this long with no reader
+    checkpoint_interval: int = 10  # chunks between Checkpoint events
+    max_streams: int = 10_000  # running + being admitted, per replica
+    lease_ttl_s: float = 10.0  # ownership of a generation in the store
+    store_poll_s: float = 1.0  # a follower of another replica's stream looks this often
+    max_memory_bytes: int = 0  # resident memory above which streams are shed; 0: no limit
+    memory_check_interval_s: float = 1.0
+    max_stream_bytes: int = 100 * 1024 * 1024  # the text one stream may hold
+    shutdown_wait_s: float = 5.0  # how long close() waits for generations to end
