@@ -83,8 +83,6 @@ import math
 import random
 import re
 import signal
-import socket
-import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -92,6 +90,7 @@ from typing import Any, Literal, get_args
 
 from aiohttp import web
 
+from tokenrelay_devtools.netfault import reset_transport
 from tokenrelay_server.core import classify
 from tokenrelay_server.core.classify import ProviderErrorKind
 from tokenrelay_server.core.clock import Clock, SystemClock
@@ -639,11 +638,7 @@ class _BodyWriter:
                     break
                 await asyncio.sleep(0.001)
             if reset:
-                sock = transport.get_extra_info("socket")
-                if sock is not None:
-                    # SO_LINGER 0: close() sends RST instead of FIN.
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                transport.abort()
+                reset_transport(transport)
             else:
                 transport.close()
         raise _ConnectionCut

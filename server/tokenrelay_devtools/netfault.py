@@ -3,7 +3,7 @@
     async with FaultProxy("127.0.0.1", server_port) as proxy:
         client = RelayClient(proxy.address)
         ...
-        await proxy.cut_all()            # every open connection is reset
+        proxy.cut_all()                  # every open connection is reset
         proxy.refuse_new = True          # new connections are reset at once
 
 The demo and the tests put it between a client and a gateway to drop a
@@ -32,15 +32,15 @@ _CLOSE_TIMEOUT_S = 2.0
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
-def reset_transport(writer: asyncio.StreamWriter) -> None:
-    """Close the writer's socket so that the peer sees a reset (RST), not FIN."""
-    sock = writer.get_extra_info("socket")
+def reset_transport(transport: asyncio.BaseTransport) -> None:
+    """Close the transport's socket so that the peer sees a reset (RST), not FIN."""
+    sock = transport.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     # abort() closes at once without flushing buffered data; with linger 0 the
     # close is a reset.
-    writer.transport.abort()
+    transport.abort()
 
 
 @dataclass(eq=False)
@@ -54,9 +54,9 @@ class _Connection:
 
     def reset(self) -> None:
         self.cut = True
-        reset_transport(self.client)
+        reset_transport(self.client.transport)
         if self.upstream is not None:
-            reset_transport(self.upstream)
+            reset_transport(self.upstream.transport)
 
 
 class FaultProxy:

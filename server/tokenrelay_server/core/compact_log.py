@@ -67,12 +67,6 @@ class CompactLog:
         """UTF-8 bytes of all chunk texts."""
         return len(self._text)
 
-    @property
-    def notices_after_last(self) -> int:
-        """Notices that follow the last chunk (their position numbers)."""
-        last = self.last_seq
-        return len(self._notice_seqs) - bisect.bisect_left(self._notice_seqs, last)
-
     def text(self) -> str:
         """The text of every chunk, in seq order."""
         return self._text.decode()

@@ -15,6 +15,14 @@ Role = Literal["system", "user", "assistant"]
 ROLES: tuple[Role, ...] = ("system", "user", "assistant")
 
 
+def metadata_value(metadata: tuple[tuple[str, str], ...], key: str, default: str = "") -> str:
+    """The value of `key` in a request's metadata pairs, or `default`."""
+    for k, v in metadata:
+        if k == key:
+            return v
+    return default
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     role: Role
@@ -51,10 +59,7 @@ class StartRequest:
     metadata: tuple[tuple[str, str], ...] = ()
 
     def meta(self, key: str, default: str = "") -> str:
-        for k, v in self.metadata:
-            if k == key:
-                return v
-        return default
+        return metadata_value(self.metadata, key, default)
 
 
 @dataclass(frozen=True, slots=True)

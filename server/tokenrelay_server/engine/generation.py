@@ -121,7 +121,6 @@ class Generation:
         self.stream_id = meta.stream_id
         self.request = request
         self.chain = chain
-        self._recovery = recovery
         self._clock = recovery.clock
         self._detach_grace_s = detach_grace_s
         self._deadline_s = deadline_s

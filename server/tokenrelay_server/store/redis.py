@@ -212,8 +212,6 @@ return redis.call('HSET', KEYS[1], 'cancel', ARGV[1])
 
 
 class RedisStore:
-    in_process = False
-
     """The `StreamStore` on Redis (see the module docstring for the key layout).
 
     `client` serves every command except the blocking read in `wait`, which
@@ -223,6 +221,8 @@ class RedisStore:
     TTLs (retention, leases) run on the Redis server's clock; `clock` only
     dates the idempotency-key refreshes.
     """
+
+    in_process = False
 
     def __init__(
         self,

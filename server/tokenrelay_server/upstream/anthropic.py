@@ -55,7 +55,7 @@ from tokenrelay_server.upstream.base import (
     TextDelta,
     UsageReport,
 )
-from tokenrelay_server.upstream.http_stream import HttpProvider, sim_headers
+from tokenrelay_server.upstream.http_stream import HttpProvider, sim_headers, token_count
 from tokenrelay_server.upstream.sse import ServerSentEvent
 
 STOP_REASONS: dict[str, str] = {
@@ -106,9 +106,6 @@ def messages_body(
         body["stop_sequences"] = list(params.stop)
     return body
 
-
-def _count(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 class MessagesParser:
@@ -230,12 +227,12 @@ class MessagesParser:
         if "input_tokens" in usage:
             # Cached prompt tokens are prompt tokens too.
             self.prompt_tokens = (
-                _count(usage.get("input_tokens"))
-                + _count(usage.get("cache_creation_input_tokens"))
-                + _count(usage.get("cache_read_input_tokens"))
+                token_count(usage.get("input_tokens"))
+                + token_count(usage.get("cache_creation_input_tokens"))
+                + token_count(usage.get("cache_read_input_tokens"))
             )
         if "output_tokens" in usage:
-            self.completion_tokens = _count(usage.get("output_tokens"))  # cumulative
+            self.completion_tokens = token_count(usage.get("output_tokens"))  # cumulative
 
     def on_end(self) -> list[Delta]:
         if self.stop_reason is None and not self._stopped:

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from tokenrelay_server.core.model import GenerationParams, Message, Usage
+from tokenrelay_server.core.model import GenerationParams, Message, Usage, metadata_value
 
 # The instruction appended when a provider cannot take an assistant prefill.
 CONTINUE_INSTRUCTION = (
@@ -44,10 +44,7 @@ class ProviderRequest:
     metadata: tuple[tuple[str, str], ...] = ()
 
     def meta(self, key: str, default: str = "") -> str:
-        for k, v in self.metadata:
-            if k == key:
-                return v
-        return default
+        return metadata_value(self.metadata, key, default)
 
 
 @dataclass(frozen=True, slots=True)

@@ -97,6 +97,11 @@ def _header_safe(value: str) -> bool:
     return value.isascii() and value.isprintable()
 
 
+def token_count(value: object) -> int:
+    """A token count from a provider's usage object: a non-negative int, else 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
 def is_event_stream(content_type: str) -> bool:
     return content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
 

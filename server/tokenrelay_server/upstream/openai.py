@@ -52,7 +52,7 @@ from tokenrelay_server.upstream.base import (
     TextDelta,
     UsageReport,
 )
-from tokenrelay_server.upstream.http_stream import HttpProvider, sim_headers
+from tokenrelay_server.upstream.http_stream import HttpProvider, sim_headers, token_count
 from tokenrelay_server.upstream.sse import ServerSentEvent
 
 DONE_MARKER = "[DONE]"
@@ -94,16 +94,13 @@ def _shape_error(detail: str, tokens_received: int) -> UpstreamError:
     return upstream_error(classify.unexpected_shape(detail, tokens_received=tokens_received))
 
 
-def _count(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-
 
 def parse_usage(raw: object, tokens_received: int) -> Usage:
     if not isinstance(raw, dict):
         raise _shape_error("usage is not an object", tokens_received)
     return Usage(
-        prompt_tokens=_count(raw.get("prompt_tokens")),
-        completion_tokens=_count(raw.get("completion_tokens")),
+        prompt_tokens=token_count(raw.get("prompt_tokens")),
+        completion_tokens=token_count(raw.get("completion_tokens")),
     )
 
 
