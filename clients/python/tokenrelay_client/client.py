@@ -748,41 +748,39 @@ class RelayStream:
         hold, as for an End (DigestMismatch otherwise)."""
         if failure.total_seq is None:
             return
-        if self._verifiable and failure.text_sha256:
+        self._check_assembly(
+            failure.total_seq,
+            failure.text_sha256,
+            verify=self._verifiable and bool(failure.text_sha256),
+            partial=self.partial(),
+        )
+
+    def _check_assembly(
+        self,
+        total_seq: int,
+        text_sha256: str,
+        *,
+        verify: bool,
+        partial: PartialStream | None = None,
+    ) -> None:
+        """The chunks we hold are the server's 1..total_seq: by digest when we
+        saw them all (`verify`), else at least by count."""
+        if verify:
             verify_assembly(
-                self.text,
-                self.last_seq,
-                total_seq=failure.total_seq,
-                expected_sha256=failure.text_sha256,
+                self.text, self.last_seq, total_seq=total_seq, expected_sha256=text_sha256
             )
-        elif failure.total_seq != self.last_seq:
+        elif total_seq != self.last_seq:
             raise DigestMismatch(
-                f"the client holds chunks up to {self.last_seq}, "
-                f"the server sent 1..{failure.total_seq}",
-                expected_sha256=failure.text_sha256,
+                f"the client holds chunks up to {self.last_seq}, the server sent 1..{total_seq}",
+                expected_sha256=text_sha256,
                 actual_sha256="",
-                expected_total_seq=failure.total_seq,
+                expected_total_seq=total_seq,
                 actual_last_seq=self.last_seq,
-                partial=self.partial(),
+                partial=partial,
             )
 
     def _on_end(self, end: relay_pb2.StreamEnd) -> End:
-        if self._verifiable:
-            verify_assembly(
-                self.text,
-                self.last_seq,
-                total_seq=end.total_seq,
-                expected_sha256=end.text_sha256,
-            )
-        elif end.total_seq != self.last_seq:
-            raise DigestMismatch(
-                f"the client holds chunks up to {self.last_seq}, "
-                f"the server sent 1..{end.total_seq}",
-                expected_sha256=end.text_sha256,
-                actual_sha256="",
-                expected_total_seq=end.total_seq,
-                actual_last_seq=self.last_seq,
-            )
+        self._check_assembly(end.total_seq, end.text_sha256, verify=self._verifiable)
         self.end = End(
             finish_reason=end.finish_reason,
             partial=end.partial,
