@@ -270,7 +270,10 @@ class GenerationParams(_message.Message):
     TOP_P_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
     max_tokens: _builtins.int
-    """Upper bound on generated tokens (the simulator's answer length; default 200)."""
+    """Upper bound on the answer's tokens (not chunks), across every upstream
+    attempt of the stream: a continuation asks only for what is left (the
+    simulator's answer length; default 200).
+    """
     temperature: _builtins.float
     """Sampling temperature, 0 to 2."""
     top_p: _builtins.float
@@ -532,7 +535,9 @@ Global___StreamStarted: _TypeAlias = StreamStarted  # noqa: Y015
 
 @_typing.final
 class TokenChunk(_message.Message):
-    """A piece of generated text."""
+    """A piece of generated text: one provider delta, which may hold several
+    tokens. seq counts chunks; token counts are in Checkpoint and Usage.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -541,7 +546,7 @@ class TokenChunk(_message.Message):
     PROVIDER_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
-    """1, 2, 3, … with no gaps within a stream."""
+    """1, 2, 3, … with no gaps within a stream (a chunk count, not tokens)."""
     text: _builtins.str
     """The text of this chunk (UTF-8, never a split character)."""
     provider: _builtins.str
@@ -576,7 +581,10 @@ class Checkpoint(_message.Message):
     seq: _builtins.int
     """The seq up to which every chunk is durably stored."""
     token_count: _builtins.int
-    """Tokens generated so far."""
+    """Tokens of the answer up to seq (not chunks): the usage the provider
+    reported, or, for an attempt still running or cut short, its deltas
+    weighed by what the provider's earlier answers reported per delta.
+    """
     resume_token: _builtins.str
     """A fresh resume token for this stream."""
     def __init__(
@@ -677,12 +685,14 @@ class StreamEnd(_message.Message):
     partial: _builtins.bool
     """True when the gateway gave up and this is all there is."""
     total_seq: _builtins.int
-    """The seq of the last chunk (the number of chunks)."""
+    """The seq of the last chunk (the number of chunks, not tokens)."""
     text_sha256: _builtins.str
     """Hex SHA-256 of the UTF-8 text of all chunks in seq order."""
     @_builtins.property
     def usage(self) -> Global___Usage:
-        """Token usage as reported (or counted) for the whole answer."""
+        """Token usage of the whole stream, summed over its upstream attempts, as
+        the providers reported it (counted where an attempt broke first).
+        """
 
     @_builtins.property
     def error(self) -> Global___StreamError:
@@ -715,9 +725,11 @@ class Usage(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
-    """Tokens in the prompt (as the provider counted them)."""
+    """Tokens in the prompts, as the providers counted them, over every attempt."""
     completion_tokens: _builtins.int
-    """Tokens in the answer."""
+    """Tokens generated, over every attempt (text a model repeated in a
+    continuation was paid for, so this can exceed what the chunks hold).
+    """
     def __init__(
         self,
         *,
