@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,7 @@ from tokenrelay_server.core.model import (
 )
 from tokenrelay_server.core.recovery import RecoveryConfig
 from tokenrelay_server.core.retry import BackoffPolicy
+from tokenrelay_server.engine.events import Observer, Observers
 from tokenrelay_server.engine.hub import Session, StreamHub
 from tokenrelay_server.engine.recovery_loop import Recovery
 from tokenrelay_server.engine.routing import Route, Router
@@ -188,6 +189,7 @@ def build_engine(
     config: RecoveryConfig | None = None,
     breaker: BreakerSettings | None = None,
     settings: HubSettings | None = None,
+    observers: Sequence[Observer] = (),
     **hub_settings: Any,
 ) -> Engine:
     """`chains`: alias → [(provider name, its scripts)]; a provider named in
@@ -217,6 +219,7 @@ def build_engine(
         recovery=recovery,
         settings=settings or HubSettings(**hub_settings),
         replica_id="replica-test",
+        observers=Observers(observers),
     )
     return Engine(clock, store, hub, health, providers)
 

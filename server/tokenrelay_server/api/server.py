@@ -12,7 +12,7 @@ import contextlib
 import os
 import random
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,11 +22,12 @@ from tokenrelay_server.api.reflection import enable_server_reflection
 from tokenrelay_server.api.servicer import RelayServicer
 from tokenrelay_server.api.tokens import ResumeTokens
 from tokenrelay_server.config.settings import Settings
-from tokenrelay_server.core.breaker import BreakerSettings
+from tokenrelay_server.core.breaker import BreakerListener, BreakerSettings
 from tokenrelay_server.core.clock import Clock, SystemClock
 from tokenrelay_server.core.limits import HubSettings, Timeouts
 from tokenrelay_server.core.recovery import RecoveryConfig
 from tokenrelay_server.core.retry import BackoffPolicy
+from tokenrelay_server.engine.events import BreakerChanged, Observer, Observers
 from tokenrelay_server.engine.hub import StreamHub
 from tokenrelay_server.engine.recovery_loop import Recovery
 from tokenrelay_server.engine.resources import resident_bytes
@@ -88,12 +89,24 @@ def build_router(
     return Router(routes)
 
 
-def build_recovery(settings: Settings, clock: Clock, rng: random.Random | None = None) -> Recovery:
+def build_recovery(
+    settings: Settings,
+    clock: Clock,
+    rng: random.Random | None = None,
+    *,
+    observe: Observers | None = None,
+) -> Recovery:
     """The shared recovery context: one UpstreamHealth (breakers, budgets,
-    scores) per replica, the policy, the clock and the jitter source."""
+    scores) per replica, the policy, the clock and the jitter source. Breaker
+    changes go to `observe` as BreakerChanged events."""
+    listeners: tuple[BreakerListener, ...] = ()
+    if observe is not None:
+        events = observe
+        listeners = (lambda change: events(BreakerChanged(change, clock.monotonic())),)
     return Recovery(
         health=UpstreamHealth(
             clock=clock,
+            listeners=listeners,
             breaker_settings=BreakerSettings(
                 failure_threshold=settings.breaker_failure_threshold,
                 cooldown_s=settings.breaker_cooldown_s,
@@ -175,8 +188,12 @@ class RelayServer:
         store: StreamStore | None = None,
         clock: Clock | None = None,
         routes: Mapping[str, list[Route]] | None = None,
+        observers: Sequence[Observer] = (),
     ) -> RelayServer:
+        """Assemble and start a gateway. `observers` get every engine event
+        (engine/events.py): metrics, traces, logs, error statistics."""
         settings = settings or Settings()
+        observe = Observers(observers)
         clock = clock or SystemClock()
         # Without a configured secret, tokens die with this process; the CLI
         # warns about it right after the "listening" line.
@@ -190,7 +207,8 @@ class RelayServer:
             store=store,
             router=router,
             clock=clock,
-            recovery=build_recovery(settings, clock),
+            recovery=build_recovery(settings, clock, observe=observe),
+            observers=observe,
             settings=HubSettings(
                 detach_grace_s=settings.detach_grace_s,
                 checkpoint_interval=settings.checkpoint_interval,

@@ -35,6 +35,7 @@ from tokenrelay_server.core.model import (
     StreamMeta,
     Usage,
 )
+from tokenrelay_server.engine.events import ChunkStored, Observers, StreamEnded
 from tokenrelay_server.engine.fanout import LocalLog, Subscription
 from tokenrelay_server.engine.recovery_loop import Outcome, Recovery, RecoveryLoop, Tally
 from tokenrelay_server.engine.routing import Route
@@ -116,6 +117,7 @@ class Generation:
         detach_grace_s: float,
         deadline_s: float | None = None,
         max_stream_bytes: int = 0,
+        observe: Observers | None = None,
     ) -> None:
         self.meta = meta
         self.stream_id = meta.stream_id
@@ -133,6 +135,8 @@ class Generation:
         self._grace_timer: Timer | None = None
         self.finished = asyncio.Event()
         self.upstream_cancelled = False  # the provider call was cut short by a stop
+        self._observe = observe or Observers()
+        self.started_at = self._clock.monotonic()
         self._loop = RecoveryLoop(
             stream_id=self.stream_id,
             request=request,
@@ -144,6 +148,8 @@ class Generation:
             notice=self.notice,
             delivered_text=self.log.text,
             delivered_chunks=lambda: self.log.last_seq,
+            model=meta.model,
+            observe=self._observe,
         )
 
     # -- what it holds ---------------------------------------------------------------
@@ -162,7 +168,7 @@ class Generation:
 
     @property
     def phase(self) -> str:
-        """"attempt" (an upstream call runs), "backoff" (waiting to try again)
+        """ "attempt" (an upstream call runs), "backoff" (waiting to try again)
         or "done" (the End is being written or was)."""
         return self._loop.phase
 
@@ -280,6 +286,18 @@ class Generation:
             self.log.record_unstored(end)
         self._apply(GenerationEvent.END_STORED)
         self.finished.set()
+        if self._observe:
+            now = self._clock.monotonic()
+            self._observe(
+                StreamEnded(
+                    stream_id=self.stream_id,
+                    model=self.meta.model,
+                    end=end,
+                    attempts=self.tally.attempts,
+                    duration_s=now - self.started_at,
+                    at=now,
+                )
+            )
 
     async def _produce(self) -> End:
         try:
@@ -344,6 +362,17 @@ class Generation:
             tokens_so_far=tokens,
         )
         await self.log.append([chunk])
+        if self._observe:
+            self._observe(
+                ChunkStored(
+                    stream_id=self.stream_id,
+                    model=self.meta.model,
+                    provider=provider,
+                    seq=chunk.seq,
+                    tokens_so_far=tokens,
+                    at=self._clock.monotonic(),
+                )
+            )
 
     async def notice(self, fault: Fault) -> None:
         """Tell every reader about a failure the gateway is recovering from."""

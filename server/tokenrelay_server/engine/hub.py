@@ -39,6 +39,7 @@ from tokenrelay_server.core.errors import (
 from tokenrelay_server.core.limits import HubSettings
 from tokenrelay_server.core.model import LogEntry, StartRequest, StreamMeta
 from tokenrelay_server.engine.cursor import LogCursor
+from tokenrelay_server.engine.events import Observers, ReaderAttached, StreamStarted, TakenOver
 from tokenrelay_server.engine.fanout import Subscription
 from tokenrelay_server.engine.generation import Generation, stop_fault
 from tokenrelay_server.engine.recovery_loop import Recovery
@@ -74,6 +75,7 @@ class StreamHub:
         recovery: Recovery,
         settings: HubSettings | None = None,
         replica_id: str | None = None,
+        observers: Observers | None = None,
     ) -> None:
         self.store = store
         self.router = router
@@ -81,6 +83,7 @@ class StreamHub:
         self.recovery = recovery
         self._settings = settings or HubSettings()
         self.replica_id = replica_id or uuid.uuid4().hex[:12]
+        self.observe = observers or Observers()
         self._local: dict[str, Generation] = {}
         self._admitting = 0  # starts admitted but not yet registered in _local
         self._tasks: set[asyncio.Task[None]] = set()
@@ -169,6 +172,8 @@ class StreamHub:
         subscription = Subscription()
         generation.attach(subscription)
         self._run(generation)
+        if self.observe:
+            self.observe(StreamStarted(meta.stream_id, meta.model, self._clock.monotonic()))
         return self._open(Session(meta, False, 0, subscription, generation))
 
     def _generation(
@@ -189,6 +194,7 @@ class StreamHub:
             detach_grace_s=self._settings.detach_grace_s,
             deadline_s=deadline_s,
             max_stream_bytes=self._settings.max_stream_bytes,
+            observe=self.observe,
         )
 
     def _run(self, generation: Generation) -> None:
@@ -245,6 +251,16 @@ class StreamHub:
     def _open(self, session: Session) -> Session:
         self._sessions.add(session)
         self._idle.clear()
+        if self.observe:
+            self.observe(
+                ReaderAttached(
+                    stream_id=session.stream_id,
+                    model=session.meta.model,
+                    resumed=session.resumed,
+                    after_seq=session.after_seq,
+                    at=self._clock.monotonic(),
+                )
+            )
         return session
 
     # -- reading ---------------------------------------------------------------------
@@ -299,6 +315,15 @@ class StreamHub:
                 continue
             self._run(generation)
             generation.arm_grace()
+            if self.observe:
+                self.observe(
+                    TakenOver(
+                        stream_id=stream_id,
+                        model=generation.meta.model,
+                        at_seq=generation.last_seq,
+                        at=self._clock.monotonic(),
+                    )
+                )
             # We generate it now: read it live, like any local stream.
             session.generation = generation
             generation.attach(session.subscription)

@@ -30,6 +30,12 @@ from tokenrelay_server.core.model import StartRequest
 from tokenrelay_server.core.recovery import Decision, RecoveryConfig, Situation, Step, decide
 from tokenrelay_server.core.stitch import Stitcher
 from tokenrelay_server.engine.attempt import AttemptReport, Emit, run_attempt
+from tokenrelay_server.engine.events import (
+    AttemptEnded,
+    AttemptStarted,
+    Observers,
+    RecoveryAction,
+)
 from tokenrelay_server.engine.routing import Route
 from tokenrelay_server.engine.selection import UpstreamHealth
 from tokenrelay_server.upstream.base import Finish, ProviderRequest
@@ -120,6 +126,8 @@ class RecoveryLoop:
     # What was delivered so far (the continuation prefix) and its chunk count.
     delivered_text: Callable[[], str]
     delivered_chunks: Callable[[], int]
+    model: str = ""  # the alias, for observers
+    observe: Observers = field(default_factory=Observers)
     _retries: list[int] = field(default_factory=list)
     _given_up: set[int] = field(default_factory=set)
     # Where the loop is, for operators (and tests that move a manual clock):
@@ -145,11 +153,13 @@ class RecoveryLoop:
             permit = health.breaker(route).try_acquire()
             if permit is None:
                 fault = breaker_open_fault(route)
+                if self.observe:
+                    self._attempt_ended(route, self.tally.attempts, "refused", fault, None, 0.0)
             else:
                 with permit:
                     self.tally.attempts += 1
                     health.budget(route).record_request()
-                    report = await self._attempt(route, self.tally.attempts)
+                    report = await self._observed_attempt(route, self.tally.attempts)
                     route_health = health.health(route)
                     self.tally.add(report, route_health.delta_weight())
                     if report.fault is None:
@@ -172,6 +182,20 @@ class RecoveryLoop:
                 log.info("stream %s: giving up: %s", self.stream_id, decision.reason)
                 return Outcome(fault=fault)
             await self._announce(fault, decision, route)
+            if self.observe:
+                self.observe(
+                    RecoveryAction(
+                        stream_id=self.stream_id,
+                        model=self.model,
+                        step=str(decision.step),
+                        fault=fault,
+                        from_provider=route.provider.name,
+                        to_provider=self.chain[decision.provider_index].provider.name,
+                        delay_s=decision.delay_s,
+                        at_seq=self.delivered_chunks(),
+                        at=self.recovery.clock.monotonic(),
+                    )
+                )
             if decision.step is Step.FALLBACK:
                 self._given_up.add(index)
             else:
@@ -196,6 +220,60 @@ class RecoveryLoop:
             ),
             budget_allows_retry=health.budget(self.chain[index]).allows_retry(),
             answer_complete=limit is not None and self.tally.delivered_tokens >= limit,
+        )
+
+    async def _observed_attempt(self, route: Route, attempt: int) -> AttemptReport:
+        """`_attempt`, told to the observers as it starts and however it ends."""
+        if not self.observe:
+            return await self._attempt(route, attempt)
+        clock = self.recovery.clock
+        started = clock.monotonic()
+        self.observe(
+            AttemptStarted(
+                stream_id=self.stream_id,
+                model=self.model,
+                provider=route.provider.name,
+                upstream_model=route.upstream_model,
+                attempt=attempt,
+                continuation=self.delivered_chunks() > 0,
+                at=started,
+            )
+        )
+        try:
+            report = await self._attempt(route, attempt)
+        except BaseException:
+            self._attempt_ended(route, attempt, "stopped", None, None, clock.monotonic() - started)
+            raise
+        outcome = "success" if report.fault is None else "failure"
+        self._attempt_ended(
+            route, attempt, outcome, report.fault, report, clock.monotonic() - started
+        )
+        return report
+
+    def _attempt_ended(
+        self,
+        route: Route,
+        attempt: int,
+        outcome: str,
+        fault: Fault | None,
+        report: AttemptReport | None,
+        duration_s: float,
+    ) -> None:
+        self.observe(
+            AttemptEnded(
+                stream_id=self.stream_id,
+                model=self.model,
+                provider=route.provider.name,
+                upstream_model=route.upstream_model,
+                attempt=attempt,
+                outcome=outcome,
+                fault=fault,
+                deltas=0 if report is None else report.deltas,
+                completion_tokens=0 if report is None else report.completion_tokens,
+                first_token_s=None if report is None else report.first_token_s,
+                duration_s=duration_s,
+                at=self.recovery.clock.monotonic(),
+            )
         )
 
     async def _attempt(self, route: Route, attempt: int) -> AttemptReport:
