@@ -43,6 +43,64 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ToolChoiceMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ToolChoiceModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ToolChoiceMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TOOL_CHOICE_MODE_UNSPECIFIED: _ToolChoiceMode.ValueType  # 0
+    TOOL_CHOICE_MODE_AUTO: _ToolChoiceMode.ValueType  # 1
+    """The model decides."""
+    TOOL_CHOICE_MODE_NONE: _ToolChoiceMode.ValueType  # 2
+    """The model must not call a tool."""
+    TOOL_CHOICE_MODE_REQUIRED: _ToolChoiceMode.ValueType  # 3
+    """The model must call at least one tool."""
+
+class ToolChoiceMode(_ToolChoiceMode, metaclass=_ToolChoiceModeEnumTypeWrapper):
+    """Whether the model may, must or must not call a tool."""
+
+TOOL_CHOICE_MODE_UNSPECIFIED: ToolChoiceMode.ValueType  # 0
+TOOL_CHOICE_MODE_AUTO: ToolChoiceMode.ValueType  # 1
+"""The model decides."""
+TOOL_CHOICE_MODE_NONE: ToolChoiceMode.ValueType  # 2
+"""The model must not call a tool."""
+TOOL_CHOICE_MODE_REQUIRED: ToolChoiceMode.ValueType  # 3
+"""The model must call at least one tool."""
+Global___ToolChoiceMode: _TypeAlias = ToolChoiceMode  # noqa: Y015
+
+class _ToolCallMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ToolCallModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ToolCallMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TOOL_CALL_MODE_UNSPECIFIED: _ToolCallMode.ValueType  # 0
+    TOOL_CALL_MODE_WHOLE: _ToolCallMode.ValueType  # 1
+    """Held until the call is complete and its arguments are valid JSON, then
+    sent as one chunk: a failure inside a tool call has shown the client
+    nothing of it and is recovered like any other (the default).
+    """
+    TOOL_CALL_MODE_STREAM: _ToolCallMode.ValueType  # 2
+    """Each delta goes out as it arrives; a failure inside a tool call ends the
+    stream partial with code TOOL_CALL_INTERRUPTED (never continued).
+    """
+
+class ToolCallMode(_ToolCallMode, metaclass=_ToolCallModeEnumTypeWrapper):
+    """How tool calls are relayed."""
+
+TOOL_CALL_MODE_UNSPECIFIED: ToolCallMode.ValueType  # 0
+TOOL_CALL_MODE_WHOLE: ToolCallMode.ValueType  # 1
+"""Held until the call is complete and its arguments are valid JSON, then
+sent as one chunk: a failure inside a tool call has shown the client
+nothing of it and is recovered like any other (the default).
+"""
+TOOL_CALL_MODE_STREAM: ToolCallMode.ValueType  # 2
+"""Each delta goes out as it arrives; a failure inside a tool call ends the
+stream partial with code TOOL_CALL_INTERRUPTED (never continued).
+"""
+Global___ToolCallMode: _TypeAlias = ToolCallMode  # noqa: Y015
+
 class _ErrorType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -191,6 +249,8 @@ class StartGeneration(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    TOOL_CHOICE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model alias the gateway routes (for example "sim"). Required."""
     idempotency_key: _builtins.str
@@ -215,6 +275,16 @@ class StartGeneration(_message.Message):
         provider (sim.pace_ms, sim.faults, sim.overlap, sim.seed).
         """
 
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tool]:
+        """Tools the model may call (at most 128). Names are unique."""
+
+    @_builtins.property
+    def tool_choice(self) -> Global___ToolChoice:
+        """Whether and which tool the model may call. Unset: AUTO when tools are
+        given.
+        """
+
     def __init__(
         self,
         *,
@@ -224,10 +294,12 @@ class StartGeneration(_message.Message):
         idempotency_key: _builtins.str = ...,
         policy: Global___RecoveryPolicy | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        tools: _abc.Iterable[Global___Tool] | None = ...,
+        tool_choice: Global___ToolChoice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "policy", b"policy"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "policy", b"policy", "tool_choice", b"tool_choice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "messages", b"messages", "metadata", b"metadata", "model", b"model", "params", b"params", "policy", b"policy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "messages", b"messages", "metadata", b"metadata", "model", b"model", "params", b"params", "policy", b"policy", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -241,23 +313,127 @@ class Message(_message.Message):
 
     ROLE_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
     role: _builtins.str
-    """"system", "user" or "assistant"."""
+    """"system", "user", "assistant" or "tool"."""
     content: _builtins.str
-    """The message text (UTF-8)."""
+    """The message text (UTF-8). For role "tool": the tool's result."""
+    tool_call_id: _builtins.str
+    """For role "tool": the id of the ToolCall this message answers. Required
+    for "tool", empty for every other role.
+    """
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
+        """For role "assistant": the tool calls the model made in that turn, to be
+        answered by "tool" messages that follow it.
+        """
+
     def __init__(
         self,
         *,
         role: _builtins.str = ...,
         content: _builtins.str = ...,
+        tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
+        tool_call_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Message: _TypeAlias = Message  # noqa: Y015
+
+@_typing.final
+class Tool(_message.Message):
+    """A tool the model may call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    PARAMETERS_JSON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """1 to 64 characters of A-Z, a-z, 0-9, "_" and "-"."""
+    description: _builtins.str
+    """What the tool does, for the model."""
+    parameters_json: _builtins.str
+    """JSON Schema of the tool's arguments, as JSON text: an object schema
+    (`{"type": "object", "properties": {...}}`). Empty: no arguments.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        parameters_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "parameters_json", b"parameters_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Tool: _TypeAlias = Tool  # noqa: Y015
+
+@_typing.final
+class ToolChoice(_message.Message):
+    """Tool use for this generation: a mode, or one tool by name."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    TOOL_NAME_FIELD_NUMBER: _builtins.int
+    mode: Global___ToolChoiceMode.ValueType
+    """AUTO, NONE or REQUIRED."""
+    tool_name: _builtins.str
+    """The model must call exactly this tool (one of StartGeneration.tools)."""
+    def __init__(
+        self,
+        *,
+        mode: Global___ToolChoiceMode.ValueType = ...,
+        tool_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "mode", b"mode", "tool_name", b"tool_name"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "mode", b"mode", "tool_name", b"tool_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_choice: _TypeAlias = _typing.Literal["mode", "tool_name"]  # noqa: Y015
+    _WhichOneofArgType_choice: _TypeAlias = _typing.Literal["choice", b"choice"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_choice) -> _WhichOneofReturnType_choice | None: ...
+
+Global___ToolChoice: _TypeAlias = ToolChoice  # noqa: Y015
+
+@_typing.final
+class ToolCall(_message.Message):
+    """A complete tool call, as the model made it (in an assistant message)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_JSON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The call's id, as the provider gave it; tool results name it."""
+    name: _builtins.str
+    """The tool's name."""
+    arguments_json: _builtins.str
+    """The arguments: a JSON object as text."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        arguments_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "id", b"id", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCall: _TypeAlias = ToolCall  # noqa: Y015
 
 @_typing.final
 class GenerationParams(_message.Message):
@@ -321,6 +497,7 @@ class RecoveryPolicy(_message.Message):
     ALLOW_FALLBACK_FIELD_NUMBER: _builtins.int
     ALLOW_PARTIAL_FIELD_NUMBER: _builtins.int
     CHECKPOINT_INTERVAL_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
     max_retries: _builtins.int
     """Upstream retries allowed for this call."""
     allow_fallback: _builtins.bool
@@ -340,6 +517,8 @@ class RecoveryPolicy(_message.Message):
     """
     checkpoint_interval: _builtins.int
     """A Checkpoint event goes out every this many chunks (default 10, at least 1)."""
+    tool_calls: Global___ToolCallMode.ValueType
+    """How tool calls are relayed (unset: WHOLE)."""
     def __init__(
         self,
         *,
@@ -347,10 +526,11 @@ class RecoveryPolicy(_message.Message):
         allow_fallback: _builtins.bool | None = ...,
         allow_partial: _builtins.bool | None = ...,
         checkpoint_interval: _builtins.int | None = ...,
+        tool_calls: Global___ToolCallMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_fallback", b"_allow_fallback", "_allow_partial", b"_allow_partial", "_checkpoint_interval", b"_checkpoint_interval", "_max_retries", b"_max_retries", "allow_fallback", b"allow_fallback", "allow_partial", b"allow_partial", "checkpoint_interval", b"checkpoint_interval", "max_retries", b"max_retries"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_fallback", b"_allow_fallback", "_allow_partial", b"_allow_partial", "_checkpoint_interval", b"_checkpoint_interval", "_max_retries", b"_max_retries", "allow_fallback", b"allow_fallback", "allow_partial", b"allow_partial", "checkpoint_interval", b"checkpoint_interval", "max_retries", b"max_retries"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_fallback", b"_allow_fallback", "_allow_partial", b"_allow_partial", "_checkpoint_interval", b"_checkpoint_interval", "_max_retries", b"_max_retries", "allow_fallback", b"allow_fallback", "allow_partial", b"allow_partial", "checkpoint_interval", b"checkpoint_interval", "max_retries", b"max_retries", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__allow_fallback: _TypeAlias = _typing.Literal["allow_fallback"]  # noqa: Y015
     _WhichOneofArgType__allow_fallback: _TypeAlias = _typing.Literal["_allow_fallback", b"_allow_fallback"]  # noqa: Y015
@@ -535,39 +715,90 @@ Global___StreamStarted: _TypeAlias = StreamStarted  # noqa: Y015
 
 @_typing.final
 class TokenChunk(_message.Message):
-    """A piece of generated text: one provider delta, which may hold several
-    tokens. seq counts chunks; token counts are in Checkpoint and Usage.
+    """A piece of the answer: one provider delta, which may hold several tokens.
+    A chunk carries exactly one of answer text, reasoning text or a tool-call
+    delta; seq is contiguous over all of them. seq counts chunks; token counts
+    are in Checkpoint and Usage.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     SEQ_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
+    REASONING_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_FIELD_NUMBER: _builtins.int
     PROVIDER_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """1, 2, 3, … with no gaps within a stream (a chunk count, not tokens)."""
     text: _builtins.str
-    """The text of this chunk (UTF-8, never a split character)."""
+    """Answer text (UTF-8, never a split character)."""
+    reasoning: _builtins.str
+    """The model's reasoning ("thinking"), when the provider streams it."""
     provider: _builtins.str
     """The provider that produced it (for example "sim")."""
     attempt: _builtins.int
     """The upstream attempt that produced it, starting at 1."""
+    @_builtins.property
+    def tool_call(self) -> Global___ToolCallDelta:
+        """A piece of a tool call (in WHOLE mode: the whole call)."""
+
     def __init__(
         self,
         *,
         seq: _builtins.int = ...,
         text: _builtins.str = ...,
+        reasoning: _builtins.str = ...,
+        tool_call: Global___ToolCallDelta | None = ...,
         provider: _builtins.str = ...,
         attempt: _builtins.int = ...,
     ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "reasoning", b"reasoning", "text", b"text", "tool_call", b"tool_call"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "content", b"content", "provider", b"provider", "reasoning", b"reasoning", "seq", b"seq", "text", b"text", "tool_call", b"tool_call"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["text", "reasoning", "tool_call"]  # noqa: Y015
+    _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_content) -> _WhichOneofReturnType_content | None: ...
+
+Global___TokenChunk: _TypeAlias = TokenChunk  # noqa: Y015
+
+@_typing.final
+class ToolCallDelta(_message.Message):
+    """A piece of a tool call. The pieces of one call share its index; a client
+    joins their `arguments` in seq order. The first piece of a call carries
+    its id and name.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Which call of the turn this is: 0, 1, 2, …"""
+    id: _builtins.str
+    """The call's id (on the call's first piece)."""
+    name: _builtins.str
+    """The tool's name (on the call's first piece)."""
+    arguments: _builtins.str
+    """A fragment of the arguments JSON (in WHOLE mode: all of it)."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        arguments: _builtins.str = ...,
+    ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "provider", b"provider", "seq", b"seq", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "id", b"id", "index", b"index", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___TokenChunk: _TypeAlias = TokenChunk  # noqa: Y015
+Global___ToolCallDelta: _TypeAlias = ToolCallDelta  # noqa: Y015
 
 @_typing.final
 class Checkpoint(_message.Message):
@@ -680,14 +911,27 @@ class StreamEnd(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     TOTAL_SEQ_FIELD_NUMBER: _builtins.int
     TEXT_SHA256_FIELD_NUMBER: _builtins.int
+    CHUNKS_SHA256_FIELD_NUMBER: _builtins.int
     finish_reason: _builtins.str
-    """"stop", "length", "content_filter", "cancelled", "error", …"""
+    """"stop", "length", "tool_calls" (the model stopped to call the tools it
+    sent), "content_filter", "cancelled", "error", …
+    """
     partial: _builtins.bool
     """True when the gateway gave up and this is all there is."""
     total_seq: _builtins.int
     """The seq of the last chunk (the number of chunks, not tokens)."""
     text_sha256: _builtins.str
-    """Hex SHA-256 of the UTF-8 text of all chunks in seq order."""
+    """Hex SHA-256 of the UTF-8 text of the answer-text chunks in seq order
+    (reasoning and tool calls are not in it).
+    """
+    chunks_sha256: _builtins.str
+    """Hex SHA-256 of every chunk in seq order, each as one record:
+      text:      "T" len(utf8) utf8
+      reasoning: "R" len(utf8) utf8
+      tool call: "C" index len(id) id len(name) name len(arguments) arguments
+    where index and every len are 4-byte big-endian unsigned integers and
+    strings are UTF-8. A client that assembled every chunk checks it all.
+    """
     @_builtins.property
     def usage(self) -> Global___Usage:
         """Token usage of the whole stream, summed over its upstream attempts, as
@@ -707,10 +951,11 @@ class StreamEnd(_message.Message):
         error: Global___StreamError | None = ...,
         total_seq: _builtins.int = ...,
         text_sha256: _builtins.str = ...,
+        chunks_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "finish_reason", b"finish_reason", "partial", b"partial", "text_sha256", b"text_sha256", "total_seq", b"total_seq", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks_sha256", b"chunks_sha256", "error", b"error", "finish_reason", b"finish_reason", "partial", b"partial", "text_sha256", b"text_sha256", "total_seq", b"total_seq", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
