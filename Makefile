@@ -1,10 +1,12 @@
 # tokenrelay — the two commands a fresh machine needs:
 #   make demo   install, then watch a stream survive a dropped connection
-#   make test   install, then lint and run the whole test suite
+#   make test   install, then lint and run the whole test suite (Python and Node)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+NODE_DIR   := clients/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 
 .PHONY: demo serve test lint proto bench chaos chat clean
 
@@ -13,6 +15,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# The Node client (clients/node): its dependencies from the committed
+# package-lock.json. No Node or npm (or a Node older than 20) is an error,
+# never a skip: its tests are part of `make test`.
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	@command -v node >/dev/null 2>&1 || { echo "make: node not found: the Node client needs Node 20+ and npm" >&2; exit 1; }
+	@command -v npm >/dev/null 2>&1 || { echo "make: npm not found: the Node client needs Node 20+ and npm" >&2; exit 1; }
+	@node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' || { echo "make: node $$(node --version) is too old: the Node client needs Node 20+" >&2; exit 1; }
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund
+	touch $@
 
 demo: $(STAMP)
 	$(BIN)/tokenrelay demo
@@ -26,8 +38,9 @@ chat: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: $(STAMP) lint
+test: $(STAMP) $(NODE_STAMP) lint
 	$(BIN)/pytest
+	cd $(NODE_DIR) && TOKENRELAY_BIN=$(abspath $(BIN))/tokenrelay npm test
 
 proto: $(STAMP)
 	$(BIN)/python tools/gen_protos.py
@@ -40,3 +53,4 @@ chaos: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(NODE_DIR)/node_modules $(NODE_DIR)/dist $(NODE_DIR)/proto $(NODE_DIR)/src/generated
