@@ -8,13 +8,13 @@
 import { strict as assert } from 'node:assert';
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { after, before, test } from 'node:test';
 import { promisify } from 'node:util';
 
-import { type Gateway, startGateway } from './support/gateway';
+import { type Gateway, REPO_ROOT, startGateway } from './support/gateway';
 
 const run = promisify(execFile);
 const BUF = path.resolve(__dirname, '..', '..', 'node_modules', '.bin', 'buf');
@@ -114,4 +114,40 @@ test('a refused resume prints the status code and message', async () => {
   assert.notEqual(failure.code, 0);
   assert.match(failure.stderr, /permission_denied/i);
   assert.match(failure.stderr, /resume\.resume_token/);
+});
+
+/** The README's buf curl command (the second sh block of its grpcurl
+ * section) and what it shows that command printing. */
+function readmeBufCommand(): { argv: string[]; expected: string } {
+  const readme = readFileSync(path.join(REPO_ROOT, 'README.md'), 'utf8');
+  const section = (readme.split('## A grpcurl session')[1] ?? '').split('\n## ')[0] ?? '';
+  const blocks = [...section.matchAll(/```sh\n([\s\S]*?)```/g)].map((match) => match[1] ?? '');
+  const block = blocks.find((text) => text.includes('buf curl'));
+  assert.ok(block !== undefined, 'the README shows no buf curl command');
+  const lines = block.split('\n');
+  const first = lines.findIndex((line) => line.startsWith('$ '));
+  let command = (lines[first] ?? '').slice(2);
+  let next = first + 1;
+  while (command.endsWith('\\')) {
+    command = `${command.slice(0, -1).trimEnd()} ${(lines[next] ?? '').trim()}`;
+    next += 1;
+  }
+  return { argv: shellWords(command), expected: lines.slice(next).join('\n').trim() };
+}
+
+/** Words of a shell command line with single-quoted parts (all the README uses). */
+function shellWords(command: string): string[] {
+  const words: string[] = [];
+  for (const match of command.matchAll(/'([^']*)'|(\S+)/g)) {
+    words.push(match[1] ?? match[2] ?? '');
+  }
+  return words;
+}
+
+test('the README\u2019s buf curl command prints what the README shows', async () => {
+  const { argv, expected } = readmeBufCommand();
+  assert.equal(argv[0], 'clients/node/node_modules/.bin/buf');
+  const args = argv.slice(1).map((arg) => arg.replace('http://localhost:50051', `http://${gateway.address}`));
+  const { stdout } = await run(BUF, args, { env: { ...process.env, BUF_CACHE_DIR: cacheDir } });
+  assert.deepEqual(JSON.parse(stdout), JSON.parse(expected));
 });
