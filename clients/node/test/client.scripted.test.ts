@@ -171,6 +171,37 @@ describe('requests', () => {
   }
 });
 
+describe('client options', () => {
+  const refusals: [string, () => unknown, string, RegExp][] = [
+    ['an empty address is refused', () => new RelayClient(''), 'TypeError', /address/],
+    ['a negative reconnect budget is refused', () => new RelayClient('a:1', { reconnect: { maxAttempts: -1 } }), 'RangeError', /reconnect\.maxAttempts/],
+    ['jitter above 1 is refused', () => new RelayClient('a:1', { reconnect: { jitter: 2 } }), 'RangeError', /reconnect\.jitter/],
+    ['a zero connect timeout is refused', () => new RelayClient('a:1', { reconnect: { connectTimeoutMs: 0 } }), 'RangeError', /reconnect\.connectTimeoutMs/],
+    ['a zero keepalive time is refused', () => new RelayClient('a:1', { keepalive: { timeMs: 0 } }), 'RangeError', /keepalive\.timeMs/],
+    ['a resume without a token is refused', () => plainClient('a:1').resume('', 0), 'TypeError', /resume token/],
+    ['a resume from a negative seq is refused', () => plainClient('a:1').resume('tok', -1), 'RangeError', /lastSeq/],
+  ];
+  for (const [id, build, name, message] of refusals) {
+    test(id, () => {
+      assert.throws(build, { name, message });
+    });
+  }
+
+  test('a client with keepalive settings streams, and a reconnect budget of 0 never reconnects', async () => {
+    const [server, address] = await serve([[started(), chunk(1), unavailable()]]);
+    const { sleep, delays } = recordingSleep();
+    const client = new RelayClient(address, {
+      keepalive: { timeMs: 10_000, timeoutMs: 5000, permitWithoutCalls: true },
+      reconnect: { maxAttempts: 0, sleep },
+    });
+    clients.push(client);
+    const error = await rejection(collect(client.stream('sim', PROMPT)));
+    assert.ok(error instanceof ReconnectsExhausted && error.attempts === 0);
+    assert.equal(server.firstRequests.length, 1);
+    assert.deepEqual(delays, []);
+  });
+});
+
 describe('reconnecting', () => {
   test('a start retried before started reuses the idempotency key', async () => {
     const [server, address] = await serve([
