@@ -299,7 +299,7 @@ def _start(scenario: Scenario) -> pb.StreamRequest:
 
 
 async def _read(
-    stub: pbg.RelayStub, first: pb.StreamRequest, stop_after_seq: int | None
+    stub: pbg.RelayAsyncStub, first: pb.StreamRequest, stop_after_seq: int | None
 ) -> list[pb.StreamEvent]:
     """Read a call to its end, or until chunk `stop_after_seq` (then drop it)."""
 
@@ -321,7 +321,7 @@ async def _read(
     return events
 
 
-async def run_scenario(stub: pbg.RelayStub, scenario: Scenario) -> tuple[list[str], str, bool]:
+async def run_scenario(stub: pbg.RelayAsyncStub, scenario: Scenario) -> tuple[list[str], str, bool]:
     """(violations, outcome "exact"/"partial", whether the client resumed)."""
     problems: list[str] = []
     events = await _read(stub, _start(scenario), scenario.drop_after)

@@ -117,8 +117,9 @@ ErrorKind = Literal[
     "authentication",
     "context_length",
 ]
-ERROR_KINDS: tuple[str, ...] = get_args(ErrorKind)
+ERROR_KINDS: tuple[ErrorKind, ...] = get_args(ErrorKind)
 RetryAfterStyle = Literal["seconds", "date", "ms"]
+RETRY_AFTER_STYLES: tuple[RetryAfterStyle, ...] = get_args(RetryAfterStyle)
 _SIM_FAULTS = ("ok", "reset", "stall", "eof", "garbage", "http")
 _RETRY_AFTER_STATUSES = frozenset({429, 503, 529})
 
@@ -178,7 +179,7 @@ def _error_kind(text: str, field: str, position: int) -> ErrorKind:
             f"{field}: item {position}: error kind {excerpt(text)} is not one of "
             f"{', '.join(ERROR_KINDS)}"
         )
-    return text  # type: ignore[return-value]
+    return text
 
 
 def _apply_http_fault(faults: HttpFaults, part: str, field: str, position: int) -> HttpFaults:
@@ -204,8 +205,8 @@ def _apply_http_fault(faults: HttpFaults, part: str, field: str, position: int) 
         return replace(faults, html_status=_status(argument, field, position) if colon else 200)
     if name == "json_error" and colon:
         return replace(faults, json_error=_error_kind(argument, field, position))
-    if name == "retry_after" and argument in ("seconds", "date", "ms"):
-        return replace(faults, retry_after=argument)  # type: ignore[arg-type]
+    if name == "retry_after" and argument in RETRY_AFTER_STYLES:
+        return replace(faults, retry_after=argument)
     if part == "split_utf8":
         return replace(faults, split_utf8=True)
     if part == "random_chunks":

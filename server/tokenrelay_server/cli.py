@@ -17,9 +17,10 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -79,7 +80,11 @@ DEFAULT_SHOWN = {
 }
 
 
-def serve_options(function: Any) -> Any:
+# What click.option decorates: a command's callback, any signature.
+_Callback = TypeVar("_Callback", bound=Callable[..., Any])
+
+
+def serve_options(function: _Callback) -> _Callback:
     # No envvar= and no click types: the environment is read, and every
     # value checked, by config.settings.load_settings (all mistakes at once).
     for name, metavar, help_text in reversed(SERVE_OPTIONS):
@@ -112,7 +117,7 @@ def main() -> None:
 )
 @serve_options
 @click.pass_context
-def serve(ctx: click.Context, /, config_file: Path | None, **flags: Any) -> None:
+def serve(ctx: click.Context, /, config_file: Path | None, **flags: str | bool | None) -> None:
     """Run the gateway (in-memory store and the `sim` model by default)."""
     try:
         settings = load_settings(config_file, flags=flags, env=os.environ)

@@ -56,7 +56,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias, TypeVar, cast
 
 import grpc
 import grpc.aio
@@ -280,7 +280,7 @@ class RelayClient:
         self._credentials = credentials
         self._call_metadata = tuple(call_metadata or ())
         self._channel: grpc.aio.Channel | None = None
-        self._stub: relay_pb2_grpc.RelayStub | None = None
+        self._stub: relay_pb2_grpc.RelayAsyncStub | None = None
 
     async def __aenter__(self) -> RelayClient:
         self._ensure_channel()
@@ -393,7 +393,7 @@ class RelayClient:
 
     # -- used by RelayStream ---------------------------------------------------
 
-    def _ensure_channel(self) -> relay_pb2_grpc.RelayStub:
+    def _ensure_channel(self) -> relay_pb2_grpc.RelayAsyncStub:
         if self._stub is None:
             if self._credentials is None:
                 self._channel = grpc.aio.insecure_channel(
@@ -839,9 +839,13 @@ def _generation_failed(
         if detail.Is(relay_pb2.StreamError.DESCRIPTOR):
             error = relay_pb2.StreamError()
             detail.Unpack(error)
-        elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
+        else:
+            # Unpack checks the type itself and says whether it matched. (The
+            # googleapis stubs type ErrorInfo.DESCRIPTOR as Message's, which
+            # types-protobuf's Any.Is does not accept.)
+            candidate = error_details_pb2.ErrorInfo()
+            if detail.Unpack(candidate):
+                info = candidate
     if error is None:
         return None
     total_seq: int | None = None
@@ -861,7 +865,10 @@ def _generation_failed(
 
 def _rich_status(exc: grpc.aio.AioRpcError) -> status_pb2.Status | None:
     try:
-        status: status_pb2.Status | None = rpc_status.from_call(exc)
+        # cast: from_call reads only code(), details() and trailing_metadata(),
+        # which AioRpcError has with grpc.Call's synchronous signatures; the
+        # stubs (types-grpcio-status) accept only grpc.Call.
+        status: status_pb2.Status | None = rpc_status.from_call(cast("grpc.Call", exc))
     except ValueError:  # details that contradict the status: ignore them
         return None
     return status
@@ -889,6 +896,7 @@ async def _write(
         details = await call.details()
         if code == grpc.StatusCode.OK:
             raise _Transient("the call ended before the request was sent") from None
+        rich: status_pb2.Status | None
         try:
             rich = await rpc_status.aio.from_call(call)
         except ValueError:
@@ -970,14 +978,27 @@ def _to_policy(policy: Mapping[str, int | bool]) -> relay_pb2.RecoveryPolicy:
         raise ValueError(
             f"unknown recovery policy field(s) {sorted(unknown)}; known: {list(_POLICY_FIELDS)}"
         )
+    # The keys were checked just above; protobuf checks each value at run time
+    # (a TypeError naming the field). mypy cannot match a mapping's keys to
+    # the constructor's keywords, and bool and int values share one mapping.
     return relay_pb2.RecoveryPolicy(**policy)  # type: ignore[arg-type]
 
 
-def _enum_name(value: int, prefix: str, enum: Any) -> str:
+_V = TypeVar("_V", bound=int)
+_V_contra = TypeVar("_V_contra", bound=int, contravariant=True)
+
+
+class _ProtoEnum(Protocol[_V_contra]):
+    """A generated proto enum (relay_pb2.ErrorType, ...): its Name lookup."""
+
+    def Name(self, number: _V_contra, /) -> str: ...
+
+
+def _enum_name(value: _V, prefix: str, enum: _ProtoEnum[_V]) -> str:
     if value == 0:
         return ""
     try:
-        name: str = enum.Name(value)
+        name = enum.Name(value)
     except ValueError:
         return str(value)
     return name.removeprefix(prefix).lower()

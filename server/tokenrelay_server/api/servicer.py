@@ -200,7 +200,7 @@ def parse_start(start: relay_pb2.StartGeneration, *, max_prompt_bytes: int) -> S
                 f"start.messages[{index}].content takes the prompt to {total_bytes} bytes; "
                 f"the limit is {max_prompt_bytes}"
             )
-        messages.append(Message(message.role, message.content))  # type: ignore[arg-type]
+        messages.append(Message(message.role, message.content))
     params = start.params
     if params.HasField("max_tokens") and not 1 <= params.max_tokens <= MAX_TOKENS_LIMIT:
         raise RequestError(f"start.params.max_tokens must be 1..{MAX_TOKENS_LIMIT}")
@@ -263,11 +263,12 @@ def parse_start(start: relay_pb2.StartGeneration, *, max_prompt_bytes: int) -> S
 
 def fault_to_proto(fault: Fault) -> relay_pb2.StreamError:
     error = relay_pb2.StreamError(
-        type=int(fault.type),  # type: ignore[arg-type]
+        # The core enums' values are the proto's (errors.py); ValueType is int.
+        type=relay_pb2.ErrorType.ValueType(fault.type),
         code=fault.code,
         message=fault.message,
         retryable=fault.retryable,
-        suggested_action=int(fault.suggested_action),  # type: ignore[arg-type]
+        suggested_action=relay_pb2.SuggestedAction.ValueType(fault.suggested_action),
         fatal=fault.fatal,
         bytes_received=fault.bytes_received,
         tokens_received=fault.tokens_received,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from tokenrelay_server.core.clock import Deadline, Timer
 from tokenrelay_server.core.errors import ErrorType, Fault, ResourceError, SuggestedAction
@@ -192,7 +192,9 @@ class Generation:
     def detach(self, subscription: Subscription) -> None:
         self.log.detach(subscription)  # arms the grace when it was the last
 
-    def follow(self, after_seq: int, subscription: Subscription) -> AsyncIterator[list[LogEntry]]:
+    def follow(
+        self, after_seq: int, subscription: Subscription
+    ) -> AsyncGenerator[list[LogEntry], None]:
         return self.log.follow(after_seq, subscription)
 
     def arm_grace(self) -> None:

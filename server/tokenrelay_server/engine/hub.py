@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from tokenrelay_server.core.clock import Clock
@@ -265,7 +265,7 @@ class StreamHub:
 
     # -- reading ---------------------------------------------------------------------
 
-    async def follow(self, session: Session) -> AsyncIterator[list[LogEntry]]:
+    async def follow(self, session: Session) -> AsyncGenerator[list[LogEntry], None]:
         """Every entry of the session's stream after its `after_seq`, until the
         End, in batches."""
         generation = session.generation
@@ -291,7 +291,7 @@ class StreamHub:
         if not self._sessions:
             self._idle.set()
 
-    async def _follow_store(self, session: Session) -> AsyncIterator[list[LogEntry]]:
+    async def _follow_store(self, session: Session) -> AsyncGenerator[list[LogEntry], None]:
         stream_id = session.stream_id
         cursor = LogCursor(session.after_seq)
         while True:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import httpx
@@ -199,7 +199,7 @@ async def stream_deltas(
     max_response_bytes: int,
     clock: Clock,
     secrets: tuple[str, ...] = (),
-) -> AsyncIterator[Delta]:
+) -> AsyncGenerator[Delta, None]:
     """The deltas of one streaming request; raises only `UpstreamError`."""
     state = _Attempt(provider, attempt, secrets)
     timeout = client.timeout
@@ -350,7 +350,7 @@ class HttpProvider:
     def parser(self) -> WireParser:
         raise NotImplementedError
 
-    def stream(self, request: ProviderRequest) -> AsyncIterator[Delta]:
+    def stream(self, request: ProviderRequest) -> AsyncGenerator[Delta, None]:
         return stream_deltas(
             self._client,
             self.build_request(request),

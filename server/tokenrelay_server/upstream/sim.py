@@ -33,7 +33,7 @@ import asyncio
 import hashlib
 import random
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -230,9 +230,10 @@ def parse_fault_script(script: str, field: str = 'metadata["sim.faults"]') -> tu
             continue
         kind, at, raw_count = item.partition("@")
         count = parse_count(raw_count)
-        if kind in ("reset", "stall", "eof", "garbage") and at and count is not None:
-            steps.append(FaultStep(kind, count))  # type: ignore[arg-type]
-            continue
+        match kind:
+            case "reset" | "stall" | "eof" | "garbage" if at and count is not None:
+                steps.append(FaultStep(kind, count))
+                continue
         raise RequestError(
             f"{field}: item {position} {excerpt(item)} is not one of ok, reset@N, stall@N, "
             "eof@N, garbage@N, http:CODE (N in ASCII digits)"
@@ -391,7 +392,7 @@ class SimProvider:
         """Raise RequestError naming the bad `sim.*` metadata key, if any."""
         SimSettings.from_metadata(metadata, self._default_pace_ms)
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[Delta]:
+    async def stream(self, request: ProviderRequest) -> AsyncGenerator[Delta, None]:
         settings = SimSettings.from_metadata(request.metadata, self._default_pace_ms)
         plan = plan_attempt(
             request.messages,
