@@ -270,6 +270,7 @@ class RecoveryLoop:
                 fault=fault,
                 deltas=0 if report is None else report.deltas,
                 completion_tokens=0 if report is None else report.completion_tokens,
+                bytes_received=0 if report is None else report.bytes_received,
                 first_token_s=None if report is None else report.first_token_s,
                 duration_s=duration_s,
                 at=self.recovery.clock.monotonic(),
