@@ -72,6 +72,12 @@ SERVE_OPTIONS: list[tuple[str, str | type[bool], str]] = [
     ("sim", bool, "Serve model `sim`, the simulator that takes fault scripts from requests."),
     ("sim_pace_ms", NUMBER, "Default delay per token of the simulated model."),
     ("log_level", "[debug|info|warning|error]", "Log verbosity."),
+    # Observability (issue 11): tracing and structured logs.
+    (
+        "otel_exporter",
+        "[none|console|otlp]",
+        "Where spans go: nowhere, stdout, or OTLP/gRPC (the OTEL_EXPORTER_OTLP_* variables).",
+    ),
 ]
 DEFAULT_SHOWN = {
     "resume_secret": "random",
