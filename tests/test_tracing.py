@@ -10,6 +10,7 @@ event loop), never by waiting on wall time.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -33,6 +34,7 @@ from tokenrelay_client import Chunk, RelayClient
 from tokenrelay_client.tracing import tracing_interceptors
 from tokenrelay_devtools.otlp_receiver import ReceivedSpan, TraceReceiver
 from tokenrelay_server.api.server import RelayServer
+from tokenrelay_server.obs.logs import FIELDS, STREAM_LOGGER
 from tokenrelay_server.obs.tracing import Tracing
 
 CALL = "/tokenrelay.v1.Relay/Stream"
@@ -109,7 +111,9 @@ def count_of(name: str, wanted: int) -> Callable[[list[ReceivedSpan]], bool]:
 async def test_a_retried_continued_and_client_resumed_stream_is_one_span_tree(
     traced_relay: RelayFactory,
     receiver: TraceReceiver,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger=STREAM_LOGGER)
     relay = await traced_relay()
     assert relay.tracing is not None
     async with grpc.aio.insecure_channel(relay.address) as channel:
@@ -213,6 +217,13 @@ async def test_a_retried_continued_and_client_resumed_stream_is_one_span_tree(
         },
     )
     assert resume_call.links == [(stream.trace_id, stream.span_id, {"tokenrelay.link": "stream"})]
+
+    # The generation task inherited the starting call's context: the log
+    # lines it wrote (attempt failures, recovery actions) carry its trace id.
+    lines = [getattr(r, FIELDS) for r in caplog.records if hasattr(r, FIELDS)]
+    written_in_generation = [f for f in lines if f["event"] in ("attempt_failed", "recovery")]
+    assert len(written_in_generation) == 4
+    assert {f["trace_id"] for f in written_in_generation} == {start_call.trace_id}
 
 
 async def test_a_traceparent_in_the_call_metadata_is_the_parent_of_the_call_span(

@@ -34,6 +34,7 @@ from tokenrelay_server.engine.recovery_loop import Recovery
 from tokenrelay_server.engine.resources import resident_bytes
 from tokenrelay_server.engine.routing import Route, Router
 from tokenrelay_server.engine.selection import UpstreamHealth
+from tokenrelay_server.obs.logs import StreamLog
 from tokenrelay_server.obs.tracing import Tracing, span_exporter
 from tokenrelay_server.store.base import StreamStore
 from tokenrelay_server.store.memory import MemoryStore
@@ -196,7 +197,7 @@ class RelayServer:
     ) -> RelayServer:
         """Assemble and start a gateway. `observers` get every engine event
         (engine/events.py) after the gateway's own: the tracer (when
-        `otel_exporter` is not "none")."""
+        `otel_exporter` is not "none") and the lifecycle log lines."""
         settings = settings or Settings()
         replica_id = uuid.uuid4().hex[:12]
         tracing = (
@@ -205,7 +206,7 @@ class RelayServer:
             else None
         )
         own: list[Observer] = [] if tracing is None else [tracing.observer]
-        observe = Observers([*own, *observers])
+        observe = Observers([*own, StreamLog(), *observers])
         clock = clock or SystemClock()
         # Without a configured secret, tokens die with this process; the CLI
         # warns about it right after the "listening" line.

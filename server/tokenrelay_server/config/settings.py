@@ -153,6 +153,7 @@ class Settings(BaseModel):
     # Observability: tracing and logs (issue 11; obs/tracing.py, obs/logs.py).
     # `otlp` exports over gRPC as the standard OTEL_EXPORTER_OTLP_* variables say.
     otel_exporter: Literal["none", "console", "otlp"] = "none"
+    log_format: Literal["text", "json"] = "text"
     # Provider and model tables ([providers.*], [models.*]) from the config file.
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
     # Timeouts set by flag or environment: they beat every provider's own.

@@ -6,4 +6,6 @@ the engine never imports it.
 
     tracing   OpenTelemetry spans of the calls, the streams, the attempts and
               the recovery actions; exporters (none, console, OTLP/gRPC)
+    logs      one log line per stream lifecycle event; text or JSON lines;
+              the loggers that could print a secret kept quiet
 """
