@@ -239,7 +239,7 @@ class RelayServer:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         relay_pb2_grpc.add_RelayServicer_to_server(
             RelayServicer(

@@ -85,7 +85,7 @@ def _text_value(value: Value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return f"{value:.3f}".rstrip("0").rstrip(".")
+        return f"{value:.4g}"
     text = str(value)
     if not text or any(c.isspace() or c in '"=' for c in text):
         return json.dumps(text, ensure_ascii=False)
@@ -224,8 +224,9 @@ def _fault_fields(fault: Fault) -> dict[str, Value | None]:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts (UTC, ms), level, logger, msg, then the
-    line's fields (a lifecycle line's), or the current trace id."""
+    """One JSON object per line: ts (UTC, ms), level, logger, msg, then a
+    lifecycle line's fields (its msg is then the event's name), or else the
+    current trace id when there is one."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -238,6 +239,8 @@ class JsonFormatter(logging.Formatter):
         }
         fields = getattr(record, FIELDS, None)
         if isinstance(fields, dict):
+            # A lifecycle line: its fields say it all; msg is the event.
+            entry["msg"] = fields.get("event", entry["msg"])
             entry.update(fields)
         elif (trace_id := current_trace_id()) is not None:
             entry["trace_id"] = trace_id
