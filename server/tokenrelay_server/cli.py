@@ -31,19 +31,9 @@ from tokenrelay_server.config.settings import (
     flag_of,
     load_settings,
 )
+from tokenrelay_server.obs.logs import known_secrets, setup_logging
 
 log = logging.getLogger("tokenrelay")
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # httpx logs every upstream request at INFO; keep that for debug.
-    if level != "debug":
-        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 # Shown in --help; the values are checked by config.settings, not by click.
@@ -73,6 +63,13 @@ SERVE_OPTIONS: list[tuple[str, str | type[bool], str]] = [
     ("sim", bool, "Serve model `sim`, the simulator that takes fault scripts from requests."),
     ("sim_pace_ms", NUMBER, "Default delay per token of the simulated model."),
     ("log_level", "[debug|info|warning|error]", "Log verbosity."),
+    # Observability (issue 11): tracing and structured logs.
+    (
+        "otel_exporter",
+        "[none|console|otlp]",
+        "Where spans go: nowhere, stdout, or OTLP/gRPC (the OTEL_EXPORTER_OTLP_* variables).",
+    ),
+    ("log_format", "[text|json]", "Log lines as text, or one JSON object per line."),
 ]
 DEFAULT_SHOWN = {
     "resume_secret": "random",
@@ -123,7 +120,11 @@ def serve(ctx: click.Context, /, config_file: Path | None, **flags: str | bool |
         settings = load_settings(config_file, flags=flags, env=os.environ)
     except ConfigError as error:
         exit_with_problems(ctx, error)
-    setup_logging(settings.log_level)
+    setup_logging(
+        settings.log_level,
+        settings.log_format,
+        secrets=known_secrets(settings, os.environ),
+    )
     try:
         asyncio.run(_serve(settings))
     except ConfigError as error:

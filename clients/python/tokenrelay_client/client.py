@@ -243,6 +243,10 @@ class RelayClient:
     channel_options: extra grpc channel options, applied after our defaults.
     credentials: TLS credentials; None means a plaintext channel.
     call_metadata: gRPC metadata sent with every call (e.g. authorization).
+    interceptors: grpc.aio client interceptors of the channel, e.g.
+        `tokenrelay_client.tracing.tracing_interceptors()` (OpenTelemetry: a
+        CLIENT span per call and the W3C trace context in its metadata, so
+        the gateway's spans join the caller's trace).
     """
 
     def __init__(
@@ -259,6 +263,7 @@ class RelayClient:
         channel_options: ChannelOptions | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         call_metadata: Sequence[tuple[str, str]] | None = None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
     ) -> None:
         if max_reconnects < 0:
             raise ValueError("max_reconnects must be 0 or more")
@@ -279,6 +284,7 @@ class RelayClient:
         self._channel_options = (*_DEFAULT_CHANNEL_OPTIONS, *(channel_options or ()))
         self._credentials = credentials
         self._call_metadata = tuple(call_metadata or ())
+        self._interceptors = list(interceptors or ())
         self._channel: grpc.aio.Channel | None = None
         self._stub: relay_pb2_grpc.RelayAsyncStub | None = None
 
@@ -397,11 +403,16 @@ class RelayClient:
         if self._stub is None:
             if self._credentials is None:
                 self._channel = grpc.aio.insecure_channel(
-                    self.target, options=self._channel_options
+                    self.target,
+                    options=self._channel_options,
+                    interceptors=self._interceptors or None,
                 )
             else:
                 self._channel = grpc.aio.secure_channel(
-                    self.target, self._credentials, options=self._channel_options
+                    self.target,
+                    self._credentials,
+                    options=self._channel_options,
+                    interceptors=self._interceptors or None,
                 )
             self._stub = relay_pb2_grpc.RelayStub(self._channel)
         return self._stub

@@ -65,6 +65,7 @@ class AttemptEnded:
     fault: Fault | None
     deltas: int  # text deltas received
     completion_tokens: int  # as reported, 0 when the provider did not say
+    bytes_received: int  # of the response, where the provider counts them (else 0)
     first_token_s: float | None
     duration_s: float
     at: float

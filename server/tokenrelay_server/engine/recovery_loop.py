@@ -175,11 +175,13 @@ class RecoveryLoop:
                     else:
                         permit.released()
             decision = decide(self._situation(fault, index), self.policy, self.recovery.rng)
+            # The lifecycle lines (a recovery action, the end) are the log
+            # observer's (obs/logs.py); why the loop stopped is a detail.
             if decision.step is Step.COMPLETE:
-                log.info("stream %s: %s", self.stream_id, decision.reason)
+                log.debug("stream %s: %s", self.stream_id, decision.reason)
                 return Outcome(finish=Finish("length"))
             if not decision.continues:
-                log.info("stream %s: giving up: %s", self.stream_id, decision.reason)
+                log.debug("stream %s: giving up: %s", self.stream_id, decision.reason)
                 return Outcome(fault=fault)
             await self._announce(fault, decision, route)
             if self.observe:
@@ -270,6 +272,7 @@ class RecoveryLoop:
                 fault=fault,
                 deltas=0 if report is None else report.deltas,
                 completion_tokens=0 if report is None else report.completion_tokens,
+                bytes_received=0 if report is None else report.bytes_received,
                 first_token_s=None if report is None else report.first_token_s,
                 duration_s=duration_s,
                 at=self.recovery.clock.monotonic(),
@@ -321,14 +324,6 @@ class RecoveryLoop:
         }[decision.step]
         if decision.step is Step.FALLBACK and not breaker.available():
             what += f" (the circuit breaker of {breaker.name} is open)"
-        log.info(
-            "stream %s: %s (%s) -> %s in %.2fs",
-            self.stream_id,
-            fault.code,
-            fault.provider,
-            what,
-            decision.delay_s,
-        )
         await self.notice(
             replace(
                 fault,

@@ -67,6 +67,9 @@ class Finish:
 
     reason: str
     usage: Usage | None = None
+    # Bytes of the response the attempt received up to its finish, where the
+    # adapter counts them (the HTTP adapters and the sim do): for observers.
+    bytes_received: int = 0
 
 
 Delta = TextDelta | UsageReport | Finish

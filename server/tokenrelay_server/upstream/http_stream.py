@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
@@ -37,7 +38,7 @@ import httpx
 from tokenrelay_server.core import classify
 from tokenrelay_server.core.clock import Clock, SystemClock
 from tokenrelay_server.core.errors import Fault, UpstreamError, upstream_error
-from tokenrelay_server.upstream.base import Delta, ProviderRequest
+from tokenrelay_server.upstream.base import Delta, Finish, ProviderRequest
 from tokenrelay_server.upstream.sse import ServerSentEvent, SSEDecoder
 
 if TYPE_CHECKING:
@@ -114,6 +115,12 @@ class _Attempt:
         self.attempt = attempt
         self.secrets = secrets
         self.bytes_received = 0
+
+    def counted(self, delta: Delta) -> Delta:
+        """A Finish carries the bytes received so far (for observers)."""
+        if isinstance(delta, Finish):
+            return dataclasses.replace(delta, bytes_received=self.bytes_received)
+        return delta
 
     def error(self, fault: Fault, tokens_received: int) -> UpstreamError:
         message = fault.message
@@ -240,7 +247,7 @@ async def stream_deltas(
                     except UpstreamError as exc:
                         raise state.error(exc.fault, parser.tokens_received) from None
                     for delta in deltas:
-                        yield delta
+                        yield state.counted(delta)
                     if parser.ended:
                         break
                 if parser.ended:
@@ -261,7 +268,7 @@ async def stream_deltas(
         except UpstreamError as exc:
             raise state.error(exc.fault, parser.tokens_received) from None
         for delta in final:
-            yield delta
+            yield state.counted(delta)
     finally:
         with contextlib.suppress(httpx.HTTPError):  # never hide the error being raised
             await response.aclose()

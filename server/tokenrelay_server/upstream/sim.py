@@ -445,7 +445,7 @@ class SimProvider:
         if fault.kind == "eof":
             return  # no Finish: the caller reports NO_FINISH_REASON
         yield UsageReport(plan.usage)
-        yield Finish(plan.finish_reason, plan.usage)
+        yield Finish(plan.finish_reason, plan.usage, bytes_received=sent_bytes)
 
     async def aclose(self) -> None:
         return None
