@@ -364,7 +364,7 @@ class Generation:
             tokens_so_far=tokens,
         )
         await self.log.append([chunk])
-        if self._observe:
+        if self._observe.chunks:
             self._observe(
                 ChunkStored(
                     stream_id=self.stream_id,

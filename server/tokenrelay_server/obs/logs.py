@@ -53,7 +53,6 @@ from tokenrelay_server.core.errors import Fault
 from tokenrelay_server.engine.events import (
     AttemptEnded,
     AttemptStarted,
-    ChunkStored,
     EngineEvent,
     ReaderAttached,
     RecoveryAction,
@@ -95,6 +94,8 @@ def _text_value(value: Value) -> str:
 class StreamLog:
     """The engine observer that writes the lifecycle lines (module doc)."""
 
+    observes_chunks = False  # no line per chunk
+
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self._log = logger or logging.getLogger(STREAM_LOGGER)
         # Each stream's last attempt (provider, number), for its later lines;
@@ -103,8 +104,6 @@ class StreamLog:
 
     def __call__(self, event: EngineEvent) -> None:
         match event:
-            case ChunkStored():
-                return  # the hot path: no line per chunk
             case AttemptStarted():
                 self._last[event.stream_id] = (event.provider, event.attempt)
                 self._write(

@@ -69,7 +69,6 @@ from tokenrelay_server.core.errors import Fault
 from tokenrelay_server.engine.events import (
     AttemptEnded,
     AttemptStarted,
-    ChunkStored,
     EngineEvent,
     ReaderAttached,
     RecoveryAction,
@@ -245,6 +244,8 @@ def _fault_attributes(fault: Fault) -> dict[str, AttributeValue]:
 class StreamTracer:
     """The engine observer that makes the tokenrelay.* spans (module doc)."""
 
+    observes_chunks = False  # nothing to trace per chunk
+
     def __init__(
         self,
         tracer: trace.Tracer,
@@ -260,8 +261,6 @@ class StreamTracer:
 
     def __call__(self, event: EngineEvent) -> None:
         match event:
-            case ChunkStored():
-                return  # the hot path: nothing to trace per chunk
             case AttemptStarted():
                 self._attempt_started(event)
             case AttemptEnded():
