@@ -123,8 +123,8 @@ class RecoveryLoop:
     _retries: list[int] = field(default_factory=list)
     _given_up: set[int] = field(default_factory=set)
     # Where the loop is, for operators (and tests that move a manual clock):
-    # "attempt" while an upstream call runs, "backoff" while it waits to try
-    # again, "done" once it returned.
+    # "attempt" while an upstream call runs, "backoff" while it waits on the
+    # clock to try again, "done" once it returned.
     phase: str = "attempt"
 
     async def run(self) -> Outcome:
@@ -178,7 +178,10 @@ class RecoveryLoop:
                 self._retries[index] += 1
                 health.budget(route).spend_retry()
             index = decision.provider_index
-            self.phase = "backoff"
+            if decision.delay_s > 0:
+                # "backoff" means a timer of the clock is what the loop waits
+                # for; a fallback (no delay) goes straight to its attempt.
+                self.phase = "backoff"
             await self.recovery.clock.sleep(decision.delay_s)
             self.phase = "attempt"
 
