@@ -21,6 +21,11 @@ deltas out), and this module does the I/O around them:
 5. close the response however the iteration ends (exhausted, error,
    `aclose()`, cancellation); `CancelledError` is never caught.
 
+`HttpProvider.in_flight()` shows the attempts being streamed and the body
+bytes each has taken in. Every delta of those bytes has been handed on by
+the time the streaming task waits for more, so a time keeper that compares
+them with what the upstream sent knows the gateway has seen all of it.
+
 Every fault is labelled with the provider, the attempt, the bytes and the
 text deltas received so far, and the API key is scrubbed from its message.
 """
@@ -30,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import httpx
@@ -127,6 +133,14 @@ class _Attempt:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Receiving:
+    """One attempt a provider is streaming, as `HttpProvider.in_flight()` shows it."""
+
+    attempt: int
+    bytes_received: int  # of the body (error bodies included), as decoded
+
+
 def transport_evidence(exc: httpx.HTTPError, timeout: httpx.Timeout | None) -> classify.Evidence:
     """What an httpx exception means. The one place httpx errors are read."""
     kind_in_chain = classify.transport_kind_of(exc)
@@ -194,9 +208,32 @@ async def stream_deltas(
     max_response_bytes: int,
     clock: Clock,
     secrets: tuple[str, ...] = (),
+    in_flight: set[_Attempt] | None = None,
 ) -> AsyncIterator[Delta]:
-    """The deltas of one streaming request; raises only `UpstreamError`."""
+    """The deltas of one streaming request; raises only `UpstreamError`.
+    `in_flight` holds the attempt's counters while it streams."""
     state = _Attempt(provider, attempt, secrets)
+    if in_flight is not None:
+        in_flight.add(state)
+    try:
+        async with contextlib.aclosing(
+            _stream_deltas(client, http_request, parser, state, max_response_bytes, clock)
+        ) as deltas:
+            async for delta in deltas:
+                yield delta
+    finally:
+        if in_flight is not None:
+            in_flight.discard(state)
+
+
+async def _stream_deltas(
+    client: httpx.AsyncClient,
+    http_request: httpx.Request,
+    parser: WireParser,
+    state: _Attempt,
+    max_response_bytes: int,
+    clock: Clock,
+) -> AsyncIterator[Delta]:
     timeout = client.timeout
     try:
         response = await client.send(http_request, stream=True)
@@ -327,6 +364,7 @@ class HttpProvider:
         self._api_key = api_key
         self._clock = clock or SystemClock()
         self._url = f"{config.base_url.rstrip('/')}/{self.path}"
+        self._in_flight: set[_Attempt] = set()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self._name!r}, url={self._url!r})"
@@ -338,6 +376,10 @@ class HttpProvider:
     @property
     def config(self) -> ProviderConfig:
         return self._config
+
+    def in_flight(self) -> tuple[Receiving, ...]:
+        """The attempts streaming now and the body bytes each has taken in."""
+        return tuple(Receiving(state.attempt, state.bytes_received) for state in self._in_flight)
 
     def build_request(self, request: ProviderRequest) -> httpx.Request:
         raise NotImplementedError
@@ -355,6 +397,7 @@ class HttpProvider:
             max_response_bytes=self._config.max_response_bytes,
             clock=self._clock,
             secrets=(self._api_key,) if self._api_key else (),
+            in_flight=self._in_flight,
         )
 
     async def aclose(self) -> None:
