@@ -149,13 +149,20 @@ class RecoveryLoop:
                 with permit:
                     self.tally.attempts += 1
                     health.budget(route).record_request()
+                    continues = self.delivered_chunks() > 0
                     report = await self._attempt(route, self.tally.attempts)
                     route_health = health.health(route)
                     self.tally.add(report, route_health.delta_weight())
                     if report.fault is None:
                         permit.succeeded()
                         route_health.observe_success(report.first_token_s, report.inter_token_s)
-                        route_health.observe_usage(report.deltas, report.completion_tokens)
+                        if not continues:
+                            # Only a fresh answer teaches tokens per delta: a
+                            # continuation's deltas are reshaped (an Anthropic
+                            # prefill loses its trailing whitespace, the model
+                            # writes it again, the adapter drops that delta and
+                            # the usage counts its token).
+                            route_health.observe_usage(report.deltas, report.completion_tokens)
                         assert report.finish is not None
                         return Outcome(finish=report.finish)
                     fault = report.fault
