@@ -168,8 +168,8 @@ class Generation:
 
     @property
     def phase(self) -> str:
-        """ "attempt" (an upstream call runs), "backoff" (waiting to try again)
-        or "done" (the End is being written or was)."""
+        """"attempt" (an upstream call runs), "backoff" (waiting on the clock
+        to try again) or "done" (the End is being written or was)."""
         return self._loop.phase
 
     def restore(self, entries: list[LogEntry]) -> None:

@@ -114,6 +114,11 @@ class StreamHub:
     def generation(self, stream_id: str) -> Generation | None:
         return self._local.get(stream_id)
 
+    def generations(self) -> list[Generation]:
+        """Every generation running on this replica (a time keeper must know
+        them all to know that none of them waits on anything but time)."""
+        return list(self._local.values())
+
     # -- start and resume ------------------------------------------------------------
 
     def _admit(self) -> None:

@@ -131,8 +131,8 @@ class RecoveryLoop:
     _retries: list[int] = field(default_factory=list)
     _given_up: set[int] = field(default_factory=set)
     # Where the loop is, for operators (and tests that move a manual clock):
-    # "attempt" while an upstream call runs, "backoff" while it waits to try
-    # again, "done" once it returned.
+    # "attempt" while an upstream call runs, "backoff" while it waits on the
+    # clock to try again, "done" once it returned.
     phase: str = "attempt"
 
     async def run(self) -> Outcome:
@@ -159,13 +159,20 @@ class RecoveryLoop:
                 with permit:
                     self.tally.attempts += 1
                     health.budget(route).record_request()
+                    continues = self.delivered_chunks() > 0
                     report = await self._observed_attempt(route, self.tally.attempts)
                     route_health = health.health(route)
                     self.tally.add(report, route_health.delta_weight())
                     if report.fault is None:
                         permit.succeeded()
                         route_health.observe_success(report.first_token_s, report.inter_token_s)
-                        route_health.observe_usage(report.deltas, report.completion_tokens)
+                        if not continues:
+                            # Only a fresh answer teaches tokens per delta: a
+                            # continuation's deltas are reshaped (an Anthropic
+                            # prefill loses its trailing whitespace, the model
+                            # writes it again, the adapter drops that delta and
+                            # the usage counts its token).
+                            route_health.observe_usage(report.deltas, report.completion_tokens)
                         assert report.finish is not None
                         return Outcome(finish=report.finish)
                     fault = report.fault
@@ -204,7 +211,10 @@ class RecoveryLoop:
                 self._retries[index] += 1
                 health.budget(route).spend_retry()
             index = decision.provider_index
-            self.phase = "backoff"
+            if decision.delay_s > 0:
+                # "backoff" means a timer of the clock is what the loop waits
+                # for; a fallback (no delay) goes straight to its attempt.
+                self.phase = "backoff"
             await self.recovery.clock.sleep(decision.delay_s)
             self.phase = "attempt"
 

@@ -30,6 +30,7 @@ model that repeats itself, for the stitcher).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import re
@@ -373,9 +374,29 @@ def plan_attempt(
 
 # --- the in-process provider ----------------------------------------------------------------
 
+SimState = Literal["answering", "waiting", "stalled"]
+
+
+@dataclass(frozen=True, slots=True)
+class SimInFlight:
+    """One attempt the simulator is playing, as `SimProvider.in_flight()`
+    shows it: "answering" (what it does next does not wait on time),
+    "waiting" (on the clock: the pace) or "stalled" (`stall@N`: nothing more
+    until the caller gives up). Every delta it yielded before waiting or
+    stalling has been taken by the caller: it is a generator."""
+
+    attempt: int
+    state: SimState
+
+
+@dataclass(eq=False)
+class _Playing:
+    attempt: int
+    state: SimState = "answering"
+
 
 class SimProvider:
-    """Model `sim`, played in-process with asyncio pacing."""
+    """Model `sim`, played in-process with pacing on the injected clock."""
 
     def __init__(
         self, name: str = "sim", *, default_pace_ms: float = 0.0, clock: Clock | None = None
@@ -383,6 +404,7 @@ class SimProvider:
         self._name = name
         self._default_pace_ms = default_pace_ms
         self._clock = clock or SystemClock()
+        self._playing: set[_Playing] = set()
 
     @property
     def name(self) -> str:
@@ -392,7 +414,23 @@ class SimProvider:
         """Raise RequestError naming the bad `sim.*` metadata key, if any."""
         SimSettings.from_metadata(metadata, self._default_pace_ms)
 
+    def in_flight(self) -> tuple[SimInFlight, ...]:
+        """What each attempt being played is doing now (for a time keeper)."""
+        return tuple(SimInFlight(playing.attempt, playing.state) for playing in self._playing)
+
     async def stream(self, request: ProviderRequest) -> AsyncGenerator[Delta, None]:
+        playing = _Playing(request.attempt)
+        self._playing.add(playing)
+        try:
+            async with contextlib.aclosing(self._play(request, playing)) as deltas:
+                async for delta in deltas:
+                    yield delta
+        finally:
+            self._playing.discard(playing)
+
+    async def _play(
+        self, request: ProviderRequest, playing: _Playing
+    ) -> AsyncGenerator[Delta, None]:
         settings = SimSettings.from_metadata(request.metadata, self._default_pace_ms)
         plan = plan_attempt(
             request.messages,
@@ -417,7 +455,11 @@ class SimProvider:
         started = self._clock.monotonic()
         for index, piece in enumerate(plan.pieces):
             if pace_s:
-                await self._clock.sleep(started + (index + 1) * pace_s - self._clock.monotonic())
+                delay = started + (index + 1) * pace_s - self._clock.monotonic()
+                if delay > 0:  # a token already due (a late wake-up) is not a wait
+                    playing.state = "waiting"
+                await self._clock.sleep(delay)
+                playing.state = "answering"
             elif index % FULL_SPEED_BURST == 0:
                 # At full speed, hand the loop back now and then, as a socket
                 # read that returns several tokens at once would.
@@ -441,6 +483,7 @@ class SimProvider:
                 )
             )
         if fault.kind == "stall":
+            playing.state = "stalled"
             await asyncio.Event().wait()  # hangs until the caller's stall timeout cancels us
         if fault.kind == "eof":
             return  # no Finish: the caller reports NO_FINISH_REASON
