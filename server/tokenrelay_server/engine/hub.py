@@ -114,6 +114,14 @@ class StreamHub:
     def generation(self, stream_id: str) -> Generation | None:
         return self._local.get(stream_id)
 
+    def generations(self) -> list[Generation]:
+        """Every generation this replica runs now (a copy: for operators)."""
+        return list(self._local.values())
+
+    def sessions(self) -> list[Session]:
+        """Every call attached to a stream on this replica (a copy)."""
+        return list(self._sessions)
+
     # -- start and resume ------------------------------------------------------------
 
     def _admit(self) -> None:
