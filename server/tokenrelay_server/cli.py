@@ -72,9 +72,19 @@ SERVE_OPTIONS: list[tuple[str, str | type[bool], str]] = [
     ("sim", bool, "Serve model `sim`, the simulator that takes fault scripts from requests."),
     ("sim_pace_ms", NUMBER, "Default delay per token of the simulated model."),
     ("log_level", "[debug|info|warning|error]", "Log verbosity."),
+    # Metrics and Admin (issue 11).
+    ("metrics_port", INTEGER, "Serve Prometheus metrics at /metrics on this port (0: a free one)."),
+    ("metrics_host", TEXT, "Address the metrics endpoint listens on."),
+    (
+        "admin_token",
+        TEXT,
+        "Serve the Admin service (stats, top); calls need `authorization: Bearer TOKEN`.",
+    ),
 ]
 DEFAULT_SHOWN = {
     "resume_secret": "random",
+    "metrics_port": "off",
+    "admin_token": "off (no Admin service)",
     "sim": "on when the config defines no [models.*]",
 }
 
