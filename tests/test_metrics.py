@@ -315,3 +315,25 @@ async def test_only_get_metrics_is_served(relay_factory: RelayFactory) -> None:
         other = await client.get(relay.metrics_url.removesuffix("metrics") + "other")
         post = await client.post(relay.metrics_url)
     assert other.status_code == 404 and post.status_code == 405
+
+
+async def test_a_breaker_opening_logs_one_structured_warning_per_outage(
+    relay_factory: RelayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Threshold 1 and no cool-down: every failure opens it, and the next
+    # call is its half-open probe.
+    relay = await relay_factory(breaker_failure_threshold=1, breaker_cooldown_s=0, max_retries=0)
+    caplog.set_level("INFO")
+    async with grpc.aio.insecure_channel(relay.address) as channel:
+        for faults in ("http:500", "http:500", "ok", "http:500"):
+            # trip; the probe fails (re-opens: the same outage); closes; trips again
+            await run_to_end(channel, start_request(metadata={"sim.faults": faults}))
+    # It opened three times (two trips and a failed probe) in two outages.
+    assert relay.hub.recovery.health.transitions[("sim/sim", "open")] == 3
+    warnings = [r for r in caplog.records if getattr(r, "event", None) == "breaker_opened"]
+    assert len(warnings) == 2
+    for record in warnings:
+        assert record.levelname == "WARNING"
+        assert (record.provider, record.upstream_model) == ("sim", "sim")  # type: ignore[attr-defined]
+        assert record.state_before == "closed" and record.trigger == "trip"  # type: ignore[attr-defined]
+        assert "circuit breaker sim/sim opened" in record.getMessage()

@@ -9,7 +9,8 @@ Observability (issue 11), each only when asked for:
 - `metrics_port`: Prometheus /metrics (obs/metrics.py) on `metrics_host`;
 - `admin_token`: the `tokenrelay.v1.Admin` service (api/admin.py);
 - always: every classified upstream error recorded for the error
-  statistics (obs/error_recorder.py), in memory or in the shared Redis.
+  statistics (obs/error_recorder.py), in memory or in the shared Redis, and
+  one warning when a breaker opens (obs/breaker_log.py).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from tokenrelay_server.engine.recovery_loop import Recovery
 from tokenrelay_server.engine.resources import resident_bytes
 from tokenrelay_server.engine.routing import Route, Router
 from tokenrelay_server.engine.selection import UpstreamHealth
+from tokenrelay_server.obs.breaker_log import warn_on_breaker_open
 from tokenrelay_server.obs.error_recorder import ErrorRecorder
 from tokenrelay_server.obs.live import LiveStats
 from tokenrelay_server.obs.metrics import Metrics, MetricsEndpoint
@@ -271,7 +273,7 @@ class RelayServer:
             clock,
             on_dropped=None if metrics is None else metrics.error_stats_dropped.inc,
         )
-        own: list[Observer] = [recorder]
+        own: list[Observer] = [recorder, warn_on_breaker_open]
         if metrics is not None:
             own.insert(0, metrics)
         if live is not None:
