@@ -31,6 +31,8 @@ AUTH = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 async def test_metrics_are_not_served_unless_a_port_is_given(relay_factory: RelayFactory) -> None:
     relay = await relay_factory()
     assert relay.metrics is None and relay.metrics_url is None and relay.live is None
+    # Nothing observes the engine, so it builds no event per chunk at all.
+    assert not relay.hub.observe and relay.error_stats is None
 
 
 async def test_a_clean_stream_is_counted_from_start_to_end(relay_factory: RelayFactory) -> None:

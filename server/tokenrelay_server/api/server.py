@@ -8,9 +8,12 @@ unreachable) and server reflection.
 Observability (issue 11), each only when asked for:
 - `metrics_port`: Prometheus /metrics (obs/metrics.py) on `metrics_host`;
 - `admin_token`: the `tokenrelay.v1.Admin` service (api/admin.py);
-- always: every classified upstream error recorded for the error
-  statistics (obs/error_recorder.py), in memory or in the shared Redis, and
-  one warning when a breaker opens (obs/breaker_log.py).
+- `admin_token`, or the Redis store (whose statistics every replica's Admin
+  reads): every classified upstream error recorded for the error statistics
+  (obs/error_recorder.py);
+- always: one warning when a breaker opens (obs/breaker_log.py, a breaker
+  listener).
+With none of these the hub has no observer and the engine builds no event.
 """
 
 from __future__ import annotations
@@ -109,14 +112,17 @@ def build_recovery(
     rng: random.Random | None = None,
     *,
     observe: Observers | None = None,
+    listeners: tuple[BreakerListener, ...] = (),
 ) -> Recovery:
     """The shared recovery context: one UpstreamHealth (breakers, budgets,
     scores) per replica, the policy, the clock and the jitter source. Breaker
-    changes go to `observe` as BreakerChanged events."""
-    listeners: tuple[BreakerListener, ...] = ()
-    if observe is not None:
+    changes go to `listeners` and to `observe` as BreakerChanged events."""
+    if observe:
         events = observe
-        listeners = (lambda change: events(BreakerChanged(change, clock.monotonic())),)
+        listeners = (
+            *listeners,
+            lambda change: events(BreakerChanged(change, clock.monotonic())),
+        )
     return Recovery(
         health=UpstreamHealth(
             clock=clock,
@@ -187,7 +193,7 @@ class RelayServer:
         port: int,
         owns_store: bool,
         guard: asyncio.Task[None] | None = None,
-        recorder: ErrorRecorder,
+        recorder: ErrorRecorder | None,
         live: LiveStats | None = None,
         metrics: Metrics | None = None,
         metrics_endpoint: MetricsEndpoint | None = None,
@@ -209,8 +215,9 @@ class RelayServer:
         self._store_available = True
 
     @property
-    def error_stats(self) -> ErrorStats:
-        return self.recorder.stats
+    def error_stats(self) -> ErrorStats | None:
+        """Where this replica records errors (None: it does not)."""
+        return None if self.recorder is None else self.recorder.stats
 
     @property
     def metrics_port(self) -> int | None:
@@ -268,16 +275,23 @@ class RelayServer:
         clock = clock or SystemClock()
         live = LiveStats() if settings.metrics_port is not None or settings.admin_token else None
         metrics = Metrics(live) if live is not None and settings.metrics_port is not None else None
-        recorder = ErrorRecorder(
-            build_error_stats(settings, clock),
-            clock,
-            on_dropped=None if metrics is None else metrics.error_stats_dropped.inc,
+        # Errors are recorded where someone can read them: by this replica's
+        # Admin, or, in the shared Redis, by any replica's.
+        recorder = (
+            ErrorRecorder(
+                build_error_stats(settings, clock),
+                clock,
+                on_dropped=None if metrics is None else metrics.error_stats_dropped.inc,
+            )
+            if settings.admin_token or settings.store == "redis"
+            else None
         )
-        own: list[Observer] = [recorder, warn_on_breaker_open]
-        if metrics is not None:
-            own.insert(0, metrics)
-        if live is not None:
-            own.insert(0, live)
+        # No observer at all when nothing is asked for: the engine then builds
+        # no event (not even one per chunk).
+        own: list[Observer] = []
+        for observer in (live, metrics, recorder):
+            if observer is not None:
+                own.append(observer)
         observe = Observers([*own, *observers])
         # Without a configured secret, tokens die with this process; the CLI
         # warns about it right after the "listening" line.
@@ -293,7 +307,9 @@ class RelayServer:
             store=store,
             router=router,
             clock=clock,
-            recovery=build_recovery(settings, clock, observe=observe),
+            recovery=build_recovery(
+                settings, clock, observe=observe, listeners=(warn_on_breaker_open,)
+            ),
             observers=observe,
             settings=HubSettings(
                 detach_grace_s=settings.detach_grace_s,
@@ -325,6 +341,7 @@ class RelayServer:
         )
         services = [RELAY_SERVICE, health.SERVICE_NAME]
         if settings.admin_token:
+            assert recorder is not None  # an Admin token turns the recorder on
             admin_pb2_grpc.add_AdminServicer_to_server(
                 AdminServicer(
                     token=settings.admin_token,
@@ -355,7 +372,8 @@ class RelayServer:
                 await server.stop(None)
                 raise
         await server.start()
-        recorder.start()
+        if recorder is not None:
+            recorder.start()
         for service in ("", RELAY_SERVICE):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         providers = router.providers()
@@ -406,8 +424,9 @@ class RelayServer:
             await self._metrics_endpoint.stop()
         for provider in self._providers:
             await provider.aclose()
-        await self.recorder.stop()
-        await self.recorder.stats.close()
+        if self.recorder is not None:
+            await self.recorder.stop()
+            await self.recorder.stats.close()
         if self._owns_store:
             await self.hub.store.close()
 

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import logging
 
-from tokenrelay_server.core.breaker import BreakerState
-from tokenrelay_server.engine.events import BreakerChanged, EngineEvent
+from tokenrelay_server.core.breaker import BreakerChange, BreakerState
 
 log = logging.getLogger(__name__)
 
 
-def warn_on_breaker_open(event: EngineEvent) -> None:
-    """An engine observer."""
-    if not isinstance(event, BreakerChanged):
-        return
-    change = event.change
+def warn_on_breaker_open(change: BreakerChange) -> None:
+    """A breaker listener (core/breaker.py BreakerListener): the server
+    assembly gives it to every breaker, so it costs nothing per chunk."""
     if change.after is not BreakerState.OPEN or change.before is not BreakerState.CLOSED:
         return
     provider, _, model = change.name.partition("/")

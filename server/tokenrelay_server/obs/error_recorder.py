@@ -30,6 +30,8 @@ RECORDED_OUTCOMES = frozenset({"failure", "refused"})
 
 
 class ErrorRecorder:
+    observes_chunks = False  # only AttemptEnded matters (engine/events.py Observers)
+
     def __init__(
         self,
         stats: ErrorStats,
@@ -50,7 +52,7 @@ class ErrorRecorder:
         self.dropped = 0
 
     def __call__(self, event: EngineEvent) -> None:
-        if not isinstance(event, AttemptEnded):
+        if type(event) is not AttemptEnded:  # nearly every event is a ChunkStored
             return
         fault = event.fault
         if fault is None or event.outcome not in RECORDED_OUTCOMES:

@@ -103,13 +103,24 @@ class ChunkCell:
 
 
 class _Stream:
-    __slots__ = ("last_at", "last_tokens", "recovering_since", "recovering_step")
+    __slots__ = (
+        "cell",
+        "last_at",
+        "last_tokens",
+        "provider",
+        "recovering_since",
+        "recovering_step",
+    )
 
     def __init__(self, last_tokens: int | None = 0) -> None:
         self.last_at: float | None = None
         self.last_tokens = last_tokens  # None: unknown (after a takeover)
         self.recovering_step: str | None = None
         self.recovering_since = 0.0
+        # The cell of the provider that produced the last chunk: a stream
+        # changes provider only on a fallback, so most chunks skip the lookup.
+        self.provider = ""
+        self.cell: ChunkCell | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,15 +146,50 @@ class LiveStats:
         self.recovery: dict[str, HistogramCell] = {}  # by step
         self.recent: deque[RecentAction] = deque(maxlen=RECENT_ACTIONS)
         self._streams: dict[str, _Stream] = {}
+        # Tokens of the current second, then of each of the last _RING seconds.
+        self._second = -1
+        self._second_tokens = 0
         self._slot_second = [-1] * _RING
         self._slot_tokens = [0] * _RING
         self._error_second = [-1] * _RING
         self._error_counts: list[dict[str, int]] = [{} for _ in range(_RING)]
 
     def __call__(self, event: EngineEvent) -> None:
-        # ChunkStored first: it is nearly every event.
+        # ChunkStored first, and inline: it is nearly every event. Measured
+        # (tests/test_live_stats.py has the behaviour; bench/relay_vs_echo.py
+        # --observability the cost): each attribute load and call here shows.
         if type(event) is ChunkStored:
-            self._chunk(event)
+            stream = self._streams.get(event.stream_id)
+            if stream is None:  # started before this observer existed
+                stream = self._streams[event.stream_id] = _Stream(last_tokens=None)
+            cell = stream.cell
+            provider = event.provider
+            if cell is None or stream.provider != provider:
+                cell = stream.cell = self._cell(event.model, provider)
+                stream.provider = provider
+            at = event.at
+            so_far = event.tokens_so_far
+            last_tokens = stream.last_tokens
+            tokens = 0 if last_tokens is None else so_far - last_tokens
+            stream.last_tokens = so_far
+            cell.chunks += 1
+            cell.tokens += tokens
+            if stream.recovering_step is not None:
+                self._recovered(stream, at)
+            else:
+                last_at = stream.last_at
+                if last_at is not None:
+                    gaps = cell.gaps
+                    gap = at - last_at
+                    # bisect_left: the first bound >= gap, the bucket `le` holding it.
+                    gaps.counts[bisect.bisect_left(gaps.bounds, gap)] += 1
+                    gaps.sum += gap
+            stream.last_at = at
+            second = int(at)
+            if second == self._second:
+                self._second_tokens += tokens
+            else:
+                self._roll(second, tokens)
         elif isinstance(event, StreamStarted):
             self._streams[event.stream_id] = _Stream()
         elif isinstance(event, AttemptEnded):
@@ -183,34 +229,26 @@ class LiveStats:
         elif isinstance(event, StreamEnded):
             self._streams.pop(event.stream_id, None)
 
-    # -- the hot path ------------------------------------------------------------------
-
-    def _chunk(self, event: ChunkStored) -> None:
-        at = event.at
-        key = (event.model, event.provider)
+    def _cell(self, model: str, provider: str) -> ChunkCell:
+        key = (model, provider)
         cell = self.cells.get(key)
         if cell is None:
             cell = self.cells[key] = ChunkCell()
-        stream = self._streams.get(event.stream_id)
-        if stream is None:  # started before this observer existed
-            stream = self._streams[event.stream_id] = _Stream(last_tokens=None)
-        last_tokens = stream.last_tokens
-        tokens = 0 if last_tokens is None else event.tokens_so_far - last_tokens
-        stream.last_tokens = event.tokens_so_far
-        cell.chunks += 1
-        cell.tokens += tokens
-        if stream.recovering_step is not None:
-            self._recovery_cell(stream.recovering_step).observe(at - stream.recovering_since)
-            stream.recovering_step = None
-        elif stream.last_at is not None:
-            cell.gaps.observe(at - stream.last_at)
-        stream.last_at = at
-        second = int(at)
-        slot = second % _RING
-        if self._slot_second[slot] != second:
-            self._slot_second[slot] = second
-            self._slot_tokens[slot] = 0
-        self._slot_tokens[slot] += tokens
+        return cell
+
+    def _recovered(self, stream: _Stream, at: float) -> None:
+        assert stream.recovering_step is not None
+        self._recovery_cell(stream.recovering_step).observe(at - stream.recovering_since)
+        stream.recovering_step = None
+
+    def _roll(self, second: int, tokens: int) -> None:
+        """A new second: the finished one goes into the ring."""
+        if self._second >= 0:
+            slot = self._second % _RING
+            self._slot_second[slot] = self._second
+            self._slot_tokens[slot] = self._second_tokens
+        self._second = second
+        self._second_tokens = tokens
 
     # -- the rest ----------------------------------------------------------------------
 
@@ -242,10 +280,11 @@ class LiveStats:
         """Tokens delivered per second over the last `window_s` whole seconds
         before `now` and the current one."""
         current = int(now)
-        total = 0
-        for second in range(current - window_s + 1, current + 1):
+        first = current - window_s + 1
+        total = self._second_tokens if first <= self._second <= current else 0
+        for second in range(first, current + 1):
             slot = second % _RING
-            if self._slot_second[slot] == second:
+            if self._slot_second[slot] == second and second != self._second:
                 total += self._slot_tokens[slot]
         return total / window_s
 

@@ -52,6 +52,7 @@ or a key.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Iterable, Iterator
 
@@ -77,6 +78,8 @@ from tokenrelay_server.core.breaker import BreakerState
 from tokenrelay_server.core.errors import ErrorType
 from tokenrelay_server.engine.events import (
     AttemptEnded,
+    AttemptStarted,
+    ChunkStored,
     EngineEvent,
     ReaderAttached,
     RecoveryAction,
@@ -114,6 +117,10 @@ class Metrics:
     """The metrics of one replica: an engine observer, the store's append
     hook and a registry to expose. `bind(hub)` adds the state read at scrape
     time."""
+
+    # Chunks are LiveStats' (engine/events.py Observers: an observer that says
+    # False gets no ChunkStored).
+    observes_chunks = False
 
     def __init__(self, live: LiveStats) -> None:
         self.live = live
@@ -203,8 +210,14 @@ class Metrics:
     # -- the store's hook (store/base.py AppendObserver) --------------------------------
 
     def observe_append(self, entries: int, seconds: float) -> None:
-        self.append_seconds.observe(seconds)
-        self.append_entries.observe(entries)
+        # Once per append (per chunk until appends are batched): inlined
+        # HistogramCell.observe.
+        cell = self.append_seconds
+        cell.counts[bisect.bisect_left(cell.bounds, seconds)] += 1
+        cell.sum += seconds
+        cell = self.append_entries
+        cell.counts[bisect.bisect_left(cell.bounds, entries)] += 1
+        cell.sum += entries
 
     def set_store_available(self, available: bool) -> None:
         self.store_up.set(1 if available else 0)
@@ -212,6 +225,9 @@ class Metrics:
     # -- the engine observer -------------------------------------------------------------
 
     def __call__(self, event: EngineEvent) -> None:
+        kind = type(event)
+        if kind is ChunkStored or kind is AttemptStarted:
+            return  # the hot path is LiveStats'; an attempt counts when it ends
         if isinstance(event, AttemptEnded):
             self._attempt_ended(event)
         elif isinstance(event, StreamStarted):
