@@ -403,10 +403,9 @@ class CodeCount(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     COUNT_FIELD_NUMBER: _builtins.int
     code: _builtins.str
-    """The StreamError code.
-    How many.
-    """
+    """The StreamError code."""
     count: _builtins.int
+    """How many."""
     def __init__(
         self,
         *,
