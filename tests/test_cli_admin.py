@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from scrape import scrape
 from serverkit import RawCall, RelayFactory, run_to_end, start_request
 
 TOKENRELAY = [sys.executable, "-m", "tokenrelay_server.cli"]
@@ -222,3 +223,33 @@ async def test_top_on_a_terminal_refreshes_in_place_and_quits_on_ctrl_c(
     async with asyncio.timeout(30):
         while (await terminal.tmux("has-session", "-t", "top"))[0] == 0:  # noqa: ASYNC110
             await asyncio.sleep(0.05)  # the session closes when `top` exits
+
+
+async def test_serve_with_metrics_and_admin_logs_where_and_serves_both() -> None:
+    process = await asyncio.create_subprocess_exec(
+        *TOKENRELAY,
+        "serve",
+        "--port", "0", "--metrics-port", "0", "--drain-grace-s", "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "TOKENRELAY_ADMIN_TOKEN": TOKEN},
+    )  # fmt: skip
+    assert process.stdout is not None and process.stderr is not None
+    try:
+        async with asyncio.timeout(60):
+            port = int((await process.stdout.readline()).split()[1])
+            lines = [(await process.stderr.readline()).decode() for _ in range(3)]
+        [metrics_line] = [line for line in lines if "metrics at http://" in line]
+        url = metrics_line.split("metrics at ")[1].strip()
+        assert any("Admin service on" in line for line in lines), lines
+        assert TOKEN not in "".join(lines)
+        code, out, err = await run_command(
+            "stats", "--target", f"127.0.0.1:{port}", "--admin-token", TOKEN
+        )
+        assert (code, out.strip()) == (0, "no errors in the last hour"), err
+        samples = await scrape(url)
+        assert samples.get("tokenrelay_store_up") == 1
+    finally:
+        process.terminate()
+        async with asyncio.timeout(30):
+            await process.wait()
