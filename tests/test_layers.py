@@ -7,7 +7,7 @@ gateway never imports the development tools.
     upstream  provider adapters (httpx), the SSE decoder, the in-process sim
     store     the stream log: memory and Redis
     engine    generations, the hub, routing, selection, takeover
-    obs       observers of the engine: metrics, traces, logs, error statistics
+    obs       observability: tracing, logs (engine observers, the gRPC interceptor)
     api       the gRPC edge: servicer, tokens, reflection, server assembly
     cli       the `tokenrelay` command
 """

@@ -6,10 +6,12 @@ that exercise the breaker, detaching and the store's health."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import httpx
@@ -21,8 +23,10 @@ from serverkit import RawCall, RelayFactory, eventually, run_to_end, start_reque
 from tokenrelay.v1 import admin_pb2, admin_pb2_grpc
 from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay.v1 import relay_pb2_grpc as pbg
-from tokenrelay_devtools.chaos import PROMPT, Scenario, chaos_rig, make_scenario
+from tokenrelay_devtools.chaos import PROMPT, Scenario, chaos_config, make_scenario
+from tokenrelay_devtools.mock_upstream import MockUpstream
 from tokenrelay_server.api.server import RelayServer
+from tokenrelay_server.config.settings import build_settings, read_config_file
 
 ADMIN_TOKEN = "admin-token-0123456789"
 AUTH = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
@@ -173,11 +177,45 @@ async def run_one(stub: pbg.RelayStub, scenario: Scenario, view: ClientView) -> 
 CHAOS_RUNS = 80
 
 
-async def test_after_a_chaos_run_the_counters_agree_with_what_the_clients_saw() -> None:
+@contextlib.asynccontextmanager
+async def chaos_gateway(tmp_path: Path) -> AsyncIterator[RelayServer]:
+    """The chaos tool's providers and chains (the mock upstream, real HTTP,
+    both formats) behind a gateway with metrics and Admin on, on the real
+    clock with short timers (this test compares counts, not timings)."""
+    upstream = MockUpstream()
+    await upstream.start("127.0.0.1", 0)
+    try:
+        path = tmp_path / "chaos.toml"
+        path.write_text(chaos_config(upstream.base_url))
+        settings = build_settings(
+            {
+                **read_config_file(path),
+                "port": 0,
+                "resume_secret": "chaos-secret-0123456789",
+                "metrics_port": 0,
+                "admin_token": ADMIN_TOKEN,
+                "backoff_base_s": 0.001,
+                "backoff_cap_s": 0.01,
+                "detach_grace_s": 60,
+                "timeout_overrides": {"stall_timeout_s": 0.25, "first_token_timeout_s": 3.0},
+            }
+        )
+        server = await RelayServer.start(settings)
+        try:
+            yield server
+        finally:
+            await server.stop(grace=1.0)
+    finally:
+        await upstream.stop()
+
+
+async def test_after_a_chaos_run_the_counters_agree_with_what_the_clients_saw(
+    tmp_path: Path,
+) -> None:
     rng = random.Random(11)
     scenarios = [make_scenario(rng, index) for index in range(CHAOS_RUNS)]
     view = ClientView()
-    async with chaos_rig(metrics_port=0, admin_token=ADMIN_TOKEN) as (server, _upstream):
+    async with chaos_gateway(tmp_path) as server:
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = pbg.RelayStub(channel)
             queue = list(scenarios)

@@ -33,7 +33,6 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 
@@ -268,11 +267,8 @@ def chaos_config(base_url: str, max_retries: int = MAX_RETRIES) -> str:
 
 
 @contextlib.asynccontextmanager
-async def chaos_rig(
-    **overrides: Any,
-) -> AsyncIterator[tuple[RelayServer, MockUpstream]]:
-    """A mock upstream and a gateway configured against it; `overrides` are
-    more settings (tests turn on metrics and Admin this way)."""
+async def chaos_rig() -> AsyncIterator[tuple[RelayServer, MockUpstream]]:
+    """A mock upstream and a gateway configured against it."""
     upstream = MockUpstream()
     await upstream.start("127.0.0.1", 0)
     try:
@@ -280,12 +276,7 @@ async def chaos_rig(
             path = Path(folder) / "chaos.toml"
             path.write_text(chaos_config(upstream.base_url))
             settings = build_settings(
-                {
-                    **read_config_file(path),
-                    "port": 0,
-                    "resume_secret": "chaos-secret-0123456789",
-                    **overrides,
-                }
+                {**read_config_file(path), "port": 0, "resume_secret": "chaos-secret-0123456789"}
             )
         server = await RelayServer.start(settings)
         try:
