@@ -115,7 +115,8 @@ class StreamHub:
         return self._local.get(stream_id)
 
     def generations(self) -> list[Generation]:
-        """Every generation this replica runs now (a copy: for operators)."""
+        """Every generation running on this replica (a time keeper must know
+        them all to know that none of them waits on anything but time)."""
         return list(self._local.values())
 
     def sessions(self) -> list[Session]:
