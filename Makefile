@@ -6,13 +6,37 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo serve test lint typecheck proto bench chaos chat clean
+.PHONY: demo serve test lint typecheck proto bench chaos chat clean system-tools
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# Tools the tests run that are not Python packages, from Debian's packages:
+# promtool and the Prometheus server (deploy/prometheus: the alert rule tests
+# and a real Prometheus firing an alert) and tmux (`tokenrelay top` on a real
+# terminal). Installed only when missing; when they cannot be installed the
+# run stops here, loudly (the tests would fail without them, never skip).
+SYSTEM_TOOLS := promtool=prometheus prometheus=prometheus tmux=tmux
+
+system-tools:
+	@missing=""; \
+	for pair in $(SYSTEM_TOOLS); do \
+	  command -v $${pair%%=*} >/dev/null 2>&1 || missing="$$missing $${pair##*=}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo"; \
+	  echo "make: installing Debian packages:$$missing"; \
+	  { $$sudo apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing; } \
+	  || { echo "make: error: could not install$$missing; install it (Debian: apt-get install$$missing), then run make test again" >&2; exit 1; }; \
+	  for pair in $(SYSTEM_TOOLS); do \
+	    command -v $${pair%%=*} >/dev/null 2>&1 \
+	    || { echo "make: error: $${pair%%=*} is still missing after installing $${pair##*=}" >&2; exit 1; }; \
+	  done; \
+	fi
 
 demo: $(STAMP)
 	$(BIN)/tokenrelay demo
@@ -31,7 +55,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) lint typecheck
+test: $(STAMP) system-tools lint typecheck
 	$(BIN)/pytest
 
 proto: $(STAMP)

@@ -1,4 +1,4 @@
-"""The `tokenrelay` command: serve, chat, demo.
+"""The `tokenrelay` command: serve, chat, stats, top (and the dev tools).
 
 Every `serve` flag can also be set by an environment variable (shown in
 `--help`) or in the [server] table of `--config FILE`; a flag beats the
@@ -70,9 +70,19 @@ SERVE_OPTIONS: list[tuple[str, str | type[bool], str]] = [
         "Where spans go: nowhere, stdout, or OTLP/gRPC (the OTEL_EXPORTER_OTLP_* variables).",
     ),
     ("log_format", "[text|json]", "Log lines as text, or one JSON object per line."),
+    # Metrics and Admin (issue 11).
+    ("metrics_port", INTEGER, "Serve Prometheus metrics at /metrics on this port (0: a free one)."),
+    ("metrics_host", TEXT, "Address the metrics endpoint listens on."),
+    (
+        "admin_token",
+        TEXT,
+        "Serve the Admin service (stats, top); calls need `authorization: Bearer TOKEN`.",
+    ),
 ]
 DEFAULT_SHOWN = {
     "resume_secret": "random",
+    "metrics_port": "off",
+    "admin_token": "off (no Admin service)",
     "sim": "on when the config defines no [models.*]",
 }
 
@@ -160,6 +170,10 @@ async def _serve(settings: Settings) -> None:
     )
     if settings.port == 0:
         print(f"port {server.port}", flush=True)
+    if server.metrics_url is not None:
+        log.info("metrics at %s", server.metrics_url)
+    if settings.admin_token:
+        log.info("Admin service on (calls need authorization: Bearer <admin token>)")
     if settings.resume_secret is None:
         log.warning(
             "no resume secret set (--resume-secret / TOKENRELAY_RESUME_SECRET): using a random "
@@ -253,6 +267,90 @@ def chat(
             )
         )
     )
+
+
+# --- operators: stats and top (Admin service, issue 11) ------------------------------------
+
+
+def admin_options(function: Any) -> Any:
+    function = click.option(
+        "--admin-token",
+        envvar=env_var("admin_token"),
+        show_envvar=True,
+        default=None,
+        help="The gateway's admin token (sent as authorization: Bearer TOKEN).",
+    )(function)
+    return click.option(
+        "--target",
+        default="127.0.0.1:50051",
+        envvar=env_var("target"),
+        show_envvar=True,
+        show_default=True,
+        help="The gateway's address.",
+    )(function)
+
+
+def require_token(token: str | None) -> str:
+    if not token:
+        raise click.UsageError(
+            "the Admin service needs the gateway's admin token: pass --admin-token or set "
+            f"{env_var('admin_token')}"
+        )
+    return token
+
+
+@main.command()
+@click.option(
+    "--period",
+    type=click.Choice(["hour", "day", "week"]),
+    default="hour",
+    show_default=True,
+    help="The last hour (minute buckets), day (hour buckets) or week (day buckets).",
+)
+@admin_options
+def stats(period: str, target: str, admin_token: str | None) -> None:
+    """Print the gateway's error statistics: one row per error type and code,
+    most frequent first (every replica's, when they share Redis).
+
+    Exit status: 0 printed, 1 the gateway could not be asked."""
+    from rich.console import Console
+
+    from tokenrelay_client.admin import run_stats
+
+    token = require_token(admin_token)
+    sys.exit(asyncio.run(run_stats(target, token, period, Console(width=_width()))))
+
+
+@main.command()
+@admin_options
+@click.option(
+    "--interval-s",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between refreshes.",
+)
+def top(target: str, admin_token: str | None, interval_s: float) -> None:
+    """A live view of one gateway replica: streams, tokens/s, errors/min by
+    code, breakers, recent recovery actions. Refreshes in place on a terminal
+    (Ctrl-C quits); prints one snapshot when stdout is not a terminal."""
+    from rich.console import Console
+
+    from tokenrelay_client.admin import run_top
+
+    token = require_token(admin_token)
+    console = Console() if sys.stdout.isatty() else Console(width=_width())
+    try:
+        sys.exit(asyncio.run(run_top(target, token, console, interval_s=interval_s)))
+    except KeyboardInterrupt:
+        pass
+
+
+def _width() -> int:
+    """Off a terminal rich would wrap at 80 columns; a table row per line reads
+    better in a file or a pipe (COLUMNS still wins)."""
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() else 160
 
 
 def add_tool_commands(group: click.Group) -> None:

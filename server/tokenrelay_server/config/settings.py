@@ -154,6 +154,12 @@ class Settings(BaseModel):
     # `otlp` exports over gRPC as the standard OTEL_EXPORTER_OTLP_* variables say.
     otel_exporter: Literal["none", "console", "otlp"] = "none"
     log_format: Literal["text", "json"] = "text"
+    # Metrics and Admin (issue 11): Prometheus /metrics on metrics_host:
+    # metrics_port (None: not served; 0 picks a free port); the Admin service
+    # only with an admin token, which every Admin call must carry.
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    admin_token: str | None = Field(None, min_length=16)
     # Provider and model tables ([providers.*], [models.*]) from the config file.
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
     # Timeouts set by flag or environment: they beat every provider's own.

@@ -87,6 +87,11 @@ class LocalLog:
     def attended(self) -> bool:
         return bool(self._subscribers)
 
+    @property
+    def readers(self) -> int:
+        """How many calls are attached (for operators)."""
+        return len(self._subscribers)
+
     def attach(self, subscription: Subscription) -> None:
         self._subscribers.add(subscription)
 

@@ -119,6 +119,10 @@ class StreamHub:
         them all to know that none of them waits on anything but time)."""
         return list(self._local.values())
 
+    def sessions(self) -> list[Session]:
+        """Every call attached to a stream on this replica (a copy)."""
+        return list(self._sessions)
+
     # -- start and resume ------------------------------------------------------------
 
     def _admit(self) -> None:

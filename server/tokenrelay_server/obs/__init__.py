@@ -8,4 +8,10 @@ the engine never imports it.
               the recovery actions; exporters (none, console, OTLP/gRPC)
     logs      one log line per stream lifecycle event; text or JSON lines;
               the loggers that could print a secret kept quiet
+    live      the per-chunk counts: chunks, tokens, gaps, recovery latency,
+              recent rates and recovery actions (metrics and Admin read them)
+    metrics   Prometheus: counters of events, a collector of state, /metrics
+    state     breaker states and usable chain entries, read from the hub
+    error_recorder  classified errors into the error statistics (store/)
+    breaker_log     one warning when a breaker opens (a breaker listener)
 """
