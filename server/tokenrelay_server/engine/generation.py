@@ -322,6 +322,7 @@ class Generation:
                 total_seq=self.log.last_seq,
                 text_sha256=self.log.digest(),
                 usage=self._usage(),
+                chunks_sha256=self.log.chunks_digest(),
             )
         assert outcome.fault is not None
         return self._partial_end(outcome.fault)
@@ -342,6 +343,7 @@ class Generation:
             usage=self._usage(),
             partial=True,
             error=fault.with_context(fatal=True),
+            chunks_sha256=self.log.chunks_digest(),
         )
 
     # -- writing ---------------------------------------------------------------------
