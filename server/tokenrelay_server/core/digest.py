@@ -35,8 +35,12 @@ def chunk_record(chunk: Chunk) -> bytes:
     if chunk.kind == "tool_call":
         call = chunk.tool_call
         assert call is not None, "a tool_call chunk carries its ToolCallDelta"
-        return b"C" + _U32.pack(call.index) + _string(call.id) + _string(call.name) + (
-            _string(call.arguments)
+        return (
+            b"C"
+            + _U32.pack(call.index)
+            + _string(call.id)
+            + _string(call.name)
+            + (_string(call.arguments))
         )
     return (b"R" if chunk.kind == "reasoning" else b"T") + _string(chunk.text)
 
