@@ -206,10 +206,19 @@ async def test_write_level_chunking_does_not_change_the_text(make: Providers, ki
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_thinking_is_not_part_of_the_answer(make: Providers, kind: str):
+async def test_thinking_is_reasoning_not_part_of_the_answer_and_is_paid_for(
+    make: Providers, kind: str
+):
     deltas, error = await run(make(kind), request("thinking"))
     assert error is None
     assert text_of(deltas) == await sim_text(request())
+    assert [type(d) for d in deltas[:2]] == [ReasoningDelta, TextDelta]
+    # Usage counts the reasoning delta too, as a provider's does: the
+    # gateway learns tokens per delta from it (a usage without it made a
+    # later continuation overshoot max_tokens).
+    finish = deltas[-1]
+    assert isinstance(finish, Finish) and finish.usage is not None
+    assert finish.usage.completion_tokens == 12 + 1
 
 
 # --- every fault → the right error ----------------------------------------------------------------

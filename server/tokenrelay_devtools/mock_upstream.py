@@ -109,7 +109,7 @@ from tokenrelay_server.core import classify
 from tokenrelay_server.core.classify import ProviderErrorKind
 from tokenrelay_server.core.clock import Clock, SystemClock
 from tokenrelay_server.core.errors import RequestError, excerpt
-from tokenrelay_server.core.model import Message, Role, Tool, ToolCall, ToolChoice
+from tokenrelay_server.core.model import Message, Role, Tool, ToolCall, ToolChoice, Usage
 from tokenrelay_server.upstream.sim import (
     AttemptPlan,
     SimEvent,
@@ -136,6 +136,7 @@ ERROR_KINDS: tuple[str, ...] = get_args(ErrorKind)
 RetryAfterStyle = Literal["seconds", "date", "ms"]
 _SIM_FAULTS = ("ok", "reset", "stall", "eof", "garbage", "http")
 _RETRY_AFTER_STATUSES = frozenset({429, 503, 529})
+THINKING_TOKENS = 1  # the `thinking` item's one reasoning delta
 
 
 # --- the fault script ---------------------------------------------------------------------
@@ -1113,6 +1114,13 @@ class MockUpstream:
             return web.json_response(wire.status_error(status), status=status, headers=headers)
         if not stream:
             return web.json_response(wire.whole(plan))
+        if faults.thinking:
+            # The extra reasoning delta is output the model paid for, as a
+            # real provider's usage counts reasoning tokens.
+            usage = plan.usage
+            plan = replace(
+                plan, usage=Usage(usage.prompt_tokens, usage.completion_tokens + THINKING_TOKENS)
+            )
 
         response = web.StreamResponse(
             status=200,
