@@ -1145,8 +1145,8 @@ class MockUpstream:
         settings: SimSettings,
         faults: HttpFaults,
     ) -> None:
-        for event in wire.preamble(plan, faults.thinking):
-            await out.write(event)
+        for data in wire.preamble(plan, faults.thinking):
+            await out.write(data)
         events = plan.events
         cut_at = faults.cut_at
         if cut_at is not None:
@@ -1174,8 +1174,8 @@ class MockUpstream:
         elif kind == "garbage":
             await out.write(wire.garbage())
         elif kind == "ok":
-            for event in wire.finish(plan):
-                await out.write(event)
+            for data in wire.finish(plan):
+                await out.write(data)
         # "eof": the body just ends
 
     def _retry_after_headers(self, seconds: float, style: RetryAfterStyle) -> dict[str, str]:

@@ -215,7 +215,7 @@ def parse_messages(messages: Sequence[relay_pb2.Message], size: _PromptSize) -> 
             )
         parsed.append(
             Message(
-                role,  # type: ignore[arg-type]  # checked against ROLES above
+                role,  # checked against ROLES above
                 message.content,
                 tool_calls=tuple(calls),
                 tool_call_id=message.tool_call_id,
