@@ -137,6 +137,8 @@ RetryAfterStyle = Literal["seconds", "date", "ms"]
 _SIM_FAULTS = ("ok", "reset", "stall", "eof", "garbage", "http")
 _RETRY_AFTER_STATUSES = frozenset({429, 503, 529})
 THINKING_TOKENS = 1  # the `thinking` item's one reasoning delta
+# What that delta says, in each format.
+THINKING_TEXT = {"openai": "Let me think about that.", "anthropic": "Let me think."}
 
 
 # --- the fault script ---------------------------------------------------------------------
@@ -343,7 +345,7 @@ class _OpenAIWire:
     def preamble(self, plan: AttemptPlan, thinking: bool) -> list[bytes]:
         events = [self._chunk({"role": "assistant", "content": ""})]
         if thinking:
-            events.append(self._chunk({"reasoning_content": "Let me think about that."}))
+            events.append(self._chunk({"reasoning_content": THINKING_TEXT["openai"]}))
         return events
 
     def event(self, event: SimEvent) -> list[bytes]:
@@ -456,7 +458,10 @@ class _AnthropicWire:
                 ),
                 self._event(
                     "content_block_delta",
-                    {"index": 0, "delta": {"type": "thinking_delta", "thinking": "Let me think."}},
+                    {
+                        "index": 0,
+                        "delta": {"type": "thinking_delta", "thinking": THINKING_TEXT["anthropic"]},
+                    },
                 ),
                 self._event(
                     "content_block_delta",
