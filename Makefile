@@ -1,12 +1,12 @@
 # tokenrelay — the two commands a fresh machine needs:
 #   make demo   install, then watch a stream survive a dropped connection
-#   make test   install, then lint and run the whole test suite
+#   make test   install, then lint, type-check and run the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo serve test lint proto bench chaos chat clean
+.PHONY: demo serve test lint typecheck proto bench chaos chat clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,12 @@ chat: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: $(STAMP) lint
+# mypy --strict over the server, dev tools and client packages ([tool.mypy]
+# in pyproject.toml); any error fails the build.
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: $(STAMP) lint typecheck
 	$(BIN)/pytest
 
 proto: $(STAMP)
@@ -39,4 +44,4 @@ chaos: $(STAMP)
 	$(BIN)/tokenrelay chaos --runs 1000
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis

@@ -154,20 +154,28 @@ class EchoServicer(relay_pb2_grpc.RelayServicer):
 # --- server processes -------------------------------------------------------------------
 
 
-def serve_in_child(kind: ServerKind, conn: Connection) -> None:
+def serve_in_child(
+    kind: ServerKind,
+    conn: Connection,
+    settings: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+) -> None:
     """Entry point of a server process: start the server, report its port,
-    then answer commands from the benchmark until told to stop."""
-    asyncio.run(_serve(kind, conn))
+    then answer commands from the benchmark until told to stop. `settings`
+    and `env` (relay only) are more Settings values and environment
+    variables (bench/observability_overhead.py)."""
+    os.environ.update(env or {})
+    asyncio.run(_serve(kind, conn, settings or {}))
 
 
-async def _serve(kind: ServerKind, conn: Connection) -> None:
+async def _serve(kind: ServerKind, conn: Connection, settings: dict[str, Any]) -> None:
     from tokenrelay_server.api.server import MIN_TRANSPORT_LIMIT_BYTES, RelayServer
     from tokenrelay_server.config.settings import Settings
 
     relay: RelayServer | None = None
     echo: grpc.aio.Server | None = None
     if kind == "relay":
-        relay = await RelayServer.start(Settings(port=0, resume_secret=SECRET))
+        relay = await RelayServer.start(Settings(port=0, resume_secret=SECRET, **settings))
         port = relay.port
     else:
         # The same transport options as RelayServer.start.
@@ -229,12 +237,22 @@ def _profile_report(profiler: cProfile.Profile, top: int) -> str:
 class ServerProcess:
     """A server in a child process, driven over a pipe."""
 
-    def __init__(self, kind: ServerKind) -> None:
+    def __init__(
+        self,
+        kind: ServerKind,
+        *,
+        settings: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        name: str | None = None,
+    ) -> None:
         context = multiprocessing.get_context("spawn")
         self.kind = kind
         self._conn, child_conn = context.Pipe()
         self._process = context.Process(
-            target=serve_in_child, args=(kind, child_conn), name=f"bench-{kind}", daemon=True
+            target=serve_in_child,
+            args=(kind, child_conn, settings, env),
+            name=f"bench-{name or kind}",
+            daemon=True,
         )
         self.port = 0
         self.pid = 0

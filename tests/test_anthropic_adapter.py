@@ -512,7 +512,8 @@ async def test_adapter_streams_the_recorded_answer_and_closes_the_response():
     deltas = await collect(provider)
     await provider.aclose()
     assert text_of(deltas) == "Hello, wörld 🚀"
-    assert deltas[-1] == Finish("stop", Usage(30, 15))
+    # The Finish says how many bytes came (for the traces and logs, issue 11).
+    assert deltas[-1] == Finish("stop", Usage(30, 15), bytes_received=len(b"".join(HELLO)))
     assert upstream.all_closed()
 
 
@@ -581,4 +582,4 @@ async def test_a_connection_lost_after_the_stop_reason_still_finishes():
     provider = make_provider(upstream)
     deltas = await collect(provider)
     await provider.aclose()
-    assert deltas[-1] == Finish("stop", Usage(30, 15))
+    assert deltas[-1] == Finish("stop", Usage(30, 15), bytes_received=len(b"".join(HELLO[:7])))

@@ -502,9 +502,12 @@ async def test_a_call_without_a_first_message_ends_deadline_exceeded_on_the_cloc
         async with grpc.aio.insecure_channel(relay.address) as channel:
             await channel.channel_ready()
             baseline = live_tasks()
+            timers = clock.pending
             call = RawCall(channel)  # opened, and nothing sent
             await call.call.wait_for_connection()
-            await eventually(lambda: live_tasks() != baseline)
+            # The handler is waiting once its first-message deadline is set on
+            # the clock (a new task alone could be another one, not yet it).
+            await eventually(lambda: clock.pending > timers)
             await clock.run_for(9.9)
             assert not call.call.done()  # not before its time
             await clock.run_for(0.2)

@@ -48,8 +48,10 @@ from tokenrelay_client import (
 from tokenrelay_client.chat import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, run_chat
 from tokenrelay_devtools.demo import run_demo
 from tokenrelay_devtools.netfault import FaultProxy
+from tokenrelay_devtools.timekeeper import keeping_time
 from tokenrelay_server.api.server import RelayServer
 from tokenrelay_server.config.settings import Settings
+from tokenrelay_server.core.clock import ManualClock
 
 SECRET = "client-test-secret-0123456789"
 PROMPT = [("user", "tell me about streams that survive failure")]
@@ -533,9 +535,14 @@ async def test_resume_with_the_earlier_text_verifies_the_whole_digest():
 
 @pytest.fixture
 async def gateway() -> AsyncIterator[RelayServer]:
-    server = await RelayServer.start(Settings(port=0, resume_secret=SECRET))
+    # On a ManualClock: a paced stream makes each chunk when a time keeper
+    # sees it waiting for its pace (as fast as the machine goes, never on
+    # wall time), so it is still running when the proxy cuts it.
+    clock = ManualClock()
+    server = await RelayServer.start(Settings(port=0, resume_secret=SECRET), clock=clock)
     try:
-        yield server
+        async with keeping_time(clock, server):
+            yield server
     finally:
         await server.stop(grace=0.5)
 

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from serverkit import eventually
 from tokenrelay_devtools.mock_upstream import (
     MockUpstream,
     parse_mock_faults,
@@ -53,6 +54,7 @@ from tokenrelay_server.upstream.base import (
     UsageReport,
 )
 from tokenrelay_server.upstream.build import build_providers, make_client
+from tokenrelay_server.upstream.http_stream import Receiving
 from tokenrelay_server.upstream.openai import OpenAIProvider
 from tokenrelay_server.upstream.sim import SimProvider
 
@@ -480,35 +482,96 @@ async def test_a_listener_that_never_accepts_is_a_connect_timeout(make: Provider
 
 
 # --- stalls and slow starts are the caller's timeouts; nothing may leak ---------------------------
+#
+# The mock's pace and slow first byte wait on its clock (the fixture's
+# ManualClock), and so does the caller's timeout here, as the generation
+# loop's does: the clock moves once `in_flight()` shows the mock waiting.
+
+
+async def until_the_mock_is(upstream: MockUpstream, state: str) -> None:
+    """Until the mock's one request is in `state`."""
+    await eventually(lambda: [view.state for view in upstream.in_flight()] == [state])
+
+
+async def next_within(clock: ManualClock, seconds: float, stream: AsyncIterator[Delta]) -> Delta:
+    """The next delta, or TimeoutError once `seconds` of the clock passed."""
+    async with clock.deadline(seconds):
+        return await anext(stream)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_a_stalled_stream_blocks_until_the_caller_gives_up_and_then_closes(
-    make: Providers, upstream: MockUpstream, kind: str
+    make: Providers, upstream: MockUpstream, clock: ManualClock, kind: str
 ):
     stream = make(kind).stream(request("stall@2"))
     received = [await anext(stream), await anext(stream)]  # type: ignore[call-overload]
+    # 5 s: the generation loop's stall timeout.
+    waiting = asyncio.create_task(next_within(clock, 5.0, stream))
+    await until_the_mock_is(upstream, "stalled")
+    await clock.run_for(4.9)
+    assert not waiting.done()  # nothing comes, and nothing ends it but the caller
+    await clock.run_for(0.1)
     with pytest.raises(TimeoutError):
-        async with asyncio.timeout(0.2):  # the generation loop's stall timeout
-            await anext(stream)  # type: ignore[call-overload]
+        await waiting
     assert text_of(received) == await sim_text(request(max_tokens=2))
     await until_idle(upstream)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_a_slow_first_byte_is_abandoned_cleanly_by_the_caller(
-    make: Providers, upstream: MockUpstream, kind: str
+@pytest.mark.parametrize(
+    "writes", ["", "+split_utf8", "+random_chunks"], ids=["whole", "split", "random pieces"]
+)
+async def test_a_stalled_answer_shows_what_it_sent_and_the_adapter_what_it_took_in(
+    make: Providers, upstream: MockUpstream, kind: str, writes: str
 ):
-    stream = make(kind).stream(request("slow_first_byte@60000"))
-    with pytest.raises(TimeoutError):
-        async with asyncio.timeout(0.2):  # the generation loop's first-token timeout
-            await anext(stream)  # type: ignore[call-overload]
+    # What a time keeper relies on: once the adapter has taken in every byte
+    # the mock sent, every delta of them has been handed on.
+    provider = make(kind)
+    stream = provider.stream(request(f"ok,ok,stall@5{writes}", attempt=3))
+    deltas: list[Delta] = []
+
+    async def consume() -> None:
+        async for delta in stream:
+            deltas.append(delta)
+
+    consumer = asyncio.create_task(consume())
+    await until_the_mock_is(upstream, "stalled")
+    [answer] = upstream.in_flight()
+    assert answer.attempt == 3 and answer.bytes_sent > 0
+    await eventually(lambda: provider.in_flight() == (Receiving(3, answer.bytes_sent),))
+    assert text_of(deltas) == await sim_text(request(max_tokens=5))
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert provider.in_flight() == ()
     await until_idle(upstream)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_a_slow_first_byte_still_answers_when_waited_for(make: Providers, kind: str):
-    deltas, error = await run(make(kind), request("slow_first_byte@50"))
+async def test_a_slow_first_byte_is_abandoned_cleanly_by_the_caller(
+    make: Providers, upstream: MockUpstream, clock: ManualClock, kind: str
+):
+    stream = make(kind).stream(request("slow_first_byte@60000"))
+    # 30 s: the generation loop's first-token timeout, before the mock's 60 s.
+    waiting = asyncio.create_task(next_within(clock, 30.0, stream))
+    await until_the_mock_is(upstream, "waiting")
+    await clock.run_for(30.0)
+    with pytest.raises(TimeoutError):
+        await waiting
+    await until_idle(upstream)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_slow_first_byte_still_answers_when_waited_for(
+    make: Providers, upstream: MockUpstream, clock: ManualClock, kind: str
+):
+    answer = asyncio.create_task(run(make(kind), request("slow_first_byte@50")))
+    await until_the_mock_is(upstream, "waiting")
+    await clock.run_for(0.049)
+    assert upstream.in_flight()[0].state == "waiting"  # not a byte before its time
+    await clock.run_for(0.001)
+    deltas, error = await answer
     assert error is None
     assert text_of(deltas) == await sim_text(request())
 
@@ -524,10 +587,15 @@ async def test_a_response_over_the_size_cap_is_cut_off(make: Providers, kind: st
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_the_consumer_closing_early_closes_the_connection(
-    make: Providers, upstream: MockUpstream, kind: str
+    make: Providers, upstream: MockUpstream, clock: ManualClock, kind: str
 ):
-    stream = make(kind).stream(request(max_tokens=200, pace_ms="5"))
-    await anext(stream)  # type: ignore[call-overload]
+    # Paced at a second of the clock per token: the mock is mid-answer when
+    # the consumer leaves.
+    stream = make(kind).stream(request(max_tokens=200, pace_ms="1000"))
+    first = asyncio.create_task(next_within(clock, 60.0, stream))
+    await until_the_mock_is(upstream, "waiting")
+    await clock.run_for(1.0)
+    assert await first is not None
     await stream.aclose()  # type: ignore[attr-defined]
     await until_idle(upstream)
 

@@ -534,7 +534,8 @@ async def test_adapter_streams_the_recorded_answer_and_closes_the_response():
     deltas = await collect(provider)
     await provider.aclose()
     assert text_of(deltas) == "Hello, wörld 🚀"
-    assert deltas[-1] == Finish("stop", Usage(9, 2))
+    # The Finish says how many bytes came (for the traces and logs, issue 11).
+    assert deltas[-1] == Finish("stop", Usage(9, 2), bytes_received=len(b"".join(HELLO)))
     assert upstream.all_closed()
 
 
@@ -721,7 +722,7 @@ async def test_a_connection_lost_after_the_finish_reason_still_finishes():
     provider = make_provider(upstream)
     deltas = await collect(provider)
     await provider.aclose()
-    assert deltas[-1] == Finish("stop")
+    assert deltas[-1] == Finish("stop", bytes_received=len(b"".join(HELLO[:4])))
     assert text_of(deltas) == "Hello, wörld 🚀"
 
 

@@ -424,7 +424,7 @@ async def test_the_in_process_simulator_streams_reasoning_and_tool_calls() -> No
     assert [type(d) for d in deltas[:6]] == [ReasoningDelta] * 2 + [TextDelta] * 3 + [ToolCallDelta]
     head = deltas[5]
     assert isinstance(head, ToolCallDelta) and head.name == "get_weather" and head.id
-    assert deltas[-1] == Finish("tool_calls", deltas[-1].usage)  # type: ignore[union-attr]
+    assert isinstance(deltas[-1], Finish) and deltas[-1].reason == "tool_calls"
 
 
 async def test_the_in_process_simulator_resets_inside_a_tool_call() -> None:

@@ -32,6 +32,15 @@ being streamed). Each run is checked:
 
 Breakers and retry budgets are set out of reach here so the oracle stays
 exact; they have their own tests on an injected clock.
+
+Time: every run happens in a small universe of its own, one per concurrent
+worker: a `ManualClock`, a gateway and a mock upstream on it, one scenario
+at a time, and a `TimeKeeper` that moves the clock only when the stream
+provably waits on time (a backoff, or an upstream answer that waits on its
+clock or stalled, all of whose bytes the gateway took in). So the timeouts
+are realistic (5 s stall, 30 s first token, backoffs of seconds, a detach
+grace of an hour) and cost nothing, and a slow machine can never turn a
+slow token into a false STALL_TIMEOUT: it only takes longer.
 """
 
 from __future__ import annotations
@@ -52,8 +61,10 @@ import grpc
 from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay.v1 import relay_pb2_grpc as pbg
 from tokenrelay_devtools.mock_upstream import THINKING_TEXT, MockUpstream
+from tokenrelay_devtools.timekeeper import TimeKeeper, keeping_time
 from tokenrelay_server.api.server import RelayServer
 from tokenrelay_server.config.settings import build_settings, read_config_file
+from tokenrelay_server.core.clock import ManualClock
 from tokenrelay_server.core.model import Message, Tool
 from tokenrelay_server.core.stitch import Stitcher
 from tokenrelay_server.upstream.sim import DEFAULT_PREAMBLE, SimAnswer, SimSettings, plan_attempt
@@ -95,14 +106,18 @@ FATAL: tuple[tuple[str, frozenset[str]], ...] = (
 CLEAN = ("ok", "ok+split_utf8", "ok+random_chunks", "ok+slow_first_byte@30", "ok+thinking")
 MODIFIERS = ("", "", "", "+split_utf8", "+random_chunks")
 
+# Realistic timers: on the manual clock they cost nothing. The grace and
+# the lease are far beyond any run's time, so only a scenario's own faults
+# make time pass.
 CONFIG = """
 [server]
-detach_grace_s = 30
+detach_grace_s = 3600
+lease_ttl_s = 3600
 
 [recovery]
 max_retries = {max_retries}
-backoff_base_s = 0.001
-backoff_cap_s = 0.01
+backoff_base_s = 0.5
+backoff_cap_s = 8
 retry_budget_ratio = 1000
 
 [breaker]
@@ -113,6 +128,11 @@ failure_rate = 1.0
 """
 
 PROMPT = "chaos, please"
+STALL_TIMEOUT_S = 5
+FIRST_TOKEN_TIMEOUT_S = 30
+RETRY_AFTER_S = 1  # what the mock's 429/503/529 ask for
+RUN_TIMEOUT_S = 60  # real seconds: a run that takes longer is a violation (a hang)
+QUIET_TIMEOUT_S = 30  # real seconds for a universe to have nothing left after a run
 TOOL = Tool(
     "lookup",
     "Looks something up",
@@ -460,7 +480,7 @@ def chaos_config(base_url: str, max_retries: int = MAX_RETRIES) -> str:
     providers = "".join(
         f'\n[providers.{name}]\nkind = "{"openai" if name.startswith("oa") else "anthropic"}"\n'
         f'base_url = "{base_url}"\nforward_sim_headers = true\n'
-        "stall_timeout_s = 0.25\nfirst_token_timeout_s = 3\n"
+        f"stall_timeout_s = {STALL_TIMEOUT_S}\nfirst_token_timeout_s = {FIRST_TOKEN_TIMEOUT_S}\n"
         for name in PROVIDERS
     )
     models = "".join(
@@ -472,10 +492,42 @@ def chaos_config(base_url: str, max_retries: int = MAX_RETRIES) -> str:
     return CONFIG.format(max_retries=max_retries, providers=providers, models=models)
 
 
+@dataclass
+class Universe:
+    """One gateway and one mock upstream on a ManualClock of their own, with
+    a time keeper; one scenario at a time runs in it."""
+
+    clock: ManualClock
+    upstream: MockUpstream
+    server: RelayServer
+    keeper: TimeKeeper
+    stub: pbg.RelayAsyncStub
+
+    def leftovers(self) -> str:
+        """What is still running ("" when nothing)."""
+        hub = self.server.hub
+        left = {
+            "generations": hub.running_generations,
+            "sessions": hub.attached_sessions,
+            "upstream requests": self.upstream.active_requests,
+        }
+        return ", ".join(f"{count} {what}" for what, count in left.items() if count)
+
+    async def quiet(self) -> str:
+        """Wait (boundedly) until nothing of the last run is left; what is
+        left after the bound ("" when nothing)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(QUIET_TIMEOUT_S):
+                while self.leftovers():  # noqa: ASYNC110 (plain counters: nothing to await)
+                    await asyncio.sleep(0.001)
+        return self.leftovers()
+
+
 @contextlib.asynccontextmanager
-async def chaos_rig() -> AsyncIterator[tuple[RelayServer, MockUpstream]]:
-    """A mock upstream and a gateway configured against it."""
-    upstream = MockUpstream()
+async def chaos_universe() -> AsyncIterator[Universe]:
+    """A mock upstream and a gateway configured against it, on one ManualClock."""
+    clock = ManualClock()
+    upstream = MockUpstream(clock=clock)
     await upstream.start("127.0.0.1", 0)
     try:
         with tempfile.TemporaryDirectory() as folder:
@@ -484,9 +536,14 @@ async def chaos_rig() -> AsyncIterator[tuple[RelayServer, MockUpstream]]:
             settings = build_settings(
                 {**read_config_file(path), "port": 0, "resume_secret": "chaos-secret-0123456789"}
             )
-        server = await RelayServer.start(settings)
+        server = await RelayServer.start(settings, clock=clock)
         try:
-            yield server, upstream
+            async with (
+                grpc.aio.insecure_channel(server.address) as channel,
+                keeping_time(clock, server, upstream) as keeper,
+            ):
+                stub: pbg.RelayAsyncStub = pbg.RelayStub(channel)  # an aio channel: the async stub
+                yield Universe(clock, upstream, server, keeper, stub)
         finally:
             await server.stop(grace=1.0)
     finally:
@@ -494,7 +551,10 @@ async def chaos_rig() -> AsyncIterator[tuple[RelayServer, MockUpstream]]:
 
 
 def _start(scenario: Scenario) -> pb.StreamRequest:
-    metadata = {"sim.faults": ",".join(scenario.faults) or "ok", "sim.retry_after_s": "0"}
+    metadata = {
+        "sim.faults": ",".join(scenario.faults) or "ok",
+        "sim.retry_after_s": str(RETRY_AFTER_S),
+    }
     if scenario.reasoning:
         metadata["sim.reasoning"] = str(scenario.reasoning)
     start = pb.StartGeneration(
@@ -515,7 +575,7 @@ def _start(scenario: Scenario) -> pb.StreamRequest:
 
 
 async def _read(
-    stub: pbg.RelayStub, first: pb.StreamRequest, stop_after_seq: int | None
+    stub: pbg.RelayAsyncStub, first: pb.StreamRequest, stop_after_seq: int | None
 ) -> list[pb.StreamEvent]:
     """Read a call to its end, or until chunk `stop_after_seq` (then drop it)."""
 
@@ -537,7 +597,7 @@ async def _read(
     return events
 
 
-async def run_scenario(stub: pbg.RelayStub, scenario: Scenario) -> tuple[list[str], str, bool]:
+async def run_scenario(stub: pbg.RelayAsyncStub, scenario: Scenario) -> tuple[list[str], str, bool]:
     """(violations, outcome "exact"/"partial", whether the client resumed)."""
     problems: list[str] = []
     events = await _read(stub, _start(scenario), scenario.drop_after)
@@ -589,38 +649,40 @@ async def run_chaos(
     rng = random.Random(seed)
     scenarios = [make_scenario(rng, index) for index in range(runs)]
     tally = Tally()
-    async with chaos_rig() as (server, upstream):
-        async with grpc.aio.insecure_channel(server.address) as channel:
-            stub = pbg.RelayStub(channel)
-            queue: asyncio.Queue[Scenario] = asyncio.Queue()
-            for scenario in scenarios:
-                queue.put_nowait(scenario)
+    queue: asyncio.Queue[Scenario] = asyncio.Queue()
+    for scenario in scenarios:
+        queue.put_nowait(scenario)
 
-            async def worker() -> None:
-                while not queue.empty():
-                    scenario = queue.get_nowait()
-                    try:
-                        async with asyncio.timeout(60):
-                            problems, outcome, resumed = await run_scenario(stub, scenario)
-                    except Exception as error:  # a crash is a violation, not an abort
-                        problems, outcome, resumed = [f"crashed: {error!r}"], "broken", False
-                    tally.runs += 1
-                    tally.resumed += resumed
-                    if outcome == "exact":
-                        tally.exact += 1
-                    elif outcome == "partial":
-                        tally.typed_partial += 1
-                    tally.violations += [f"{scenario.describe()}: {p}" for p in problems]
-                    if progress and tally.runs % 100 == 0:
-                        print(tally.line(), flush=True)
+    async def worker(universe: Universe) -> None:
+        while not queue.empty():
+            scenario = queue.get_nowait()
+            try:
+                async with asyncio.timeout(RUN_TIMEOUT_S):
+                    problems, outcome, resumed = await run_scenario(universe.stub, scenario)
+            except Exception as error:  # a crash is a violation, not an abort
+                problems, outcome, resumed = [f"crashed: {error!r}"], "broken", False
+            # Nothing may be left behind: the generation ended, every call
+            # detached, every upstream request answered.
+            left = await universe.quiet()
+            if left:
+                problems.append(f"left running after the run: {left}")
+            tally.runs += 1
+            tally.resumed += resumed
+            if outcome == "exact":
+                tally.exact += 1
+            elif outcome == "partial":
+                tally.typed_partial += 1
+            tally.violations += [f"{scenario.describe()}: {p}" for p in problems]
+            if progress and tally.runs % 100 == 0:
+                print(tally.line(), flush=True)
 
-            async with asyncio.TaskGroup() as group:
-                for _ in range(concurrency):
-                    group.create_task(worker())
-        # Nothing may be left behind: every generation ended, every call detached.
-        async with asyncio.timeout(30):
-            while server.hub.running_generations or server.hub.attached_sessions:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-        await upstream.wait_idle()
+    async with contextlib.AsyncExitStack() as stack:
+        universes = [
+            await stack.enter_async_context(chaos_universe())
+            for _ in range(max(1, min(concurrency, runs)))
+        ]
+        async with asyncio.TaskGroup() as group:
+            for universe in universes:
+                group.create_task(worker(universe))
     tally.seconds = time.perf_counter() - tally.started
     return tally

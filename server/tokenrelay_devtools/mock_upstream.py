@@ -83,6 +83,13 @@ Example: `x-sim-faults: reset@5+split_utf8,http:429+retry_after:date,ok` resets
 the first attempt after 5 events written with split characters, answers the
 second with 429 and a Retry-After date, and lets the third succeed.
 
+Time: the pace (`x-sim-pace-ms`) and `slow_first_byte` wait on the mock's
+injected clock, so a test or the chaos run that gives it a `ManualClock`
+decides when they are over. `in_flight()` shows what each request being
+answered is doing (still writing, waiting on the clock, or stalled for good)
+and how many body bytes it sent: a time keeper (tokenrelay_devtools.timekeeper)
+moves a manual clock only when every request it cares about waits on time.
+
 A bad header or body gets a 400 in the provider's error format naming it.
 """
 
@@ -132,8 +139,9 @@ ErrorKind = Literal[
     "authentication",
     "context_length",
 ]
-ERROR_KINDS: tuple[str, ...] = get_args(ErrorKind)
+ERROR_KINDS: tuple[ErrorKind, ...] = get_args(ErrorKind)
 RetryAfterStyle = Literal["seconds", "date", "ms"]
+RETRY_AFTER_STYLES: tuple[RetryAfterStyle, ...] = get_args(RetryAfterStyle)
 _SIM_FAULTS = ("ok", "reset", "stall", "eof", "garbage", "http")
 _RETRY_AFTER_STATUSES = frozenset({429, 503, 529})
 THINKING_TOKENS = 1  # the `thinking` item's one reasoning delta
@@ -196,7 +204,7 @@ def _error_kind(text: str, field: str, position: int) -> ErrorKind:
             f"{field}: item {position}: error kind {excerpt(text)} is not one of "
             f"{', '.join(ERROR_KINDS)}"
         )
-    return text  # type: ignore[return-value]
+    return text
 
 
 def _apply_http_fault(faults: HttpFaults, part: str, field: str, position: int) -> HttpFaults:
@@ -222,8 +230,8 @@ def _apply_http_fault(faults: HttpFaults, part: str, field: str, position: int) 
         return replace(faults, html_status=_status(argument, field, position) if colon else 200)
     if name == "json_error" and colon:
         return replace(faults, json_error=_error_kind(argument, field, position))
-    if name == "retry_after" and argument in ("seconds", "date", "ms"):
-        return replace(faults, retry_after=argument)  # type: ignore[arg-type]
+    if name == "retry_after" and argument in RETRY_AFTER_STYLES:
+        return replace(faults, retry_after=argument)
     if part == "split_utf8":
         return replace(faults, split_utf8=True)
     if part == "random_chunks":
@@ -847,6 +855,35 @@ class _ConnectionCut(Exception):
     """The mock cut the connection on purpose; the handler just ends."""
 
 
+# --- what the requests being answered are doing --------------------------------
+
+AnswerState = Literal["answering", "waiting", "stalled"]
+
+
+@dataclass(eq=False)
+class _Answer:
+    """The mock's own record of one request it is answering."""
+
+    attempt: int
+    state: AnswerState = "answering"
+    body: _BodyWriter | None = None  # once the streamed body started
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """One request being answered, as `MockUpstream.in_flight()` shows it.
+
+    `state`: "answering" (reading the request, writing, cutting: what it does
+    next does not wait on time), "waiting" (sleeping on the mock's clock: the
+    pace or a slow first byte) or "stalled" (`stall@N`: nothing more until the
+    client leaves). `bytes_sent`: of the streamed body so far (a reader that
+    has taken in as many has everything the mock wrote)."""
+
+    attempt: int
+    state: AnswerState
+    bytes_sent: int
+
+
 class _BodyWriter:
     """Writes SSE bytes with the attempt's write-level faults."""
 
@@ -928,6 +965,7 @@ class MockUpstream:
         self.port = 0
         self.active_requests = 0
         self.requests_served = 0
+        self._answers: set[_Answer] = set()
         # The x-sim-* headers of the latest requests (names lower-cased), so a
         # test can see what an adapter forwards; bounded for a long-lived mock.
         self.sim_headers_received: collections.deque[dict[str, str]] = collections.deque(
@@ -966,6 +1004,18 @@ class MockUpstream:
         self.host = host
         self.port = runner.addresses[0][1]  # port 0: the one the OS picked
         return self.port
+
+    def in_flight(self) -> tuple[InFlight, ...]:
+        """What each request being answered is doing now (its body read and
+        its controls parsed; a request still being read is not shown)."""
+        return tuple(
+            InFlight(
+                attempt=answer.attempt,
+                state=answer.state,
+                bytes_sent=0 if answer.body is None else answer.body.sent,
+            )
+            for answer in self._answers
+        )
 
     async def wait_idle(self) -> None:
         """Return once no request is being handled (bound it with a timeout)."""
@@ -1030,9 +1080,14 @@ class MockUpstream:
                 tools=parsed.tools,
                 tool_choice=parsed.tool_choice,
             )
-            return await self._respond(
-                request, parsed.wire, plan, settings, attempt, faults, parsed.stream
-            )
+            answer = _Answer(attempt)
+            self._answers.add(answer)
+            try:
+                return await self._respond(
+                    request, parsed.wire, plan, settings, answer, faults, parsed.stream
+                )
+            finally:
+                self._answers.discard(answer)
         finally:
             self.active_requests -= 1
             self.requests_served += 1
@@ -1099,12 +1154,12 @@ class MockUpstream:
         wire: _Wire,
         plan: AttemptPlan,
         settings: SimSettings,
-        attempt: int,
+        answer: _Answer,
         faults: HttpFaults,
         stream: bool,
     ) -> web.StreamResponse:
         if faults.slow_first_byte_ms:
-            await asyncio.sleep(faults.slow_first_byte_ms / 1000.0)
+            await self._wait(answer, faults.slow_first_byte_ms / 1000.0)
         if faults.html_status is not None:
             reason = "OK" if faults.html_status == 200 else "Bad Gateway"
             page = _HTML_PAGE.format(status=faults.html_status, reason=reason)
@@ -1135,9 +1190,11 @@ class MockUpstream:
             },
         )
         await response.prepare(request)
-        out = _BodyWriter(request, response, faults, f"{settings.seed}:{attempt}")
+        out = answer.body = _BodyWriter(
+            request, response, faults, f"{settings.seed}:{answer.attempt}"
+        )
         try:
-            await self._write_stream(out, wire, plan, settings, faults)
+            await self._write_stream(out, wire, plan, settings, faults, answer)
         except _ConnectionCut:
             pass
         return response
@@ -1149,6 +1206,7 @@ class MockUpstream:
         plan: AttemptPlan,
         settings: SimSettings,
         faults: HttpFaults,
+        answer: _Answer,
     ) -> None:
         for data in wire.preamble(plan, faults.thinking):
             await out.write(data)
@@ -1159,7 +1217,7 @@ class MockUpstream:
         pace_s = settings.pace_ms / 1000.0
         for event in events:
             if pace_s:
-                await asyncio.sleep(pace_s)
+                await self._wait(answer, pace_s)
             for data in wire.event(event):
                 await out.write(data)
         if cut_at is not None:
@@ -1174,7 +1232,9 @@ class MockUpstream:
         if kind == "reset":
             await out.cut(reset=True)
         elif kind == "stall":
+            answer.state = "stalled"
             await self._stopping.wait()  # the client leaving cancels this handler
+            answer.state = "answering"
             await out.cut(reset=False)
         elif kind == "garbage":
             await out.write(wire.garbage())
@@ -1182,6 +1242,14 @@ class MockUpstream:
             for data in wire.finish(plan):
                 await out.write(data)
         # "eof": the body just ends
+
+    async def _wait(self, answer: _Answer, seconds: float) -> None:
+        """Wait on the mock's clock, showing it in `in_flight()`."""
+        answer.state = "waiting"
+        try:
+            await self._clock.sleep(seconds)
+        finally:
+            answer.state = "answering"
 
     def _retry_after_headers(self, seconds: float, style: RetryAfterStyle) -> dict[str, str]:
         if style == "ms":

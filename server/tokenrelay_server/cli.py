@@ -18,9 +18,10 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -31,19 +32,9 @@ from tokenrelay_server.config.settings import (
     flag_of,
     load_settings,
 )
+from tokenrelay_server.obs.logs import known_secrets, setup_logging
 
 log = logging.getLogger("tokenrelay")
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # httpx logs every upstream request at INFO; keep that for debug.
-    if level != "debug":
-        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 # Shown in --help; the values are checked by config.settings, not by click.
@@ -73,6 +64,13 @@ SERVE_OPTIONS: list[tuple[str, str | type[bool], str]] = [
     ("sim", bool, "Serve model `sim`, the simulator that takes fault scripts from requests."),
     ("sim_pace_ms", NUMBER, "Default delay per token of the simulated model."),
     ("log_level", "[debug|info|warning|error]", "Log verbosity."),
+    # Observability (issue 11): tracing and structured logs.
+    (
+        "otel_exporter",
+        "[none|console|otlp]",
+        "Where spans go: nowhere, stdout, or OTLP/gRPC (the OTEL_EXPORTER_OTLP_* variables).",
+    ),
+    ("log_format", "[text|json]", "Log lines as text, or one JSON object per line."),
 ]
 DEFAULT_SHOWN = {
     "resume_secret": "random",
@@ -80,7 +78,11 @@ DEFAULT_SHOWN = {
 }
 
 
-def serve_options(function: Any) -> Any:
+# What click.option decorates: a command's callback, any signature.
+_Callback = TypeVar("_Callback", bound=Callable[..., Any])
+
+
+def serve_options(function: _Callback) -> _Callback:
     # No envvar= and no click types: the environment is read, and every
     # value checked, by config.settings.load_settings (all mistakes at once).
     for name, metavar, help_text in reversed(SERVE_OPTIONS):
@@ -113,13 +115,17 @@ def main() -> None:
 )
 @serve_options
 @click.pass_context
-def serve(ctx: click.Context, /, config_file: Path | None, **flags: Any) -> None:
+def serve(ctx: click.Context, /, config_file: Path | None, **flags: str | bool | None) -> None:
     """Run the gateway (in-memory store and the `sim` model by default)."""
     try:
         settings = load_settings(config_file, flags=flags, env=os.environ)
     except ConfigError as error:
         exit_with_problems(ctx, error)
-    setup_logging(settings.log_level)
+    setup_logging(
+        settings.log_level,
+        settings.log_format,
+        secrets=known_secrets(settings, os.environ),
+    )
     try:
         asyncio.run(_serve(settings))
     except ConfigError as error:

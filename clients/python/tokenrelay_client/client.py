@@ -64,7 +64,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias, TypeVar, cast
 
 import grpc
 import grpc.aio
@@ -309,6 +309,10 @@ class RelayClient:
     channel_options: extra grpc channel options, applied after our defaults.
     credentials: TLS credentials; None means a plaintext channel.
     call_metadata: gRPC metadata sent with every call (e.g. authorization).
+    interceptors: grpc.aio client interceptors of the channel, e.g.
+        `tokenrelay_client.tracing.tracing_interceptors()` (OpenTelemetry: a
+        CLIENT span per call and the W3C trace context in its metadata, so
+        the gateway's spans join the caller's trace).
     """
 
     def __init__(
@@ -325,6 +329,7 @@ class RelayClient:
         channel_options: ChannelOptions | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         call_metadata: Sequence[tuple[str, str]] | None = None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
     ) -> None:
         if max_reconnects < 0:
             raise ValueError("max_reconnects must be 0 or more")
@@ -345,8 +350,9 @@ class RelayClient:
         self._channel_options = (*_DEFAULT_CHANNEL_OPTIONS, *(channel_options or ()))
         self._credentials = credentials
         self._call_metadata = tuple(call_metadata or ())
+        self._interceptors = list(interceptors or ())
         self._channel: grpc.aio.Channel | None = None
-        self._stub: relay_pb2_grpc.RelayStub | None = None
+        self._stub: relay_pb2_grpc.RelayAsyncStub | None = None
 
     async def __aenter__(self) -> RelayClient:
         self._ensure_channel()
@@ -473,15 +479,20 @@ class RelayClient:
 
     # -- used by RelayStream ---------------------------------------------------
 
-    def _ensure_channel(self) -> relay_pb2_grpc.RelayStub:
+    def _ensure_channel(self) -> relay_pb2_grpc.RelayAsyncStub:
         if self._stub is None:
             if self._credentials is None:
                 self._channel = grpc.aio.insecure_channel(
-                    self.target, options=self._channel_options
+                    self.target,
+                    options=self._channel_options,
+                    interceptors=self._interceptors or None,
                 )
             else:
                 self._channel = grpc.aio.secure_channel(
-                    self.target, self._credentials, options=self._channel_options
+                    self.target,
+                    self._credentials,
+                    options=self._channel_options,
+                    interceptors=self._interceptors or None,
                 )
             self._stub = relay_pb2_grpc.RelayStub(self._channel)
         return self._stub
@@ -987,9 +998,13 @@ def _generation_failed(
         if detail.Is(relay_pb2.StreamError.DESCRIPTOR):
             error = relay_pb2.StreamError()
             detail.Unpack(error)
-        elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
+        else:
+            # Unpack checks the type itself and says whether it matched. (The
+            # googleapis stubs type ErrorInfo.DESCRIPTOR as Message's, which
+            # types-protobuf's Any.Is does not accept.)
+            candidate = error_details_pb2.ErrorInfo()
+            if detail.Unpack(candidate):
+                info = candidate
     if error is None:
         return None
     total_seq: int | None = None
@@ -1011,7 +1026,10 @@ def _generation_failed(
 
 def _rich_status(exc: grpc.aio.AioRpcError) -> status_pb2.Status | None:
     try:
-        status: status_pb2.Status | None = rpc_status.from_call(exc)
+        # cast: from_call reads only code(), details() and trailing_metadata(),
+        # which AioRpcError has with grpc.Call's synchronous signatures; the
+        # stubs (types-grpcio-status) accept only grpc.Call.
+        status: status_pb2.Status | None = rpc_status.from_call(cast("grpc.Call", exc))
     except ValueError:  # details that contradict the status: ignore them
         return None
     return status
@@ -1039,6 +1057,7 @@ async def _write(
         details = await call.details()
         if code == grpc.StatusCode.OK:
             raise _Transient("the call ended before the request was sent") from None
+        rich: status_pb2.Status | None
         try:
             rich = await rpc_status.aio.from_call(call)
         except ValueError:
@@ -1181,14 +1200,27 @@ def _to_policy(policy: Mapping[str, int | bool | str]) -> relay_pb2.RecoveryPoli
         if mode not in _TOOL_CALL_MODES:
             raise ValueError(f'policy tool_calls {mode!r} is not "whole" or "stream"')
         fields["tool_calls"] = _TOOL_CALL_MODES[str(mode)]
+    # The keys were checked just above; protobuf checks each value at run time
+    # (a TypeError naming the field). mypy cannot match a mapping's keys to
+    # the constructor's keywords, and bool, int and enum values share one mapping.
     return relay_pb2.RecoveryPolicy(**fields)  # type: ignore[arg-type]
 
 
-def _enum_name(value: int, prefix: str, enum: Any) -> str:
+_V = TypeVar("_V", bound=int)
+_V_contra = TypeVar("_V_contra", bound=int, contravariant=True)
+
+
+class _ProtoEnum(Protocol[_V_contra]):
+    """A generated proto enum (relay_pb2.ErrorType, ...): its Name lookup."""
+
+    def Name(self, number: _V_contra, /) -> str: ...
+
+
+def _enum_name(value: _V, prefix: str, enum: _ProtoEnum[_V]) -> str:
     if value == 0:
         return ""
     try:
-        name: str = enum.Name(value)
+        name = enum.Name(value)
     except ValueError:
         return str(value)
     return name.removeprefix(prefix).lower()

@@ -12,6 +12,7 @@ import contextlib
 import os
 import random
 import secrets
+import uuid
 from collections.abc import Mapping, Sequence
 
 import grpc
@@ -33,6 +34,8 @@ from tokenrelay_server.engine.recovery_loop import Recovery
 from tokenrelay_server.engine.resources import resident_bytes
 from tokenrelay_server.engine.routing import Route, Router
 from tokenrelay_server.engine.selection import UpstreamHealth
+from tokenrelay_server.obs.logs import StreamLog
+from tokenrelay_server.obs.tracing import Tracing, span_exporter
 from tokenrelay_server.store.base import StreamStore
 from tokenrelay_server.store.memory import MemoryStore
 from tokenrelay_server.upstream.base import Provider
@@ -161,6 +164,7 @@ class RelayServer:
         port: int,
         owns_store: bool,
         guard: asyncio.Task[None] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
         self.hub = hub
@@ -171,6 +175,7 @@ class RelayServer:
         self._providers = providers
         self._owns_store = owns_store
         self._guard = guard
+        self.tracing = tracing  # None with --otel-exporter none
         self._stopped = False
 
     @property
@@ -191,9 +196,17 @@ class RelayServer:
         observers: Sequence[Observer] = (),
     ) -> RelayServer:
         """Assemble and start a gateway. `observers` get every engine event
-        (engine/events.py): metrics, traces, logs, error statistics."""
+        (engine/events.py) after the gateway's own: the tracer (when
+        `otel_exporter` is not "none") and the lifecycle log lines."""
         settings = settings or Settings()
-        observe = Observers(observers)
+        replica_id = uuid.uuid4().hex[:12]
+        tracing = (
+            Tracing(span_exporter(settings.otel_exporter), replica_id=replica_id)
+            if settings.otel_exporter != "none"
+            else None
+        )
+        own: list[Observer] = [] if tracing is None else [tracing.observer]
+        observe = Observers([*own, StreamLog(), *observers])
         clock = clock or SystemClock()
         # Without a configured secret, tokens die with this process; the CLI
         # warns about it right after the "listening" line.
@@ -209,6 +222,7 @@ class RelayServer:
             clock=clock,
             recovery=build_recovery(settings, clock, observe=observe),
             observers=observe,
+            replica_id=replica_id,
             settings=HubSettings(
                 detach_grace_s=settings.detach_grace_s,
                 checkpoint_interval=settings.checkpoint_interval,
@@ -221,10 +235,11 @@ class RelayServer:
         )
         limit = max(4 * settings.max_prompt_bytes, MIN_TRANSPORT_LIMIT_BYTES)
         server = grpc.aio.server(
+            interceptors=None if tracing is None else [tracing.server_interceptor()],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         relay_pb2_grpc.add_RelayServicer_to_server(
             RelayServicer(
@@ -244,6 +259,8 @@ class RelayServer:
         try:
             port = server.add_insecure_port(f"{settings.host}:{settings.port}")
         except RuntimeError as error:
+            if tracing is not None:
+                await tracing.shutdown()
             raise OSError(f"cannot listen on {settings.host}:{settings.port}: {error}") from None
         await server.start()
         for service in ("", RELAY_SERVICE):
@@ -264,6 +281,7 @@ class RelayServer:
             providers=providers,
             port=port,
             owns_store=owns_store,
+            tracing=tracing,
         )
 
     async def drain_and_stop(self) -> None:
@@ -292,6 +310,8 @@ class RelayServer:
             await provider.aclose()
         if self._owns_store:
             await self.hub.store.close()
+        if self.tracing is not None:
+            await self.tracing.shutdown()
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()

@@ -154,11 +154,12 @@ def refused_partial_status(stream_id: str, end: End) -> grpc.Status:
 
 def fault_to_proto(fault: Fault) -> relay_pb2.StreamError:
     error = relay_pb2.StreamError(
-        type=int(fault.type),  # type: ignore[arg-type]
+        # The core enums' values are the proto's (errors.py); ValueType is int.
+        type=relay_pb2.ErrorType.ValueType(fault.type),
         code=fault.code,
         message=fault.message,
         retryable=fault.retryable,
-        suggested_action=int(fault.suggested_action),  # type: ignore[arg-type]
+        suggested_action=relay_pb2.SuggestedAction.ValueType(fault.suggested_action),
         fatal=fault.fatal,
         bytes_received=fault.bytes_received,
         tokens_received=fault.tokens_received,

@@ -150,6 +150,10 @@ class Settings(BaseModel):
     breaker_min_calls: int = Field(_BREAKER.min_calls, ge=1)
     breaker_window_s: float = Field(_BREAKER.window_s, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Observability: tracing and logs (issue 11; obs/tracing.py, obs/logs.py).
+    # `otlp` exports over gRPC as the standard OTEL_EXPORTER_OTLP_* variables say.
+    otel_exporter: Literal["none", "console", "otlp"] = "none"
+    log_format: Literal["text", "json"] = "text"
     # Provider and model tables ([providers.*], [models.*]) from the config file.
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
     # Timeouts set by flag or environment: they beat every provider's own.

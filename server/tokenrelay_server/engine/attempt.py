@@ -66,6 +66,13 @@ class AttemptReport:
     def succeeded(self) -> bool:
         return self.fault is None
 
+    @property
+    def bytes_received(self) -> int:
+        """What the provider counted (0 where it does not count bytes)."""
+        if self.fault is not None:
+            return self.fault.bytes_received
+        return self.finish.bytes_received if self.finish is not None else 0
+
 
 class IdleWatchdog:
     """Expires `scope` when the upstream is silent too long: the first-token

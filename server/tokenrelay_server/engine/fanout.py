@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from tokenrelay_server.core.compact_log import CompactLog
@@ -104,7 +104,7 @@ class LocalLog:
 
     async def follow(
         self, after_seq: int, subscription: Subscription
-    ) -> AsyncIterator[list[LogEntry]]:
+    ) -> AsyncGenerator[list[LogEntry], None]:
         """Every entry after chunk `after_seq`, then live ones, until the End,
         in batches (whatever arrived since the last look)."""
         cursor = self.entries.cursor(after_seq)

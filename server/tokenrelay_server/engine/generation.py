@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from tokenrelay_server.core.clock import Deadline, Timer
 from tokenrelay_server.core.errors import ErrorType, Fault, ResourceError, SuggestedAction
@@ -170,8 +170,8 @@ class Generation:
 
     @property
     def phase(self) -> str:
-        """ "attempt" (an upstream call runs), "backoff" (waiting to try again)
-        or "done" (the End is being written or was)."""
+        """"attempt" (an upstream call runs), "backoff" (waiting on the clock
+        to try again) or "done" (the End is being written or was)."""
         return self._loop.phase
 
     def restore(self, entries: list[LogEntry]) -> None:
@@ -196,7 +196,9 @@ class Generation:
     def detach(self, subscription: Subscription) -> None:
         self.log.detach(subscription)  # arms the grace when it was the last
 
-    def follow(self, after_seq: int, subscription: Subscription) -> AsyncIterator[list[LogEntry]]:
+    def follow(
+        self, after_seq: int, subscription: Subscription
+    ) -> AsyncGenerator[list[LogEntry], None]:
         return self.log.follow(after_seq, subscription)
 
     def arm_grace(self) -> None:
@@ -370,7 +372,7 @@ class Generation:
                 stream_too_large_fault(self._max_stream_bytes, provider=provider, attempt=attempt)
             )
         await self.log.append([chunk])
-        if self._observe:
+        if self._observe.chunks:
             self._observe(
                 ChunkStored(
                     stream_id=self.stream_id,

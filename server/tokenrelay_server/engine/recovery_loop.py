@@ -142,8 +142,8 @@ class RecoveryLoop:
     _retries: list[int] = field(default_factory=list)
     _given_up: set[int] = field(default_factory=set)
     # Where the loop is, for operators (and tests that move a manual clock):
-    # "attempt" while an upstream call runs, "backoff" while it waits to try
-    # again, "done" once it returned.
+    # "attempt" while an upstream call runs, "backoff" while it waits on the
+    # clock to try again, "done" once it returned.
     phase: str = "attempt"
 
     async def run(self) -> Outcome:
@@ -173,13 +173,20 @@ class RecoveryLoop:
                 with permit:
                     self.tally.attempts += 1
                     health.budget(route).record_request()
+                    continues = self.delivered_chunks() > 0
                     report = await self._observed_attempt(route, self.tally.attempts)
                     route_health = health.health(route)
                     self.tally.add(report, route_health.delta_weight())
                     if report.fault is None:
                         permit.succeeded()
                         route_health.observe_success(report.first_token_s, report.inter_token_s)
-                        route_health.observe_usage(report.deltas, report.completion_tokens)
+                        if not continues:
+                            # Only a fresh answer teaches tokens per delta: a
+                            # continuation's deltas are reshaped (an Anthropic
+                            # prefill loses its trailing whitespace, the model
+                            # writes it again, the adapter drops that delta and
+                            # the usage counts its token).
+                            route_health.observe_usage(report.deltas, report.completion_tokens)
                         assert report.finish is not None
                         return Outcome(finish=report.finish)
                     fault = report.fault
@@ -189,11 +196,13 @@ class RecoveryLoop:
                     else:
                         permit.released()
             decision = decide(self._situation(fault, index), self.policy, self.recovery.rng)
+            # The lifecycle lines (a recovery action, the end) are the log
+            # observer's (obs/logs.py); why the loop stopped is a detail.
             if decision.step is Step.COMPLETE:
-                log.info("stream %s: %s", self.stream_id, decision.reason)
+                log.debug("stream %s: %s", self.stream_id, decision.reason)
                 return Outcome(finish=Finish("length"))
             if decision.step is Step.TOOL_CALLS:
-                log.info("stream %s: the turn ends: %s", self.stream_id, decision.reason)
+                log.debug("stream %s: the turn ends: %s", self.stream_id, decision.reason)
                 calls = self.turn.complete_calls
                 await self.notice(
                     replace(
@@ -207,12 +216,12 @@ class RecoveryLoop:
                 )
                 return Outcome(finish=Finish("tool_calls"))
             if decision.step is Step.INTERRUPTED:
-                log.info("stream %s: giving up: %s", self.stream_id, decision.reason)
+                log.debug("stream %s: giving up: %s", self.stream_id, decision.reason)
                 index_cut = self.turn.open_call
                 assert index_cut is not None
                 return Outcome(fault=classify.tool_call_interrupted(fault, index_cut))
             if not decision.continues:
-                log.info("stream %s: giving up: %s", self.stream_id, decision.reason)
+                log.debug("stream %s: giving up: %s", self.stream_id, decision.reason)
                 return Outcome(fault=fault)
             await self._announce(fault, decision, route)
             if self.observe:
@@ -235,7 +244,10 @@ class RecoveryLoop:
                 self._retries[index] += 1
                 health.budget(route).spend_retry()
             index = decision.provider_index
-            self.phase = "backoff"
+            if decision.delay_s > 0:
+                # "backoff" means a timer of the clock is what the loop waits
+                # for; a fallback (no delay) goes straight to its attempt.
+                self.phase = "backoff"
             await self.recovery.clock.sleep(decision.delay_s)
             self.phase = "attempt"
 
@@ -321,6 +333,7 @@ class RecoveryLoop:
                 fault=fault,
                 deltas=0 if report is None else report.deltas,
                 completion_tokens=0 if report is None else report.completion_tokens,
+                bytes_received=0 if report is None else report.bytes_received,
                 first_token_s=None if report is None else report.first_token_s,
                 duration_s=duration_s,
                 at=self.recovery.clock.monotonic(),
@@ -379,14 +392,6 @@ class RecoveryLoop:
         }[decision.step]
         if decision.step is Step.FALLBACK and not breaker.available():
             what += f" (the circuit breaker of {breaker.name} is open)"
-        log.info(
-            "stream %s: %s (%s) -> %s in %.2fs",
-            self.stream_id,
-            fault.code,
-            fault.provider,
-            what,
-            decision.delay_s,
-        )
         await self.notice(
             replace(
                 fault,

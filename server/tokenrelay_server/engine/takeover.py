@@ -155,7 +155,7 @@ class Takeover:
             generation.restore(entries)
             await generation.notice(owner_lost_fault(continued_by=owner, at_seq=tail.last_seq))
             handed_over = True
-            log.warning("stream %s: owner lost; taken over at seq %d", stream_id, tail.last_seq)
+            # The hub tells observers (TakenOver); the log observer writes its line.
             return generation
         finally:
             if not handed_over:

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -435,7 +435,7 @@ class AnthropicProvider(HttpProvider):
     def parser(self) -> MessagesParser:
         return MessagesParser()
 
-    def stream(self, request: ProviderRequest) -> AsyncIterator[Delta]:
+    def stream(self, request: ProviderRequest) -> AsyncGenerator[Delta, None]:
         deltas = super().stream(request)
         continuation = request.continuation
         trimmed = continuation[len(continuation.rstrip()) :] if continuation else ""
@@ -444,12 +444,14 @@ class AnthropicProvider(HttpProvider):
         return deltas
 
 
-async def skip_repeated(deltas: AsyncIterator[Delta], trimmed: str) -> AsyncIterator[Delta]:
+async def skip_repeated(
+    deltas: AsyncGenerator[Delta, None], trimmed: str
+) -> AsyncGenerator[Delta, None]:
     """The prefill lost its trailing whitespace (the API refuses it), so the
     model starts by writing it again: drop that much from the first text, which
     the client already has. Any other text passes through untouched."""
     pending = trimmed
-    async with contextlib.aclosing(deltas):  # type: ignore[type-var]
+    async with contextlib.aclosing(deltas):
         async for delta in deltas:
             if pending and isinstance(delta, TextDelta):
                 text = delta.text

@@ -26,7 +26,7 @@ same way for every provider; connect timeouts belong to the adapter.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -113,6 +113,9 @@ class Finish:
 
     reason: str
     usage: Usage | None = None
+    # Bytes of the response the attempt received up to its finish, where the
+    # adapter counts them (the HTTP adapters and the sim do): for observers.
+    bytes_received: int = 0
 
 
 Delta = TextDelta | ReasoningDelta | ToolCallDelta | ToolCallDone | UsageReport | Finish
@@ -124,8 +127,11 @@ class Provider(Protocol):
     @property
     def name(self) -> str: ...
 
-    def stream(self, request: ProviderRequest) -> AsyncIterator[Delta]:
-        """The deltas of one attempt. Raises `UpstreamError` subclasses."""
+    def stream(self, request: ProviderRequest) -> AsyncGenerator[Delta, None]:
+        """The deltas of one attempt. Raises `UpstreamError` subclasses.
+
+        An async generator, not just an iterator: the caller closes it
+        (`contextlib.aclosing`) so that the adapter closes its response."""
         ...
 
     async def aclose(self) -> None:

@@ -50,11 +50,12 @@ model that repeats itself, for the stitcher).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import random
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -306,9 +307,10 @@ def parse_fault_script(script: str, field: str = 'metadata["sim.faults"]') -> tu
             continue
         kind, at, raw_count = item.partition("@")
         count = parse_count(raw_count)
-        if kind in ("reset", "stall", "eof", "garbage") and at and count is not None:
-            steps.append(FaultStep(kind, count))  # type: ignore[arg-type]
-            continue
+        match kind:
+            case "reset" | "stall" | "eof" | "garbage" if at and count is not None:
+                steps.append(FaultStep(kind, count))
+                continue
         raise RequestError(
             f"{field}: item {position} {excerpt(item)} is not one of ok, reset@N, stall@N, "
             "eof@N, garbage@N, http:CODE (N in ASCII digits)"
@@ -552,9 +554,29 @@ def plan_attempt(
 
 # --- the in-process provider ----------------------------------------------------------------
 
+SimState = Literal["answering", "waiting", "stalled"]
+
+
+@dataclass(frozen=True, slots=True)
+class SimInFlight:
+    """One attempt the simulator is playing, as `SimProvider.in_flight()`
+    shows it: "answering" (what it does next does not wait on time),
+    "waiting" (on the clock: the pace) or "stalled" (`stall@N`: nothing more
+    until the caller gives up). Every delta it yielded before waiting or
+    stalling has been taken by the caller: it is a generator."""
+
+    attempt: int
+    state: SimState
+
+
+@dataclass(eq=False)
+class _Playing:
+    attempt: int
+    state: SimState = "answering"
+
 
 class SimProvider:
-    """Model `sim`, played in-process with asyncio pacing."""
+    """Model `sim`, played in-process with pacing on the injected clock."""
 
     def __init__(
         self, name: str = "sim", *, default_pace_ms: float = 0.0, clock: Clock | None = None
@@ -562,6 +584,7 @@ class SimProvider:
         self._name = name
         self._default_pace_ms = default_pace_ms
         self._clock = clock or SystemClock()
+        self._playing: set[_Playing] = set()
 
     @property
     def name(self) -> str:
@@ -571,7 +594,23 @@ class SimProvider:
         """Raise RequestError naming the bad `sim.*` metadata key, if any."""
         SimSettings.from_metadata(metadata, self._default_pace_ms)
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[Delta]:
+    def in_flight(self) -> tuple[SimInFlight, ...]:
+        """What each attempt being played is doing now (for a time keeper)."""
+        return tuple(SimInFlight(playing.attempt, playing.state) for playing in self._playing)
+
+    async def stream(self, request: ProviderRequest) -> AsyncGenerator[Delta, None]:
+        playing = _Playing(request.attempt)
+        self._playing.add(playing)
+        try:
+            async with contextlib.aclosing(self._play(request, playing)) as deltas:
+                async for delta in deltas:
+                    yield delta
+        finally:
+            self._playing.discard(playing)
+
+    async def _play(
+        self, request: ProviderRequest, playing: _Playing
+    ) -> AsyncGenerator[Delta, None]:
         settings = SimSettings.from_metadata(request.metadata, self._default_pace_ms)
         plan = plan_attempt(
             request.messages,
@@ -598,7 +637,11 @@ class SimProvider:
         started = self._clock.monotonic()
         for index, event in enumerate(plan.events):
             if pace_s:
-                await self._clock.sleep(started + (index + 1) * pace_s - self._clock.monotonic())
+                delay = started + (index + 1) * pace_s - self._clock.monotonic()
+                if delay > 0:  # a token already due (a late wake-up) is not a wait
+                    playing.state = "waiting"
+                await self._clock.sleep(delay)
+                playing.state = "answering"
             elif index % FULL_SPEED_BURST == 0:
                 # At full speed, hand the loop back now and then, as a socket
                 # read that returns several tokens at once would.
@@ -622,11 +665,12 @@ class SimProvider:
                 )
             )
         if fault.kind == "stall":
+            playing.state = "stalled"
             await asyncio.Event().wait()  # hangs until the caller's stall timeout cancels us
         if fault.kind == "eof":
             return  # no Finish: the caller reports NO_FINISH_REASON
         yield UsageReport(plan.usage)
-        yield Finish(plan.finish_reason, plan.usage)
+        yield Finish(plan.finish_reason, plan.usage, bytes_received=sent_bytes)
 
     async def aclose(self) -> None:
         return None
