@@ -9,6 +9,7 @@ empty pool, no mock handler still running, no asyncio task left over.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -40,9 +41,18 @@ from tokenrelay_server.core.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from tokenrelay_server.core.model import GenerationParams, Message
+from tokenrelay_server.core.model import GenerationParams, Message, Tool, ToolCall
 from tokenrelay_server.upstream.anthropic import AnthropicProvider
-from tokenrelay_server.upstream.base import Delta, Finish, ProviderRequest, TextDelta
+from tokenrelay_server.upstream.base import (
+    Delta,
+    Finish,
+    ProviderRequest,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallDone,
+    UsageReport,
+)
 from tokenrelay_server.upstream.build import build_providers, make_client
 from tokenrelay_server.upstream.http_stream import Receiving
 from tokenrelay_server.upstream.openai import OpenAIProvider
@@ -198,10 +208,19 @@ async def test_write_level_chunking_does_not_change_the_text(make: Providers, ki
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_thinking_is_not_part_of_the_answer(make: Providers, kind: str):
+async def test_thinking_is_reasoning_not_part_of_the_answer_and_is_paid_for(
+    make: Providers, kind: str
+):
     deltas, error = await run(make(kind), request("thinking"))
     assert error is None
     assert text_of(deltas) == await sim_text(request())
+    assert [type(d) for d in deltas[:2]] == [ReasoningDelta, TextDelta]
+    # Usage counts the reasoning delta too, as a provider's does: the
+    # gateway learns tokens per delta from it (a usage without it made a
+    # later continuation overshoot max_tokens).
+    finish = deltas[-1]
+    assert isinstance(finish, Finish) and finish.usage is not None
+    assert finish.usage.completion_tokens == 12 + 1
 
 
 # --- every fault → the right error ----------------------------------------------------------------
@@ -709,3 +728,159 @@ async def test_a_bad_simulator_setting_is_a_400_that_names_the_header(make: Prov
     _, error = await run(make("openai"), request(pace_ms="fast"))
     assert error is not None and error.fault.code == "HTTP_400"
     assert "x-sim-pace-ms" in error.fault.message
+
+
+# --- agent turns: tool calls and reasoning in both formats (issue 12) ---------------------------
+
+WEATHER = Tool(
+    "get_weather",
+    "The weather now",
+    '{"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}',
+)
+
+
+def agent_request(
+    faults: str = "",
+    *,
+    messages: tuple[Message, ...] = MESSAGES,
+    continuation: str = "",
+    attempt: int = 1,
+    **sim: str,
+) -> ProviderRequest:
+    base = request(faults, max_tokens=20, continuation=continuation, attempt=attempt, **sim)
+    return dataclasses.replace(base, messages=messages, tools=(WEATHER,))
+
+
+def assembled(deltas: list[Delta]) -> list[tuple[str, str, str]]:
+    """(id, name, arguments) per call, joined from its pieces."""
+    calls: dict[int, list[str]] = {}
+    for delta in deltas:
+        if isinstance(delta, ToolCallDelta):
+            call = calls.setdefault(delta.index, ["", "", ""])
+            call[0] = call[0] or delta.id
+            call[1] = call[1] or delta.name
+            call[2] += delta.arguments
+    return [(c[0], c[1], c[2]) for _, c in sorted(calls.items())]
+
+
+def kinds(deltas: list[Delta]) -> list[str]:
+    return [type(d).__name__ for d in deltas if not isinstance(d, UsageReport | Finish)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_tool_call_over_http_is_the_simulators_call(make: Providers, kind: str):
+    req = agent_request(reasoning="2")
+    deltas, error = await run(make(kind), req)
+    assert error is None
+    expected, _ = await run(SimProvider(), req)
+    ((call_id, name, arguments),) = assembled(deltas)
+    assert assembled(deltas) == assembled(expected)
+    assert name == "get_weather" and call_id.startswith("call_")
+    assert set(json.loads(arguments)) == {"city", "days"}
+    assert [d.text for d in deltas if isinstance(d, ReasoningDelta)] == [
+        d.text for d in expected if isinstance(d, ReasoningDelta)
+    ]
+    assert text_of(deltas) == text_of(expected)
+    assert isinstance(deltas[-1], Finish) and deltas[-1].reason == "tool_calls"
+    if kind == "anthropic":  # the tool_use block's stop closes the call
+        assert ToolCallDone(0) in deltas
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    ("faults", "error_class", "code"),
+    [
+        pytest.param("reset@5", NetworkError, "ECONNRESET", id="a reset inside the arguments"),
+        pytest.param(
+            "drop@6", NetworkError, "UNEXPECTED_EOF", id="a dropped connection inside them"
+        ),
+        pytest.param("garbage@5", DataError, "MALFORMED_DATA", id="garbage inside them"),
+        pytest.param("eof@6", DataError, "NO_FINISH_REASON", id="the body ending inside them"),
+        pytest.param(
+            "error@5:overloaded", ApplicationError, "OVERLOADED", id="an error event inside them"
+        ),
+        pytest.param("shape@5", DataError, "UNEXPECTED_SHAPE", id="a wrong event inside them"),
+    ],
+)
+async def test_every_fault_can_land_inside_a_tool_calls_arguments(
+    make: Providers, kind: str, faults: str, error_class: type, code: str
+):
+    # 3 preamble text events, the call's first event, then argument fragments.
+    deltas, error = await run(make(kind), agent_request(faults + "+split_utf8"))
+    assert isinstance(error, error_class) and error.fault.code == code
+    assert kinds(deltas)[:4] == ["TextDelta"] * 3 + ["ToolCallDelta"]
+    ((_, name, arguments),) = assembled(deltas)
+    assert name == "get_weather"
+    with pytest.raises(ValueError):
+        json.loads(arguments)  # cut mid-arguments
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_reset_inside_the_reasoning_lands_there(make: Providers, kind: str):
+    deltas, error = await run(make(kind), agent_request("reset@3", reasoning="6"))
+    assert isinstance(error, NetworkError)
+    assert kinds(deltas) == ["ReasoningDelta"] * 3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_the_tool_result_turn_is_answered_with_the_final_text(make: Providers, kind: str):
+    first, _ = await run(make(kind), agent_request())
+    ((call_id, name, arguments),) = assembled(first)
+    conversation = (
+        *MESSAGES,
+        Message("assistant", text_of(first), tool_calls=(ToolCall(call_id, name, arguments),)),
+        Message("tool", '{"celsius": 21}', tool_call_id=call_id),
+    )
+    req = agent_request(messages=conversation)
+    deltas, error = await run(make(kind), req)
+    assert error is None
+    assert not assembled(deltas)
+    assert text_of(deltas) == await sim_text(req) != ""
+    assert isinstance(deltas[-1], Finish) and deltas[-1].reason == "stop"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_tool_turn_continued_after_its_preamble_makes_the_same_call(
+    make: Providers, kind: str
+):
+    first, _ = await run(make(kind), agent_request())
+    deltas, error = await run(make(kind), agent_request(continuation=text_of(first), attempt=2))
+    assert error is None
+    assert text_of(deltas).strip() == ""
+    assert assembled(deltas) == assembled(first)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "calls"),
+    [
+        pytest.param(
+            "chat/completions",
+            {
+                "model": "m",
+                "messages": [{"role": "user", "content": "Hi"}],
+                "tools": [{"type": "function", "function": {"name": "get_time"}}],
+            },
+            lambda body: body["choices"][0]["message"]["tool_calls"],
+            id="openai",
+        ),
+        pytest.param(
+            "messages",
+            {
+                "model": "m",
+                "max_tokens": 10,
+                "messages": [{"role": "user", "content": "Hi"}],
+                "tools": [{"name": "get_time", "input_schema": {"type": "object"}}],
+            },
+            lambda body: [b for b in body["content"] if b["type"] == "tool_use"],
+            id="anthropic",
+        ),
+    ],
+)
+async def test_a_request_without_stream_gets_its_tool_calls_whole(
+    upstream: MockUpstream, path: str, body: dict[str, Any], calls: Any
+):
+    async with httpx.AsyncClient() as client:
+        response = await client.post(f"{upstream.base_url}/{path}", json=body)
+    assert response.status_code == 200
+    (call,) = calls(response.json())
+    assert call["id"].startswith("call_")

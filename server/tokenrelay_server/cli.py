@@ -13,6 +13,7 @@ status 2 without starting anything.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -231,6 +232,27 @@ async def _serve(settings: Settings) -> None:
     show_default=True,
     help="The first wait before a reconnect; it doubles per attempt.",
 )
+@click.option(
+    "--tool",
+    "tool_specs",
+    multiple=True,
+    metavar="NAME[=SCHEMA]",
+    help="Offer the model a tool, with the JSON Schema of its arguments "
+    """(e.g. --tool 'get_weather={"type":"object","properties":{"city":{"type":"string"}}}'); """
+    "repeatable. Tool calls are shown on stderr.",
+)
+@click.option(
+    "--tool-choice",
+    default=None,
+    metavar="auto|none|required|NAME",
+    help="Whether the model may, must not or must call a tool, or which one.",
+)
+@click.option(
+    "--tool-calls",
+    type=click.Choice(["whole", "stream"]),
+    default=None,
+    help="Tool calls held until whole (the gateway's default) or streamed as they come.",
+)
 def chat(
     prompt: str,
     target: str,
@@ -240,13 +262,21 @@ def chat(
     reconnects: int,
     connect_timeout_s: float,
     backoff_base_s: float,
+    tool_specs: tuple[str, ...],
+    tool_choice: str | None,
+    tool_calls: str | None,
 ) -> None:
-    """Stream an answer to PROMPT, printing tokens as they arrive.
+    """Stream an answer to PROMPT, printing tokens as they arrive (the
+    model's reasoning and tool calls go to stderr, beside the answer).
 
     Exit status: 0 a complete answer, 2 a partial one (the gateway gave up
     after some text), 1 no answer."""
     from tokenrelay_client.chat import run_chat
 
+    tools = [_tool_spec(spec) for spec in tool_specs]
+    choice: str | dict[str, str] | None = tool_choice
+    if tool_choice is not None and tool_choice not in ("auto", "none", "required"):
+        choice = {"name": tool_choice}
     metadata: dict[str, str] = {}
     for item in meta:
         key, sep, value = item.partition("=")
@@ -264,9 +294,32 @@ def chat(
                 max_reconnects=reconnects,
                 connect_timeout_s=connect_timeout_s,
                 backoff_base_s=backoff_base_s,
+                tools=tools,
+                tool_choice=choice,
+                tool_calls=tool_calls,
             )
         )
     )
+
+
+def _tool_spec(spec: str) -> dict[str, Any]:
+    """`NAME` or `NAME=SCHEMA` (JSON) from --tool."""
+    name, sep, schema = spec.partition("=")
+    if not name:
+        raise click.BadParameter(f"{spec!r} has no tool name", param_hint="--tool")
+    parameters = None
+    if sep:
+        try:
+            parameters = json.loads(schema)
+        except ValueError as error:
+            raise click.BadParameter(
+                f"the schema of {name!r} is not JSON ({error})", param_hint="--tool"
+            ) from None
+        if not isinstance(parameters, dict):
+            raise click.BadParameter(
+                f"the schema of {name!r} is not a JSON object", param_hint="--tool"
+            )
+    return {"name": name, "parameters": parameters}
 
 
 # --- operators: stats and top (Admin service, issue 11) ------------------------------------

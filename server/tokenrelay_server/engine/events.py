@@ -96,6 +96,7 @@ class ChunkStored:
     seq: int
     tokens_so_far: int
     at: float
+    kind: str = "text"  # "text", "reasoning" or "tool_call"
 
 
 @dataclass(frozen=True, slots=True)
