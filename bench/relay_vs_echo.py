@@ -3,6 +3,7 @@
     .venv/bin/python bench/relay_vs_echo.py            # full run, 2-3 min
     .venv/bin/python bench/relay_vs_echo.py --quick    # ~20-30 s
     .venv/bin/python bench/relay_vs_echo.py --profile  # + cProfile of both servers
+    .venv/bin/python bench/relay_vs_echo.py --observability   # metrics on vs off, ~1 min
 
 What is measured
 
@@ -66,6 +67,16 @@ CPU use during the rounds; when neither is near 100 %, the machine (other
 processes) or the per-message round trips through grpc's completion queue
 were the limit.
 
+4. `--observability` (instead of 1-3): tokenrelay with its metrics and Admin
+   on (--metrics-port and --admin-token: LiveStats, the metrics observer and
+   collector, the store's append hook, the error recorder; /metrics scraped
+   once per round, as Prometheus would every few seconds) against tokenrelay
+   with them off, in one run: the same rounds, interleaved, at `--streams`
+   (default 100). ratio = best round with them on / best round with them off
+   (goal >= 0.9). The metrics are checked afterwards: their chunk count must
+   equal the chunks the rounds moved. (bench/observability_overhead.py
+   measures tracing, with the metrics, against neither.)
+
 Output: a table on stdout and, last, one JSON line with every figure.
 The benchmark never asserts; it exits 0 unless something breaks.
 """
@@ -101,6 +112,8 @@ SECRET = "bench-secret-0123456789"
 ServerKind = Literal["echo", "relay"]
 KINDS: tuple[ServerKind, ServerKind] = ("echo", "relay")
 GOAL_RATIO = 0.6
+OBSERVABILITY_GOAL_RATIO = 0.9
+ADMIN_TOKEN = "bench-admin-token-0123456789"
 IDLE_PACE_MS = "60000"
 PROMPT = "benchmark: tell me about token streams"
 
@@ -154,20 +167,28 @@ class EchoServicer(relay_pb2_grpc.RelayServicer):
 # --- server processes -------------------------------------------------------------------
 
 
-def serve_in_child(kind: ServerKind, conn: Connection) -> None:
+def serve_in_child(
+    kind: ServerKind,
+    conn: Connection,
+    settings: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+) -> None:
     """Entry point of a server process: start the server, report its port,
-    then answer commands from the benchmark until told to stop."""
-    asyncio.run(_serve(kind, conn))
+    then answer commands from the benchmark until told to stop. `settings`
+    and `env` (relay only) are more Settings values and environment
+    variables (bench/observability_overhead.py)."""
+    os.environ.update(env or {})
+    asyncio.run(_serve(kind, conn, settings or {}))
 
 
-async def _serve(kind: ServerKind, conn: Connection) -> None:
+async def _serve(kind: ServerKind, conn: Connection, settings: dict[str, Any]) -> None:
     from tokenrelay_server.api.server import MIN_TRANSPORT_LIMIT_BYTES, RelayServer
     from tokenrelay_server.config.settings import Settings
 
     relay: RelayServer | None = None
     echo: grpc.aio.Server | None = None
     if kind == "relay":
-        relay = await RelayServer.start(Settings(port=0, resume_secret=SECRET))
+        relay = await RelayServer.start(Settings(port=0, resume_secret=SECRET, **settings))
         port = relay.port
     else:
         # The same transport options as RelayServer.start.
@@ -194,6 +215,8 @@ async def _serve(kind: ServerKind, conn: Connection) -> None:
                 gc.collect()
                 await asyncio.sleep(0.2)
                 gc.collect()
+            elif command == "metrics_url":
+                reply = None if relay is None else relay.metrics_url
             elif command == "stats":
                 reply = {"rss": me.memory_info().rss}
                 if relay is not None:
@@ -229,12 +252,22 @@ def _profile_report(profiler: cProfile.Profile, top: int) -> str:
 class ServerProcess:
     """A server in a child process, driven over a pipe."""
 
-    def __init__(self, kind: ServerKind) -> None:
+    def __init__(
+        self,
+        kind: ServerKind,
+        *,
+        settings: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        name: str | None = None,
+    ) -> None:
         context = multiprocessing.get_context("spawn")
         self.kind = kind
         self._conn, child_conn = context.Pipe()
         self._process = context.Process(
-            target=serve_in_child, args=(kind, child_conn), name=f"bench-{kind}", daemon=True
+            target=serve_in_child,
+            args=(kind, child_conn, settings, env),
+            name=f"bench-{name or kind}",
+            daemon=True,
         )
         self.port = 0
         self.pid = 0
@@ -683,6 +716,159 @@ async def profile_round(
     return report
 
 
+# --- observability on vs off ----------------------------------------------------------------
+
+
+@dataclass
+class ObservabilityFigures:
+    streams: int
+    tokens_per_stream: int
+    off_chunks_s: float  # the best round
+    on_chunks_s: float
+    ratio: float  # best on / best off: the headline
+    median_ratio: float
+    paired_ratio: float
+    off_server_us_per_chunk: float
+    on_server_us_per_chunk: float
+    rounds: int
+    all_ok: bool
+    metrics_chunks: int  # tokenrelay_chunks_total of the server with metrics on
+    chunks_moved: int  # what its rounds moved (warm-up included)
+    off_rounds: list[float] = field(default_factory=list)
+    on_rounds: list[float] = field(default_factory=list)
+
+
+def _metric_total(text: str, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    )
+
+
+async def measure_observability(options: Options) -> list[ObservabilityFigures]:
+    import httpx
+
+    results: list[ObservabilityFigures] = []
+    observed = {"metrics_port": 0, "admin_token": ADMIN_TOKEN}
+    servers = {
+        "off": await ServerProcess("relay").start(),
+        "on": await ServerProcess("relay", settings=observed, name="relay-observed").start(),
+    }
+    try:
+        metrics_url: str = await servers["on"].command("metrics_url")
+        async with (
+            grpc.aio.insecure_channel(servers["off"].address) as off_channel,
+            grpc.aio.insecure_channel(servers["on"].address) as on_channel,
+            httpx.AsyncClient() as http,
+        ):
+            stubs = {"off": stream_method(off_channel), "on": stream_method(on_channel)}
+            moved = 0
+            for streams in options.streams:
+                tokens = max(1, options.total_chunks // streams)
+                warm = max(1, tokens // 4)
+                for side in ("off", "on"):
+                    await run_round(stubs[side], servers[side], streams, warm)
+                moved += streams * warm
+                rounds: dict[str, list[RoundResult]] = {"off": [], "on": []}
+                for index in range(options.rounds):
+                    order = ("off", "on") if index % 2 == 0 else ("on", "off")
+                    for side in order:
+                        rounds[side].append(
+                            await run_round(stubs[side], servers[side], streams, tokens)
+                        )
+                        if side == "on":  # a scrape per round, as Prometheus would
+                            (await http.get(metrics_url)).raise_for_status()
+                    moved += streams * tokens
+                scraped = await http.get(metrics_url)
+                off = [r.chunks_per_s for r in rounds["off"]]
+                on = [r.chunks_per_s for r in rounds["on"]]
+                figures = ObservabilityFigures(
+                    streams=streams,
+                    tokens_per_stream=tokens,
+                    off_chunks_s=max(off),
+                    on_chunks_s=max(on),
+                    ratio=max(on) / max(off),
+                    median_ratio=statistics.median(on) / statistics.median(off),
+                    paired_ratio=statistics.median(a / b for a, b in zip(on, off, strict=True)),
+                    off_server_us_per_chunk=statistics.median(
+                        r.server_us_per_chunk for r in rounds["off"]
+                    ),
+                    on_server_us_per_chunk=statistics.median(
+                        r.server_us_per_chunk for r in rounds["on"]
+                    ),
+                    rounds=options.rounds,
+                    all_ok=all(r.ok for rs in rounds.values() for r in rs),
+                    metrics_chunks=round(_metric_total(scraped.text, "tokenrelay_chunks_total")),
+                    chunks_moved=moved,
+                    off_rounds=[round(x) for x in off],
+                    on_rounds=[round(x) for x in on],
+                )
+                results.append(figures)
+                print(
+                    f"  {streams:>3} streams, chunks/s per round: off {figures.off_rounds}, "
+                    f"on {figures.on_rounds}",
+                    flush=True,
+                )
+    finally:
+        for server in servers.values():
+            await server.stop()
+    return results
+
+
+def print_observability(figures: list[ObservabilityFigures]) -> None:
+    print()
+    print("Observability on (metrics + Admin) vs off: chunks/s of the best round; server CPU")
+    print("per chunk (median)")
+    header = (
+        f"{'streams':>7} {'tok/stream':>10} | {'off':>8} {'on':>8} {'ratio':>5} "
+        f"{'(med)':>6} {'(pair)':>6} | {'us/chunk off/on':>15} | metrics chunks"
+    )
+    print(header)
+    print("-" * len(header))
+    for f in figures:
+        check = "ok" if f.metrics_chunks == f.chunks_moved else f"MISMATCH ({f.chunks_moved})"
+        print(
+            f"{f.streams:>7} {f.tokens_per_stream:>10} | {f.off_chunks_s:>8.0f} "
+            f"{f.on_chunks_s:>8.0f} {f.ratio:>5.2f} ({f.median_ratio:>4.2f}) "
+            f"({f.paired_ratio:>4.2f}) | {f.off_server_us_per_chunk:>6.1f}/"
+            f"{f.on_server_us_per_chunk:<8.1f} | {f.metrics_chunks} {check}"
+            + ("" if f.all_ok else "  (some streams incomplete!)")
+        )
+
+
+async def run_observability(options: Options) -> dict[str, Any]:
+    began = time.perf_counter()
+    print(
+        f"relay_vs_echo --observability: streams {options.streams}, {options.total_chunks} "
+        f"chunks per round, {options.rounds} timed rounds per side, {os.cpu_count()} cores",
+        flush=True,
+    )
+    figures = await measure_observability(options)
+    print_observability(figures)
+    top = next((f for f in figures if f.streams == 100), figures[-1])
+    print()
+    print(
+        f"observability ratio at {top.streams} streams: {top.ratio:.2f} (goal >= "
+        f"{OBSERVABILITY_GOAL_RATIO}; best rounds; medians {top.median_ratio:.2f}, paired "
+        f"{top.paired_ratio:.2f})"
+    )
+    seconds = time.perf_counter() - began
+    print(f"(took {seconds:.0f} s)")
+    return {
+        "bench": "relay_vs_echo --observability",
+        "settings": asdict(options),
+        "observability": [asdict(f) for f in figures],
+        "ratio_at_top": top.ratio,
+        "top_streams": top.streams,
+        "goal_ratio": OBSERVABILITY_GOAL_RATIO,
+        "seconds": seconds,
+    }
+
+
 # --- main ---------------------------------------------------------------------------------
 
 
@@ -698,6 +884,7 @@ class Options:
     checkpoint_interval: int | None
     profile: bool
     profile_top: int
+    observability: bool = False
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -705,7 +892,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         description="tokenrelay against a bare grpc.aio server of the same service."
     )
     parser.add_argument("--quick", action="store_true", help="a ~20 s run with smaller sizes")
-    parser.add_argument("--streams", default="1,10,100", help="concurrency levels (1,10,100)")
+    parser.add_argument("--streams", default=None, help="concurrency levels (1,10,100)")
     parser.add_argument(
         "--total-chunks", type=int, help="chunks per round and side (20000; quick 4000)"
     )
@@ -730,9 +917,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         help="cProfile one ceiling and one tokenrelay round at the highest level",
     )
     parser.add_argument("--profile-top", type=int, default=30, help="functions to list (30)")
+    parser.add_argument(
+        "--observability",
+        action="store_true",
+        help="instead: tokenrelay with metrics and Admin on vs off (default --streams 100)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
-    streams = [int(s) for s in args.streams.split(",") if s.strip()]
+    default_streams = "100" if args.observability else "1,10,100"
+    streams = [int(s) for s in (args.streams or default_streams).split(",") if s.strip()]
     if not streams or min(streams) < 1:
         parser.error("--streams needs positive numbers")
     return Options(
@@ -746,6 +939,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         checkpoint_interval=args.checkpoint_interval,
         profile=args.profile,
         profile_top=args.profile_top,
+        observability=args.observability,
     )
 
 
@@ -906,7 +1100,7 @@ def rounded(value: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
-    summary = asyncio.run(run(options))
+    summary = asyncio.run(run_observability(options) if options.observability else run(options))
     print(json.dumps(rounded(summary)))
     return 0
 

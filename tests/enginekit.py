@@ -7,6 +7,8 @@ A `Script` is what one upstream attempt does, step by step:
     Script(text("a", "b"), fail(RESET))           two deltas, then a reset
     Script(hang())                                nothing, ever (a timeout must notice)
     Script(text("a"), wait(5), text("b"), ...)    a pause of 5 s on the clock
+    Script(think("hm"), call(0, "c1", "f", '{"a"', ': 1}'), finish("tool_calls"))
+                                                  reasoning, then a tool call in pieces
 
 `ScriptedProvider` plays attempt k's script (the last one repeats) and
 records every request it got and whether its stream was closed, so a test
@@ -33,6 +35,7 @@ from tokenrelay_server.core.model import (
     Message,
     RecoveryPolicy,
     StartRequest,
+    Tool,
     Usage,
 )
 from tokenrelay_server.core.recovery import RecoveryConfig
@@ -43,7 +46,16 @@ from tokenrelay_server.engine.recovery_loop import Recovery
 from tokenrelay_server.engine.routing import Route, Router
 from tokenrelay_server.engine.selection import UpstreamHealth
 from tokenrelay_server.store.memory import MemoryStore
-from tokenrelay_server.upstream.base import Delta, Finish, ProviderRequest, TextDelta, UsageReport
+from tokenrelay_server.upstream.base import (
+    Delta,
+    Finish,
+    ProviderRequest,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallDone,
+    UsageReport,
+)
 
 RESET = classify.connection_reset()
 SERVER_ERROR = classify.classify_http_status(503)
@@ -52,8 +64,9 @@ BAD_REQUEST = classify.classify_http_status(400)
 
 @dataclass(frozen=True)
 class Step:
-    kind: str  # text | usage | finish | fail | wait | hang
+    kind: str  # text | think | call | call_done | usage | finish | fail | wait | hang
     texts: tuple[str, ...] = ()
+    call: ToolCallDelta | None = None
     seconds: float = 0.0
     fault: Fault | None = None
     reason: str = "stop"
@@ -62,6 +75,19 @@ class Step:
 
 def text(*pieces: str) -> Step:
     return Step("text", texts=pieces)
+
+
+def think(*pieces: str) -> Step:
+    return Step("think", texts=pieces)
+
+
+def call(index: int, id_: str, name: str, *fragments: str) -> Step:
+    """A tool call: a first piece with the id and name, then the fragments."""
+    return Step("call", texts=fragments, call=ToolCallDelta(index, id_, name))
+
+
+def call_done(index: int) -> Step:
+    return Step("call_done", call=ToolCallDelta(index))
 
 
 def wait(seconds: float) -> Step:
@@ -113,6 +139,19 @@ class ScriptedProvider:
                     for piece in step.texts:
                         await asyncio.sleep(0)
                         yield TextDelta(piece)
+                elif step.kind == "think":
+                    for piece in step.texts:
+                        await asyncio.sleep(0)
+                        yield ReasoningDelta(piece)
+                elif step.kind == "call":
+                    assert step.call is not None
+                    yield step.call
+                    for piece in step.texts:
+                        await asyncio.sleep(0)
+                        yield ToolCallDelta(step.call.index, arguments=piece)
+                elif step.kind == "call_done":
+                    assert step.call is not None
+                    yield ToolCallDone(step.call.index)
                 elif step.kind == "usage":
                     assert step.usage is not None
                     yield UsageReport(step.usage)
@@ -155,6 +194,7 @@ class Engine:
         policy: RecoveryPolicy | None = None,
         deadline_s: float | None = None,
         idempotency_key: str = "",
+        tools: tuple[Tool, ...] = (),
     ) -> Session:
         request = StartRequest(
             model=model,
@@ -162,6 +202,7 @@ class Engine:
             params=GenerationParams(max_tokens=max_tokens),
             policy=policy or RecoveryPolicy(),
             idempotency_key=idempotency_key,
+            tools=tools,
         )
         return await self.hub.start(request, deadline_s=deadline_s)
 

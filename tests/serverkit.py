@@ -3,6 +3,13 @@
 Loaded as a pytest plugin from conftest.py. `relay_factory` starts
 `RelayServer`s on port 0 and stops them after the test; `RawCall` drives one
 `Relay.Stream` call with a request queue the test controls.
+
+Time: a test that needs the gateway's timers starts it on a `ManualClock`
+(the `clock` fixture) with `QUIET` timers, so only what it means to happen
+happens, and moves the clock itself: `produce` lets a stream paced on the
+clock (`PACED`) make its next chunks one at a time; `keeping_time`
+(tokenrelay_devtools.timekeeper) moves it whenever every stream provably
+waits on time (a backoff, a stalled upstream).
 """
 
 from __future__ import annotations
@@ -17,12 +24,27 @@ import pytest
 
 from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay.v1 import relay_pb2_grpc as pbg
+from tokenrelay_devtools.timekeeper import TimeKeeper
 from tokenrelay_server.api.server import RelayServer
 from tokenrelay_server.config.settings import Settings
-from tokenrelay_server.core.clock import Clock
+from tokenrelay_server.core.clock import Clock, ManualClock
+from tokenrelay_server.engine.generation import Generation
 from tokenrelay_server.store.base import StreamStore
 
 SECRET = "test-secret-0123456789abcdef"
+
+# Timers far beyond any clock move of a test, so only the timer a test means
+# to reach fires. (A Redis lease lapses on the Redis server's own clock: 600 s
+# of real time is beyond any test too.)
+QUIET: dict[str, Any] = {
+    "stall_timeout_s": 10_000,
+    "first_token_timeout_s": 10_000,
+    "detach_grace_s": 3_600,
+    "lease_ttl_s": 600,
+}
+# A sim stream paced at a token per second of the manual clock: it only
+# moves when the clock does.
+PACED = {"sim.pace_ms": "1000"}
 
 RelayFactory = Callable[..., Awaitable[RelayServer]]
 
@@ -52,6 +74,11 @@ async def relay_factory() -> AsyncIterator[RelayFactory]:
     yield start
     for server in servers:
         await server.stop(grace=0.5)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
 
 
 @pytest.fixture
@@ -164,12 +191,40 @@ async def run_to_end(channel: grpc.aio.Channel, request: pb.StreamRequest) -> li
         call.cancel()
 
 
-async def eventually(predicate: Callable[[], bool], *, within_s: float = 10.0) -> None:
-    """Wait until `predicate()` holds, checking often; fail after `within_s`.
-    The bound only guards against hanging; no test asserts how long it took."""
+async def eventually(
+    predicate: Callable[[], bool], *, within_s: float = 10.0, poll_s: float = 0.01
+) -> None:
+    """Wait until `predicate()` holds, checking every `poll_s`; fail after
+    `within_s`. The bound only guards against hanging; no test asserts how
+    long it took."""
     async with asyncio.timeout(within_s):
         while not predicate():  # noqa: ASYNC110 (a plain predicate: nothing to await)
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(poll_s)
+
+
+def generation_of(relay: RelayServer, started: pb.StreamEvent) -> Generation:
+    """The running generation of the stream a `started` event names."""
+    generation = relay.hub.generation(started.started.stream_id)
+    assert generation is not None, "the stream is not generating here"
+    return generation
+
+
+async def produce(
+    clock: ManualClock, relay: RelayServer, generation: Generation, count: int
+) -> None:
+    """Let a stream paced on `clock` (PACED) store `count` more chunks, one at
+    a time: each time it provably waits for its next token (and nothing on
+    the gateway waits on anything else), move the clock to that token."""
+    keeper = TimeKeeper(clock, relay)
+    target = generation.last_seq + count
+    while generation.last_seq < target:
+        seq = generation.last_seq
+        await eventually(keeper.waiting_on_time, poll_s=0.001)
+        assert await keeper.move_once()
+        await eventually(
+            lambda seq=seq: generation.last_seq > seq or generation.phase == "done", poll_s=0.001
+        )
+        assert generation.last_seq > seq, "the stream ended before it had produced enough"
 
 
 def assert_contiguous(chunks: list[pb.TokenChunk], first: int = 1) -> None:

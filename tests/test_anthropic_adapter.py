@@ -22,7 +22,14 @@ from tokenrelay_server.core.errors import (
     SuggestedAction,
     UpstreamError,
 )
-from tokenrelay_server.core.model import GenerationParams, Message, Usage
+from tokenrelay_server.core.model import (
+    GenerationParams,
+    Message,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    Usage,
+)
 from tokenrelay_server.upstream.anthropic import (
     AnthropicProvider,
     MessagesParser,
@@ -33,7 +40,10 @@ from tokenrelay_server.upstream.base import (
     Delta,
     Finish,
     ProviderRequest,
+    ReasoningDelta,
     TextDelta,
+    ToolCallDelta,
+    ToolCallDone,
     UsageReport,
 )
 from tokenrelay_server.upstream.sim import split_continuation
@@ -133,40 +143,124 @@ def test_stop_reasons_become_finish_reasons(stop_reason: str, finish: str):
     assert deltas[-1].reason == finish  # type: ignore[union-attr]
 
 
-def test_thinking_deltas_are_not_answer_text():
-    deltas = parse(
-        MESSAGE_START,
-        ev("content_block_start", index=0, content_block={"type": "thinking", "thinking": ""}),
-        ev("content_block_delta", index=0, delta={"type": "thinking_delta", "thinking": "Hmm."}),
-        ev("content_block_delta", index=0, delta={"type": "signature_delta", "signature": "c2ln"}),
-        ev("content_block_stop", index=0),
-        ev("content_block_start", index=1, content_block={"type": "text", "text": ""}),
-        text("42", index=1),
-        ev("content_block_stop", index=1),
-        message_delta(),
-        MESSAGE_STOP,
-    )
+THINKING_THEN_TEXT = [
+    MESSAGE_START,
+    ev("content_block_start", index=0, content_block={"type": "thinking", "thinking": ""}),
+    ev("content_block_delta", index=0, delta={"type": "thinking_delta", "thinking": "Hmm."}),
+    ev("content_block_delta", index=0, delta={"type": "signature_delta", "signature": "c2ln"}),
+    ev("content_block_stop", index=0),
+    ev("content_block_start", index=1, content_block={"type": "text", "text": ""}),
+    text("42", index=1),
+    ev("content_block_stop", index=1),
+    message_delta(),
+    MESSAGE_STOP,
+]
+
+
+def test_thinking_deltas_are_reasoning_not_answer_text():
+    deltas = parse(*THINKING_THEN_TEXT)
+    assert deltas[:2] == [ReasoningDelta("Hmm."), TextDelta("42")]
     assert text_of(deltas) == "42"
 
 
-def test_tool_input_deltas_are_not_answer_text():
+def tool_use(index: int, id_: str, name: str, input_: dict[str, object] | None = None) -> bytes:
+    block = {"type": "tool_use", "id": id_, "name": name, "input": input_ or {}}
+    return ev("content_block_start", index=index, content_block=block)
+
+
+def input_json(index: int, fragment: str) -> bytes:
+    return ev(
+        "content_block_delta",
+        index=index,
+        delta={"type": "input_json_delta", "partial_json": fragment},
+    )
+
+
+TOOL_USE = [
+    MESSAGE_START,
+    BLOCK_START,
+    text("Let me check."),
+    BLOCK_STOP,
+    tool_use(1, "toolu_1", "get_weather"),
+    input_json(1, ""),
+    input_json(1, '{"city": "Z'),
+    input_json(1, 'ürich"}'),
+    ev("content_block_stop", index=1),
+    tool_use(2, "toolu_2", "get_time"),
+    ev("content_block_stop", index=2),
+    message_delta("tool_use"),
+    MESSAGE_STOP,
+]
+
+
+def test_tool_use_blocks_become_tool_call_deltas_numbered_by_call_not_block():
+    assert parse(*TOOL_USE) == [
+        TextDelta("Let me check."),
+        ToolCallDelta(0, "toolu_1", "get_weather", ""),
+        ToolCallDelta(0, arguments='{"city": "Z'),
+        ToolCallDelta(0, arguments='ürich"}'),
+        ToolCallDone(0),
+        # No input_json_delta: the arguments are the block's (empty) input.
+        ToolCallDelta(1, "toolu_2", "get_time", ""),
+        ToolCallDelta(1, arguments="{}"),
+        ToolCallDone(1),
+        UsageReport(Usage(30, 15)),
+        Finish("tool_calls", Usage(30, 15)),
+    ]
+
+
+def test_a_tool_use_whose_input_came_whole_in_its_start_has_that_input():
     deltas = parse(
         MESSAGE_START,
-        ev(
-            "content_block_start",
-            index=0,
-            content_block={"type": "tool_use", "id": "t", "name": "f", "input": {}},
-        ),
-        ev(
-            "content_block_delta",
-            index=0,
-            delta={"type": "input_json_delta", "partial_json": '{"a"'},
-        ),
+        tool_use(0, "t", "f", {"a": [1]}),
+        ev("content_block_stop", index=0),
         message_delta("tool_use"),
-        MESSAGE_STOP,
     )
-    assert text_of(deltas) == ""
-    assert deltas[-1] == Finish("tool_calls", Usage(30, 15))
+    assert ToolCallDelta(0, arguments='{"a": [1]}') in deltas
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        pytest.param(
+            ev("content_block_start", index=0, content_block={"type": "tool_use", "id": "t"}),
+            id="a tool_use block without a name",
+        ),
+        pytest.param(
+            ev(
+                "content_block_start",
+                index=0,
+                content_block={"type": "tool_use", "id": "t", "name": "f", "input": []},
+            ),
+            id="a tool_use block whose input is not an object",
+        ),
+        pytest.param(
+            ev(
+                "content_block_start",
+                content_block={"type": "tool_use", "id": "t", "name": "f", "input": {}},
+            ),
+            id="a tool_use block without an index",
+        ),
+        pytest.param(input_json(0, '{"a"'), id="input_json_delta outside a tool_use block"),
+        pytest.param(
+            ev("content_block_delta", index=0, delta={"type": "thinking_delta", "thinking": 1}),
+            id="thinking that is a number",
+        ),
+    ],
+)
+def test_tool_use_and_thinking_of_the_wrong_shape_are_data_errors(event: bytes):
+    with pytest.raises(DataError) as caught:
+        parse(MESSAGE_START, event)
+    assert caught.value.fault.code == "UNEXPECTED_SHAPE"
+
+
+@settings(max_examples=100, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=40))
+def test_any_rechunking_of_tool_use_and_thinking_gives_the_same_deltas(cuts: list[int]):
+    stream = b"".join(THINKING_THEN_TEXT[:-2] + TOOL_USE[4:])
+    points = sorted(set(cuts))
+    pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    assert parse(*[piece for piece in pieces if piece]) == parse(stream)
 
 
 def test_unknown_event_types_are_ignored():
@@ -282,6 +376,97 @@ def test_continuation_is_an_assistant_prefill_without_trailing_whitespace():
     assert split_continuation(restored) == (MESSAGES, "Hello,")
 
 
+WEATHER = Tool("get_weather", "The weather now", '{"type": "object", "properties": {}}')
+
+
+def test_the_body_carries_tools_tool_use_and_tool_results_in_anthropic_shape():
+    request = ProviderRequest(
+        model="m",
+        messages=(
+            Message("system", "Be brief."),
+            Message("user", "Weather in Zürich and Oslo?"),
+            Message(
+                "assistant",
+                "Let me look.",
+                tool_calls=(
+                    ToolCall("toolu_1", "get_weather", '{"city": "Zürich"}'),
+                    ToolCall("toolu_2", "get_weather", '{"city": "Oslo"}'),
+                ),
+            ),
+            Message("tool", "21 C", tool_call_id="toolu_1"),
+            Message("tool", "8 C", tool_call_id="toolu_2"),
+            Message("user", "And tomorrow?"),
+        ),
+        params=GenerationParams(),
+        tools=(WEATHER, Tool("no_args")),
+        tool_choice=ToolChoice(mode="required"),
+    )
+    body = messages_body(request, default_max_tokens=100)
+    assert body["tools"] == [
+        {
+            "name": "get_weather",
+            "input_schema": {"type": "object", "properties": {}},
+            "description": "The weather now",
+        },
+        {"name": "no_args", "input_schema": {"type": "object", "properties": {}}},
+    ]
+    assert body["tool_choice"] == {"type": "any"}
+    assert body["messages"] == [
+        {"role": "user", "content": "Weather in Zürich and Oslo?"},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Let me look."},
+                {
+                    "type": "tool_use",
+                    "id": "toolu_1",
+                    "name": "get_weather",
+                    "input": {"city": "Zürich"},
+                },
+                {
+                    "type": "tool_use",
+                    "id": "toolu_2",
+                    "name": "get_weather",
+                    "input": {"city": "Oslo"},
+                },
+            ],
+        },
+        {
+            # Both results and the question after them: one user turn.
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": "21 C"},
+                {"type": "tool_result", "tool_use_id": "toolu_2", "content": "8 C"},
+                {"type": "text", "text": "And tomorrow?"},
+            ],
+        },
+    ]
+
+
+@pytest.mark.parametrize(
+    ("choice", "sent"),
+    [
+        pytest.param(ToolChoice(mode="auto"), {"type": "auto"}, id="auto"),
+        pytest.param(ToolChoice(mode="none"), {"type": "none"}, id="none"),
+        pytest.param(ToolChoice(mode="required"), {"type": "any"}, id="required is any"),
+        pytest.param(
+            ToolChoice(tool_name="get_weather"),
+            {"type": "tool", "name": "get_weather"},
+            id="one tool by name",
+        ),
+    ],
+)
+def test_tool_choice_in_anthropic_shape(choice: ToolChoice, sent: object):
+    request = ProviderRequest(
+        model="m",
+        messages=MESSAGES,
+        params=GenerationParams(),
+        tools=(WEATHER,),
+        tool_choice=choice,
+    )
+    assert messages_body(request, default_max_tokens=100)["tool_choice"] == sent
+
+
 def test_continuation_uses_the_instruction_when_prefill_is_off():
     request = ProviderRequest(
         model="m", messages=MESSAGES, params=GenerationParams(), continuation="Hello"
@@ -327,7 +512,8 @@ async def test_adapter_streams_the_recorded_answer_and_closes_the_response():
     deltas = await collect(provider)
     await provider.aclose()
     assert text_of(deltas) == "Hello, wörld 🚀"
-    assert deltas[-1] == Finish("stop", Usage(30, 15))
+    # The Finish says how many bytes came (for the traces and logs, issue 11).
+    assert deltas[-1] == Finish("stop", Usage(30, 15), bytes_received=len(b"".join(HELLO)))
     assert upstream.all_closed()
 
 
@@ -396,4 +582,4 @@ async def test_a_connection_lost_after_the_stop_reason_still_finishes():
     provider = make_provider(upstream)
     deltas = await collect(provider)
     await provider.aclose()
-    assert deltas[-1] == Finish("stop", Usage(30, 15))
+    assert deltas[-1] == Finish("stop", Usage(30, 15), bytes_received=len(b"".join(HELLO[:7])))

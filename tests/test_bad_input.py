@@ -38,12 +38,144 @@ def start_with(**fields: object) -> pb.StreamRequest:
             start.policy.CopyFrom(value)  # type: ignore[arg-type]
         elif name == "metadata":
             start.metadata.update(value)  # type: ignore[arg-type]
+        elif name == "tools":
+            start.tools.extend(value)  # type: ignore[arg-type]
+        elif name == "tool_choice":
+            start.tool_choice.CopyFrom(value)  # type: ignore[arg-type]
         else:
             setattr(start, name, value)
     return pb.StreamRequest(start=start)
 
 
+def tool(name: str = "get_weather", parameters_json: str = "") -> pb.Tool:
+    return pb.Tool(name=name, description="d", parameters_json=parameters_json)
+
+
+def called(*calls: pb.ToolCall, content: str = "") -> pb.Message:
+    return pb.Message(role="assistant", content=content, tool_calls=list(calls))
+
+
+CALL = pb.ToolCall(id="call_1", name="get_weather", arguments_json='{"city": "Oslo"}')
+USER = pb.Message(role="user", content="weather?")
+
+BAD_TOOL_REQUESTS = [
+    pytest.param(
+        start_with(tools=[tool(), tool("lookup"), tool("x", "[1, 2]")]),
+        "start.tools[2].parameters_json: is not a JSON object",
+        id="a tool schema that is a JSON array",
+    ),
+    pytest.param(
+        start_with(tools=[tool(parameters_json='{"type": "object",')]),
+        "start.tools[0].parameters_json: is not a JSON object (it is not JSON",
+        id="a tool schema that is not JSON",
+    ),
+    pytest.param(
+        start_with(tools=[tool("get weather")]),
+        "start.tools[0].name is 'get weather'",
+        id="a tool name with a space",
+    ),
+    pytest.param(start_with(tools=[tool("")]), "start.tools[0].name", id="an empty tool name"),
+    pytest.param(
+        start_with(tools=[tool("n" * 65)]), "start.tools[0].name", id="a tool name of 65 characters"
+    ),
+    pytest.param(
+        start_with(tools=[tool(), tool("b"), tool()]),
+        "start.tools[2].name 'get_weather' is also start.tools[0].name",
+        id="two tools with one name",
+    ),
+    pytest.param(
+        start_with(tools=[tool(f"t{i}") for i in range(129)]),
+        "start.tools has 129 tools; the limit is 128",
+        id="more than 128 tools",
+    ),
+    pytest.param(
+        start_with(tools=[tool()], tool_choice=pb.ToolChoice(tool_name="lookup")),
+        "start.tool_choice.tool_name 'lookup' is not one of start.tools",
+        id="a tool choice naming an undeclared tool",
+    ),
+    pytest.param(
+        start_with(tool_choice=pb.ToolChoice(tool_name="lookup")),
+        "start.tools is empty",
+        id="a tool choice naming a tool with no tools",
+    ),
+    pytest.param(
+        start_with(tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED)),
+        "start.tool_choice.mode is REQUIRED but start.tools is empty",
+        id="a required tool call with no tools",
+    ),
+    pytest.param(
+        start_with(tools=[tool()], tool_choice=pb.ToolChoice(mode=7)),  # type: ignore[arg-type]
+        "start.tool_choice.mode is 7",
+        id="a tool choice mode this gateway does not know",
+    ),
+    pytest.param(
+        start_with(policy=pb.RecoveryPolicy(tool_calls=9)),  # type: ignore[arg-type]
+        "start.policy.tool_calls is 9",
+        id="a tool call mode this gateway does not know",
+    ),
+    pytest.param(
+        start_with(
+            messages=[
+                USER,
+                called(CALL, pb.ToolCall(id="call_2", name="get_weather", arguments_json="{'a'}")),
+            ]
+        ),
+        "start.messages[1].tool_calls[1].arguments_json: is not a JSON object",
+        id="tool call arguments that are not JSON",
+    ),
+    pytest.param(
+        start_with(messages=[USER, called(pb.ToolCall(id="c", name="f", arguments_json="null"))]),
+        "start.messages[1].tool_calls[0].arguments_json: is not a JSON object (it is JSON but "
+        "not an object (it is null))",
+        id="tool call arguments that are JSON null",
+    ),
+    pytest.param(
+        start_with(messages=[USER, called(pb.ToolCall(name="f", arguments_json="{}"))]),
+        "start.messages[1].tool_calls[0].id",
+        id="a tool call without an id",
+    ),
+    pytest.param(
+        start_with(
+            messages=[pb.Message(role="user", content="x", tool_calls=[CALL])],
+        ),
+        "start.messages[0].tool_calls is set on a 'user' message",
+        id="tool calls on a user message",
+    ),
+    pytest.param(
+        start_with(messages=[USER, called(CALL), pb.Message(role="tool", content="21 C")]),
+        "start.messages[2].tool_call_id is empty",
+        id="a tool result without a tool_call_id",
+    ),
+    pytest.param(
+        start_with(
+            messages=[
+                USER,
+                called(CALL),
+                pb.Message(role="tool", content="21 C", tool_call_id="call_9"),
+            ]
+        ),
+        "start.messages[2].tool_call_id 'call_9' answers no tool call",
+        id="a tool result for a call nobody made",
+    ),
+    pytest.param(
+        start_with(messages=[pb.Message(role="tool", content="21 C", tool_call_id="call_1"), USER]),
+        "start.messages[0].tool_call_id 'call_1' answers no tool call",
+        id="a tool result before the call it answers",
+    ),
+    pytest.param(
+        start_with(messages=[pb.Message(role="user", content="x", tool_call_id="call_1")]),
+        "start.messages[0].tool_call_id is set on a 'user' message",
+        id="a tool_call_id on a user message",
+    ),
+    pytest.param(
+        start_with(tools=[tool(parameters_json=" " * 1_100_000)]),
+        "start.tools[0].parameters_json takes the prompt to",
+        id="tool schemas count toward the prompt size",
+    ),
+]
+
 BAD_FIRST_MESSAGES = [
+    *BAD_TOOL_REQUESTS,
     pytest.param(pb.StreamRequest(ack=pb.Ack(seq=1)), "first message must be", id="an ack first"),
     pytest.param(
         pb.StreamRequest(cancel=pb.Cancel()), "first message must be", id="a cancel first"
@@ -126,6 +258,23 @@ async def test_bad_first_message_is_invalid_argument_and_registers_nothing(
     await eventually(lambda: relay.hub.attached_sessions == 0)
     assert relay.hub.running_generations == 0
     assert len(relay.hub.store) == 0  # type: ignore[arg-type]
+
+
+async def test_a_whole_agent_turn_is_accepted(channel) -> None:
+    schema = '{"type": "object", "properties": {"city": {"type": "string"}}}'
+    request = start_with(
+        messages=[
+            pb.Message(role="system", content="Be brief."),
+            USER,
+            called(CALL, content="Let me look."),
+            pb.Message(role="tool", content='{"celsius": 21}', tool_call_id="call_1"),
+        ],
+        tools=[tool(parameters_json=schema), tool("no_args")],
+        tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_AUTO),
+        policy=pb.RecoveryPolicy(tool_calls=pb.TOOL_CALL_MODE_STREAM),
+    )
+    end = end_of(await run_to_end(channel, request))
+    assert not end.partial
 
 
 async def test_a_call_closed_before_any_message_is_invalid_argument(relay, channel) -> None:
@@ -353,9 +502,12 @@ async def test_a_call_without_a_first_message_ends_deadline_exceeded_on_the_cloc
         async with grpc.aio.insecure_channel(relay.address) as channel:
             await channel.channel_ready()
             baseline = live_tasks()
+            timers = clock.pending
             call = RawCall(channel)  # opened, and nothing sent
             await call.call.wait_for_connection()
-            await eventually(lambda: live_tasks() != baseline)
+            # The handler is waiting once its first-message deadline is set on
+            # the clock (a new task alone could be another one, not yet it).
+            await eventually(lambda: clock.pending > timers)
             await clock.run_for(9.9)
             assert not call.call.done()  # not before its time
             await clock.run_for(0.2)

@@ -760,7 +760,31 @@ BLAME_ROWS = [
     pytest.param(
         _engine("SOMETHING_NEW"), False, id="a code nobody classified does not open the breaker"
     ),
+    # agent streams (issue 12)
+    pytest.param(
+        classify.invalid_tool_arguments(0, "not JSON"),
+        False,
+        id="a tool call whose arguments are not JSON does not open the breaker for everyone",
+    ),
+    pytest.param(
+        classify.tool_call_interrupted(classify.connection_reset(), 0),
+        False,
+        id="ending a streamed tool call that broke is the caller's policy, not a second failure",
+    ),
 ]
+
+
+def test_a_tool_call_interrupted_keeps_what_the_cause_says_about_retrying():
+    cause = classify.connection_reset(tokens_received=7).with_context(provider="p", attempt=2)
+    fault = classify.tool_call_interrupted(cause, 1)
+    assert (fault.code, fault.type, fault.retryable) == (
+        "TOOL_CALL_INTERRUPTED",
+        cause.type,
+        True,
+    )
+    assert fault.suggested_action is SuggestedAction.RETRY
+    assert (fault.provider, fault.attempt, fault.tokens_received) == ("p", 2, 7)
+    assert "ECONNRESET" in fault.message and "tool call 1" in fault.message
 
 
 @pytest.mark.parametrize(("fault", "counts"), BLAME_ROWS)

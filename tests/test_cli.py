@@ -257,7 +257,7 @@ async def test_chat_exit_code_says_whether_any_answer_came_and_the_error_is_said
 async def test_chat_notices_go_on_their_own_lines_and_leave_the_answer_whole(
     relay_factory: RelayFactory,
 ) -> None:
-    relay = await relay_factory(backoff_base_s=0.001)
+    relay = await relay_factory(backoff_base_s=0)  # the retry needs no wait at all
     metadata = {"sim.seed": "lines"}
     async with grpc.aio.insecure_channel(relay.address) as channel:
         clean = await run_to_end(

@@ -36,16 +36,22 @@ from tokenrelay_client import (
     ResumeRejected,
     Started,
     StreamFailed,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
     backoff_delay,
     is_transient,
     text_sha256,
+    tool_result,
     verify_assembly,
 )
 from tokenrelay_client.chat import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, run_chat
 from tokenrelay_devtools.demo import run_demo
 from tokenrelay_devtools.netfault import FaultProxy
+from tokenrelay_devtools.timekeeper import keeping_time
 from tokenrelay_server.api.server import RelayServer
 from tokenrelay_server.config.settings import Settings
+from tokenrelay_server.core.clock import ManualClock
 
 SECRET = "client-test-secret-0123456789"
 PROMPT = [("user", "tell me about streams that survive failure")]
@@ -529,9 +535,14 @@ async def test_resume_with_the_earlier_text_verifies_the_whole_digest():
 
 @pytest.fixture
 async def gateway() -> AsyncIterator[RelayServer]:
-    server = await RelayServer.start(Settings(port=0, resume_secret=SECRET))
+    # On a ManualClock: a paced stream makes each chunk when a time keeper
+    # sees it waiting for its pace (as fast as the machine goes, never on
+    # wall time), so it is still running when the proxy cuts it.
+    clock = ManualClock()
+    server = await RelayServer.start(Settings(port=0, resume_secret=SECRET), clock=clock)
     try:
-        yield server
+        async with keeping_time(clock, server):
+            yield server
     finally:
         await server.stop(grace=0.5)
 
@@ -830,3 +841,221 @@ async def test_a_partial_answer_is_a_result_unless_strict():
             assert caught.value.result.end.error.code == "HTTP_401"
     finally:
         await server.stop()
+
+
+# --- agent turns: reasoning, tool calls, chunks_sha256 (issue 12) ---------------------------------
+
+
+def records(*chunks_: pb.TokenChunk) -> bytes:
+    """The contract's chunk records, written out here from relay.proto's
+    comment (independently of both implementations)."""
+    out = b""
+    for c in chunks_:
+        which = c.WhichOneof("content")
+        if which == "tool_call":
+            call = c.tool_call
+            out += b"C" + call.index.to_bytes(4, "big")
+            for part in (call.id, call.name, call.arguments):
+                out += len(part.encode()).to_bytes(4, "big") + part.encode()
+        else:
+            value = c.reasoning if which == "reasoning" else c.text
+            out += b"R" if which == "reasoning" else b"T"
+            out += len(value.encode()).to_bytes(4, "big") + value.encode()
+    return out
+
+
+AGENT_CHUNKS = [
+    pb.TokenChunk(seq=1, reasoning="Weather… ", provider="sim", attempt=1),
+    pb.TokenChunk(seq=2, text="Let me look.", provider="sim", attempt=1),
+    pb.TokenChunk(
+        seq=3,
+        tool_call=pb.ToolCallDelta(index=0, id="call_1", name="get_weather", arguments='{"city"'),
+        provider="sim",
+        attempt=1,
+    ),
+    pb.TokenChunk(
+        seq=4,
+        tool_call=pb.ToolCallDelta(index=0, arguments=': "Zürich"}'),
+        provider="sim",
+        attempt=1,
+    ),
+]
+
+
+def agent_end(chunks_digest: str | None = None) -> pb.StreamEvent:
+    return pb.StreamEvent(
+        end=pb.StreamEnd(
+            finish_reason="tool_calls",
+            total_seq=4,
+            text_sha256=text_sha256("Let me look."),
+            chunks_sha256=(
+                hashlib.sha256(records(*AGENT_CHUNKS)).hexdigest()
+                if chunks_digest is None
+                else chunks_digest
+            ),
+        )
+    )
+
+
+def agent_script(end: pb.StreamEvent) -> list[Step]:
+    return [started(), *(pb.StreamEvent(chunk=c) for c in AGENT_CHUNKS), end]
+
+
+async def test_reasoning_and_tool_call_chunks_are_events_and_the_result_assembles_them():
+    server = ScriptedRelay([agent_script(agent_end())])
+    async with server.running() as address, RelayClient(address) as client:
+        relay_stream = client.stream("sim", PROMPT)
+        events = await collect(relay_stream)
+        result = await client.generate("sim", PROMPT)
+    kinds = [c.kind for c in chunks(events)]
+    assert kinds == ["reasoning", "text", "tool_call", "tool_call"]
+    first = chunks(events)[0]
+    assert (first.text, first.reasoning) == ("", "Weather… ")
+    assert chunks(events)[2].tool_call == ToolCallDelta(0, "call_1", "get_weather", '{"city"')
+    assert relay_stream.text == "Let me look."
+    assert relay_stream.reasoning == "Weather… "
+    assert relay_stream.tool_calls == (ToolCall("call_1", "get_weather", '{"city": "Zürich"}'),)
+    end = events[-1]
+    assert isinstance(end, End) and end.verified and end.chunks_verified
+    assert result.tool_calls[0].parsed_arguments() == {"city": "Zürich"}
+    assert result.reasoning == "Weather… " and result.text == "Let me look."
+
+
+async def test_chunks_that_do_not_match_chunks_sha256_raise_digest_mismatch():
+    server = ScriptedRelay([agent_script(agent_end("0" * 64))])
+    async with server.running() as address, RelayClient(address) as client:
+        with pytest.raises(DigestMismatch) as caught:
+            await client.generate("sim", PROMPT)
+    assert caught.value.expected_chunks_sha256 == "0" * 64
+    assert caught.value.partial is not None
+    assert caught.value.partial.tool_calls[0].name == "get_weather"
+
+
+async def test_a_server_without_chunks_sha256_is_still_verified_by_the_text():
+    server = ScriptedRelay([agent_script(agent_end(""))])
+    async with server.running() as address, RelayClient(address) as client:
+        result = await client.generate("sim", PROMPT)
+    assert result.end.verified and not result.end.chunks_verified
+
+
+async def test_a_resume_mid_stream_cannot_check_the_chunks_but_checks_the_text():
+    end = agent_end()
+    server = ScriptedRelay([[started(resumed=True), pb.StreamEvent(chunk=AGENT_CHUNKS[3]), end]])
+    async with server.running() as address, RelayClient(address) as client:
+        relay_stream = client.resume("tok", 3, text_so_far="Let me look.")
+        events = await collect(relay_stream)
+    assert isinstance(events[-1], End) and events[-1].verified
+    assert not events[-1].chunks_verified
+
+
+async def test_tools_tool_choice_the_policy_and_tool_messages_reach_the_server():
+    server = ScriptedRelay([[started(), end_for("", 0)]])
+    async with server.running() as address, RelayClient(address) as client:
+        await client.generate(
+            "sim",
+            [
+                ("user", "Weather?"),
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [ToolCall("call_1", "get_weather", '{"city": "Oslo"}')],
+                },
+                tool_result("call_1", "8 C"),
+            ],
+            tools=[Tool("get_weather", "The weather", {"type": "object"}), {"name": "no_args"}],
+            tool_choice={"name": "get_weather"},
+            policy={"tool_calls": "stream"},
+        )
+    start = server.first_requests[0].start
+    assert [t.name for t in start.tools] == ["get_weather", "no_args"]
+    assert start.tools[0].parameters_json == '{"type": "object"}'
+    assert start.tools[1].parameters_json == ""
+    assert start.tool_choice.tool_name == "get_weather"
+    assert start.policy.tool_calls == pb.TOOL_CALL_MODE_STREAM
+    assert start.messages[1].tool_calls[0].arguments_json == '{"city": "Oslo"}'
+    assert (start.messages[2].role, start.messages[2].tool_call_id) == ("tool", "call_1")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        pytest.param({"tool_choice": "sometimes"}, "tool_choice", id="an unknown tool choice"),
+        pytest.param(
+            {"policy": {"tool_calls": "partly"}}, "tool_calls", id="an unknown tool call mode"
+        ),
+    ],
+)
+async def test_bad_agent_options_are_refused_before_any_call(kwargs, match):
+    async with RelayClient("127.0.0.1:1") as client:
+        with pytest.raises(ValueError, match=match):
+            client.stream("sim", PROMPT, **kwargs)
+
+
+WEATHER_TOOL = Tool(
+    "get_weather", "The weather now", {"type": "object", "properties": {"city": {"type": "string"}}}
+)
+
+
+async def test_an_agent_loop_calls_a_tool_sends_the_result_and_gets_the_answer(gateway):
+    async with RelayClient(gateway.address) as client:
+        conversation: list = [("user", "What is the weather in Zürich?")]
+        turn = await client.generate(
+            "sim", conversation, tools=[WEATHER_TOOL], metadata={"sim.reasoning": "3"}
+        )
+        assert turn.end.finish_reason == "tool_calls" and turn.end.chunks_verified
+        assert turn.reasoning and turn.text
+        (call,) = turn.tool_calls
+        assert call.name == "get_weather" and "city" in call.parsed_arguments()
+        conversation += [turn.assistant_message(), tool_result(call.id, '{"celsius": 21}')]
+        final = await client.generate("sim", conversation, tools=[WEATHER_TOOL], max_tokens=15)
+    assert final.end.finish_reason == "stop" and not final.tool_calls
+    assert final.text and final.end.verified and final.end.chunks_verified
+
+
+async def test_chat_shows_reasoning_and_tool_calls_on_stderr_and_only_the_answer_on_stdout(gateway):
+    out, err = io.StringIO(), io.StringIO()
+    code = await run_chat(
+        gateway.address,
+        "weather?",
+        metadata={"sim.reasoning": "4"},
+        tools=[WEATHER_TOOL],
+        tool_calls="stream",
+        out=out,
+        err=err,
+        color=True,
+    )
+    assert code == EXIT_OK
+    async with RelayClient(gateway.address) as client:
+        reference = await client.generate(
+            "sim", [("user", "weather?")], tools=[WEATHER_TOOL], metadata={"sim.reasoning": "4"}
+        )
+    assert out.getvalue() == reference.text + "\n"
+    printed = err.getvalue()
+    assert "[reasoning] " in printed and "\x1b[2m" in printed  # dimmed
+    (call,) = reference.tool_calls
+    assert f"[tool call get_weather] {call.arguments}\n" in printed
+    assert "finish 'tool_calls', 1 tool call(s)" in printed
+
+
+async def test_chat_holds_a_tool_call_until_the_answers_line_ends_when_they_share_a_screen():
+    tool_piece = pb.StreamEvent(
+        chunk=pb.TokenChunk(
+            seq=2, tool_call=pb.ToolCallDelta(index=0, id="c", name="f", arguments="{}")
+        )
+    )
+    records_ = records(pb.TokenChunk(seq=1, text="Sure"), tool_piece.chunk)
+    end = pb.StreamEvent(
+        end=pb.StreamEnd(
+            finish_reason="tool_calls",
+            total_seq=2,
+            text_sha256=text_sha256("Sure"),
+            chunks_sha256=hashlib.sha256(records_).hexdigest(),
+        )
+    )
+    text_chunk = pb.StreamEvent(chunk=pb.TokenChunk(seq=1, text="Sure"))
+    server = ScriptedRelay([[started(), text_chunk, tool_piece, end]])
+    screen = io.StringIO()  # stdout and stderr on one screen
+    async with server.running() as address:
+        code = await run_chat(address, "hi", out=screen, err=screen)
+    assert code == EXIT_OK
+    assert screen.getvalue().startswith("Sure\n[tool call f] {}\n")

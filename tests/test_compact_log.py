@@ -6,12 +6,12 @@ from __future__ import annotations
 import bisect
 import tracemalloc
 
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tokenrelay_server.core.compact_log import CompactLog
 from tokenrelay_server.core.errors import ErrorType, Fault, SuggestedAction
-from tokenrelay_server.core.model import Chunk, End, LogEntry, Notice
+from tokenrelay_server.core.model import Chunk, End, LogEntry, Notice, ToolCallDelta
 
 FAULT = Fault(ErrorType.NETWORK, "ECONNRESET", "reset", True, SuggestedAction.RESUME)
 
@@ -37,11 +37,26 @@ def reference_read(entries: list[LogEntry], after_seq: int, limit: int) -> list[
 def logs(draw: st.DrawFn) -> list[LogEntry]:
     entries: list[LogEntry] = []
     seq, attempt = 0, 1
-    for kind in draw(st.lists(st.sampled_from("ccccnna"), max_size=40)):
+    for kind in draw(st.lists(st.sampled_from("ccccrtnna"), max_size=40)):
         if kind == "c":
             seq += 1
             text = draw(st.text(max_size=4))
             entries.append(Chunk(seq, text, f"p{attempt % 2}", attempt, tokens_so_far=seq * 2))
+        elif kind == "r":
+            seq += 1
+            text = draw(st.text(max_size=4))
+            entries.append(Chunk(seq, text, "p", attempt, tokens_so_far=seq, kind="reasoning"))
+        elif kind == "t":
+            seq += 1
+            call = ToolCallDelta(
+                index=draw(st.integers(0, 2)),
+                id=draw(st.sampled_from(["", "call_1"])),
+                name=draw(st.sampled_from(["", "get_weather"])),
+                arguments=draw(st.text(max_size=4)),
+            )
+            entries.append(
+                Chunk(seq, "", "p", attempt, tokens_so_far=seq, kind="tool_call", tool_call=call)
+            )
         elif kind == "n":
             entries.append(Notice(seq, FAULT))
         else:
@@ -51,6 +66,7 @@ def logs(draw: st.DrawFn) -> list[LogEntry]:
     return entries
 
 
+@settings(suppress_health_check=[HealthCheck.too_slow])
 @given(logs(), st.integers(-1, 45), st.integers(1, 50))
 def test_reads_match_a_plain_list_from_any_point(
     entries: list[LogEntry], after_seq: int, limit: int
@@ -61,6 +77,7 @@ def test_reads_match_a_plain_list_from_any_point(
     assert log.read(after_seq, limit) == reference_read(entries, max(after_seq, 0), limit)
 
 
+@settings(suppress_health_check=[HealthCheck.too_slow])
 @given(logs(), st.integers(0, 45))
 def test_a_cursor_sees_appends_in_log_order_whatever_the_batches(
     entries: list[LogEntry], split: int
@@ -73,6 +90,34 @@ def test_a_cursor_sees_appends_in_log_order_whatever_the_batches(
         seen += cursor.take()
     assert seen == entries
     assert cursor.done == any(isinstance(e, End) for e in entries)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(logs())
+def test_the_text_is_the_answer_text_chunks_only(entries: list[LogEntry]) -> None:
+    log = CompactLog()
+    log.add(entries)
+    chunks = [e for e in entries if isinstance(e, Chunk)]
+    assert log.text() == "".join(c.text for c in chunks if c.kind == "text")
+    assert log.text_bytes == sum(c.content_bytes for c in chunks) - sum(
+        len(c.tool_call.id.encode()) + len(c.tool_call.name.encode())
+        for c in chunks
+        if c.tool_call is not None
+    )
+
+
+def test_a_tool_call_chunk_without_its_call_is_refused() -> None:
+    log = CompactLog()
+    for bad in (
+        Chunk(1, "", "p", 1, kind="tool_call"),
+        Chunk(1, "", "p", 1, tool_call=ToolCallDelta(0)),
+    ):
+        try:
+            log.check([bad])
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(f"accepted {bad}")
 
 
 def test_a_batch_that_breaks_the_order_is_refused_whole() -> None:
@@ -108,3 +153,33 @@ def test_a_long_stream_costs_its_text_plus_a_few_bytes_per_chunk() -> None:
     # per chunk, as before, cost over a hundred bytes each.
     assert overhead < 24, f"{overhead:.1f} bytes a chunk beyond the text"
     assert log.chunk(count) == chunks[-1]
+
+
+def test_reasoning_and_a_streamed_tool_call_cost_a_run_each_not_a_field_per_chunk() -> None:
+    count = 100_000
+    chunks = [Chunk(seq, " think", "sim", 1, kind="reasoning") for seq in range(1, count + 1)]
+    chunks += [
+        Chunk(
+            seq,
+            "",
+            "sim",
+            1,
+            kind="tool_call",
+            tool_call=ToolCallDelta(0, "call_1" if seq == count + 1 else "", "", ' "a"'),
+        )
+        for seq in range(count + 1, 2 * count + 1)
+    ]
+    log = CompactLog()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for start in range(0, len(chunks), 1000):
+            log.add(chunks[start : start + 1000])
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    overhead = (held - log.text_bytes) / len(chunks)
+    assert overhead < 24, f"{overhead:.1f} bytes a chunk beyond the content"
+    assert log.chunk(1) == chunks[0]
+    assert log.chunk(count + 1) == chunks[count]
+    assert log.chunk(2 * count) == chunks[-1]

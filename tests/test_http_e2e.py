@@ -1,5 +1,11 @@
 """The whole path: gRPC client → gateway → real HTTP adapters → mock upstream
-(OpenAI and Anthropic formats) over real sockets, faults included."""
+(OpenAI and Anthropic formats) over real sockets, faults included.
+
+The gateway and the mock share a ManualClock with realistic timers (1 s
+backoff, 5 s stall timeout, Retry-After of a second); a time keeper moves it
+only when every stream provably waits on time: a backoff, or a mock answer
+that stalled (or waits on its clock) after the gateway took in every byte
+of it. A slow machine cannot fire a stall timeout early."""
 
 from __future__ import annotations
 
@@ -22,8 +28,10 @@ from serverkit import (
 )
 from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay_devtools.mock_upstream import MockUpstream
+from tokenrelay_devtools.timekeeper import keeping_time
 from tokenrelay_server.api.server import RelayServer
 from tokenrelay_server.config.settings import build_settings, read_config_file
+from tokenrelay_server.core.clock import ManualClock
 from tokenrelay_server.core.model import Message
 from tokenrelay_server.upstream.sim import SimAnswer
 
@@ -31,20 +39,20 @@ PROMPT = "tell me about streams"
 
 CONFIG = """
 [recovery]
-backoff_base_s = 0.001
+backoff_base_s = 1
 max_retries = 2
 
 [providers.mock-openai]
 kind = "openai"
 base_url = "{base_url}"
 forward_sim_headers = true
-stall_timeout_s = 0.5
+stall_timeout_s = 5
 
 [providers.mock-anthropic]
 kind = "anthropic"
 base_url = "{base_url}"
 forward_sim_headers = true
-stall_timeout_s = 0.5
+stall_timeout_s = 5
 
 [providers.mock-plain]
 kind = "openai"
@@ -68,8 +76,8 @@ chain = [
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[MockUpstream]:
-    mock = MockUpstream()
+async def upstream(clock: ManualClock) -> AsyncIterator[MockUpstream]:
+    mock = MockUpstream(clock=clock)
     await mock.start("127.0.0.1", 0)
     yield mock
     await mock.stop()
@@ -77,13 +85,15 @@ async def upstream() -> AsyncIterator[MockUpstream]:
 
 @pytest.fixture
 async def gateway(
-    upstream: MockUpstream, relay_factory: RelayFactory, tmp_path: Path
-) -> RelayServer:
+    upstream: MockUpstream, relay_factory: RelayFactory, tmp_path: Path, clock: ManualClock
+) -> AsyncIterator[RelayServer]:
     config = tmp_path / "tokenrelay.toml"
     config.write_text(CONFIG.format(base_url=upstream.base_url))
     values = read_config_file(config)
     settings = build_settings(values)
-    return await relay_factory(**{k: getattr(settings, k) for k in values})
+    relay = await relay_factory(clock=clock, **{k: getattr(settings, k) for k in values})
+    async with keeping_time(clock, relay, upstream):
+        yield relay
 
 
 def clean(max_tokens: int) -> str:
@@ -133,7 +143,7 @@ async def test_a_generation_streams_end_to_end_over_http(gateway: RelayServer, m
 async def test_faults_over_http_end_clean_or_typed_partial(
     gateway: RelayServer, model: str, faults: str
 ) -> None:
-    metadata = {"sim.faults": faults, "sim.retry_after_s": "0.01"}
+    metadata = {"sim.faults": faults, "sim.retry_after_s": "1"}
     request = start_request(model=model, prompt=PROMPT, max_tokens=40, metadata=metadata)
     async with grpc.aio.insecure_channel(gateway.address) as channel:
         events = await run_to_end(channel, request)
@@ -169,7 +179,7 @@ async def test_a_failing_provider_falls_back_to_the_other_format(gateway: RelayS
 async def test_a_provider_that_forwards_sim_headers_sends_the_attempt_and_the_faults(
     upstream: MockUpstream, gateway: RelayServer, kind: str
 ) -> None:
-    metadata = {"sim.faults": "reset@3,ok", "sim.retry_after_s": "0.01"}
+    metadata = {"sim.faults": "reset@3,ok", "sim.retry_after_s": "1"}
     request = start_request(model=kind, prompt=PROMPT, max_tokens=10, metadata=metadata)
     async with grpc.aio.insecure_channel(gateway.address) as channel:
         events = await run_to_end(channel, request)
@@ -217,3 +227,34 @@ async def test_nothing_is_left_open_after_streams_and_shutdown(
     current = asyncio.current_task()
     leftovers = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
     assert not [t for t in leftovers if "generation" in t.get_name()]
+
+
+async def test_a_trimmed_prefill_does_not_skew_the_tokens_counted_per_delta(
+    gateway: RelayServer,
+) -> None:
+    # Found by `tokenrelay chaos`: an Anthropic continuation whose delivered
+    # text ends in whitespace sends the prefill trimmed; the model writes the
+    # whitespace again and the adapter drops that delta, but the usage counts
+    # its token. The gateway learnt more than one token per delta from that
+    # answer, then counted a later broken answer's text as more tokens than it
+    # was, and its continuation stopped short of max_tokens.
+    whitespace = next(i for i in range(100) if not clean(i + 1)[len(clean(i)) :].strip())
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        trimmed = await run_to_end(
+            channel,
+            start_request(
+                model="an",
+                prompt=PROMPT,
+                max_tokens=whitespace + 9,
+                metadata={"sim.faults": f"eof@{whitespace + 1}"},  # ends on the whitespace
+            ),
+        )
+        assert text_of(trimmed) == clean(whitespace + 9)
+        later = await run_to_end(
+            channel,
+            start_request(
+                model="an", prompt=PROMPT, max_tokens=30, metadata={"sim.faults": "eof@16"}
+            ),
+        )
+    assert not end_of(later).partial
+    assert text_of(later) == clean(30)

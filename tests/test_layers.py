@@ -7,6 +7,7 @@ gateway never imports the development tools.
     upstream  provider adapters (httpx), the SSE decoder, the in-process sim
     store     the stream log: memory and Redis
     engine    generations, the hub, routing, selection, takeover
+    obs       observability: tracing, logs (engine observers, the gRPC interceptor)
     api       the gRPC edge: servicer, tokens, reflection, server assembly
     cli       the `tokenrelay` command
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 SERVER = Path(__file__).resolve().parents[1] / "server"
-LAYERS = ["core", "config", "upstream", "store", "engine", "api", "cli"]
+LAYERS = ["core", "config", "upstream", "store", "engine", "obs", "api", "cli"]
 
 
 def module_name(path: Path) -> str:

@@ -9,6 +9,7 @@ empty pool, no mock handler still running, no asyncio task left over.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from serverkit import eventually
 from tokenrelay_devtools.mock_upstream import (
     MockUpstream,
     parse_mock_faults,
@@ -39,10 +41,20 @@ from tokenrelay_server.core.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from tokenrelay_server.core.model import GenerationParams, Message
+from tokenrelay_server.core.model import GenerationParams, Message, Tool, ToolCall
 from tokenrelay_server.upstream.anthropic import AnthropicProvider
-from tokenrelay_server.upstream.base import Delta, Finish, ProviderRequest, TextDelta
+from tokenrelay_server.upstream.base import (
+    Delta,
+    Finish,
+    ProviderRequest,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallDone,
+    UsageReport,
+)
 from tokenrelay_server.upstream.build import build_providers, make_client
+from tokenrelay_server.upstream.http_stream import Receiving
 from tokenrelay_server.upstream.openai import OpenAIProvider
 from tokenrelay_server.upstream.sim import SimProvider
 
@@ -196,10 +208,19 @@ async def test_write_level_chunking_does_not_change_the_text(make: Providers, ki
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_thinking_is_not_part_of_the_answer(make: Providers, kind: str):
+async def test_thinking_is_reasoning_not_part_of_the_answer_and_is_paid_for(
+    make: Providers, kind: str
+):
     deltas, error = await run(make(kind), request("thinking"))
     assert error is None
     assert text_of(deltas) == await sim_text(request())
+    assert [type(d) for d in deltas[:2]] == [ReasoningDelta, TextDelta]
+    # Usage counts the reasoning delta too, as a provider's does: the
+    # gateway learns tokens per delta from it (a usage without it made a
+    # later continuation overshoot max_tokens).
+    finish = deltas[-1]
+    assert isinstance(finish, Finish) and finish.usage is not None
+    assert finish.usage.completion_tokens == 12 + 1
 
 
 # --- every fault → the right error ----------------------------------------------------------------
@@ -461,35 +482,96 @@ async def test_a_listener_that_never_accepts_is_a_connect_timeout(make: Provider
 
 
 # --- stalls and slow starts are the caller's timeouts; nothing may leak ---------------------------
+#
+# The mock's pace and slow first byte wait on its clock (the fixture's
+# ManualClock), and so does the caller's timeout here, as the generation
+# loop's does: the clock moves once `in_flight()` shows the mock waiting.
+
+
+async def until_the_mock_is(upstream: MockUpstream, state: str) -> None:
+    """Until the mock's one request is in `state`."""
+    await eventually(lambda: [view.state for view in upstream.in_flight()] == [state])
+
+
+async def next_within(clock: ManualClock, seconds: float, stream: AsyncIterator[Delta]) -> Delta:
+    """The next delta, or TimeoutError once `seconds` of the clock passed."""
+    async with clock.deadline(seconds):
+        return await anext(stream)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_a_stalled_stream_blocks_until_the_caller_gives_up_and_then_closes(
-    make: Providers, upstream: MockUpstream, kind: str
+    make: Providers, upstream: MockUpstream, clock: ManualClock, kind: str
 ):
     stream = make(kind).stream(request("stall@2"))
     received = [await anext(stream), await anext(stream)]  # type: ignore[call-overload]
+    # 5 s: the generation loop's stall timeout.
+    waiting = asyncio.create_task(next_within(clock, 5.0, stream))
+    await until_the_mock_is(upstream, "stalled")
+    await clock.run_for(4.9)
+    assert not waiting.done()  # nothing comes, and nothing ends it but the caller
+    await clock.run_for(0.1)
     with pytest.raises(TimeoutError):
-        async with asyncio.timeout(0.2):  # the generation loop's stall timeout
-            await anext(stream)  # type: ignore[call-overload]
+        await waiting
     assert text_of(received) == await sim_text(request(max_tokens=2))
     await until_idle(upstream)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_a_slow_first_byte_is_abandoned_cleanly_by_the_caller(
-    make: Providers, upstream: MockUpstream, kind: str
+@pytest.mark.parametrize(
+    "writes", ["", "+split_utf8", "+random_chunks"], ids=["whole", "split", "random pieces"]
+)
+async def test_a_stalled_answer_shows_what_it_sent_and_the_adapter_what_it_took_in(
+    make: Providers, upstream: MockUpstream, kind: str, writes: str
 ):
-    stream = make(kind).stream(request("slow_first_byte@60000"))
-    with pytest.raises(TimeoutError):
-        async with asyncio.timeout(0.2):  # the generation loop's first-token timeout
-            await anext(stream)  # type: ignore[call-overload]
+    # What a time keeper relies on: once the adapter has taken in every byte
+    # the mock sent, every delta of them has been handed on.
+    provider = make(kind)
+    stream = provider.stream(request(f"ok,ok,stall@5{writes}", attempt=3))
+    deltas: list[Delta] = []
+
+    async def consume() -> None:
+        async for delta in stream:
+            deltas.append(delta)
+
+    consumer = asyncio.create_task(consume())
+    await until_the_mock_is(upstream, "stalled")
+    [answer] = upstream.in_flight()
+    assert answer.attempt == 3 and answer.bytes_sent > 0
+    await eventually(lambda: provider.in_flight() == (Receiving(3, answer.bytes_sent),))
+    assert text_of(deltas) == await sim_text(request(max_tokens=5))
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert provider.in_flight() == ()
     await until_idle(upstream)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_a_slow_first_byte_still_answers_when_waited_for(make: Providers, kind: str):
-    deltas, error = await run(make(kind), request("slow_first_byte@50"))
+async def test_a_slow_first_byte_is_abandoned_cleanly_by_the_caller(
+    make: Providers, upstream: MockUpstream, clock: ManualClock, kind: str
+):
+    stream = make(kind).stream(request("slow_first_byte@60000"))
+    # 30 s: the generation loop's first-token timeout, before the mock's 60 s.
+    waiting = asyncio.create_task(next_within(clock, 30.0, stream))
+    await until_the_mock_is(upstream, "waiting")
+    await clock.run_for(30.0)
+    with pytest.raises(TimeoutError):
+        await waiting
+    await until_idle(upstream)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_slow_first_byte_still_answers_when_waited_for(
+    make: Providers, upstream: MockUpstream, clock: ManualClock, kind: str
+):
+    answer = asyncio.create_task(run(make(kind), request("slow_first_byte@50")))
+    await until_the_mock_is(upstream, "waiting")
+    await clock.run_for(0.049)
+    assert upstream.in_flight()[0].state == "waiting"  # not a byte before its time
+    await clock.run_for(0.001)
+    deltas, error = await answer
     assert error is None
     assert text_of(deltas) == await sim_text(request())
 
@@ -505,10 +587,15 @@ async def test_a_response_over_the_size_cap_is_cut_off(make: Providers, kind: st
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_the_consumer_closing_early_closes_the_connection(
-    make: Providers, upstream: MockUpstream, kind: str
+    make: Providers, upstream: MockUpstream, clock: ManualClock, kind: str
 ):
-    stream = make(kind).stream(request(max_tokens=200, pace_ms="5"))
-    await anext(stream)  # type: ignore[call-overload]
+    # Paced at a second of the clock per token: the mock is mid-answer when
+    # the consumer leaves.
+    stream = make(kind).stream(request(max_tokens=200, pace_ms="1000"))
+    first = asyncio.create_task(next_within(clock, 60.0, stream))
+    await until_the_mock_is(upstream, "waiting")
+    await clock.run_for(1.0)
+    assert await first is not None
     await stream.aclose()  # type: ignore[attr-defined]
     await until_idle(upstream)
 
@@ -641,3 +728,159 @@ async def test_a_bad_simulator_setting_is_a_400_that_names_the_header(make: Prov
     _, error = await run(make("openai"), request(pace_ms="fast"))
     assert error is not None and error.fault.code == "HTTP_400"
     assert "x-sim-pace-ms" in error.fault.message
+
+
+# --- agent turns: tool calls and reasoning in both formats (issue 12) ---------------------------
+
+WEATHER = Tool(
+    "get_weather",
+    "The weather now",
+    '{"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}',
+)
+
+
+def agent_request(
+    faults: str = "",
+    *,
+    messages: tuple[Message, ...] = MESSAGES,
+    continuation: str = "",
+    attempt: int = 1,
+    **sim: str,
+) -> ProviderRequest:
+    base = request(faults, max_tokens=20, continuation=continuation, attempt=attempt, **sim)
+    return dataclasses.replace(base, messages=messages, tools=(WEATHER,))
+
+
+def assembled(deltas: list[Delta]) -> list[tuple[str, str, str]]:
+    """(id, name, arguments) per call, joined from its pieces."""
+    calls: dict[int, list[str]] = {}
+    for delta in deltas:
+        if isinstance(delta, ToolCallDelta):
+            call = calls.setdefault(delta.index, ["", "", ""])
+            call[0] = call[0] or delta.id
+            call[1] = call[1] or delta.name
+            call[2] += delta.arguments
+    return [(c[0], c[1], c[2]) for _, c in sorted(calls.items())]
+
+
+def kinds(deltas: list[Delta]) -> list[str]:
+    return [type(d).__name__ for d in deltas if not isinstance(d, UsageReport | Finish)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_tool_call_over_http_is_the_simulators_call(make: Providers, kind: str):
+    req = agent_request(reasoning="2")
+    deltas, error = await run(make(kind), req)
+    assert error is None
+    expected, _ = await run(SimProvider(), req)
+    ((call_id, name, arguments),) = assembled(deltas)
+    assert assembled(deltas) == assembled(expected)
+    assert name == "get_weather" and call_id.startswith("call_")
+    assert set(json.loads(arguments)) == {"city", "days"}
+    assert [d.text for d in deltas if isinstance(d, ReasoningDelta)] == [
+        d.text for d in expected if isinstance(d, ReasoningDelta)
+    ]
+    assert text_of(deltas) == text_of(expected)
+    assert isinstance(deltas[-1], Finish) and deltas[-1].reason == "tool_calls"
+    if kind == "anthropic":  # the tool_use block's stop closes the call
+        assert ToolCallDone(0) in deltas
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    ("faults", "error_class", "code"),
+    [
+        pytest.param("reset@5", NetworkError, "ECONNRESET", id="a reset inside the arguments"),
+        pytest.param(
+            "drop@6", NetworkError, "UNEXPECTED_EOF", id="a dropped connection inside them"
+        ),
+        pytest.param("garbage@5", DataError, "MALFORMED_DATA", id="garbage inside them"),
+        pytest.param("eof@6", DataError, "NO_FINISH_REASON", id="the body ending inside them"),
+        pytest.param(
+            "error@5:overloaded", ApplicationError, "OVERLOADED", id="an error event inside them"
+        ),
+        pytest.param("shape@5", DataError, "UNEXPECTED_SHAPE", id="a wrong event inside them"),
+    ],
+)
+async def test_every_fault_can_land_inside_a_tool_calls_arguments(
+    make: Providers, kind: str, faults: str, error_class: type, code: str
+):
+    # 3 preamble text events, the call's first event, then argument fragments.
+    deltas, error = await run(make(kind), agent_request(faults + "+split_utf8"))
+    assert isinstance(error, error_class) and error.fault.code == code
+    assert kinds(deltas)[:4] == ["TextDelta"] * 3 + ["ToolCallDelta"]
+    ((_, name, arguments),) = assembled(deltas)
+    assert name == "get_weather"
+    with pytest.raises(ValueError):
+        json.loads(arguments)  # cut mid-arguments
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_reset_inside_the_reasoning_lands_there(make: Providers, kind: str):
+    deltas, error = await run(make(kind), agent_request("reset@3", reasoning="6"))
+    assert isinstance(error, NetworkError)
+    assert kinds(deltas) == ["ReasoningDelta"] * 3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_the_tool_result_turn_is_answered_with_the_final_text(make: Providers, kind: str):
+    first, _ = await run(make(kind), agent_request())
+    ((call_id, name, arguments),) = assembled(first)
+    conversation = (
+        *MESSAGES,
+        Message("assistant", text_of(first), tool_calls=(ToolCall(call_id, name, arguments),)),
+        Message("tool", '{"celsius": 21}', tool_call_id=call_id),
+    )
+    req = agent_request(messages=conversation)
+    deltas, error = await run(make(kind), req)
+    assert error is None
+    assert not assembled(deltas)
+    assert text_of(deltas) == await sim_text(req) != ""
+    assert isinstance(deltas[-1], Finish) and deltas[-1].reason == "stop"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_tool_turn_continued_after_its_preamble_makes_the_same_call(
+    make: Providers, kind: str
+):
+    first, _ = await run(make(kind), agent_request())
+    deltas, error = await run(make(kind), agent_request(continuation=text_of(first), attempt=2))
+    assert error is None
+    assert text_of(deltas).strip() == ""
+    assert assembled(deltas) == assembled(first)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "calls"),
+    [
+        pytest.param(
+            "chat/completions",
+            {
+                "model": "m",
+                "messages": [{"role": "user", "content": "Hi"}],
+                "tools": [{"type": "function", "function": {"name": "get_time"}}],
+            },
+            lambda body: body["choices"][0]["message"]["tool_calls"],
+            id="openai",
+        ),
+        pytest.param(
+            "messages",
+            {
+                "model": "m",
+                "max_tokens": 10,
+                "messages": [{"role": "user", "content": "Hi"}],
+                "tools": [{"name": "get_time", "input_schema": {"type": "object"}}],
+            },
+            lambda body: [b for b in body["content"] if b["type"] == "tool_use"],
+            id="anthropic",
+        ),
+    ],
+)
+async def test_a_request_without_stream_gets_its_tool_calls_whole(
+    upstream: MockUpstream, path: str, body: dict[str, Any], calls: Any
+):
+    async with httpx.AsyncClient() as client:
+        response = await client.post(f"{upstream.base_url}/{path}", json=body)
+    assert response.status_code == 200
+    (call,) = calls(response.json())
+    assert call["id"].startswith("call_")

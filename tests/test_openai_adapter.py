@@ -28,13 +28,22 @@ from tokenrelay_server.core.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from tokenrelay_server.core.model import GenerationParams, Message, Usage
+from tokenrelay_server.core.model import (
+    GenerationParams,
+    Message,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    Usage,
+)
 from tokenrelay_server.upstream.base import (
     CONTINUE_INSTRUCTION,
     Delta,
     Finish,
     ProviderRequest,
+    ReasoningDelta,
     TextDelta,
+    ToolCallDelta,
     UsageReport,
 )
 from tokenrelay_server.upstream.openai import (
@@ -218,10 +227,119 @@ def test_events_of_the_wrong_shape_are_data_errors(data: bytes):
     assert caught.value.fault.code == "UNEXPECTED_SHAPE"
 
 
-def test_reasoning_deltas_are_not_answer_text():
-    thinking = {"choices": [{"index": 0, "delta": {"reasoning_content": "hmm"}}]}
-    deltas = parse(f"data: {json.dumps(thinking)}\n\n".encode(), chunk("42"), chunk(finish="stop"))
+def delta_chunk(delta: dict[str, object], finish: str | None = None) -> bytes:
+    body = {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        pytest.param("reasoning_content", id="reasoning_content (DeepSeek, vLLM)"),
+        pytest.param("reasoning", id="reasoning (OpenRouter, Ollama)"),
+    ],
+)
+def test_reasoning_deltas_are_reasoning_not_answer_text(key: str):
+    deltas = parse(delta_chunk({key: "hmm"}), chunk("42"), chunk(finish="stop"))
+    assert deltas[:2] == [ReasoningDelta("hmm"), TextDelta("42")]
     assert text_of(deltas) == "42"
+
+
+def tool_piece(
+    index: int | None,
+    *,
+    id_: str | None = None,
+    name: str | None = None,
+    arguments: str | None = None,
+) -> dict[str, object]:
+    piece: dict[str, object] = {} if index is None else {"index": index}
+    function: dict[str, object] = {}
+    if id_ is not None:
+        piece["id"] = id_
+        piece["type"] = "function"
+    if name is not None:
+        function["name"] = name
+    if arguments is not None:
+        function["arguments"] = arguments
+    piece["function"] = function
+    return piece
+
+
+TOOL_CALLS = [
+    chunk(role=True),
+    delta_chunk(
+        {
+            "content": None,
+            "tool_calls": [tool_piece(0, id_="call_1", name="get_weather", arguments="")],
+        }
+    ),
+    delta_chunk({"tool_calls": [tool_piece(0, arguments='{"city": "Z')]}),
+    delta_chunk({"tool_calls": [tool_piece(0, arguments='ürich"}')]}),
+    delta_chunk({"tool_calls": [tool_piece(1, id_="call_2", name="get_time", arguments="{}")]}),
+    delta_chunk({}, finish="tool_calls"),
+    DONE,
+]
+
+
+def test_tool_call_pieces_become_tool_call_deltas_and_the_finish_is_tool_calls():
+    assert parse(*TOOL_CALLS) == [
+        ToolCallDelta(0, "call_1", "get_weather", ""),
+        ToolCallDelta(0, arguments='{"city": "Z'),
+        ToolCallDelta(0, arguments='ürich"}'),
+        ToolCallDelta(1, "call_2", "get_time", "{}"),
+        Finish("tool_calls"),
+    ]
+
+
+def test_pieces_without_an_index_follow_the_call_their_id_names():
+    deltas = parse(
+        delta_chunk({"tool_calls": [tool_piece(None, id_="a", name="f", arguments="{")]}),
+        delta_chunk({"tool_calls": [tool_piece(None, arguments="}")]}),
+        delta_chunk({"tool_calls": [tool_piece(None, id_="b", name="g", arguments="{}")]}),
+        delta_chunk({}, finish="tool_calls"),
+    )
+    assert [(d.index, d.id) for d in deltas if isinstance(d, ToolCallDelta)] == [
+        (0, "a"),
+        (0, ""),
+        (1, "b"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "delta",
+    [
+        pytest.param({"reasoning_content": 3}, id="reasoning that is a number"),
+        pytest.param({"tool_calls": {"index": 0}}, id="tool_calls that is not a list"),
+        pytest.param({"tool_calls": ["x"]}, id="a tool call that is not an object"),
+        pytest.param(
+            {"tool_calls": [{"index": 0, "function": "f"}]}, id="a function that is not an object"
+        ),
+        pytest.param({"tool_calls": [{"index": -1, "function": {}}]}, id="a negative index"),
+        pytest.param(
+            {"tool_calls": [{"index": "0", "function": {}}]}, id="an index that is a string"
+        ),
+        pytest.param(
+            {"tool_calls": [{"index": 0, "function": {"arguments": {"a": 1}}}]},
+            id="arguments that are an object, not text",
+        ),
+        pytest.param(
+            {"tool_calls": [{"index": 0, "id": 7, "function": {}}]}, id="an id that is a number"
+        ),
+    ],
+)
+def test_reasoning_and_tool_calls_of_the_wrong_shape_are_data_errors(delta: dict[str, object]):
+    with pytest.raises(DataError) as caught:
+        parse(delta_chunk(delta))
+    assert caught.value.fault.code == "UNEXPECTED_SHAPE"
+
+
+@settings(max_examples=100, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=900), max_size=40))
+def test_any_rechunking_of_a_tool_call_stream_gives_the_same_deltas(cuts: list[int]):
+    stream = b"".join(TOOL_CALLS)
+    points = sorted(set(cuts))
+    pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    assert parse(*[piece for piece in pieces if piece]) == parse(stream)
 
 
 def test_choices_other_than_the_first_are_ignored():
@@ -272,6 +390,92 @@ def test_the_body_asks_for_a_stream_with_usage_and_the_parameters():
         "top_p": 0.9,
         "stop": ["\n\n"],
     }
+
+
+WEATHER = Tool(
+    "get_weather",
+    "The weather now",
+    '{"type": "object", "properties": {"city": {"type": "string"}}}',
+)
+AGENT_MESSAGES = (
+    Message("user", "Weather in Zürich?"),
+    Message(
+        "assistant",
+        "",
+        tool_calls=(ToolCall("call_1", "get_weather", '{"city": "Zürich"}'),),
+    ),
+    Message("tool", '{"celsius": 21}', tool_call_id="call_1"),
+)
+
+
+def test_the_body_carries_tools_tool_calls_and_tool_results_in_openai_shape():
+    request = ProviderRequest(
+        model="m",
+        messages=AGENT_MESSAGES,
+        params=GenerationParams(),
+        tools=(WEATHER, Tool("no_args")),
+        tool_choice=ToolChoice(mode="required"),
+    )
+    body = chat_completions_body(request, include_usage=False)
+    assert body["tools"] == [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "The weather now",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        },
+        {"type": "function", "function": {"name": "no_args"}},
+    ]
+    assert body["tool_choice"] == "required"
+    assert body["messages"] == [
+        {"role": "user", "content": "Weather in Zürich?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Zürich"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"celsius": 21}'},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("choice", "sent"),
+    [
+        pytest.param(ToolChoice(mode="auto"), "auto", id="auto"),
+        pytest.param(ToolChoice(mode="none"), "none", id="none"),
+        pytest.param(
+            ToolChoice(tool_name="get_weather"),
+            {"type": "function", "function": {"name": "get_weather"}},
+            id="one tool by name",
+        ),
+    ],
+)
+def test_tool_choice_in_openai_shape(choice: ToolChoice, sent: object):
+    request = ProviderRequest(
+        model="m",
+        messages=MESSAGES,
+        params=GenerationParams(),
+        tools=(WEATHER,),
+        tool_choice=choice,
+    )
+    assert chat_completions_body(request, include_usage=False)["tool_choice"] == sent
+
+
+def test_no_tools_no_tool_keys_even_with_a_tool_choice():
+    # The API refuses tool_choice without tools.
+    request = ProviderRequest(
+        model="m", messages=MESSAGES, params=GenerationParams(), tool_choice=ToolChoice("none")
+    )
+    body = chat_completions_body(request, include_usage=False)
+    assert "tools" not in body and "tool_choice" not in body
 
 
 def test_stream_options_can_be_left_out_for_servers_that_reject_them():
@@ -330,7 +534,8 @@ async def test_adapter_streams_the_recorded_answer_and_closes_the_response():
     deltas = await collect(provider)
     await provider.aclose()
     assert text_of(deltas) == "Hello, wörld 🚀"
-    assert deltas[-1] == Finish("stop", Usage(9, 2))
+    # The Finish says how many bytes came (for the traces and logs, issue 11).
+    assert deltas[-1] == Finish("stop", Usage(9, 2), bytes_received=len(b"".join(HELLO)))
     assert upstream.all_closed()
 
 
@@ -517,7 +722,7 @@ async def test_a_connection_lost_after_the_finish_reason_still_finishes():
     provider = make_provider(upstream)
     deltas = await collect(provider)
     await provider.aclose()
-    assert deltas[-1] == Finish("stop")
+    assert deltas[-1] == Finish("stop", bytes_received=len(b"".join(HELLO[:4])))
     assert text_of(deltas) == "Hello, wörld 🚀"
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ssl
 import tomllib
 from pathlib import Path
 
@@ -268,6 +269,20 @@ async def test_the_client_uses_the_connect_timeout_pools_and_http2_only_with_h2(
         assert not client.follow_redirects
     finally:
         await client.aclose()
+
+
+async def test_every_client_verifies_tls_with_one_context_built_once():
+    # Loading the CA bundle costs ~25 ms of CPU: a gateway with many
+    # providers (or the chaos run, with a gateway per worker) paid it per client.
+    first = make_client(ProviderConfig(kind="openai", base_url="https://a.example/v1"))
+    second = make_client(ProviderConfig(kind="anthropic", base_url="https://b.example/v1"))
+    try:
+        contexts = [c._transport._pool._ssl_context for c in (first, second)]  # type: ignore[attr-defined]
+        assert contexts[0] is contexts[1]
+        assert contexts[0].verify_mode is ssl.CERT_REQUIRED and contexts[0].check_hostname
+    finally:
+        await first.aclose()
+        await second.aclose()
 
 
 async def test_http2_can_be_turned_off():

@@ -44,8 +44,21 @@ def situation(
     index: int = 0,
     usable: tuple[bool, ...] = (True, True),
     budget: bool = True,
+    complete: bool = False,
+    tool_calls: int = 0,
+    cut: int | None = None,
 ) -> Situation:
-    return Situation(f, tokens, index, retries, usable, budget)
+    return Situation(
+        f,
+        tokens,
+        index,
+        retries,
+        usable,
+        budget,
+        answer_complete=complete,
+        tool_calls_shown=tool_calls,
+        tool_call_cut=cut,
+    )
 
 
 ROWS = [
@@ -169,6 +182,61 @@ ROWS = [
         situation(RESET),
         RecoveryConfig(max_retries=0),
         Decision(Step.FALLBACK, 1),
+    ),
+    (
+        "a break after the last token the caller asked for ends complete",
+        situation(RESET, tokens=30, complete=True),
+        NO_JITTER,
+        Decision(Step.COMPLETE, 0),
+    ),
+    # agent turns (issue 12)
+    (
+        "a reset inside a streamed tool call ends the stream, never continues it",
+        situation(RESET, tokens=6, cut=0),
+        NO_JITTER,
+        Decision(Step.INTERRUPTED, 0),
+    ),
+    (
+        "a cut streamed tool call wins over complete calls before it",
+        situation(RESET, tokens=6, tool_calls=1, cut=1),
+        NO_JITTER,
+        Decision(Step.INTERRUPTED, 0),
+    ),
+    (
+        "a cut streamed tool call ends the stream even when the fault is not recoverable",
+        situation(BAD_REQUEST, tokens=6, cut=0),
+        NO_JITTER,
+        Decision(Step.INTERRUPTED, 0),
+    ),
+    (
+        "a reset after a complete tool call ends the turn with the calls made",
+        situation(RESET, tokens=6, tool_calls=1),
+        NO_JITTER,
+        Decision(Step.TOOL_CALLS, 0),
+    ),
+    (
+        "complete tool calls end the turn even when the caller's budget is also spent",
+        situation(RESET, tokens=6, tool_calls=2, complete=True),
+        NO_JITTER,
+        Decision(Step.TOOL_CALLS, 0),
+    ),
+    (
+        "a stall inside a tool call held whole (text before it) resumes like any break",
+        situation(STALL, tokens=4),
+        NO_JITTER,
+        Decision(Step.RESUME, 0, 1.0),
+    ),
+    (
+        "a reset inside a tool call held whole with nothing shown is retried",
+        situation(RESET),
+        NO_JITTER,
+        Decision(Step.RETRY, 0, 1.0),
+    ),
+    (
+        "arguments that are not JSON in a call held whole are retried",
+        situation(classify.invalid_tool_arguments(0, "not JSON"), tokens=3),
+        NO_JITTER,
+        Decision(Step.RESUME, 0, 1.0),
     ),
 ]
 

@@ -1,7 +1,14 @@
 """Recovery over a real server: whatever the simulated upstream does, the client
-gets the clean answer with contiguous seq, or a typed partial."""
+gets the clean answer with contiguous seq, or a typed partial.
+
+The gateway runs on a ManualClock with realistic timers; a time keeper moves
+it only when every stream provably waits on time (a backoff, a stalled
+simulator), so no stall timeout ever fires because the machine is slow."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -17,17 +24,32 @@ from serverkit import (
     text_of,
 )
 from tokenrelay.v1 import relay_pb2 as pb
+from tokenrelay_devtools.timekeeper import keeping_time
 from tokenrelay_server.api.server import RelayServer
+from tokenrelay_server.core.clock import ManualClock
 from tokenrelay_server.core.limits import Timeouts
 from tokenrelay_server.engine.routing import Route
 from tokenrelay_server.upstream.sim import SimProvider
 
-FAST = {"backoff_base_s": 0.001, "stall_timeout_s": 0.3, "first_token_timeout_s": 5.0}
+TIMERS = {"backoff_base_s": 1.0, "stall_timeout_s": 5.0, "first_token_timeout_s": 30.0}
 
 
 @pytest.fixture
-async def fast_relay(relay_factory: RelayFactory) -> RelayServer:
-    return await relay_factory(**FAST)
+async def kept(relay_factory: RelayFactory, clock: ManualClock) -> AsyncIterator[RelayFactory]:
+    """Start gateways on the manual clock, with a time keeper for each."""
+    async with contextlib.AsyncExitStack() as keepers:
+
+        async def start(**settings: object) -> RelayServer:
+            relay = await relay_factory(clock=clock, **{**TIMERS, **settings})
+            await keepers.enter_async_context(keeping_time(clock, relay))
+            return relay
+
+        yield start
+
+
+@pytest.fixture
+async def fast_relay(kept: RelayFactory) -> RelayServer:
+    return await kept()
 
 
 async def clean_text(channel: grpc.aio.Channel, max_tokens: int) -> str:
@@ -115,15 +137,12 @@ async def test_spent_retries_end_with_a_typed_partial_keeping_the_text(
 
 
 async def test_a_failing_provider_falls_back_to_the_next_in_the_chain(
-    relay_factory: RelayFactory,
+    kept: RelayFactory,
 ) -> None:
     timeouts = Timeouts(first_token_s=5, stall_s=5)
     primary = SimProvider("primary")
     backup = SimProvider("backup")
-    relay = await relay_factory(
-        **FAST,
-        max_retries=1,
-    )
+    relay = await kept(max_retries=1)
     # Re-route an alias over two simulated providers (same text, separate health).
     relay.hub.router._routes["chain"] = [  # type: ignore[attr-defined]
         Route(primary, "sim", timeouts),
@@ -146,9 +165,9 @@ async def test_a_failing_provider_falls_back_to_the_next_in_the_chain(
 
 
 async def test_an_open_breaker_is_skipped_without_calling_the_provider(
-    relay_factory: RelayFactory,
+    kept: RelayFactory,
 ) -> None:
-    relay = await relay_factory(**FAST, max_retries=0, breaker_failure_threshold=2)
+    relay = await kept(max_retries=0, breaker_failure_threshold=2)
     timeouts = Timeouts(first_token_s=5, stall_s=5)
     relay.hub.router._routes["chain"] = [  # type: ignore[attr-defined]
         Route(SimProvider("flaky"), "sim", timeouts),
@@ -166,8 +185,8 @@ async def test_an_open_breaker_is_skipped_without_calling_the_provider(
     assert breaker.state == "open"
 
 
-async def test_a_fallback_caused_by_an_open_breaker_says_so(relay_factory: RelayFactory) -> None:
-    relay = await relay_factory(**FAST, max_retries=3, breaker_failure_threshold=1)
+async def test_a_fallback_caused_by_an_open_breaker_says_so(kept: RelayFactory) -> None:
+    relay = await kept(max_retries=3, breaker_failure_threshold=1)
     timeouts = Timeouts(first_token_s=5, stall_s=5)
     relay.hub.router._routes["chain"] = [  # type: ignore[attr-defined]
         Route(SimProvider("flaky"), "sim", timeouts),

@@ -1,4 +1,8 @@
-"""The Relay.Stream contract over a real server on a real port (memory store)."""
+"""The Relay.Stream contract over a real server on a real port (memory store).
+
+Tests that need a stream still running, or a timer of the gateway, run it on
+a ManualClock: a paced stream makes its chunks only when the test lets it
+(`produce`), and grace, stall and drain pass when the test moves the clock."""
 
 from __future__ import annotations
 
@@ -8,12 +12,16 @@ import grpc
 import pytest
 
 from serverkit import (
+    PACED,
+    QUIET,
     RawCall,
     RelayFactory,
     assert_contiguous,
     chunks_of,
     end_of,
     eventually,
+    generation_of,
+    produce,
     resume_request,
     run_to_end,
     sha256,
@@ -22,8 +30,19 @@ from serverkit import (
 )
 from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay_server.api.server import RelayServer
+from tokenrelay_server.core.clock import ManualClock
 from tokenrelay_server.core.model import Message
 from tokenrelay_server.upstream.sim import SimAnswer
+
+
+@pytest.fixture
+async def paced(relay_factory: RelayFactory, clock: ManualClock) -> RelayServer:
+    """A gateway on the manual clock, its timers out of reach."""
+    return await relay_factory(clock=clock, **QUIET)
+
+
+def seq_is(seq: int):
+    return lambda e: e.HasField("chunk") and e.chunk.seq == seq
 
 
 async def test_clean_stream_has_contiguous_seq_and_matching_digest(channel) -> None:
@@ -79,38 +98,66 @@ async def test_resume_at_every_seq_boundary_of_a_finished_stream(channel) -> Non
         assert end_of(resumed) == end_of(events)
 
 
-async def test_resume_while_generating_gets_the_rest_exactly_once(channel) -> None:
-    first = RawCall(channel, start_request(max_tokens=60, metadata={"sim.pace_ms": "5"}))
-    seen = await first.events_until(lambda e: e.HasField("chunk") and e.chunk.seq == 7)
-    first.cancel()
-    token = seen[0].started.resume_token
-    rest = await run_to_end(channel, resume_request(token, 7))
-    chunks = chunks_of(seen) + chunks_of(rest)
-    assert_contiguous(chunks)
-    assert len(chunks) == 60
-    text = "".join(c.text for c in chunks)
-    assert end_of(rest).text_sha256 == sha256(text)
-    clean = await run_to_end(channel, start_request(max_tokens=60))
+async def test_resume_while_generating_gets_the_rest_exactly_once(
+    paced: RelayServer, clock: ManualClock
+) -> None:
+    async with grpc.aio.insecure_channel(paced.address) as channel:
+        first = RawCall(channel, start_request(max_tokens=60, metadata=PACED))
+        started = await first.next_event()
+        generation = generation_of(paced, started)
+        await produce(clock, paced, generation, 7)
+        seen = [started, *await first.events_until(seq_is(7))]
+        first.cancel()
+        token = seen[0].started.resume_token
+        again = RawCall(channel, resume_request(token, 7))
+        resumed = await again.next_event()
+        assert generation.last_seq == 7  # still generating: the rest is live
+        await produce(clock, paced, generation, 53)
+        rest = [resumed, *await again.events_until()]
+        again.cancel()
+        chunks = chunks_of(seen) + chunks_of(rest)
+        assert_contiguous(chunks)
+        assert len(chunks) == 60
+        text = "".join(c.text for c in chunks)
+        assert end_of(rest).text_sha256 == sha256(text)
+        clean = await run_to_end(channel, start_request(max_tokens=60))
     assert text == text_of(clean)
 
 
-async def test_resume_between_chunks_waits_for_the_next_one(channel) -> None:
-    # A slow pace means the resume lands while the generation is between chunks.
-    first = RawCall(channel, start_request(max_tokens=8, metadata={"sim.pace_ms": "150"}))
-    seen = await first.events_until(lambda e: e.HasField("chunk") and e.chunk.seq == 2)
-    first.cancel()
-    rest = await run_to_end(channel, resume_request(seen[0].started.resume_token, 2))
+async def test_resume_between_chunks_waits_for_the_next_one(
+    paced: RelayServer, clock: ManualClock
+) -> None:
+    async with grpc.aio.insecure_channel(paced.address) as channel:
+        first = RawCall(channel, start_request(max_tokens=8, metadata=PACED))
+        started = await first.next_event()
+        generation = generation_of(paced, started)
+        await produce(clock, paced, generation, 2)
+        await first.events_until(seq_is(2))
+        first.cancel()
+        # The generation waits for chunk 3 while the resume arrives.
+        again = RawCall(channel, resume_request(started.started.resume_token, 2))
+        resumed = await again.next_event()
+        assert resumed.started.resumed and generation.last_seq == 2
+        await produce(clock, paced, generation, 6)
+        rest = await again.events_until()
+        again.cancel()
     assert [c.seq for c in chunks_of(rest)] == [3, 4, 5, 6, 7, 8]
     assert not end_of(rest).partial
 
 
-async def test_two_clients_on_one_stream_see_identical_events(channel) -> None:
-    first = RawCall(channel, start_request(max_tokens=40, metadata={"sim.pace_ms": "3"}))
-    started = await first.next_event()
-    second = RawCall(channel, resume_request(started.started.resume_token, 0))
-    events_a, events_b = await asyncio.gather(first.events_until(), second.events_until())
-    first.cancel()
-    second.cancel()
+async def test_two_clients_on_one_stream_see_identical_events(
+    paced: RelayServer, clock: ManualClock
+) -> None:
+    async with grpc.aio.insecure_channel(paced.address) as channel:
+        first = RawCall(channel, start_request(max_tokens=40, metadata=PACED))
+        started = await first.next_event()
+        second = RawCall(channel, resume_request(started.started.resume_token, 0))
+        second_started = await second.next_event()  # both attached before the first chunk
+        await produce(clock, paced, generation_of(paced, started), 40)
+        events_a, events_b = await asyncio.gather(first.events_until(), second.events_until())
+        events_b.insert(0, second_started)
+        first.cancel()
+        second.cancel()
 
     def comparable(events: list[pb.StreamEvent]) -> list[tuple[str, object]]:
         out: list[tuple[str, object]] = []
@@ -128,29 +175,43 @@ async def test_two_clients_on_one_stream_see_identical_events(channel) -> None:
     assert len(chunks_of(events_a)) == 40
 
 
-async def test_reconnect_within_grace_loses_nothing(relay: RelayServer, channel) -> None:
-    first = RawCall(channel, start_request(max_tokens=50, metadata={"sim.pace_ms": "4"}))
-    seen = await first.events_until(lambda e: e.HasField("chunk") and e.chunk.seq == 10)
-    first.cancel()
-    await eventually(lambda: relay.hub.attached_sessions == 0)
-    assert relay.hub.running_generations == 1  # detached, still generating
-    rest = await run_to_end(channel, resume_request(seen[0].started.resume_token, 10))
+async def test_reconnect_within_grace_loses_nothing(paced: RelayServer, clock: ManualClock) -> None:
+    relay = paced
+    async with grpc.aio.insecure_channel(relay.address) as channel:
+        first = RawCall(channel, start_request(max_tokens=50, metadata=PACED))
+        started = await first.next_event()
+        generation = generation_of(relay, started)
+        await produce(clock, relay, generation, 10)
+        seen = [started, *await first.events_until(seq_is(10))]
+        first.cancel()
+        await eventually(lambda: relay.hub.attached_sessions == 0)
+        assert relay.hub.running_generations == 1  # detached, still generating
+        await produce(clock, relay, generation, 5)  # and it goes on while nobody reads
+        again = RawCall(channel, resume_request(seen[0].started.resume_token, 10))
+        resumed = await again.next_event()
+        await produce(clock, relay, generation, 35)
+        rest = [resumed, *await again.events_until()]
+        again.cancel()
     assert not end_of(rest).partial
     assert_contiguous(chunks_of(seen) + chunks_of(rest))
 
 
 async def test_detached_generation_is_cancelled_after_the_grace_period(
-    relay_factory: RelayFactory,
+    relay_factory: RelayFactory, clock: ManualClock
 ) -> None:
-    relay = await relay_factory(detach_grace_s=0.2)
+    relay = await relay_factory(clock=clock, **{**QUIET, "detach_grace_s": 60})
     async with grpc.aio.insecure_channel(relay.address) as channel:
-        first = RawCall(channel, start_request(max_tokens=100_000, metadata={"sim.pace_ms": "5"}))
-        seen = await first.events_until(lambda e: e.HasField("chunk") and e.chunk.seq == 3)
-        stream_id = seen[0].started.stream_id
-        generation = relay.hub.generation(stream_id)
-        assert generation is not None
+        first = RawCall(channel, start_request(max_tokens=100_000, metadata=PACED))
+        started = await first.next_event()
+        generation = generation_of(relay, started)
+        await produce(clock, relay, generation, 3)
+        seen = [started, *await first.events_until(seq_is(3))]
         first.cancel()
-        await asyncio.wait_for(generation.finished.wait(), timeout=30)
+        await eventually(lambda: relay.hub.attached_sessions == 0)  # the grace runs
+        await clock.run_for(59.5)
+        assert not generation.finished.is_set()  # generating on, for a reconnect
+        await clock.run_for(0.5)
+        await eventually(generation.finished.is_set)
         assert generation.upstream_cancelled
         assert relay.hub.running_generations == 0
         rest = await run_to_end(channel, resume_request(seen[0].started.resume_token, 3))
@@ -162,12 +223,16 @@ async def test_detached_generation_is_cancelled_after_the_grace_period(
         assert end.text_sha256 == sha256(text_of(seen) + text_of(rest))
 
 
-async def test_cancel_stops_the_generation_at_once(relay: RelayServer, channel) -> None:
-    call = RawCall(channel, start_request(max_tokens=100_000, metadata={"sim.pace_ms": "5"}))
-    await call.events_until(lambda e: e.HasField("chunk") and e.chunk.seq == 2)
-    call.send(pb.StreamRequest(cancel=pb.Cancel(reason="user pressed stop")))
-    events = await call.events_until()
-    call.cancel()
+async def test_cancel_stops_the_generation_at_once(paced: RelayServer, clock: ManualClock) -> None:
+    relay = paced
+    async with grpc.aio.insecure_channel(relay.address) as channel:
+        call = RawCall(channel, start_request(max_tokens=100_000, metadata=PACED))
+        started = await call.next_event()
+        await produce(clock, relay, generation_of(relay, started), 2)
+        await call.events_until(seq_is(2))
+        call.send(pb.StreamRequest(cancel=pb.Cancel(reason="user pressed stop")))
+        events = await call.events_until()  # with no clock move: at once
+        call.cancel()
     end = end_of(events)
     assert end.partial
     assert end.finish_reason == "cancelled"
@@ -239,12 +304,22 @@ async def test_unrecovered_upstream_failure_ends_as_typed_partial(
 
 
 async def test_stalled_upstream_is_detected_by_the_stall_timeout(
-    relay_factory: RelayFactory,
+    relay_factory: RelayFactory, clock: ManualClock
 ) -> None:
-    relay = await relay_factory(stall_timeout_s=0.2)
+    relay = await relay_factory(clock=clock, **{**QUIET, "stall_timeout_s": 30})
     async with grpc.aio.insecure_channel(relay.address) as channel:
         request = start_request(metadata={"sim.faults": "stall@3"}, max_retries=0)
-        events = await run_to_end(channel, request)
+        call = RawCall(channel, request)
+        started = await call.next_event()
+        generation = generation_of(relay, started)
+        events = [started, *await call.events_until(seq_is(3))]
+        # The three chunks stall@3 sends are in; the attempt waits for more.
+        await eventually(lambda: generation.phase == "attempt" and generation.last_seq == 3)
+        await clock.run_for(29.9)
+        assert generation.phase == "attempt"  # a gap shorter than the timeout is fine
+        await clock.run_for(0.1)
+        events += await call.events_until()
+        call.cancel()
     end = end_of(events)
     assert end.partial
     assert end.error.code == "STALL_TIMEOUT"
@@ -273,17 +348,23 @@ async def test_health_is_serving_and_reflection_lists_the_relay(relay: RelayServ
 
 
 async def test_draining_refuses_new_streams_and_tells_open_ones_unavailable(
-    relay_factory: RelayFactory,
+    relay_factory: RelayFactory, clock: ManualClock
 ) -> None:
-    relay = await relay_factory(drain_grace_s=0.3)
+    relay = await relay_factory(clock=clock, **QUIET, drain_grace_s=10)
     async with grpc.aio.insecure_channel(relay.address) as channel:
-        call = RawCall(channel, start_request(max_tokens=100_000, metadata={"sim.pace_ms": "5"}))
+        call = RawCall(channel, start_request(max_tokens=100_000, metadata=PACED))
+        started = await call.next_event()
+        generation = generation_of(relay, started)
+        await produce(clock, relay, generation, 1)
         await call.events_until(lambda e: e.HasField("chunk"))
         drain = asyncio.create_task(relay.drain_and_stop())
-        await eventually(lambda: relay.hub.draining)
+        await eventually(lambda: relay.hub.draining)  # its grace is running on the clock
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await run_to_end(channel, start_request())
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        await clock.run_for(9.9)
+        assert not drain.done() and not generation.finished.is_set()  # open streams may finish
+        await clock.run_for(0.1)
         with pytest.raises(grpc.aio.AioRpcError) as told:
             await call.events_until()
         assert told.value.code() == grpc.StatusCode.UNAVAILABLE

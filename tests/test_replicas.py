@@ -2,6 +2,12 @@
 
 Each replica is a real server with its own Redis connections; they share only
 Redis and the resume secret, as in production.
+
+In-process replicas run on one ManualClock with their timers out of reach
+(QUIET): a stream moves when the test lets it (`produce`), a drain's grace or
+a lease renewal passes when the test moves the clock. Redis keeps its own
+time (lease TTLs, blocking reads), so leases are long in real time too. The
+replica killed with SIGKILL is a real process on real time; see that test.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import grpc
 import pytest
 
 from serverkit import (
+    PACED,
+    QUIET,
     SECRET,
     RawCall,
     RelayFactory,
@@ -21,6 +29,8 @@ from serverkit import (
     chunks_of,
     end_of,
     eventually,
+    generation_of,
+    produce,
     resume_request,
     run_to_end,
     sha256,
@@ -29,17 +39,18 @@ from serverkit import (
 )
 from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay_server.api.server import RelayServer
+from tokenrelay_server.core.clock import ManualClock
 from tokenrelay_server.core.model import Chunk, StreamMeta
 from tokenrelay_server.store.redis import RedisStore
 
 
 @pytest.fixture
 async def replicas(
-    relay_factory: RelayFactory, redis_url: str, redis_prefix: str
+    relay_factory: RelayFactory, redis_url: str, redis_prefix: str, clock: ManualClock
 ) -> tuple[RelayServer, RelayServer]:
     shared = {"store": "redis", "redis_url": redis_url, "redis_prefix": redis_prefix}
-    a = await relay_factory(**shared, lease_ttl_s=0.6)
-    b = await relay_factory(**shared, lease_ttl_s=0.6)
+    a = await relay_factory(clock=clock, **shared, **QUIET)
+    b = await relay_factory(clock=clock, **shared, **QUIET)
     return a, b
 
 
@@ -60,25 +71,34 @@ async def test_resume_at_every_seq_boundary_on_another_replica(replicas) -> None
             assert end_of(resumed) == end_of(events)
 
 
-async def test_resume_on_another_replica_follows_the_live_stream(replicas) -> None:
+async def test_resume_on_another_replica_follows_the_live_stream(
+    replicas, clock: ManualClock
+) -> None:
     a, b = replicas
     async with (
         grpc.aio.insecure_channel(a.address) as on_a,
         grpc.aio.insecure_channel(b.address) as on_b,
     ):
-        call = RawCall(on_a, start_request(max_tokens=80, metadata={"sim.pace_ms": "4"}))
-        seen = await call.events_until(lambda e: e.HasField("chunk") and e.chunk.seq == 10)
+        call = RawCall(on_a, start_request(max_tokens=30, metadata=PACED))
+        started = await call.next_event()
+        generation = generation_of(a, started)
+        await produce(clock, a, generation, 10)
+        seen = [started, *await call.events_until(lambda e: e.chunk.seq == 10)]
         call.cancel()
         assert a.hub.running_generations == 1
-        rest = await run_to_end(on_b, resume_request(seen[0].started.resume_token, 10))
+        on_b_call = RawCall(on_b, resume_request(seen[0].started.resume_token, 10))
+        resumed = await on_b_call.next_event()
+        await produce(clock, a, generation, 20)  # live on A while B reads the store
+        rest = [resumed, *await on_b_call.events_until()]
+        on_b_call.cancel()
         assert b.hub.running_generations == 0  # B only reads; A generates
         chunks = chunks_of(seen) + chunks_of(rest)
         assert_contiguous(chunks)
-        assert len(chunks) == 80
+        assert len(chunks) == 30
         end = end_of(rest)
         assert not end.partial
         assert end.text_sha256 == sha256("".join(c.text for c in chunks))
-        clean = await run_to_end(on_b, start_request(max_tokens=80))
+        clean = await run_to_end(on_b, start_request(max_tokens=30))
         assert text_of(clean) == "".join(c.text for c in chunks)
 
 
@@ -95,17 +115,27 @@ async def test_the_same_idempotency_key_on_another_replica_attaches(replicas) ->
     assert text_of(first) == text_of(second)
 
 
-async def test_cancel_sent_to_another_replica_stops_the_generation(replicas) -> None:
+async def test_cancel_sent_to_another_replica_stops_the_generation(
+    replicas, clock: ManualClock
+) -> None:
     a, b = replicas
     async with (
         grpc.aio.insecure_channel(a.address) as on_a,
         grpc.aio.insecure_channel(b.address) as on_b,
     ):
-        call = RawCall(on_a, start_request(max_tokens=100_000, metadata={"sim.pace_ms": "5"}))
+        # Two chunks, then the attempt hangs (its stall timeout is out of reach).
+        request = start_request(max_tokens=100_000, metadata={"sim.faults": "stall@2"})
+        call = RawCall(on_a, request)
         started = await call.next_event()
+        stream_id = started.started.stream_id
         other = RawCall(on_b, resume_request(started.started.resume_token, 0))
         await other.events_until(lambda e: e.HasField("chunk"))
         other.send(pb.StreamRequest(cancel=pb.Cancel(reason="from B")))
+        async with asyncio.timeout(10):  # B stores the request
+            while await b.hub.store.cancel_requested(stream_id) is None:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        # A reads it at its next lease renewal, a third of the TTL later.
+        await clock.run_for(QUIET["lease_ttl_s"] / 3)
         events = await call.events_until()
         call.cancel()
         other.cancel()
@@ -115,26 +145,25 @@ async def test_cancel_sent_to_another_replica_stops_the_generation(replicas) -> 
 
 
 async def test_a_draining_replica_sends_unavailable_and_another_serves_the_resume(
-    relay_factory: RelayFactory, redis_url: str, redis_prefix: str
+    relay_factory: RelayFactory, redis_url: str, redis_prefix: str, clock: ManualClock
 ) -> None:
     shared = {"store": "redis", "redis_url": redis_url, "redis_prefix": redis_prefix}
-    a = await relay_factory(**shared, drain_grace_s=0.2)
-    b = await relay_factory(**shared)
+    a = await relay_factory(clock=clock, **shared, **QUIET, drain_grace_s=10)
+    b = await relay_factory(clock=clock, **shared, **QUIET)
     async with (
         grpc.aio.insecure_channel(a.address) as on_a,
         grpc.aio.insecure_channel(b.address) as on_b,
     ):
-        call = RawCall(on_a, start_request(max_tokens=100_000, metadata={"sim.pace_ms": "5"}))
-        seen: list[pb.StreamEvent] = []
-        drain = None
+        # Five chunks, then the attempt hangs: still running when the drain comes.
+        request = start_request(max_tokens=100_000, metadata={"sim.faults": "stall@5"})
+        call = RawCall(on_a, request)
+        seen = await call.events_until(lambda e: e.HasField("chunk") and e.chunk.seq == 5)
+        drain = asyncio.create_task(a.drain_and_stop())
+        await eventually(lambda: a.hub.draining)  # its grace runs on the clock
+        await clock.run_for(10)
         with pytest.raises(grpc.aio.AioRpcError) as told:
-            while True:
-                event = await call.next_event()
-                seen.append(event)
-                if event.HasField("chunk") and event.chunk.seq == 5 and drain is None:
-                    drain = asyncio.create_task(a.drain_and_stop())
+            seen += await call.events_until()
         assert told.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert drain is not None
         await drain
         last_seq = max(c.seq for c in chunks_of(seen))
         rest = await run_to_end(on_b, resume_request(seen[0].started.resume_token, last_seq))
@@ -169,13 +198,21 @@ async def test_a_stream_whose_owner_died_ends_typed_with_what_it_produced(
 
 
 async def test_a_dead_replicas_generation_is_taken_over_and_finished(
-    relay_factory: RelayFactory, redis_url: str, redis_prefix: str, tmp_path
+    relay_factory: RelayFactory, redis_url: str, redis_prefix: str, tmp_path, clock: ManualClock
 ) -> None:
+    # Replica A is a real process, on real time: its lease lapses in Redis
+    # (Redis's own clock) lease_ttl_s after the SIGKILL, and B, polling the
+    # store, takes the stream over then. Nothing here races the machine:
+    # A sends 8 chunks and then hangs (stall@8, its stall timeout out of
+    # reach), so it is mid-generation when killed however slow it is; a
+    # renewal A misses while alive changes nothing (no one else reads the
+    # stream then); B continues on the manual clock with nothing timed.
+    # A slow machine only makes it take longer.
     config = tmp_path / "replica-a.toml"
     config.write_text(
         '[server]\nport = 0\nstore = "redis"\n'
         f'redis_url = "{redis_url}"\nredis_prefix = "{redis_prefix}"\n'
-        f'resume_secret = "{SECRET}"\nlease_ttl_s = 0.6\n'
+        f'resume_secret = "{SECRET}"\nlease_ttl_s = 0.6\nstall_timeout_s = 3600\n'
     )
     replica_a = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "tokenrelay_server.cli", "serve", "--config", str(config)),
@@ -186,9 +223,9 @@ async def test_a_dead_replicas_generation_is_taken_over_and_finished(
         assert replica_a.stdout is not None
         port = int((await replica_a.stdout.readline()).split()[1])
         b = await relay_factory(
-            store="redis", redis_url=redis_url, redis_prefix=redis_prefix, lease_ttl_s=0.6
+            clock=clock, store="redis", redis_url=redis_url, redis_prefix=redis_prefix, **QUIET
         )
-        request = start_request(max_tokens=60, metadata={"sim.pace_ms": "20"})
+        request = start_request(max_tokens=60, metadata={"sim.faults": "stall@8"})
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as on_a:
             call = RawCall(on_a, request)
             seen = await call.events_until(lambda e: e.HasField("chunk") and e.chunk.seq == 8)

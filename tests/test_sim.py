@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenrelay_server.core.errors import RequestError
-from tokenrelay_server.core.model import Message
-from tokenrelay_server.upstream.base import CONTINUE_INSTRUCTION
+from tokenrelay_server.core.errors import NetworkError, RequestError
+from tokenrelay_server.core.model import GenerationParams, Message, Tool, ToolCall, ToolChoice
+from tokenrelay_server.upstream.base import (
+    CONTINUE_INSTRUCTION,
+    Finish,
+    ProviderRequest,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+)
 from tokenrelay_server.upstream.sim import (
+    ARGUMENT_FRAGMENT_CHARS,
     FaultStep,
     SimAnswer,
+    SimEvent,
+    SimProvider,
     SimSettings,
     parse_fault_script,
     plan_attempt,
@@ -161,6 +173,9 @@ def test_faults_apply_to_successive_attempts() -> None:
         ({"sim.retry_after_s": "1_0"}, "sim.retry_after_s"),
         ({"sim.retry_after_s": "nan"}, "sim.retry_after_s"),
         ({"sim.pace_ms": "1e3"}, "sim.pace_ms"),
+        ({"sim.reasoning": "-1"}, "sim.reasoning"),
+        ({"sim.tool_calls": "9"}, "sim.tool_calls"),
+        ({"sim.preamble": "x"}, "sim.preamble"),
     ],
     ids=[
         "negative pace",
@@ -172,6 +187,9 @@ def test_faults_apply_to_successive_attempts() -> None:
         "a retry-after with an underscore",
         "a retry-after that is not a number",
         "a pace in exponent notation",
+        "negative reasoning",
+        "more tool calls than the simulator makes",
+        "a preamble that is not a number",
     ],
 )
 def test_bad_sim_metadata_names_the_key(metadata: dict[str, str], field: str) -> None:
@@ -187,6 +205,10 @@ def test_bad_sim_metadata_names_the_key(metadata: dict[str, str], field: str) ->
         ({"sim.pace_ms": ".5"}, SimSettings(pace_ms=0.5)),
         ({"sim.overlap": "+3"}, SimSettings(overlap=3)),
         ({"sim.retry_after_s": "0"}, SimSettings(retry_after_s=0.0)),
+        (
+            {"sim.reasoning": "12", "sim.tool_calls": "2", "sim.preamble": "0"},
+            SimSettings(reasoning=12, tool_calls=2, preamble=0),
+        ),
     ],
     ids=[
         "a whole pace",
@@ -194,6 +216,7 @@ def test_bad_sim_metadata_names_the_key(metadata: dict[str, str], field: str) ->
         "a pace without a leading zero",
         "an overlap with a plus sign",
         "a zero retry-after",
+        "reasoning, tool calls and a preamble",
     ],
 )
 def test_good_sim_metadata_in_ascii_digits_is_read(
@@ -206,3 +229,214 @@ def test_an_echoed_fault_item_is_cut_short() -> None:
     with pytest.raises(RequestError) as caught:
         parse_fault_script("x" * 4000)
     assert len(str(caught.value)) < 300 and "4000 characters" in str(caught.value)
+
+
+# --- agent turns: reasoning and tool calls (issue 12) -------------------------------------
+
+WEATHER = Tool(
+    "get_weather",
+    "The weather",
+    json.dumps(
+        {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "days": {"type": "integer"},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+        }
+    ),
+)
+TIME = Tool("get_time")
+
+
+def tool_calls_of(events: tuple[SimEvent, ...]) -> list[tuple[str, str, dict[str, object]]]:
+    """(id, name, arguments) of each call, assembled from its events."""
+    calls: dict[int, list[str]] = {}
+    heads: dict[int, tuple[str, str]] = {}
+    for event in events:
+        if event.kind == "tool_call":
+            if event.id:
+                heads[event.index] = (event.id, event.name)
+            calls.setdefault(event.index, []).append(event.text)
+    return [(*heads[i], json.loads("".join(calls[i]))) for i in sorted(calls)]
+
+
+def test_reasoning_comes_first_and_leaves_the_answer_text_as_it_was() -> None:
+    plan = plan_attempt(PROMPT, max_tokens=20, attempt=1, settings=SimSettings(reasoning=6))
+    kinds = [e.kind for e in plan.events]
+    assert kinds == ["reasoning"] * 6 + ["text"] * 20
+    assert "".join(plan.pieces) == SimAnswer(PROMPT).text(20)
+    assert plan.usage.completion_tokens == 26
+
+
+def test_a_request_that_offers_tools_is_a_tool_turn_with_a_short_preamble() -> None:
+    plan = plan_attempt(PROMPT, max_tokens=50, attempt=1, settings=SimSettings(), tools=(WEATHER,))
+    assert plan.finish_reason == "tool_calls"
+    assert "".join(plan.pieces) == SimAnswer(PROMPT).text(3)
+    ((call_id, name, arguments),) = tool_calls_of(plan.events)
+    assert name == "get_weather" and call_id.startswith("call_")
+    assert set(arguments) == {"city", "days", "unit"}
+    assert isinstance(arguments["city"], str) and isinstance(arguments["days"], int)
+    assert arguments["unit"] == "celsius"
+    fragments = [e.text for e in plan.events if e.kind == "tool_call"][1:]
+    assert len(fragments) > 3 and all(len(f) <= ARGUMENT_FRAGMENT_CHARS for f in fragments)
+
+
+def test_tool_calls_are_the_same_for_the_same_conversation_and_differ_for_another() -> None:
+    first = plan_attempt(
+        PROMPT, max_tokens=None, attempt=1, settings=SimSettings(), tools=(WEATHER,)
+    )
+    again = plan_attempt(
+        PROMPT, max_tokens=None, attempt=2, settings=SimSettings(), tools=(WEATHER,)
+    )
+    other = plan_attempt(
+        (Message("user", "other"),),
+        max_tokens=None,
+        attempt=1,
+        settings=SimSettings(),
+        tools=(WEATHER,),
+    )
+    assert first.events == again.events
+    assert tool_calls_of(first.events) != tool_calls_of(other.events)
+
+
+@pytest.mark.parametrize(
+    ("settings_", "choice", "names"),
+    [
+        pytest.param(
+            SimSettings(tool_calls=3),
+            None,
+            ["get_weather", "get_time", "get_weather"],
+            id="calls go round the tools",
+        ),
+        pytest.param(
+            SimSettings(tool_calls=2),
+            ToolChoice(tool_name="get_time"),
+            ["get_time", "get_time"],
+            id="a named tool is the one called",
+        ),
+        pytest.param(SimSettings(tool_calls=0), None, [], id="sim.tool_calls=0 answers with text"),
+        pytest.param(
+            SimSettings(), ToolChoice(mode="none"), [], id="tool choice none answers with text"
+        ),
+    ],
+)
+def test_which_tools_are_called(
+    settings_: SimSettings, choice: ToolChoice | None, names: list[str]
+) -> None:
+    plan = plan_attempt(
+        PROMPT,
+        max_tokens=10,
+        attempt=1,
+        settings=settings_,
+        tools=(WEATHER, TIME),
+        tool_choice=choice,
+    )
+    assert [name for _, name, _ in tool_calls_of(plan.events)] == names
+    assert plan.finish_reason == ("tool_calls" if names else "stop")
+    if not names:
+        assert "".join(plan.pieces) == SimAnswer(PROMPT).text(10)
+
+
+def test_a_tool_without_parameters_is_called_with_the_empty_object() -> None:
+    plan = plan_attempt(PROMPT, max_tokens=10, attempt=1, settings=SimSettings(), tools=(TIME,))
+    assert tool_calls_of(plan.events)[0][2] == {}
+
+
+def test_the_tool_result_turn_is_answered_with_text() -> None:
+    first = plan_attempt(PROMPT, max_tokens=10, attempt=1, settings=SimSettings(), tools=(WEATHER,))
+    ((call_id, name, arguments),) = tool_calls_of(first.events)
+    conversation = (
+        *PROMPT,
+        Message(
+            "assistant",
+            "".join(first.pieces),
+            tool_calls=(ToolCall(call_id, name, json.dumps(arguments)),),
+        ),
+        Message("tool", '{"celsius": 21}', tool_call_id=call_id),
+    )
+    final = plan_attempt(
+        conversation, max_tokens=12, attempt=1, settings=SimSettings(), tools=(WEATHER,)
+    )
+    assert final.finish_reason == "stop"
+    assert "".join(final.pieces) == SimAnswer(conversation).text(12)
+    assert SimAnswer(conversation).text(12) != SimAnswer(PROMPT).text(12)
+    # The arguments' spacing does not change the answer (Anthropic's input
+    # object comes back written out again).
+    respaced = (
+        *conversation[:1],
+        Message(
+            "assistant",
+            conversation[1].content,
+            tool_calls=(ToolCall(call_id, name, json.dumps(arguments, indent=2)),),
+        ),
+        conversation[2],
+    )
+    assert SimAnswer(respaced).text(12) == SimAnswer(conversation).text(12)
+
+
+def test_faults_count_every_kind_of_event_so_a_reset_lands_inside_the_arguments() -> None:
+    settings_ = SimSettings(reasoning=2, faults=parse_fault_script("reset@7"))
+    plan = plan_attempt(PROMPT, max_tokens=10, attempt=1, settings=settings_, tools=(WEATHER,))
+    # 2 reasoning, 3 preamble text, the call's first event, 1 argument fragment
+    assert [e.kind for e in plan.events] == ["reasoning"] * 2 + ["text"] * 3 + ["tool_call"] * 2
+    assert plan.fault.kind == "reset"
+
+
+def test_a_tool_turn_continued_after_its_preamble_makes_the_same_calls() -> None:
+    clean = plan_attempt(PROMPT, max_tokens=30, attempt=1, settings=SimSettings(), tools=(WEATHER,))
+    preamble = "".join(clean.pieces)
+    for messages in (
+        (*PROMPT, Message("assistant", preamble)),
+        (*PROMPT, Message("assistant", preamble), Message("user", CONTINUE_INSTRUCTION)),
+    ):
+        continued = plan_attempt(
+            messages, max_tokens=27, attempt=2, settings=SimSettings(), tools=(WEATHER,)
+        )
+        assert continued.pieces == ()
+        assert tool_calls_of(continued.events) == tool_calls_of(clean.events)
+    halfway = plan_attempt(
+        PROMPT,
+        max_tokens=30,
+        attempt=2,
+        settings=SimSettings(),
+        tools=(WEATHER,),
+        continuation=preamble[:5],
+    )
+    assert preamble[:5] + "".join(halfway.pieces) == preamble
+
+
+def test_an_assistant_message_with_tool_calls_is_not_a_partial_answer() -> None:
+    turn = (*PROMPT, Message("assistant", "Let me look.", tool_calls=(ToolCall("c", "f", "{}"),)))
+    assert split_continuation(turn) == (turn, "")
+
+
+async def test_the_in_process_simulator_streams_reasoning_and_tool_calls() -> None:
+    request = ProviderRequest(
+        model="sim",
+        messages=PROMPT,
+        params=GenerationParams(max_tokens=10),
+        metadata=(("sim.reasoning", "2"),),
+        tools=(WEATHER,),
+    )
+    deltas = [d async for d in SimProvider().stream(request)]
+    assert [type(d) for d in deltas[:6]] == [ReasoningDelta] * 2 + [TextDelta] * 3 + [ToolCallDelta]
+    head = deltas[5]
+    assert isinstance(head, ToolCallDelta) and head.name == "get_weather" and head.id
+    assert isinstance(deltas[-1], Finish) and deltas[-1].reason == "tool_calls"
+
+
+async def test_the_in_process_simulator_resets_inside_a_tool_call() -> None:
+    request = ProviderRequest(
+        model="sim",
+        messages=PROMPT,
+        params=GenerationParams(max_tokens=10),
+        metadata=(("sim.faults", "reset@5"),),
+        tools=(WEATHER,),
+    )
+    seen = []
+    with pytest.raises(NetworkError):
+        async for delta in SimProvider().stream(request):
+            seen.append(delta)
+    assert isinstance(seen[-1], ToolCallDelta) and seen[-1].index == 0

@@ -30,9 +30,14 @@ from tokenrelay_server.core.model import (
     RecoveryPolicy,
     StartRequest,
     StreamMeta,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
     Usage,
 )
 from tokenrelay_server.store import MemoryStore, StreamStore, StreamTail
+from tokenrelay_server.store.codec import decode_entry, decode_meta, encode_meta
 from tokenrelay_server.store.redis import RedisStore
 
 # Redis TTLs are real: polls for "it expired" give up after this many rounds.
@@ -420,6 +425,96 @@ async def test_unicode_text_round_trips(store: StreamStore) -> None:
     await store.append(stream_id, entries)
 
     assert await read_all(store, stream_id) == entries
+
+
+AGENT_REQUEST = StartRequest(
+    model="sim",
+    messages=(
+        Message("user", "Weather in Zürich?"),
+        Message(
+            "assistant",
+            "Let me look.",
+            tool_calls=(ToolCall("call_1", "get_weather", '{"city": "Zürich"}'),),
+        ),
+        Message("tool", '{"celsius": 21}', tool_call_id="call_1"),
+    ),
+    policy=RecoveryPolicy(tool_calls="stream"),
+    tools=(
+        Tool("get_weather", "The weather now", '{"type": "object"}'),
+        Tool("no_args"),
+    ),
+    tool_choice=ToolChoice(tool_name="get_weather"),
+)
+
+
+async def test_an_agent_request_round_trips_for_a_takeover(store: StreamStore) -> None:
+    meta = StreamMeta(
+        stream_id=new_stream_id(),
+        model="sim",
+        created_at=1.5,
+        checkpoint_interval=10,
+        request=AGENT_REQUEST,
+    )
+    await store.create(meta)
+    assert await store.get_meta(meta.stream_id) == meta
+
+
+async def test_reasoning_and_tool_call_chunks_round_trip(store: StreamStore) -> None:
+    stream_id = await new_stream(store)
+    entries: list[LogEntry] = [
+        Chunk(1, "Thinking… 🤔", "sim", 1, tokens_so_far=0, kind="reasoning"),
+        Chunk(2, "Let me look.", "sim", 1, tokens_so_far=3),
+        Chunk(
+            3,
+            "",
+            "sim",
+            1,
+            tokens_so_far=4,
+            kind="tool_call",
+            tool_call=ToolCallDelta(0, "call_1", "get_weather", '{"city": "Z'),
+        ),
+        Chunk(
+            4,
+            "",
+            "sim",
+            1,
+            tokens_so_far=5,
+            kind="tool_call",
+            tool_call=ToolCallDelta(0, arguments='ürich"}'),
+        ),
+        Chunk(
+            5,
+            "",
+            "sim",
+            2,
+            tokens_so_far=6,
+            kind="tool_call",
+            tool_call=ToolCallDelta(1, "c2", "f", "{}"),
+        ),
+        End("tool_calls", 5, "a" * 64, chunks_sha256="b" * 64),
+    ]
+    await store.append(stream_id, entries)
+    assert await read_all(store, stream_id) == entries
+
+
+def test_entries_and_requests_stored_before_agent_streams_still_decode() -> None:
+    # Written by the codec before issue 12: no chunk kind, no chunks digest,
+    # messages as [role, content], a policy without tool_calls.
+    assert decode_entry('{"k":"c","s":1,"t":"hi","p":"sim","a":1,"n":1}') == Chunk(
+        1, "hi", "sim", 1, tokens_so_far=1
+    )
+    old_end = '{"k": "e", "r": "stop", "s": 1, "h": "ab", "u": [1, 2], "p": false, "f": null}'
+    assert decode_entry(old_end) == End("stop", 1, "ab", Usage(1, 2))
+    old_meta = (
+        '{"id": "st-1", "model": "sim", "created_at": 1.0, "checkpoint_interval": 10, '
+        '"request": {"model": "sim", "messages": [["user", "hi"]], "params": {"max_tokens": '
+        'null, "temperature": null, "top_p": null, "stop": []}, "idempotency_key": "", '
+        '"policy": {"max_retries": null, "allow_fallback": null, "allow_partial": null, '
+        '"checkpoint_interval": null}, "metadata": []}, "idempotency_key": "", "extra": {}}'
+    )
+    meta = decode_meta(old_meta)
+    assert meta.request == StartRequest(model="sim", messages=(Message("user", "hi"),))
+    assert decode_meta(encode_meta(meta)) == meta
 
 
 async def test_read_limit_caps_entries(store: StreamStore) -> None:

@@ -7,6 +7,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -38,8 +40,9 @@ def test_generated_stubs_match_the_protos(tmp_path: Path) -> None:
     assert not stale, f"generated/ is stale for {stale}: run `make proto` and commit the result"
 
 
-def test_every_message_and_field_of_the_contract_is_documented() -> None:
-    proto = (ROOT / "protos" / "tokenrelay" / "v1" / "relay.proto").read_text().splitlines()
+@pytest.mark.parametrize("name", ["relay.proto", "admin.proto"])
+def test_every_message_and_field_of_the_contract_is_documented(name: str) -> None:
+    proto = (ROOT / "protos" / "tokenrelay" / "v1" / name).read_text().splitlines()
     undocumented = []
     for number, line in enumerate(proto):
         stripped = line.strip()

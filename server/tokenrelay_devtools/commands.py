@@ -1,8 +1,8 @@
 """The development tools as `tokenrelay` subcommands (`chaos`,
 `mock-upstream`, `demo`), registered through the `tokenrelay.commands`
 entry point group: the gateway's CLI finds them when this package is
-installed and never imports it by name. (`setup_logging` is imported inside
-each command: the CLI module is still loading when it reads the entry points.)"""
+installed and never imports it by name. (`setup_logging`, obs/logs.py, is
+imported inside each command: registering the commands loads nothing more.)"""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def chaos(runs: int, seed: int, concurrency: int) -> None:
     """Random fault schedules over real HTTP and gRPC; prints a tally and
     every violation, and exits 1 if there is any."""
     from tokenrelay_devtools.chaos import run_chaos
-    from tokenrelay_server.cli import setup_logging
+    from tokenrelay_server.obs.logs import setup_logging
 
     setup_logging("error")
     tally = asyncio.run(run_chaos(runs, seed=seed, concurrency=concurrency, progress=True))
@@ -40,7 +40,7 @@ def mock_upstream(host: str, port: int) -> None:
     """Serve the simulator over HTTP in the OpenAI and Anthropic streaming
     formats, with fault injection per request (see the README)."""
     from tokenrelay_devtools.mock_upstream import main as serve_mock
-    from tokenrelay_server.cli import setup_logging
+    from tokenrelay_server.obs.logs import setup_logging
 
     setup_logging("info")
     serve_mock(host, port)
@@ -56,7 +56,7 @@ def mock_upstream(host: str, port: int) -> None:
 def demo(target: str | None) -> None:
     """Watch a stream survive a dropped connection: cut, reconnect, resume, verify."""
     from tokenrelay_devtools.demo import run_demo
-    from tokenrelay_server.cli import setup_logging
+    from tokenrelay_server.obs.logs import setup_logging
 
     setup_logging("warning")
     with contextlib.suppress(KeyboardInterrupt):

@@ -12,6 +12,16 @@ attempt number produce the same text. Point a provider's `base_url` at
 `http://HOST:PORT/v1`. Requests without `"stream": true` get the whole
 answer as one JSON body.
 
+Agent turns (issue 12), as the simulator makes them (see upstream/sim.py):
+a request that offers tools gets tool calls (OpenAI `tool_calls` deltas
+with `finish_reason: "tool_calls"`; Anthropic `tool_use` blocks with
+`input_json_delta`s and `stop_reason: "tool_use"`), a conversation that
+ends with tool results (role `tool`; Anthropic `tool_result` blocks) gets
+the final text, and `x-sim-reasoning: N` streams N reasoning deltas first
+(OpenAI `reasoning_content`; an Anthropic `thinking` block). The request's
+tools, tool choice, assistant tool calls and tool results are read back
+from each provider's own shape.
+
 Per-request controls (headers; every one optional)
 
     x-sim-attempt: N          the gateway's attempt number (1-based), sent by the
@@ -29,35 +39,39 @@ Per-request controls (headers; every one optional)
                               header becomes `sim.NAME_PARTS`.
 
 The fault script: comma-separated items, item i for attempt i; attempts past
-the last item are clean. An item is one or more parts joined with `+`:
+the last item are clean. An item is one or more parts joined with `+`. N
+counts content events of every kind: reasoning and text deltas, a tool
+call's first event and each fragment of its arguments (so `reset@N` can
+land inside a tool call's arguments):
 
     simulator faults (at most one per item; the simulator parses these):
     ok                  a clean answer
-    reset@N             N text events, then a TCP reset (RST)          → ECONNRESET
-    stall@N             N text events, then silence until the client leaves
-    eof@N               N text events, then the body ends cleanly with no
+    reset@N             N events, then a TCP reset (RST)               → ECONNRESET
+    stall@N             N events, then silence until the client leaves
+    eof@N               N events, then the body ends cleanly with no
                         finish reason and no end marker                → NO_FINISH_REASON
-    garbage@N           N text events, then a data line of broken JSON → MALFORMED_DATA
+    garbage@N           N events, then a data line of broken JSON      → MALFORMED_DATA
     http:CODE           status CODE with the provider's JSON error body, and
                         Retry-After for 429, 503 and 529               → HTTP_CODE
 
     HTTP-only faults (any number per item):
     reset_bytes@N       a TCP reset after exactly N bytes of the body  → ECONNRESET
-    drop@N              N text events, then the connection is closed (FIN) in the
+    drop@N              N events, then the connection is closed (FIN) in the
                         middle of the chunked body                     → UNEXPECTED_EOF
     slow_first_byte@MS  wait MS milliseconds before the status line
     html                200 with an HTML error page                    → WRONG_CONTENT_TYPE
     html:CODE           status CODE with an HTML error page            → HTTP_CODE
     json_error:KIND     200 application/json with an error object      → application error
-    error@N:KIND        N text events, then an error event in the provider's format
+    error@N:KIND        N events, then an error event in the provider's format
                         (OpenAI `data: {"error": …}`, Anthropic `event: error`)
-    shape@N             N text events, then an event of the wrong shape → UNEXPECTED_SHAPE
+    shape@N             N events, then an event of the wrong shape      → UNEXPECTED_SHAPE
     split_utf8          every event is written in two writes split inside its first
                         multi-byte UTF-8 character
     random_chunks       every event is written in random pieces of 1-16 bytes
                         (seeded by x-sim-seed and the attempt)
-    thinking            reasoning before the text: an Anthropic thinking block, or
-                        OpenAI-style `reasoning_content` deltas
+    thinking            one more reasoning delta before everything (not counted in N):
+                        an Anthropic thinking block, or OpenAI-style
+                        `reasoning_content`
     retry_after:seconds|date|ms
                         how http:CODE says when to retry: `Retry-After: <seconds>`
                         (default), `Retry-After: <HTTP-date>`, or `retry-after-ms`
@@ -68,6 +82,13 @@ the last item are clean. An item is one or more parts joined with `+`:
 Example: `x-sim-faults: reset@5+split_utf8,http:429+retry_after:date,ok` resets
 the first attempt after 5 events written with split characters, answers the
 second with 429 and a Retry-After date, and lets the third succeed.
+
+Time: the pace (`x-sim-pace-ms`) and `slow_first_byte` wait on the mock's
+injected clock, so a test or the chaos run that gives it a `ManualClock`
+decides when they are over. `in_flight()` shows what each request being
+answered is doing (still writing, waiting on the clock, or stalled for good)
+and how many body bytes it sent: a time keeper (tokenrelay_devtools.timekeeper)
+moves a manual clock only when every request it cares about waits on time.
 
 A bad header or body gets a 400 in the provider's error format naming it.
 """
@@ -95,9 +116,10 @@ from tokenrelay_server.core import classify
 from tokenrelay_server.core.classify import ProviderErrorKind
 from tokenrelay_server.core.clock import Clock, SystemClock
 from tokenrelay_server.core.errors import RequestError, excerpt
-from tokenrelay_server.core.model import Message, Role
+from tokenrelay_server.core.model import Message, Role, Tool, ToolCall, ToolChoice, Usage
 from tokenrelay_server.upstream.sim import (
     AttemptPlan,
+    SimEvent,
     SimSettings,
     parse_count,
     parse_fault_script,
@@ -117,10 +139,14 @@ ErrorKind = Literal[
     "authentication",
     "context_length",
 ]
-ERROR_KINDS: tuple[str, ...] = get_args(ErrorKind)
+ERROR_KINDS: tuple[ErrorKind, ...] = get_args(ErrorKind)
 RetryAfterStyle = Literal["seconds", "date", "ms"]
+RETRY_AFTER_STYLES: tuple[RetryAfterStyle, ...] = get_args(RetryAfterStyle)
 _SIM_FAULTS = ("ok", "reset", "stall", "eof", "garbage", "http")
 _RETRY_AFTER_STATUSES = frozenset({429, 503, 529})
+THINKING_TOKENS = 1  # the `thinking` item's one reasoning delta
+# What that delta says, in each format.
+THINKING_TEXT = {"openai": "Let me think about that.", "anthropic": "Let me think."}
 
 
 # --- the fault script ---------------------------------------------------------------------
@@ -145,7 +171,7 @@ class HttpFaults:
 
     @property
     def cut_at(self) -> int | None:
-        """Text events to send before an event-level HTTP fault, if any."""
+        """Content events to send before an event-level HTTP fault, if any."""
         points = [n for n in (self.drop_at, self.error_at, self.shape_at) if n is not None]
         return min(points) if points else None
 
@@ -178,7 +204,7 @@ def _error_kind(text: str, field: str, position: int) -> ErrorKind:
             f"{field}: item {position}: error kind {excerpt(text)} is not one of "
             f"{', '.join(ERROR_KINDS)}"
         )
-    return text  # type: ignore[return-value]
+    return text
 
 
 def _apply_http_fault(faults: HttpFaults, part: str, field: str, position: int) -> HttpFaults:
@@ -204,8 +230,8 @@ def _apply_http_fault(faults: HttpFaults, part: str, field: str, position: int) 
         return replace(faults, html_status=_status(argument, field, position) if colon else 200)
     if name == "json_error" and colon:
         return replace(faults, json_error=_error_kind(argument, field, position))
-    if name == "retry_after" and argument in ("seconds", "date", "ms"):
-        return replace(faults, retry_after=argument)  # type: ignore[arg-type]
+    if name == "retry_after" and argument in RETRY_AFTER_STYLES:
+        return replace(faults, retry_after=argument)
     if part == "split_utf8":
         return replace(faults, split_utf8=True)
     if part == "random_chunks":
@@ -327,11 +353,23 @@ class _OpenAIWire:
     def preamble(self, plan: AttemptPlan, thinking: bool) -> list[bytes]:
         events = [self._chunk({"role": "assistant", "content": ""})]
         if thinking:
-            events.append(self._chunk({"reasoning_content": "Let me think about that."}))
+            events.append(self._chunk({"reasoning_content": THINKING_TEXT["openai"]}))
         return events
 
-    def text(self, piece: str) -> bytes:
-        return self._chunk({"content": piece})
+    def event(self, event: SimEvent) -> list[bytes]:
+        if event.kind == "reasoning":
+            return [self._chunk({"reasoning_content": event.text})]
+        if event.kind == "tool_call":
+            piece: dict[str, Any] = {"index": event.index, "function": {"arguments": event.text}}
+            if event.id:
+                piece = {
+                    "index": event.index,
+                    "id": event.id,
+                    "type": "function",
+                    "function": {"name": event.name, "arguments": event.text},
+                }
+            return [self._chunk({"tool_calls": [piece]})]
+        return [self._chunk({"content": event.text})]
 
     def finish(self, plan: AttemptPlan) -> list[bytes]:
         events = [self._chunk({}, plan.finish_reason)]
@@ -381,7 +419,7 @@ class _OpenAIWire:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": "".join(plan.pieces)},
+                    "message": _openai_whole_message(plan),
                     "finish_reason": plan.finish_reason,
                 }
             ],
@@ -396,11 +434,13 @@ class _OpenAIWire:
 class _AnthropicWire:
     """Messages events (https://docs.anthropic.com/en/docs/build-with-claude/streaming)."""
 
-    STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
+    STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
     def __init__(self, model: str) -> None:
         self._model = model
-        self._text_index = 0
+        self._text_index = 0  # the index of the open (or next) content block
+        # The open block: ("text" | "reasoning", 0) or ("tool_call", call index).
+        self._open: tuple[str, int] | None = None
 
     @staticmethod
     def _event(name: str, data: dict[str, Any]) -> bytes:
@@ -426,7 +466,10 @@ class _AnthropicWire:
                 ),
                 self._event(
                     "content_block_delta",
-                    {"index": 0, "delta": {"type": "thinking_delta", "thinking": "Let me think."}},
+                    {
+                        "index": 0,
+                        "delta": {"type": "thinking_delta", "thinking": THINKING_TEXT["anthropic"]},
+                    },
                 ),
                 self._event(
                     "content_block_delta",
@@ -435,25 +478,67 @@ class _AnthropicWire:
                 self._event("content_block_stop", {"index": 0}),
             ]
             self._text_index = 1
-        events += [
-            self._event(
-                "content_block_start",
-                {"index": self._text_index, "content_block": {"type": "text", "text": ""}},
-            ),
-            self._event("ping", {}),
-        ]
+        events.append(self._event("ping", {}))
         return events
 
-    def text(self, piece: str) -> bytes:
-        return self._event(
-            "content_block_delta",
-            {"index": self._text_index, "delta": {"type": "text_delta", "text": piece}},
+    def _block_for(self, event: SimEvent) -> list[bytes]:
+        """Close the open block and start the one `event` belongs in, if it
+        is another (a text block, a thinking block, a call's tool_use)."""
+        wanted = (event.kind, event.index if event.kind == "tool_call" else 0)
+        if self._open == wanted:
+            return []
+        out = self._close_block()
+        if event.kind == "reasoning":
+            block: dict[str, Any] = {"type": "thinking", "thinking": ""}
+        elif event.kind == "tool_call":
+            block = {"type": "tool_use", "id": event.id, "name": event.name, "input": {}}
+        else:
+            block = {"type": "text", "text": ""}
+        out.append(
+            self._event("content_block_start", {"index": self._text_index, "content_block": block})
         )
+        self._open = wanted
+        return out
+
+    def _close_block(self) -> list[bytes]:
+        if self._open is None:
+            return []
+        stop = [self._event("content_block_stop", {"index": self._text_index})]
+        if self._open[0] == "reasoning":
+            stop.insert(
+                0,
+                self._event(
+                    "content_block_delta",
+                    {
+                        "index": self._text_index,
+                        "delta": {"type": "signature_delta", "signature": "c2ln"},
+                    },
+                ),
+            )
+        self._open = None
+        self._text_index += 1
+        return stop
+
+    def event(self, event: SimEvent) -> list[bytes]:
+        out = self._block_for(event)
+        if event.kind == "reasoning":
+            delta: dict[str, Any] = {"type": "thinking_delta", "thinking": event.text}
+        elif event.kind == "tool_call":
+            if not event.text:
+                return out  # the call's first event is its content_block_start
+            delta = {"type": "input_json_delta", "partial_json": event.text}
+        else:
+            delta = {"type": "text_delta", "text": event.text}
+        out.append(self._event("content_block_delta", {"index": self._text_index, "delta": delta}))
+        return out
 
     def finish(self, plan: AttemptPlan) -> list[bytes]:
         stop_reason = self.STOP_REASONS.get(plan.finish_reason, plan.finish_reason)
+        # An empty answer still has its (empty) text block.
+        opened = self._block_for(SimEvent("text")) if self._open is None else []
         return [
-            self._event("content_block_stop", {"index": self._text_index}),
+            *opened,
+            *self._close_block(),
             self._event(
                 "message_delta",
                 {
@@ -498,7 +583,7 @@ class _AnthropicWire:
             "type": "message",
             "role": "assistant",
             "model": self._model,
-            "content": [{"type": "text", "text": "".join(plan.pieces)}],
+            "content": _anthropic_whole_content(plan),
             "stop_reason": self.STOP_REASONS.get(plan.finish_reason, plan.finish_reason),
             "stop_sequence": None,
             "usage": {
@@ -509,6 +594,42 @@ class _AnthropicWire:
 
 
 _Wire = _OpenAIWire | _AnthropicWire
+
+
+def _calls_of(plan: AttemptPlan) -> list[tuple[str, str, str]]:
+    """(id, name, arguments) of each tool call of a plan, assembled."""
+    calls: dict[int, list[str]] = {}
+    for event in plan.events:
+        if event.kind != "tool_call":
+            continue
+        if event.id:
+            calls[event.index] = [event.id, event.name, ""]
+        else:
+            calls[event.index][2] += event.text
+    return [(call[0], call[1], call[2]) for _, call in sorted(calls.items())]
+
+
+def _openai_whole_message(plan: AttemptPlan) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(plan.pieces)}
+    calls = _calls_of(plan)
+    if calls:
+        message["tool_calls"] = [
+            {"id": id_, "type": "function", "function": {"name": name, "arguments": arguments}}
+            for id_, name, arguments in calls
+        ]
+    return message
+
+
+def _anthropic_whole_content(plan: AttemptPlan) -> list[dict[str, Any]]:
+    content: list[dict[str, Any]] = []
+    if plan.pieces or not plan.events:
+        content.append({"type": "text", "text": "".join(plan.pieces)})
+    content += [
+        {"type": "tool_use", "id": id_, "name": name, "input": json.loads(arguments)}
+        for id_, name, arguments in _calls_of(plan)
+    ]
+    return content
+
 
 _HTML_PAGE = (
     "<!DOCTYPE html>\n<html><head><title>{status} {reason}</title></head>\n"
@@ -524,6 +645,8 @@ class _BadRequest(Exception):
 
 
 def _text_of(content: object, where: str) -> str:
+    if content is None:
+        return ""  # an OpenAI assistant message with only tool calls
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -540,21 +663,156 @@ _ROLES: dict[str, Role] = {
     "developer": "system",
     "user": "user",
     "assistant": "assistant",
+    "tool": "tool",
 }
 
 
+def _string(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise _BadRequest(f"{where} must be a string")
+    return value
+
+
 def _messages(raw: object, field: str) -> list[Message]:
+    """Chat Completions messages (the Messages API's are read by
+    `_anthropic_messages`), with tool calls and tool results."""
     if not isinstance(raw, list) or not raw:
         raise _BadRequest(f"{field} must be a non-empty list")
     messages = []
     for index, item in enumerate(raw):
+        where = f"{field}[{index}]"
         if not isinstance(item, dict) or not isinstance(item.get("role"), str):
-            raise _BadRequest(f"{field}[{index}] must be an object with a role")
+            raise _BadRequest(f"{where} must be an object with a role")
         role = _ROLES.get(item["role"], "user")
-        messages.append(
-            Message(role, _text_of(item.get("content", ""), f"{field}[{index}].content"))
-        )
+        content = _text_of(item.get("content", ""), f"{where}.content")
+        calls: list[ToolCall] = []
+        raw_calls = item.get("tool_calls") or []
+        if not isinstance(raw_calls, list):
+            raise _BadRequest(f"{where}.tool_calls must be a list")
+        for position, call in enumerate(raw_calls):
+            at = f"{where}.tool_calls[{position}]"
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(call, dict) or not isinstance(function, dict):
+                raise _BadRequest(f"{at} must be an object with a function")
+            calls.append(
+                ToolCall(
+                    _string(call.get("id"), f"{at}.id"),
+                    _string(function.get("name"), f"{at}.function.name"),
+                    _string(function.get("arguments"), f"{at}.function.arguments"),
+                )
+            )
+        tool_call_id = ""
+        if role == "tool":
+            tool_call_id = _string(item.get("tool_call_id"), f"{where}.tool_call_id")
+        messages.append(Message(role, content, tool_calls=tuple(calls), tool_call_id=tool_call_id))
     return messages
+
+
+def _anthropic_messages(raw: object, field: str) -> list[Message]:
+    """Messages API turns: tool_use blocks are the assistant's tool calls,
+    each tool_result block a "tool" message (the text after them, a user
+    message)."""
+    if not isinstance(raw, list) or not raw:
+        raise _BadRequest(f"{field} must be a non-empty list")
+    messages: list[Message] = []
+    for index, item in enumerate(raw):
+        where = f"{field}[{index}]"
+        if not isinstance(item, dict) or not isinstance(item.get("role"), str):
+            raise _BadRequest(f"{where} must be an object with a role")
+        role = _ROLES.get(item["role"], "user")
+        content = item.get("content", "")
+        if not isinstance(content, list):
+            messages.append(Message(role, _text_of(content, f"{where}.content")))
+            continue
+        texts: list[str] = []
+        calls: list[ToolCall] = []
+        for position, block in enumerate(content):
+            at = f"{where}.content[{position}]"
+            if not isinstance(block, dict):
+                raise _BadRequest(f"{at} must be a content block object")
+            kind = block.get("type")
+            if kind == "tool_result":
+                messages.append(
+                    Message(
+                        "tool",
+                        _text_of(block.get("content", ""), f"{at}.content"),
+                        tool_call_id=_string(block.get("tool_use_id"), f"{at}.tool_use_id"),
+                    )
+                )
+            elif kind == "tool_use":
+                tool_input = block.get("input", {})
+                if not isinstance(tool_input, dict):
+                    raise _BadRequest(f"{at}.input must be an object")
+                calls.append(
+                    ToolCall(
+                        _string(block.get("id"), f"{at}.id"),
+                        _string(block.get("name"), f"{at}.name"),
+                        json.dumps(tool_input, ensure_ascii=False),
+                    )
+                )
+            elif isinstance(block.get("text"), str):
+                texts.append(block["text"])
+        if texts or calls or not any(b.get("type") == "tool_result" for b in content):
+            messages.append(Message(role, "".join(texts), tool_calls=tuple(calls)))
+    return messages
+
+
+def _openai_tools(body: dict[str, Any]) -> tuple[tuple[Tool, ...], ToolChoice | None]:
+    raw = body.get("tools") or []
+    if not isinstance(raw, list):
+        raise _BadRequest("tools must be a list")
+    tools = []
+    for index, entry in enumerate(raw):
+        function = entry.get("function") if isinstance(entry, dict) else None
+        if not isinstance(function, dict):
+            raise _BadRequest(f"tools[{index}] must be an object with a function")
+        parameters = function.get("parameters")
+        tools.append(
+            Tool(
+                _string(function.get("name"), f"tools[{index}].function.name"),
+                str(function.get("description", "")),
+                "" if parameters is None else json.dumps(parameters),
+            )
+        )
+    choice = body.get("tool_choice")
+    if choice is None:
+        return tuple(tools), None
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        return tuple(tools), ToolChoice(tool_name=_string(name, "tool_choice.function.name"))
+    if choice not in ("auto", "none", "required"):
+        raise _BadRequest("tool_choice must be auto, none, required or a function")
+    return tuple(tools), ToolChoice(mode=choice)
+
+
+_ANTHROPIC_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
+
+
+def _anthropic_tools(body: dict[str, Any]) -> tuple[tuple[Tool, ...], ToolChoice | None]:
+    raw = body.get("tools") or []
+    if not isinstance(raw, list):
+        raise _BadRequest("tools must be a list")
+    tools = []
+    for index, entry in enumerate(raw):
+        if not isinstance(entry, dict) or not isinstance(entry.get("input_schema"), dict):
+            raise _BadRequest(f"tools[{index}] must be an object with an input_schema")
+        tools.append(
+            Tool(
+                _string(entry.get("name"), f"tools[{index}].name"),
+                str(entry.get("description", "")),
+                json.dumps(entry["input_schema"]),
+            )
+        )
+    choice = body.get("tool_choice")
+    if choice is None:
+        return tuple(tools), None
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind == "tool":
+        return tuple(tools), ToolChoice(tool_name=_string(choice.get("name"), "tool_choice.name"))
+    if kind not in _ANTHROPIC_CHOICES:
+        raise _BadRequest("tool_choice.type must be auto, any, none or tool")
+    return tuple(tools), ToolChoice(mode=_ANTHROPIC_CHOICES[kind])  # type: ignore[arg-type]
 
 
 def _max_tokens(body: dict[str, Any], *keys: str) -> int | None:
@@ -581,8 +839,49 @@ def _as_header_names(message: str) -> str:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    """What a request body asks the simulator for."""
+
+    wire: _Wire
+    messages: list[Message]
+    max_tokens: int | None
+    stream: bool
+    tools: tuple[Tool, ...]
+    tool_choice: ToolChoice | None
+
+
 class _ConnectionCut(Exception):
     """The mock cut the connection on purpose; the handler just ends."""
+
+
+# --- what the requests being answered are doing --------------------------------
+
+AnswerState = Literal["answering", "waiting", "stalled"]
+
+
+@dataclass(eq=False)
+class _Answer:
+    """The mock's own record of one request it is answering."""
+
+    attempt: int
+    state: AnswerState = "answering"
+    body: _BodyWriter | None = None  # once the streamed body started
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """One request being answered, as `MockUpstream.in_flight()` shows it.
+
+    `state`: "answering" (reading the request, writing, cutting: what it does
+    next does not wait on time), "waiting" (sleeping on the mock's clock: the
+    pace or a slow first byte) or "stalled" (`stall@N`: nothing more until the
+    client leaves). `bytes_sent`: of the streamed body so far (a reader that
+    has taken in as many has everything the mock wrote)."""
+
+    attempt: int
+    state: AnswerState
+    bytes_sent: int
 
 
 class _BodyWriter:
@@ -666,6 +965,7 @@ class MockUpstream:
         self.port = 0
         self.active_requests = 0
         self.requests_served = 0
+        self._answers: set[_Answer] = set()
         # The x-sim-* headers of the latest requests (names lower-cased), so a
         # test can see what an adapter forwards; bounded for a long-lived mock.
         self.sim_headers_received: collections.deque[dict[str, str]] = collections.deque(
@@ -705,6 +1005,18 @@ class MockUpstream:
         self.port = runner.addresses[0][1]  # port 0: the one the OS picked
         return self.port
 
+    def in_flight(self) -> tuple[InFlight, ...]:
+        """What each request being answered is doing now (its body read and
+        its controls parsed; a request still being read is not shown)."""
+        return tuple(
+            InFlight(
+                attempt=answer.attempt,
+                state=answer.state,
+                bytes_sent=0 if answer.body is None else answer.body.sent,
+            )
+            for answer in self._answers
+        )
+
     async def wait_idle(self) -> None:
         """Return once no request is being handled (bound it with a timeout)."""
         await self._idle.wait()
@@ -735,9 +1047,7 @@ class MockUpstream:
     async def _handle(
         self,
         request: web.Request,
-        read: Callable[
-            [web.Request, dict[str, Any]], Awaitable[tuple[_Wire, list[Message], int | None, bool]]
-        ],
+        read: Callable[[web.Request, dict[str, Any]], Awaitable[_Parsed]],
     ) -> web.StreamResponse:
         self.active_requests += 1
         self._idle.clear()
@@ -757,24 +1067,34 @@ class MockUpstream:
                 body = await request.json()
                 if not isinstance(body, dict):
                     raise _BadRequest("the body must be a JSON object")
-                wire, messages, max_tokens, stream = await read(request, body)
+                parsed = await read(request, body)
                 settings, attempt, faults = self._controls(request, str(body.get("model", "")))
             except (_BadRequest, RequestError, ValueError) as exc:
                 message = _as_header_names(str(exc))
                 return web.json_response(fallback_wire.status_error(400, message), status=400)
             plan = plan_attempt(
-                tuple(messages), max_tokens=max_tokens, attempt=attempt, settings=settings
+                tuple(parsed.messages),
+                max_tokens=parsed.max_tokens,
+                attempt=attempt,
+                settings=settings,
+                tools=parsed.tools,
+                tool_choice=parsed.tool_choice,
             )
-            return await self._respond(request, wire, plan, settings, attempt, faults, stream)
+            answer = _Answer(attempt)
+            self._answers.add(answer)
+            try:
+                return await self._respond(
+                    request, parsed.wire, plan, settings, answer, faults, parsed.stream
+                )
+            finally:
+                self._answers.discard(answer)
         finally:
             self.active_requests -= 1
             self.requests_served += 1
             if not self.active_requests:
                 self._idle.set()
 
-    async def _openai_request(
-        self, request: web.Request, body: dict[str, Any]
-    ) -> tuple[_Wire, list[Message], int | None, bool]:
+    async def _openai_request(self, request: web.Request, body: dict[str, Any]) -> _Parsed:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise _BadRequest("model must be a non-empty string")
@@ -785,23 +1105,23 @@ class MockUpstream:
             model.split(MODEL_FAULT_SEPARATOR, 1)[0], include_usage, int(self._clock.wall())
         )
         max_tokens = _max_tokens(body, "max_completion_tokens", "max_tokens")
-        return wire, messages, max_tokens, body.get("stream") is True
+        tools, tool_choice = _openai_tools(body)
+        return _Parsed(wire, messages, max_tokens, body.get("stream") is True, tools, tool_choice)
 
-    async def _anthropic_request(
-        self, request: web.Request, body: dict[str, Any]
-    ) -> tuple[_Wire, list[Message], int | None, bool]:
+    async def _anthropic_request(self, request: web.Request, body: dict[str, Any]) -> _Parsed:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise _BadRequest("model must be a non-empty string")
         max_tokens = _max_tokens(body, "max_tokens")
         if max_tokens is None:
             raise _BadRequest("max_tokens is required")
-        messages = _messages(body.get("messages"), "messages")
+        messages = _anthropic_messages(body.get("messages"), "messages")
         system = body.get("system")
         if system:
             messages.insert(0, Message("system", _text_of(system, "system")))
         wire = _AnthropicWire(model.split(MODEL_FAULT_SEPARATOR, 1)[0])
-        return wire, messages, max_tokens, body.get("stream") is True
+        tools, tool_choice = _anthropic_tools(body)
+        return _Parsed(wire, messages, max_tokens, body.get("stream") is True, tools, tool_choice)
 
     def _controls(self, request: web.Request, model: str) -> tuple[SimSettings, int, HttpFaults]:
         raw_attempt = request.headers.get(ATTEMPT_HEADER, "1")
@@ -834,12 +1154,12 @@ class MockUpstream:
         wire: _Wire,
         plan: AttemptPlan,
         settings: SimSettings,
-        attempt: int,
+        answer: _Answer,
         faults: HttpFaults,
         stream: bool,
     ) -> web.StreamResponse:
         if faults.slow_first_byte_ms:
-            await asyncio.sleep(faults.slow_first_byte_ms / 1000.0)
+            await self._wait(answer, faults.slow_first_byte_ms / 1000.0)
         if faults.html_status is not None:
             reason = "OK" if faults.html_status == 200 else "Bad Gateway"
             page = _HTML_PAGE.format(status=faults.html_status, reason=reason)
@@ -854,6 +1174,13 @@ class MockUpstream:
             return web.json_response(wire.status_error(status), status=status, headers=headers)
         if not stream:
             return web.json_response(wire.whole(plan))
+        if faults.thinking:
+            # The extra reasoning delta is output the model paid for, as a
+            # real provider's usage counts reasoning tokens.
+            usage = plan.usage
+            plan = replace(
+                plan, usage=Usage(usage.prompt_tokens, usage.completion_tokens + THINKING_TOKENS)
+            )
 
         response = web.StreamResponse(
             status=200,
@@ -863,9 +1190,11 @@ class MockUpstream:
             },
         )
         await response.prepare(request)
-        out = _BodyWriter(request, response, faults, f"{settings.seed}:{attempt}")
+        out = answer.body = _BodyWriter(
+            request, response, faults, f"{settings.seed}:{answer.attempt}"
+        )
         try:
-            await self._write_stream(out, wire, plan, settings, faults)
+            await self._write_stream(out, wire, plan, settings, faults, answer)
         except _ConnectionCut:
             pass
         return response
@@ -877,18 +1206,20 @@ class MockUpstream:
         plan: AttemptPlan,
         settings: SimSettings,
         faults: HttpFaults,
+        answer: _Answer,
     ) -> None:
-        for event in wire.preamble(plan, faults.thinking):
-            await out.write(event)
-        pieces = plan.pieces
+        for data in wire.preamble(plan, faults.thinking):
+            await out.write(data)
+        events = plan.events
         cut_at = faults.cut_at
         if cut_at is not None:
-            pieces = pieces[:cut_at]
+            events = events[:cut_at]
         pace_s = settings.pace_ms / 1000.0
-        for piece in pieces:
+        for event in events:
             if pace_s:
-                await asyncio.sleep(pace_s)
-            await out.write(wire.text(piece))
+                await self._wait(answer, pace_s)
+            for data in wire.event(event):
+                await out.write(data)
         if cut_at is not None:
             if cut_at == faults.drop_at:
                 await out.cut(reset=False)
@@ -901,14 +1232,24 @@ class MockUpstream:
         if kind == "reset":
             await out.cut(reset=True)
         elif kind == "stall":
+            answer.state = "stalled"
             await self._stopping.wait()  # the client leaving cancels this handler
+            answer.state = "answering"
             await out.cut(reset=False)
         elif kind == "garbage":
             await out.write(wire.garbage())
         elif kind == "ok":
-            for event in wire.finish(plan):
-                await out.write(event)
+            for data in wire.finish(plan):
+                await out.write(data)
         # "eof": the body just ends
+
+    async def _wait(self, answer: _Answer, seconds: float) -> None:
+        """Wait on the mock's clock, showing it in `in_flight()`."""
+        answer.state = "waiting"
+        try:
+            await self._clock.sleep(seconds)
+        finally:
+            answer.state = "answering"
 
     def _retry_after_headers(self, seconds: float, style: RetryAfterStyle) -> dict[str, str]:
         if style == "ms":

@@ -32,7 +32,7 @@ _CLOSE_TIMEOUT_S = 2.0
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
-def reset_transport(transport: asyncio.BaseTransport) -> None:
+def reset_transport(transport: asyncio.WriteTransport) -> None:
     """Close the transport's socket so that the peer sees a reset (RST), not FIN."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
@@ -84,12 +84,14 @@ class FaultProxy:
         self._closing = False
 
     @classmethod
-    def for_target(cls, target: str, **kwargs: object) -> FaultProxy:
+    def for_target(
+        cls, target: str, *, listen_host: str = "127.0.0.1", listen_port: int = 0
+    ) -> FaultProxy:
         """A proxy in front of a "host:port" target ("[::1]:port" for IPv6)."""
         host, sep, port = target.rpartition(":")
         if not sep or not port.isdigit():
             raise ValueError(f"target must be host:port, got {target!r}")
-        return cls(host.strip("[]"), int(port), **kwargs)  # type: ignore[arg-type]
+        return cls(host.strip("[]"), int(port), listen_host=listen_host, listen_port=listen_port)
 
     @property
     def port(self) -> int:

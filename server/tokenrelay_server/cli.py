@@ -1,4 +1,4 @@
-"""The `tokenrelay` command: serve, chat, demo.
+"""The `tokenrelay` command: serve, chat, stats, top (and the dev tools).
 
 Every `serve` flag can also be set by an environment variable (shown in
 `--help`) or in the [server] table of `--config FILE`; a flag beats the
@@ -13,13 +13,15 @@ status 2 without starting anything.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -30,19 +32,9 @@ from tokenrelay_server.config.settings import (
     flag_of,
     load_settings,
 )
+from tokenrelay_server.obs.logs import known_secrets, setup_logging
 
 log = logging.getLogger("tokenrelay")
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # httpx logs every upstream request at INFO; keep that for debug.
-    if level != "debug":
-        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 # Shown in --help; the values are checked by config.settings, not by click.
@@ -72,14 +64,35 @@ SERVE_OPTIONS: list[tuple[str, str | type[bool], str]] = [
     ("sim", bool, "Serve model `sim`, the simulator that takes fault scripts from requests."),
     ("sim_pace_ms", NUMBER, "Default delay per token of the simulated model."),
     ("log_level", "[debug|info|warning|error]", "Log verbosity."),
+    # Observability (issue 11): tracing and structured logs.
+    (
+        "otel_exporter",
+        "[none|console|otlp]",
+        "Where spans go: nowhere, stdout, or OTLP/gRPC (the OTEL_EXPORTER_OTLP_* variables).",
+    ),
+    ("log_format", "[text|json]", "Log lines as text, or one JSON object per line."),
+    # Metrics and Admin (issue 11).
+    ("metrics_port", INTEGER, "Serve Prometheus metrics at /metrics on this port (0: a free one)."),
+    ("metrics_host", TEXT, "Address the metrics endpoint listens on."),
+    (
+        "admin_token",
+        TEXT,
+        "Serve the Admin service (stats, top); calls need `authorization: Bearer TOKEN`.",
+    ),
 ]
 DEFAULT_SHOWN = {
     "resume_secret": "random",
+    "metrics_port": "off",
+    "admin_token": "off (no Admin service)",
     "sim": "on when the config defines no [models.*]",
 }
 
 
-def serve_options(function: Any) -> Any:
+# What click.option decorates: a command's callback, any signature.
+_Callback = TypeVar("_Callback", bound=Callable[..., Any])
+
+
+def serve_options(function: _Callback) -> _Callback:
     # No envvar= and no click types: the environment is read, and every
     # value checked, by config.settings.load_settings (all mistakes at once).
     for name, metavar, help_text in reversed(SERVE_OPTIONS):
@@ -112,13 +125,17 @@ def main() -> None:
 )
 @serve_options
 @click.pass_context
-def serve(ctx: click.Context, /, config_file: Path | None, **flags: Any) -> None:
+def serve(ctx: click.Context, /, config_file: Path | None, **flags: str | bool | None) -> None:
     """Run the gateway (in-memory store and the `sim` model by default)."""
     try:
         settings = load_settings(config_file, flags=flags, env=os.environ)
     except ConfigError as error:
         exit_with_problems(ctx, error)
-    setup_logging(settings.log_level)
+    setup_logging(
+        settings.log_level,
+        settings.log_format,
+        secrets=known_secrets(settings, os.environ),
+    )
     try:
         asyncio.run(_serve(settings))
     except ConfigError as error:
@@ -154,6 +171,10 @@ async def _serve(settings: Settings) -> None:
     )
     if settings.port == 0:
         print(f"port {server.port}", flush=True)
+    if server.metrics_url is not None:
+        log.info("metrics at %s", server.metrics_url)
+    if settings.admin_token:
+        log.info("Admin service on (calls need authorization: Bearer <admin token>)")
     if settings.resume_secret is None:
         log.warning(
             "no resume secret set (--resume-secret / TOKENRELAY_RESUME_SECRET): using a random "
@@ -211,6 +232,27 @@ async def _serve(settings: Settings) -> None:
     show_default=True,
     help="The first wait before a reconnect; it doubles per attempt.",
 )
+@click.option(
+    "--tool",
+    "tool_specs",
+    multiple=True,
+    metavar="NAME[=SCHEMA]",
+    help="Offer the model a tool, with the JSON Schema of its arguments "
+    """(e.g. --tool 'get_weather={"type":"object","properties":{"city":{"type":"string"}}}'); """
+    "repeatable. Tool calls are shown on stderr.",
+)
+@click.option(
+    "--tool-choice",
+    default=None,
+    metavar="auto|none|required|NAME",
+    help="Whether the model may, must not or must call a tool, or which one.",
+)
+@click.option(
+    "--tool-calls",
+    type=click.Choice(["whole", "stream"]),
+    default=None,
+    help="Tool calls held until whole (the gateway's default) or streamed as they come.",
+)
 def chat(
     prompt: str,
     target: str,
@@ -220,13 +262,21 @@ def chat(
     reconnects: int,
     connect_timeout_s: float,
     backoff_base_s: float,
+    tool_specs: tuple[str, ...],
+    tool_choice: str | None,
+    tool_calls: str | None,
 ) -> None:
-    """Stream an answer to PROMPT, printing tokens as they arrive.
+    """Stream an answer to PROMPT, printing tokens as they arrive (the
+    model's reasoning and tool calls go to stderr, beside the answer).
 
     Exit status: 0 a complete answer, 2 a partial one (the gateway gave up
     after some text), 1 no answer."""
     from tokenrelay_client.chat import run_chat
 
+    tools = [_tool_spec(spec) for spec in tool_specs]
+    choice: str | dict[str, str] | None = tool_choice
+    if tool_choice is not None and tool_choice not in ("auto", "none", "required"):
+        choice = {"name": tool_choice}
     metadata: dict[str, str] = {}
     for item in meta:
         key, sep, value = item.partition("=")
@@ -244,9 +294,116 @@ def chat(
                 max_reconnects=reconnects,
                 connect_timeout_s=connect_timeout_s,
                 backoff_base_s=backoff_base_s,
+                tools=tools,
+                tool_choice=choice,
+                tool_calls=tool_calls,
             )
         )
     )
+
+
+def _tool_spec(spec: str) -> dict[str, Any]:
+    """`NAME` or `NAME=SCHEMA` (JSON) from --tool."""
+    name, sep, schema = spec.partition("=")
+    if not name:
+        raise click.BadParameter(f"{spec!r} has no tool name", param_hint="--tool")
+    parameters = None
+    if sep:
+        try:
+            parameters = json.loads(schema)
+        except ValueError as error:
+            raise click.BadParameter(
+                f"the schema of {name!r} is not JSON ({error})", param_hint="--tool"
+            ) from None
+        if not isinstance(parameters, dict):
+            raise click.BadParameter(
+                f"the schema of {name!r} is not a JSON object", param_hint="--tool"
+            )
+    return {"name": name, "parameters": parameters}
+
+
+# --- operators: stats and top (Admin service, issue 11) ------------------------------------
+
+
+def admin_options(function: Any) -> Any:
+    function = click.option(
+        "--admin-token",
+        envvar=env_var("admin_token"),
+        show_envvar=True,
+        default=None,
+        help="The gateway's admin token (sent as authorization: Bearer TOKEN).",
+    )(function)
+    return click.option(
+        "--target",
+        default="127.0.0.1:50051",
+        envvar=env_var("target"),
+        show_envvar=True,
+        show_default=True,
+        help="The gateway's address.",
+    )(function)
+
+
+def require_token(token: str | None) -> str:
+    if not token:
+        raise click.UsageError(
+            "the Admin service needs the gateway's admin token: pass --admin-token or set "
+            f"{env_var('admin_token')}"
+        )
+    return token
+
+
+@main.command()
+@click.option(
+    "--period",
+    type=click.Choice(["hour", "day", "week"]),
+    default="hour",
+    show_default=True,
+    help="The last hour (minute buckets), day (hour buckets) or week (day buckets).",
+)
+@admin_options
+def stats(period: str, target: str, admin_token: str | None) -> None:
+    """Print the gateway's error statistics: one row per error type and code,
+    most frequent first (every replica's, when they share Redis).
+
+    Exit status: 0 printed, 1 the gateway could not be asked."""
+    from rich.console import Console
+
+    from tokenrelay_client.admin import run_stats
+
+    token = require_token(admin_token)
+    sys.exit(asyncio.run(run_stats(target, token, period, Console(width=_width()))))
+
+
+@main.command()
+@admin_options
+@click.option(
+    "--interval-s",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between refreshes.",
+)
+def top(target: str, admin_token: str | None, interval_s: float) -> None:
+    """A live view of one gateway replica: streams, tokens/s, errors/min by
+    code, breakers, recent recovery actions. Refreshes in place on a terminal
+    (Ctrl-C quits); prints one snapshot when stdout is not a terminal."""
+    from rich.console import Console
+
+    from tokenrelay_client.admin import run_top
+
+    token = require_token(admin_token)
+    console = Console() if sys.stdout.isatty() else Console(width=_width())
+    try:
+        sys.exit(asyncio.run(run_top(target, token, console, interval_s=interval_s)))
+    except KeyboardInterrupt:
+        pass
+
+
+def _width() -> int:
+    """Off a terminal rich would wrap at 80 columns; a table row per line reads
+    better in a file or a pipe (COLUMNS still wins)."""
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() else 160
 
 
 def add_tool_commands(group: click.Group) -> None:

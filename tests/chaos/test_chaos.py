@@ -83,3 +83,66 @@ def test_schedules_are_reproducible_from_the_seed() -> None:
     again = [make_scenario(random.Random(5), i) for i in range(20)]
     assert first == again
     assert {s.alias for s in first} <= set(CHAINS)
+
+
+def agent(
+    faults: tuple[str, ...], *, mode: str = "", calls: int = 1, reasoning: int = 0
+) -> Scenario:
+    codes = tuple(frozenset({"X"}) for _ in faults)
+    return Scenario(0, "c1", 20, faults, codes, (True,) * len(faults), None, reasoning, mode, calls)
+
+
+# With a tool the simulator sends 3 text events, then each call: its first
+# event and its argument fragments.
+FIRST_CALL = 3
+
+
+@pytest.mark.parametrize(
+    ("scenario_", "exact_calls", "codes"),
+    [
+        pytest.param(
+            agent((f"reset@{FIRST_CALL + 2}",), mode="whole"),
+            {1},
+            set(),
+            id="whole: a reset inside the arguments is recovered with the call whole",
+        ),
+        pytest.param(
+            agent((f"drop@{FIRST_CALL + 2}",), mode="stream"),
+            set(),
+            {"TOOL_CALL_INTERRUPTED"},
+            id="stream: a break inside the arguments ends interrupted",
+        ),
+        pytest.param(
+            agent(("drop@3",), mode="stream"),
+            {1},
+            set(),
+            id="stream: a break before the first piece of the call is recovered",
+        ),
+        pytest.param(
+            agent(("drop@40",), mode="whole", calls=2),
+            {1},
+            set(),
+            id="whole: a break inside the second call ends the turn with the first",
+        ),
+        pytest.param(
+            agent(("garbage@5",), mode="stream"),
+            set(),
+            {"TOOL_CALL_INTERRUPTED"},
+            id="stream: even a fatal fault inside a streamed call ends interrupted",
+        ),
+    ],
+)
+def test_the_oracle_follows_tool_calls(
+    scenario_: Scenario, exact_calls: set[int], codes: set[str]
+) -> None:
+    prediction = predict(scenario_)
+    assert set(prediction.exact_calls) == exact_calls
+    assert set(prediction.partial_codes) == codes
+
+
+def test_the_oracle_counts_reasoning_events_before_the_text() -> None:
+    # 5 reasoning events, then 20 text events: "eof@24" breaks one token
+    # short of the budget (recovered), "eof@25" after the whole text (exact).
+    prediction = predict(agent(("eof@24", "eof@24", "eof@24"), calls=0, reasoning=5))
+    assert prediction.partial_codes == {"X"}
+    assert predict(agent(("eof@25",), calls=0, reasoning=5)).exact

@@ -85,3 +85,24 @@ async def test_an_observer_that_raises_breaks_nothing() -> None:
     entries = await engine.run_to_end(await engine.start())
     assert not end_of(entries).partial
     assert any(isinstance(e, StreamEnded) for e in seen)  # the next observer still ran
+
+
+async def test_an_observer_that_needs_no_chunk_events_gets_none() -> None:
+    class Lifecycle:
+        observes_chunks = False
+
+        def __init__(self) -> None:
+            self.events: list[EngineEvent] = []
+
+        def __call__(self, event: EngineEvent) -> None:
+            self.events.append(event)
+
+    lifecycle, everything = Lifecycle(), []
+    engine = build_engine(
+        {"m": [("p", [Script(text("a", "b"), finish())])]},
+        observers=[lifecycle, everything.append],
+    )
+    await engine.run_to_end(await engine.start())
+    assert not any(isinstance(e, ChunkStored) for e in lifecycle.events)
+    assert any(isinstance(e, StreamEnded) for e in lifecycle.events)
+    assert [e.seq for e in everything if isinstance(e, ChunkStored)] == [1, 2]

@@ -250,6 +250,49 @@ async def test_retries_spent_fall_back_to_the_next_provider_and_continue() -> No
     ]
 
 
+async def keep_time_by_phase(engine, session) -> list[tuple[str, int]]:
+    """Read the session to its End as a time keeper would: whenever the
+    generation is in "backoff", move the clock to its next timer. Returns
+    each (phase, attempts) seen."""
+    generation = engine.hub.generation(session.stream_id)
+    assert generation is not None
+    reader = asyncio.create_task(engine.read_all(session))
+    seen: list[tuple[str, int]] = []
+    while not reader.done():
+        now = (generation.phase, generation.attempts)
+        if not seen or seen[-1] != now:
+            seen.append(now)
+        due = engine.clock.next_due()
+        if generation.phase == "backoff" and due is not None:
+            engine.clock.advance(due - engine.clock.monotonic())
+        await asyncio.sleep(0)
+    await reader
+    return seen
+
+
+async def test_the_backoff_phase_means_a_timer_and_a_fallback_has_none() -> None:
+    # A time keeper moves a manual clock when the generation is in "backoff".
+    # A fallback (no delay) used to show "backoff" for a loop step too, and
+    # the keeper then moved the clock to whatever timer came next (here the
+    # lease renewal, 3.3 s on).
+    engine = build_engine(
+        {
+            "m": [
+                ("p", [Script(fail(SERVER_ERROR)), Script(fail(RESET))]),
+                ("q", [CLEAN]),
+            ]
+        },
+        timeouts=PATIENT,
+    )
+    started = engine.clock.monotonic()
+    session = await engine.start(policy=RecoveryPolicy(max_retries=1))
+    # p fails, a retry after the 1 s backoff, p fails again, the fallback to q.
+    seen = await keep_time_by_phase(engine, session)
+    assert [phase for phase in seen if phase[0] == "backoff"] == [("backoff", 1)]
+    assert engine.clock.monotonic() - started == 1.0
+    assert [len(engine.providers[name].requests) for name in "pq"] == [2, 1]
+
+
 async def test_a_failure_the_provider_caused_not_opens_no_breaker_for_others() -> None:
     # Issue 8, defect 9: a request the provider rightly refused (400) says
     # nothing about the provider's health.

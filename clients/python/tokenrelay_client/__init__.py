@@ -14,9 +14,12 @@ from .client import (
     RelayClient,
     RelayStream,
     Result,
+    assemble_tool_calls,
     backoff_delay,
+    chunk_record,
     is_transient,
     text_sha256,
+    tool_result,
     verify_assembly,
 )
 from .errors import (
@@ -40,6 +43,9 @@ from .events import (
     Reconnected,
     Reconnecting,
     Started,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
 
@@ -65,9 +71,15 @@ __all__ = [
     "Started",
     "StreamFailed",
     "TokenRelayClientError",
+    "Tool",
+    "ToolCall",
+    "ToolCallDelta",
     "Usage",
+    "assemble_tool_calls",
     "backoff_delay",
+    "chunk_record",
     "is_transient",
     "text_sha256",
+    "tool_result",
     "verify_assembly",
 ]

@@ -7,6 +7,11 @@ reach the same screen or file (a terminal, `2>&1`), a notice that arrives in
 the middle of an answer's line waits for that line to end, so it never
 splits the answer: drop the `[...]` lines and the answer is intact.
 
+The model's reasoning and its tool calls also go to stderr as they arrive:
+reasoning on a `[reasoning]` line, dimmed on a terminal; each tool call on a
+`[tool call NAME]` line with its arguments as they stream in. They wait for
+the answer's line the same way.
+
 Exit codes: 0 a complete, verified answer; 2 a partial answer (the gateway
 gave up after some text; stdout holds what was produced); 1 no answer (the
 gateway gave up before any text, a bad request, the gateway unreachable, a
@@ -18,11 +23,14 @@ from __future__ import annotations
 import io
 import os
 import sys
-from typing import TextIO
+from collections.abc import Mapping, Sequence
+from typing import Any, TextIO
 
-from .client import RelayClient
+from .client import RelayClient, ToolChoiceLike, ToolLike
 from .errors import ReconnectsExhausted, StreamFailed, TokenRelayClientError
 from .events import Chunk, End, ErrorDetail, Notice, Reconnected, Reconnecting
+
+DIM, UNDIM = "\x1b[2m", "\x1b[22m"
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -37,20 +45,34 @@ def _same_destination(out: TextIO, err: TextIO) -> bool:
         return True  # cannot tell (a test's buffers): assume one screen
 
 
+def _wants_color(err: TextIO) -> bool:
+    """Dim reasoning only on a terminal, and never with NO_COLOR set
+    (https://no-color.org)."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    try:
+        return err.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 class _Console:
     """The answer on `out`, everything else on `err`, never mixed in a line."""
 
-    def __init__(self, out: TextIO, err: TextIO) -> None:
+    def __init__(self, out: TextIO, err: TextIO, *, color: bool | None = None) -> None:
         self._out = out
         self._err = err
         self._shared = _same_destination(out, err)
+        self._color = _wants_color(err) if color is None else color
         self._mid_line = False  # the answer's current line has not ended
-        self._held: list[str] = []
+        self._held: list[str] = []  # stderr text waiting for the answer's line to end
+        self._side: str | None = None  # the open stderr run: "reasoning", "tool 0", …
         self.wrote_text = False
 
     def answer(self, text: str) -> None:
         if not text:
             return
+        self._end_side()
         self.wrote_text = True
         if self._held:
             # Let the held lines out where the answer's line ends.
@@ -64,20 +86,42 @@ class _Console:
 
     def line(self, text: str) -> None:
         """One line for stderr: now, or once the answer's line has ended."""
-        if self._shared and self._mid_line:
-            self._held.append(text)
-            return
-        self._err.write(text + "\n")
-        self._err.flush()
+        self._end_side()
+        self._to_err(text + "\n")
+
+    def side(self, key: str, start: str, text: str, *, dim: bool = False) -> None:
+        """Text that streams to stderr beside the answer (reasoning, a tool
+        call's arguments): a run of the same `key` stays on one line, opened
+        with `start`."""
+        if key != self._side:
+            self._end_side()
+            self._side = key
+            text = start + text
+        if dim and self._color and text:
+            text = DIM + text + UNDIM
+        self._to_err(text)
 
     def end_answer(self) -> None:
         """The answer is over: end its line, then let held lines out."""
+        self._end_side()
         if self.wrote_text:
             self._out.write("\n")
             self._out.flush()
             self.wrote_text = False
         self._mid_line = False
         self._release()
+
+    def _end_side(self) -> None:
+        if self._side is not None:
+            self._side = None
+            self._to_err("\n")
+
+    def _to_err(self, text: str) -> None:
+        if self._shared and self._mid_line:
+            self._held.append(text)
+            return
+        self._err.write(text)
+        self._err.flush()
 
     def _write_out(self, text: str) -> None:
         self._out.write(text)
@@ -86,8 +130,7 @@ class _Console:
 
     def _release(self) -> None:
         held, self._held = self._held, []
-        for text in held:
-            self._err.write(text + "\n")
+        self._err.write("".join(held))
         self._err.flush()
 
 
@@ -105,18 +148,24 @@ async def run_chat(
     max_reconnects: int = 3,
     connect_timeout_s: float = 2.0,
     backoff_base_s: float = 1.0,
+    tools: Sequence[ToolLike] = (),
+    tool_choice: ToolChoiceLike | None = None,
+    tool_calls: str | None = None,
     client: RelayClient | None = None,
     out: TextIO | None = None,
     err: TextIO | None = None,
+    color: bool | None = None,
 ) -> int:
     """Stream one answer to `prompt`; return the exit code (see module doc).
 
     `max_reconnects`, `connect_timeout_s` and `backoff_base_s` tune the
-    RelayClient (see there; the defaults are its own). `client`, `out` and
-    `err` are for tests; by default a RelayClient for `target`, stdout and
-    stderr.
+    RelayClient (see there; the defaults are its own). `tools` and
+    `tool_choice` offer the model tools; `tool_calls` ("whole" or "stream")
+    is the policy's tool-call mode. `client`, `out`, `err` and `color` are
+    for tests; by default a RelayClient for `target`, stdout and stderr,
+    dimmed reasoning on a terminal.
     """
-    console = _Console(out or sys.stdout, err or sys.stderr)
+    console = _Console(out or sys.stdout, err or sys.stderr, color=color)
     own_client = client is None
     if client is None:
         client = RelayClient(
@@ -126,12 +175,26 @@ async def run_chat(
             backoff_base_s=backoff_base_s,
         )
     try:
+        policy: Mapping[str, Any] | None = {"tool_calls": tool_calls} if tool_calls else None
         relay_stream = client.stream(
-            model, [("user", prompt)], max_tokens=max_tokens, metadata=metadata
+            model,
+            [("user", prompt)],
+            max_tokens=max_tokens,
+            metadata=metadata,
+            tools=tools,
+            tool_choice=tool_choice,
+            policy=policy,
         )
         end: End | None = None
+        call_names: dict[int, str] = {}
         async for event in relay_stream:
-            if isinstance(event, Chunk):
+            if isinstance(event, Chunk) and event.tool_call is not None:
+                call = event.tool_call
+                name = call_names.setdefault(call.index, call.name or f"#{call.index}")
+                console.side(f"tool {call.index}", f"[tool call {name}] ", call.arguments)
+            elif isinstance(event, Chunk) and event.kind == "reasoning":
+                console.side("reasoning", "[reasoning] ", event.reasoning, dim=True)
+            elif isinstance(event, Chunk):
                 console.answer(event.text)
             elif isinstance(event, Reconnecting):
                 # Before any StreamStarted there was no connection to lose.
@@ -177,9 +240,11 @@ async def run_chat(
         # Nothing was produced: a failure, not a partial answer.
         console.line(f"error: the gateway gave up before any text: {_why(end.error)}")
         return EXIT_FAILED
+    calls = len(relay_stream.tool_calls)
     summary = (
         f"— {end.total_seq} chunks, finish {end.finish_reason!r}, "
-        f"sha256 {end.text_sha256[:12]}… {'verified' if end.verified else 'not verified'}, "
+        + (f"{calls} tool call(s), " if calls else "")
+        + f"sha256 {end.text_sha256[:12]}… {'verified' if end.verified else 'not verified'}, "
         f"{relay_stream.reconnects} reconnect(s)"
     )
     console.line(summary)

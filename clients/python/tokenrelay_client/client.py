@@ -28,7 +28,13 @@ What the client does for you:
 * Delivers every seq exactly once: chunks at or below the last seq (replayed
   after a resume) are dropped and counted; a gap raises `ProtocolViolation`.
 * Verifies the end: the text it assembled must hash to `StreamEnd.text_sha256`
-  and its last seq must equal `total_seq`, or `DigestMismatch` is raised.
+  and its last seq must equal `total_seq`, and, when the server sends
+  `chunks_sha256`, every chunk it received (text, reasoning, tool calls) must
+  hash to it; otherwise `DigestMismatch` is raised.
+* Assembles agent turns: `text` (answer text), `reasoning`, and `tool_calls`
+  (each call's pieces joined by index), on the stream and in `Result`;
+  `Result.assistant_message()` and `tool_result()` make the messages that
+  send an agent loop's results back.
 
 Statuses that a reconnect cannot fix (INVALID_ARGUMENT, PERMISSION_DENIED,
 NOT_FOUND, RESOURCE_EXHAUSTED, …) raise `StreamFailed` / `ResumeRejected` at
@@ -44,7 +50,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import random
+import struct
 import uuid
 from collections.abc import (
     AsyncGenerator,
@@ -56,7 +64,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias, TypeVar, cast
 
 import grpc
 import grpc.aio
@@ -86,11 +94,18 @@ from .events import (
     Reconnected,
     Reconnecting,
     Started,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
 
 Sleep = Callable[[float], Awaitable[None]]
-MessageLike = tuple[str, str] | Mapping[str, str]
+# (role, content), or {"role", "content", "tool_calls": [ToolCall | {"id",
+# "name", "arguments"}], "tool_call_id"}.
+MessageLike = tuple[str, str] | Mapping[str, Any]
+ToolLike = Tool | Mapping[str, Any]
+ToolChoiceLike = str | Mapping[str, str]
 ChannelOptions = Sequence[tuple[str, Any]]
 _Call: TypeAlias = "grpc.aio.StreamStreamCall[relay_pb2.StreamRequest, relay_pb2.StreamEvent]"
 
@@ -175,6 +190,50 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+_U32 = struct.Struct(">I")
+
+
+def _sized(value: str) -> bytes:
+    data = value.encode("utf-8")
+    return _U32.pack(len(data)) + data
+
+
+def chunk_record(chunk: Chunk) -> bytes:
+    """The bytes StreamEnd.chunks_sha256 takes for one chunk (relay.proto):
+    "T" or "R", then the length and UTF-8 of the text or reasoning; for a
+    tool call "C", its index, then the length and UTF-8 of its id, name and
+    arguments (index and lengths as 4-byte big-endian unsigned integers)."""
+    call = chunk.tool_call
+    if call is not None:
+        return (
+            b"C"
+            + _U32.pack(call.index)
+            + _sized(call.id)
+            + _sized(call.name)
+            + _sized(call.arguments)
+        )
+    if chunk.kind == "reasoning":
+        return b"R" + _sized(chunk.reasoning)
+    return b"T" + _sized(chunk.text)
+
+
+def assemble_tool_calls(pieces: Iterable[ToolCallDelta]) -> tuple[ToolCall, ...]:
+    """Tool calls from their pieces in seq order: by index, the first id and
+    name given, the arguments joined."""
+    calls: dict[int, list[str]] = {}
+    for piece in pieces:
+        call = calls.setdefault(piece.index, ["", "", ""])
+        call[0] = call[0] or piece.id
+        call[1] = call[1] or piece.name
+        call[2] += piece.arguments
+    return tuple(ToolCall(c[0], c[1], c[2]) for _, c in sorted(calls.items()))
+
+
+def tool_result(tool_call_id: str, content: str) -> dict[str, str]:
+    """The message that answers a tool call (role "tool")."""
+    return {"role": "tool", "content": content, "tool_call_id": tool_call_id}
+
+
 def verify_assembly(text: str, last_seq: int, *, total_seq: int, expected_sha256: str) -> None:
     """Raise DigestMismatch unless (text, last_seq) is what StreamEnd describes."""
     actual = text_sha256(text)
@@ -210,11 +269,18 @@ class Result:
     reconnects: int
     duplicates_dropped: int
     notices: tuple[Notice, ...]
+    reasoning: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
 
     @property
     def partial(self) -> bool:
         """True when the gateway gave up: `text` is all there is, `end.error` says why."""
         return self.end.partial
+
+    def assistant_message(self) -> dict[str, Any]:
+        """This answer as the assistant message of the conversation's next
+        request: its text and its tool calls (answer each with `tool_result`)."""
+        return {"role": "assistant", "content": self.text, "tool_calls": list(self.tool_calls)}
 
 
 class _Transient(Exception):
@@ -243,6 +309,10 @@ class RelayClient:
     channel_options: extra grpc channel options, applied after our defaults.
     credentials: TLS credentials; None means a plaintext channel.
     call_metadata: gRPC metadata sent with every call (e.g. authorization).
+    interceptors: grpc.aio client interceptors of the channel, e.g.
+        `tokenrelay_client.tracing.tracing_interceptors()` (OpenTelemetry: a
+        CLIENT span per call and the W3C trace context in its metadata, so
+        the gateway's spans join the caller's trace).
     """
 
     def __init__(
@@ -259,6 +329,7 @@ class RelayClient:
         channel_options: ChannelOptions | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         call_metadata: Sequence[tuple[str, str]] | None = None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
     ) -> None:
         if max_reconnects < 0:
             raise ValueError("max_reconnects must be 0 or more")
@@ -279,8 +350,9 @@ class RelayClient:
         self._channel_options = (*_DEFAULT_CHANNEL_OPTIONS, *(channel_options or ()))
         self._credentials = credentials
         self._call_metadata = tuple(call_metadata or ())
+        self._interceptors = list(interceptors or ())
         self._channel: grpc.aio.Channel | None = None
-        self._stub: relay_pb2_grpc.RelayStub | None = None
+        self._stub: relay_pb2_grpc.RelayAsyncStub | None = None
 
     async def __aenter__(self) -> RelayClient:
         self._ensure_channel()
@@ -305,16 +377,23 @@ class RelayClient:
         top_p: float | None = None,
         stop: Sequence[str] = (),
         idempotency_key: str | None = None,
-        policy: Mapping[str, int | bool] | None = None,
+        policy: Mapping[str, int | bool | str] | None = None,
         metadata: Mapping[str, str] | None = None,
+        tools: Sequence[ToolLike] = (),
+        tool_choice: ToolChoiceLike | None = None,
     ) -> RelayStream:
         """Start a generation; iterate the result for its events.
 
-        messages: (role, content) tuples or {"role": …, "content": …} dicts.
+        messages: (role, content) tuples or dicts {"role", "content"} (an
+            assistant's may have "tool_calls": ToolCall or {"id", "name",
+            "arguments"} items; a "tool" message has "tool_call_id": see
+            `Result.assistant_message` and `tool_result`).
         policy: overrides of the recovery policy, keys as in the proto's
             RecoveryPolicy (max_retries, allow_fallback, allow_partial,
-            checkpoint_interval).
+            checkpoint_interval, tool_calls: "whole" or "stream").
         metadata: StartGeneration.metadata (e.g. {"sim.pace_ms": "20"}).
+        tools: Tool or {"name", "description", "parameters"} items.
+        tool_choice: "auto", "none", "required", or {"name": TOOL} for one tool.
         idempotency_key: generated (uuid4) when not given; a retried start
             reuses it, so the server never runs the generation twice.
         """
@@ -325,7 +404,10 @@ class RelayClient:
             params=_to_params(max_tokens, temperature, top_p, stop),
             idempotency_key=key,
             metadata=dict(metadata or {}),
+            tools=[_to_tool(tool) for tool in tools],
         )
+        if tool_choice is not None:
+            start.tool_choice.CopyFrom(_to_tool_choice(tool_choice))
         if policy:
             start.policy.CopyFrom(_to_policy(policy))
         return RelayStream(self, start=start)
@@ -362,13 +444,15 @@ class RelayClient:
         top_p: float | None = None,
         stop: Sequence[str] = (),
         idempotency_key: str | None = None,
-        policy: Mapping[str, int | bool] | None = None,
+        policy: Mapping[str, int | bool | str] | None = None,
         metadata: Mapping[str, str] | None = None,
         strict: bool = False,
+        tools: Sequence[ToolLike] = (),
+        tool_choice: ToolChoiceLike | None = None,
     ) -> Result:
-        """Run a whole generation and return its verified text. A partial
-        answer is a `Result` with `partial` true, or, with `strict=True`, a
-        `PartialAnswer` exception carrying that result."""
+        """Run a whole generation and return its verified text, reasoning and
+        tool calls. A partial answer is a `Result` with `partial` true, or,
+        with `strict=True`, a `PartialAnswer` exception carrying that result."""
         relay_stream = self.stream(
             model,
             messages,
@@ -379,6 +463,8 @@ class RelayClient:
             idempotency_key=idempotency_key,
             policy=policy,
             metadata=metadata,
+            tools=tools,
+            tool_choice=tool_choice,
         )
         result = await relay_stream.collect()
         if strict and result.partial:
@@ -393,15 +479,20 @@ class RelayClient:
 
     # -- used by RelayStream ---------------------------------------------------
 
-    def _ensure_channel(self) -> relay_pb2_grpc.RelayStub:
+    def _ensure_channel(self) -> relay_pb2_grpc.RelayAsyncStub:
         if self._stub is None:
             if self._credentials is None:
                 self._channel = grpc.aio.insecure_channel(
-                    self.target, options=self._channel_options
+                    self.target,
+                    options=self._channel_options,
+                    interceptors=self._interceptors or None,
                 )
             else:
                 self._channel = grpc.aio.secure_channel(
-                    self.target, self._credentials, options=self._channel_options
+                    self.target,
+                    self._credentials,
+                    options=self._channel_options,
+                    interceptors=self._interceptors or None,
                 )
             self._stub = relay_pb2_grpc.RelayStub(self._channel)
         return self._stub
@@ -464,6 +555,11 @@ class RelayStream:
         # digest cannot be checked.
         self._verifiable = text_so_far is not None
         self._pieces: list[str] = [text_so_far] if text_so_far else []
+        self._reasoning: list[str] = []
+        self._tool_pieces: list[ToolCallDelta] = []
+        # chunks_sha256 can be checked only over every chunk from seq 1.
+        self._chunks_digest = hashlib.sha256()
+        self._chunks_verifiable = last_seq == 0
         self._last_checkpoint_seq = last_seq
         # Notices received since the last new chunk: a resume from last_seq
         # replays them, and the caller has already seen them.
@@ -482,10 +578,21 @@ class RelayStream:
 
     @property
     def text(self) -> str:
-        """The text assembled so far (chunks 1..last_seq, when known)."""
+        """The answer text assembled so far (chunks 1..last_seq, when known)."""
         if len(self._pieces) > 1:
             self._pieces = ["".join(self._pieces)]
         return self._pieces[0] if self._pieces else ""
+
+    @property
+    def reasoning(self) -> str:
+        """The reasoning received on this stream object, joined."""
+        return "".join(self._reasoning)
+
+    @property
+    def tool_calls(self) -> tuple[ToolCall, ...]:
+        """The tool calls received on this stream object, each assembled from
+        its pieces (a call still being streamed may be incomplete)."""
+        return assemble_tool_calls(self._tool_pieces)
 
     def partial(self) -> PartialStream:
         return PartialStream(
@@ -493,6 +600,8 @@ class RelayStream:
             resume_token=self.resume_token,
             last_seq=self.last_seq,
             text=self.text,
+            reasoning=self.reasoning,
+            tool_calls=self.tool_calls,
         )
 
     def __aiter__(self) -> AsyncIterator[Event]:
@@ -539,6 +648,8 @@ class RelayStream:
             reconnects=self.reconnects,
             duplicates_dropped=self.duplicates_dropped,
             notices=tuple(self.notices),
+            reasoning=self.reasoning,
+            tool_calls=self.tool_calls,
         )
 
     # -- the reconnect loop ----------------------------------------------------------
@@ -727,9 +838,30 @@ class RelayStream:
                 f"{chunk.seq - self.last_seq - 1} chunk(s) missing"
             )
         self.last_seq = chunk.seq
-        self._pieces.append(chunk.text)
         self._notices_since_chunk.clear()
-        return Chunk(seq=chunk.seq, text=chunk.text, provider=chunk.provider, attempt=chunk.attempt)
+        content = chunk.WhichOneof("content")
+        if content == "tool_call":
+            call = chunk.tool_call
+            delta = ToolCallDelta(call.index, call.id, call.name, call.arguments)
+            self._tool_pieces.append(delta)
+            event = Chunk(
+                chunk.seq, "", chunk.provider, chunk.attempt, tool_call=delta, kind="tool_call"
+            )
+        elif content == "reasoning":
+            self._reasoning.append(chunk.reasoning)
+            event = Chunk(
+                chunk.seq,
+                "",
+                chunk.provider,
+                chunk.attempt,
+                reasoning=chunk.reasoning,
+                kind="reasoning",
+            )
+        else:  # text (or a server from before the oneof: text is all there was)
+            self._pieces.append(chunk.text)
+            event = Chunk(chunk.seq, chunk.text, chunk.provider, chunk.attempt)
+        self._chunks_digest.update(chunk_record(event))
+        return event
 
     def _on_checkpoint(self, checkpoint: relay_pb2.Checkpoint) -> Checkpoint | None:
         if checkpoint.resume_token:
@@ -753,6 +885,7 @@ class RelayStream:
             failure.text_sha256,
             verify=self._verifiable and bool(failure.text_sha256),
             partial=self.partial(),
+            chunks_sha256=failure.chunks_sha256,
         )
 
     def _check_assembly(
@@ -762,14 +895,30 @@ class RelayStream:
         *,
         verify: bool,
         partial: PartialStream | None = None,
+        chunks_sha256: str = "",
     ) -> None:
         """The chunks we hold are the server's 1..total_seq: by digest when we
-        saw them all (`verify`), else at least by count."""
+        saw them all (`verify`), else at least by count; and every chunk by
+        chunks_sha256 when the server sent it and we saw them all."""
         if verify:
             verify_assembly(
                 self.text, self.last_seq, total_seq=total_seq, expected_sha256=text_sha256
             )
-        elif total_seq != self.last_seq:
+        if self._checks_chunks(chunks_sha256):
+            actual = self._chunks_digest.hexdigest()
+            if actual != chunks_sha256.lower():
+                raise DigestMismatch(
+                    f"the chunks do not match the stream: sha256 of the {self.last_seq} chunk(s) "
+                    f"received is {actual}, the server says {chunks_sha256}",
+                    expected_sha256=text_sha256,
+                    actual_sha256="",
+                    expected_total_seq=total_seq,
+                    actual_last_seq=self.last_seq,
+                    partial=partial,
+                    expected_chunks_sha256=chunks_sha256,
+                    actual_chunks_sha256=actual,
+                )
+        if not verify and total_seq != self.last_seq:
             raise DigestMismatch(
                 f"the client holds chunks up to {self.last_seq}, the server sent 1..{total_seq}",
                 expected_sha256=text_sha256,
@@ -779,8 +928,16 @@ class RelayStream:
                 partial=partial,
             )
 
+    def _checks_chunks(self, chunks_sha256: str) -> bool:
+        return bool(chunks_sha256) and self._chunks_verifiable
+
     def _on_end(self, end: relay_pb2.StreamEnd) -> End:
-        self._check_assembly(end.total_seq, end.text_sha256, verify=self._verifiable)
+        self._check_assembly(
+            end.total_seq,
+            end.text_sha256,
+            verify=self._verifiable,
+            chunks_sha256=end.chunks_sha256,
+        )
         self.end = End(
             finish_reason=end.finish_reason,
             partial=end.partial,
@@ -792,6 +949,8 @@ class RelayStream:
             total_seq=end.total_seq,
             text_sha256=end.text_sha256,
             verified=self._verifiable,
+            chunks_sha256=end.chunks_sha256,
+            chunks_verified=self._checks_chunks(end.chunks_sha256),
         )
         return self.end
 
@@ -839,29 +998,38 @@ def _generation_failed(
         if detail.Is(relay_pb2.StreamError.DESCRIPTOR):
             error = relay_pb2.StreamError()
             detail.Unpack(error)
-        elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
+        else:
+            # Unpack checks the type itself and says whether it matched. (The
+            # googleapis stubs type ErrorInfo.DESCRIPTOR as Message's, which
+            # types-protobuf's Any.Is does not accept.)
+            candidate = error_details_pb2.ErrorInfo()
+            if detail.Unpack(candidate):
+                info = candidate
     if error is None:
         return None
     total_seq: int | None = None
-    text_sha256 = ""
+    text_sha256 = chunks_sha256 = ""
     if info is not None:
         raw_total = info.metadata.get("total_seq", "")
         total_seq = int(raw_total) if raw_total.isascii() and raw_total.isdigit() else None
         text_sha256 = info.metadata.get("text_sha256", "")
+        chunks_sha256 = info.metadata.get("chunks_sha256", "")
     return GenerationFailed(
         code,
         details,
         error=_to_error_detail(error),
         total_seq=total_seq,
         text_sha256=text_sha256,
+        chunks_sha256=chunks_sha256,
     )
 
 
 def _rich_status(exc: grpc.aio.AioRpcError) -> status_pb2.Status | None:
     try:
-        status: status_pb2.Status | None = rpc_status.from_call(exc)
+        # cast: from_call reads only code(), details() and trailing_metadata(),
+        # which AioRpcError has with grpc.Call's synchronous signatures; the
+        # stubs (types-grpcio-status) accept only grpc.Call.
+        status: status_pb2.Status | None = rpc_status.from_call(cast("grpc.Call", exc))
     except ValueError:  # details that contradict the status: ignore them
         return None
     return status
@@ -889,6 +1057,7 @@ async def _write(
         details = await call.details()
         if code == grpc.StatusCode.OK:
             raise _Transient("the call ended before the request was sent") from None
+        rich: status_pb2.Status | None
         try:
             rich = await rpc_status.aio.from_call(call)
         except ValueError:
@@ -937,10 +1106,55 @@ def _to_message(message: MessageLike) -> relay_pb2.Message:
         role, content = message
         return relay_pb2.Message(role=role, content=content)
     if isinstance(message, Mapping):
-        return relay_pb2.Message(role=message["role"], content=message["content"])
+        return relay_pb2.Message(
+            role=message["role"],
+            content=message.get("content") or "",
+            tool_calls=[_to_tool_call(call) for call in message.get("tool_calls") or ()],
+            tool_call_id=message.get("tool_call_id") or "",
+        )
     raise TypeError(
         f"a message must be a (role, content) tuple or a dict, got {type(message).__name__}"
     )
+
+
+def _to_tool_call(call: ToolCall | Mapping[str, str]) -> relay_pb2.ToolCall:
+    if isinstance(call, ToolCall):
+        return relay_pb2.ToolCall(id=call.id, name=call.name, arguments_json=call.arguments)
+    if isinstance(call, Mapping):
+        return relay_pb2.ToolCall(
+            id=call["id"], name=call["name"], arguments_json=call.get("arguments") or "{}"
+        )
+    raise TypeError(f"a tool call must be a ToolCall or a dict, got {type(call).__name__}")
+
+
+def _to_tool(tool: ToolLike) -> relay_pb2.Tool:
+    if isinstance(tool, Mapping):
+        tool = Tool(tool["name"], tool.get("description") or "", tool.get("parameters"))
+    if not isinstance(tool, Tool):
+        raise TypeError(f"a tool must be a Tool or a dict, got {type(tool).__name__}")
+    return relay_pb2.Tool(
+        name=tool.name,
+        description=tool.description,
+        parameters_json="" if tool.parameters is None else json.dumps(tool.parameters),
+    )
+
+
+_TOOL_CHOICE_MODES = {
+    "auto": relay_pb2.TOOL_CHOICE_MODE_AUTO,
+    "none": relay_pb2.TOOL_CHOICE_MODE_NONE,
+    "required": relay_pb2.TOOL_CHOICE_MODE_REQUIRED,
+}
+
+
+def _to_tool_choice(choice: ToolChoiceLike) -> relay_pb2.ToolChoice:
+    if isinstance(choice, Mapping):
+        return relay_pb2.ToolChoice(tool_name=choice["name"])
+    if choice not in _TOOL_CHOICE_MODES:
+        raise ValueError(
+            f"tool_choice {choice!r} is not one of {sorted(_TOOL_CHOICE_MODES)}; "
+            'name one tool with {"name": TOOL}'
+        )
+    return relay_pb2.ToolChoice(mode=_TOOL_CHOICE_MODES[choice])
 
 
 def _to_params(
@@ -961,23 +1175,52 @@ def _to_params(
     return params
 
 
-_POLICY_FIELDS = ("max_retries", "allow_fallback", "allow_partial", "checkpoint_interval")
+_POLICY_FIELDS = (
+    "max_retries",
+    "allow_fallback",
+    "allow_partial",
+    "checkpoint_interval",
+    "tool_calls",
+)
+_TOOL_CALL_MODES = {
+    "whole": relay_pb2.TOOL_CALL_MODE_WHOLE,
+    "stream": relay_pb2.TOOL_CALL_MODE_STREAM,
+}
 
 
-def _to_policy(policy: Mapping[str, int | bool]) -> relay_pb2.RecoveryPolicy:
+def _to_policy(policy: Mapping[str, int | bool | str]) -> relay_pb2.RecoveryPolicy:
     unknown = set(policy) - set(_POLICY_FIELDS)
     if unknown:
         raise ValueError(
             f"unknown recovery policy field(s) {sorted(unknown)}; known: {list(_POLICY_FIELDS)}"
         )
-    return relay_pb2.RecoveryPolicy(**policy)  # type: ignore[arg-type]
+    fields = dict(policy)
+    if "tool_calls" in fields:
+        mode = fields["tool_calls"]
+        if mode not in _TOOL_CALL_MODES:
+            raise ValueError(f'policy tool_calls {mode!r} is not "whole" or "stream"')
+        fields["tool_calls"] = _TOOL_CALL_MODES[str(mode)]
+    # The keys were checked just above; protobuf checks each value at run time
+    # (a TypeError naming the field). mypy cannot match a mapping's keys to
+    # the constructor's keywords, and bool, int and enum values share one mapping.
+    return relay_pb2.RecoveryPolicy(**fields)  # type: ignore[arg-type]
 
 
-def _enum_name(value: int, prefix: str, enum: Any) -> str:
+_V = TypeVar("_V", bound=int)
+_V_contra = TypeVar("_V_contra", bound=int, contravariant=True)
+
+
+class _ProtoEnum(Protocol[_V_contra]):
+    """A generated proto enum (relay_pb2.ErrorType, ...): its Name lookup."""
+
+    def Name(self, number: _V_contra, /) -> str: ...
+
+
+def _enum_name(value: _V, prefix: str, enum: _ProtoEnum[_V]) -> str:
     if value == 0:
         return ""
     try:
-        name: str = enum.Name(value)
+        name = enum.Name(value)
     except ValueError:
         return str(value)
     return name.removeprefix(prefix).lower()
@@ -1012,8 +1255,11 @@ __all__ = [
     "RelayClient",
     "RelayStream",
     "Result",
+    "assemble_tool_calls",
     "backoff_delay",
+    "chunk_record",
     "is_transient",
     "text_sha256",
+    "tool_result",
     "verify_assembly",
 ]

@@ -23,17 +23,20 @@ from dataclasses import dataclass
 
 import grpc
 
-from .events import ErrorDetail
+from .events import ErrorDetail, ToolCall
 
 
 @dataclass(frozen=True, slots=True)
 class PartialStream:
-    """What a stream had delivered when it failed."""
+    """What a stream had delivered when it failed: the answer text, the
+    reasoning and the tool calls (a call cut while streamed is incomplete)."""
 
     stream_id: str
     resume_token: str
     last_seq: int
     text: str
+    reasoning: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 class TokenRelayClientError(Exception):
@@ -92,12 +95,14 @@ class GenerationFailed(StreamFailed):
         total_seq: int | None = None,
         text_sha256: str = "",
         partial: PartialStream | None = None,
+        chunks_sha256: str = "",
     ) -> None:
         super().__init__(code, details, partial=partial)
         self.error = error
         # What the server says it delivered (None when it did not say).
         self.total_seq = total_seq
         self.text_sha256 = text_sha256
+        self.chunks_sha256 = chunks_sha256
 
 
 class ReconnectsExhausted(TokenRelayClientError):
@@ -121,8 +126,9 @@ class ReconnectsExhausted(TokenRelayClientError):
 
 class DigestMismatch(TokenRelayClientError):
     """The text assembled from the chunks does not match the server's
-    `text_sha256` (or the chunk count differs from `total_seq`). Do not trust
-    the text; report the bug and start again."""
+    `text_sha256`, the chunks received do not match its `chunks_sha256`
+    (then `expected_chunks_sha256` is set), or the chunk count differs from
+    `total_seq`. Do not trust the answer; report the bug and start again."""
 
     def __init__(
         self,
@@ -133,12 +139,16 @@ class DigestMismatch(TokenRelayClientError):
         expected_total_seq: int,
         actual_last_seq: int,
         partial: PartialStream | None = None,
+        expected_chunks_sha256: str = "",
+        actual_chunks_sha256: str = "",
     ) -> None:
         super().__init__(message, partial=partial)
         self.expected_sha256 = expected_sha256
         self.actual_sha256 = actual_sha256
         self.expected_total_seq = expected_total_seq
         self.actual_last_seq = actual_last_seq
+        self.expected_chunks_sha256 = expected_chunks_sha256
+        self.actual_chunks_sha256 = actual_chunks_sha256
 
 
 class PartialAnswer(TokenRelayClientError):

@@ -3,7 +3,8 @@
 Server events, in the order a stream produces them:
 
     Started      the call is attached (first event; again after each reconnect)
-    Chunk        a piece of the answer; seq 1, 2, 3, … exactly once, no gaps
+    Chunk        a piece of the answer: text, reasoning, or a piece of a tool call;
+                 seq 1, 2, 3, … exactly once, no gaps, over every kind
     Checkpoint   everything up to seq is stored on the server; a fresh resume token
     Notice       a non-fatal StreamError: the gateway is recovering, the stream goes on
     End          the last event; the client has already checked the digest
@@ -16,7 +17,9 @@ Client-side events, only when the connection breaks:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any, Literal
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,11 +33,56 @@ class Started:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of a tool call, as the server sent it. The pieces of one call
+    share `index`; the first carries its `id` and `name`; joining `arguments`
+    in seq order gives the arguments JSON. With policy tool_calls "whole"
+    (the default) each call is one piece with all of it."""
+
+    index: int
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A complete tool call: assembled from its pieces (`Result.tool_calls`),
+    or one to send back as an assistant message's call."""
+
+    id: str
+    name: str
+    arguments: str  # the arguments, a JSON object as text
+
+    def parsed_arguments(self) -> Any:
+        """The arguments as Python values (json.loads)."""
+        return json.loads(self.arguments)
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    """A tool the model may call: its name, what it does, and the JSON
+    Schema of its arguments (a dict; None: no arguments)."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] | None = None
+
+
+ChunkKind = Literal["text", "reasoning", "tool_call"]
+
+
+@dataclass(frozen=True, slots=True)
 class Chunk:
     seq: int
+    # Answer text; "" for a reasoning chunk or a piece of a tool call, so code
+    # that prints every chunk's text prints the answer and nothing else.
     text: str
     provider: str
     attempt: int
+    reasoning: str = ""  # the model's reasoning ("thinking"), when that is the chunk
+    tool_call: ToolCallDelta | None = None  # a piece of a tool call, when that is the chunk
+    kind: ChunkKind = "text"  # which of the three the chunk is
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +144,12 @@ class End:
     # False only for `RelayClient.resume(..., text_so_far=None)` from a seq > 0,
     # where the client never saw the beginning of the text.
     verified: bool
+    # Hex SHA-256 of every chunk (text, reasoning, tool calls); "" from a
+    # server that does not send it.
+    chunks_sha256: str = ""
+    # True when the client checked chunks_sha256 against every chunk it got
+    # (it saw them all from seq 1 and the server sent the digest).
+    chunks_verified: bool = False
 
 
 @dataclass(frozen=True, slots=True)

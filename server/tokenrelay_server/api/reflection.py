@@ -14,7 +14,8 @@ field by field, which is what makes the re-reading sound.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from typing import cast
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -50,7 +51,14 @@ class ReflectionV1Servicer(v1_pb2_grpc.ServerReflectionServicer):
             async for request in request_iterator:
                 yield v1alpha_pb2.ServerReflectionRequest.FromString(request.SerializeToString())
 
-        async for response in self._v1alpha.ServerReflectionInfo(as_v1alpha(), context):
+        # cast: types-grpcio-reflection declares this method `async def ... ->
+        # AsyncIterable`, which reads as a coroutine; it is an async generator
+        # (grpc_reflection/v1alpha/_async.py), so the call is the iterable itself.
+        responses = cast(
+            "AsyncIterable[v1alpha_pb2.ServerReflectionResponse]",
+            self._v1alpha.ServerReflectionInfo(as_v1alpha(), context),
+        )
+        async for response in responses:
             yield v1_pb2.ServerReflectionResponse.FromString(response.SerializeToString())
 
 
@@ -62,7 +70,8 @@ def enable_server_reflection(
     """Serve reflection v1 and v1alpha on `server`. Both list `service_names`
     plus the two reflection services themselves."""
     names = tuple(dict.fromkeys((*service_names, *REFLECTION_SERVICES)))
-    v1alpha_pb2_grpc.add_ServerReflectionServicer_to_server(
+    # types-grpcio-reflection leaves this generated function unannotated.
+    v1alpha_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
         reflection_v1alpha.aio.ReflectionServicer(names, pool=pool), server
     )
     v1_pb2_grpc.add_ServerReflectionServicer_to_server(ReflectionV1Servicer(names, pool), server)

@@ -2,7 +2,18 @@
 
 `RelayServer.start(settings)` is what the CLI, the demo, the benchmark and the
 tests all use: a real grpc.aio server on a real port, with health checking
-(SERVING when ready, NOT_SERVING while draining) and server reflection.
+(SERVING when ready, NOT_SERVING while draining or while the store is
+unreachable) and server reflection.
+
+Observability (issue 11), each only when asked for:
+- `metrics_port`: Prometheus /metrics (obs/metrics.py) on `metrics_host`;
+- `admin_token`: the `tokenrelay.v1.Admin` service (api/admin.py);
+- `admin_token`, or the Redis store (whose statistics every replica's Admin
+  reads): every classified upstream error recorded for the error statistics
+  (obs/error_recorder.py);
+- always: one warning when a breaker opens (obs/breaker_log.py, a breaker
+  listener).
+With none of these the hub has no observer and the engine builds no event.
 """
 
 from __future__ import annotations
@@ -12,12 +23,14 @@ import contextlib
 import os
 import random
 import secrets
+import uuid
 from collections.abc import Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from tokenrelay.v1 import relay_pb2, relay_pb2_grpc
+from tokenrelay.v1 import admin_pb2_grpc, relay_pb2, relay_pb2_grpc
+from tokenrelay_server.api.admin import ADMIN_SERVICE, AdminServicer
 from tokenrelay_server.api.reflection import enable_server_reflection
 from tokenrelay_server.api.servicer import RelayServicer
 from tokenrelay_server.api.tokens import ResumeTokens
@@ -33,7 +46,14 @@ from tokenrelay_server.engine.recovery_loop import Recovery
 from tokenrelay_server.engine.resources import resident_bytes
 from tokenrelay_server.engine.routing import Route, Router
 from tokenrelay_server.engine.selection import UpstreamHealth
-from tokenrelay_server.store.base import StreamStore
+from tokenrelay_server.obs.breaker_log import warn_on_breaker_open
+from tokenrelay_server.obs.error_recorder import ErrorRecorder
+from tokenrelay_server.obs.live import LiveStats
+from tokenrelay_server.obs.logs import StreamLog
+from tokenrelay_server.obs.metrics import Metrics, MetricsEndpoint
+from tokenrelay_server.obs.tracing import Tracing, span_exporter
+from tokenrelay_server.store.base import ObservableStore, StreamStore
+from tokenrelay_server.store.error_stats import ErrorStats, MemoryErrorStats
 from tokenrelay_server.store.memory import MemoryStore
 from tokenrelay_server.upstream.base import Provider
 from tokenrelay_server.upstream.build import build_providers
@@ -95,14 +115,17 @@ def build_recovery(
     rng: random.Random | None = None,
     *,
     observe: Observers | None = None,
+    listeners: tuple[BreakerListener, ...] = (),
 ) -> Recovery:
     """The shared recovery context: one UpstreamHealth (breakers, budgets,
     scores) per replica, the policy, the clock and the jitter source. Breaker
-    changes go to `observe` as BreakerChanged events."""
-    listeners: tuple[BreakerListener, ...] = ()
-    if observe is not None:
+    changes go to `listeners` and to `observe` as BreakerChanged events."""
+    if observe:
         events = observe
-        listeners = (lambda change: events(BreakerChanged(change, clock.monotonic())),)
+        listeners = (
+            *listeners,
+            lambda change: events(BreakerChanged(change, clock.monotonic())),
+        )
     return Recovery(
         health=UpstreamHealth(
             clock=clock,
@@ -146,6 +169,18 @@ def build_store(settings: Settings, clock: Clock) -> StreamStore:
     return MemoryStore(retention_s=settings.retention_s, clock=clock)
 
 
+def build_error_stats(settings: Settings, clock: Clock) -> ErrorStats:
+    """Where the error statistics go: beside the stream log (Redis: shared by
+    every replica, under the same prefix), or in memory."""
+    if settings.store == "redis":
+        from tokenrelay_server.store.error_stats_redis import RedisErrorStats
+
+        return RedisErrorStats.from_url(
+            settings.redis_url, prefix=settings.redis_prefix, clock=clock
+        )
+    return MemoryErrorStats(clock=clock)
+
+
 class RelayServer:
     """A running gateway."""
 
@@ -161,17 +196,65 @@ class RelayServer:
         port: int,
         owns_store: bool,
         guard: asyncio.Task[None] | None = None,
+        tracing: Tracing | None = None,
+        recorder: ErrorRecorder | None,
+        live: LiveStats | None = None,
+        metrics: Metrics | None = None,
+        metrics_endpoint: MetricsEndpoint | None = None,
     ) -> None:
         self.settings = settings
         self.hub = hub
         self.tokens = tokens
         self.port = port
+        self.recorder = recorder
+        self.live = live
+        self.metrics = metrics
+        self._metrics_endpoint = metrics_endpoint
         self._server = server
         self._health = health_servicer
         self._providers = providers
         self._owns_store = owns_store
         self._guard = guard
+        self.tracing = tracing  # None with --otel-exporter none
         self._stopped = False
+        self._store_available = True
+
+    @property
+    def error_stats(self) -> ErrorStats | None:
+        """Where this replica records errors (None: it does not)."""
+        return None if self.recorder is None else self.recorder.stats
+
+    @property
+    def metrics_port(self) -> int | None:
+        """Where /metrics is served (None: not served)."""
+        return None if self._metrics_endpoint is None else self._metrics_endpoint.port
+
+    @property
+    def metrics_url(self) -> str | None:
+        if self._metrics_endpoint is None:
+            return None
+        host = self.settings.metrics_host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"http://{host}:{self._metrics_endpoint.port}/metrics"
+
+    async def set_store_available(self, available: bool) -> None:
+        """What the store's health probe reports: while the store cannot be
+        reached, health is NOT_SERVING (load balancers send new streams
+        elsewhere) and tokenrelay_store_up is 0 (the TokenrelayStoreUnavailable
+        alert); SERVING and 1 again when it answers. Draining wins."""
+        self._store_available = available
+        if self.metrics is not None:
+            self.metrics.set_store_available(available)
+        if self._stopped or self.hub.draining:
+            return
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if available
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", RELAY_SERVICE):
+            await self._health.set(service, status)
 
     @property
     def address(self) -> str:
@@ -191,24 +274,57 @@ class RelayServer:
         observers: Sequence[Observer] = (),
     ) -> RelayServer:
         """Assemble and start a gateway. `observers` get every engine event
-        (engine/events.py): metrics, traces, logs, error statistics."""
+        (engine/events.py) after the gateway's own: the tracer (when
+        `otel_exporter` is not "none"), the lifecycle log lines, live stats,
+        metrics and the error statistics recorder (when asked for)."""
         settings = settings or Settings()
-        observe = Observers(observers)
+        replica_id = uuid.uuid4().hex[:12]
+        tracing = (
+            Tracing(span_exporter(settings.otel_exporter), replica_id=replica_id)
+            if settings.otel_exporter != "none"
+            else None
+        )
         clock = clock or SystemClock()
+        live = LiveStats() if settings.metrics_port is not None or settings.admin_token else None
+        metrics = Metrics(live) if live is not None and settings.metrics_port is not None else None
+        # Errors are recorded where someone can read them: by this replica's
+        # Admin, or, in the shared Redis, by any replica's.
+        recorder = (
+            ErrorRecorder(
+                build_error_stats(settings, clock),
+                clock,
+                on_dropped=None if metrics is None else metrics.error_stats_dropped.inc,
+            )
+            if settings.admin_token or settings.store == "redis"
+            else None
+        )
+        # Only what is asked for observes: with no observer that wants chunks,
+        # the engine builds no event per chunk (the log lines need none).
+        own: list[Observer] = [] if tracing is None else [tracing.observer]
+        own.append(StreamLog())
+        for observer in (live, metrics, recorder):
+            if observer is not None:
+                own.append(observer)
+        observe = Observers([*own, *observers])
         # Without a configured secret, tokens die with this process; the CLI
         # warns about it right after the "listening" line.
         secret = settings.resume_secret or secrets.token_urlsafe(32)
         owns_store = store is None
         if store is None:
             store = build_store(settings, clock)
+        if metrics is not None and isinstance(store, ObservableStore):
+            store.append_observer = metrics.observe_append
         router = build_router(settings, routes, clock=clock)
         tokens = ResumeTokens(secret.encode(), ttl_s=settings.retention_s, clock=clock)
         hub = StreamHub(
             store=store,
             router=router,
             clock=clock,
-            recovery=build_recovery(settings, clock, observe=observe),
+            recovery=build_recovery(
+                settings, clock, observe=observe, listeners=(warn_on_breaker_open,)
+            ),
             observers=observe,
+            replica_id=replica_id,
             settings=HubSettings(
                 detach_grace_s=settings.detach_grace_s,
                 checkpoint_interval=settings.checkpoint_interval,
@@ -221,10 +337,11 @@ class RelayServer:
         )
         limit = max(4 * settings.max_prompt_bytes, MIN_TRANSPORT_LIMIT_BYTES)
         server = grpc.aio.server(
+            interceptors=None if tracing is None else [tracing.server_interceptor()],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         relay_pb2_grpc.add_RelayServicer_to_server(
             RelayServicer(
@@ -237,15 +354,43 @@ class RelayServer:
             ),
             server,
         )
+        services = [RELAY_SERVICE, health.SERVICE_NAME]
+        if settings.admin_token:
+            assert recorder is not None  # an Admin token turns the recorder on
+            admin_pb2_grpc.add_AdminServicer_to_server(
+                AdminServicer(
+                    token=settings.admin_token,
+                    hub=hub,
+                    live=live or LiveStats(),
+                    error_stats=recorder.stats,
+                    recorder=recorder,
+                    clock=clock,
+                ),
+                server,
+            )
+            services.append(ADMIN_SERVICE)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         # Both reflection protocols (v1 and v1alpha): api/reflection.py.
-        enable_server_reflection((RELAY_SERVICE, health.SERVICE_NAME), server)
+        enable_server_reflection(services, server)
         try:
             port = server.add_insecure_port(f"{settings.host}:{settings.port}")
         except RuntimeError as error:
+            if tracing is not None:
+                await tracing.shutdown()
             raise OSError(f"cannot listen on {settings.host}:{settings.port}: {error}") from None
+        endpoint: MetricsEndpoint | None = None
+        if metrics is not None:
+            metrics.bind(hub)
+            endpoint = MetricsEndpoint(metrics)
+            try:
+                await endpoint.start(settings.metrics_host, settings.metrics_port or 0)
+            except OSError:
+                await server.stop(None)
+                raise
         await server.start()
+        if recorder is not None:
+            recorder.start()
         for service in ("", RELAY_SERVICE):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         providers = router.providers()
@@ -264,6 +409,11 @@ class RelayServer:
             providers=providers,
             port=port,
             owns_store=owns_store,
+            tracing=tracing,
+            recorder=recorder,
+            live=live,
+            metrics=metrics,
+            metrics_endpoint=endpoint,
         )
 
     async def drain_and_stop(self) -> None:
@@ -288,10 +438,17 @@ class RelayServer:
         await self._health.enter_graceful_shutdown()
         await self.hub.close()
         await self._server.stop(grace)
+        if self._metrics_endpoint is not None:
+            await self._metrics_endpoint.stop()
         for provider in self._providers:
             await provider.aclose()
+        if self.recorder is not None:
+            await self.recorder.stop()
+            await self.recorder.stats.close()
         if self._owns_store:
             await self.hub.store.close()
+        if self.tracing is not None:
+            await self.tracing.shutdown()
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()

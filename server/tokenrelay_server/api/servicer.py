@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import uuid
 from collections.abc import AsyncIterator
 
@@ -43,6 +42,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from tokenrelay.v1 import relay_pb2, relay_pb2_grpc
+from tokenrelay_server.api.requests import parse_start
 from tokenrelay_server.api.tokens import ResumeTokens
 from tokenrelay_server.core.clock import Clock
 from tokenrelay_server.core.errors import (
@@ -55,20 +55,9 @@ from tokenrelay_server.core.errors import (
     ResumeDenied,
     StreamNotFound,
     TokenRelayError,
-    excerpt,
     truncate,
 )
-from tokenrelay_server.core.model import (
-    ROLES,
-    Chunk,
-    End,
-    GenerationParams,
-    LogEntry,
-    Message,
-    Notice,
-    RecoveryPolicy,
-    StartRequest,
-)
+from tokenrelay_server.core.model import Chunk, End, LogEntry, Notice
 from tokenrelay_server.engine.hub import Session, StreamHub
 
 log = logging.getLogger(__name__)
@@ -83,16 +72,6 @@ STATUS_FOR: tuple[tuple[type[TokenRelayError], grpc.StatusCode], ...] = (
     (Draining, grpc.StatusCode.UNAVAILABLE),
 )
 
-MAX_MODEL_CHARS = 256
-MAX_MESSAGES = 1_000
-MAX_IDEMPOTENCY_KEY_CHARS = 256
-MAX_METADATA_ENTRIES = 64
-MAX_METADATA_KEY_CHARS = 128
-MAX_METADATA_VALUE_CHARS = 4_096
-MAX_STOP_SEQUENCES = 16
-MAX_STOP_CHARS = 256
-MAX_TOKENS_LIMIT = 1_000_000
-MAX_RETRIES_LIMIT = 100
 # A cancel reason is repeated in the End every reader of the stream gets.
 MAX_CANCEL_REASON_CHARS = 512
 # google.rpc.ErrorInfo.domain of the details of a refused partial.
@@ -146,6 +125,7 @@ def refused_partial_status(stream_id: str, end: End) -> grpc.Status:
             "stream_id": stream_id,
             "total_seq": str(end.total_seq),
             "text_sha256": end.text_sha256,
+            "chunks_sha256": end.chunks_sha256,
         },
     )
     details = [fault_to_proto(fault), info]
@@ -169,105 +149,17 @@ def refused_partial_status(stream_id: str, end: End) -> grpc.Status:
     return status
 
 
-# --- requests ---------------------------------------------------------------------------
-
-
-def parse_start(start: relay_pb2.StartGeneration, *, max_prompt_bytes: int) -> StartRequest:
-    """Validate a StartGeneration; a problem raises RequestError naming the field."""
-    model = start.model.strip()
-    if not model:
-        raise RequestError("start.model is empty; name a model alias such as 'sim'")
-    if len(model) > MAX_MODEL_CHARS:
-        raise RequestError(f"start.model is longer than {MAX_MODEL_CHARS} characters")
-    if not start.messages:
-        raise RequestError("start.messages is empty; send at least one message")
-    if len(start.messages) > MAX_MESSAGES:
-        raise RequestError(
-            f"start.messages has {len(start.messages)} messages; the limit is {MAX_MESSAGES}"
-        )
-    messages: list[Message] = []
-    total_bytes = 0
-    for index, message in enumerate(start.messages):
-        if message.role not in ROLES:
-            raise RequestError(
-                f"start.messages[{index}].role is {excerpt(message.role)}; "
-                f"use one of {', '.join(ROLES)}"
-            )
-        size = len(message.content.encode())
-        total_bytes += size
-        if total_bytes > max_prompt_bytes:
-            raise RequestError(
-                f"start.messages[{index}].content takes the prompt to {total_bytes} bytes; "
-                f"the limit is {max_prompt_bytes}"
-            )
-        messages.append(Message(message.role, message.content))  # type: ignore[arg-type]
-    params = start.params
-    if params.HasField("max_tokens") and not 1 <= params.max_tokens <= MAX_TOKENS_LIMIT:
-        raise RequestError(f"start.params.max_tokens must be 1..{MAX_TOKENS_LIMIT}")
-    if params.HasField("temperature") and not (
-        math.isfinite(params.temperature) and 0 <= params.temperature <= 2
-    ):
-        raise RequestError("start.params.temperature must be between 0 and 2")
-    if params.HasField("top_p") and not (math.isfinite(params.top_p) and 0 < params.top_p <= 1):
-        raise RequestError("start.params.top_p must be greater than 0 and at most 1")
-    if len(params.stop) > MAX_STOP_SEQUENCES:
-        raise RequestError(f"start.params.stop has more than {MAX_STOP_SEQUENCES} sequences")
-    for index, stop in enumerate(params.stop):
-        if not stop or len(stop) > MAX_STOP_CHARS:
-            raise RequestError(f"start.params.stop[{index}] must be 1..{MAX_STOP_CHARS} characters")
-    policy = start.policy
-    if policy.HasField("checkpoint_interval") and policy.checkpoint_interval < 1:
-        raise RequestError("start.policy.checkpoint_interval must be at least 1")
-    if policy.HasField("max_retries") and policy.max_retries > MAX_RETRIES_LIMIT:
-        raise RequestError(f"start.policy.max_retries must be at most {MAX_RETRIES_LIMIT}")
-    if len(start.idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS:
-        raise RequestError(
-            f"start.idempotency_key is longer than {MAX_IDEMPOTENCY_KEY_CHARS} characters"
-        )
-    if len(start.metadata) > MAX_METADATA_ENTRIES:
-        raise RequestError(f"start.metadata has more than {MAX_METADATA_ENTRIES} entries")
-    for key, value in start.metadata.items():
-        if not key or len(key) > MAX_METADATA_KEY_CHARS:
-            raise RequestError(
-                f"start.metadata key {excerpt(key)} must be 1..{MAX_METADATA_KEY_CHARS} characters"
-            )
-        if len(value) > MAX_METADATA_VALUE_CHARS:
-            # The key is at most MAX_METADATA_KEY_CHARS (checked just above).
-            raise RequestError(
-                f'start.metadata["{key}"] is longer than {MAX_METADATA_VALUE_CHARS} characters'
-            )
-    return StartRequest(
-        model=model,
-        messages=tuple(messages),
-        params=GenerationParams(
-            max_tokens=params.max_tokens if params.HasField("max_tokens") else None,
-            temperature=params.temperature if params.HasField("temperature") else None,
-            top_p=params.top_p if params.HasField("top_p") else None,
-            stop=tuple(params.stop),
-        ),
-        idempotency_key=start.idempotency_key,
-        policy=RecoveryPolicy(
-            max_retries=policy.max_retries if policy.HasField("max_retries") else None,
-            allow_fallback=policy.allow_fallback if policy.HasField("allow_fallback") else None,
-            allow_partial=policy.allow_partial if policy.HasField("allow_partial") else None,
-            checkpoint_interval=(
-                policy.checkpoint_interval if policy.HasField("checkpoint_interval") else None
-            ),
-        ),
-        metadata=tuple(sorted(start.metadata.items())),
-    )
-
-
 # --- events -----------------------------------------------------------------------------
 
 
 def fault_to_proto(fault: Fault) -> relay_pb2.StreamError:
     error = relay_pb2.StreamError(
-        type=int(fault.type),  # type: ignore[arg-type]
+        # The core enums' values are the proto's (errors.py); ValueType is int.
+        type=relay_pb2.ErrorType.ValueType(fault.type),
         code=fault.code,
         message=fault.message,
         retryable=fault.retryable,
-        suggested_action=int(fault.suggested_action),  # type: ignore[arg-type]
+        suggested_action=relay_pb2.SuggestedAction.ValueType(fault.suggested_action),
         fatal=fault.fatal,
         bytes_received=fault.bytes_received,
         tokens_received=fault.tokens_received,
@@ -281,6 +173,24 @@ def fault_to_proto(fault: Fault) -> relay_pb2.StreamError:
     return error
 
 
+def chunk_to_proto(chunk: Chunk) -> relay_pb2.TokenChunk:
+    """A TokenChunk with exactly one of text, reasoning or tool_call set (the
+    `content` oneof: an empty text is still set, so the kind is never lost)."""
+    message = relay_pb2.TokenChunk(seq=chunk.seq, provider=chunk.provider, attempt=chunk.attempt)
+    if chunk.tool_call is not None:
+        call = chunk.tool_call
+        message.tool_call.CopyFrom(
+            relay_pb2.ToolCallDelta(
+                index=call.index, id=call.id, name=call.name, arguments=call.arguments
+            )
+        )
+    elif chunk.kind == "reasoning":
+        message.reasoning = chunk.text
+    else:
+        message.text = chunk.text
+    return message
+
+
 def end_to_proto(end: End) -> relay_pb2.StreamEnd:
     message = relay_pb2.StreamEnd(
         finish_reason=end.finish_reason,
@@ -291,6 +201,7 @@ def end_to_proto(end: End) -> relay_pb2.StreamEnd:
         partial=end.partial,
         total_seq=end.total_seq,
         text_sha256=end.text_sha256,
+        chunks_sha256=end.chunks_sha256,
     )
     if end.error is not None:
         message.error.CopyFrom(fault_to_proto(end.error))
@@ -497,11 +408,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
 
     def _event(self, entry: LogEntry) -> relay_pb2.StreamEvent:
         if isinstance(entry, Chunk):
-            return relay_pb2.StreamEvent(
-                chunk=relay_pb2.TokenChunk(
-                    seq=entry.seq, text=entry.text, provider=entry.provider, attempt=entry.attempt
-                )
-            )
+            return relay_pb2.StreamEvent(chunk=chunk_to_proto(entry))
         if isinstance(entry, Notice):
             return relay_pb2.StreamEvent(error=fault_to_proto(entry.fault))
         return relay_pb2.StreamEvent(end=end_to_proto(entry))

@@ -24,7 +24,7 @@ import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pydantic
 
@@ -118,7 +118,10 @@ _FRIENDLY: dict[str, str] = {
 }
 
 
-def _plain_number(value: Any) -> Any:
+_T = TypeVar("_T")
+
+
+def _plain_number(value: _T) -> _T | int:
     # 1.0 → 1, so a bound reads "at most 1", not "at most 1.0".
     if isinstance(value, float) and value.is_integer():
         return int(value)

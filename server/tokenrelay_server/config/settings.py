@@ -150,6 +150,16 @@ class Settings(BaseModel):
     breaker_min_calls: int = Field(_BREAKER.min_calls, ge=1)
     breaker_window_s: float = Field(_BREAKER.window_s, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Observability: tracing and logs (issue 11; obs/tracing.py, obs/logs.py).
+    # `otlp` exports over gRPC as the standard OTEL_EXPORTER_OTLP_* variables say.
+    otel_exporter: Literal["none", "console", "otlp"] = "none"
+    log_format: Literal["text", "json"] = "text"
+    # Metrics and Admin (issue 11): Prometheus /metrics on metrics_host:
+    # metrics_port (None: not served; 0 picks a free port); the Admin service
+    # only with an admin token, which every Admin call must carry.
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    admin_token: str | None = Field(None, min_length=16)
     # Provider and model tables ([providers.*], [models.*]) from the config file.
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
     # Timeouts set by flag or environment: they beat every provider's own.

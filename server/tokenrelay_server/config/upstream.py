@@ -185,7 +185,7 @@ def load_upstream_config(
     return config
 
 
-def _chain_providers(models: Any) -> list[tuple[tuple[str | int, ...], str]]:
+def _chain_providers(models: object) -> list[tuple[tuple[str | int, ...], str]]:
     """(key path, provider name) of every chain entry that names one."""
     found: list[tuple[tuple[str | int, ...], str]] = []
     if not isinstance(models, dict):

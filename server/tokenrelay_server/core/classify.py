@@ -25,10 +25,12 @@ for callers that already know what they have (the simulator).
                                                 CONTEXT_LENGTH_EXCEEDED REQUEST_TOO_LARGE
     data         BadData                        MALFORMED_DATA UNEXPECTED_SHAPE
                                                 NO_FINISH_REASON
+                 (the tool-call assembler)      INVALID_TOOL_ARGUMENTS
     resource     ResponseTooLarge               RESPONSE_TOO_LARGE
     timeout      TransportFailure (timeouts)    CONNECT_TIMEOUT READ_TIMEOUT WRITE_TIMEOUT
                                                 POOL_TIMEOUT
                  (the generation loop)          FIRST_TOKEN_TIMEOUT STALL_TIMEOUT
+    (the cause's) (the recovery decision)       TOOL_CALL_INTERRUPTED
 
 One table per question, so two answers cannot disagree (issue 8):
 
@@ -604,6 +606,46 @@ def missing_finish(*, tokens_received: int = 0, bytes_received: int = 0) -> Faul
     )
 
 
+def invalid_tool_arguments(
+    index: int, detail: str, *, tokens_received: int = 0, bytes_received: int = 0
+) -> Fault:
+    """A tool call the provider finished is not usable (its arguments are not
+    a JSON object, or it has no name). With policy.tool_calls WHOLE it was
+    held, so the client saw none of it: retryable, the model may get it right
+    the next time (issue 12)."""
+    return Fault(
+        type=ErrorType.DATA,
+        code="INVALID_TOOL_ARGUMENTS",
+        message=f"the model's tool call {index} is not usable: {_shorten(detail)}",
+        retryable=True,
+        suggested_action=next_step(True, tokens_received),
+        tokens_received=tokens_received,
+        bytes_received=bytes_received,
+    )
+
+
+def tool_call_interrupted(cause: Fault, index: int) -> Fault:
+    """The error a stream ends with when `cause` broke a tool call whose
+    first pieces the client already has (policy.tool_calls STREAM): a tool
+    call is never continued or repaired, so the turn must start again."""
+    return Fault(
+        type=cause.type,
+        code="TOOL_CALL_INTERRUPTED",
+        message=(
+            f"{cause.code} inside tool call {index}, after part of it was streamed "
+            f"(policy.tool_calls = STREAM): {cause.message}; a tool call is never continued, "
+            "so start the turn again (WHOLE mode recovers this by itself)"
+        ),
+        retryable=cause.retryable,
+        suggested_action=SuggestedAction.RETRY if cause.retryable else SuggestedAction.ABORT,
+        bytes_received=cause.bytes_received,
+        tokens_received=cause.tokens_received,
+        provider=cause.provider,
+        attempt=cause.attempt,
+        retry_after_s=cause.retry_after_s,
+    )
+
+
 # --- resource ------------------------------------------------------------------------------------
 
 
@@ -860,6 +902,10 @@ _BLAME_BY_CODE: Mapping[str, Blame] = {
     "MALFORMED_DATA": Blame.PROVIDER,
     "UNEXPECTED_SHAPE": Blame.PROVIDER,
     "NO_FINISH_REASON": Blame.PROVIDER,
+    # A tool call whose arguments are not JSON: the provider is up and its
+    # format was kept; the model's output for this request's tools was not
+    # usable. Not a reason to open the breaker for everyone (issue 12).
+    "INVALID_TOOL_ARGUMENTS": Blame.CALLER,
     # resource: our cap, not the provider's failure.
     "RESPONSE_TOO_LARGE": Blame.GATEWAY,
     # made by the engine (engine/generation.py, engine/hub.py), never by an
@@ -873,6 +919,10 @@ _BLAME_BY_CODE: Mapping[str, Blame] = {
     "OWNER_LOST": Blame.GATEWAY,
     "MEMORY_LIMIT": Blame.GATEWAY,
     "INTERNAL": Blame.GATEWAY,
+    # The caller's policy (tool_calls STREAM) ends a stream whose tool call
+    # broke mid-way; the break itself (ECONNRESET, …) already counted as the
+    # provider's when its attempt failed (issue 12).
+    "TOOL_CALL_INTERRUPTED": Blame.GATEWAY,
 }
 
 _HTTP_CODE_PREFIX = "HTTP_"

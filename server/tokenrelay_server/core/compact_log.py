@@ -8,6 +8,13 @@ cumulative token counts in a second array, and (provider, attempt) as runs
 that change once per upstream attempt; the rare notices and the End sit on
 the side. `Chunk` objects are made only when read.
 
+Chunk kinds (issue 12) cost a text chunk nothing: the bytes of a reasoning
+chunk or of a tool-call piece's arguments sit in the same `bytearray`, and
+the kind is kept as runs (first seq, kind, tool-call index) that change
+where the kind or the call changes: none at all for a stream of text, one
+for its reasoning, one per tool call. A tool-call piece's id and name (on
+the first piece of a call) sit in a dict by seq.
+
 Log order (the rule every store keeps, store/base.py): chunk s, then the
 notices that followed it, then chunk s+1, …, and the End last. A `Cursor`
 walks that order from any point with O(1) work per entry.
@@ -20,7 +27,7 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tokenrelay_server.core.model import Chunk, End, LogEntry, Notice
+from tokenrelay_server.core.model import Chunk, ChunkKind, End, LogEntry, Notice, ToolCallDelta
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +37,13 @@ class _Run:
     attempt: int
 
 
+@dataclass(frozen=True, slots=True)
+class _KindRun:
+    first_seq: int
+    kind: ChunkKind
+    index: int  # the tool call's index (kind "tool_call"), else 0
+
+
 class CompactLog:
     """The entries of one stream, in log order. `check` then `add`: a batch
     that breaks the order is refused whole (ValueError) before anything of
@@ -37,12 +51,15 @@ class CompactLog:
 
     __slots__ = (
         "_ends",
+        "_kind_runs",
+        "_kind_starts",
         "_notice_seqs",
         "_notices",
         "_run_starts",
         "_runs",
         "_text",
         "_tokens",
+        "_tool_names",
         "end",
     )
 
@@ -54,6 +71,11 @@ class CompactLog:
         self._run_starts: list[int] = []  # first_seq of each run, for bisect
         self._notices: list[Notice] = []
         self._notice_seqs: list[int] = []  # after_seq of each notice, for bisect
+        # Kind runs; none while every chunk is text (chunks before the first
+        # run are text).
+        self._kind_runs: list[_KindRun] = []
+        self._kind_starts: list[int] = []
+        self._tool_names: dict[int, tuple[str, str]] = {}  # seq → (id, name), when set
         self.end: End | None = None
 
     # -- what it holds -------------------------------------------------------------
@@ -64,12 +86,32 @@ class CompactLog:
 
     @property
     def text_bytes(self) -> int:
-        """UTF-8 bytes of all chunk texts."""
+        """UTF-8 bytes of every chunk's content (text, reasoning, arguments)."""
         return len(self._text)
 
     def text(self) -> str:
-        """The text of every chunk, in seq order."""
-        return self._text.decode()
+        """The answer: the text of the text chunks, in seq order (reasoning
+        and tool calls are not in it)."""
+        if not self._kind_runs:
+            return self._text.decode()
+        parts: list[str] = []
+        runs = self._kind_runs
+        if runs[0].first_seq > 1:  # text before the first run
+            parts.append(self._slice(1, runs[0].first_seq - 1))
+        for position, run in enumerate(runs):
+            if run.kind != "text":
+                continue
+            last = runs[position + 1].first_seq - 1 if position + 1 < len(runs) else self.last_seq
+            parts.append(self._slice(run.first_seq, last))
+        return "".join(parts)
+
+    def _slice(self, first_seq: int, last_seq: int) -> str:
+        start = self._ends[first_seq - 2] if first_seq > 1 else 0
+        return self._text[start : self._ends[last_seq - 1]].decode()
+
+    def _kind_at(self, seq: int) -> _KindRun | None:
+        position = bisect.bisect_right(self._kind_starts, seq) - 1
+        return self._kind_runs[position] if position >= 0 else None
 
     def tokens_so_far(self) -> int:
         return self._tokens[-1] if self._tokens else 0
@@ -80,12 +122,25 @@ class CompactLog:
             raise IndexError(f"no chunk {seq} (last is {self.last_seq})")
         start = self._ends[index - 1] if index else 0
         run = self._runs[bisect.bisect_right(self._run_starts, seq) - 1]
+        content = self._text[start : self._ends[index]].decode()
+        kind_run = self._kind_at(seq) if self._kind_runs else None
+        if kind_run is None or kind_run.kind == "text":
+            kind: ChunkKind = "text"
+            text, tool_call = content, None
+        elif kind_run.kind == "reasoning":
+            kind, text, tool_call = "reasoning", content, None
+        else:
+            call_id, name = self._tool_names.get(seq, ("", ""))
+            kind, text = "tool_call", ""
+            tool_call = ToolCallDelta(kind_run.index, call_id, name, content)
         return Chunk(
             seq=seq,
-            text=self._text[start : self._ends[index]].decode(),
+            text=text,
             provider=run.provider,
             attempt=run.attempt,
             tokens_so_far=self._tokens[index],
+            kind=kind,
+            tool_call=tool_call,
         )
 
     # -- writing -------------------------------------------------------------------
@@ -99,6 +154,11 @@ class CompactLog:
             if isinstance(entry, Chunk):
                 if entry.seq != last_seq + 1:
                     raise ValueError(f"chunk seq {entry.seq} does not follow {last_seq}")
+                if (entry.kind == "tool_call") != (entry.tool_call is not None):
+                    raise ValueError(
+                        f"chunk {entry.seq} of kind {entry.kind} must carry a tool call "
+                        "exactly when it is one"
+                    )
                 last_seq = entry.seq
             elif not isinstance(entry, Notice):
                 ended = True
@@ -107,7 +167,9 @@ class CompactLog:
         """Append `entries` (call `check` first: this one trusts them)."""
         for entry in entries:
             if isinstance(entry, Chunk):
-                self._text += entry.text.encode()
+                self._add_kind(entry)
+                call = entry.tool_call
+                self._text += (entry.text if call is None else call.arguments).encode()
                 self._ends.append(len(self._text))
                 self._tokens.append(max(entry.tokens_so_far, 0))
                 run = self._runs[-1] if self._runs else None
@@ -125,6 +187,21 @@ class CompactLog:
                 self._notice_seqs.append(notice.after_seq)
             else:
                 self.end = entry
+
+    def _add_kind(self, chunk: Chunk) -> None:
+        call = chunk.tool_call if chunk.kind == "tool_call" else None
+        index = call.index if call is not None else 0
+        current = self._kind_runs[-1] if self._kind_runs else None
+        same = (
+            (current.kind, current.index) == (chunk.kind, index)
+            if current is not None
+            else chunk.kind == "text"
+        )
+        if not same:
+            self._kind_runs.append(_KindRun(chunk.seq, chunk.kind, index))
+            self._kind_starts.append(chunk.seq)
+        if call is not None and (call.id or call.name):
+            self._tool_names[chunk.seq] = (call.id, call.name)
 
     # -- reading -------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, replace
+from typing import TypedDict, Unpack
 
 
 class ErrorType(enum.IntEnum):
@@ -68,8 +69,8 @@ class Fault:
     attempt: int = 0
     retry_after_s: float | None = None
 
-    def with_context(self, **changes: object) -> Fault:
-        return replace(self, **changes)  # type: ignore[arg-type]
+    def with_context(self, **changes: Unpack[FaultChanges]) -> Fault:
+        return replace(self, **changes)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -90,18 +91,48 @@ class Fault:
     def from_json(cls, raw: dict[str, object]) -> Fault:
         retry_after = raw.get("retry_after_s")
         return cls(
-            type=ErrorType(int(raw["type"])),  # type: ignore[call-overload]
+            type=ErrorType(_as_int(raw["type"])),
             code=str(raw["code"]),
             message=str(raw["message"]),
             retryable=bool(raw["retryable"]),
-            suggested_action=SuggestedAction(int(raw["suggested_action"])),  # type: ignore[call-overload]
+            suggested_action=SuggestedAction(_as_int(raw["suggested_action"])),
             fatal=bool(raw["fatal"]),
-            bytes_received=int(raw.get("bytes_received", 0)),  # type: ignore[call-overload]
-            tokens_received=int(raw.get("tokens_received", 0)),  # type: ignore[call-overload]
+            bytes_received=_as_int(raw.get("bytes_received", 0)),
+            tokens_received=_as_int(raw.get("tokens_received", 0)),
             provider=str(raw.get("provider", "")),
-            attempt=int(raw.get("attempt", 0)),  # type: ignore[call-overload]
-            retry_after_s=None if retry_after is None else float(retry_after),  # type: ignore[arg-type]
+            attempt=_as_int(raw.get("attempt", 0)),
+            retry_after_s=None if retry_after is None else _as_float(retry_after),
         )
+
+
+class FaultChanges(TypedDict, total=False):
+    """The fields `Fault.with_context` may replace (all of them), typed."""
+
+    type: ErrorType
+    code: str
+    message: str
+    retryable: bool
+    suggested_action: SuggestedAction
+    fatal: bool
+    bytes_received: int
+    tokens_received: int
+    provider: str
+    attempt: int
+    retry_after_s: float | None
+
+
+# What JSON decodes a number to (the codec wrote ints and floats); anything
+# else is a TypeError, as int() and float() raise for it.
+def _as_int(value: object) -> int:
+    if isinstance(value, int | float | str):
+        return int(value)
+    raise TypeError(f"expected a number, got {type(value).__name__}")
+
+
+def _as_float(value: object) -> float:
+    if isinstance(value, int | float | str):
+        return float(value)
+    raise TypeError(f"expected a number, got {type(value).__name__}")
 
 
 class TokenRelayError(Exception):

@@ -14,7 +14,16 @@ A pure function from (classified fault, where the stream stands, policy) to a
     malformed data                 abort (policy: resume)       same, partial kept
     resource exhaustion            partial with the error       partial with the error
 
-Priority: complete > resume > retry > fallback > partial > abort. Retries
+Agent turns (issue 12) come first: a failure while a tool call is shown in
+part (policy.tool_calls STREAM) ends the stream (`INTERRUPTED`: a tool call
+is never continued or repaired); after complete tool calls the turn is over
+(`TOOL_CALLS`: the End follows with finish_reason "tool_calls" and the calls
+made so far; a continuation cannot add to a tool call). A failure inside a
+call held whole (WHOLE) showed nothing of it: it is decided like a failure
+before it, by the table.
+
+Priority: interrupted > tool calls > complete > resume > retry > fallback >
+partial > abort. Retries
 are counted per provider (`max_retries` each) and need the provider's
 breaker and retry budget to agree; a fallback goes to the next usable
 provider of the chain. Everything the decision depends on is in the
@@ -38,6 +47,8 @@ from tokenrelay_server.core.retry import BackoffPolicy, next_delay
 
 
 class Step(enum.StrEnum):
+    INTERRUPTED = "interrupted"  # a streamed tool call broke: end partial, TOOL_CALL_INTERRUPTED
+    TOOL_CALLS = "tool_calls"  # complete tool calls were shown: end complete, "tool_calls"
     COMPLETE = "complete"  # the caller's token budget is delivered: end complete
     RESUME = "resume"  # same provider, continuation from what was delivered
     RETRY = "retry"  # same provider, the request again (nothing delivered yet)
@@ -91,6 +102,8 @@ class Situation:
     usable: tuple[bool, ...]  # per chain entry: breaker closed (or probe free), not given up on
     budget_allows_retry: bool = True  # the provider's retry budget has room
     answer_complete: bool = False  # every token the caller asked for was delivered
+    tool_calls_shown: int = 0  # complete tool calls the clients were shown
+    tool_call_cut: int | None = None  # the index of a tool call shown in part (STREAM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +130,19 @@ def decide(situation: Situation, config: RecoveryConfig, rng: random.Random) -> 
     fault = situation.fault
     here = situation.provider_index
     delivered = situation.tokens_delivered > 0
+    if situation.tool_call_cut is not None:
+        return Decision(
+            Step.INTERRUPTED,
+            here,
+            reason=f"{fault.code} inside tool call {situation.tool_call_cut}, part of it shown",
+        )
+    if situation.tool_calls_shown:
+        # Nothing continues a turn past its tool calls; the caller runs them.
+        return Decision(
+            Step.TOOL_CALLS,
+            here,
+            reason=f"{fault.code} after {situation.tool_calls_shown} complete tool call(s)",
+        )
     if situation.answer_complete:
         # What broke after the last token the caller asked for cannot take
         # any of them away.

@@ -13,6 +13,10 @@ apart so the caller can settle the breaker and the health score once:
 The idle watchdog is one timer per timeout period on the injected clock,
 not one per token: a token only stores its time; the timer, when it fires,
 re-arms itself at the next possible deadline or expires the attempt.
+
+What the provider's deltas become for the client (stitched text, reasoning
+or not, tool calls held whole or streamed) is the `TurnShaper`'s decision
+(core/turn.py); this module only feeds it and emits what it returns.
 """
 
 from __future__ import annotations
@@ -25,13 +29,22 @@ from tokenrelay_server.core import classify
 from tokenrelay_server.core.clock import Clock, Deadline, Timer
 from tokenrelay_server.core.errors import DataError, Fault, UpstreamError
 from tokenrelay_server.core.limits import Timeouts
-from tokenrelay_server.core.stitch import Stitcher
+from tokenrelay_server.core.turn import Piece, TurnShaper
 from tokenrelay_server.engine.routing import Route
-from tokenrelay_server.upstream.base import Finish, ProviderRequest, TextDelta, UsageReport
+from tokenrelay_server.upstream.base import (
+    Finish,
+    ProviderRequest,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallDone,
+    UsageReport,
+)
 
-# emit(text, pieces): store and show one piece of the answer; `pieces` counts
-# the pieces this attempt emitted so far, this one included.
-Emit = Callable[[str, int], Awaitable[None]]
+# emit(piece, answer_deltas): store and show one piece; `answer_deltas` counts
+# the provider deltas of the answer (text and tool calls, not reasoning) this
+# attempt showed so far, this piece's included.
+Emit = Callable[[Piece, int], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +53,10 @@ class AttemptReport:
 
     finish: Finish | None  # set when the provider finished the answer
     fault: Fault | None  # set when the attempt failed
-    deltas: int  # text deltas the provider sent
-    emitted: int  # pieces shown to clients (deltas minus what the stitcher dropped)
+    deltas: int  # content deltas the provider sent (text, reasoning, tool-call pieces)
+    # Answer deltas shown to clients: text and tool-call deltas minus what the
+    # stitcher dropped (a tool call held whole counts all of its deltas).
+    emitted: int
     prompt_tokens: int  # as the provider reported them (0 when it did not)
     completion_tokens: int  # as the provider reported them (0 when it did not)
     first_token_s: float | None = None
@@ -50,6 +65,13 @@ class AttemptReport:
     @property
     def succeeded(self) -> bool:
         return self.fault is None
+
+    @property
+    def bytes_received(self) -> int:
+        """What the provider counted (0 where it does not count bytes)."""
+        if self.fault is not None:
+            return self.fault.bytes_received
+        return self.finish.bytes_received if self.finish is not None else 0
 
 
 class IdleWatchdog:
@@ -93,7 +115,7 @@ async def run_attempt(
     *,
     clock: Clock,
     emit: Emit,
-    stitcher: Stitcher | None,
+    shaper: TurnShaper,
 ) -> AttemptReport:
     """Stream one attempt of `request` from `route`, emitting each piece."""
     provider = route.provider
@@ -104,10 +126,20 @@ async def run_attempt(
     reported_prompt = reported_completion = 0
     finish: Finish | None = None
 
-    async def show(piece: str) -> None:
+    async def show(pieces: list[Piece]) -> None:
         nonlocal emitted
-        emitted += 1
-        await emit(piece, emitted)
+        for piece in pieces:
+            if piece.counts_toward_answer:
+                emitted += piece.deltas
+            await emit(piece, emitted)
+
+    def arrived() -> None:
+        """A content delta came: the upstream is alive."""
+        nonlocal deltas, first_token_at, last_token_at
+        deltas += 1
+        watchdog.last_token_at = last_token_at = clock.monotonic()
+        if first_token_at is None:
+            first_token_at = last_token_at
 
     def report(fault: Fault | None) -> AttemptReport:
         gaps = (
@@ -135,15 +167,18 @@ async def run_attempt(
                         if isinstance(delta, TextDelta):
                             if not delta.text:
                                 continue
-                            deltas += 1
-                            watchdog.last_token_at = last_token_at = clock.monotonic()
-                            if first_token_at is None:
-                                first_token_at = last_token_at
-                            if stitcher is None:
-                                await show(delta.text)
-                            else:
-                                for piece in stitcher.feed(delta.text):
-                                    await show(piece)
+                            arrived()
+                            await show(shaper.text(delta.text))
+                        elif isinstance(delta, ReasoningDelta):
+                            if not delta.text:
+                                continue
+                            arrived()
+                            await show(shaper.reasoning(delta.text))
+                        elif isinstance(delta, ToolCallDelta):
+                            arrived()
+                            await show(shaper.tool_call(delta))
+                        elif isinstance(delta, ToolCallDone):
+                            await show(shaper.tool_call_done(delta.index))
                         elif isinstance(delta, UsageReport):
                             reported_prompt = delta.usage.prompt_tokens or reported_prompt
                             reported_completion = (
@@ -170,6 +205,7 @@ async def run_attempt(
         fault = error.fault.with_context(
             provider=error.fault.provider or provider.name,
             attempt=error.fault.attempt or request.attempt,
+            tokens_received=error.fault.tokens_received or deltas,
         )
         return report(fault)
     if finish is None:
@@ -180,9 +216,14 @@ async def run_attempt(
         )
         return report(missing.fault)
     try:
-        for piece in stitcher.finish() if stitcher is not None else ():
-            await show(piece)
+        # The stitcher's held text, the tool call held whole (its arguments
+        # checked): the answer is complete only once they are shown.
+        await show(shaper.finish())
     except UpstreamError as error:
         finish = None
-        return report(error.fault.with_context(provider=provider.name, attempt=request.attempt))
+        return report(
+            error.fault.with_context(
+                provider=provider.name, attempt=request.attempt, tokens_received=deltas
+            )
+        )
     return report(None)

@@ -19,6 +19,10 @@ logged and the engine goes on: an observer can never break a stream).
 
 Events carry ids and bounded labels (model alias, provider, codes); never
 prompts, answers, keys or tokens.
+
+ChunkStored is the one event per chunk: an observer that has no use for it
+says so with a class attribute `observes_chunks = False`, and when no
+observer wants it the engine does not even build it.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class AttemptEnded:
     fault: Fault | None
     deltas: int  # text deltas received
     completion_tokens: int  # as reported, 0 when the provider did not say
+    bytes_received: int  # of the response, where the provider counts them (else 0)
     first_token_s: float | None
     duration_s: float
     at: float
@@ -91,6 +96,7 @@ class ChunkStored:
     seq: int
     tokens_so_far: int
     at: float
+    kind: str = "text"  # "text", "reasoning" or "tool_call"
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,17 +152,28 @@ class Observers:
     once per kind of event and skipped, never propagated."""
 
     def __init__(self, observers: Sequence[Observer] = ()) -> None:
-        self._observers = tuple(observers)
+        self._observers: tuple[Observer, ...] = ()
+        self._chunk_observers: tuple[Observer, ...] = ()
         self._reported: set[tuple[int, type[EngineEvent]]] = set()
+        for observer in observers:
+            self.add(observer)
 
     def __bool__(self) -> bool:
         return bool(self._observers)
 
+    @property
+    def chunks(self) -> bool:
+        """Whether any observer wants ChunkStored events."""
+        return bool(self._chunk_observers)
+
     def add(self, observer: Observer) -> None:
         self._observers = (*self._observers, observer)
+        if getattr(observer, "observes_chunks", True):
+            self._chunk_observers = (*self._chunk_observers, observer)
 
     def __call__(self, event: EngineEvent) -> None:
-        for observer in self._observers:
+        observers = self._chunk_observers if isinstance(event, ChunkStored) else self._observers
+        for observer in observers:
             try:
                 observer(event)
             except Exception:

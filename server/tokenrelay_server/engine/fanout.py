@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from tokenrelay_server.core.compact_log import CompactLog
+from tokenrelay_server.core.digest import ChunkDigests
 from tokenrelay_server.core.model import Chunk, End, LogEntry
 from tokenrelay_server.store.base import StreamStore
 
@@ -51,7 +51,7 @@ class LocalLog:
         self.stream_id = stream_id
         self._store = store
         self.entries = CompactLog()
-        self._digest = hashlib.sha256()
+        self._digests = ChunkDigests()
         self._subscribers: set[Subscription] = set()
         # Called when the last reader detaches (the generation arms its grace).
         self._on_unattended = on_unattended
@@ -75,17 +75,27 @@ class LocalLog:
         return self.entries.tokens_so_far()
 
     def text(self) -> str:
+        """The answer text so far (text chunks only: the continuation prefix)."""
         return self.entries.text()
 
     def digest(self) -> str:
-        """Hex SHA-256 of the text so far (what an End carries)."""
-        return self._digest.hexdigest()
+        """Hex SHA-256 of the answer text so far (an End's text_sha256)."""
+        return self._digests.text_sha256()
+
+    def chunks_digest(self) -> str:
+        """Hex SHA-256 of every chunk so far (an End's chunks_sha256)."""
+        return self._digests.chunks_sha256()
 
     # -- readers ---------------------------------------------------------------------
 
     @property
     def attended(self) -> bool:
         return bool(self._subscribers)
+
+    @property
+    def readers(self) -> int:
+        """How many calls are attached (for operators)."""
+        return len(self._subscribers)
 
     def attach(self, subscription: Subscription) -> None:
         self._subscribers.add(subscription)
@@ -99,7 +109,7 @@ class LocalLog:
 
     async def follow(
         self, after_seq: int, subscription: Subscription
-    ) -> AsyncIterator[list[LogEntry]]:
+    ) -> AsyncGenerator[list[LogEntry], None]:
         """Every entry after chunk `after_seq`, then live ones, until the End,
         in batches (whatever arrived since the last look)."""
         cursor = self.entries.cursor(after_seq)
@@ -151,6 +161,6 @@ class LocalLog:
         self.entries.add(entries)
         for entry in entries:
             if isinstance(entry, Chunk):
-                self._digest.update(entry.text.encode())
+                self._digests.add(entry)
         for subscription in self._subscribers:
             subscription.wake.set()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from tokenrelay_server.core.clock import Deadline, Timer
 from tokenrelay_server.core.errors import ErrorType, Fault, ResourceError, SuggestedAction
@@ -35,6 +35,7 @@ from tokenrelay_server.core.model import (
     StreamMeta,
     Usage,
 )
+from tokenrelay_server.core.turn import Piece, TurnState
 from tokenrelay_server.engine.events import ChunkStored, Observers, StreamEnded
 from tokenrelay_server.engine.fanout import LocalLog, Subscription
 from tokenrelay_server.engine.recovery_loop import Outcome, Recovery, RecoveryLoop, Tally
@@ -150,6 +151,7 @@ class Generation:
             delivered_chunks=lambda: self.log.last_seq,
             model=meta.model,
             observe=self._observe,
+            turn=TurnState(request.tool_call_mode),
         )
 
     # -- what it holds ---------------------------------------------------------------
@@ -168,8 +170,8 @@ class Generation:
 
     @property
     def phase(self) -> str:
-        """ "attempt" (an upstream call runs), "backoff" (waiting to try again)
-        or "done" (the End is being written or was)."""
+        """"attempt" (an upstream call runs), "backoff" (waiting on the clock
+        to try again) or "done" (the End is being written or was)."""
         return self._loop.phase
 
     def restore(self, entries: list[LogEntry]) -> None:
@@ -177,6 +179,8 @@ class Generation:
         ours, and the next attempt continues from its text (guarantee 5)."""
         self.log.restore(entries)
         chunks = [e for e in entries if isinstance(e, Chunk)]
+        # Tool calls already shown end the turn instead (core/turn.py).
+        self._loop.turn = TurnState.restored(self.request.tool_call_mode, chunks)
         self.tally.attempts = max((c.attempt for c in chunks), default=0)
         delivered = max((c.tokens_so_far for c in chunks), default=0)
         self.tally.delivered_tokens = self.tally.completion_tokens = delivered
@@ -192,7 +196,9 @@ class Generation:
     def detach(self, subscription: Subscription) -> None:
         self.log.detach(subscription)  # arms the grace when it was the last
 
-    def follow(self, after_seq: int, subscription: Subscription) -> AsyncIterator[list[LogEntry]]:
+    def follow(
+        self, after_seq: int, subscription: Subscription
+    ) -> AsyncGenerator[list[LogEntry], None]:
         return self.log.follow(after_seq, subscription)
 
     def arm_grace(self) -> None:
@@ -322,6 +328,7 @@ class Generation:
                 total_seq=self.log.last_seq,
                 text_sha256=self.log.digest(),
                 usage=self._usage(),
+                chunks_sha256=self.log.chunks_digest(),
             )
         assert outcome.fault is not None
         return self._partial_end(outcome.fault)
@@ -342,27 +349,30 @@ class Generation:
             usage=self._usage(),
             partial=True,
             error=fault.with_context(fatal=True),
+            chunks_sha256=self.log.chunks_digest(),
         )
 
     # -- writing ---------------------------------------------------------------------
 
-    async def _emit_chunk(self, text: str, provider: str, attempt: int, tokens: int) -> None:
+    async def _emit_chunk(self, piece: Piece, provider: str, attempt: int, tokens: int) -> None:
+        chunk = Chunk(
+            seq=self.log.last_seq + 1,
+            text=piece.text,
+            provider=provider,
+            attempt=attempt,
+            tokens_so_far=tokens,
+            kind=piece.kind,
+            tool_call=piece.tool_call,
+        )
         if (
             self._max_stream_bytes
-            and self.log.text_bytes + len(text.encode()) > self._max_stream_bytes
+            and self.log.text_bytes + chunk.content_bytes > self._max_stream_bytes
         ):
             raise ResourceError(
                 stream_too_large_fault(self._max_stream_bytes, provider=provider, attempt=attempt)
             )
-        chunk = Chunk(
-            seq=self.log.last_seq + 1,
-            text=text,
-            provider=provider,
-            attempt=attempt,
-            tokens_so_far=tokens,
-        )
         await self.log.append([chunk])
-        if self._observe:
+        if self._observe.chunks:
             self._observe(
                 ChunkStored(
                     stream_id=self.stream_id,
@@ -371,6 +381,7 @@ class Generation:
                     seq=chunk.seq,
                     tokens_so_far=tokens,
                     at=self._clock.monotonic(),
+                    kind=chunk.kind,
                 )
             )
 

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from tokenrelay_server.core.clock import Clock
@@ -113,6 +113,15 @@ class StreamHub:
 
     def generation(self, stream_id: str) -> Generation | None:
         return self._local.get(stream_id)
+
+    def generations(self) -> list[Generation]:
+        """Every generation running on this replica (a time keeper must know
+        them all to know that none of them waits on anything but time)."""
+        return list(self._local.values())
+
+    def sessions(self) -> list[Session]:
+        """Every call attached to a stream on this replica (a copy)."""
+        return list(self._sessions)
 
     # -- start and resume ------------------------------------------------------------
 
@@ -265,7 +274,7 @@ class StreamHub:
 
     # -- reading ---------------------------------------------------------------------
 
-    async def follow(self, session: Session) -> AsyncIterator[list[LogEntry]]:
+    async def follow(self, session: Session) -> AsyncGenerator[list[LogEntry], None]:
         """Every entry of the session's stream after its `after_seq`, until the
         End, in batches."""
         generation = session.generation
@@ -291,7 +300,7 @@ class StreamHub:
         if not self._sessions:
             self._idle.set()
 
-    async def _follow_store(self, session: Session) -> AsyncIterator[list[LogEntry]]:
+    async def _follow_store(self, session: Session) -> AsyncGenerator[list[LogEntry], None]:
         stream_id = session.stream_id
         cursor = LogCursor(session.after_seq)
         while True:

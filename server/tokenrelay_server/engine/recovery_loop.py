@@ -9,6 +9,13 @@ The loop decides nothing itself; every input of the decision (breakers,
 retry budget, the caller's token budget, rate limits in the fault) goes into
 the `Situation`.
 
+Agent turns (issue 12): the loop keeps the stream's `TurnState` (what the
+clients were shown of tool calls) and gives each attempt a `TurnShaper`
+(core/turn.py): reasoning only when nothing was shown before the attempt,
+the stitcher when answer text was. `decide()` ends a turn whose tool calls
+were shown (TOOL_CALLS: the End says "tool_calls", a notice says what broke)
+or cut in part (INTERRUPTED: partial, TOOL_CALL_INTERRUPTED).
+
 A stop from outside (cancel, deadline, grace, memory, drain) arrives as the
 enclosing scope's TimeoutError or a CancelledError, in an attempt or in a
 wait between attempts; it propagates out, and the permit's `with` block
@@ -29,6 +36,7 @@ from tokenrelay_server.core.errors import ErrorType, Fault, SuggestedAction
 from tokenrelay_server.core.model import StartRequest
 from tokenrelay_server.core.recovery import Decision, RecoveryConfig, Situation, Step, decide
 from tokenrelay_server.core.stitch import Stitcher
+from tokenrelay_server.core.turn import Piece, TurnShaper, TurnState
 from tokenrelay_server.engine.attempt import AttemptReport, Emit, run_attempt
 from tokenrelay_server.engine.events import (
     AttemptEnded,
@@ -68,10 +76,10 @@ class Tally:
       cost, as the providers reported it, summed over attempts; an attempt
       that broke before its usage came counts its deltas, weighed by what the
       provider's earlier answers reported per delta. This is the End's usage.
-    - `delivered_tokens`: the tokens of the text the clients were shown (the
-      caller's max_tokens budget, a Checkpoint's token_count). Text a model
-      repeated in a continuation was paid for but not shown, so the two can
-      differ.
+    - `delivered_tokens`: the tokens of the answer the clients were shown
+      (text and tool calls; the caller's max_tokens budget, a Checkpoint's
+      token_count). Text a model repeated in a continuation, and reasoning,
+      were paid for but are not the answer, so the two can differ.
     """
 
     attempts: int = 0
@@ -119,8 +127,8 @@ class RecoveryLoop:
     policy: RecoveryConfig
     recovery: Recovery
     tally: Tally
-    # Store and show one chunk: (text, provider, attempt, tokens_so_far).
-    emit_chunk: Callable[[str, str, int, int], Awaitable[None]]
+    # Store and show one chunk: (piece, provider, attempt, tokens_so_far).
+    emit_chunk: Callable[[Piece, str, int, int], Awaitable[None]]
     # Store and show one non-fatal notice.
     notice: Callable[[Fault], Awaitable[None]]
     # What was delivered so far (the continuation prefix) and its chunk count.
@@ -128,11 +136,14 @@ class RecoveryLoop:
     delivered_chunks: Callable[[], int]
     model: str = ""  # the alias, for observers
     observe: Observers = field(default_factory=Observers)
+    # What the clients were shown of the turn's tool calls (a takeover
+    # restores it from the log).
+    turn: TurnState = field(default_factory=TurnState)
     _retries: list[int] = field(default_factory=list)
     _given_up: set[int] = field(default_factory=set)
     # Where the loop is, for operators (and tests that move a manual clock):
-    # "attempt" while an upstream call runs, "backoff" while it waits to try
-    # again, "done" once it returned.
+    # "attempt" while an upstream call runs, "backoff" while it waits on the
+    # clock to try again, "done" once it returned.
     phase: str = "attempt"
 
     async def run(self) -> Outcome:
@@ -142,6 +153,9 @@ class RecoveryLoop:
             self.phase = "done"
 
     async def _run(self) -> Outcome:
+        restored = self._restored_turn_outcome()
+        if restored is not None:
+            return restored
         health = self.recovery.health
         self._retries = [0] * len(self.chain)
         index = health.choose(self.chain, self.policy.selection)
@@ -159,13 +173,20 @@ class RecoveryLoop:
                 with permit:
                     self.tally.attempts += 1
                     health.budget(route).record_request()
+                    continues = self.delivered_chunks() > 0
                     report = await self._observed_attempt(route, self.tally.attempts)
                     route_health = health.health(route)
                     self.tally.add(report, route_health.delta_weight())
                     if report.fault is None:
                         permit.succeeded()
                         route_health.observe_success(report.first_token_s, report.inter_token_s)
-                        route_health.observe_usage(report.deltas, report.completion_tokens)
+                        if not continues:
+                            # Only a fresh answer teaches tokens per delta: a
+                            # continuation's deltas are reshaped (an Anthropic
+                            # prefill loses its trailing whitespace, the model
+                            # writes it again, the adapter drops that delta and
+                            # the usage counts its token).
+                            route_health.observe_usage(report.deltas, report.completion_tokens)
                         assert report.finish is not None
                         return Outcome(finish=report.finish)
                     fault = report.fault
@@ -175,11 +196,32 @@ class RecoveryLoop:
                     else:
                         permit.released()
             decision = decide(self._situation(fault, index), self.policy, self.recovery.rng)
+            # The lifecycle lines (a recovery action, the end) are the log
+            # observer's (obs/logs.py); why the loop stopped is a detail.
             if decision.step is Step.COMPLETE:
-                log.info("stream %s: %s", self.stream_id, decision.reason)
+                log.debug("stream %s: %s", self.stream_id, decision.reason)
                 return Outcome(finish=Finish("length"))
+            if decision.step is Step.TOOL_CALLS:
+                log.debug("stream %s: the turn ends: %s", self.stream_id, decision.reason)
+                calls = self.turn.complete_calls
+                await self.notice(
+                    replace(
+                        fault,
+                        fatal=False,
+                        message=(
+                            f"{fault.message}; the turn ends with the {calls} complete tool "
+                            "call(s) made so far (a turn is never continued past its tool calls)"
+                        ),
+                    )
+                )
+                return Outcome(finish=Finish("tool_calls"))
+            if decision.step is Step.INTERRUPTED:
+                log.debug("stream %s: giving up: %s", self.stream_id, decision.reason)
+                index_cut = self.turn.open_call
+                assert index_cut is not None
+                return Outcome(fault=classify.tool_call_interrupted(fault, index_cut))
             if not decision.continues:
-                log.info("stream %s: giving up: %s", self.stream_id, decision.reason)
+                log.debug("stream %s: giving up: %s", self.stream_id, decision.reason)
                 return Outcome(fault=fault)
             await self._announce(fault, decision, route)
             if self.observe:
@@ -202,7 +244,10 @@ class RecoveryLoop:
                 self._retries[index] += 1
                 health.budget(route).spend_retry()
             index = decision.provider_index
-            self.phase = "backoff"
+            if decision.delay_s > 0:
+                # "backoff" means a timer of the clock is what the loop waits
+                # for; a fallback (no delay) goes straight to its attempt.
+                self.phase = "backoff"
             await self.recovery.clock.sleep(decision.delay_s)
             self.phase = "attempt"
 
@@ -220,7 +265,25 @@ class RecoveryLoop:
             ),
             budget_allows_retry=health.budget(self.chain[index]).allows_retry(),
             answer_complete=limit is not None and self.tally.delivered_tokens >= limit,
+            tool_calls_shown=self.turn.complete_calls,
+            tool_call_cut=self.turn.open_call,
         )
+
+    def _restored_turn_outcome(self) -> Outcome | None:
+        """A stream taken over after its tool calls were shown: there is
+        nothing to continue (the decision's rule, without an attempt)."""
+        if self.turn.open_call is not None:
+            cause = Fault(
+                type=ErrorType.APPLICATION,
+                code="OWNER_LOST",
+                message="the replica generating this stream stopped",
+                retryable=True,
+                suggested_action=SuggestedAction.RETRY,
+            )
+            return Outcome(fault=classify.tool_call_interrupted(cause, self.turn.open_call))
+        if self.turn.complete_calls:
+            return Outcome(finish=Finish("tool_calls"))
+        return None
 
     async def _observed_attempt(self, route: Route, attempt: int) -> AttemptReport:
         """`_attempt`, told to the observers as it starts and however it ends."""
@@ -270,6 +333,7 @@ class RecoveryLoop:
                 fault=fault,
                 deltas=0 if report is None else report.deltas,
                 completion_tokens=0 if report is None else report.completion_tokens,
+                bytes_received=0 if report is None else report.bytes_received,
                 first_token_s=None if report is None else report.first_token_s,
                 duration_s=duration_s,
                 at=self.recovery.clock.monotonic(),
@@ -290,22 +354,29 @@ class RecoveryLoop:
             attempt=attempt,
             continuation=delivered,
             metadata=self.request.metadata,
+            tools=self.request.tools,
+            tool_choice=self.request.tool_choice,
         )
         base_tokens = self.tally.delivered_tokens
         weight = self.recovery.health.health(route).delta_weight()
         provider_name = route.provider.name
 
-        async def emit(text: str, pieces: int) -> None:
-            tokens = base_tokens + round(pieces * weight)
-            await self.emit_chunk(text, provider_name, attempt, tokens)
+        async def emit(piece: Piece, answer_deltas: int) -> None:
+            tokens = base_tokens + round(answer_deltas * weight)
+            await self.emit_chunk(piece, provider_name, attempt, tokens)
+            self.turn.shown(piece)
 
         emitter: Emit = emit
-        return await run_attempt(
-            route,
-            request,
-            clock=self.recovery.clock,
-            emit=emitter,
+        shaper = TurnShaper(
+            self.turn,
+            # Reasoning only from an attempt that starts the stream: a
+            # continuation's model thinks again, and showing that would
+            # repeat (or contradict) what the client saw (core/turn.py).
+            show_reasoning=self.delivered_chunks() == 0,
             stitcher=Stitcher(delivered) if delivered else None,
+        )
+        return await run_attempt(
+            route, request, clock=self.recovery.clock, emit=emitter, shaper=shaper
         )
 
     async def _announce(self, fault: Fault, decision: Decision, failed: Route) -> None:
@@ -321,14 +392,6 @@ class RecoveryLoop:
         }[decision.step]
         if decision.step is Step.FALLBACK and not breaker.available():
             what += f" (the circuit breaker of {breaker.name} is open)"
-        log.info(
-            "stream %s: %s (%s) -> %s in %.2fs",
-            self.stream_id,
-            fault.code,
-            fault.provider,
-            what,
-            decision.delay_s,
-        )
         await self.notice(
             replace(
                 fault,

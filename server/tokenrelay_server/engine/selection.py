@@ -92,6 +92,11 @@ class UpstreamHealth:
             )
         return self._breakers[key]
 
+    def breakers(self) -> dict[tuple[str, str], CircuitBreaker]:
+        """The breakers made so far, by (provider, upstream model): a copy,
+        for operators (a chain entry never used has none: it is closed)."""
+        return dict(self._breakers)
+
     def _count(self, change: BreakerChange) -> None:
         self.transitions[(change.name, str(change.after))] += 1
 

@@ -15,12 +15,12 @@ replica, and the takeover of a stream whose owner died (guarantee 5).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from tokenrelay_server.core.clock import Clock
+from tokenrelay_server.core.digest import ChunkDigests
 from tokenrelay_server.core.errors import ErrorType, Fault, SuggestedAction, UnknownModel
 from tokenrelay_server.core.model import Chunk, End, LogEntry, StreamMeta, Usage
 from tokenrelay_server.engine.cursor import LogCursor
@@ -62,16 +62,15 @@ def owner_lost_fault(*, continued_by: str | None = None, at_seq: int = 0) -> Fau
 def orphan_end(entries: list[LogEntry]) -> End:
     """The End of a stream whose generation cannot be continued."""
     chunks = [e for e in entries if isinstance(e, Chunk)]
-    digest = hashlib.sha256()
-    for chunk in chunks:
-        digest.update(chunk.text.encode())
+    digests = ChunkDigests.of(chunks)
     return End(
         finish_reason="error",
         total_seq=len(chunks),
-        text_sha256=digest.hexdigest(),
+        text_sha256=digests.text_sha256(),
         usage=Usage(completion_tokens=max((c.tokens_so_far for c in chunks), default=0)),
         partial=True,
         error=owner_lost_fault(),
+        chunks_sha256=digests.chunks_sha256(),
     )
 
 
@@ -156,7 +155,7 @@ class Takeover:
             generation.restore(entries)
             await generation.notice(owner_lost_fault(continued_by=owner, at_seq=tail.last_seq))
             handed_over = True
-            log.warning("stream %s: owner lost; taken over at seq %d", stream_id, tail.last_seq)
+            # The hub tells observers (TakenOver); the log observer writes its line.
             return generation
         finally:
             if not handed_over:

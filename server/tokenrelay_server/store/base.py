@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from tokenrelay_server.core.model import LogEntry, StreamMeta
 
@@ -100,3 +100,23 @@ class StreamStore(Protocol):
     async def close(self) -> None:
         """Release connections."""
         ...
+
+
+class AppendObserver(Protocol):
+    """Told of every durable append: how many entries the batch held and how
+    long the store took (seconds on the store's clock). The metrics
+    (obs/metrics.py: tokenrelay_store_append_seconds, _entries) are one.
+    Called on the event loop; must be quick and must not raise."""
+
+    def __call__(self, entries: int, seconds: float) -> None: ...
+
+
+@runtime_checkable
+class ObservableStore(Protocol):
+    """A store that reports its appends. The server assembly sets
+    `append_observer` when metrics are on; a store calls it after each
+    successful `append` (rule 2: once the batch is durable), with the size of
+    the batch it wrote. The memory store does; a store that batches appends
+    itself (group commit, issue 10) reports each batch it sends."""
+
+    append_observer: AppendObserver | None

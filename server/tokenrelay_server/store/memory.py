@@ -12,7 +12,7 @@ from tokenrelay_server.core.clock import Clock, SystemClock
 from tokenrelay_server.core.compact_log import CompactLog
 from tokenrelay_server.core.errors import StreamNotFound
 from tokenrelay_server.core.model import LogEntry, StreamMeta
-from tokenrelay_server.store.base import StreamTail
+from tokenrelay_server.store.base import AppendObserver, StreamTail
 
 
 @dataclass
@@ -28,8 +28,16 @@ class _Stream:
 class MemoryStore:
     in_process = True
 
-    def __init__(self, *, retention_s: float = 3600.0, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        retention_s: float = 3600.0,
+        clock: Clock | None = None,
+        append_observer: AppendObserver | None = None,
+    ) -> None:
         self._clock = clock or SystemClock()
+        # Told of each append (base.py ObservableStore): the metrics.
+        self.append_observer = append_observer
         self._retention_s = retention_s
         self._streams: dict[str, _Stream] = {}
         self._idempotency: dict[str, str] = {}
@@ -62,6 +70,8 @@ class MemoryStore:
     # -- the log -----------------------------------------------------------------
 
     async def append(self, stream_id: str, entries: Sequence[LogEntry]) -> None:
+        observer = self.append_observer
+        started = self._clock.monotonic() if observer is not None else 0.0
         stream = self._require(stream_id)
         try:
             stream.log.check(entries)  # the whole batch first: a rejected append stores nothing
@@ -72,6 +82,8 @@ class MemoryStore:
         if stream.changed is not None:
             stream.changed.set()
             stream.changed = None
+        if observer is not None:
+            observer(len(entries), self._clock.monotonic() - started)
 
     async def read(self, stream_id: str, after_seq: int, limit: int = 1000) -> list[LogEntry]:
         return self._require(stream_id).log.read(after_seq, limit)

@@ -400,7 +400,9 @@ class RedisStore:
         )
         if last_seq is None:
             return None
-        return StreamTail(int(last_seq), _text(ended) == "1")
+        # _CREATE writes both fields together; a hash without `ended` reads
+        # as not ended, as it always has.
+        return StreamTail(int(last_seq), ended is not None and _text(ended) == "1")
 
     # -- ownership and cancellation ------------------------------------------------
 
@@ -487,7 +489,7 @@ def _text(raw: bytes | str) -> str:
 def _block_slice(client: Redis) -> float | None:
     """The longest XREAD BLOCK the client can wait for without its own socket
     timeout firing first (None: no socket timeout, block as long as asked)."""
-    socket_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+    socket_timeout: float | None = client.connection_pool.connection_kwargs.get("socket_timeout")
     if not socket_timeout:
         return None
     if socket_timeout <= 2 * _BLOCK_SLACK_S:

@@ -14,9 +14,15 @@ Wire format (https://docs.anthropic.com/en/docs/build-with-claude/streaming):
                                  "usage": {"output_tokens": 15}}
     event: message_stop
 
-- Only `text_delta` is answer text. `thinking_delta` and `signature_delta`
-  (extended thinking), `input_json_delta` (tool use) and `citations_delta`
-  are not.
+- `text_delta` is answer text; `thinking_delta` (extended thinking) is
+  reasoning; `signature_delta`, `citations_delta` and redacted thinking are
+  not shown.
+- A `tool_use` block is a tool call: its content_block_start carries the id
+  and name (a `ToolCallDelta` numbered by the call's place in the turn,
+  0, 1, 2, …, not by the block's index), each `input_json_delta` a
+  fragment of the arguments (`partial_json`), its content_block_stop ends
+  the call (`ToolCallDone`). A call with no `input_json_delta` has the
+  block's `input` ("{}" when empty).
 - `message_delta` carries the stop reason and the cumulative output tokens;
   stop reasons are mapped to the gateway's finish reasons: end_turn and
   stop_sequence → stop, max_tokens → length, tool_use → tool_calls,
@@ -27,6 +33,14 @@ Wire format (https://docs.anthropic.com/en/docs/build-with-claude/streaming):
 - Unknown event types are ignored, as Anthropic's versioning policy asks.
 - The stream is complete at `message_stop`, or at the end of the body once
   the stop reason arrived. A body that ends with neither is NO_FINISH_REASON.
+
+Requests carry the tools as `tools: [{name, description, input_schema}]`
+(an empty schema is `{"type": "object", "properties": {}}`: the API
+requires one) and `tool_choice` (`auto`, `any` for required, `none`, or
+`{"type": "tool", "name": …}`), only with tools; an assistant message's
+calls as `tool_use` content blocks after its text, and tool results as
+`tool_result` blocks of the user turn that follows (consecutive results, and
+a user message right after them, are one user turn, as the API asks).
 
 Continuation: the partial answer goes last as an assistant message, which
 Claude continues as a prefill (the API rejects a prefill that ends in
@@ -39,20 +53,24 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from tokenrelay_server.core import classify
 from tokenrelay_server.core.errors import UpstreamError, upstream_error
-from tokenrelay_server.core.model import Usage
+from tokenrelay_server.core.model import Message, Tool, ToolChoice, Usage
 from tokenrelay_server.upstream.base import (
     CONTINUE_INSTRUCTION,
     Delta,
     Finish,
     ProviderRequest,
+    ReasoningDelta,
     TextDelta,
+    ToolCallDelta,
+    ToolCallDone,
     UsageReport,
 )
 from tokenrelay_server.upstream.http_stream import HttpProvider, sim_headers, token_count
@@ -67,14 +85,81 @@ STOP_REASONS: dict[str, str] = {
 }
 
 
+EMPTY_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}
+
+
+def conversation(messages: tuple[Message, ...]) -> list[dict[str, Any]]:
+    """The non-system messages as Messages API turns."""
+    turns: list[dict[str, Any]] = []
+    for message in messages:
+        if message.role == "system":
+            continue
+        if message.role == "tool":
+            block = {
+                "type": "tool_result",
+                "tool_use_id": message.tool_call_id,
+                "content": message.content,
+            }
+            if turns and turns[-1]["role"] == "user" and _has_tool_results(turns[-1]):
+                turns[-1]["content"].append(block)
+            else:
+                turns.append({"role": "user", "content": [block]})
+            continue
+        if message.role == "user" and turns and _has_tool_results(turns[-1]):
+            # Text after the tool results belongs to the same user turn.
+            if message.content:
+                turns[-1]["content"].append({"type": "text", "text": message.content})
+            continue
+        if message.tool_calls:
+            blocks: list[dict[str, Any]] = []
+            if message.content:
+                blocks.append({"type": "text", "text": message.content})
+            blocks += [
+                {
+                    "type": "tool_use",
+                    "id": call.id,
+                    "name": call.name,
+                    # Validated as a JSON object at the edge (api/requests.py).
+                    "input": json.loads(call.arguments_json),
+                }
+                for call in message.tool_calls
+            ]
+            turns.append({"role": "assistant", "content": blocks})
+            continue
+        turns.append({"role": message.role, "content": message.content})
+    return turns
+
+
+def _has_tool_results(turn: dict[str, Any]) -> bool:
+    content = turn["content"]
+    return isinstance(content, list) and any(
+        block.get("type") == "tool_result" for block in content
+    )
+
+
+def anthropic_tools(tools: tuple[Tool, ...]) -> list[dict[str, Any]]:
+    out = []
+    for tool in tools:
+        schema = json.loads(tool.parameters_json) if tool.parameters_json.strip() else EMPTY_SCHEMA
+        entry: dict[str, Any] = {"name": tool.name, "input_schema": schema}
+        if tool.description:
+            entry["description"] = tool.description
+        out.append(entry)
+    return out
+
+
+def anthropic_tool_choice(choice: ToolChoice) -> dict[str, Any]:
+    if choice.tool_name:
+        return {"type": "tool", "name": choice.tool_name}
+    return {"type": {"auto": "auto", "required": "any", "none": "none"}[choice.mode]}
+
+
 def messages_body(
     request: ProviderRequest, *, default_max_tokens: int, assistant_prefill: bool = True
 ) -> dict[str, Any]:
     """The JSON body of a streaming Messages request."""
     system = "\n\n".join(m.content for m in request.messages if m.role == "system")
-    messages: list[dict[str, str]] = [
-        {"role": m.role, "content": m.content} for m in request.messages if m.role != "system"
-    ]
+    messages = conversation(request.messages)
     if request.continuation:
         prefill = request.continuation.rstrip()
         if assistant_prefill:
@@ -98,6 +183,10 @@ def messages_body(
     }
     if system:
         body["system"] = system
+    if request.tools:
+        body["tools"] = anthropic_tools(request.tools)
+        if request.tool_choice is not None:
+            body["tool_choice"] = anthropic_tool_choice(request.tool_choice)
     if params.temperature is not None:
         body["temperature"] = params.temperature
     if params.top_p is not None:
@@ -105,7 +194,6 @@ def messages_body(
     if params.stop:
         body["stop_sequences"] = list(params.stop)
     return body
-
 
 
 class MessagesParser:
@@ -117,6 +205,8 @@ class MessagesParser:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self._stopped = False
+        # The tool_use blocks so far, by block index.
+        self._tool_blocks: dict[int, _ToolBlock] = {}
 
     @property
     def ended(self) -> bool:
@@ -180,19 +270,81 @@ class MessagesParser:
         block = data.get("content_block")
         if not isinstance(block, dict):
             raise self._shape("content_block_start without a content_block object")
-        if block.get("type") == "text":
+        kind = block.get("type")
+        if kind == "text":
             return self._text(block.get("text", ""))
-        return []  # thinking, redacted_thinking, tool_use, …
+        if kind == "thinking":
+            return self._reasoning(block.get("thinking", ""))
+        if kind == "tool_use":
+            return self._tool_use_start(self._block_index(data), block)
+        return []  # redacted_thinking, server tools, …
+
+    def _block_index(self, data: dict[str, Any]) -> int:
+        index = data.get("index")
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise self._shape("a content block event without a whole-number index")
+        return index
+
+    def _tool_use_start(self, block_index: int, block: dict[str, Any]) -> list[Delta]:
+        call_id, name, start_input = block.get("id"), block.get("name"), block.get("input", {})
+        if not isinstance(call_id, str) or not isinstance(name, str) or not name:
+            raise self._shape("a tool_use block without a string id and name")
+        if not isinstance(start_input, dict):
+            raise self._shape("a tool_use block whose input is not an object")
+        ordinal = len(self._tool_blocks)
+        self._tool_blocks[block_index] = _ToolBlock(
+            ordinal, json.dumps(start_input, ensure_ascii=False) if start_input else ""
+        )
+        self.tokens_received += 1
+        return [ToolCallDelta(ordinal, call_id, name, "")]
+
+    def _content_block_stop(self, data: dict[str, Any]) -> list[Delta]:
+        index = data.get("index")
+        tool = self._tool_blocks.get(index) if isinstance(index, int) else None
+        if tool is None or tool.done:
+            return []  # the end of a text or thinking block
+        tool.done = True
+        out: list[Delta] = []
+        if not tool.fragments:
+            # No input_json_delta: the arguments are the block's input.
+            out.append(ToolCallDelta(tool.ordinal, arguments=tool.start_input or "{}"))
+        out.append(ToolCallDone(tool.ordinal))
+        return out
 
     def _content_block_delta(self, data: dict[str, Any]) -> list[Delta]:
         delta = data.get("delta")
         if not isinstance(delta, dict):
             raise self._shape("content_block_delta without a delta object")
-        if delta.get("type") == "text_delta":
+        kind = delta.get("type")
+        if kind == "text_delta":
             if "text" not in delta:
                 raise self._shape("text_delta without text")
             return self._text(delta["text"])
-        return []  # thinking_delta, signature_delta, input_json_delta, citations_delta
+        if kind == "thinking_delta":
+            if "thinking" not in delta:
+                raise self._shape("thinking_delta without thinking")
+            return self._reasoning(delta["thinking"])
+        if kind == "input_json_delta":
+            tool = self._tool_blocks.get(self._block_index(data))
+            if tool is None:
+                raise self._shape("input_json_delta outside a tool_use block")
+            fragment = delta.get("partial_json")
+            if not isinstance(fragment, str):
+                raise self._shape("input_json_delta without a partial_json string")
+            if not fragment:
+                return []
+            tool.fragments += 1
+            self.tokens_received += 1
+            return [ToolCallDelta(tool.ordinal, arguments=fragment)]
+        return []  # signature_delta, citations_delta, …
+
+    def _reasoning(self, text: object) -> list[Delta]:
+        if not isinstance(text, str):
+            raise self._shape("thinking is not a string")
+        if not text:
+            return []
+        self.tokens_received += 1
+        return [ReasoningDelta(text)]
 
     def _text(self, text: object) -> list[Delta]:
         if not isinstance(text, str):
@@ -241,10 +393,19 @@ class MessagesParser:
         return [Finish(STOP_REASONS.get(reason, reason), self.usage)]
 
 
+@dataclass
+class _ToolBlock:
+    ordinal: int  # the call's place in the turn: ToolCallDelta.index
+    start_input: str  # the content_block_start's input, as JSON ("" when empty)
+    fragments: int = 0  # input_json_delta pieces received
+    done: bool = False
+
+
 _HANDLERS = {
     "message_start": MessagesParser._message_start,
     "content_block_start": MessagesParser._content_block_start,
     "content_block_delta": MessagesParser._content_block_delta,
+    "content_block_stop": MessagesParser._content_block_stop,
     "message_delta": MessagesParser._message_delta,
     "message_stop": MessagesParser._message_stop,
 }
@@ -274,7 +435,7 @@ class AnthropicProvider(HttpProvider):
     def parser(self) -> MessagesParser:
         return MessagesParser()
 
-    def stream(self, request: ProviderRequest) -> AsyncIterator[Delta]:
+    def stream(self, request: ProviderRequest) -> AsyncGenerator[Delta, None]:
         deltas = super().stream(request)
         continuation = request.continuation
         trimmed = continuation[len(continuation.rstrip()) :] if continuation else ""
@@ -283,12 +444,14 @@ class AnthropicProvider(HttpProvider):
         return deltas
 
 
-async def skip_repeated(deltas: AsyncIterator[Delta], trimmed: str) -> AsyncIterator[Delta]:
+async def skip_repeated(
+    deltas: AsyncGenerator[Delta, None], trimmed: str
+) -> AsyncGenerator[Delta, None]:
     """The prefill lost its trailing whitespace (the API refuses it), so the
     model starts by writing it again: drop that much from the first text, which
     the client already has. Any other text passes through untouched."""
     pending = trimmed
-    async with contextlib.aclosing(deltas):  # type: ignore[type-var]
+    async with contextlib.aclosing(deltas):
         async for delta in deltas:
             if pending and isinstance(delta, TextDelta):
                 text = delta.text

@@ -21,6 +21,11 @@ deltas out), and this module does the I/O around them:
 5. close the response however the iteration ends (exhausted, error,
    `aclose()`, cancellation); `CancelledError` is never caught.
 
+`HttpProvider.in_flight()` shows the attempts being streamed and the body
+bytes each has taken in. Every delta of those bytes has been handed on by
+the time the streaming task waits for more, so a time keeper that compares
+them with what the upstream sent knows the gateway has seen all of it.
+
 Every fault is labelled with the provider, the attempt, the bytes and the
 text deltas received so far, and the API key is scrubbed from its message.
 """
@@ -29,7 +34,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import httpx
@@ -37,7 +43,7 @@ import httpx
 from tokenrelay_server.core import classify
 from tokenrelay_server.core.clock import Clock, SystemClock
 from tokenrelay_server.core.errors import Fault, UpstreamError, upstream_error
-from tokenrelay_server.upstream.base import Delta, ProviderRequest
+from tokenrelay_server.upstream.base import Delta, Finish, ProviderRequest
 from tokenrelay_server.upstream.sse import ServerSentEvent, SSEDecoder
 
 if TYPE_CHECKING:
@@ -115,6 +121,12 @@ class _Attempt:
         self.secrets = secrets
         self.bytes_received = 0
 
+    def counted(self, delta: Delta) -> Delta:
+        """A Finish carries the bytes received so far (for observers)."""
+        if isinstance(delta, Finish):
+            return replace(delta, bytes_received=self.bytes_received)
+        return delta
+
     def error(self, fault: Fault, tokens_received: int) -> UpstreamError:
         message = fault.message
         for secret in self.secrets:
@@ -130,6 +142,14 @@ class _Attempt:
                 suggested_action=classify.next_step(fault.retryable, tokens_received),
             )
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Receiving:
+    """One attempt a provider is streaming, as `HttpProvider.in_flight()` shows it."""
+
+    attempt: int
+    bytes_received: int  # of the body (error bodies included), as decoded
 
 
 def transport_evidence(exc: httpx.HTTPError, timeout: httpx.Timeout | None) -> classify.Evidence:
@@ -199,9 +219,32 @@ async def stream_deltas(
     max_response_bytes: int,
     clock: Clock,
     secrets: tuple[str, ...] = (),
-) -> AsyncIterator[Delta]:
-    """The deltas of one streaming request; raises only `UpstreamError`."""
+    in_flight: set[_Attempt] | None = None,
+) -> AsyncGenerator[Delta, None]:
+    """The deltas of one streaming request; raises only `UpstreamError`.
+    `in_flight` holds the attempt's counters while it streams."""
     state = _Attempt(provider, attempt, secrets)
+    if in_flight is not None:
+        in_flight.add(state)
+    try:
+        async with contextlib.aclosing(
+            _stream_deltas(client, http_request, parser, state, max_response_bytes, clock)
+        ) as deltas:
+            async for delta in deltas:
+                yield delta
+    finally:
+        if in_flight is not None:
+            in_flight.discard(state)
+
+
+async def _stream_deltas(
+    client: httpx.AsyncClient,
+    http_request: httpx.Request,
+    parser: WireParser,
+    state: _Attempt,
+    max_response_bytes: int,
+    clock: Clock,
+) -> AsyncGenerator[Delta, None]:
     timeout = client.timeout
     try:
         response = await client.send(http_request, stream=True)
@@ -240,7 +283,7 @@ async def stream_deltas(
                     except UpstreamError as exc:
                         raise state.error(exc.fault, parser.tokens_received) from None
                     for delta in deltas:
-                        yield delta
+                        yield state.counted(delta)
                     if parser.ended:
                         break
                 if parser.ended:
@@ -261,7 +304,7 @@ async def stream_deltas(
         except UpstreamError as exc:
             raise state.error(exc.fault, parser.tokens_received) from None
         for delta in final:
-            yield delta
+            yield state.counted(delta)
     finally:
         with contextlib.suppress(httpx.HTTPError):  # never hide the error being raised
             await response.aclose()
@@ -332,6 +375,7 @@ class HttpProvider:
         self._api_key = api_key
         self._clock = clock or SystemClock()
         self._url = f"{config.base_url.rstrip('/')}/{self.path}"
+        self._in_flight: set[_Attempt] = set()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self._name!r}, url={self._url!r})"
@@ -344,13 +388,17 @@ class HttpProvider:
     def config(self) -> ProviderConfig:
         return self._config
 
+    def in_flight(self) -> tuple[Receiving, ...]:
+        """The attempts streaming now and the body bytes each has taken in."""
+        return tuple(Receiving(state.attempt, state.bytes_received) for state in self._in_flight)
+
     def build_request(self, request: ProviderRequest) -> httpx.Request:
         raise NotImplementedError
 
     def parser(self) -> WireParser:
         raise NotImplementedError
 
-    def stream(self, request: ProviderRequest) -> AsyncIterator[Delta]:
+    def stream(self, request: ProviderRequest) -> AsyncGenerator[Delta, None]:
         return stream_deltas(
             self._client,
             self.build_request(request),
@@ -360,6 +408,7 @@ class HttpProvider:
             max_response_bytes=self._config.max_response_bytes,
             clock=self._clock,
             secrets=(self._api_key,) if self._api_key else (),
+            in_flight=self._in_flight,
         )
 
     async def aclose(self) -> None:

@@ -20,11 +20,25 @@ Wire format (https://platform.openai.com/docs/api-reference/chat/streaming):
 - An error mid-stream is a chunk with an `error` object
   (`data: {"error": {"message", "type", "code"}}`; OpenRouter also sets
   `finish_reason: "error"` beside it); `event: error` is read the same way.
-- `reasoning_content` / `reasoning` deltas (DeepSeek, vLLM, OpenRouter) are
-  thinking, not answer text; `tool_calls` deltas are not text either.
+- `reasoning_content` (DeepSeek, vLLM) or `reasoning` (OpenRouter, Ollama)
+  in a delta is the model's thinking: a `ReasoningDelta`, not answer text.
+- `tool_calls` in a delta are pieces of tool calls, each
+  `{"index": i, "id": …, "type": "function", "function": {"name": …,
+  "arguments": "<fragment>"}}`: the first piece of call i has its id and
+  name, later ones only argument fragments; each is a `ToolCallDelta`. A
+  server that leaves out `index` (some compatible servers do, with one call
+  at a time) gets the previous call's index, or the next one when the piece
+  brings a new id. The finish reason is then `tool_calls`.
 - The stream is complete at `[DONE]`, or at the end of the body once a
   finish reason arrived (some servers omit `[DONE]`). A body that ends with
   neither is NO_FINISH_REASON.
+
+Requests carry the tools as `tools: [{"type": "function", "function":
+{name, description, parameters}}]` and `tool_choice` ("auto", "none",
+"required" or `{"type": "function", "function": {"name": …}}`, sent only
+with tools, which the API requires); an assistant message's calls as its
+`tool_calls` (content null when it has no text) and a tool result as a
+`{"role": "tool", "tool_call_id": …, "content": …}` message.
 
 Continuation: the original messages, the partial answer as an assistant
 message, then a user message with `CONTINUE_INSTRUCTION` (Chat Completions
@@ -43,13 +57,15 @@ import httpx
 
 from tokenrelay_server.core import classify
 from tokenrelay_server.core.errors import UpstreamError, upstream_error
-from tokenrelay_server.core.model import Usage
+from tokenrelay_server.core.model import Message, Tool, ToolChoice, Usage
 from tokenrelay_server.upstream.base import (
     CONTINUE_INSTRUCTION,
     Delta,
     Finish,
     ProviderRequest,
+    ReasoningDelta,
     TextDelta,
+    ToolCallDelta,
     UsageReport,
 )
 from tokenrelay_server.upstream.http_stream import HttpProvider, sim_headers, token_count
@@ -58,9 +74,48 @@ from tokenrelay_server.upstream.sse import ServerSentEvent
 DONE_MARKER = "[DONE]"
 
 
-def chat_messages(request: ProviderRequest) -> list[dict[str, str]]:
+def chat_message(message: Message) -> dict[str, Any]:
+    """One message in Chat Completions' shape."""
+    if message.role == "tool":
+        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content}
+    if message.tool_calls:
+        return {
+            "role": "assistant",
+            "content": message.content or None,
+            "tool_calls": [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments_json},
+                }
+                for call in message.tool_calls
+            ],
+        }
+    return {"role": message.role, "content": message.content}
+
+
+def chat_tools(tools: tuple[Tool, ...]) -> list[dict[str, Any]]:
+    out = []
+    for tool in tools:
+        function: dict[str, Any] = {"name": tool.name}
+        if tool.description:
+            function["description"] = tool.description
+        if tool.parameters_json.strip():
+            # Validated as a JSON object at the edge (api/requests.py).
+            function["parameters"] = json.loads(tool.parameters_json)
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def chat_tool_choice(choice: ToolChoice) -> str | dict[str, Any]:
+    if choice.tool_name:
+        return {"type": "function", "function": {"name": choice.tool_name}}
+    return choice.mode
+
+
+def chat_messages(request: ProviderRequest) -> list[dict[str, Any]]:
     """The conversation to send, with the continuation when there is one."""
-    messages = [{"role": m.role, "content": m.content} for m in request.messages]
+    messages = [chat_message(m) for m in request.messages]
     if request.continuation:
         messages.append({"role": "assistant", "content": request.continuation})
         messages.append({"role": "user", "content": CONTINUE_INSTRUCTION})
@@ -76,6 +131,10 @@ def chat_completions_body(request: ProviderRequest, *, include_usage: bool) -> d
     }
     if include_usage:
         body["stream_options"] = {"include_usage": True}
+    if request.tools:
+        body["tools"] = chat_tools(request.tools)
+        if request.tool_choice is not None:
+            body["tool_choice"] = chat_tool_choice(request.tool_choice)
     params = request.params
     # `max_tokens` rather than `max_completion_tokens`: every compatible
     # server understands it.
@@ -92,7 +151,6 @@ def chat_completions_body(request: ProviderRequest, *, include_usage: bool) -> d
 
 def _shape_error(detail: str, tokens_received: int) -> UpstreamError:
     return upstream_error(classify.unexpected_shape(detail, tokens_received=tokens_received))
-
 
 
 def parse_usage(raw: object, tokens_received: int) -> Usage:
@@ -112,6 +170,8 @@ class ChatCompletionsParser:
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
         self._done = False
+        # The last tool call's (index, id), for servers that leave out `index`.
+        self._last_call: tuple[int, str] | None = None
 
     @property
     def ended(self) -> bool:
@@ -177,12 +237,18 @@ class ChatCompletionsParser:
         if delta is not None:
             if not isinstance(delta, dict):
                 raise _shape_error("delta is not an object", self.tokens_received)
+            deltas += self._reasoning(delta)
             content = delta.get("content")
             if content is not None and not isinstance(content, str):
                 raise _shape_error("delta.content is not a string", self.tokens_received)
             if content:
                 self.tokens_received += 1
                 deltas.append(TextDelta(content))
+            calls = delta.get("tool_calls")
+            if calls is not None:
+                if not isinstance(calls, list):
+                    raise _shape_error("delta.tool_calls is not a list", self.tokens_received)
+                deltas += [self._tool_call(call) for call in calls]
         reason = choice.get("finish_reason")
         if reason is not None:
             if not isinstance(reason, str):
@@ -198,6 +264,48 @@ class ChatCompletionsParser:
             if reason:
                 self.finish_reason = reason
         return deltas
+
+    def _reasoning(self, delta: dict[str, Any]) -> list[Delta]:
+        for key in ("reasoning_content", "reasoning"):
+            value = delta.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise _shape_error(f"delta.{key} is not a string", self.tokens_received)
+            if value:
+                self.tokens_received += 1
+                return [ReasoningDelta(value)]
+        return []
+
+    def _tool_call(self, call: object) -> ToolCallDelta:
+        if not isinstance(call, dict):
+            raise _shape_error("a tool_calls entry is not an object", self.tokens_received)
+        function = call.get("function", {})
+        if not isinstance(function, dict):
+            raise _shape_error("tool_calls[].function is not an object", self.tokens_received)
+        call_id, name, arguments = call.get("id"), function.get("name"), function.get("arguments")
+        for key, value in (
+            ("id", call_id),
+            ("function.name", name),
+            ("function.arguments", arguments),
+        ):
+            if value is not None and not isinstance(value, str):
+                raise _shape_error(f"tool_calls[].{key} is not a string", self.tokens_received)
+        index = call.get("index")
+        if index is None:
+            if self._last_call is None:
+                index = 0
+            else:
+                last_index, last_id = self._last_call
+                index = last_index + 1 if call_id and call_id != last_id else last_index
+        elif not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise _shape_error("tool_calls[].index is not a whole number", self.tokens_received)
+        if self._last_call is None or self._last_call[0] != index:
+            self._last_call = (index, call_id or "")
+        elif call_id:
+            self._last_call = (index, call_id)
+        self.tokens_received += 1
+        return ToolCallDelta(index, call_id or "", name or "", arguments or "")
 
     def on_end(self) -> list[Delta]:
         if self.finish_reason is None and not self._done:

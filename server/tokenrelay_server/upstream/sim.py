@@ -10,15 +10,35 @@ Text: an endless token sequence that is a pure function of the original
 messages and `sim.seed`. An answer of n tokens is the first n of them, so a
 clean run and a run broken and continued produce the same text.
 
+Agent turns (issue 12):
+
+- Reasoning: `sim.reasoning=N` streams N reasoning deltas (deterministic
+  words of their own) before the answer, in every attempt (a model asked to
+  continue thinks again).
+- Tool calls: a request that offers tools (tool_choice not NONE) and ends
+  with a user message is a tool turn: `sim.preamble` text tokens (default 3,
+  within max_tokens), then `sim.tool_calls` calls (default 1; 0 answers with
+  text), finish reason "tool_calls". Call i calls the tool tool_choice names,
+  else tools[i mod len(tools)], with an id and arguments that are a pure
+  function of the conversation: a JSON object with a value for each of the
+  schema's first properties (by its type; strings are a few words, some of
+  them not ASCII). Each call is one event with its id and name, then its
+  arguments in fragments of `ARGUMENT_FRAGMENT_CHARS` characters.
+- A conversation that ends with a tool result is answered with text (the
+  final answer of the agent loop), whatever the tools.
+
 Faults (`sim.faults`, comma separated, one item per successive attempt; after
-the last item every attempt is `ok`):
+the last item every attempt is `ok`). N counts events of every kind
+(reasoning deltas, text deltas, a call's first event and its argument
+fragments), so a fault can land inside the reasoning or inside a tool call's
+arguments:
 
     ok          a clean answer
-    reset@N     N tokens, then the connection is reset
-    stall@N     N tokens, then nothing more (the stall timeout must notice)
-    eof@N       N tokens, then the stream ends without a finish reason
-    garbage@N   N tokens, then malformed data
-    http:CODE   fails before the first token with HTTP status CODE
+    reset@N     N events, then the connection is reset
+    stall@N     N events, then nothing more (the stall timeout must notice)
+    eof@N       N events, then the stream ends without a finish reason
+    garbage@N   N events, then malformed data
+    http:CODE   fails before the first event with HTTP status CODE
 
 Continuation: when the conversation ends with the partial answer (an
 assistant message, optionally followed by the continue instruction), the
@@ -30,23 +50,27 @@ model that repeats itself, for the stitcher).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
 import random
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from tokenrelay_server.core import classify
 from tokenrelay_server.core.clock import Clock, SystemClock
 from tokenrelay_server.core.errors import RequestError, excerpt, upstream_error
-from tokenrelay_server.core.model import Message, Usage
+from tokenrelay_server.core.model import Message, Tool, ToolChoice, Usage
 from tokenrelay_server.upstream.base import (
     CONTINUE_INSTRUCTION,
     Delta,
     Finish,
     ProviderRequest,
+    ReasoningDelta,
     TextDelta,
+    ToolCallDelta,
     UsageReport,
 )
 
@@ -56,6 +80,12 @@ MAX_OVERLAP = 64
 DEFAULT_RETRY_AFTER_S = 1.0
 FULL_SPEED_BURST = 16  # tokens between yields to the event loop at pace 0
 MAX_TOKENS_PER_CHUNK = 16
+MAX_REASONING = 1_000
+MAX_TOOL_CALLS = 8
+MAX_PREAMBLE = 200
+DEFAULT_PREAMBLE = 3
+ARGUMENT_FRAGMENT_CHARS = 8
+MAX_ARGUMENT_PROPERTIES = 4
 
 # Numbers in sim.* metadata and fault scripts: ASCII digits only. str.isdigit()
 # and int()/float() also take other scripts' digits ("٣" is 3) and isdigit()
@@ -132,14 +162,41 @@ _WORDS = (
 # --- text -------------------------------------------------------------------------
 
 
+def _canonical_json(text: str) -> str:
+    """The same JSON however it was spaced (Anthropic's tool_use input comes
+    back as an object that the mock writes out again)."""
+    try:
+        return json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
+    except ValueError:
+        return text
+
+
+def conversation_digest(messages: tuple[Message, ...], seed: str = "0", salt: str = "") -> bytes:
+    """A hash of what the conversation says, the same in-process and over HTTP."""
+    digest = hashlib.sha256(seed.encode())
+    for message in messages:
+        digest.update(b"\x00" + message.role.encode() + b"\x01" + message.content.encode())
+        for call in message.tool_calls:
+            digest.update(
+                b"\x02"
+                + call.id.encode()
+                + b"\x03"
+                + call.name.encode()
+                + b"\x04"
+                + _canonical_json(call.arguments_json).encode()
+            )
+        if message.tool_call_id:
+            digest.update(b"\x05" + message.tool_call_id.encode())
+    if salt:
+        digest.update(b"\x06" + salt.encode())
+    return digest.digest()
+
+
 class SimAnswer:
     """The endless deterministic token sequence of one conversation."""
 
-    def __init__(self, messages: tuple[Message, ...], seed: str = "0") -> None:
-        digest = hashlib.sha256(seed.encode())
-        for message in messages:
-            digest.update(b"\x00" + message.role.encode() + b"\x01" + message.content.encode())
-        self._rng = random.Random(digest.digest())
+    def __init__(self, messages: tuple[Message, ...], seed: str = "0", salt: str = "") -> None:
+        self._rng = random.Random(conversation_digest(messages, seed, salt))
         self._tokens: list[str] = []
 
     def token(self, index: int) -> str:
@@ -191,12 +248,32 @@ class SimAnswer:
 def split_continuation(messages: tuple[Message, ...]) -> tuple[tuple[Message, ...], str]:
     """(original messages, partial answer) of a continuation request; the
     partial answer is "" for a fresh request."""
+    # An assistant message with tool calls is a turn of the conversation, not
+    # a partial answer.
     if len(messages) >= 2 and messages[-1].role == "user":
-        if messages[-1].content == CONTINUE_INSTRUCTION and messages[-2].role == "assistant":
+        if (
+            messages[-1].content == CONTINUE_INSTRUCTION
+            and messages[-2].role == "assistant"
+            and not messages[-2].tool_calls
+        ):
             return messages[:-2], messages[-2].content
-    if len(messages) >= 2 and messages[-1].role == "assistant":
+    if len(messages) >= 2 and messages[-1].role == "assistant" and not messages[-1].tool_calls:
         return messages[:-1], messages[-1].content
     return messages, ""
+
+
+def is_tool_turn(
+    originals: tuple[Message, ...],
+    tools: tuple[Tool, ...],
+    tool_choice: ToolChoice | None,
+    settings: SimSettings,
+) -> bool:
+    """Whether the simulator answers with tool calls (module doc)."""
+    if not tools or settings.tool_calls == 0 or not originals:
+        return False
+    if tool_choice is not None and tool_choice.mode == "none" and not tool_choice.tool_name:
+        return False
+    return originals[-1].role not in ("tool", "assistant")
 
 
 # --- faults -------------------------------------------------------------------------
@@ -230,9 +307,10 @@ def parse_fault_script(script: str, field: str = 'metadata["sim.faults"]') -> tu
             continue
         kind, at, raw_count = item.partition("@")
         count = parse_count(raw_count)
-        if kind in ("reset", "stall", "eof", "garbage") and at and count is not None:
-            steps.append(FaultStep(kind, count))  # type: ignore[arg-type]
-            continue
+        match kind:
+            case "reset" | "stall" | "eof" | "garbage" if at and count is not None:
+                steps.append(FaultStep(kind, count))
+                continue
         raise RequestError(
             f"{field}: item {position} {excerpt(item)} is not one of ok, reset@N, stall@N, "
             "eof@N, garbage@N, http:CODE (N in ASCII digits)"
@@ -259,6 +337,9 @@ class SimSettings:
     # Tokens per delta: real providers often put several tokens in one
     # delta, so chunks (deltas) and tokens (usage) differ.
     tokens_per_chunk: int = 1
+    reasoning: int = 0  # reasoning deltas before the answer
+    tool_calls: int | None = None  # calls in a tool turn; None: 1
+    preamble: int = DEFAULT_PREAMBLE  # text tokens before the calls of a tool turn
 
     @classmethod
     def from_metadata(
@@ -272,9 +353,16 @@ class SimSettings:
             faults=parse_fault_script(values.get("sim.faults", "")),
             retry_after_s=_number(values, "sim.retry_after_s", DEFAULT_RETRY_AFTER_S, 0, 3600),
             tokens_per_chunk=int(
-                _number(
-                    values, "sim.tokens_per_chunk", 1, 1, MAX_TOKENS_PER_CHUNK, integer=True
-                )
+                _number(values, "sim.tokens_per_chunk", 1, 1, MAX_TOKENS_PER_CHUNK, integer=True)
+            ),
+            reasoning=int(_number(values, "sim.reasoning", 0, 0, MAX_REASONING, integer=True)),
+            tool_calls=(
+                int(_number(values, "sim.tool_calls", 1, 0, MAX_TOOL_CALLS, integer=True))
+                if "sim.tool_calls" in values
+                else None
+            ),
+            preamble=int(
+                _number(values, "sim.preamble", DEFAULT_PREAMBLE, 0, MAX_PREAMBLE, integer=True)
             ),
         )
 
@@ -303,15 +391,92 @@ def _number(
     return value
 
 
+SimEventKind = Literal["text", "reasoning", "tool_call"]
+
+
+@dataclass(frozen=True, slots=True)
+class SimEvent:
+    """One event of an attempt: a text or reasoning delta, or a piece of a
+    tool call (its first piece has the id and name and no arguments)."""
+
+    kind: SimEventKind
+    text: str = ""  # the text, the reasoning, or an argument fragment
+    index: int = 0  # the tool call's place in the turn
+    id: str = ""
+    name: str = ""
+    tokens: int = 1
+
+
 @dataclass(frozen=True, slots=True)
 class AttemptPlan:
-    """What one simulated attempt sends: `pieces` of text, then `fault`
-    (which, for "ok", means a clean finish)."""
+    """What one simulated attempt sends: `events`, then `fault` (which, for
+    "ok", means a clean finish with `finish_reason`)."""
 
-    pieces: tuple[str, ...]
+    events: tuple[SimEvent, ...]
     fault: FaultStep
     finish_reason: str
     usage: Usage
+
+    @property
+    def pieces(self) -> tuple[str, ...]:
+        """The text deltas."""
+        return tuple(e.text for e in self.events if e.kind == "text")
+
+
+def _argument_value(schema: object, rng: random.Random) -> object:
+    kind = schema.get("type") if isinstance(schema, dict) else None
+    if isinstance(schema, dict) and isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    if kind == "integer":
+        return rng.randint(1, 100)
+    if kind == "number":
+        return round(rng.uniform(0, 100), 1)
+    if kind == "boolean":
+        return rng.random() < 0.5
+    if kind == "array":
+        return [" ".join(rng.choice(_WORDS) for _ in range(2))]
+    if kind == "object":
+        return {}
+    return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(2, 4)))
+
+
+def sim_arguments(tool: Tool, rng: random.Random) -> str:
+    """Arguments for a call of `tool`: a value per property of its schema."""
+    try:
+        schema = json.loads(tool.parameters_json) if tool.parameters_json.strip() else {}
+    except ValueError:
+        schema = {}
+    properties = schema.get("properties") if isinstance(schema, dict) else None
+    arguments: dict[str, Any] = {}
+    if isinstance(properties, dict):
+        for name, spec in list(properties.items())[:MAX_ARGUMENT_PROPERTIES]:
+            arguments[str(name)] = _argument_value(spec, rng)
+    return json.dumps(arguments, ensure_ascii=False)
+
+
+def tool_call_events(
+    originals: tuple[Message, ...],
+    tools: tuple[Tool, ...],
+    tool_choice: ToolChoice | None,
+    settings: SimSettings,
+) -> list[SimEvent]:
+    """The calls of a tool turn, each as its first event and its fragments."""
+    by_name = {tool.name: tool for tool in tools}
+    events: list[SimEvent] = []
+    for index in range(1 if settings.tool_calls is None else settings.tool_calls):
+        if tool_choice is not None and tool_choice.tool_name in by_name:
+            tool = by_name[tool_choice.tool_name]
+        else:
+            tool = tools[index % len(tools)]
+        digest = conversation_digest(originals, settings.seed, f"tool call {index}")
+        call_id = "call_" + digest.hex()[:24]
+        arguments = sim_arguments(tool, random.Random(digest))
+        events.append(SimEvent("tool_call", "", index, call_id, tool.name))
+        events += [
+            SimEvent("tool_call", arguments[at : at + ARGUMENT_FRAGMENT_CHARS], index)
+            for at in range(0, len(arguments), ARGUMENT_FRAGMENT_CHARS)
+        ]
+    return events
 
 
 def plan_attempt(
@@ -321,6 +486,8 @@ def plan_attempt(
     attempt: int,
     settings: SimSettings,
     continuation: str | None = None,
+    tools: tuple[Tool, ...] = (),
+    tool_choice: ToolChoice | None = None,
 ) -> AttemptPlan:
     """The deterministic script of one attempt.
 
@@ -332,8 +499,9 @@ def plan_attempt(
     if continuation is not None:
         originals = messages
     answer = SimAnswer(originals, settings.seed)
+    tool_turn = is_tool_turn(originals, tools, tool_choice, settings)
     budget = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
-    pieces: list[str] = []
+    index, offset = 0, 0
     if prefix:
         start = answer.locate(prefix, limit_tokens=len(prefix) + 1)
         if start is None:
@@ -344,37 +512,71 @@ def plan_attempt(
             # The default length is the whole answer's, so a continuation
             # without max_tokens still ends where a clean run would.
             budget = max(DEFAULT_MAX_TOKENS - index, 0)
-        if offset:
-            pieces.append(answer.token(index)[offset:])
-            index += 1
-        pieces.extend(answer.token(i) for i in range(index, index + budget - len(pieces)))
-        if settings.overlap and pieces:
-            pieces[0] = prefix[-settings.overlap :] + pieces[0]
-    else:
-        pieces.extend(answer.token(i) for i in range(budget))
-    # Deltas of `tokens_per_chunk` tokens each; faults count deltas.
+    end = index + budget
+    if tool_turn:
+        end = min(end, max(settings.preamble, index + (1 if offset else 0)))
+    pieces: list[str] = []
+    if offset and index < end:
+        pieces.append(answer.token(index)[offset:])
+        index += 1
+    pieces.extend(answer.token(i) for i in range(index, end))
+    if prefix and settings.overlap and pieces:
+        pieces[0] = prefix[-settings.overlap :] + pieces[0]
+    # Deltas of `tokens_per_chunk` tokens each.
     size = settings.tokens_per_chunk
-    tokens = [len(pieces[i : i + size]) for i in range(0, len(pieces), size)]
-    pieces = ["".join(pieces[i : i + size]) for i in range(0, len(pieces), size)]
+    events = [
+        SimEvent("reasoning", token, tokens=1)
+        for token in (
+            SimAnswer(originals, settings.seed, "reasoning").token(i)
+            for i in range(settings.reasoning)
+        )
+    ]
+    events += [
+        SimEvent("text", "".join(pieces[i : i + size]), tokens=len(pieces[i : i + size]))
+        for i in range(0, len(pieces), size)
+    ]
+    if tool_turn:
+        events += tool_call_events(originals, tools, tool_choice, settings)
+    # Faults count events of every kind.
     fault = fault_for_attempt(settings.faults, attempt)
     if fault.kind in ("reset", "stall", "eof", "garbage"):
-        pieces, tokens = pieces[: fault.n], tokens[: fault.n]
+        events = events[: fault.n]
     elif fault.kind == "http":
-        pieces, tokens = [], []
+        events = []
     prompt_tokens = sum(len(m.content.split()) for m in messages)
     return AttemptPlan(
-        pieces=tuple(pieces),
+        events=tuple(events),
         fault=fault,
-        finish_reason="stop",
-        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(tokens)),
+        finish_reason="tool_calls" if tool_turn else "stop",
+        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(e.tokens for e in events)),
     )
 
 
 # --- the in-process provider ----------------------------------------------------------------
 
+SimState = Literal["answering", "waiting", "stalled"]
+
+
+@dataclass(frozen=True, slots=True)
+class SimInFlight:
+    """One attempt the simulator is playing, as `SimProvider.in_flight()`
+    shows it: "answering" (what it does next does not wait on time),
+    "waiting" (on the clock: the pace) or "stalled" (`stall@N`: nothing more
+    until the caller gives up). Every delta it yielded before waiting or
+    stalling has been taken by the caller: it is a generator."""
+
+    attempt: int
+    state: SimState
+
+
+@dataclass(eq=False)
+class _Playing:
+    attempt: int
+    state: SimState = "answering"
+
 
 class SimProvider:
-    """Model `sim`, played in-process with asyncio pacing."""
+    """Model `sim`, played in-process with pacing on the injected clock."""
 
     def __init__(
         self, name: str = "sim", *, default_pace_ms: float = 0.0, clock: Clock | None = None
@@ -382,6 +584,7 @@ class SimProvider:
         self._name = name
         self._default_pace_ms = default_pace_ms
         self._clock = clock or SystemClock()
+        self._playing: set[_Playing] = set()
 
     @property
     def name(self) -> str:
@@ -391,7 +594,23 @@ class SimProvider:
         """Raise RequestError naming the bad `sim.*` metadata key, if any."""
         SimSettings.from_metadata(metadata, self._default_pace_ms)
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[Delta]:
+    def in_flight(self) -> tuple[SimInFlight, ...]:
+        """What each attempt being played is doing now (for a time keeper)."""
+        return tuple(SimInFlight(playing.attempt, playing.state) for playing in self._playing)
+
+    async def stream(self, request: ProviderRequest) -> AsyncGenerator[Delta, None]:
+        playing = _Playing(request.attempt)
+        self._playing.add(playing)
+        try:
+            async with contextlib.aclosing(self._play(request, playing)) as deltas:
+                async for delta in deltas:
+                    yield delta
+        finally:
+            self._playing.discard(playing)
+
+    async def _play(
+        self, request: ProviderRequest, playing: _Playing
+    ) -> AsyncGenerator[Delta, None]:
         settings = SimSettings.from_metadata(request.metadata, self._default_pace_ms)
         plan = plan_attempt(
             request.messages,
@@ -399,6 +618,8 @@ class SimProvider:
             attempt=request.attempt,
             settings=settings,
             continuation=request.continuation,
+            tools=request.tools,
+            tool_choice=request.tool_choice,
         )
         fault = plan.fault
         if fault.kind == "http":
@@ -414,17 +635,21 @@ class SimProvider:
         # the rate holds however late each wake-up is (issue 10: sleeping the
         # full pace after each token drifted to ~47 tok/s at 50 tok/s).
         started = self._clock.monotonic()
-        for index, piece in enumerate(plan.pieces):
+        for index, event in enumerate(plan.events):
             if pace_s:
-                await self._clock.sleep(started + (index + 1) * pace_s - self._clock.monotonic())
+                delay = started + (index + 1) * pace_s - self._clock.monotonic()
+                if delay > 0:  # a token already due (a late wake-up) is not a wait
+                    playing.state = "waiting"
+                await self._clock.sleep(delay)
+                playing.state = "answering"
             elif index % FULL_SPEED_BURST == 0:
                 # At full speed, hand the loop back now and then, as a socket
                 # read that returns several tokens at once would.
                 await asyncio.sleep(0)
-            sent_bytes += len(piece.encode())
-            yield TextDelta(piece)
+            sent_bytes += len(event.text.encode())
+            yield _delta(event)
         context = {
-            "tokens_received": len(plan.pieces),
+            "tokens_received": len(plan.events),
             "bytes_received": sent_bytes,
         }
         if fault.kind == "reset":
@@ -440,11 +665,20 @@ class SimProvider:
                 )
             )
         if fault.kind == "stall":
+            playing.state = "stalled"
             await asyncio.Event().wait()  # hangs until the caller's stall timeout cancels us
         if fault.kind == "eof":
             return  # no Finish: the caller reports NO_FINISH_REASON
         yield UsageReport(plan.usage)
-        yield Finish(plan.finish_reason, plan.usage)
+        yield Finish(plan.finish_reason, plan.usage, bytes_received=sent_bytes)
 
     async def aclose(self) -> None:
         return None
+
+
+def _delta(event: SimEvent) -> Delta:
+    if event.kind == "reasoning":
+        return ReasoningDelta(event.text)
+    if event.kind == "tool_call":
+        return ToolCallDelta(event.index, event.id, event.name, event.text)
+    return TextDelta(event.text)
