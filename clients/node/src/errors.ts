@@ -18,7 +18,7 @@
  * `client.resume(partial)`.
  *
  * grpc errors never escape the client; they are translated at one boundary
- * (`translateFailure` in client.ts).
+ * (`translateFailure` in call.ts).
  */
 import { status as GrpcStatus } from '@grpc/grpc-js';
 
