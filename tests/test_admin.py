@@ -1,7 +1,11 @@
 """The tokenrelay.v1.Admin service over a real port: served only with an admin
 token, every call guarded by `authorization: Bearer TOKEN`, the error
 statistics (memory, and Redis shared by two replicas), the streams of a
-replica and the overview `tokenrelay top` draws."""
+replica and the overview `tokenrelay top` draws.
+
+A stream that must still be running while Admin looks at it is PACED on a
+ManualClock: it makes its chunks only when the test lets it (`produce`), so
+what Admin reports is exact, however fast or slow the machine."""
 
 from __future__ import annotations
 
@@ -12,10 +16,21 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serverkit import RawCall, RelayFactory, eventually, run_to_end, start_request
+from serverkit import (
+    PACED,
+    QUIET,
+    RawCall,
+    RelayFactory,
+    eventually,
+    generation_of,
+    produce,
+    run_to_end,
+    start_request,
+)
 from test_reflection import PROTOCOLS, ask
 from tokenrelay.v1 import admin_pb2, admin_pb2_grpc, relay_pb2
 from tokenrelay_server.api.server import RelayServer
+from tokenrelay_server.core.clock import ManualClock
 
 TOKEN = "admin-token-0123456789"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -114,7 +129,7 @@ async def test_health_needs_no_token(relay_factory: RelayFactory) -> None:
 async def test_error_statistics_group_the_errors_of_the_period_by_type_and_code(
     relay_factory: RelayFactory,
 ) -> None:
-    relay = await relay_factory(admin_token=TOKEN, backoff_base_s=0.001, max_retries=3)
+    relay = await relay_factory(admin_token=TOKEN, backoff_base_s=0, max_retries=3)
     async with grpc.aio.insecure_channel(relay.address) as channel:
         for faults in ("reset@3,http:500", "http:500,http:500", "http:401"):
             await run_to_end(channel, start_request(metadata={"sim.faults": faults}))
@@ -170,18 +185,22 @@ async def test_replicas_on_one_redis_share_the_error_statistics(
 
 
 async def test_list_streams_shows_running_and_detached_generations_of_the_replica(
-    relay_factory: RelayFactory,
+    relay_factory: RelayFactory, clock: ManualClock
 ) -> None:
-    relay = await relay_factory(admin_token=TOKEN, detach_grace_s=300)
-    slow = {"sim.pace_ms": "50"}
+    relay = await relay_factory(admin_token=TOKEN, clock=clock, **QUIET)
     async with grpc.aio.insecure_channel(relay.address) as channel:
         stub = admin_pb2_grpc.AdminStub(channel)
         empty = await stub.ListStreams(admin_pb2.ListStreamsRequest(), metadata=AUTH)
         assert list(empty.streams) == [] and empty.replica_id == relay.hub.replica_id
-        kept = RawCall(channel, start_request(max_tokens=5000, metadata=slow))
-        left = RawCall(channel, start_request(max_tokens=5000, metadata=slow))
-        kept_started = (await kept.events_until(lambda e: e.HasField("chunk")))[0].started
-        left_started = (await left.events_until(lambda e: e.HasField("chunk")))[0].started
+        kept = RawCall(channel, start_request(max_tokens=5000, metadata=PACED))
+        left = RawCall(channel, start_request(max_tokens=5000, metadata=PACED))
+        kept_first, left_first = await kept.next_event(), await left.next_event()
+        kept_started, left_started = kept_first.started, left_first.started
+        # Both are paced on the same clock from the same time: one second
+        # brings the first chunk of each, and then they wait for the second.
+        await produce(clock, relay, generation_of(relay, kept_first), 1)
+        for call in (kept, left):
+            await call.events_until(lambda e: e.HasField("chunk"))
         left.cancel()
         await eventually(lambda: relay.hub.attached_sessions == 1)
         listed = await stub.ListStreams(admin_pb2.ListStreamsRequest(), metadata=AUTH)
@@ -193,7 +212,7 @@ async def test_list_streams_shows_running_and_detached_generations_of_the_replic
         assert detached.attached_clients == 0
         for info in (running, detached):
             assert info.model == "sim" and info.owner == relay.hub.replica_id
-            assert info.last_seq >= 1 and info.age_seconds >= 0
+            assert info.last_seq == 1 and info.age_seconds == pytest.approx(1.0)
             assert info.attempts == 1 and info.phase == "attempt"
         one = await stub.GetStream(
             admin_pb2.GetStreamRequest(stream_id=kept_started.stream_id), metadata=AUTH
@@ -226,21 +245,24 @@ async def test_get_stream_of_a_finished_stream_says_ended_and_unknown_is_not_fou
 
 
 async def test_get_stream_on_another_replica_names_the_owner(
-    relay_factory: RelayFactory, redis_url: str, redis_prefix: str
+    relay_factory: RelayFactory, redis_url: str, redis_prefix: str, clock: ManualClock
 ) -> None:
     shared = {"store": "redis", "redis_url": redis_url, "redis_prefix": redis_prefix}
-    owner = await relay_factory(admin_token=TOKEN, detach_grace_s=300, **shared)
-    other = await relay_factory(admin_token=TOKEN, **shared)
+    owner = await relay_factory(admin_token=TOKEN, clock=clock, **QUIET, **shared)
+    other = await relay_factory(admin_token=TOKEN, clock=clock, **QUIET, **shared)
     async with grpc.aio.insecure_channel(owner.address) as channel:
-        call = RawCall(channel, start_request(max_tokens=5000, metadata={"sim.pace_ms": "50"}))
-        started = (await call.events_until(lambda e: e.HasField("chunk")))[0].started
+        call = RawCall(channel, start_request(max_tokens=5000, metadata=PACED))
+        first = await call.next_event()
+        await produce(clock, owner, generation_of(owner, first), 1)  # then it waits
+        await call.events_until(lambda e: e.HasField("chunk"))
+        started = first.started
         async with grpc.aio.insecure_channel(other.address) as other_channel:
             info = await admin_pb2_grpc.AdminStub(other_channel).GetStream(
                 admin_pb2.GetStreamRequest(stream_id=started.stream_id), metadata=AUTH
             )
         call.cancel()
     assert info.state == admin_pb2.STREAM_STATE_REMOTE
-    assert info.owner == owner.hub.replica_id and info.last_seq >= 1
+    assert info.owner == owner.hub.replica_id and info.last_seq == 1
     assert info.attached_clients == 0  # none on the replica that answered
 
 
@@ -248,14 +270,18 @@ async def test_get_stream_on_another_replica_names_the_owner(
 
 
 async def test_the_overview_shows_streams_rates_breakers_and_recent_recovery(
-    relay_factory: RelayFactory,
+    relay_factory: RelayFactory, clock: ManualClock
 ) -> None:
-    relay = await relay_factory(admin_token=TOKEN, backoff_base_s=0.001)
+    # The resume after the reset needs no wait (backoff 0), so the recovered
+    # stream runs to its end without the clock moving.
+    relay = await relay_factory(admin_token=TOKEN, clock=clock, **QUIET, backoff_base_s=0)
     async with grpc.aio.insecure_channel(relay.address) as channel:
         recovered = await run_to_end(
             channel, start_request(max_tokens=20, metadata={"sim.faults": "reset@4"})
         )
-        call = RawCall(channel, start_request(max_tokens=5000, metadata={"sim.pace_ms": "50"}))
+        call = RawCall(channel, start_request(max_tokens=5000, metadata=PACED))
+        started = await call.next_event()
+        await produce(clock, relay, generation_of(relay, started), 1)  # then it waits
         await call.events_until(lambda e: e.HasField("chunk"))
         overview = await admin_pb2_grpc.AdminStub(channel).GetOverview(
             admin_pb2.GetOverviewRequest(), metadata=AUTH
@@ -267,7 +293,8 @@ async def test_the_overview_shows_streams_rates_breakers_and_recent_recovery(
         0,
         1,
     )
-    assert overview.tokens_per_second > 0
+    # 20 tokens a second ago and one now, over the 10 s window.
+    assert overview.tokens_per_second == pytest.approx(21 / 10)
     assert [(c.code, c.count) for c in overview.errors_last_minute] == [("ECONNRESET", 1)]
     assert [(b.provider, b.upstream_model, b.state) for b in overview.breakers] == [
         ("sim", "sim", "closed")
@@ -280,4 +307,4 @@ async def test_the_overview_shows_streams_rates_breakers_and_recent_recovery(
         "sim",
         "sim",
     )
-    assert action.at_seq == 4 and action.seconds_ago >= 0
+    assert action.at_seq == 4 and action.seconds_ago == pytest.approx(1.0)

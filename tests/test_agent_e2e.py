@@ -3,7 +3,12 @@ HTTP adapters → the mock upstream, in the OpenAI and the Anthropic format,
 over real sockets. A tool call is relayed whole; a break inside its
 arguments still ends with one whole, valid call (WHOLE) or a typed partial
 (STREAM); reasoning is relayed and survives a break; an agent loop runs
-through the Python client."""
+through the Python client.
+
+The gateway and the mock share a ManualClock with realistic timers (1 s
+backoff, 5 s stall timeout); a time keeper moves it only when the stream
+provably waits on time, so a slow machine never fires a stall timeout in the
+middle of a clean answer, and a stall is crossed without waiting for it."""
 
 from __future__ import annotations
 
@@ -19,25 +24,27 @@ from serverkit import RelayFactory, assert_contiguous, chunks_of, end_of, run_to
 from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay_client import RelayClient, Tool, tool_result
 from tokenrelay_devtools.mock_upstream import MockUpstream
+from tokenrelay_devtools.timekeeper import keeping_time
 from tokenrelay_server.api.server import RelayServer
 from tokenrelay_server.config.settings import build_settings, read_config_file
+from tokenrelay_server.core.clock import ManualClock
 
 CONFIG = """
 [recovery]
-backoff_base_s = 0.001
+backoff_base_s = 1
 max_retries = 2
 
 [providers.mock-openai]
 kind = "openai"
 base_url = "{base_url}"
 forward_sim_headers = true
-stall_timeout_s = 0.5
+stall_timeout_s = 5
 
 [providers.mock-anthropic]
 kind = "anthropic"
 base_url = "{base_url}"
 forward_sim_headers = true
-stall_timeout_s = 0.5
+stall_timeout_s = 5
 
 [models.oa]
 chain = [{{ provider = "mock-openai", model = "gpt-4o-mini" }}]
@@ -58,8 +65,8 @@ INSIDE_THE_ARGUMENTS = 5
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[MockUpstream]:
-    mock = MockUpstream()
+async def upstream(clock: ManualClock) -> AsyncIterator[MockUpstream]:
+    mock = MockUpstream(clock=clock)
     await mock.start("127.0.0.1", 0)
     yield mock
     await mock.stop()
@@ -67,13 +74,15 @@ async def upstream() -> AsyncIterator[MockUpstream]:
 
 @pytest.fixture
 async def gateway(
-    upstream: MockUpstream, relay_factory: RelayFactory, tmp_path: Path
-) -> RelayServer:
+    upstream: MockUpstream, relay_factory: RelayFactory, tmp_path: Path, clock: ManualClock
+) -> AsyncIterator[RelayServer]:
     config = tmp_path / "tokenrelay.toml"
     config.write_text(CONFIG.format(base_url=upstream.base_url))
     values = read_config_file(config)
     settings = build_settings(values)
-    return await relay_factory(**{k: getattr(settings, k) for k in values})
+    relay = await relay_factory(clock=clock, **{k: getattr(settings, k) for k in values})
+    async with keeping_time(clock, relay, upstream):
+        yield relay
 
 
 def agent_start(
@@ -85,7 +94,7 @@ def agent_start(
     reasoning: int = 0,
     max_tokens: int = 40,
 ) -> pb.StreamRequest:
-    metadata = {"sim.retry_after_s": "0.01"}
+    metadata = {"sim.retry_after_s": "1"}
     if faults:
         metadata["sim.faults"] = faults
     if reasoning:

@@ -11,10 +11,23 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from serverkit import RawCall, chunks_of, resume_request, run_to_end, sha256, text_of
+from serverkit import (
+    PACED,
+    QUIET,
+    RawCall,
+    RelayFactory,
+    chunks_of,
+    generation_of,
+    produce,
+    resume_request,
+    run_to_end,
+    sha256,
+    text_of,
+)
 from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay_client import GenerationFailed, RelayClient
 from tokenrelay_server.api.servicer import status_for_fault
+from tokenrelay_server.core.clock import ManualClock
 from tokenrelay_server.core.errors import ErrorType, Fault, SuggestedAction
 
 
@@ -208,14 +221,23 @@ async def test_the_gateways_setting_applies_when_the_call_does_not_say(relay_fac
         assert events[-1].end.partial
 
 
-async def test_a_cancel_still_ends_with_end_when_partials_are_refused(channel) -> None:
-    request = start("", allow_partial=False, max_tokens=100_000, metadata={"sim.pace_ms": "5"})
-    call = RawCall(channel, request)
-    await call.events_until(lambda e: e.HasField("chunk") and e.chunk.seq == 2)
-    call.send(pb.StreamRequest(cancel=pb.Cancel(reason="user pressed stop")))
-    events = await call.events_until()
-    call.cancel()
+async def test_a_cancel_still_ends_with_end_when_partials_are_refused(
+    relay_factory: RelayFactory, clock: ManualClock
+) -> None:
+    # Paced on a manual clock: two chunks, then it waits for the third while
+    # the cancel comes.
+    relay = await relay_factory(clock=clock, **QUIET)
+    request = start("", allow_partial=False, max_tokens=100_000, metadata=PACED)
+    async with grpc.aio.insecure_channel(relay.address) as channel:
+        call = RawCall(channel, request)
+        started = await call.next_event()
+        await produce(clock, relay, generation_of(relay, started), 2)
+        await call.events_until(lambda e: e.HasField("chunk") and e.chunk.seq == 2)
+        call.send(pb.StreamRequest(cancel=pb.Cancel(reason="user pressed stop")))
+        events = await call.events_until()
+        call.cancel()
     end = events[-1].end
+    assert end.total_seq == 2
     assert end.partial and end.finish_reason == "cancelled"
     assert end.error.code == "CANCELLED"
 

@@ -10,10 +10,15 @@ import grpc
 import pytest
 
 from serverkit import (
+    PACED,
+    QUIET,
     SECRET,
     RawCall,
+    RelayFactory,
     end_of,
     eventually,
+    generation_of,
+    produce,
     resume_request,
     run_to_end,
     start_request,
@@ -24,6 +29,29 @@ from tokenrelay_server.api.servicer import MAX_CANCEL_REASON_CHARS
 from tokenrelay_server.api.tokens import ResumeTokens
 from tokenrelay_server.config.settings import Settings
 from tokenrelay_server.core.clock import ManualClock, SystemClock
+
+
+@pytest.fixture
+async def paced(relay_factory: RelayFactory, clock: ManualClock) -> RelayServer:
+    """A gateway on the manual clock, its timers out of reach: a PACED stream
+    waits (mid-generation) until the test lets it make chunks (`produce`)."""
+    return await relay_factory(clock=clock, **QUIET)
+
+
+async def resume_to_the_end(
+    relay: RelayServer, clock: ManualClock, started: pb.StreamEvent, chunks: int
+) -> pb.StreamEnd:
+    """Resume the stream `started` names from seq 0 while it still waits for
+    its first chunk, let it make `chunks` chunks, and read it to its End."""
+    generation = generation_of(relay, started)
+    assert generation.last_seq == 0 and not generation.finished.is_set()  # it survived
+    async with grpc.aio.insecure_channel(relay.address) as channel:
+        again = RawCall(channel, resume_request(started.started.resume_token, 0))
+        resumed = await again.next_event()
+        await produce(clock, relay, generation, chunks)
+        rest = [resumed, *await again.events_until()]
+        again.cancel()
+    return end_of(rest)
 
 
 def start_with(**fields: object) -> pb.StreamRequest:
@@ -295,18 +323,19 @@ async def test_last_seq_beyond_the_end_is_invalid_argument(channel) -> None:
 
 
 async def test_second_start_on_a_call_is_rejected_and_the_stream_survives(
-    relay: RelayServer, channel
+    paced: RelayServer, clock: ManualClock
 ) -> None:
-    call = RawCall(channel, start_request(max_tokens=40, metadata={"sim.pace_ms": "5"}))
-    started = await call.next_event()
-    call.send(start_request())
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call.events_until()
+    async with grpc.aio.insecure_channel(paced.address) as channel:
+        call = RawCall(channel, start_request(max_tokens=40, metadata=PACED))
+        started = await call.next_event()
+        call.send(start_request())
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.events_until()
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "a second `start`" in caught.value.details()
-    assert len(relay.hub.store) == 1  # type: ignore[arg-type]  # no second stream
-    rest = await run_to_end(channel, resume_request(started.started.resume_token, 0))
-    assert rest[-1].end.total_seq == 40 and not rest[-1].end.partial
+    assert len(paced.hub.store) == 1  # type: ignore[arg-type]  # no second stream
+    end = await resume_to_the_end(paced, clock, started, 40)
+    assert end.total_seq == 40 and not end.partial
 
 
 async def test_tampered_token_is_permission_denied(channel) -> None:
@@ -416,9 +445,9 @@ async def test_an_undecodable_first_frame_is_invalid_argument(
 
 @pytest.mark.parametrize("frame", UNDECODABLE_FRAMES)
 async def test_an_undecodable_later_frame_is_invalid_argument_and_the_stream_survives(
-    relay: RelayServer, channel, frame: bytes
+    paced: RelayServer, clock: ManualClock, frame: bytes
 ) -> None:
-    start = start_request(max_tokens=40, metadata={"sim.pace_ms": "5"}).SerializeToString()
+    start = start_request(max_tokens=40, metadata=PACED).SerializeToString()
     outbox: asyncio.Queue[bytes] = asyncio.Queue()
     outbox.put_nowait(start)
 
@@ -426,16 +455,17 @@ async def test_an_undecodable_later_frame_is_invalid_argument_and_the_stream_sur
         while True:
             yield await outbox.get()
 
-    call = raw_stream(channel)(frames())
-    started = await call.read()
-    outbox.put_nowait(frame)
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        while await call.read() is not grpc.aio.EOF:
-            pass
+    async with grpc.aio.insecure_channel(paced.address) as channel:
+        call = raw_stream(channel)(frames())
+        started = await call.read()
+        outbox.put_nowait(frame)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            while await call.read() is not grpc.aio.EOF:
+                pass
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "not a valid tokenrelay.v1.StreamRequest" in caught.value.details()
-    rest = await run_to_end(channel, resume_request(started.started.resume_token, 0))
-    assert rest[-1].end.total_seq == 40 and not rest[-1].end.partial
+    end = await resume_to_the_end(paced, clock, started, 40)
+    assert end.total_seq == 40 and not end.partial
 
 
 @pytest.mark.parametrize(
@@ -456,23 +486,25 @@ async def test_a_resume_token_with_non_ascii_characters_is_permission_denied(
 
 
 async def test_a_huge_cancel_reason_is_cut_and_every_reader_still_gets_the_end(
-    relay: RelayServer, channel
+    paced: RelayServer,
 ) -> None:
-    call = RawCall(channel, start_request(max_tokens=100_000, metadata={"sim.pace_ms": "5"}))
-    started = await call.next_event()
-    call.send(pb.StreamRequest(cancel=pb.Cancel(reason="stop " * 1_000_000)))  # 5 MB
-    events = await call.events_until()  # a reader with gRPC's default 4 MiB limit
-    call.cancel()
-    end = end_of(events)
-    assert end.finish_reason == "cancelled"
-    assert (
-        "stop stop" in end.error.message
-        and "truncated from 5000000 characters" in end.error.message
-    )
-    assert len(end.error.message) < MAX_CANCEL_REASON_CHARS + 200
-    again = await run_to_end(channel, resume_request(started.started.resume_token, 0))
+    async with grpc.aio.insecure_channel(paced.address) as channel:
+        # Paced on a clock nobody moves: still generating when the cancel comes.
+        call = RawCall(channel, start_request(max_tokens=100_000, metadata=PACED))
+        started = await call.next_event()
+        call.send(pb.StreamRequest(cancel=pb.Cancel(reason="stop " * 1_000_000)))  # 5 MB
+        events = await call.events_until()  # a reader with gRPC's default 4 MiB limit
+        call.cancel()
+        end = end_of(events)
+        assert end.finish_reason == "cancelled"
+        assert (
+            "stop stop" in end.error.message
+            and "truncated from 5000000 characters" in end.error.message
+        )
+        assert len(end.error.message) < MAX_CANCEL_REASON_CHARS + 200
+        again = await run_to_end(channel, resume_request(started.started.resume_token, 0))
     assert end_of(again).error.message == end.error.message
-    await eventually(lambda: relay.hub.running_generations == 0)
+    await eventually(lambda: paced.hub.running_generations == 0)
 
 
 async def test_a_huge_role_is_not_echoed_whole(channel) -> None:

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import grpc
 
-from serverkit import RelayFactory, end_of, run_to_end, start_request, text_of
+from serverkit import QUIET, RelayFactory, end_of, run_to_end, start_request, text_of
 from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay_server.api.server import RelayServer
+from tokenrelay_server.core.clock import ManualClock
 
-# One failure opens the breaker; no retries and no real backoff waits.
-SETTINGS = {"breaker_failure_threshold": 1, "max_retries": 0, "backoff_base_s": 0.001}
+# One failure opens the breaker; no retries. On a manual clock nobody moves,
+# an open breaker stays open (its 30 s cool-down never passes), however long
+# the test takes.
+SETTINGS = {"breaker_failure_threshold": 1, "max_retries": 0, **QUIET}
 
 
 async def fail_five_times(relay: RelayServer, faults: str) -> list[pb.StreamEnd]:
@@ -38,9 +41,9 @@ def sim_breaker_state(relay: RelayServer) -> str:
 
 
 async def test_bad_requests_do_not_open_the_breaker_for_other_clients(
-    relay_factory: RelayFactory,
+    relay_factory: RelayFactory, clock: ManualClock
 ) -> None:
-    relay = await relay_factory(**SETTINGS)
+    relay = await relay_factory(clock=clock, **SETTINGS)
     ends = await fail_five_times(relay, "http:400")
     # Each of them got the provider's own answer, none a BREAKER_OPEN.
     assert [(end.partial, end.error.code) for end in ends] == [(True, "HTTP_400")] * 5
@@ -51,9 +54,9 @@ async def test_bad_requests_do_not_open_the_breaker_for_other_clients(
 
 
 async def test_provider_failures_do_open_the_breaker_for_other_clients(
-    relay_factory: RelayFactory,
+    relay_factory: RelayFactory, clock: ManualClock
 ) -> None:
-    relay = await relay_factory(**SETTINGS)
+    relay = await relay_factory(clock=clock, **SETTINGS)
     ends = await fail_five_times(relay, "http:500")
     assert ends[0].error.code == "HTTP_500"
     assert {end.error.code for end in ends[1:]} == {"BREAKER_OPEN"}

@@ -285,20 +285,25 @@ async def test_chat_notices_go_on_their_own_lines_and_leave_the_answer_whole(
 
 async def test_chat_to_a_dead_address_reports_the_refused_connection() -> None:
     # A bound socket that never listens: every connection to it is refused.
+    # No reconnect: a reconnect waits out its window for a channel that never
+    # connects, on the wall clock of a process the test cannot move; the
+    # refusal ends the first attempt by itself (the window is only a guard).
+    # test_client's test of chat to a dead address moves a reconnect's window
+    # on a manual clock.
     with socket.socket() as dead:
         dead.bind(("127.0.0.1", 0))
         port = dead.getsockname()[1]
         code, out, err = await run_chat_command(
             "--target", f"127.0.0.1:{port}",
-            "--reconnects", "1", "--connect-timeout-s", "0.2", "--backoff-base-s", "0",
+            "--reconnects", "0", "--connect-timeout-s", "30", "--backoff-base-s", "0",
             CHAT_PROMPT,
         )  # fmt: skip
     assert code == 1
     assert out == ""
     assert "no StreamStarted" not in err, err
     [last] = err.splitlines()[-1:]
-    assert last.startswith("error: the gateway at ") and "Connection refused" in last, err
-    assert f"cannot reach the gateway at 127.0.0.1:{port}" in err
+    assert last.startswith(f"error: the gateway at 127.0.0.1:{port} is unreachable: "), err
+    assert "after 0 reconnect attempt(s)" in last and "Connection refused" in last, err
 
 
 def test_the_first_message_timeout_is_a_flag_and_a_variable() -> None:

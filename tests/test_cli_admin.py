@@ -1,6 +1,10 @@
 """`tokenrelay stats` and `tokenrelay top` as an operator runs them: real
 processes against a real gateway in this test's loop, and `top` on a real
-terminal (tmux: send-keys to type, capture-pane to read the screen)."""
+terminal (tmux: send-keys to type, capture-pane to read the screen).
+
+A stream that must still be running while `top` shows it is PACED on the
+gateway's ManualClock: it waits mid-generation after the chunks the test let
+it make (`produce`), however long the commands take."""
 
 from __future__ import annotations
 
@@ -15,7 +19,17 @@ import grpc
 import pytest
 
 from scrape import scrape
-from serverkit import RawCall, RelayFactory, run_to_end, start_request
+from serverkit import (
+    PACED,
+    QUIET,
+    RawCall,
+    RelayFactory,
+    generation_of,
+    produce,
+    run_to_end,
+    start_request,
+)
+from tokenrelay_server.core.clock import ManualClock
 
 TOKENRELAY = [sys.executable, "-m", "tokenrelay_server.cli"]
 TOKEN = "admin-token-0123456789"
@@ -39,7 +53,7 @@ async def run_command(*args: str, env: dict[str, str] | None = None) -> tuple[in
 async def test_stats_prints_rows_by_type_and_code_most_frequent_first(
     relay_factory: RelayFactory,
 ) -> None:
-    relay = await relay_factory(admin_token=TOKEN, backoff_base_s=0.001, max_retries=3)
+    relay = await relay_factory(admin_token=TOKEN, backoff_base_s=0, max_retries=3)
     async with grpc.aio.insecure_channel(relay.address) as channel:
         for faults in ("http:500,http:500,reset@2", "http:401"):
             await run_to_end(channel, start_request(metadata={"sim.faults": faults}))
@@ -115,11 +129,16 @@ async def test_serve_refuses_bad_observability_flags_naming_them(
     assert problem in err, err
 
 
-async def test_top_off_a_terminal_prints_one_snapshot(relay_factory: RelayFactory) -> None:
-    relay = await relay_factory(admin_token=TOKEN, backoff_base_s=0.001)
+async def test_top_off_a_terminal_prints_one_snapshot(
+    relay_factory: RelayFactory, clock: ManualClock
+) -> None:
+    # backoff 0: the resume after the reset needs no clock move.
+    relay = await relay_factory(admin_token=TOKEN, clock=clock, **QUIET, backoff_base_s=0)
     async with grpc.aio.insecure_channel(relay.address) as channel:
         await run_to_end(channel, start_request(metadata={"sim.faults": "reset@3"}))
-        call = RawCall(channel, start_request(max_tokens=5000, metadata={"sim.pace_ms": "50"}))
+        call = RawCall(channel, start_request(max_tokens=5000, metadata=PACED))
+        started = await call.next_event()
+        await produce(clock, relay, generation_of(relay, started), 1)  # then it waits
         await call.events_until(lambda e: e.HasField("chunk"))
         code, out, err = await run_command("top", "--target", relay.address, "--admin-token", TOKEN)
         call.cancel()
@@ -180,9 +199,9 @@ async def terminal(tmp_path: Path) -> AsyncIterator[Terminal]:
 
 
 async def test_top_on_a_terminal_refreshes_in_place_and_quits_on_ctrl_c(
-    relay_factory: RelayFactory, terminal: Terminal
+    relay_factory: RelayFactory, terminal: Terminal, clock: ManualClock
 ) -> None:
-    relay = await relay_factory(admin_token=TOKEN, backoff_base_s=0.001, detach_grace_s=300)
+    relay = await relay_factory(admin_token=TOKEN, clock=clock, **QUIET, backoff_base_s=0)
     command = " ".join(
         [
             "env",
@@ -205,8 +224,12 @@ async def test_top_on_a_terminal_refreshes_in_place_and_quits_on_ctrl_c(
     assert "recent recovery actions" in first and "(none)" in first
     async with grpc.aio.insecure_channel(relay.address) as channel:
         await run_to_end(channel, start_request(metadata={"sim.faults": "reset@3"}))
-        kept = RawCall(channel, start_request(max_tokens=5000, metadata={"sim.pace_ms": "50"}))
-        left = RawCall(channel, start_request(max_tokens=5000, metadata={"sim.pace_ms": "50"}))
+        kept = RawCall(channel, start_request(max_tokens=5000, metadata=PACED))
+        left = RawCall(channel, start_request(max_tokens=5000, metadata=PACED))
+        kept_started = await kept.next_event()
+        await left.next_event()
+        # Paced from the same time: one second brings a chunk of each.
+        await produce(clock, relay, generation_of(relay, kept_started), 1)
         for call in (kept, left):
             await call.events_until(lambda e: e.HasField("chunk"))
         left.cancel()

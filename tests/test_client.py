@@ -3,7 +3,10 @@ scripted gRPC server, and whole streams against a real gateway whose
 connection a real TCP proxy cuts.
 
 No test sleeps: the client is given a `sleep` that records the delay and
-returns at once.
+returns at once, and where a test needs an attempt's connect window to pass,
+a `deadline` on a ManualClock of its own that the test moves once the client
+provably waits on nothing but that window. The gateway runs on a ManualClock
+too: a paced stream makes its chunks only when the test lets it (`produce`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import grpc
 import pytest
 from rich.console import Console
 
+from serverkit import PACED, QUIET, eventually, produce
 from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay.v1 import relay_pb2_grpc as pbg
 from tokenrelay_client import (
@@ -48,10 +52,10 @@ from tokenrelay_client import (
 from tokenrelay_client.chat import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, run_chat
 from tokenrelay_devtools.demo import run_demo
 from tokenrelay_devtools.netfault import FaultProxy
-from tokenrelay_devtools.timekeeper import keeping_time
 from tokenrelay_server.api.server import RelayServer
 from tokenrelay_server.config.settings import Settings
 from tokenrelay_server.core.clock import ManualClock
+from tokenrelay_server.engine.generation import Generation
 
 SECRET = "client-test-secret-0123456789"
 PROMPT = [("user", "tell me about streams that survive failure")]
@@ -534,17 +538,35 @@ async def test_resume_with_the_earlier_text_verifies_the_whole_digest():
 
 
 @pytest.fixture
-async def gateway() -> AsyncIterator[RelayServer]:
-    # On a ManualClock: a paced stream makes each chunk when a time keeper
-    # sees it waiting for its pace (as fast as the machine goes, never on
-    # wall time), so it is still running when the proxy cuts it.
-    clock = ManualClock()
-    server = await RelayServer.start(Settings(port=0, resume_secret=SECRET), clock=clock)
+async def gateway(clock: ManualClock) -> AsyncIterator[RelayServer]:
+    # On a ManualClock with its timers out of reach (QUIET): a stream paced on
+    # it (PACED) makes a chunk only when the test lets it (`produce`), so it
+    # is exactly where the test wants it when the proxy cuts it, however fast
+    # or slow the machine. Unpaced streams run to their end by themselves.
+    server = await RelayServer.start(Settings(port=0, resume_secret=SECRET, **QUIET), clock=clock)
     try:
-        async with keeping_time(clock, server):
-            yield server
+        yield server
     finally:
         await server.stop(grace=0.5)
+
+
+def generation_for(gateway: RelayServer, stream_id: str) -> Generation:
+    generation = gateway.hub.generation(stream_id)
+    assert generation is not None, "the stream is not generating on the gateway"
+    return generation
+
+
+async def until_resumed(gateway: RelayServer) -> None:
+    """Until a resumed call is attached to the gateway (the client is back)."""
+    await eventually(lambda: any(session.resumed for session in gateway.hub.sessions()))
+
+
+async def let_the_connect_window_pass(client_clock: ManualClock, seconds: float) -> None:
+    """Once the client waits on an attempt's connect deadline (on its own
+    clock), move that clock past it. Only for an attempt that can end no
+    other way (nothing accepts its connection)."""
+    await eventually(lambda: client_clock.pending > 0)
+    await client_clock.run_for(seconds)
 
 
 @pytest.fixture
@@ -581,23 +603,29 @@ async def test_generate_collects_the_verified_text(gateway):
     assert result.end.text_sha256 == text_sha256(result.text)
 
 
-async def test_a_connection_cut_mid_stream_is_resumed_seamlessly(gateway, proxy):
+async def test_a_connection_cut_mid_stream_is_resumed_seamlessly(gateway, clock, proxy):
     expected = await reference_text(gateway.address, 40, "cut")
     sleep = RecordingSleep()
     async with RelayClient(proxy.address, sleep=sleep) as client:
         relay_stream = client.stream(
-            "sim", PROMPT, max_tokens=40, metadata={"sim.pace_ms": "10", "sim.seed": "cut"}
+            "sim", PROMPT, max_tokens=40, metadata={**PACED, "sim.seed": "cut"}
         )
         events = []
         async for event in relay_stream:
             events.append(event)
+            if isinstance(event, Started):
+                # Ten chunks on the first connection, then the stream waits
+                # (mid-generation) for the cut; the rest once the client is back.
+                generation = generation_for(gateway, event.stream_id)
+                await produce(clock, gateway, generation, 30 if event.resumed else 10)
             if isinstance(event, Chunk) and event.seq == 10:
+                assert generation.last_seq == 10  # still generating when it is cut
                 assert proxy.cut_all() == 1
     seqs = [c.seq for c in chunks(events)]
     assert seqs == list(range(1, 41)), "every seq exactly once, in order"
     assert relay_stream.text == expected
     assert relay_stream.reconnects == 1
-    assert any(isinstance(e, Reconnected) and e.last_seq >= 10 for e in events)
+    assert [e.last_seq for e in events if isinstance(e, Reconnected)] == [10]
     resumed = [e for e in events if isinstance(e, Started) and e.resumed]
     assert len(resumed) == 1
     end = events[-1]
@@ -606,33 +634,53 @@ async def test_a_connection_cut_mid_stream_is_resumed_seamlessly(gateway, proxy)
 
 
 async def test_an_unreachable_gateway_exhausts_reconnects_and_the_stream_resumes_later(
-    gateway, proxy
+    gateway, clock, proxy
 ):
     expected = await reference_text(gateway.address, 30, "gone")
     sleep = RecordingSleep()
     # Each reconnect waits up to connect_timeout_s for a connection the proxy
-    # keeps resetting; keep that window short.
+    # keeps resetting: the window passes on the client's own manual clock.
+    client_clock = ManualClock()
     async with RelayClient(
-        proxy.address, sleep=sleep, max_reconnects=3, connect_timeout_s=0.2
+        proxy.address,
+        sleep=sleep,
+        max_reconnects=3,
+        connect_timeout_s=0.2,
+        deadline=client_clock.deadline,
     ) as client:
         relay_stream = client.stream(
-            "sim", PROMPT, max_tokens=30, metadata={"sim.pace_ms": "10", "sim.seed": "gone"}
+            "sim", PROMPT, max_tokens=30, metadata={**PACED, "sim.seed": "gone"}
         )
+        windows: list[asyncio.Task[None]] = []
         with pytest.raises(ReconnectsExhausted) as caught:
             async for event in relay_stream:
+                if isinstance(event, Started):
+                    generation = generation_for(gateway, event.stream_id)
+                    await produce(clock, gateway, generation, 5)
                 if isinstance(event, Chunk) and event.seq == 5:
                     proxy.refuse_new = True
                     proxy.cut_all()
+                if isinstance(event, Reconnecting):
+                    # Every connection is reset: the attempt can only run out of time.
+                    windows.append(
+                        asyncio.create_task(let_the_connect_window_pass(client_clock, 0.2))
+                    )
+        await asyncio.gather(*windows)
         partial = caught.value.partial
-        assert partial is not None and partial.last_seq >= 5
+        assert partial is not None and partial.last_seq == 5
         assert partial.text == expected[: len(partial.text)]
-        assert len(sleep.delays) == 3
+        assert len(sleep.delays) == len(windows) == 3
 
-        # The gateway kept the generation running; once the network is back,
-        # the partial stream resumes and the whole digest checks out.
+        # The gateway kept the generation running (it waits for chunk 6);
+        # once the network is back, the partial stream resumes and the whole
+        # digest checks out.
+        assert not generation.finished.is_set() and generation.last_seq == 5
         proxy.refuse_new = False
         resumed = client.resume(partial.resume_token, partial.last_seq, text_so_far=partial.text)
-        events = await collect(resumed)
+        reading = asyncio.create_task(collect(resumed))
+        await until_resumed(gateway)
+        await produce(clock, gateway, generation, 25)
+        events = await reading
     assert [c.seq for c in chunks(events)] == list(range(partial.last_seq + 1, 31))
     assert resumed.text == expected
     end = events[-1]
@@ -652,17 +700,32 @@ async def test_a_gateway_never_reached_is_reported_by_its_connection_error():
     # Issue 8: reconnects wait for the channel, and a dead address used to
     # end in "no StreamStarted within 2 s" instead of the refused connection.
     sleep = RecordingSleep()
+    client_clock = ManualClock()
     with socket.socket() as dead:  # bound, never listening: connections are refused
         dead.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{dead.getsockname()[1]}"
         async with RelayClient(
-            address, sleep=sleep, max_reconnects=2, connect_timeout_s=0.2
+            address,
+            sleep=sleep,
+            max_reconnects=2,
+            connect_timeout_s=0.2,
+            deadline=client_clock.deadline,
         ) as client:
             relay_stream = client.stream("sim", PROMPT)
             events: list[Event] = []
+            windows: list[asyncio.Task[None]] = []
             with pytest.raises(ReconnectsExhausted) as caught:
                 async for event in relay_stream:
                     events.append(event)
+                    if isinstance(event, Reconnecting):
+                        # A reconnect waits for a channel that never connects:
+                        # only its window ends it. (The first attempt ends by
+                        # the refusal itself: its window never passes.)
+                        windows.append(
+                            asyncio.create_task(let_the_connect_window_pass(client_clock, 0.2))
+                        )
+            await asyncio.gather(*windows)
+    assert len(windows) == 2
     causes = [e.cause for e in events if isinstance(e, Reconnecting)]
     assert len(causes) == 2
     for cause in [*causes, caught.value.cause]:
@@ -674,22 +737,38 @@ async def test_a_gateway_never_reached_is_reported_by_its_connection_error():
 class SilentRelay(pbg.RelayServicer):
     """Accepts the call and never answers."""
 
+    def __init__(self) -> None:
+        self.called = asyncio.Event()
+
     async def Stream(self, request_iterator, context):
+        self.called.set()
         await asyncio.Event().wait()  # until the client cancels the call
         yield pb.StreamEvent()  # pragma: no cover - never reached
 
 
 async def test_a_gateway_that_connects_but_never_starts_says_so():
     server = grpc.aio.server()
-    pbg.add_RelayServicer_to_server(SilentRelay(), server)
+    silent = SilentRelay()
+    pbg.add_RelayServicer_to_server(silent, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+    client_clock = ManualClock()
     try:
         async with RelayClient(
-            f"127.0.0.1:{port}", sleep=RecordingSleep(), max_reconnects=0, connect_timeout_s=0.2
+            f"127.0.0.1:{port}",
+            sleep=RecordingSleep(),
+            max_reconnects=0,
+            connect_timeout_s=0.2,
+            deadline=client_clock.deadline,
         ) as client:
+            reading = asyncio.create_task(collect(client.stream("sim", PROMPT)))
+            # The call reached the server, which will never answer: only the
+            # window is left to pass.
+            async with asyncio.timeout(10):  # a guard against hanging only
+                await silent.called.wait()
+            await let_the_connect_window_pass(client_clock, 0.2)
             with pytest.raises(ReconnectsExhausted) as caught:
-                await collect(client.stream("sim", PROMPT))
+                await reading
     finally:
         await server.stop(grace=None)
     assert caught.value.cause == "no StreamStarted within 0.2 s"
@@ -715,16 +794,18 @@ async def test_the_same_idempotency_key_attaches_to_the_same_stream(gateway):
     assert again.text == first.text
 
 
-async def test_cancel_ends_the_stream_with_finish_cancelled(gateway):
+async def test_cancel_ends_the_stream_with_finish_cancelled(gateway, clock):
     async with RelayClient(gateway.address) as client:
-        relay_stream = client.stream("sim", PROMPT, max_tokens=500, metadata={"sim.pace_ms": "5"})
+        relay_stream = client.stream("sim", PROMPT, max_tokens=500, metadata=PACED)
         async for event in relay_stream:
+            if isinstance(event, Started):
+                await produce(clock, gateway, generation_for(gateway, event.stream_id), 3)
             if isinstance(event, Chunk) and event.seq == 3:
-                await relay_stream.cancel("enough")
+                await relay_stream.cancel("enough")  # while it waits for chunk 4
     assert relay_stream.end is not None
     assert relay_stream.end.finish_reason == "cancelled"
     assert relay_stream.end.verified
-    assert relay_stream.last_seq < 500
+    assert relay_stream.last_seq == relay_stream.end.total_seq == 3
 
 
 # --- chat and demo -------------------------------------------------------------------------------
@@ -749,14 +830,65 @@ async def test_chat_reports_a_bad_request_with_exit_code_1(gateway):
     assert "INVALID_ARGUMENT" in err.getvalue()
 
 
+async def test_chat_to_a_dead_address_says_it_cannot_reach_it_and_why():
+    # `tokenrelay chat --reconnects 1` to a dead address (test_cli runs the
+    # command with no reconnect): the reconnect's window passes on the
+    # client's own clock once chat has said it is trying again.
+    client_clock = ManualClock()
+    out, err = io.StringIO(), io.StringIO()
+    with socket.socket() as dead:  # bound, never listening: connections are refused
+        dead.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{dead.getsockname()[1]}"
+        async with RelayClient(
+            address,
+            sleep=RecordingSleep(),
+            max_reconnects=1,
+            connect_timeout_s=0.2,
+            backoff_base_s=0.0,
+            deadline=client_clock.deadline,
+        ) as client:
+            chat = asyncio.create_task(run_chat(address, "hi", client=client, out=out, err=err))
+            await eventually(lambda: "trying again" in err.getvalue())
+            await let_the_connect_window_pass(client_clock, 0.2)
+            code = await chat
+    assert code == EXIT_FAILED
+    assert out.getvalue() == ""
+    said = err.getvalue()
+    assert "no StreamStarted" not in said, said
+    assert f"[cannot reach the gateway at {address}: " in said and "attempt 1/1]" in said
+    [last] = said.splitlines()[-1:]
+    assert last.startswith(f"error: the gateway at {address} is unreachable: ")
+    assert "Connection refused" in last, said
+
+
 @pytest.mark.parametrize("terminal", [False, True], ids=["plain lines", "live display"])
-async def test_the_demo_survives_its_cut_and_passes_its_checks(terminal):
+async def test_the_demo_survives_its_cut_and_passes_its_checks(gateway, clock, terminal):
     buffer = io.StringIO()
     console = Console(file=buffer, force_terminal=terminal, width=120)
-    # A pace well above rendering time, so the cut lands while chunks are still due.
-    code = await run_demo(
-        tokens=30, pace_ms=20.0, cut_after=10, console=console, backoff_base_s=0.0
-    )
+
+    async def let_the_demo_stream() -> None:
+        # Paced on the gateway's manual clock: ten chunks, then the stream
+        # waits (mid-generation) while the demo cuts and resumes; the rest
+        # once it is back. So the cut always lands while chunks are still due.
+        await eventually(lambda: bool(gateway.hub.generations()))
+        [generation] = gateway.hub.generations()
+        await produce(clock, gateway, generation, 10)
+        await until_resumed(gateway)
+        await produce(clock, gateway, generation, 20)
+
+    async with asyncio.TaskGroup() as group:
+        demo = group.create_task(
+            run_demo(
+                gateway.address,
+                tokens=30,
+                pace_ms=1000.0,  # PACED: a chunk only when the clock moves
+                cut_after=10,
+                console=console,
+                backoff_base_s=0.0,
+            )
+        )
+        group.create_task(let_the_demo_stream())
+    code = demo.result()
     output = buffer.getvalue()
     assert code == 0, output
     assert "reconnect" in output
@@ -803,20 +935,28 @@ async def test_chat_keeps_reconnect_messages_out_of_the_answer():
     assert "1 reconnect(s)" in err.getvalue()
 
 
-async def test_leaving_early_keeps_the_generation_for_a_later_resume(gateway):
+async def test_leaving_early_keeps_the_generation_for_a_later_resume(gateway, clock):
     expected = await reference_text(gateway.address, 25, "later")
     async with RelayClient(gateway.address) as client:
         relay_stream = client.stream(
-            "sim", PROMPT, max_tokens=25, metadata={"sim.pace_ms": "5", "sim.seed": "later"}
+            "sim", PROMPT, max_tokens=25, metadata={**PACED, "sim.seed": "later"}
         )
         async with relay_stream:
             async for event in relay_stream:
+                if isinstance(event, Started):
+                    generation = generation_for(gateway, event.stream_id)
+                    await produce(clock, gateway, generation, 5)
                 if isinstance(event, Chunk) and event.seq == 5:
                     break
         partial = relay_stream.partial()
         assert partial.last_seq == 5
+        await eventually(lambda: gateway.hub.attached_sessions == 0)
+        assert not generation.finished.is_set()  # kept, waiting for chunk 6
         resumed = client.resume(partial.resume_token, partial.last_seq, text_so_far=partial.text)
-        result = await resumed.collect()
+        collecting = asyncio.create_task(resumed.collect())
+        await until_resumed(gateway)
+        await produce(clock, gateway, generation, 20)
+        result = await collecting
     assert result.text == expected
     assert result.end.verified
 

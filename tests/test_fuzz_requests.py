@@ -14,11 +14,19 @@ clean stream.
 
 Valid streams are kept short (a sim pace of at most a few milliseconds, no
 Retry-After waits): the point is the edge, not generation.
+
+The gateway runs on a ManualClock with short timers: a time keeper moves it
+only when every stream provably waits on time (a pace, a stalled answer), and
+a timer set for "now" (the detach grace of 0) fires without time moving, as
+it would at once on a real clock. So no example waits on the wall clock, and
+what happens in one (a stall timeout, an expired token) never depends on how
+fast the machine is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -33,11 +41,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from serverkit import SECRET, eventually, run_to_end, start_request
+from serverkit import SECRET, RelayFactory, eventually, run_to_end, start_request
 from tokenrelay.v1 import relay_pb2 as pb
+from tokenrelay_devtools.timekeeper import POLL_S, TimeKeeper
 from tokenrelay_server.api.server import RelayServer
 from tokenrelay_server.api.tokens import ResumeTokens
-from tokenrelay_server.core.clock import SystemClock
+from tokenrelay_server.core.clock import ManualClock, SystemClock
 
 MAX_PROMPT_BYTES = 64 << 10
 EVENTS_READ_PER_CALL = 200  # a long valid stream: this many events is enough
@@ -292,16 +301,37 @@ def play(channel: grpc.Channel, sent: list[bytes]) -> tuple[grpc.StatusCode, str
         call.cancel()
 
 
+async def keep_time(clock: ManualClock, keeper: TimeKeeper) -> None:
+    """Fire the timers due now (moving time by nothing), else let the keeper
+    move the clock when every stream waits on time; one task, so the clock
+    is never moved by two at once."""
+    while True:
+        due = clock.next_due()
+        if due is not None and due <= clock.monotonic():
+            await clock.run_for(0)
+        elif not await keeper.move_once():
+            await asyncio.sleep(POLL_S)
+
+
 @pytest.fixture
-async def fuzz_relay(relay_factory) -> RelayServer:
-    return await relay_factory(
+async def fuzz_relay(relay_factory: RelayFactory) -> AsyncIterator[RelayServer]:
+    clock = ManualClock()
+    relay = await relay_factory(
+        clock=clock,
         detach_grace_s=0,  # a call we stop reading takes its generation with it
         max_prompt_bytes=MAX_PROMPT_BYTES,
         backoff_base_s=0,
         backoff_cap_s=0,
+        # On the manual clock: a stall costs the keeper one move, and the
+        # caller's deadline (HANG_GUARD_S, on the same clock) stays far away.
         stall_timeout_s=0.05,
         first_token_timeout_s=0.5,
     )
+    keeper = asyncio.create_task(keep_time(clock, TimeKeeper(clock, relay)), name="fuzz clock")
+    yield relay
+    keeper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await keeper
 
 
 @pytest.fixture

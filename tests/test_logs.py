@@ -19,10 +19,15 @@ import hpack
 import pytest
 
 from serverkit import (
+    PACED,
+    QUIET,
     SECRET,
     RawCall,
     RelayFactory,
     end_of,
+    eventually,
+    generation_of,
+    produce,
     resume_request,
     run_to_end,
     start_request,
@@ -31,12 +36,15 @@ from serverkit import (
 from tokenrelay_devtools.mock_upstream import MockUpstream
 from tokenrelay_devtools.otlp_receiver import TraceReceiver
 from tokenrelay_server.config.settings import build_settings, read_config_file
+from tokenrelay_server.core.clock import ManualClock
 from tokenrelay_server.obs.logs import STREAM_LOGGER, known_secrets, setup_logging
 
+# Paced on the manual clock (PACED): the stream makes its chunks only when the
+# test lets it (`produce`), so the client leaves and resumes mid-generation.
 RETRIED_AND_CONTINUED = {
     "sim.faults": "http:503,reset@5,ok",
     "sim.retry_after_s": "0",
-    "sim.pace_ms": "2",
+    **PACED,
 }
 
 
@@ -66,6 +74,7 @@ def lifecycle(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 async def test_json_lines_tell_a_retried_continued_and_resumed_stream(
     relay_factory: RelayFactory,
+    clock: ManualClock,
     log_output: io.StringIO,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -73,13 +82,22 @@ async def test_json_lines_tell_a_retried_continued_and_resumed_stream(
     try:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.endpoint)
         setup_logging("info", "json", stream=log_output)
-        relay = await relay_factory(otel_exporter="otlp", backoff_base_s=0)
+        relay = await relay_factory(clock=clock, **QUIET, otel_exporter="otlp", backoff_base_s=0)
         async with grpc.aio.insecure_channel(relay.address) as channel:
             first = RawCall(channel, start_request(max_tokens=30, metadata=RETRIED_AND_CONTINUED))
-            seen = await first.events_until(lambda e: e.HasField("chunk") and e.chunk.seq == 8)
+            started = await first.next_event()
+            generation = generation_of(relay, started)
+            await produce(clock, relay, generation, 8)
+            seen = [started, *await first.events_until(lambda e: e.chunk.seq == 8)]
             first.cancel()
+            await eventually(lambda: relay.hub.attached_sessions == 0)
             resumed = RawCall(channel, resume_request(seen[0].started.resume_token, 8))
-            assert not end_of(await resumed.events_until()).partial
+            rest = [await resumed.next_event()]
+            assert generation.last_seq == 8  # resumed while it still generates
+            await produce(clock, relay, generation, 22)
+            rest += await resumed.events_until()
+            resumed.cancel()
+            assert not end_of(rest).partial
         await relay.stop()
     finally:
         await receiver.stop()
@@ -164,14 +182,20 @@ async def test_a_takeover_is_a_warning_line_and_a_stream_span_under_the_resume(
     redis_url: str,
     redis_prefix: str,
     tmp_path: Path,
+    clock: ManualClock,
     log_output: io.StringIO,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # As test_replicas' takeover: replica A is a real process on real time,
+    # whose lease lapses in Redis (Redis's own clock) after the SIGKILL. A
+    # sends 5 chunks and then hangs (stall@5, its stall timeout out of
+    # reach), so it is killed mid-generation after exactly 5 chunks however
+    # slow the machine; B continues on the manual clock with nothing timed.
     config = tmp_path / "replica-a.toml"
     config.write_text(
         '[server]\nport = 0\nstore = "redis"\n'
         f'redis_url = "{redis_url}"\nredis_prefix = "{redis_prefix}"\n'
-        f'resume_secret = "{SECRET}"\nlease_ttl_s = 0.6\n'
+        f'resume_secret = "{SECRET}"\nlease_ttl_s = 0.6\nstall_timeout_s = 3600\n'
     )
     replica_a = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "tokenrelay_server.cli", "serve", "--config", str(config)),
@@ -185,14 +209,15 @@ async def test_a_takeover_is_a_warning_line_and_a_stream_span_under_the_resume(
         assert replica_a.stdout is not None
         port = int((await replica_a.stdout.readline()).split()[1])
         b = await relay_factory(
+            clock=clock,
+            **QUIET,
             store="redis",
             redis_url=redis_url,
             redis_prefix=redis_prefix,
-            lease_ttl_s=0.6,
             otel_exporter="otlp",
         )
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as on_a:
-            call = RawCall(on_a, start_request(max_tokens=40, metadata={"sim.pace_ms": "20"}))
+            call = RawCall(on_a, start_request(max_tokens=40, metadata={"sim.faults": "stall@5"}))
             seen = await call.events_until(lambda e: e.HasField("chunk") and e.chunk.seq == 5)
             replica_a.send_signal(signal.SIGKILL)  # no End, the lease left to lapse
             await replica_a.wait()

@@ -11,6 +11,7 @@ import random
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -19,14 +20,26 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from scrape import scrape
-from serverkit import RawCall, RelayFactory, eventually, run_to_end, start_request
+from serverkit import (
+    PACED,
+    QUIET,
+    RawCall,
+    RelayFactory,
+    eventually,
+    generation_of,
+    produce,
+    run_to_end,
+    start_request,
+)
 from tokenrelay.v1 import admin_pb2, admin_pb2_grpc
 from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay.v1 import relay_pb2_grpc as pbg
 from tokenrelay_devtools.chaos import PROMPT, Scenario, chaos_config, make_scenario
 from tokenrelay_devtools.mock_upstream import MockUpstream
+from tokenrelay_devtools.timekeeper import keeping_time
 from tokenrelay_server.api.server import RelayServer
 from tokenrelay_server.config.settings import build_settings, read_config_file
+from tokenrelay_server.core.clock import ManualClock
 
 ADMIN_TOKEN = "admin-token-0123456789"
 AUTH = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
@@ -86,7 +99,7 @@ async def test_two_gateways_in_one_process_count_apart(relay_factory: RelayFacto
 
 
 async def test_no_stream_id_or_prompt_becomes_a_label(relay_factory: RelayFactory) -> None:
-    relay = await relay_factory(metrics_port=0, max_retries=1, backoff_base_s=0.001)
+    relay = await relay_factory(metrics_port=0, max_retries=1, backoff_base_s=0)
     async with grpc.aio.insecure_channel(relay.address) as channel:
         events = await run_to_end(
             channel,
@@ -177,12 +190,25 @@ async def run_one(stub: pbg.RelayStub, scenario: Scenario, view: ClientView) -> 
 CHAOS_RUNS = 80
 
 
+@dataclass
+class ChaosGateway:
+    server: RelayServer
+    upstream: MockUpstream
+
+    def leftovers(self) -> int:
+        hub = self.server.hub
+        return hub.running_generations + hub.attached_sessions + self.upstream.active_requests
+
+
 @contextlib.asynccontextmanager
-async def chaos_gateway(tmp_path: Path) -> AsyncIterator[RelayServer]:
-    """The chaos tool's providers and chains (the mock upstream, real HTTP,
-    both formats) behind a gateway with metrics and Admin on, on the real
-    clock with short timers (this test compares counts, not timings)."""
-    upstream = MockUpstream()
+async def chaos_gateway(tmp_path: Path) -> AsyncIterator[ChaosGateway]:
+    """The chaos tool's providers, chains and realistic timers (the mock
+    upstream, real HTTP, both formats) behind a gateway with metrics and
+    Admin on, as in a chaos universe: the gateway and the mock on one
+    ManualClock, moved by a time keeper only when the stream provably waits
+    on time, so a slow machine never turns a slow token into a stall."""
+    clock = ManualClock()
+    upstream = MockUpstream(clock=clock)
     await upstream.start("127.0.0.1", 0)
     try:
         path = tmp_path / "chaos.toml"
@@ -194,15 +220,12 @@ async def chaos_gateway(tmp_path: Path) -> AsyncIterator[RelayServer]:
                 "resume_secret": "chaos-secret-0123456789",
                 "metrics_port": 0,
                 "admin_token": ADMIN_TOKEN,
-                "backoff_base_s": 0.001,
-                "backoff_cap_s": 0.01,
-                "detach_grace_s": 60,
-                "timeout_overrides": {"stall_timeout_s": 0.25, "first_token_timeout_s": 3.0},
             }
         )
-        server = await RelayServer.start(settings)
+        server = await RelayServer.start(settings, clock=clock)
         try:
-            yield server
+            async with keeping_time(clock, server, upstream):
+                yield ChaosGateway(server, upstream)
         finally:
             await server.stop(grace=1.0)
     finally:
@@ -215,19 +238,17 @@ async def test_after_a_chaos_run_the_counters_agree_with_what_the_clients_saw(
     rng = random.Random(11)
     scenarios = [make_scenario(rng, index) for index in range(CHAOS_RUNS)]
     view = ClientView()
-    async with chaos_gateway(tmp_path) as server:
+    async with chaos_gateway(tmp_path) as gateway:
+        server = gateway.server
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = pbg.RelayStub(channel)
-            queue = list(scenarios)
-
-            async def worker() -> None:
-                while queue:
-                    await run_one(stub, queue.pop(), view)
-
-            async with asyncio.timeout(120), asyncio.TaskGroup() as group:
-                for _ in range(6):
-                    group.create_task(worker())
-            await eventually(lambda: not server.hub.generations() and not server.hub.sessions())
+            # One run at a time, as in a chaos universe: the time keeper is
+            # exact for one stream, and nothing of a run may be left when the
+            # next one starts (its generation, its calls, its upstream request).
+            async with asyncio.timeout(120):
+                for scenario in scenarios:
+                    await run_one(stub, scenario, view)
+                    await eventually(lambda: gateway.leftovers() == 0)
             assert server.metrics_url is not None
             samples = await scrape(server.metrics_url)
             stats = await admin_pb2_grpc.AdminStub(channel).GetErrorStats(
@@ -297,13 +318,16 @@ async def test_an_open_breaker_shows_in_state_transitions_usable_routes_and_refu
 
 
 async def test_generations_count_as_running_while_attended_and_detached_after(
-    relay_factory: RelayFactory,
+    relay_factory: RelayFactory, clock: ManualClock
 ) -> None:
-    relay = await relay_factory(metrics_port=0, detach_grace_s=300)
+    relay = await relay_factory(metrics_port=0, clock=clock, **QUIET)
     assert relay.metrics_url is not None
     url = relay.metrics_url
     async with grpc.aio.insecure_channel(relay.address) as channel:
-        call = RawCall(channel, start_request(max_tokens=5000, metadata={"sim.pace_ms": "50"}))
+        # PACED: one chunk, then it waits, attended and then detached.
+        call = RawCall(channel, start_request(max_tokens=5000, metadata=PACED))
+        started = await call.next_event()
+        await produce(clock, relay, generation_of(relay, started), 1)
         await call.events_until(lambda e: e.HasField("chunk"))
         attached = await scrape(url)
         assert attached.get("tokenrelay_generations", state="running") == 1

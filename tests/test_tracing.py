@@ -21,9 +21,14 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from serverkit import (
+    PACED,
+    QUIET,
     RawCall,
     RelayFactory,
     end_of,
+    eventually,
+    generation_of,
+    produce,
     resume_request,
     start_request,
     text_of,
@@ -34,17 +39,14 @@ from tokenrelay_client import Chunk, RelayClient
 from tokenrelay_client.tracing import tracing_interceptors
 from tokenrelay_devtools.otlp_receiver import ReceivedSpan, TraceReceiver
 from tokenrelay_server.api.server import RelayServer
+from tokenrelay_server.core.clock import ManualClock
 from tokenrelay_server.obs.logs import FIELDS, STREAM_LOGGER
 from tokenrelay_server.obs.tracing import Tracing
 
 CALL = "/tokenrelay.v1.Relay/Stream"
 # sim: attempt 1 is refused with 503 (a retry), attempt 2 resets after 5
 # tokens (a resume by continuation), attempt 3 finishes.
-RETRIED_AND_CONTINUED = {
-    "sim.faults": "http:503,reset@5,ok",
-    "sim.retry_after_s": "0",
-    "sim.pace_ms": "2",
-}
+RETRIED_AND_CONTINUED = {"sim.faults": "http:503,reset@5,ok", "sim.retry_after_s": "0"}
 
 
 @pytest.fixture
@@ -111,18 +113,31 @@ def count_of(name: str, wanted: int) -> Callable[[list[ReceivedSpan]], bool]:
 async def test_a_retried_continued_and_client_resumed_stream_is_one_span_tree(
     traced_relay: RelayFactory,
     receiver: TraceReceiver,
+    clock: ManualClock,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger=STREAM_LOGGER)
-    relay = await traced_relay()
+    # Paced on the manual clock: the client drops off and resumes while the
+    # stream is still generating, whatever the machine's speed.
+    relay = await traced_relay(clock=clock, **QUIET)
     assert relay.tracing is not None
     async with grpc.aio.insecure_channel(relay.address) as channel:
-        first = RawCall(channel, start_request(max_tokens=30, metadata=RETRIED_AND_CONTINUED))
-        seen = await first.events_until(lambda e: e.HasField("chunk") and e.chunk.seq == 8)
+        first = RawCall(
+            channel, start_request(max_tokens=30, metadata={**RETRIED_AND_CONTINUED, **PACED})
+        )
+        started = await first.next_event()
+        generation = generation_of(relay, started)
+        await produce(clock, relay, generation, 8)
+        seen = [started, *await first.events_until(lambda e: e.chunk.seq == 8)]
         token = seen[0].started.resume_token
         first.cancel()  # the client drops off, then resumes with its token
+        await eventually(lambda: relay.hub.attached_sessions == 0)
         resumed = RawCall(channel, resume_request(token, 8))
-        rest = await resumed.events_until()
+        rest = [await resumed.next_event()]
+        assert generation.last_seq == 8  # resumed while it still generates
+        await produce(clock, relay, generation, 22)
+        rest += await resumed.events_until()
+        resumed.cancel()
     assert end_of(rest).total_seq == 30 and not end_of(rest).partial
     stream_id = seen[0].started.stream_id
 

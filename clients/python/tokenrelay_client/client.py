@@ -101,6 +101,9 @@ from .events import (
 )
 
 Sleep = Callable[[float], Awaitable[None]]
+# `deadline(seconds)`: a block that raises TimeoutError once `seconds` have
+# passed (asyncio.timeout, or a manual clock's `deadline` in tests).
+Deadline = Callable[[float], contextlib.AbstractAsyncContextManager[object]]
 # (role, content), or {"role", "content", "tool_calls": [ToolCall | {"id",
 # "name", "arguments"}], "tool_call_id"}.
 MessageLike = tuple[str, str] | Mapping[str, Any]
@@ -306,6 +309,9 @@ class RelayClient:
     connect_timeout_s: how long one attempt may take to get StreamStarted; a
         reconnect attempt spends it waiting for the channel to connect, so a
         gateway that comes back during the window is reached.
+    deadline: how an attempt's connect_timeout_s is kept (asyncio.timeout);
+        tests pass a manual clock's `deadline` and move that clock, so no
+        test waits for the window on wall time.
     channel_options: extra grpc channel options, applied after our defaults.
     credentials: TLS credentials; None means a plaintext channel.
     call_metadata: gRPC metadata sent with every call (e.g. authorization).
@@ -326,6 +332,7 @@ class RelayClient:
         rng: random.Random | None = None,
         sleep: Sleep = asyncio.sleep,
         connect_timeout_s: float = 2.0,
+        deadline: Deadline = asyncio.timeout,
         channel_options: ChannelOptions | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         call_metadata: Sequence[tuple[str, str]] | None = None,
@@ -347,6 +354,7 @@ class RelayClient:
         self._rng = rng if rng is not None else random.Random()
         self._sleep = sleep
         self.connect_timeout_s = connect_timeout_s
+        self._deadline = deadline
         self._channel_options = (*_DEFAULT_CHANNEL_OPTIONS, *(channel_options or ()))
         self._credentials = credentials
         self._call_metadata = tuple(call_metadata or ())
@@ -742,7 +750,7 @@ class RelayStream:
         try:
             # StreamStarted is the server's first answer and comes at once; a
             # call without it in time is as good as a broken connection.
-            async with asyncio.timeout(timeout_s):
+            async with self._client._deadline(timeout_s):
                 await _write(call, first, resuming=resuming)
                 message: relay_pb2.StreamEvent | None = await _read(call, resuming=resuming)
         except TimeoutError:
