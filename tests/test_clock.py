@@ -124,3 +124,11 @@ async def test_system_clock_deadline_expires_on_loop_time():
     with pytest.raises(TimeoutError):
         async with clock.deadline(0.0):
             await asyncio.Event().wait()
+
+
+async def test_a_timer_due_now_runs_at_the_next_loop_step_without_moving_time():
+    clock = ManualClock(start=0.0)
+    fired = asyncio.Event()
+    clock.call_later(0, fired.set)
+    await asyncio.wait_for(fired.wait(), timeout=5)
+    assert clock.monotonic() == 0.0

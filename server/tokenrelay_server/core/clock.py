@@ -192,6 +192,14 @@ class ManualClock:
             timer.cancel()
 
     def call_later(self, seconds: float, callback: Callable[[], None]) -> Timer:
+        if seconds <= 0:
+            # Due now: it runs at the loop's next step, as on the system
+            # clock, not only when the test next moves time (a detach grace
+            # of 0 s stops the generation at once).
+            try:
+                return asyncio.get_running_loop().call_soon(callback)
+            except RuntimeError:
+                pass  # no loop: a timer that the next advance runs
         timer = _ManualTimer(self._now + max(seconds, 0.0), callback)
         heapq.heappush(self._timers, (timer.due, next(self._order), timer))
         return timer
