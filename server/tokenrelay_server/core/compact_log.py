@@ -23,11 +23,19 @@ walks that order from any point with O(1) work per entry.
 from __future__ import annotations
 
 import bisect
+import hashlib
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tokenrelay_server.core.digest import U32 as _U32
+from tokenrelay_server.core.digest import chunk_record
 from tokenrelay_server.core.model import Chunk, ChunkKind, End, LogEntry, Notice, ToolCallDelta
+
+# Chunks kept as objects for readers that keep up (module doc), and how many
+# chunks go into the digests at a time.
+_RECENT_MAX = 128
+_DIGEST_BATCH = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,17 +58,24 @@ class CompactLog:
     it is kept."""
 
     __slots__ = (
+        "_chunk_digest",
+        "_digested",
         "_ends",
         "_kind_runs",
         "_kind_starts",
         "_notice_seqs",
         "_notices",
+        "_recent",
+        "_recent_first",
         "_run_starts",
         "_runs",
         "_text",
+        "_text_digest",
         "_tokens",
         "_tool_names",
         "end",
+        "last_seq",
+        "text_bytes",
     )
 
     def __init__(self) -> None:
@@ -77,17 +92,22 @@ class CompactLog:
         self._kind_starts: list[int] = []
         self._tool_names: dict[int, tuple[str, str]] = {}  # seq → (id, name), when set
         self.end: End | None = None
+        self.last_seq = 0  # the seq of the last chunk (the count of chunks)
+        self.text_bytes = 0  # UTF-8 bytes of every chunk's content (text, reasoning, arguments)
+        # The last chunks as the writer made them: a reader that keeps up
+        # takes these objects instead of rebuilding them from the buffer.
+        # At most _RECENT_MAX, dropped with the End (a finished stream is
+        # held for the retention period, compactly).
+        self._recent: list[Chunk] = []
+        self._recent_first = 1  # the seq of _recent[0]
+        # Both End digests, brought up to date in batches of chunks from the
+        # buffer (one hash update for a run of text, not one call per chunk).
+        self._text_digest = hashlib.sha256()
+        self._chunk_digest = hashlib.sha256()
+        self._digested = 0  # chunks 1.._digested are in both digests
 
     # -- what it holds -------------------------------------------------------------
 
-    @property
-    def last_seq(self) -> int:
-        return len(self._ends)
-
-    @property
-    def text_bytes(self) -> int:
-        """UTF-8 bytes of every chunk's content (text, reasoning, arguments)."""
-        return len(self._text)
 
     def text(self) -> str:
         """The answer: the text of the text chunks, in seq order (reasoning
@@ -117,6 +137,9 @@ class CompactLog:
         return self._tokens[-1] if self._tokens else 0
 
     def chunk(self, seq: int) -> Chunk:
+        offset = seq - self._recent_first
+        if 0 <= offset < len(self._recent):
+            return self._recent[offset]
         index = seq - 1
         if not 0 <= index < len(self._ends):
             raise IndexError(f"no chunk {seq} (last is {self.last_seq})")
@@ -147,6 +170,15 @@ class CompactLog:
 
     def check(self, entries: Sequence[LogEntry]) -> None:
         """Raise ValueError if `entries` cannot follow what is held."""
+        if len(entries) == 1:  # the per-token case: one chunk
+            entry = entries[0]
+            if (
+                type(entry) is Chunk
+                and self.end is None
+                and entry.seq == self.last_seq + 1
+                and (entry.tool_call is None) == (entry.kind != "tool_call")
+            ):
+                return
         last_seq, ended = self.last_seq, self.end is not None
         for entry in entries:
             if ended:
@@ -163,19 +195,26 @@ class CompactLog:
             elif not isinstance(entry, Notice):
                 ended = True
 
+    def append(self, entries: Sequence[LogEntry]) -> None:
+        """`check`, then `add`: the one call a store makes per append."""
+        if len(entries) == 1:  # the per-token case: one chunk that follows
+            entry = entries[0]
+            if (
+                type(entry) is Chunk
+                and self.end is None
+                and entry.seq == self.last_seq + 1
+                and (entry.tool_call is None) == (entry.kind != "tool_call")
+            ):
+                self._add_chunk(entry)
+                return
+        self.check(entries)
+        self.add(entries)
+
     def add(self, entries: Sequence[LogEntry]) -> None:
         """Append `entries` (call `check` first: this one trusts them)."""
         for entry in entries:
             if isinstance(entry, Chunk):
-                self._add_kind(entry)
-                call = entry.tool_call
-                self._text += (entry.text if call is None else call.arguments).encode()
-                self._ends.append(len(self._text))
-                self._tokens.append(max(entry.tokens_so_far, 0))
-                run = self._runs[-1] if self._runs else None
-                if run is None or (run.provider, run.attempt) != (entry.provider, entry.attempt):
-                    self._runs.append(_Run(entry.seq, entry.provider, entry.attempt))
-                    self._run_starts.append(entry.seq)
+                self._add_chunk(entry)
             elif isinstance(entry, Notice):
                 # A notice sits after the chunk that was last when it was written.
                 notice = (
@@ -187,6 +226,30 @@ class CompactLog:
                 self._notice_seqs.append(notice.after_seq)
             else:
                 self.end = entry
+                self._recent = []
+                self._recent_first = self.last_seq + 1
+
+    def _add_chunk(self, chunk: Chunk) -> None:
+        call = chunk.tool_call
+        if self._kind_runs or chunk.kind != "text":
+            self._add_kind(chunk)
+        text = self._text
+        text += (chunk.text if call is None else call.arguments).encode()
+        self.text_bytes = size = len(text)
+        self._ends.append(size)
+        self._tokens.append(chunk.tokens_so_far if chunk.tokens_so_far > 0 else 0)
+        seq = self.last_seq = chunk.seq
+        runs = self._runs
+        if not runs or runs[-1].attempt != chunk.attempt or runs[-1].provider != chunk.provider:
+            runs.append(_Run(seq, chunk.provider, chunk.attempt))
+            self._run_starts.append(seq)
+        recent = self._recent
+        recent.append(chunk)
+        if len(recent) > _RECENT_MAX:
+            del recent[: _RECENT_MAX // 2]
+            self._recent_first = seq - len(recent) + 1
+        if seq - self._digested >= _DIGEST_BATCH:
+            self._digest_up_to(seq)
 
     def _add_kind(self, chunk: Chunk) -> None:
         call = chunk.tool_call if chunk.kind == "tool_call" else None
@@ -202,6 +265,47 @@ class CompactLog:
             self._kind_starts.append(chunk.seq)
         if call is not None and (call.id or call.name):
             self._tool_names[chunk.seq] = (call.id, call.name)
+
+    # -- digests -------------------------------------------------------------------
+
+    def text_sha256(self) -> str:
+        """Hex SHA-256 of the answer text (the text chunks) so far."""
+        self._digest_up_to(self.last_seq)
+        return self._text_digest.hexdigest()
+
+    def chunks_sha256(self) -> str:
+        """Hex SHA-256 of every chunk so far, as relay.proto's records (digest.py)."""
+        self._digest_up_to(self.last_seq)
+        return self._chunk_digest.hexdigest()
+
+    def _digest_up_to(self, last_seq: int) -> None:
+        first = self._digested + 1
+        if first > last_seq:
+            return
+        if not self._kind_runs:
+            # All text: the answer's digest takes the buffer's bytes in one
+            # update, and the records are built from the offsets.
+            ends, text = self._ends, self._text
+            start = ends[first - 2] if first > 1 else 0
+            view = memoryview(text)
+            self._text_digest.update(view[start : ends[last_seq - 1]])
+            records = bytearray()
+            pack = _U32.pack
+            for index in range(first - 1, last_seq):
+                end = ends[index]
+                records += b"T"
+                records += pack(end - start)
+                records += view[start:end]
+                start = end
+            view.release()
+            self._chunk_digest.update(records)
+        else:
+            for seq in range(first, last_seq + 1):
+                chunk = self.chunk(seq)
+                if chunk.kind == "text":
+                    self._text_digest.update(chunk.text.encode())
+                self._chunk_digest.update(chunk_record(chunk))
+        self._digested = last_seq
 
     # -- reading -------------------------------------------------------------------
 
@@ -232,9 +336,25 @@ class Cursor:
 
     def take(self, limit: int = 1_000_000) -> list[LogEntry]:
         log = self._log
-        out: list[LogEntry] = []
         notices = log._notices
         last_seq = log.last_seq
+        next_seq = self.next_seq
+        if self.done or (
+            next_seq > last_seq and log.end is None and self._next_notice >= len(notices)
+        ):
+            return []
+        recent = log._recent
+        offset = next_seq - log._recent_first
+        if 0 <= offset and self._next_notice >= len(notices) and last_seq - next_seq < limit:
+            # The live tail, no notice in it (the per-token case): the chunk
+            # objects as they were stored.
+            out: list[LogEntry] = list(recent[offset:])
+            self.next_seq = last_seq + 1
+            if log.end is not None:
+                out.append(log.end)
+                self.done = True
+            return out
+        out = []
         while len(out) < limit and not self.done:
             if (
                 self._next_notice < len(notices)

@@ -22,12 +22,12 @@ from collections.abc import Iterable
 
 from tokenrelay_server.core.model import Chunk
 
-_U32 = struct.Struct(">I")
+U32 = struct.Struct(">I")  # every index and length of a record
 
 
 def _string(value: str) -> bytes:
     data = value.encode()
-    return _U32.pack(len(data)) + data
+    return U32.pack(len(data)) + data
 
 
 def chunk_record(chunk: Chunk) -> bytes:
@@ -37,7 +37,7 @@ def chunk_record(chunk: Chunk) -> bytes:
         assert call is not None, "a tool_call chunk carries its ToolCallDelta"
         return (
             b"C"
-            + _U32.pack(call.index)
+            + U32.pack(call.index)
             + _string(call.id)
             + _string(call.name)
             + (_string(call.arguments))

@@ -138,7 +138,11 @@ class ToolCallDelta:
     arguments: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ sets each field through
+# object.__setattr__ and costs five times as much, and one Chunk is made per
+# token on the hot path. Treat it as immutable all the same (nothing in the
+# gateway changes a chunk once made); it is not hashable.
+@dataclass(slots=True)
 class Chunk:
     """A piece of the answer: one provider delta (or, for a tool call held
     whole, all of its deltas). seq is 1, 2, 3, … within a stream over every

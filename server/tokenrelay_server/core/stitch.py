@@ -38,6 +38,11 @@ class Stitcher:
         self._decided = self._window < self._min_overlap
         self.trimmed = 0  # characters dropped as repeated
 
+    @property
+    def decided(self) -> bool:
+        """The overlap is settled: from now on every piece passes as it is."""
+        return self._decided
+
     def feed(self, text: str) -> list[str]:
         """Pieces to emit now ([] while the start is still undecided)."""
         if self._decided:

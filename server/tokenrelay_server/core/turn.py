@@ -79,7 +79,8 @@ def _json_kind(value: object) -> str:
     return "a number"
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, for the same reason as model.Chunk: one is made per delta.
+@dataclass(slots=True)
 class Piece:
     """One chunk to store and show."""
 
@@ -172,6 +173,15 @@ class TurnShaper:
         self._stitcher = stitcher
         self._held: _HeldCall | None = None
         self.reasoning_dropped = 0  # reasoning deltas not shown (a continuation's)
+
+    @property
+    def passes_text_through(self) -> bool:
+        """A text delta would come out as it is, one piece (no stitcher still
+        deciding, no call held or open): the engine's fast path."""
+        stitcher = self._stitcher
+        if stitcher is not None and stitcher.decided:
+            self._stitcher = stitcher = None  # it passes everything through now
+        return stitcher is None and self._held is None and self._state.open_call is None
 
     @property
     def holding(self) -> bool:

@@ -165,10 +165,20 @@ async def run_attempt(
                 async with contextlib.aclosing(provider.stream(request)) as stream:
                     async for delta in stream:
                         if isinstance(delta, TextDelta):
-                            if not delta.text:
+                            text = delta.text
+                            if not text:
                                 continue
-                            arrived()
-                            await show(shaper.text(delta.text))
+                            # The common case inline (per token): what
+                            # arrived() and show() do, for one text piece.
+                            deltas += 1
+                            watchdog.last_token_at = last_token_at = clock.monotonic()
+                            if first_token_at is None:
+                                first_token_at = last_token_at
+                            if shaper.passes_text_through:
+                                emitted += 1
+                                await emit(Piece("text", text), emitted)
+                            else:
+                                await show(shaper.text(text))
                         elif isinstance(delta, ReasoningDelta):
                             if not delta.text:
                                 continue

@@ -88,7 +88,8 @@ class RecoveryAction:
     at: float
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: made per token on the hot path (see model.Chunk).
+@dataclass(slots=True)
 class ChunkStored:
     stream_id: str
     model: str
@@ -154,6 +155,7 @@ class Observers:
     def __init__(self, observers: Sequence[Observer] = ()) -> None:
         self._observers: tuple[Observer, ...] = ()
         self._chunk_observers: tuple[Observer, ...] = ()
+        self.chunks = False
         self._reported: set[tuple[int, type[EngineEvent]]] = set()
         for observer in observers:
             self.add(observer)
@@ -161,15 +163,13 @@ class Observers:
     def __bool__(self) -> bool:
         return bool(self._observers)
 
-    @property
-    def chunks(self) -> bool:
-        """Whether any observer wants ChunkStored events."""
-        return bool(self._chunk_observers)
-
     def add(self, observer: Observer) -> None:
         self._observers = (*self._observers, observer)
         if getattr(observer, "observes_chunks", True):
             self._chunk_observers = (*self._chunk_observers, observer)
+        # Whether any observer wants ChunkStored events (read per token: an
+        # attribute, not a property).
+        self.chunks = bool(self._chunk_observers)
 
     def __call__(self, event: EngineEvent) -> None:
         observers = self._chunk_observers if isinstance(event, ChunkStored) else self._observers

@@ -19,9 +19,8 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from tokenrelay_server.core.compact_log import CompactLog
-from tokenrelay_server.core.digest import ChunkDigests
-from tokenrelay_server.core.model import Chunk, End, LogEntry
-from tokenrelay_server.store.base import StreamStore
+from tokenrelay_server.core.model import End, LogEntry
+from tokenrelay_server.store.base import SharesLogs, StreamStore
 
 
 @dataclass(eq=False)
@@ -50,8 +49,17 @@ class LocalLog:
     ) -> None:
         self.stream_id = stream_id
         self._store = store
-        self.entries = CompactLog()
-        self._digests = ChunkDigests()
+        # An in-process store's own log is ours too: one buffer, one append
+        # (SharesLogs in store/base.py); otherwise a copy of what was stored.
+        # (isinstance on a runtime Protocol inspects the class: once, here.)
+        sharing = store if isinstance(store, SharesLogs) else None
+        shared = sharing.shared_log(stream_id) if sharing is not None else None
+        self._shared = shared is not None
+        self.entries = shared if shared is not None else CompactLog()
+        # Appends that need no await (the store's own log is ours): the
+        # writer calls `append_now`; otherwise it awaits `append`.
+        self._sharing = sharing if shared is not None else None
+        self.appends_now = self._sharing is not None
         self._subscribers: set[Subscription] = set()
         # Called when the last reader detaches (the generation arms its grace).
         self._on_unattended = on_unattended
@@ -80,11 +88,11 @@ class LocalLog:
 
     def digest(self) -> str:
         """Hex SHA-256 of the answer text so far (an End's text_sha256)."""
-        return self._digests.text_sha256()
+        return self.entries.text_sha256()
 
     def chunks_digest(self) -> str:
         """Hex SHA-256 of every chunk so far (an End's chunks_sha256)."""
-        return self._digests.chunks_sha256()
+        return self.entries.chunks_sha256()
 
     # -- readers ---------------------------------------------------------------------
 
@@ -128,11 +136,23 @@ class LocalLog:
     # -- writing ---------------------------------------------------------------------
 
     def restore(self, entries: Sequence[LogEntry]) -> None:
-        """Hold entries another replica stored (a takeover): they are durable."""
-        self._record(entries)
+        """Hold entries another replica stored (a takeover): they are durable
+        (and already here when the log is the store's own)."""
+        if not self._shared:
+            self._record(entries)
+
+    def append_now(self, entries: Sequence[LogEntry]) -> None:
+        """`append` for a store that shares its log (`appends_now`)."""
+        sharing = self._sharing
+        assert sharing is not None, "append_now needs a store that shares its log"
+        sharing.append_now(self.stream_id, entries)
+        self._wake()
 
     async def append(self, entries: Sequence[LogEntry]) -> None:
         """Store `entries`, then show them. Raises what the store raises."""
+        if self.appends_now:
+            self.append_now(entries)
+            return
         if self._store.in_process:
             # Nothing in an in-process append can suspend, so no cancellation
             # can land between the write and our record of it.
@@ -155,12 +175,15 @@ class LocalLog:
 
     def record_unstored(self, end: End) -> None:
         """The store is gone: let local readers at least learn how it ended."""
-        self._record([end])
+        if self.entries.end is None:
+            self.entries.add([end])
+        self._wake()
 
     def _record(self, entries: Sequence[LogEntry]) -> None:
-        self.entries.add(entries)
-        for entry in entries:
-            if isinstance(entry, Chunk):
-                self._digests.add(entry)
+        if not self._shared:  # a shared log got them from the store's append
+            self.entries.add(entries)
+        self._wake()
+
+    def _wake(self) -> None:
         for subscription in self._subscribers:
             subscription.wake.set()

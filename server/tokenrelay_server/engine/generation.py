@@ -146,6 +146,7 @@ class Generation:
             recovery=recovery,
             tally=self.tally,
             emit_chunk=self._emit_chunk,
+            emit_chunk_now=self._emit_chunk_now if self.log.appends_now else None,
             notice=self.notice,
             delivered_text=self.log.text,
             delivered_chunks=lambda: self.log.last_seq,
@@ -355,8 +356,28 @@ class Generation:
     # -- writing ---------------------------------------------------------------------
 
     async def _emit_chunk(self, piece: Piece, provider: str, attempt: int, tokens: int) -> None:
+        chunk = self._chunk(piece, provider, attempt, tokens)
+        await self.log.append([chunk])
+        self._stored(chunk)
+
+    def _emit_chunk_now(self, piece: Piece, provider: str, attempt: int, tokens: int) -> None:
+        """`_emit_chunk` for a log that appends without awaiting (the memory
+        store's): no coroutine per token, and the common case inline."""
+        log = self.log
+        entries = log.entries
+        text = piece.text
+        limit = self._max_stream_bytes
+        if piece.tool_call is not None or (limit and entries.text_bytes + 4 * len(text) > limit):
+            chunk = self._chunk(piece, provider, attempt, tokens)  # counts the bytes
+        else:
+            chunk = Chunk(entries.last_seq + 1, text, provider, attempt, tokens, kind=piece.kind)
+        log.append_now([chunk])
+        if self._observe.chunks:
+            self._stored(chunk)
+
+    def _chunk(self, piece: Piece, provider: str, attempt: int, tokens: int) -> Chunk:
         chunk = Chunk(
-            seq=self.log.last_seq + 1,
+            seq=self.log.entries.last_seq + 1,
             text=piece.text,
             provider=provider,
             attempt=attempt,
@@ -364,22 +385,28 @@ class Generation:
             kind=piece.kind,
             tool_call=piece.tool_call,
         )
-        if (
-            self._max_stream_bytes
-            and self.log.text_bytes + chunk.content_bytes > self._max_stream_bytes
+        log = self.log
+        limit = self._max_stream_bytes
+        # A UTF-8 character is at most 4 bytes: count the bytes only near the
+        # limit (a tool call's pieces always: their text is in tool_call).
+        if limit and (
+            piece.tool_call is not None or log.text_bytes + 4 * len(piece.text) > limit
         ):
-            raise ResourceError(
-                stream_too_large_fault(self._max_stream_bytes, provider=provider, attempt=attempt)
-            )
-        await self.log.append([chunk])
+            if log.text_bytes + chunk.content_bytes > limit:
+                raise ResourceError(
+                    stream_too_large_fault(limit, provider=provider, attempt=attempt)
+                )
+        return chunk
+
+    def _stored(self, chunk: Chunk) -> None:
         if self._observe.chunks:
             self._observe(
                 ChunkStored(
                     stream_id=self.stream_id,
                     model=self.meta.model,
-                    provider=provider,
+                    provider=chunk.provider,
                     seq=chunk.seq,
-                    tokens_so_far=tokens,
+                    tokens_so_far=chunk.tokens_so_far,
                     at=self._clock.monotonic(),
                     kind=chunk.kind,
                 )

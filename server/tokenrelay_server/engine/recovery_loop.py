@@ -129,6 +129,8 @@ class RecoveryLoop:
     tally: Tally
     # Store and show one chunk: (piece, provider, attempt, tokens_so_far).
     emit_chunk: Callable[[Piece, str, int, int], Awaitable[None]]
+    # The same without an await, where the log allows it (the memory store).
+    emit_chunk_now: Callable[[Piece, str, int, int], None] | None
     # Store and show one non-fatal notice.
     notice: Callable[[Fault], Awaitable[None]]
     # What was delivered so far (the continuation prefix) and its chunk count.
@@ -361,10 +363,20 @@ class RecoveryLoop:
         weight = self.recovery.health.health(route).delta_weight()
         provider_name = route.provider.name
 
+        emit_now = self.emit_chunk_now
+
+        turn = self.turn
+
         async def emit(piece: Piece, answer_deltas: int) -> None:
-            tokens = base_tokens + round(answer_deltas * weight)
-            await self.emit_chunk(piece, provider_name, attempt, tokens)
-            self.turn.shown(piece)
+            tokens = base_tokens + (
+                answer_deltas if weight == 1.0 else round(answer_deltas * weight)
+            )
+            if emit_now is not None:
+                emit_now(piece, provider_name, attempt, tokens)
+            else:
+                await self.emit_chunk(piece, provider_name, attempt, tokens)
+            if piece.tool_call is not None or turn.open_call is not None:
+                turn.shown(piece)  # (text with no call open changes nothing)
 
         emitter: Emit = emit
         shaper = TurnShaper(

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from tokenrelay_server.core.compact_log import CompactLog
 from tokenrelay_server.core.model import LogEntry, StreamMeta
 
 
@@ -34,6 +35,21 @@ class StreamTail:
 
     last_seq: int
     ended: bool
+
+
+@runtime_checkable
+class SharesLogs(Protocol):
+    """An in-process store whose log of a stream the engine may read directly:
+    the generation's local log is then the store's, not a copy (one buffer,
+    one append). Only for stores where an append cannot suspend."""
+
+    def shared_log(self, stream_id: str) -> CompactLog | None:
+        """The store's own log of a live stream (None: unknown or expired)."""
+        ...
+
+    def append_now(self, stream_id: str, entries: Sequence[LogEntry]) -> None:
+        """`append`, done before it returns (no await on the per-token path)."""
+        ...
 
 
 class StreamStore(Protocol):

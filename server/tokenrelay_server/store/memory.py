@@ -70,20 +70,30 @@ class MemoryStore:
     # -- the log -----------------------------------------------------------------
 
     async def append(self, stream_id: str, entries: Sequence[LogEntry]) -> None:
+        self.append_now(stream_id, entries)
+
+    def append_now(self, stream_id: str, entries: Sequence[LogEntry]) -> None:
         observer = self.append_observer
         started = self._clock.monotonic() if observer is not None else 0.0
-        stream = self._require(stream_id)
+        now = self._clock.wall()
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.expires_at <= now:
+            stream = self._require(stream_id)  # raises, and forgets an expired one
         try:
-            stream.log.check(entries)  # the whole batch first: a rejected append stores nothing
+            # The whole batch is checked first: a rejected append stores nothing.
+            stream.log.append(entries)
         except ValueError as error:
             raise ValueError(f"{error} in {stream_id}") from None
-        stream.log.add(entries)
-        stream.expires_at = self._clock.wall() + self._retention_s
+        stream.expires_at = now + self._retention_s
         if stream.changed is not None:
             stream.changed.set()
             stream.changed = None
         if observer is not None:
             observer(len(entries), self._clock.monotonic() - started)
+
+    def shared_log(self, stream_id: str) -> CompactLog | None:
+        stream = self._live(stream_id)
+        return None if stream is None else stream.log
 
     async def read(self, stream_id: str, after_seq: int, limit: int = 1000) -> list[LogEntry]:
         return self._require(stream_id).log.read(after_seq, limit)

@@ -77,14 +77,16 @@ class ProviderRequest:
         return metadata_value(self.metadata, key, default)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: made per token on the hot path (see model.Chunk).
+@dataclass(slots=True)
 class TextDelta:
     """A piece of answer text (never a split UTF-8 character)."""
 
     text: str
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: made per token on the hot path (see model.Chunk).
+@dataclass(slots=True)
 class ReasoningDelta:
     """A piece of the model's reasoning ("thinking"): not answer text."""
 

@@ -50,7 +50,6 @@ model that repeats itself, for the stitcher).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import random
@@ -394,7 +393,8 @@ def _number(
 SimEventKind = Literal["text", "reasoning", "tool_call"]
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: made per token on the hot path (see model.Chunk).
+@dataclass(slots=True)
 class SimEvent:
     """One event of an attempt: a text or reasoning delta, or a piece of a
     tool call (its first piece has the id and name and no arguments)."""
@@ -519,7 +519,8 @@ def plan_attempt(
     if offset and index < end:
         pieces.append(answer.token(index)[offset:])
         index += 1
-    pieces.extend(answer.token(i) for i in range(index, end))
+    token = answer.token
+    pieces += [token(i) for i in range(index, end)]
     if prefix and settings.overlap and pieces:
         pieces[0] = prefix[-settings.overlap :] + pieces[0]
     # Deltas of `tokens_per_chunk` tokens each.
@@ -531,10 +532,13 @@ def plan_attempt(
             for i in range(settings.reasoning)
         )
     ]
-    events += [
-        SimEvent("text", "".join(pieces[i : i + size]), tokens=len(pieces[i : i + size]))
-        for i in range(0, len(pieces), size)
-    ]
+    if size == 1:
+        events += [SimEvent("text", piece) for piece in pieces]
+    else:
+        events += [
+            SimEvent("text", "".join(pieces[i : i + size]), tokens=len(pieces[i : i + size]))
+            for i in range(0, len(pieces), size)
+        ]
     if tool_turn:
         events += tool_call_events(originals, tools, tool_choice, settings)
     # Faults count events of every kind.
@@ -548,7 +552,9 @@ def plan_attempt(
         events=tuple(events),
         fault=fault,
         finish_reason="tool_calls" if tool_turn else "stop",
-        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(e.tokens for e in events)),
+        usage=Usage(
+            prompt_tokens=prompt_tokens, completion_tokens=sum([e.tokens for e in events])
+        ),
     )
 
 
@@ -599,78 +605,73 @@ class SimProvider:
         return tuple(SimInFlight(playing.attempt, playing.state) for playing in self._playing)
 
     async def stream(self, request: ProviderRequest) -> AsyncGenerator[Delta, None]:
+        # One generator, not a wrapper around another: each layer of async
+        # generator costs about a microsecond per delta.
         playing = _Playing(request.attempt)
         self._playing.add(playing)
         try:
-            async with contextlib.aclosing(self._play(request, playing)) as deltas:
-                async for delta in deltas:
-                    yield delta
+            settings = SimSettings.from_metadata(request.metadata, self._default_pace_ms)
+            plan = plan_attempt(
+                request.messages,
+                max_tokens=request.params.max_tokens,
+                attempt=request.attempt,
+                settings=settings,
+                continuation=request.continuation,
+                tools=request.tools,
+                tool_choice=request.tool_choice,
+            )
+            fault = plan.fault
+            if fault.kind == "http":
+                retry_after = settings.retry_after_s if fault.n in (429, 503, 529) else None
+                raise upstream_error(
+                    classify.classify_http_status(fault.n, retry_after_s=retry_after).with_context(
+                        provider=self._name, attempt=request.attempt
+                    )
+                )
+            pace_s = settings.pace_ms / 1000.0
+            sent_bytes = 0
+            # An absolute schedule: token i is due at start + (i + 1) * pace, so
+            # the rate holds however late each wake-up is (issue 10: sleeping the
+            # full pace after each token drifted to ~47 tok/s at 50 tok/s).
+            started = self._clock.monotonic()
+            for index, event in enumerate(plan.events):
+                if pace_s:
+                    delay = started + (index + 1) * pace_s - self._clock.monotonic()
+                    if delay > 0:  # a token already due (a late wake-up) is not a wait
+                        playing.state = "waiting"
+                    await self._clock.sleep(delay)
+                    playing.state = "answering"
+                elif index % FULL_SPEED_BURST == 0:
+                    # At full speed, hand the loop back now and then, as a socket
+                    # read that returns several tokens at once would.
+                    await asyncio.sleep(0)
+                sent_bytes += len(event.text.encode())
+                yield TextDelta(event.text) if event.kind == "text" else _delta(event)
+            context = {
+                "tokens_received": len(plan.events),
+                "bytes_received": sent_bytes,
+            }
+            if fault.kind == "reset":
+                raise upstream_error(
+                    classify.connection_reset(**context).with_context(
+                        provider=self._name, attempt=request.attempt
+                    )
+                )
+            if fault.kind == "garbage":
+                raise upstream_error(
+                    classify.malformed_data("invalid JSON in a data line", **context).with_context(
+                        provider=self._name, attempt=request.attempt
+                    )
+                )
+            if fault.kind == "stall":
+                playing.state = "stalled"
+                await asyncio.Event().wait()  # hangs until the caller's stall timeout cancels us
+            if fault.kind == "eof":
+                return  # no Finish: the caller reports NO_FINISH_REASON
+            yield UsageReport(plan.usage)
+            yield Finish(plan.finish_reason, plan.usage, bytes_received=sent_bytes)
         finally:
             self._playing.discard(playing)
-
-    async def _play(
-        self, request: ProviderRequest, playing: _Playing
-    ) -> AsyncGenerator[Delta, None]:
-        settings = SimSettings.from_metadata(request.metadata, self._default_pace_ms)
-        plan = plan_attempt(
-            request.messages,
-            max_tokens=request.params.max_tokens,
-            attempt=request.attempt,
-            settings=settings,
-            continuation=request.continuation,
-            tools=request.tools,
-            tool_choice=request.tool_choice,
-        )
-        fault = plan.fault
-        if fault.kind == "http":
-            retry_after = settings.retry_after_s if fault.n in (429, 503, 529) else None
-            raise upstream_error(
-                classify.classify_http_status(fault.n, retry_after_s=retry_after).with_context(
-                    provider=self._name, attempt=request.attempt
-                )
-            )
-        pace_s = settings.pace_ms / 1000.0
-        sent_bytes = 0
-        # An absolute schedule: token i is due at start + (i + 1) * pace, so
-        # the rate holds however late each wake-up is (issue 10: sleeping the
-        # full pace after each token drifted to ~47 tok/s at 50 tok/s).
-        started = self._clock.monotonic()
-        for index, event in enumerate(plan.events):
-            if pace_s:
-                delay = started + (index + 1) * pace_s - self._clock.monotonic()
-                if delay > 0:  # a token already due (a late wake-up) is not a wait
-                    playing.state = "waiting"
-                await self._clock.sleep(delay)
-                playing.state = "answering"
-            elif index % FULL_SPEED_BURST == 0:
-                # At full speed, hand the loop back now and then, as a socket
-                # read that returns several tokens at once would.
-                await asyncio.sleep(0)
-            sent_bytes += len(event.text.encode())
-            yield _delta(event)
-        context = {
-            "tokens_received": len(plan.events),
-            "bytes_received": sent_bytes,
-        }
-        if fault.kind == "reset":
-            raise upstream_error(
-                classify.connection_reset(**context).with_context(
-                    provider=self._name, attempt=request.attempt
-                )
-            )
-        if fault.kind == "garbage":
-            raise upstream_error(
-                classify.malformed_data("invalid JSON in a data line", **context).with_context(
-                    provider=self._name, attempt=request.attempt
-                )
-            )
-        if fault.kind == "stall":
-            playing.state = "stalled"
-            await asyncio.Event().wait()  # hangs until the caller's stall timeout cancels us
-        if fault.kind == "eof":
-            return  # no Finish: the caller reports NO_FINISH_REASON
-        yield UsageReport(plan.usage)
-        yield Finish(plan.finish_reason, plan.usage, bytes_received=sent_bytes)
 
     async def aclose(self) -> None:
         return None
