@@ -176,6 +176,10 @@ def fault_to_proto(fault: Fault) -> relay_pb2.StreamError:
 def chunk_to_proto(chunk: Chunk) -> relay_pb2.TokenChunk:
     """A TokenChunk with exactly one of text, reasoning or tool_call set (the
     `content` oneof: an empty text is still set, so the kind is never lost)."""
+    if chunk.kind == "text":  # the per-token case: one constructor call
+        return relay_pb2.TokenChunk(
+            seq=chunk.seq, text=chunk.text, provider=chunk.provider, attempt=chunk.attempt
+        )
     message = relay_pb2.TokenChunk(seq=chunk.seq, provider=chunk.provider, attempt=chunk.attempt)
     if chunk.tool_call is not None:
         call = chunk.tool_call
@@ -311,17 +315,20 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             async with contextlib.aclosing(self._hub.follow(session)) as batches:
                 async for batch in batches:
                     for entry in batch:
+                        if type(entry) is Chunk:  # the per-token case first
+                            yield relay_pb2.StreamEvent(chunk=chunk_to_proto(entry))
+                            if entry.seq % interval == 0:
+                                yield relay_pb2.StreamEvent(
+                                    checkpoint=relay_pb2.Checkpoint(
+                                        seq=entry.seq,
+                                        token_count=entry.tokens_so_far,
+                                        resume_token=tokens.current(),
+                                    )
+                                )
+                            continue
                         if isinstance(entry, End) and refuses_partial(entry, allow_partial):
                             raise _PartialRefused(entry)
                         yield self._event(entry)
-                        if isinstance(entry, Chunk) and entry.seq % interval == 0:
-                            yield relay_pb2.StreamEvent(
-                                checkpoint=relay_pb2.Checkpoint(
-                                    seq=entry.seq,
-                                    token_count=entry.tokens_so_far,
-                                    resume_token=tokens.current(),
-                                )
-                            )
         except _PartialRefused as refused:
             await context.abort_with_status(refused_partial_status(session.stream_id, refused.end))
         except TokenRelayError as error:

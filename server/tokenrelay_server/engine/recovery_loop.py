@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 
 from tokenrelay_server.core import classify
@@ -149,109 +149,108 @@ class RecoveryLoop:
     phase: str = "attempt"
 
     async def run(self) -> Outcome:
+        # (One frame, not a wrapper: a suspended frame per stream is memory.)
         try:
-            return await self._run()
+            restored = self._restored_turn_outcome()
+            if restored is not None:
+                return restored
+            health = self.recovery.health
+            self._retries = [0] * len(self.chain)
+            index = health.choose(self.chain, self.policy.selection)
+            if index is None:
+                # Every breaker is open: no call is made; the decision says how it ends.
+                index = 0
+            while True:
+                route = self.chain[index]
+                permit = health.breaker(route).try_acquire()
+                if permit is None:
+                    fault = breaker_open_fault(route)
+                    if self.observe:
+                        self._attempt_ended(route, self.tally.attempts, "refused", fault, None, 0.0)
+                else:
+                    with permit:
+                        self.tally.attempts += 1
+                        health.budget(route).record_request()
+                        continues = self.delivered_chunks() > 0
+                        report = await self._observed_attempt(route, self.tally.attempts)
+                        route_health = health.health(route)
+                        self.tally.add(report, route_health.delta_weight())
+                        if report.fault is None:
+                            permit.succeeded()
+                            route_health.observe_success(report.first_token_s, report.inter_token_s)
+                            if not continues:
+                                # Only a fresh answer teaches tokens per delta: a
+                                # continuation's deltas are reshaped (an Anthropic
+                                # prefill loses its trailing whitespace, the model
+                                # writes it again, the adapter drops that delta and
+                                # the usage counts its token).
+                                route_health.observe_usage(report.deltas, report.completion_tokens)
+                            assert report.finish is not None
+                            return Outcome(finish=report.finish)
+                        fault = report.fault
+                        if classify.counts_against_provider(fault):
+                            permit.failed()
+                            health.health(route).observe_failure()
+                        else:
+                            permit.released()
+                decision = decide(self._situation(fault, index), self.policy, self.recovery.rng)
+                # The lifecycle lines (a recovery action, the end) are the log
+                # observer's (obs/logs.py); why the loop stopped is a detail.
+                if decision.step is Step.COMPLETE:
+                    log.debug("stream %s: %s", self.stream_id, decision.reason)
+                    return Outcome(finish=Finish("length"))
+                if decision.step is Step.TOOL_CALLS:
+                    log.debug("stream %s: the turn ends: %s", self.stream_id, decision.reason)
+                    calls = self.turn.complete_calls
+                    await self.notice(
+                        replace(
+                            fault,
+                            fatal=False,
+                            message=(
+                                f"{fault.message}; the turn ends with the {calls} complete "
+                                "tool call(s) made so far (a turn is never continued past "
+                                "its tool calls)"
+                            ),
+                        )
+                    )
+                    return Outcome(finish=Finish("tool_calls"))
+                if decision.step is Step.INTERRUPTED:
+                    log.debug("stream %s: giving up: %s", self.stream_id, decision.reason)
+                    index_cut = self.turn.open_call
+                    assert index_cut is not None
+                    return Outcome(fault=classify.tool_call_interrupted(fault, index_cut))
+                if not decision.continues:
+                    log.debug("stream %s: giving up: %s", self.stream_id, decision.reason)
+                    return Outcome(fault=fault)
+                await self._announce(fault, decision, route)
+                if self.observe:
+                    self.observe(
+                        RecoveryAction(
+                            stream_id=self.stream_id,
+                            model=self.model,
+                            step=str(decision.step),
+                            fault=fault,
+                            from_provider=route.provider.name,
+                            to_provider=self.chain[decision.provider_index].provider.name,
+                            delay_s=decision.delay_s,
+                            at_seq=self.delivered_chunks(),
+                            at=self.recovery.clock.monotonic(),
+                        )
+                    )
+                if decision.step is Step.FALLBACK:
+                    self._given_up.add(index)
+                else:
+                    self._retries[index] += 1
+                    health.budget(route).spend_retry()
+                index = decision.provider_index
+                if decision.delay_s > 0:
+                    # "backoff" means a timer of the clock is what the loop waits
+                    # for; a fallback (no delay) goes straight to its attempt.
+                    self.phase = "backoff"
+                await self.recovery.clock.sleep(decision.delay_s)
+                self.phase = "attempt"
         finally:
             self.phase = "done"
-
-    async def _run(self) -> Outcome:
-        restored = self._restored_turn_outcome()
-        if restored is not None:
-            return restored
-        health = self.recovery.health
-        self._retries = [0] * len(self.chain)
-        index = health.choose(self.chain, self.policy.selection)
-        if index is None:
-            # Every breaker is open: no call is made; the decision says how it ends.
-            index = 0
-        while True:
-            route = self.chain[index]
-            permit = health.breaker(route).try_acquire()
-            if permit is None:
-                fault = breaker_open_fault(route)
-                if self.observe:
-                    self._attempt_ended(route, self.tally.attempts, "refused", fault, None, 0.0)
-            else:
-                with permit:
-                    self.tally.attempts += 1
-                    health.budget(route).record_request()
-                    continues = self.delivered_chunks() > 0
-                    report = await self._observed_attempt(route, self.tally.attempts)
-                    route_health = health.health(route)
-                    self.tally.add(report, route_health.delta_weight())
-                    if report.fault is None:
-                        permit.succeeded()
-                        route_health.observe_success(report.first_token_s, report.inter_token_s)
-                        if not continues:
-                            # Only a fresh answer teaches tokens per delta: a
-                            # continuation's deltas are reshaped (an Anthropic
-                            # prefill loses its trailing whitespace, the model
-                            # writes it again, the adapter drops that delta and
-                            # the usage counts its token).
-                            route_health.observe_usage(report.deltas, report.completion_tokens)
-                        assert report.finish is not None
-                        return Outcome(finish=report.finish)
-                    fault = report.fault
-                    if classify.counts_against_provider(fault):
-                        permit.failed()
-                        health.health(route).observe_failure()
-                    else:
-                        permit.released()
-            decision = decide(self._situation(fault, index), self.policy, self.recovery.rng)
-            # The lifecycle lines (a recovery action, the end) are the log
-            # observer's (obs/logs.py); why the loop stopped is a detail.
-            if decision.step is Step.COMPLETE:
-                log.debug("stream %s: %s", self.stream_id, decision.reason)
-                return Outcome(finish=Finish("length"))
-            if decision.step is Step.TOOL_CALLS:
-                log.debug("stream %s: the turn ends: %s", self.stream_id, decision.reason)
-                calls = self.turn.complete_calls
-                await self.notice(
-                    replace(
-                        fault,
-                        fatal=False,
-                        message=(
-                            f"{fault.message}; the turn ends with the {calls} complete tool "
-                            "call(s) made so far (a turn is never continued past its tool calls)"
-                        ),
-                    )
-                )
-                return Outcome(finish=Finish("tool_calls"))
-            if decision.step is Step.INTERRUPTED:
-                log.debug("stream %s: giving up: %s", self.stream_id, decision.reason)
-                index_cut = self.turn.open_call
-                assert index_cut is not None
-                return Outcome(fault=classify.tool_call_interrupted(fault, index_cut))
-            if not decision.continues:
-                log.debug("stream %s: giving up: %s", self.stream_id, decision.reason)
-                return Outcome(fault=fault)
-            await self._announce(fault, decision, route)
-            if self.observe:
-                self.observe(
-                    RecoveryAction(
-                        stream_id=self.stream_id,
-                        model=self.model,
-                        step=str(decision.step),
-                        fault=fault,
-                        from_provider=route.provider.name,
-                        to_provider=self.chain[decision.provider_index].provider.name,
-                        delay_s=decision.delay_s,
-                        at_seq=self.delivered_chunks(),
-                        at=self.recovery.clock.monotonic(),
-                    )
-                )
-            if decision.step is Step.FALLBACK:
-                self._given_up.add(index)
-            else:
-                self._retries[index] += 1
-                health.budget(route).spend_retry()
-            index = decision.provider_index
-            if decision.delay_s > 0:
-                # "backoff" means a timer of the clock is what the loop waits
-                # for; a fallback (no delay) goes straight to its attempt.
-                self.phase = "backoff"
-            await self.recovery.clock.sleep(decision.delay_s)
-            self.phase = "attempt"
 
     def _situation(self, fault: Fault, index: int) -> Situation:
         health = self.recovery.health
@@ -342,7 +341,9 @@ class RecoveryLoop:
             )
         )
 
-    async def _attempt(self, route: Route, attempt: int) -> AttemptReport:
+    def _attempt(self, route: Route, attempt: int) -> Coroutine[None, None, AttemptReport]:
+        """The coroutine of one attempt, ready to await (built here, so that no
+        frame of this method waits while it runs)."""
         delivered = self.delivered_text() if self.delivered_chunks() else ""
         params = self.request.params
         if params.max_tokens is not None and self.tally.delivered_tokens:
@@ -387,9 +388,7 @@ class RecoveryLoop:
             show_reasoning=self.delivered_chunks() == 0,
             stitcher=Stitcher(delivered) if delivered else None,
         )
-        return await run_attempt(
-            route, request, clock=self.recovery.clock, emit=emitter, shaper=shaper
-        )
+        return run_attempt(route, request, clock=self.recovery.clock, emit=emitter, shaper=shaper)
 
     async def _announce(self, fault: Fault, decision: Decision, failed: Route) -> None:
         """A non-fatal StreamError: what failed and what the gateway does now."""

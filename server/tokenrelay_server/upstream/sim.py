@@ -54,9 +54,9 @@ import hashlib
 import json
 import random
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 from tokenrelay_server.core import classify
 from tokenrelay_server.core.clock import Clock, SystemClock
@@ -407,12 +407,60 @@ class SimEvent:
     tokens: int = 1
 
 
+class PlanEvents(Sequence[SimEvent]):
+    """The events of a plan, in order. A text delta of one token is kept as
+    its string: a long answer's plan holds one str per token, not an object
+    (an idle stream of 200 tokens held 16 KiB of SimEvents)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Iterable[str | SimEvent] = ()) -> None:
+        self._items: tuple[str | SimEvent, ...] = tuple(items)
+
+    @property
+    def raw(self) -> tuple[str | SimEvent, ...]:
+        """The events as stored: a str is SimEvent("text", it)."""
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @overload
+    def __getitem__(self, index: int) -> SimEvent: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> PlanEvents: ...
+
+    def __getitem__(self, index: int | slice) -> SimEvent | PlanEvents:
+        if isinstance(index, slice):
+            return PlanEvents(self._items[index])
+        item = self._items[index]
+        return SimEvent("text", item) if isinstance(item, str) else item
+
+    def __iter__(self) -> Iterator[SimEvent]:
+        for item in self._items:
+            yield SimEvent("text", item) if isinstance(item, str) else item
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PlanEvents):
+            return self._items == other._items
+        if isinstance(other, tuple | list):
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    def __repr__(self) -> str:
+        return f"PlanEvents({list(self)!r})"
+
+
 @dataclass(frozen=True, slots=True)
 class AttemptPlan:
     """What one simulated attempt sends: `events`, then `fault` (which, for
     "ok", means a clean finish with `finish_reason`)."""
 
-    events: tuple[SimEvent, ...]
+    events: PlanEvents
     fault: FaultStep
     finish_reason: str
     usage: Usage
@@ -525,7 +573,7 @@ def plan_attempt(
         pieces[0] = prefix[-settings.overlap :] + pieces[0]
     # Deltas of `tokens_per_chunk` tokens each.
     size = settings.tokens_per_chunk
-    events = [
+    events: list[str | SimEvent] = [
         SimEvent("reasoning", token, tokens=1)
         for token in (
             SimAnswer(originals, settings.seed, "reasoning").token(i)
@@ -533,7 +581,7 @@ def plan_attempt(
         )
     ]
     if size == 1:
-        events += [SimEvent("text", piece) for piece in pieces]
+        events += pieces  # a one-token text delta is its string (PlanEvents)
     else:
         events += [
             SimEvent("text", "".join(pieces[i : i + size]), tokens=len(pieces[i : i + size]))
@@ -549,11 +597,12 @@ def plan_attempt(
         events = []
     prompt_tokens = sum(len(m.content.split()) for m in messages)
     return AttemptPlan(
-        events=tuple(events),
+        events=PlanEvents(events),
         fault=fault,
         finish_reason="tool_calls" if tool_turn else "stop",
         usage=Usage(
-            prompt_tokens=prompt_tokens, completion_tokens=sum([e.tokens for e in events])
+            prompt_tokens=prompt_tokens,
+            completion_tokens=sum([1 if isinstance(e, str) else e.tokens for e in events]),
         ),
     )
 
@@ -634,7 +683,7 @@ class SimProvider:
             # the rate holds however late each wake-up is (issue 10: sleeping the
             # full pace after each token drifted to ~47 tok/s at 50 tok/s).
             started = self._clock.monotonic()
-            for index, event in enumerate(plan.events):
+            for index, event in enumerate(plan.events.raw):
                 if pace_s:
                     delay = started + (index + 1) * pace_s - self._clock.monotonic()
                     if delay > 0:  # a token already due (a late wake-up) is not a wait
@@ -645,8 +694,12 @@ class SimProvider:
                     # At full speed, hand the loop back now and then, as a socket
                     # read that returns several tokens at once would.
                     await asyncio.sleep(0)
-                sent_bytes += len(event.text.encode())
-                yield TextDelta(event.text) if event.kind == "text" else _delta(event)
+                if isinstance(event, str):  # a one-token text delta (PlanEvents)
+                    sent_bytes += len(event.encode())
+                    yield TextDelta(event)
+                else:
+                    sent_bytes += len(event.text.encode())
+                    yield _delta(event)
             context = {
                 "tokens_received": len(plan.events),
                 "bytes_received": sent_bytes,
