@@ -47,6 +47,21 @@ SERVE_OPTIONS: list[tuple[str, str | type[bool], str]] = [
     ("port", INTEGER, "Port to listen on; 0 picks a free one and prints it."),
     ("store", "[memory|redis]", "Stream log: memory, or Redis shared by replicas."),
     ("redis_url", TEXT, "Redis URL for --store redis."),
+    (
+        "redis_cluster",
+        bool,
+        "The Redis at --redis-url is a node of a Redis Cluster (use the cluster client).",
+    ),
+    (
+        "heartbeat_interval_s",
+        NUMBER,
+        "Seconds between this replica's heartbeats in Redis.",
+    ),
+    (
+        "heartbeat_ttl_s",
+        NUMBER,
+        "Seconds after its last heartbeat that a replica counts as dead (its streams taken over).",
+    ),
     ("resume_secret", TEXT, "HMAC secret for resume tokens (the same on every replica)."),
     ("detach_grace_s", NUMBER, "Seconds a generation runs on with no client attached."),
     ("drain_grace_s", NUMBER, "Seconds open streams get to finish after SIGTERM."),

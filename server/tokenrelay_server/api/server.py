@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import secrets
@@ -54,10 +55,13 @@ from tokenrelay_server.obs.metrics import Metrics, MetricsEndpoint
 from tokenrelay_server.obs.tracing import Tracing, span_exporter
 from tokenrelay_server.store.base import ObservableStore, StreamStore
 from tokenrelay_server.store.error_stats import ErrorStats, MemoryErrorStats
+from tokenrelay_server.store.heartbeat import HasHeartbeats
 from tokenrelay_server.store.memory import MemoryStore
 from tokenrelay_server.upstream.base import Provider
 from tokenrelay_server.upstream.build import build_providers
 from tokenrelay_server.upstream.sim import SimProvider
+
+log = logging.getLogger(__name__)
 
 RELAY_SERVICE = relay_pb2.DESCRIPTOR.services_by_name["Relay"].full_name
 # The transport limit sits well above the prompt limit, so a prompt that is too
@@ -165,6 +169,7 @@ def build_store(settings: Settings, clock: Clock) -> StreamStore:
             retention_s=settings.retention_s,
             prefix=settings.redis_prefix,
             clock=clock,
+            cluster=settings.redis_cluster,
         )
     return MemoryStore(retention_s=settings.retention_s, clock=clock)
 
@@ -176,7 +181,10 @@ def build_error_stats(settings: Settings, clock: Clock) -> ErrorStats:
         from tokenrelay_server.store.error_stats_redis import RedisErrorStats
 
         return RedisErrorStats.from_url(
-            settings.redis_url, prefix=settings.redis_prefix, clock=clock
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            clock=clock,
+            cluster=settings.redis_cluster,
         )
     return MemoryErrorStats(clock=clock)
 
@@ -196,6 +204,7 @@ class RelayServer:
         port: int,
         owns_store: bool,
         guard: asyncio.Task[None] | None = None,
+        heartbeat: asyncio.Task[None] | None = None,
         tracing: Tracing | None = None,
         recorder: ErrorRecorder | None,
         live: LiveStats | None = None,
@@ -215,6 +224,7 @@ class RelayServer:
         self._providers = providers
         self._owns_store = owns_store
         self._guard = guard
+        self._heartbeat = heartbeat
         self.tracing = tracing  # None with --otel-exporter none
         self._stopped = False
         self._store_available = True
@@ -325,12 +335,15 @@ class RelayServer:
             ),
             observers=observe,
             replica_id=replica_id,
+            heartbeats=store.heartbeats if isinstance(store, HasHeartbeats) else None,
             settings=HubSettings(
                 detach_grace_s=settings.detach_grace_s,
                 checkpoint_interval=settings.checkpoint_interval,
                 max_streams=settings.max_streams,
                 max_stream_bytes=settings.max_response_bytes,
                 lease_ttl_s=settings.lease_ttl_s,
+                heartbeat_interval_s=settings.heartbeat_interval_s,
+                heartbeat_ttl_s=settings.heartbeat_ttl_s,
                 max_memory_bytes=int(settings.max_memory_mb * (1 << 20)),
                 memory_check_interval_s=settings.memory_check_interval_s,
             ),
@@ -388,6 +401,14 @@ class RelayServer:
             except OSError:
                 await server.stop(None)
                 raise
+        # The first heartbeat before the first stream: a lease of this replica
+        # never names a replica without one (others would take it over). A
+        # store that cannot be reached now is retried by the keeper.
+        try:
+            await hub.beat()
+        except Exception as error:  # typed by the store
+            log.warning("first heartbeat not written: %s", error)
+        heartbeat = asyncio.create_task(hub.keep_heartbeat(), name="heartbeat")
         await server.start()
         if recorder is not None:
             recorder.start()
@@ -401,6 +422,7 @@ class RelayServer:
         )
         return cls(
             guard=guard,
+            heartbeat=heartbeat,
             settings=settings,
             server=server,
             hub=hub,
@@ -438,6 +460,13 @@ class RelayServer:
         await self._health.enter_graceful_shutdown()
         await self.hub.close()
         await self._server.stop(grace)
+        if self._heartbeat is not None:
+            # After the generations ended: until then they are ours.
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+            with contextlib.suppress(Exception):
+                await self.hub.stop_heartbeat()
         if self._metrics_endpoint is not None:
             await self._metrics_endpoint.stop()
         for provider in self._providers:

@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from redis.asyncio.connection import parse_url
 
 from tokenrelay_server.config.problems import (
@@ -109,6 +116,8 @@ class Settings(BaseModel):
     store: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "tr"
+    # The Redis at redis_url is a node of a Redis Cluster (store/connect.py).
+    redis_cluster: bool = False
     resume_secret: str | None = Field(None, min_length=16)
     retention_s: float = Field(3600.0, gt=0)
     detach_grace_s: float = Field(_HUB.detach_grace_s, ge=0)
@@ -120,6 +129,8 @@ class Settings(BaseModel):
     # ends partial with RESPONSE_TOO_LARGE).
     max_response_bytes: int = Field(_HUB.max_stream_bytes, ge=1)
     lease_ttl_s: float = Field(_HUB.lease_ttl_s, gt=0)
+    heartbeat_interval_s: float = Field(_HUB.heartbeat_interval_s, gt=0)
+    heartbeat_ttl_s: float = Field(_HUB.heartbeat_ttl_s, gt=0)
     # Above this resident memory (MiB; 0 = no limit) new streams are refused
     # with RESOURCE_EXHAUSTED and running ones end as typed partials.
     max_memory_mb: float = Field(0.0, ge=0)
@@ -169,6 +180,18 @@ class Settings(BaseModel):
     @classmethod
     def _redis_url(cls, value: str) -> str:
         return check_redis_url(value)
+
+    @field_validator("heartbeat_ttl_s")
+    @classmethod
+    def _heartbeat_ttl(cls, value: float, info: ValidationInfo) -> float:
+        # Fields validate in order: the interval (declared before) is known here.
+        interval = info.data.get("heartbeat_interval_s", _HUB.heartbeat_interval_s)
+        if value <= interval:
+            raise ValueError(
+                f"must be longer than heartbeat_interval_s ({interval}), or every replica "
+                "would look dead between two heartbeats"
+            )
+        return value
 
     @property
     def sim_routable(self) -> bool:

@@ -27,6 +27,11 @@ class HubSettings:
     checkpoint_interval: int = 10  # chunks between Checkpoint events
     max_streams: int = 10_000  # running + being admitted, per replica
     lease_ttl_s: float = 10.0  # ownership of a generation in the store
+    # Each replica's heartbeat in the store (store/heartbeat.py): renewed this
+    # often, gone this long after its last renewal. A follower takes over a
+    # stream whose owner's heartbeat is gone without waiting for its lease.
+    heartbeat_interval_s: float = 0.5
+    heartbeat_ttl_s: float = 2.0
     store_poll_s: float = 1.0  # a follower of another replica's stream looks this often
     max_memory_bytes: int = 0  # resident memory above which streams are shed; 0: no limit
     memory_check_interval_s: float = 1.0

@@ -8,8 +8,9 @@ Reading a stream:
 - generated here: from the generation's local log (already stored), then
   live as it grows;
 - generated elsewhere, or finished: from the store, waiting on it for more.
-  When the stream is unfinished and nobody holds its lease (the owning
-  replica died), the reader takes it over and continues it here
+  When the stream is unfinished and nobody holds its lease, or the lease's
+  owner has no heartbeat any more (the owning replica died: issue 9 defect
+  7, store/heartbeat.py), the reader takes it over and continues it here
   (takeover.py), or ends it OWNER_LOST when it cannot be continued.
 
 Admission is one synchronous step: the check against `max_streams` and the
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -46,8 +48,13 @@ from tokenrelay_server.engine.recovery_loop import Recovery
 from tokenrelay_server.engine.routing import Route, Router
 from tokenrelay_server.engine.takeover import Leases, Takeover, cancel_fault
 from tokenrelay_server.store.base import StreamStore
+from tokenrelay_server.store.heartbeat import Heartbeats
 
 log = logging.getLogger(__name__)
+
+# A follower looks at a live owner's heartbeat again this long after it
+# would lapse (a renewal in flight, the store's TTL timer).
+HEARTBEAT_RECHECK_SLACK_S = 0.05
 
 
 @dataclass(eq=False)
@@ -76,6 +83,7 @@ class StreamHub:
         settings: HubSettings | None = None,
         replica_id: str | None = None,
         observers: Observers | None = None,
+        heartbeats: Heartbeats | None = None,
     ) -> None:
         self.store = store
         self.router = router
@@ -84,6 +92,9 @@ class StreamHub:
         self._settings = settings or HubSettings()
         self.replica_id = replica_id or uuid.uuid4().hex[:12]
         self.observe = observers or Observers()
+        # None (the memory store): no other replica; streams change owner
+        # only when a lease lapses.
+        self.heartbeats = heartbeats
         self._local: dict[str, Generation] = {}
         self._admitting = 0  # starts admitted but not yet registered in _local
         self._tasks: set[asyncio.Task[None]] = set()
@@ -225,6 +236,47 @@ class StreamHub:
             with contextlib.suppress(Exception):
                 await self.store.release_lease(generation.stream_id, self.replica_id)
 
+    # -- heartbeat ---------------------------------------------------------------------
+
+    async def beat(self) -> None:
+        """Renew this replica's heartbeat once (the server does it before it
+        serves, so no lease of ours ever exists without a heartbeat)."""
+        if self.heartbeats is not None:
+            await self.heartbeats.beat(self.replica_id, self._settings.heartbeat_ttl_s)
+
+    async def keep_heartbeat(self) -> None:
+        """Renew this replica's heartbeat every `heartbeat_interval_s` of the
+        heartbeats' own clock (their TTL runs on it) until cancelled. A failed
+        renewal is logged and retried at the next beat: while the store
+        cannot be reached, other replicas may take our streams over, which
+        is what the heartbeat is for."""
+        if self.heartbeats is None:
+            return
+        while True:
+            await self.heartbeats.clock.sleep(self._settings.heartbeat_interval_s)
+            try:
+                await self.beat()
+            except Exception as error:  # a dependency failure, typed by the store
+                log.warning("heartbeat not renewed: %s", error)
+
+    async def stop_heartbeat(self) -> None:
+        """Say this replica is gone (after its generations ended)."""
+        if self.heartbeats is not None:
+            await self.heartbeats.stop(self.replica_id)
+
+    async def _owner_heartbeat_left(self, owner: str) -> float:
+        """Seconds the owner of a lease still counts as alive: 0 when its
+        heartbeat is gone; infinite without heartbeats, for ourselves, or when
+        the store cannot say (then only the lease's lapse frees the stream)."""
+        if self.heartbeats is None or owner == self.replica_id:
+            return math.inf
+        try:
+            left = await self.heartbeats.remaining(owner)
+        except Exception as error:  # typed by the store; assume it lives
+            log.warning("cannot read the heartbeat of replica %s: %s", owner, error)
+            return math.inf
+        return 0.0 if left is None else left
+
     async def resume(self, stream_id: str, last_seq: int) -> Session:
         """Attach to a stream (the servicer verified the token naming it)."""
         meta = await self.store.get_meta(stream_id)
@@ -303,10 +355,15 @@ class StreamHub:
     async def _follow_store(self, session: Session) -> AsyncGenerator[list[LogEntry], None]:
         stream_id = session.stream_id
         cursor = LogCursor(session.after_seq)
+        poll_s = self._settings.store_poll_s
+        # The first look does not wait: a resume of a dead owner's stream is
+        # taken over as soon as its heartbeat is gone, not a poll later.
+        wait_s = 0.0
         while True:
             if session.subscription.violation is not None:
                 raise session.subscription.violation
-            entries = await self.store.wait(stream_id, cursor.seq, self._settings.store_poll_s)
+            entries = await self.store.wait(stream_id, cursor.seq, wait_s)
+            wait_s = poll_s
             if entries:
                 batch = cursor.take(entries)
                 if batch:
@@ -317,8 +374,26 @@ class StreamHub:
             tail = await self.store.tail(stream_id)
             if tail is None:
                 raise StreamNotFound(f"stream {stream_id} expired while being read")
-            if tail.ended or await self.store.lease_owner(stream_id) is not None:
+            if tail.ended:
                 continue
+            owner = await self.store.lease_owner(stream_id)
+            if owner is not None:
+                left = await self._owner_heartbeat_left(owner)
+                if left > 0:
+                    # Look again right after its heartbeat would lapse, if
+                    # that comes before the next poll.
+                    wait_s = min(poll_s, left + HEARTBEAT_RECHECK_SLACK_S)
+                    continue
+                # Its owner's heartbeat is gone: free the lease (only if that
+                # owner still holds it) and take the stream over, without
+                # waiting for the lease to lapse. An owner that was only
+                # paused finds its lease gone when it wakes.
+                log.warning(
+                    "stream %s: owner %s has no heartbeat; taking the stream over",
+                    stream_id,
+                    owner,
+                )
+                await self.store.release_lease(stream_id, owner)
             generation = await self._takeover.take_over(stream_id)
             if generation is None:
                 continue

@@ -1,0 +1,52 @@
+"""Redis clients for the stores: one standalone server, or a Redis Cluster.
+
+`connect(url, cluster=...)` is the one place that picks between redis-py's
+`redis.asyncio.Redis` and `redis.asyncio.cluster.RedisCluster`; the stores
+(redis.py, error_stats_redis.py, heartbeat.py) take either as a
+`RedisClient` and use only what both offer: single-key commands, scripts
+whose KEYS share one hash slot, and non-transactional pipelines.
+
+On a cluster:
+- the URL names any one node; the client discovers the others (CLUSTER
+  SLOTS) and follows MOVED/ASK redirections itself;
+- every multi-key script gets keys under one hash tag (`{stream_id}` for a
+  stream's keys, `{G I}` for an error bucket); redis-py checks this on the
+  client side before sending ("all keys must map to the same key slot"), and
+  so does the server (CROSSSLOT);
+- a database other than 0 does not exist, so the URL's database must be 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeAlias
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+RedisClient: TypeAlias = Redis | RedisCluster
+
+
+def connect(url: str, *, cluster: bool = False, **client_kwargs: Any) -> RedisClient:
+    """A client for the Redis (or, with `cluster`, the Redis Cluster) at `url`.
+
+    `client_kwargs` go to `from_url`; on a cluster `max_connections` is per
+    node. Nothing is connected yet: the first command connects.
+    """
+    if not cluster:
+        return Redis.from_url(url, **client_kwargs)
+    database = url.split("://", 1)[-1].partition("/")[2].split("?", 1)[0]
+    if database not in ("", "0"):
+        raise ValueError(
+            f"a Redis Cluster has only database 0; the Redis URL names database {database}"
+        )
+    return RedisCluster.from_url(url, **client_kwargs)
+
+
+def connection_kwargs(client: RedisClient) -> dict[str, Any]:
+    """The settings each connection of `client` is made with (socket timeout, …)."""
+    if isinstance(client, RedisCluster):
+        return dict(client.get_connection_kwargs())
+    return dict(client.connection_pool.connection_kwargs)
+
+
+__all__ = ["RedisClient", "connect", "connection_kwargs"]
