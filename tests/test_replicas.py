@@ -50,7 +50,7 @@ from tokenrelay_server.core.model import Chunk, StreamMeta
 from tokenrelay_server.store.redis import RedisStore
 
 # A generous bound on waits for another process (it fails the test; it times nothing).
-PROCESS_GUARD_S = 120.0
+PROCESS_GUARD_S = 90.0
 
 
 @pytest.fixture(params=["redis", "cluster"])
