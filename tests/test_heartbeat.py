@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from serverkit import RelayFactory
 from tokenrelay_server.core.clock import ManualClock
 from tokenrelay_server.store.heartbeat import Heartbeats, MemoryHeartbeats
 from tokenrelay_server.store.redis import RedisStore
@@ -92,3 +93,25 @@ async def test_one_replicas_heartbeat_leaves_anothers_alone(beats: Beats) -> Non
     left = await beats.heartbeats.remaining("replica-a")
     assert left is not None and not math.isinf(left)
     assert await beats.heartbeats.remaining("replica-b") is None
+
+
+# --- a replica's own heartbeat ----------------------------------------------------------
+
+
+async def test_a_replica_on_redis_beats_while_it_serves_and_stops_when_it_stops(
+    relay_factory: RelayFactory, redis_url: str, redis_prefix: str
+) -> None:
+    relay = await relay_factory(store="redis", redis_url=redis_url, redis_prefix=redis_prefix)
+    store = RedisStore.from_url(redis_url, prefix=redis_prefix)
+    try:
+        left = await store.heartbeats.remaining(relay.hub.replica_id)
+        assert left is not None and 0 < left <= relay.settings.heartbeat_ttl_s
+        await relay.stop()
+        assert await store.heartbeats.remaining(relay.hub.replica_id) is None
+    finally:
+        await store.close()
+
+
+async def test_a_replica_on_the_memory_store_has_no_heartbeat(relay_factory: RelayFactory) -> None:
+    relay = await relay_factory()
+    assert relay.hub.heartbeats is None  # no other replica could take its streams over
