@@ -9,12 +9,14 @@ The cluster is the session's throwaway three-master one (conftest.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections import defaultdict
 
 import pytest
 from redis.asyncio.cluster import RedisCluster
 from redis.cluster import key_slot
+from redis.exceptions import MaxConnectionsError
 
 from test_store import make_meta
 from tokenrelay_server.core.clock import ManualClock
@@ -122,3 +124,38 @@ async def test_a_fresh_cluster_client_takes_a_burst_of_concurrent_commands(
         finally:
             await store.close()
         assert metas == [None] * 12
+
+
+async def test_more_commands_than_cluster_connections_wait_for_one(
+    redis_cluster_url: str, redis_cluster_prefix: str
+) -> None:
+    # redis-py's cluster pools raise MaxConnectionsError when full; the
+    # client from connect.py makes the extra commands wait instead.
+    store = RedisStore.from_url(
+        redis_cluster_url, prefix=redis_cluster_prefix, cluster=True, max_connections=2
+    )
+    try:
+        metas = await asyncio.gather(*(store.get_meta(uuid.uuid4().hex) for _ in range(60)))
+    finally:
+        await store.close()
+    assert metas == [None] * 60
+
+
+async def test_a_command_that_finds_no_free_cluster_connection_ends_typed(
+    redis_cluster_url: str, redis_cluster_prefix: str
+) -> None:
+    client = connect(redis_cluster_url, cluster=True, max_connections=1, connection_wait_s=0.05)
+    try:
+        await client.initialize()
+        # The one connection is held by a read blocked far beyond the test.
+        held = asyncio.create_task(
+            client.xread({f"{redis_cluster_prefix}:{{held}}:log": "$"}, block=60_000)
+        )
+        await asyncio.sleep(0)
+        with pytest.raises(MaxConnectionsError, match="no free connection to the Redis Cluster"):
+            await client.get(f"{redis_cluster_prefix}:other")
+        held.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await held
+    finally:
+        await client.aclose()

@@ -18,13 +18,18 @@ On a cluster:
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, TypeAlias
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import MaxConnectionsError
 from redis.typing import EncodableT
 
 RedisClient: TypeAlias = Redis | RedisCluster
+
+# How long a command waits for a free connection of the cluster client.
+CLUSTER_CONNECTION_WAIT_S = 10.0
 
 
 class InitializedRedisCluster(RedisCluster):
@@ -37,12 +42,40 @@ class InitializedRedisCluster(RedisCluster):
     closed under them (`'NoneType' object has no attribute 'writelines'`;
     27 of 100 fresh clients given 12 concurrent GETs, here). Initializing
     first, under the client's own lock, makes the rest wait for it.
+
+    Its connections are bounded, and a command waits for one: each node's
+    pool in redis-py's cluster client raises `MaxConnectionsError` at once
+    when it holds `max_connections` (there is no blocking pool for a
+    cluster, as `BlockingConnectionPool` is for one server). So no more than
+    `max_connections` commands run at once on the whole client (so on any
+    node); the next waits up to `connection_wait_s` for one to finish, then
+    raises `MaxConnectionsError` (a `ConnectionError`: the store's caller
+    sees a store failure, not a bug).
     """
+
+    def __init__(
+        self, *args: Any, connection_wait_s: float = CLUSTER_CONNECTION_WAIT_S, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._connection_wait_s = connection_wait_s
+        self._max_in_flight = int(kwargs.get("max_connections", 100))
+        self._in_flight = asyncio.Semaphore(self._max_in_flight)
 
     async def execute_command(self, *args: EncodableT, **kwargs: Any) -> Any:
         if self._initialize:
             await self.initialize()
-        return await super().execute_command(*args, **kwargs)
+        try:
+            async with asyncio.timeout(self._connection_wait_s):
+                await self._in_flight.acquire()
+        except TimeoutError:
+            raise MaxConnectionsError(
+                f"no free connection to the Redis Cluster within {self._connection_wait_s}s "
+                f"({self._max_in_flight} commands in flight)"
+            ) from None
+        try:
+            return await super().execute_command(*args, **kwargs)
+        finally:
+            self._in_flight.release()
 
 
 def connect(url: str, *, cluster: bool = False, **client_kwargs: Any) -> RedisClient:
