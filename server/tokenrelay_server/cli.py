@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
@@ -33,6 +33,9 @@ from tokenrelay_server.config.settings import (
     load_settings,
 )
 from tokenrelay_server.obs.logs import known_secrets, setup_logging
+
+if TYPE_CHECKING:
+    from tokenrelay_server.api.server import RelayServer
 
 log = logging.getLogger("tokenrelay")
 
@@ -64,6 +67,19 @@ SERVE_OPTIONS: list[tuple[str, str | type[bool], str]] = [
     ("sim", bool, "Serve model `sim`, the simulator that takes fault scripts from requests."),
     ("sim_pace_ms", NUMBER, "Default delay per token of the simulated model."),
     ("log_level", "[debug|info|warning|error]", "Log verbosity."),
+    (
+        "log_content",
+        bool,
+        "Put prompt and answer text in the DEBUG stream lines (off: no line holds any).",
+    ),
+    # TLS (issue 13): PEM files, reloaded on SIGHUP.
+    ("tls_cert", "FILE", "Serve TLS with this certificate (chain), PEM; needs --tls-key."),
+    ("tls_key", "FILE", "The private key of --tls-cert, PEM."),
+    (
+        "tls_client_ca",
+        "FILE",
+        "mTLS: require client certificates signed by this CA (PEM).",
+    ),
     # Observability (issue 11): tracing and structured logs.
     (
         "otel_exporter",
@@ -81,6 +97,9 @@ SERVE_OPTIONS: list[tuple[str, str | type[bool], str]] = [
     ),
 ]
 DEFAULT_SHOWN = {
+    "tls_cert": "off (plaintext)",
+    "tls_key": "none",
+    "tls_client_ca": "off (no client certificates)",
     "resume_secret": "random",
     "metrics_port": "off",
     "admin_token": "off (no Admin service)",
@@ -180,16 +199,38 @@ async def _serve(settings: Settings) -> None:
             "no resume secret set (--resume-secret / TOKENRELAY_RESUME_SECRET): using a random "
             "one, so resume tokens will not survive a restart or work on other replicas"
         )
+    if server.tls is not None:
+        mode = "mTLS" if settings.tls_client_ca else "TLS"
+        log.info("%s on; SIGHUP reloads the certificate files", mode)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload_certificates, server)
     await stop.wait()
+    loop.remove_signal_handler(signal.SIGHUP)
     log.info("draining: no new streams; open streams get %.0f s", settings.drain_grace_s)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
     await server.drain_and_stop()
     log.info("stopped")
+
+
+def _reload_certificates(server: RelayServer) -> None:
+    """SIGHUP: new connections get the files' certificates; open streams run
+    on. Files that do not load leave the old ones in place (api/tls.py)."""
+    if server.tls is None:
+        log.info("SIGHUP: no TLS files to reload (plaintext port)")
+        return
+    try:
+        server.reload_certificates()
+    except ConfigError as error:
+        log.error(
+            "SIGHUP: the TLS files do not load; still serving the old certificates: %s",
+            "; ".join(problem.describe() for problem in error.problems),
+        )
+        return
+    log.info("TLS certificates reloaded (new connections get them; open streams run on)")
 
 
 @main.command()
