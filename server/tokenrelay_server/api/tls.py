@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import grpc
 
@@ -164,7 +166,9 @@ class ReloadableCredentials:
         material = TlsMaterial.load(files)
         self.credentials = grpc.dynamic_ssl_server_credentials(
             material.configuration(),
-            self._fetch,
+            # grpc's documented contract: the fetcher returns None for "no
+            # change"; typeshed's stub leaves the None out.
+            cast("Callable[[], grpc.ServerCertificateConfiguration]", self._fetch),
             require_client_authentication=files.client_ca is not None,
         )
 
