@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
+from tokenrelay_client.click_options import client_credential_options
 from tokenrelay_server.config.settings import (
     ConfigError,
     Settings,
@@ -294,6 +295,7 @@ def _reload_certificates(server: RelayServer) -> None:
     default=None,
     help="Tool calls held until whole (the gateway's default) or streamed as they come.",
 )
+@client_credential_options
 def chat(
     prompt: str,
     target: str,
@@ -306,6 +308,10 @@ def chat(
     tool_specs: tuple[str, ...],
     tool_choice: str | None,
     tool_calls: str | None,
+    api_key: str | None,
+    tls_ca: Path | None,
+    tls_client_cert: Path | None,
+    tls_client_key: Path | None,
 ) -> None:
     """Stream an answer to PROMPT, printing tokens as they arrive (the
     model's reasoning and tool calls go to stderr, beside the answer).
@@ -338,6 +344,10 @@ def chat(
                 tools=tools,
                 tool_choice=choice,
                 tool_calls=tool_calls,
+                api_key=api_key,
+                tls_ca=tls_ca,
+                tls_client_cert=tls_client_cert,
+                tls_client_key=tls_client_key,
             )
         )
     )
