@@ -133,3 +133,22 @@ class CertificateAuthority:
 
     def client(self, stem: str = "client", common_name: str = "test client") -> Pem:
         return self.issue(stem, common_name, server=False)
+
+
+def write_test_set(directory: Path) -> None:
+    """ca.crt, server.{crt,key}, client.{crt,key} signed by that CA, and
+    stranger.{crt,key}, a client certificate another CA signed: what the
+    Node client's TLS tests use (`python tests/tlskit.py DIR`)."""
+    ca = CertificateAuthority(directory)
+    ca.server("server")
+    ca.client("client")
+    other = CertificateAuthority(directory / "other", name="someone else's CA")
+    stranger = other.client("stranger")
+    for suffix, source in (("crt", stranger.cert), ("key", stranger.key)):
+        (directory / f"stranger.{suffix}").write_bytes(source.read_bytes())
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_test_set(Path(sys.argv[1]))
