@@ -306,7 +306,7 @@ class RelayServer:
         # Only what is asked for observes: with no observer that wants chunks,
         # the engine builds no event per chunk (the log lines need none).
         own: list[Observer] = [] if tracing is None else [tracing.observer]
-        own.append(StreamLog())
+        own.append(StreamLog(log_content=settings.log_content))
         for observer in (live, metrics, recorder):
             if observer is not None:
                 own.append(observer)
