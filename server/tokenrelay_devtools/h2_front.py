@@ -120,6 +120,7 @@ class _Connection:
             if not name.startswith(b":") and name not in _HOP_BY_HOP
         ]
         self._front.streams += 1
+        self._front.requests.append(headers)
         url = self._front.backend + pseudo.get(b":path", b"/").decode()
         method = pseudo.get(b":method", b"GET").decode()
         try:
@@ -173,6 +174,9 @@ class Http2Front:
         self._ssl.set_alpn_protocols(["h2"])
         self.client = httpx.AsyncClient(timeout=None)
         self.streams = 0  # requests forwarded
+        # The headers of each request received (a test checks what the
+        # gateway sent: its provider key, hpack-encoded).
+        self.requests: list[list[tuple[bytes, bytes]]] = []
         self.port = 0
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
