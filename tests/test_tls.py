@@ -340,3 +340,27 @@ async def test_sighup_reloads_the_certificates_of_a_running_gateway(
     process.terminate()
     _, stderr = process.communicate(timeout=30)
     assert "TLS certificates reloaded" in stderr
+
+
+def test_the_tls_files_are_flags_and_variables() -> None:
+    from click.testing import CliRunner
+
+    from tokenrelay_server.cli import main
+    from tokenrelay_server.config.settings import load_settings
+
+    shown = CliRunner().invoke(main, ["serve", "--help"]).output
+    for flag, variable in (
+        ("--tls-cert FILE", "TOKENRELAY_TLS_CERT"),
+        ("--tls-key FILE", "TOKENRELAY_TLS_KEY"),
+        ("--tls-client-ca FILE", "TOKENRELAY_TLS_CLIENT_CA"),
+        ("--log-content / --no-log-content", "TOKENRELAY_LOG_CONTENT"),
+    ):
+        assert flag in shown and variable in shown
+    flags = {"tls_cert": None, "tls_key": "/flag.key", "log_content": None}
+    env = {"TOKENRELAY_TLS_CERT": "/env.crt", "TOKENRELAY_LOG_CONTENT": "true"}
+    settings = load_settings(None, flags=flags, env=env)
+    assert (settings.tls_cert, settings.tls_key, settings.log_content) == (
+        "/env.crt",
+        "/flag.key",
+        True,
+    )
