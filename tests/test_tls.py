@@ -314,28 +314,51 @@ def serving(
 async def test_sighup_reloads_the_certificates_of_a_running_gateway(
     serving: tuple[subprocess.Popen[str], int, Pem], ca: CertificateAuthority, tmp_path: Path
 ) -> None:
+    """The real command, the real signal, a stream running on the old
+    certificate's connection: it completes, and new connections are shown
+    the new certificate. (The stream is paced at 50 ms a token, 300 tokens:
+    it is still running when the reload is seen, which the test checks.)"""
     process, port, served = serving
-    assert await asyncio.to_thread(presented_serial, port, ca.cert) != 0
-    new_ca = CertificateAuthority(tmp_path / "new-ca", name="the new CA")
-    second = new_ca.server("second")
-    served.cert.write_bytes(second.cert_bytes())
-    served.key.write_bytes(second.key_bytes())
-    process.send_signal(signal.SIGHUP)
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca.cert.read_bytes())
+    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
+        call = RawCall(channel, start_request(max_tokens=300, metadata={"sim.pace_ms": "50"}))
+        seen = await call.events_until(lambda e: e.HasField("chunk"))
 
-    def shows_the_new_certificate() -> bool:
-        try:
-            return presented_serial(port, new_ca.cert) == second.serial()
-        except (ssl.SSLError, OSError):
-            return False
+        new_ca = CertificateAuthority(tmp_path / "new-ca", name="the new CA")
+        second = new_ca.server("second")
+        served.cert.write_bytes(second.cert_bytes())
+        served.key.write_bytes(second.key_bytes())
+        process.send_signal(signal.SIGHUP)
 
-    async def reloaded() -> None:
-        # The signal lands asynchronously: poll new connections until one is
-        # shown the new certificate (bounded by the timeout only).
-        while not await asyncio.to_thread(shows_the_new_certificate):  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
+        def shows_the_new_certificate() -> bool:
+            try:
+                return presented_serial(port, new_ca.cert) == second.serial()
+            except (ssl.SSLError, OSError):
+                return False
 
-    await asyncio.wait_for(reloaded(), timeout=30)
-    assert await generate(f"127.0.0.1:{port}", tls_ca=new_ca.cert)
+        async def reloaded() -> None:
+            # The signal lands asynchronously: poll new connections until one
+            # is shown the new certificate (bounded by the timeout only).
+            while not await asyncio.to_thread(shows_the_new_certificate):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+
+        async def read_until_reloaded() -> None:
+            watcher = asyncio.create_task(reloaded())
+            while not watcher.done():
+                event = await call.next_event()
+                seen.append(event)
+                if event.HasField("end"):
+                    break
+            await asyncio.wait_for(watcher, timeout=60)
+
+        await asyncio.wait_for(read_until_reloaded(), timeout=60)
+        assert not any(e.HasField("end") for e in seen), "the stream ended before the reload"
+        assert await generate(f"127.0.0.1:{port}", tls_ca=new_ca.cert)
+        seen += await call.events_until()
+        call.cancel()
+    assert_contiguous(chunks_of(seen))
+    end = end_of(seen)
+    assert not end.partial and end.total_seq == 300
     assert process.poll() is None  # SIGHUP reloads; it does not stop the gateway
     process.terminate()
     _, stderr = process.communicate(timeout=30)

@@ -283,6 +283,10 @@ class RelayServer:
         `otel_exporter` is not "none"), the lifecycle log lines, live stats,
         metrics and the error statistics recorder (when asked for)."""
         settings = settings or Settings()
+        # Checked before anything is built: a mistake is a configuration error
+        # (TlsFilesError) and nothing was started.
+        tls_files = TlsFiles.of(settings)
+        tls = None if tls_files is None else ReloadableCredentials(tls_files)
         replica_id = uuid.uuid4().hex[:12]
         tracing = (
             Tracing(span_exporter(settings.otel_exporter), replica_id=replica_id)
@@ -340,9 +344,6 @@ class RelayServer:
                 memory_check_interval_s=settings.memory_check_interval_s,
             ),
         )
-        # Checked before anything listens: a mistake is a configuration error.
-        tls_files = TlsFiles.of(settings)
-        tls = None if tls_files is None else ReloadableCredentials(tls_files)
         limits = settings.request_limits
         # A frame past max_request_bytes is refused by gRPC itself with
         # RESOURCE_EXHAUSTED before it is decoded ([limits], issue 13).
