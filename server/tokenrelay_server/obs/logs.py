@@ -278,12 +278,13 @@ class JsonFormatter(logging.Formatter):
 # Credentials by shape (SecretFilter): what follows `Bearer` (an
 # authorization header, however a logger prints it: `authorization: Bearer
 # K`, `(b'authorization', b'Bearer K')`), an `x-api-key` header's value
-# (Anthropic), and a resume token: `v<N>.` dotted fields ending in a
-# 43-character base64url HMAC-SHA256 (api/tokens.py).
+# (Anthropic), and a resume token: `v<N>.` dotted fields ending in a MAC of
+# 32 or more base64url characters (api/tokens.py: HMAC-SHA256, 43; any
+# later token version that keeps the `v<N>.` prefix and a MAC at the end).
 SECRET_SHAPES = (
     re.compile(r"(?i)(bearer\s+)[^\s'\",;)\]}]+"),
     re.compile(r"(?i)(x-api-key['\"]?\s*[:=,]\s*b?['\"]?)[^\s'\",;)\]}]+"),
-    re.compile(r"()\bv\d+\.[A-Za-z0-9_.:-]+\.[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])"),
+    re.compile(r"()\bv\d+\.[A-Za-z0-9_.:-]+\.[A-Za-z0-9_-]{32,}"),
 )
 
 
