@@ -387,3 +387,34 @@ def test_the_tls_files_are_flags_and_variables() -> None:
         "/flag.key",
         True,
     )
+
+
+async def test_stats_and_top_ask_an_mtls_gateway(
+    relay_factory: RelayFactory, ca: CertificateAuthority
+) -> None:
+    admin_token = "admin-token-0123456789abcdef"
+    relay = await relay_factory(admin_token=admin_token, **tls_settings(ca.server(), client_ca=ca))
+    client = ca.client()
+    files = [
+        "--tls-ca", str(ca.cert),
+        "--tls-client-cert", str(client.cert), "--tls-client-key", str(client.key),
+    ]  # fmt: skip
+    for command in ("stats", "top"):
+        process = await asyncio.create_subprocess_exec(
+            *tokenrelay(), command, "--target", relay.address, "--admin-token", admin_token,
+            *files,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        async with asyncio.timeout(60):
+            out, err = await process.communicate()
+        assert process.returncode == 0, err.decode()
+        assert out.strip()
+    process = await asyncio.create_subprocess_exec(
+        *tokenrelay(), "stats", "--target", relay.address, "--admin-token", admin_token,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(60):
+        _, err = await process.communicate()
+    assert process.returncode == 1 and b"cannot reach the gateway" in err

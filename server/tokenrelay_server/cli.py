@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
-from tokenrelay_client.click_options import client_credential_options
+from tokenrelay_client.click_options import client_credential_options, client_tls_options
 from tokenrelay_server.config.settings import (
     ConfigError,
     Settings,
@@ -377,6 +377,7 @@ def _tool_spec(spec: str) -> dict[str, Any]:
 
 
 def admin_options(function: Any) -> Any:
+    function = client_tls_options(function)
     function = click.option(
         "--admin-token",
         envvar=env_var("admin_token"),
@@ -392,6 +393,18 @@ def admin_options(function: Any) -> Any:
         show_default=True,
         help="The gateway's address.",
     )(function)
+
+
+def admin_credentials(
+    tls_ca: Path | None, tls_client_cert: Path | None, tls_client_key: Path | None
+) -> Any:
+    """The TLS credentials of `stats`/`top` (None: plaintext)."""
+    from tokenrelay_client.credentials import tls_credentials
+
+    try:
+        return tls_credentials(tls_ca, tls_client_cert, tls_client_key)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
 
 
 def require_token(token: str | None) -> str:
@@ -412,7 +425,14 @@ def require_token(token: str | None) -> str:
     help="The last hour (minute buckets), day (hour buckets) or week (day buckets).",
 )
 @admin_options
-def stats(period: str, target: str, admin_token: str | None) -> None:
+def stats(
+    period: str,
+    target: str,
+    admin_token: str | None,
+    tls_ca: Path | None,
+    tls_client_cert: Path | None,
+    tls_client_key: Path | None,
+) -> None:
     """Print the gateway's error statistics: one row per error type and code,
     most frequent first (every replica's, when they share Redis).
 
@@ -422,7 +442,12 @@ def stats(period: str, target: str, admin_token: str | None) -> None:
     from tokenrelay_client.admin import run_stats
 
     token = require_token(admin_token)
-    sys.exit(asyncio.run(run_stats(target, token, period, Console(width=_width()))))
+    credentials = admin_credentials(tls_ca, tls_client_cert, tls_client_key)
+    sys.exit(
+        asyncio.run(
+            run_stats(target, token, period, Console(width=_width()), credentials=credentials)
+        )
+    )
 
 
 @main.command()
@@ -434,7 +459,14 @@ def stats(period: str, target: str, admin_token: str | None) -> None:
     show_default=True,
     help="Seconds between refreshes.",
 )
-def top(target: str, admin_token: str | None, interval_s: float) -> None:
+def top(
+    target: str,
+    admin_token: str | None,
+    interval_s: float,
+    tls_ca: Path | None,
+    tls_client_cert: Path | None,
+    tls_client_key: Path | None,
+) -> None:
     """A live view of one gateway replica: streams, tokens/s, errors/min by
     code, breakers, recent recovery actions. Refreshes in place on a terminal
     (Ctrl-C quits); prints one snapshot when stdout is not a terminal."""
@@ -443,9 +475,14 @@ def top(target: str, admin_token: str | None, interval_s: float) -> None:
     from tokenrelay_client.admin import run_top
 
     token = require_token(admin_token)
+    credentials = admin_credentials(tls_ca, tls_client_cert, tls_client_key)
     console = Console() if sys.stdout.isatty() else Console(width=_width())
     try:
-        sys.exit(asyncio.run(run_top(target, token, console, interval_s=interval_s)))
+        sys.exit(
+            asyncio.run(
+                run_top(target, token, console, interval_s=interval_s, credentials=credentials)
+            )
+        )
     except KeyboardInterrupt:
         pass
 
