@@ -255,6 +255,8 @@ export class RelayClient {
   private readonly defaultPolicy: PolicyInput;
   private readonly callMetadata: Readonly<Record<string, string>>;
   private readonly credentials: grpc.ChannelCredentials;
+  private readonly tls: boolean;
+  private readonly clientCert: boolean;
   private readonly channelOptions: grpc.ChannelOptions;
   private stub: RelayStub | null = null;
 
@@ -283,6 +285,8 @@ export class RelayClient {
       throw new TypeError('give either credentials or the tls* options, not both');
     }
     this.credentials = tls ?? options.credentials ?? grpc.credentials.createInsecure();
+    this.tls = tls !== null || options.credentials !== undefined;
+    this.clientCert = options.tlsClientCert !== undefined;
     const keepalive: grpc.ChannelOptions = {};
     if (options.keepalive?.timeMs !== undefined) {
       keepalive['grpc.keepalive_time_ms'] = positive(options.keepalive.timeMs, 'keepalive.timeMs');
@@ -371,6 +375,25 @@ export class RelayClient {
   }
 
   // -- used by RelayStream ------------------------------------------------------
+
+  /** @internal What a connection failure probably means when TLS is on one
+   * side only, or mTLS refused the client (grpc-js only says it failed). */
+  tlsHint(cause: string): string {
+    if (!this.tls) {
+      return /Failed to connect|Connection dropped/.test(cause)
+        ? ' (this client speaks plaintext: if the gateway serves TLS, pass tlsCa)'
+        : '';
+    }
+    if (/certificate/i.test(cause)) {
+      return " (the gateway's certificate is not one tlsCa signed for this address)";
+    }
+    if (/Failed to connect|Connection dropped/.test(cause)) {
+      return this.clientCert
+        ? " (is the client certificate one the gateway's client CA signed?)"
+        : ' (if the gateway requires client certificates (mTLS), pass tlsClientCert and tlsClientKey)';
+    }
+    return '';
+  }
 
   /** @internal */
   openCall(reconnecting: boolean): WireCall {
@@ -576,7 +599,8 @@ export class RelayStream implements AsyncIterable<RelayEvent> {
       }
       if (attempt >= client.maxAttempts) {
         throw new ReconnectsExhausted(
-          `gave up after ${attempt} reconnect attempt(s) without progress; last failure: ${cause}`,
+          `gave up after ${attempt} reconnect attempt(s) without progress; last failure: ${cause}` +
+            client.tlsHint(cause),
           attempt,
           cause,
           this.partial(),

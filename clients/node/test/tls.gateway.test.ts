@@ -60,14 +60,18 @@ describe('a TLS gateway', () => {
     }
   });
 
-  test('refuses a plaintext client', async () => {
-    await assert.rejects(client(gateway.address).generate('sim', PROMPT), ReconnectsExhausted);
+  test('refuses a plaintext client, which says what to pass', async () => {
+    await assert.rejects(
+      client(gateway.address).generate('sim', PROMPT),
+      (error: unknown) => error instanceof ReconnectsExhausted && /pass tlsCa/.test(error.message),
+    );
   });
 
   test('is refused by a client that trusts another CA', async () => {
     await assert.rejects(
       client(gateway.address, { tlsCa: file('other/ca.crt') }).generate('sim', PROMPT),
-      ReconnectsExhausted,
+      (error: unknown) =>
+        error instanceof ReconnectsExhausted && /not one tlsCa signed/.test(error.message),
     );
   });
 });
@@ -93,10 +97,11 @@ describe('an mTLS gateway', () => {
     assert.ok(result.end.verified && result.chunks === 8);
   });
 
-  test('refuses a client without a certificate', async () => {
+  test('refuses a client without a certificate, which says what to pass', async () => {
     await assert.rejects(
       client(gateway.address, { tlsCa: file('ca.crt') }).generate('sim', PROMPT),
-      ReconnectsExhausted,
+      (error: unknown) =>
+        error instanceof ReconnectsExhausted && /pass tlsClientCert and tlsClientKey/.test(error.message),
     );
   });
 
