@@ -412,3 +412,19 @@ async def test_a_listener_named_anywhere_in_a_request_gets_no_connection(
     assert "redirect, which the gateway never follows" in end.error.message
     await eventually(lambda: relay.hub.running_generations == 0)
     assert listener.connections == 0
+
+
+async def test_log_content_on_a_gateway_logs_the_prompt_and_the_whole_answer(
+    relay_factory: RelayFactory, log_output: io.StringIO
+) -> None:
+    setup_logging("debug", "json", stream=log_output)
+    relay = await relay_factory(log_content=True)
+    async with grpc.aio.insecure_channel(relay.address) as channel:
+        events = await run_to_end(channel, start_request(prompt=PROMPT, max_tokens=10))
+    await relay.stop()
+    lines = [json.loads(line) for line in log_output.getvalue().splitlines()]
+    content = {line["event"]: line for line in lines if line.get("event") in ("prompt", "answer")}
+    assert content["prompt"]["text"] == PROMPT and content["prompt"]["level"] == "debug"
+    assert content["answer"]["text"] == text_of(events)
+    stream_id = events[0].started.stream_id
+    assert content["prompt"]["stream_id"] == content["answer"]["stream_id"] == stream_id
