@@ -33,6 +33,7 @@ from tokenrelay.v1 import admin_pb2_grpc, relay_pb2, relay_pb2_grpc
 from tokenrelay_server.api.admin import ADMIN_SERVICE, AdminServicer
 from tokenrelay_server.api.reflection import enable_server_reflection
 from tokenrelay_server.api.servicer import RelayServicer
+from tokenrelay_server.api.tls import ReloadableCredentials, TlsFiles
 from tokenrelay_server.api.tokens import ResumeTokens
 from tokenrelay_server.config.settings import Settings
 from tokenrelay_server.core.breaker import BreakerListener, BreakerSettings
@@ -60,10 +61,6 @@ from tokenrelay_server.upstream.build import build_providers
 from tokenrelay_server.upstream.sim import SimProvider
 
 RELAY_SERVICE = relay_pb2.DESCRIPTOR.services_by_name["Relay"].full_name
-# The transport limit sits well above the prompt limit, so a prompt that is too
-# large reaches our validation and gets INVALID_ARGUMENT naming the message;
-# only a request past this limit is refused by gRPC itself (RESOURCE_EXHAUSTED).
-MIN_TRANSPORT_LIMIT_BYTES = 16 << 20
 
 
 def build_router(
@@ -218,6 +215,14 @@ class RelayServer:
         self.tracing = tracing  # None with --otel-exporter none
         self._stopped = False
         self._store_available = True
+        self.tls: ReloadableCredentials | None = None  # None: a plaintext port
+
+    def reload_certificates(self) -> None:
+        """Read the TLS files again (SIGHUP): new connections get the new
+        certificate, open ones keep theirs (api/tls.py). Raises TlsFilesError,
+        changing nothing, when they do not load; a plaintext port ignores it."""
+        if self.tls is not None:
+            self.tls.reload()
 
     @property
     def error_stats(self) -> ErrorStats | None:
@@ -278,6 +283,10 @@ class RelayServer:
         `otel_exporter` is not "none"), the lifecycle log lines, live stats,
         metrics and the error statistics recorder (when asked for)."""
         settings = settings or Settings()
+        # Checked before anything is built: a mistake is a configuration error
+        # (TlsFilesError) and nothing was started.
+        tls_files = TlsFiles.of(settings)
+        tls = None if tls_files is None else ReloadableCredentials(tls_files)
         replica_id = uuid.uuid4().hex[:12]
         tracing = (
             Tracing(span_exporter(settings.otel_exporter), replica_id=replica_id)
@@ -301,7 +310,7 @@ class RelayServer:
         # Only what is asked for observes: with no observer that wants chunks,
         # the engine builds no event per chunk (the log lines need none).
         own: list[Observer] = [] if tracing is None else [tracing.observer]
-        own.append(StreamLog())
+        own.append(StreamLog(log_content=settings.log_content))
         for observer in (live, metrics, recorder):
             if observer is not None:
                 own.append(observer)
@@ -335,11 +344,13 @@ class RelayServer:
                 memory_check_interval_s=settings.memory_check_interval_s,
             ),
         )
-        limit = max(4 * settings.max_prompt_bytes, MIN_TRANSPORT_LIMIT_BYTES)
+        limits = settings.request_limits
+        # A frame past max_request_bytes is refused by gRPC itself with
+        # RESOURCE_EXHAUSTED before it is decoded ([limits], issue 13).
         server = grpc.aio.server(
             interceptors=None if tracing is None else [tracing.server_interceptor()],
             options=[
-                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_receive_message_length", limits.max_request_bytes),
                 ("grpc.so_reuseport", 0),
             ],
         )
@@ -348,6 +359,7 @@ class RelayServer:
                 hub,
                 tokens,
                 max_prompt_bytes=settings.max_prompt_bytes,
+                limits=limits,
                 clock=clock,
                 first_message_timeout_s=settings.first_message_timeout_s,
                 allow_partial=settings.allow_partial,
@@ -374,7 +386,12 @@ class RelayServer:
         # Both reflection protocols (v1 and v1alpha): api/reflection.py.
         enable_server_reflection(services, server)
         try:
-            port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+            address = f"{settings.host}:{settings.port}"
+            port = (
+                server.add_insecure_port(address)
+                if tls is None
+                else server.add_secure_port(address, tls.credentials)
+            )
         except RuntimeError as error:
             if tracing is not None:
                 await tracing.shutdown()
@@ -399,7 +416,7 @@ class RelayServer:
             if settings.max_memory_mb
             else None
         )
-        return cls(
+        relay = cls(
             guard=guard,
             settings=settings,
             server=server,
@@ -415,6 +432,8 @@ class RelayServer:
             metrics=metrics,
             metrics_endpoint=endpoint,
         )
+        relay.tls = tls
+        return relay
 
     async def drain_and_stop(self) -> None:
         """The SIGTERM path: NOT_SERVING, no new streams, let open ones finish

@@ -57,6 +57,7 @@ from tokenrelay_server.core.errors import (
     TokenRelayError,
     truncate,
 )
+from tokenrelay_server.core.limits import RequestLimits
 from tokenrelay_server.core.model import Chunk, End, LogEntry, Notice
 from tokenrelay_server.engine.hub import Session, StreamHub
 
@@ -276,6 +277,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         tokens: ResumeTokens,
         *,
         max_prompt_bytes: int,
+        limits: RequestLimits | None = None,
         clock: Clock,
         first_message_timeout_s: float = 10.0,
         allow_partial: bool = True,
@@ -283,6 +285,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         self._hub = hub
         self._tokens = tokens
         self._max_prompt_bytes = max_prompt_bytes
+        self._limits = limits or RequestLimits()
         self._clock = clock
         self._first_message_timeout_s = first_message_timeout_s
         self._allow_partial = allow_partial
@@ -369,7 +372,9 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         kind = first.WhichOneof("kind")
         if kind == "start":
             return await self._hub.start(
-                parse_start(first.start, max_prompt_bytes=self._max_prompt_bytes),
+                parse_start(
+                    first.start, max_prompt_bytes=self._max_prompt_bytes, limits=self._limits
+                ),
                 deadline_s=deadline_s,
             )
         if kind == "resume":

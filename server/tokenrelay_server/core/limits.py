@@ -32,3 +32,19 @@ class HubSettings:
     memory_check_interval_s: float = 1.0
     max_stream_bytes: int = 100 * 1024 * 1024  # the text one stream may hold
     shutdown_wait_s: float = 5.0  # how long close() waits for generations to end
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """What one request may hold (the config's [limits] table, issue 13).
+
+    `max_request_bytes` is the gRPC transport's receive limit: a frame past
+    it is refused by gRPC itself with RESOURCE_EXHAUSTED before it is
+    decoded. The others are checked when a `start` is validated
+    (api/requests.py) and refused with INVALID_ARGUMENT naming the field."""
+
+    max_request_bytes: int = 4 << 20  # one StreamRequest frame, encoded
+    max_messages: int = 256  # start.messages
+    max_content_chars: int = 1_000_000  # start.messages[i].content, each
+    max_tools: int = 128  # start.tools
+    max_metadata_entries: int = 32  # start.metadata

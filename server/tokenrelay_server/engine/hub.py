@@ -182,7 +182,10 @@ class StreamHub:
         generation.attach(subscription)
         self._run(generation)
         if self.observe:
-            self.observe(StreamStarted(meta.stream_id, meta.model, self._clock.monotonic()))
+            prompt = request.messages[-1].content if request.messages else ""
+            self.observe(
+                StreamStarted(meta.stream_id, meta.model, self._clock.monotonic(), prompt)
+            )
         return self._open(Session(meta, False, 0, subscription, generation))
 
     def _generation(
