@@ -251,7 +251,14 @@ async def _stream_deltas(
     except httpx.HTTPError as exc:
         fault = classify.classify(transport_evidence(exc, timeout), now=clock.wall())
         raise state.error(fault, 0) from exc
-    chunks = response.aiter_bytes()
+    # We ask for `accept-encoding: identity`; a body sent that way is read
+    # raw, without httpx's decoder and re-chunker (a layer of generator and
+    # two calls per read, issue 10). A server that compresses anyway is still
+    # decoded, and a body already in memory (a transport that read it whole)
+    # is read from there.
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    raw = encoding in ("identity", "") and not response.is_stream_consumed
+    chunks = response.aiter_raw() if raw else response.aiter_bytes()
     try:
         headers = tuple(response.headers.multi_items())
         if not 200 <= response.status_code < 300:

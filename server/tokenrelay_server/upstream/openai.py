@@ -68,6 +68,7 @@ from tokenrelay_server.upstream.base import (
     ToolCallDelta,
     UsageReport,
 )
+from tokenrelay_server.upstream.fastjson import parse_json
 from tokenrelay_server.upstream.http_stream import HttpProvider, sim_headers, token_count
 from tokenrelay_server.upstream.sse import ServerSentEvent
 
@@ -189,7 +190,7 @@ class ChatCompletionsParser:
             self._done = True
             return []
         try:
-            chunk = json.loads(data)
+            chunk = parse_json(data)
         except ValueError:
             raise upstream_error(
                 classify.malformed_data(
