@@ -102,6 +102,32 @@ async def test_the_monitor_measures_how_late_its_wake_ups_come() -> None:
             await task
 
 
+async def test_one_stall_in_a_timely_second_sheds_nothing_but_a_loop_always_late_does() -> None:
+    clock = ManualClock()
+    lag = LoopLagMonitor(clock)  # the server's defaults: 5 ms samples, p99 over 1 s, 50 ms
+    task = asyncio.create_task(lag.run())
+
+    async def late_wake_up(seconds: float) -> None:
+        clock.advance(seconds)  # the loop was stuck: the due wake-up runs this late
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    try:
+        await clock.run_for(1.0)
+        await late_wake_up(0.300)  # a collection, a first import
+        assert lag.samples > 100
+        assert not lag.overloaded
+        # Saturated: every wake-up comes 55 ms late, for a second.
+        for _ in range(20):
+            await late_wake_up(0.060)
+        assert lag.overloaded
+        assert lag.lag_s() == pytest.approx(0.055)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
 # --- refusals over a real server --------------------------------------------------------------
 
 

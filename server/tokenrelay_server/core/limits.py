@@ -42,5 +42,9 @@ class LagSettings:
 
     threshold_s: float = 0.050  # the p99 lag above which new streams are refused
     window_s: float = 1.0  # the samples the p99 is taken over
-    interval_s: float = 0.010  # between samples: 100 a second, about 0.2 % of a core
+    # Between samples: 200 a second (about 0.2 % of a core), so that one
+    # stall (a collection, a first import) is one sample in ~200, under the
+    # 1 % a p99 ignores, while a loop that is late all the time is late in
+    # every sample it still takes.
+    interval_s: float = 0.005
     quantile: float = 0.99

@@ -11,7 +11,9 @@ recorded in the last `window_s` is above `threshold_s`.
 
 The p99 is the nearest-rank one over the samples of the window (with fewer
 than 100 samples, the largest): a loop so busy that it wakes the monitor
-only a few times a second is overloaded whatever else it did. Samples older
+only a few times a second is overloaded whatever else it did, while one
+stall in an otherwise timely second (a garbage collection, a first import)
+is one late sample among ~200 and sheds nothing. Samples older
 than the window are dropped when the monitor is asked, so a lag ends when
 the window has passed it.
 
