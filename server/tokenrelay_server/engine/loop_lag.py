@@ -9,11 +9,13 @@ and again on the injected clock and records how much later than asked each
 wake-up came; `overloaded` says whether the `quantile` (p99) of the lags
 recorded in the last `window_s` is above `threshold_s`.
 
-The p99 is the nearest-rank one over the samples of the window (with fewer
-than 100 samples, the largest): a loop so busy that it wakes the monitor
-only a few times a second is overloaded whatever else it did, while one
-stall in an otherwise timely second (a garbage collection, a first import)
-is one late sample among ~200 and sheds nothing. Samples older
+The p99 is the nearest-rank one over the samples a window should hold
+(window / interval: 200), the samples the loop did not take counted as on
+time. So one stall in an otherwise timely second (a garbage collection, a
+first import, the start of the process) is one late sample and sheds
+nothing, while a loop late all the time is late in every sample it still
+takes: a loop so busy that it wakes the monitor only 10 times a second,
+each 60 ms late, has 10 of 200 samples late, 5 %, and sheds. Samples older
 than the window are dropped when the monitor is asked, so a lag ends when
 the window has passed it.
 
@@ -46,13 +48,22 @@ class LoopLagMonitor:
         self._drop_old()
 
     def lag_s(self) -> float:
-        """The `quantile` of the lags recorded within the window (0: none)."""
+        """The `quantile` of the lags within the window, over the samples the
+        window should hold (module doc; 0: none late)."""
         self._drop_old()
         if not self._samples:
             return 0.0
         lags = sorted(lag for _, lag in self._samples)
-        rank = math.ceil(self.settings.quantile * len(lags))  # nearest rank, 1-based
-        return lags[max(rank, 1) - 1]
+        settings = self.settings
+        missing = max(round(settings.window_s / settings.interval_s) - len(lags), 0)
+        rank = math.ceil(settings.quantile * (len(lags) + missing))  # nearest rank, 1-based
+        index = max(rank, 1) - 1 - missing  # in `lags`, after `missing` zeros
+        return lags[index] if index >= 0 else 0.0
+
+    def max_lag_s(self) -> float:
+        """The largest lag within the window (0: none)."""
+        self._drop_old()
+        return max((lag for _, lag in self._samples), default=0.0)
 
     @property
     def overloaded(self) -> bool:
