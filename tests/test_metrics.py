@@ -197,6 +197,7 @@ async def chaos_gateway(tmp_path: Path) -> AsyncIterator[ChaosGateway]:
                 **read_config_file(path),
                 "port": 0,
                 "resume_secret": "chaos-secret-0123456789",
+                "max_loop_lag_ms": 0,  # as in the chaos universe
                 "metrics_port": 0,
                 "admin_token": ADMIN_TOKEN,
             }

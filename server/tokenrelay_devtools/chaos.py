@@ -537,8 +537,16 @@ async def chaos_universe() -> AsyncIterator[Universe]:
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "chaos.toml"
             path.write_text(chaos_config(upstream.base_url))
+            # No shedding on event-loop lag: the mock, the gateway and the
+            # clients share one loop here, and a run must not depend on how
+            # busy the machine is.
             settings = build_settings(
-                {**read_config_file(path), "port": 0, "resume_secret": "chaos-secret-0123456789"}
+                {
+                    **read_config_file(path),
+                    "port": 0,
+                    "resume_secret": "chaos-secret-0123456789",
+                    "max_loop_lag_ms": 0,
+                }
             )
         server = await RelayServer.start(settings, clock=clock)
         try:

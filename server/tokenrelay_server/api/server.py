@@ -38,11 +38,12 @@ from tokenrelay_server.api.tokens import ResumeTokens
 from tokenrelay_server.config.settings import Settings
 from tokenrelay_server.core.breaker import BreakerListener, BreakerSettings
 from tokenrelay_server.core.clock import Clock, SystemClock
-from tokenrelay_server.core.limits import HubSettings, Timeouts
+from tokenrelay_server.core.limits import HubSettings, LagSettings, Timeouts
 from tokenrelay_server.core.recovery import RecoveryConfig
 from tokenrelay_server.core.retry import BackoffPolicy
 from tokenrelay_server.engine.events import BreakerChanged, Observer, Observers
 from tokenrelay_server.engine.hub import StreamHub
+from tokenrelay_server.engine.loop_lag import LoopLagMonitor
 from tokenrelay_server.engine.recovery_loop import Recovery
 from tokenrelay_server.engine.resources import resident_bytes
 from tokenrelay_server.engine.routing import Route, Router
@@ -193,6 +194,7 @@ class RelayServer:
         port: int,
         owns_store: bool,
         guard: asyncio.Task[None] | None = None,
+        lag_monitor: asyncio.Task[None] | None = None,
         tracing: Tracing | None = None,
         recorder: ErrorRecorder | None,
         live: LiveStats | None = None,
@@ -212,6 +214,7 @@ class RelayServer:
         self._providers = providers
         self._owns_store = owns_store
         self._guard = guard
+        self._lag_monitor = lag_monitor
         self.tracing = tracing  # None with --otel-exporter none
         self._stopped = False
         self._store_available = True
@@ -277,11 +280,14 @@ class RelayServer:
         clock: Clock | None = None,
         routes: Mapping[str, list[Route]] | None = None,
         observers: Sequence[Observer] = (),
+        lag_clock: Clock | None = None,
     ) -> RelayServer:
         """Assemble and start a gateway. `observers` get every engine event
         (engine/events.py) after the gateway's own: the tracer (when
         `otel_exporter` is not "none"), the lifecycle log lines, live stats,
-        metrics and the error statistics recorder (when asked for)."""
+        metrics and the error statistics recorder (when asked for).
+        `lag_clock` is the loop-lag monitor's (default: the real clock, even
+        when `clock` is a test's: loop lag is real time)."""
         settings = settings or Settings()
         # Checked before anything is built: a mistake is a configuration error
         # (TlsFilesError) and nothing was started.
@@ -325,7 +331,19 @@ class RelayServer:
             store.append_observer = metrics.observe_append
         router = build_router(settings, routes, clock=clock)
         tokens = ResumeTokens(secret.encode(), ttl_s=settings.retention_s, clock=clock)
+        loop_lag = (
+            LoopLagMonitor(
+                lag_clock or SystemClock(),
+                LagSettings(
+                    threshold_s=settings.max_loop_lag_ms / 1000,
+                    window_s=settings.loop_lag_window_s,
+                ),
+            )
+            if settings.max_loop_lag_ms
+            else None
+        )
         hub = StreamHub(
+            loop_lag=loop_lag,
             store=store,
             router=router,
             clock=clock,
@@ -342,6 +360,7 @@ class RelayServer:
                 lease_ttl_s=settings.lease_ttl_s,
                 max_memory_bytes=int(settings.max_memory_mb * (1 << 20)),
                 memory_check_interval_s=settings.memory_check_interval_s,
+                shed_retry_after_s=settings.shed_retry_after_s,
             ),
         )
         limits = settings.request_limits
@@ -416,8 +435,14 @@ class RelayServer:
             if settings.max_memory_mb
             else None
         )
+        lag_monitor = (
+            asyncio.create_task(loop_lag.run(), name="loop lag monitor")
+            if loop_lag is not None
+            else None
+        )
         relay = cls(
             guard=guard,
+            lag_monitor=lag_monitor,
             settings=settings,
             server=server,
             hub=hub,
@@ -450,10 +475,11 @@ class RelayServer:
             return
         self._stopped = True
         self.hub.draining = True
-        if self._guard is not None:
-            self._guard.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._guard
+        for task in (self._guard, self._lag_monitor):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._health.enter_graceful_shutdown()
         await self.hub.close()
         await self._server.stop(grace)

@@ -40,7 +40,7 @@ from tokenrelay_server.config.upstream import (
     missing_api_keys,
 )
 from tokenrelay_server.core.breaker import BreakerSettings
-from tokenrelay_server.core.limits import HubSettings, RequestLimits, Timeouts
+from tokenrelay_server.core.limits import HubSettings, LagSettings, RequestLimits, Timeouts
 from tokenrelay_server.core.recovery import RecoveryConfig, SelectionMode
 from tokenrelay_server.core.retry import DEFAULT_RETRY_BUDGET_RATIO, BackoffPolicy
 
@@ -95,6 +95,7 @@ def check_redis_url(url: str) -> str:
 
 # The defaults of the engine's settings live with the engine's types.
 _HUB = HubSettings()
+_LAG = LagSettings()
 _TIMEOUTS = Timeouts()
 _POLICY = RecoveryConfig()
 _BACKOFF = BackoffPolicy()
@@ -139,6 +140,13 @@ class Settings(BaseModel):
     # with RESOURCE_EXHAUSTED and running ones end as typed partials.
     max_memory_mb: float = Field(0.0, ge=0)
     memory_check_interval_s: float = Field(_HUB.memory_check_interval_s, gt=0)
+    # Load shedding (issue 10): while the event loop's p99 lag over the last
+    # loop_lag_window_s is above max_loop_lag_ms (0 = never), new streams get
+    # RESOURCE_EXHAUSTED; every refused start is told to retry after
+    # shed_retry_after_s (RetryInfo and retry-after-ms).
+    max_loop_lag_ms: float = Field(_LAG.threshold_s * 1000, ge=0)
+    loop_lag_window_s: float = Field(_LAG.window_s, gt=0, le=60)
+    shed_retry_after_s: float = Field(_HUB.shed_retry_after_s, ge=0, le=3600)
     first_token_timeout_s: float = Field(_TIMEOUTS.first_token_s, gt=0)
     stall_timeout_s: float = Field(_TIMEOUTS.stall_s, gt=0)
     # A call that sends no first message (`start`/`resume`) within this time
