@@ -1,0 +1,51 @@
+"""The nemesis, short (issue 9): a few rounds of `bench/nemesis.py` over
+real processes, three `tokenrelay serve --store redis` replicas on a
+throwaway redis-server the rig starts (and restarts) itself, asserting
+that the checker finds no violation.
+
+Nothing here waits on the wall clock to make something happen: faults fire
+when the clients have received a given number of chunks, readiness and
+quiescence are conditions polled within generous bounds, and no duration
+is asserted. (A fault's hold, how long a replica stays paused or Redis
+down, is the fault itself.) A slow machine only makes it take longer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tokenrelay_devtools.nemesis.runner import NemesisSettings, describe_summary, run_nemesis
+
+
+async def _run(tmp_path: Path, **overrides: object) -> list[str]:
+    settings = NemesisSettings(rounds=3, streams=6, faults=3, **overrides)  # type: ignore[arg-type]
+    summary = await run_nemesis(settings, tmp_path)
+    lines = describe_summary(summary)
+    assert len(summary.rounds) == settings.rounds
+    assert sum(summary.total("injected").values()) > 0, "the nemesis injected nothing"
+    assert summary.violations == [], "\n".join(lines)
+    return lines
+
+
+@pytest.mark.timeout(900)
+async def test_replica_crashes_and_drains_break_no_promise(tmp_path: Path) -> None:
+    # kill -9 (takeover once the lease lapsed) and SIGTERM (a drain, resumed
+    # elsewhere), with restarts: what the store handles today.
+    await _run(tmp_path, seed=2, kinds=("kill", "terminate"))
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.xfail(
+    strict=False,
+    raises=AssertionError,  # violations only: a rig that cannot start still fails
+    reason=(
+        "store defects of issue 9, fixed on other branches: a Redis error (CLIENT KILL, a "
+        "restart) ends streams INTERNAL and leaves logs without an End while clients were told "
+        "one (defects 2, 3); no fencing after a pause: the woken owner keeps its generation and "
+        "its lease keeper only logs 'lost its lease' (defect 4)"
+    ),
+)
+async def test_every_fault_of_the_nemesis_breaks_no_promise(tmp_path: Path) -> None:
+    await _run(tmp_path, seed=1)
