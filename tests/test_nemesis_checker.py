@@ -299,6 +299,13 @@ def test_a_stream_the_store_does_not_know_is_caught() -> None:
     assert set(kinds) == {"log-missing", "client-no-end"}
 
 
+@given(histories())
+def test_a_stream_no_client_was_told_of_is_an_orphan(history: History) -> None:
+    orphan = "7" * 32
+    history.stored[orphan] = StoredStream(orphan, (Chunk(1, "x", "sim", 1),))
+    assert history.kinds() == {"orphan-stream"}  # an orphan has no one to wait for its End
+
+
 def test_anything_left_running_or_leased_is_caught() -> None:
     leftovers = Leftovers(running=((1, STREAM),), leased=((STREAM, "replica-a"),))
     assert tally(check_round([], {}, leftovers)) == {"left-running": 1, "left-leased": 1}

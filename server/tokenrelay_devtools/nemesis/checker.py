@@ -18,7 +18,8 @@ Per stream:
    A client that never got an End is `client-no-end` (it was patient: the
    stream never finished, or no replica would serve it); what it got is
    still checked against the log, so it holds a prefix. All of a client's
-   calls name one stream (`stream-split`).
+   calls name one stream (`stream-split`), and no stream of the round is
+   one no client was told of (`orphan-stream`).
 5. No call ended with INTERNAL or UNKNOWN (`status-internal`), unless grpc
    itself reported a broken transport with it (the words the Python client
    also looks for); nor with a status a client cannot act on
@@ -85,6 +86,7 @@ VIOLATION_KINDS = (
     "client-end",
     "client-no-end",
     "stream-split",
+    "orphan-stream",
     "status-internal",
     "status-unexpected",
     "left-running",
@@ -105,14 +107,25 @@ def check_round(
     leftovers: Leftovers | None = None,
 ) -> list[Violation]:
     """Every broken promise of one round. `stored` maps stream ids to what
-    the store holds for them (every stream id any client was told)."""
+    the store holds for them: every stream id any client was told, and any
+    other stream of the round found in the store (an orphan: no client was
+    told of it, so a start made a second stream; its log is checked too,
+    except for an End, which nobody was there to wait for)."""
     violations: list[Violation] = []
     checked_logs: set[str] = set()
     for record in records:
         violations += _check_client(record, stored, checked_logs)
     for stream_id, stream in stored.items():
         if stream_id not in checked_logs:
-            violations += _check_log(stream)
+            chunks = sum(isinstance(e, Chunk) for e in stream.entries or ())
+            violations.append(
+                Violation(
+                    "orphan-stream",
+                    stream_id[:12],
+                    f"in the store with {chunks} chunks, and no client was told of it",
+                )
+            )
+            violations += [v for v in _check_log(stream) if v.kind != "no-end"]
     violations += _check_leftovers(leftovers or Leftovers())
     return violations
 

@@ -122,12 +122,13 @@ async def run_nemesis(
         server=dict(settings.server),
     )
     summary = Summary()
+    seen: set[str] = set()  # stream ids of earlier rounds
     async with Rig(rig_settings, workdir) as rig:
         channels = Channels(rig.addresses)
         try:
             for index in range(settings.rounds):
                 rng = random.Random(f"{settings.seed}:{index}")
-                result = await run_round(rig, channels, index, rng, settings, kinds)
+                result = await run_round(rig, channels, index, rng, settings, kinds, seen)
                 summary.rounds.append(result)
                 on_round(result)
         finally:
@@ -142,7 +143,10 @@ async def run_round(
     rng: random.Random,
     settings: NemesisSettings,
     kinds: Sequence[FaultKind],
+    seen: set[str],
 ) -> RoundResult:
+    """One round; `seen` holds the stream ids of earlier rounds (any other
+    stream in the store is this round's: known to a client, or an orphan)."""
     plans = plan_streams(
         rng, prefix=f"r{index}", count=settings.streams, replicas=len(rig.replicas)
     )
@@ -177,7 +181,9 @@ async def run_round(
     await rig.heal()
     stream_ids = sorted({r.stream_id for r in records if r.stream_id})
     leftovers = await quiesce(rig, stream_ids, settings.quiesce_timeout_s)
-    stored = await read_streams(rig, stream_ids)
+    orphans = sorted(await stream_ids_in_store(rig) - seen - set(stream_ids))
+    stored = await read_streams(rig, [*stream_ids, *orphans])
+    seen.update(stored)
     violations = check_round(records, stored, leftovers)
     return RoundResult(
         index=index,
@@ -231,6 +237,19 @@ async def quiesce(rig: Rig, stream_ids: Sequence[str], timeout_s: float) -> Left
             await asyncio.sleep(0.05)  # a condition poll
     finally:
         await client.aclose()
+
+
+async def stream_ids_in_store(rig: Rig) -> set[str]:
+    """Every stream the store holds under the rig's prefix."""
+    client = aioredis.Redis.from_url(rig.redis_url, socket_timeout=10)
+    found: set[str] = set()
+    try:
+        async for key in client.scan_iter(match=f"{rig.prefix}:{{*}}:meta", count=1000):
+            name = _text(key)
+            found.add(name[name.index("{") + 1 : name.index("}")])
+    finally:
+        await client.aclose()
+    return found
 
 
 async def read_streams(rig: Rig, stream_ids: Sequence[str]) -> dict[str, StoredStream]:
