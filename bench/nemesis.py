@@ -1,10 +1,13 @@
 """A nemesis test in the manner of Jepsen (issue 9).
 
     .venv/bin/python bench/nemesis.py --rounds 20 --seed 1 [--replicas 3] [--redis-url URL]
+    .venv/bin/python bench/nemesis.py --rounds 20 --seed 1 --cluster
 
 Starts N `tokenrelay serve --store redis` replicas (real processes) on a
 throwaway redis-server (or on `--redis-url`, which is then never paused,
-killed or restarted: only replica faults run there). Each round, clients
+killed or restarted: only replica faults run there; or, with `--cluster`,
+on a throwaway 3-master Redis Cluster, where CLIENT KILL and CLIENT PAUSE
+hit every node and a restart restarts one). Each round, clients
 stream through the replicas with random drops and resumes on random
 replicas while the nemesis kills -9, SIGSTOPs/SIGCONTs and SIGTERMs
 replicas (restarting them), kills Redis client connections, pauses Redis
@@ -43,6 +46,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--redis-url", default=None, help="default: a throwaway redis-server")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="a throwaway 3-master Redis Cluster instead (replicas get redis_cluster = true)",
+    )
     parser.add_argument("--streams", type=int, default=8, help="clients per round")
     parser.add_argument("--faults", type=int, default=3, help="faults per round")
     parser.add_argument(
@@ -55,6 +63,8 @@ def main() -> int:
     unknown = [k for k in kinds if k not in ALL_FAULTS]
     if unknown:
         parser.error(f"--kinds: unknown {unknown} (known: {', '.join(ALL_FAULTS)})")
+    if args.cluster and args.redis_url:
+        parser.error("--cluster starts a cluster of its own: leave out --redis-url")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tokenrelay-nemesis-"))
     print(f"workdir {workdir} (replica logs, redis data)", flush=True)
     settings = NemesisSettings(
@@ -62,6 +72,7 @@ def main() -> int:
         seed=args.seed,
         replicas=args.replicas,
         redis_url=args.redis_url,
+        cluster=args.cluster,
         streams=args.streams,
         faults=args.faults,
         kinds=kinds,  # type: ignore[arg-type]

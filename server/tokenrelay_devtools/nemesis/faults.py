@@ -48,6 +48,7 @@ class Fault:
     at_chunk: int  # fires once the round's clients received this many chunks
     replica: int = -1  # the target of a replica fault
     hold_s: float = 0.0
+    node: int = -1  # redis_restart on a cluster: the node restarted
 
     def describe(self) -> str:
         target = f" replica={self.replica}" if self.replica >= 0 else ""
@@ -88,7 +89,8 @@ def schedule(
             hold = rng.uniform(0.1, 2.0)
         else:
             hold = 0.0
-        faults.append(Fault(kind, at, target, round(hold, 3)))
+        node = rng.randrange(3) if kind == "redis_restart" else -1
+        faults.append(Fault(kind, at, target, round(hold, 3), node))
     return sorted(faults, key=lambda f: f.at_chunk)
 
 
@@ -177,19 +179,22 @@ class Nemesis:
             replica.signal(signal.SIGTERM)
             return self._restart_after_exit(fault.replica)
         if fault.kind == "client_kill":
-            async with self._redis() as client:
-                await client.client_kill_filter(_type="normal", skipme=True)
+            for url in rig.redis_node_urls:
+                async with self._redis(url) as client:
+                    await client.client_kill_filter(_type="normal", skipme=True)
             return None
         if fault.kind == "redis_pause":
-            async with self._redis() as client:
-                await client.client_pause(int(fault.hold_s * 1000), all=True)
+            for url in rig.redis_node_urls:
+                async with self._redis(url) as client:
+                    await client.client_pause(int(fault.hold_s * 1000), all=True)
             return None
         assert fault.kind == "redis_restart" and rig.redis is not None
-        return rig.redis.restart(down_s=fault.hold_s)
+        # On a cluster, one node restarts (`node`); a single Redis ignores it.
+        return rig.redis.restart(down_s=fault.hold_s, node=max(fault.node, 0))
 
     @contextlib.asynccontextmanager
-    async def _redis(self) -> AsyncIterator[aioredis.Redis]:
-        client = aioredis.Redis.from_url(self._rig.redis_url, socket_timeout=5)
+    async def _redis(self, url: str) -> AsyncIterator[aioredis.Redis]:
+        client = aioredis.Redis.from_url(url, socket_timeout=5)
         try:
             yield client
         finally:

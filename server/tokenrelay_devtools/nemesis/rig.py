@@ -35,6 +35,7 @@ import grpc
 import grpc.aio
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2
+from redis.asyncio.cluster import RedisCluster
 
 from tokenrelay.v1 import admin_pb2, admin_pb2_grpc
 
@@ -43,12 +44,16 @@ EXIT_TIMEOUT_S = 60.0
 POLL_S = 0.02
 
 
-def free_port() -> int:
-    """A port nobody listens on now (it could be taken before it is bound:
-    a clash shows up as the process never getting ready, which fails loudly)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def free_port(*, below: int = 65536) -> int:
+    """A port nobody listens on now, under `below` (it could be taken before
+    it is bound: a clash shows up as the process never getting ready, which
+    fails loudly)."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        if port < below:
+            return port
 
 
 async def _wait_exit(process: asyncio.subprocess.Process, timeout_s: float) -> int:
@@ -68,20 +73,31 @@ class RedisServer:
     """A throwaway redis-server on 127.0.0.1:`port`, data in `workdir`."""
 
     def __init__(
-        self, workdir: Path, *, port: int | None = None, binary: str | None = None
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        binary: str | None = None,
+        cluster: bool = False,
     ) -> None:
         found = binary or shutil.which("redis-server")
         if found is None:
             raise RigError("no redis-server binary on PATH: the nemesis needs one to restart")
         self.binary = found
         self.workdir = workdir
-        self.port = port or free_port()
+        # A cluster node also listens on port + 10000 (the cluster bus).
+        self.port = port or free_port(below=55536 if cluster else 65536)
+        self.cluster = cluster
         self.process: asyncio.subprocess.Process | None = None
         self.restarts = 0
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://127.0.0.1:{self.port}" + ("" if self.cluster else "/0")
+
+    @property
+    def node_urls(self) -> list[str]:
+        return [self.url]
 
     @property
     def running(self) -> bool:
@@ -99,6 +115,10 @@ class RedisServer:
             "--appendfsync", "always",
             "--logfile", str(self.workdir / "redis.log"),
         ]  # fmt: skip
+        if self.cluster:
+            # nodes.conf in the node's own directory: a restarted node rejoins.
+            command += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                        "--cluster-node-timeout", "2000"]  # fmt: skip
         self.process = await asyncio.create_subprocess_exec(
             *command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
         )
@@ -127,7 +147,9 @@ class RedisServer:
             self.process.kill()
             await self.process.wait()
 
-    async def restart(self, *, down_s: float = 0.0, sig: signal.Signals = signal.SIGTERM) -> None:
+    async def restart(
+        self, *, down_s: float = 0.0, sig: signal.Signals = signal.SIGTERM, node: int = 0
+    ) -> None:
         await self.stop(sig)
         if down_s > 0:
             await asyncio.sleep(down_s)  # the outage itself: how long Redis is gone
@@ -143,6 +165,88 @@ async def redis_answers(url: str) -> bool:
         return False
     finally:
         await client.aclose()
+
+
+class RedisClusterServers:
+    """A throwaway Redis Cluster: three masters, no replicas, on 127.0.0.1
+    (`redis-server --cluster-enabled yes` joined by `redis-cli --cluster
+    create`). `url` is the first node's: a cluster client finds the rest.
+    A restart restarts one node, which rejoins from its nodes.conf."""
+
+    def __init__(self, workdir: Path, *, nodes: int = 3) -> None:
+        self.nodes = [RedisServer(workdir / f"node-{i}", cluster=True) for i in range(nodes)]
+        self.created = False
+        self.restarts = 0
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    @property
+    def node_urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    @property
+    def running(self) -> bool:
+        return all(node.running for node in self.nodes)
+
+    async def start(self) -> None:
+        try:
+            await asyncio.gather(*(n.start() for n in self.nodes if not n.running))
+        except BaseException:
+            await self.stop()
+            raise
+        if not self.created:
+            cli = shutil.which("redis-cli")
+            if cli is None:
+                raise RigError("no redis-cli on PATH: it joins the cluster's nodes")
+            create = await asyncio.create_subprocess_exec(
+                cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                "--cluster-replicas", "0", "--cluster-yes",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+            output, _ = await create.communicate()
+            if create.returncode != 0:
+                raise RigError(f"redis-cli --cluster create failed: {output.decode()[-500:]}")
+            self.created = True
+        await self._wait_cluster_ok()
+
+    async def _wait_cluster_ok(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if all([await _cluster_ok(url) for url in self.node_urls]):
+                return
+            await asyncio.sleep(POLL_S)
+        raise RigError(f"the cluster on {self.node_urls} never reported cluster_state:ok")
+
+    async def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        await asyncio.gather(*(n.stop(sig) for n in self.nodes))
+
+    async def restart(
+        self, *, down_s: float = 0.0, sig: signal.Signals = signal.SIGTERM, node: int = 0
+    ) -> None:
+        target = self.nodes[node % len(self.nodes)]
+        await target.stop(sig)
+        if down_s > 0:
+            await asyncio.sleep(down_s)  # the outage itself
+        await target.start()
+        await self._wait_cluster_ok()
+        self.restarts += 1
+
+
+async def _cluster_ok(url: str) -> bool:
+    client = aioredis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        info = await client.cluster("INFO")
+    except (aioredis.RedisError, OSError):
+        return False
+    finally:
+        await client.aclose()
+    state = info.get("cluster_state") if isinstance(info, dict) else None
+    return state in ("ok", b"ok")
+
+
+RedisProcesses = RedisServer | RedisClusterServers
 
 
 # --- replicas ---------------------------------------------------------------------------
@@ -195,9 +299,10 @@ class Replica:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.returncode is not None:
+                last = self.log.read_text(errors="replace").strip().splitlines()[-3:]
                 raise RigError(
-                    f"replica {self.index} exited with {self.process.returncode} at start; "
-                    f"see {self.log}"
+                    f"replica {self.index} exited with {self.process.returncode} at start "
+                    f"(see {self.log}): " + " | ".join(last)
                 )
             if await self._answers_health():
                 return
@@ -256,6 +361,9 @@ class Replica:
 class RigSettings:
     replicas: int = 3
     redis_url: str | None = None  # None: a throwaway redis-server the rig may restart
+    # A throwaway 3-master Redis Cluster instead (the replicas get
+    # `redis_cluster = true`); not with redis_url.
+    cluster: bool = False
     lease_ttl_s: float = 2.0
     detach_grace_s: float = 30.0
     drain_grace_s: float = 1.0
@@ -274,7 +382,7 @@ class Rig:
         self.settings = settings
         self.workdir = workdir
         self.prefix = f"nem-{uuid.uuid4().hex[:10]}"
-        self.redis: RedisServer | None = None
+        self.redis: RedisProcesses | None = None
         self.redis_url = settings.redis_url or ""
         self.replicas: list[Replica] = []
 
@@ -299,7 +407,11 @@ class Rig:
 
     async def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if not self.settings.redis_url:
+        if self.settings.cluster:
+            self.redis = RedisClusterServers(self.workdir / "cluster")
+            await self.redis.start()
+            self.redis_url = self.redis.url
+        elif not self.settings.redis_url:
             self.redis = RedisServer(self.workdir / "redis")
             await self.redis.start()
             self.redis_url = self.redis.url
@@ -324,6 +436,7 @@ class Rig:
             "detach_grace_s": self.settings.detach_grace_s,
             "drain_grace_s": self.settings.drain_grace_s,
             "log_level": "warning",
+            **({"redis_cluster": True} if self.settings.cluster else {}),
             **self.settings.server,
         }
         lines = ["[server]"]
@@ -369,6 +482,18 @@ class Rig:
             found += [(replica.index, s.stream_id) for s in answer.streams]
         return found
 
+    def redis_client(self, *, socket_timeout: float = 10.0) -> aioredis.Redis | RedisCluster:
+        """A client of the rig's Redis (a cluster client on a cluster)."""
+        if self.settings.cluster:
+            return RedisCluster.from_url(self.redis_url, socket_timeout=socket_timeout)
+        return aioredis.Redis.from_url(self.redis_url, socket_timeout=socket_timeout)
+
+    @property
+    def redis_node_urls(self) -> list[str]:
+        """Every Redis node (one, unless a cluster): where CLIENT KILL and
+        CLIENT PAUSE go."""
+        return self.redis.node_urls if self.redis is not None else [self.redis_url]
+
     def stream_keys(self, stream_id: str) -> dict[str, str]:
         return {part: f"{self.prefix}:{{{stream_id}}}:{part}" for part in ("meta", "log", "lease")}
 
@@ -376,5 +501,5 @@ class Rig:
         return [r.log for r in self.replicas]
 
 
-__all__ = ["ADMIN_TOKEN", "RESUME_SECRET", "RedisServer", "Replica", "Rig", "RigError",
-           "RigSettings", "free_port", "redis_answers"]  # fmt: skip
+__all__ = ["ADMIN_TOKEN", "RESUME_SECRET", "RedisClusterServers", "RedisServer", "Replica",
+           "Rig", "RigError", "RigSettings", "free_port", "redis_answers"]  # fmt: skip

@@ -60,6 +60,7 @@ class NemesisSettings:
     seed: int = 1
     replicas: int = 3
     redis_url: str | None = None  # None: a throwaway redis-server (Redis faults need one)
+    cluster: bool = False  # a throwaway 3-master Redis Cluster instead
     streams: int = 8  # per round
     faults: int = 3  # per round
     kinds: tuple[FaultKind, ...] = ALL_FAULTS
@@ -118,6 +119,7 @@ async def run_nemesis(
     rig_settings = RigSettings(
         replicas=settings.replicas,
         redis_url=settings.redis_url,
+        cluster=settings.cluster,
         lease_ttl_s=settings.lease_ttl_s,
         server=dict(settings.server),
     )
@@ -216,7 +218,7 @@ async def quiesce(rig: Rig, stream_ids: Sequence[str], timeout_s: float) -> Left
     what is still there after `timeout_s` is returned."""
     wanted = set(stream_ids)
     deadline = time.monotonic() + timeout_s
-    client = aioredis.Redis.from_url(rig.redis_url, socket_timeout=5)
+    client = rig.redis_client(socket_timeout=5)
     try:
         while True:
             running: list[tuple[int, str]] = []
@@ -241,7 +243,7 @@ async def quiesce(rig: Rig, stream_ids: Sequence[str], timeout_s: float) -> Left
 
 async def stream_ids_in_store(rig: Rig) -> set[str]:
     """Every stream the store holds under the rig's prefix."""
-    client = aioredis.Redis.from_url(rig.redis_url, socket_timeout=10)
+    client = rig.redis_client()
     found: set[str] = set()
     try:
         async for key in client.scan_iter(match=f"{rig.prefix}:{{*}}:meta", count=1000):
@@ -254,7 +256,7 @@ async def stream_ids_in_store(rig: Rig) -> set[str]:
 
 async def read_streams(rig: Rig, stream_ids: Sequence[str]) -> dict[str, StoredStream]:
     """Every stream's log and lease, straight from Redis (not through a replica)."""
-    client = aioredis.Redis.from_url(rig.redis_url, socket_timeout=10)
+    client = rig.redis_client()
     stored: dict[str, StoredStream] = {}
     try:
         for stream_id in stream_ids:
