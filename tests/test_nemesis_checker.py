@@ -244,6 +244,12 @@ def test_a_client_that_never_got_the_end_is_caught(history: History) -> None:
 
 
 @given(histories())
+def test_a_call_that_hangs_after_its_end_is_caught(history: History) -> None:
+    history.records[0].calls[-1].hung_after_end = True
+    assert history.kinds() == {"hung-after-end"}
+
+
+@given(histories())
 def test_a_client_told_an_end_other_than_the_stored_one_is_caught(history: History) -> None:
     call = history.records[0].calls[-1]
     assert call.end is not None

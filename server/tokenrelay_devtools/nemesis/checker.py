@@ -24,7 +24,8 @@ Per stream:
    itself reported a broken transport with it (the words the Python client
    also looks for); nor with a status a client cannot act on
    (`status-unexpected`: anything but UNAVAILABLE, CANCELLED or
-   DEADLINE_EXCEEDED, which mean "reconnect and resume").
+   DEADLINE_EXCEEDED, which mean "reconnect and resume"); and every call
+   that sent an End closed soon after it (`hung-after-end`, defect 5).
 
 `check_clean_text` compares each stored answer with the clean one the
 simulator gives (a complete End: equal; a partial: a prefix); the runner
@@ -89,6 +90,7 @@ VIOLATION_KINDS = (
     "orphan-stream",
     "status-internal",
     "status-unexpected",
+    "hung-after-end",
     "left-running",
     "left-leased",
 )
@@ -242,6 +244,8 @@ def _check_client(
         for code in call.notices:
             if code in BUG_CODES:
                 out.append(Violation("internal", label, f"{where}: a notice with {code}"))
+        if call.hung_after_end:
+            out.append(Violation("hung-after-end", label, f"{where}: no status after its End"))
         if call.end is not None:
             got_end = True
             if call.end.partial and call.end.error_code in BUG_CODES:

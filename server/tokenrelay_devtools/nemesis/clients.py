@@ -129,6 +129,27 @@ class ClientSettings:
     idle_timeout_s: float = 4.0  # no event for this long: the call is given up and resumed
     deadline_s: float = 120.0  # the whole stream; only guards against a stream that never ends
     backoff_s: tuple[float, float] = (0.05, 0.3)  # between calls
+    # After its End a call must close within this (beyond any pause the
+    # nemesis holds a replica in); only guards against a call that hangs.
+    close_timeout_s: float = 15.0
+
+
+async def _await_close(
+    call: grpc.aio.StreamStreamCall[pb.StreamRequest, pb.StreamEvent],
+    record: Call,
+    timeout_s: float,
+) -> None:
+    """Wait for the status that follows the End; record it unless OK, or
+    record that it never came."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            code = await call.code()
+            details = await call.details()
+    except TimeoutError:
+        record.hung_after_end = True
+        return
+    if code != grpc.StatusCode.OK:
+        record.status = SeenStatus(code.name, details or "")
 
 
 async def run_client(
@@ -217,6 +238,7 @@ async def run_client(
                         error_code=end.error.code if end.partial else "",
                     )
                     call_record.outcome = "end"
+                    await _await_close(call, call_record, settings.close_timeout_s)
                     break
         except grpc.aio.AioRpcError as exc:
             call_record.status = SeenStatus(exc.code().name, exc.details() or "")

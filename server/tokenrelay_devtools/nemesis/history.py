@@ -68,6 +68,9 @@ class Call:
     end: SeenEnd | None = None
     status: SeenStatus | None = None
     outcome: CallOutcome = "status"
+    # After its End the call did not close (with any status) within the
+    # client's bound (issue 9, defect 5: calls that hang after their End).
+    hung_after_end: bool = False
 
 
 @dataclass(slots=True)
