@@ -20,7 +20,9 @@ left running or leased).
 
 Prints a line per round, then rounds, streams, faults injected by kind,
 and every violation; exits 1 when there is any. The replicas' logs are
-kept in --workdir (default: a temporary directory, printed).
+kept in --workdir (default: a temporary directory, printed), with a
+`round-N.json` for each round that broke something: the violations, every
+call of the clients involved and their streams' logs as stored.
 """
 
 from __future__ import annotations

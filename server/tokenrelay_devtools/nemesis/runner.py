@@ -13,10 +13,12 @@ schedule, not the interleaving.)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -51,7 +53,7 @@ from tokenrelay_devtools.nemesis.history import (
 )
 from tokenrelay_devtools.nemesis.rig import Rig, RigSettings
 from tokenrelay_server.core.model import LogEntry
-from tokenrelay_server.store.codec import decode_entry
+from tokenrelay_server.store.codec import decode_entry, encode_entry
 
 
 @dataclass
@@ -187,6 +189,11 @@ async def run_round(
     stored = await read_streams(rig, [*stream_ids, *orphans])
     seen.update(stored)
     violations = check_round(records, stored, leftovers)
+    anomalies = check_clean_text(records, stored)
+    if violations or anomalies:
+        dump_round(
+            rig.workdir / f"round-{index}.json", index, records, stored, violations + anomalies
+        )
     return RoundResult(
         index=index,
         streams=len(plans),
@@ -194,7 +201,7 @@ async def run_round(
         injected=nemesis.injected,
         skipped=nemesis.skipped,
         violations=violations,
-        anomalies=check_clean_text(records, stored),
+        anomalies=anomalies,
         outcomes=Counter(_outcome(record) for record in records),
         statuses=Counter(
             call.status.code + ("~" if is_transport_failure(call.status) else "")
@@ -275,12 +282,55 @@ async def read_streams(rig: Rig, stream_ids: Sequence[str]) -> dict[str, StoredS
     return stored
 
 
+def dump_round(
+    path: Path,
+    index: int,
+    records: Sequence[ClientRecord],
+    stored: Mapping[str, StoredStream],
+    found: Sequence[Violation],
+) -> None:
+    """What the checker saw of a round's broken streams, as JSON: the
+    violations, and for each stream they name, every client call and the
+    stored log (entries in the store's own JSON form)."""
+    named = {v.stream.split("(")[0] for v in found}
+
+    def involved(stream_id: str) -> bool:
+        return bool(stream_id) and stream_id[:12] in named
+
+    streams = {
+        stream_id: {
+            "lease_owner": stream.lease_owner,
+            "log": None
+            if stream.entries is None
+            else [json.loads(encode_entry(e)) for e in stream.entries],
+        }
+        for stream_id, stream in stored.items()
+        if involved(stream_id)
+    }
+    clients = [dataclasses.asdict(r) for r in records if involved(r.stream_id) or r.name in named]
+    report = {
+        "round": index,
+        "violations": [dataclasses.asdict(v) for v in found],
+        "clients": clients,
+        "streams": streams,
+    }
+    path.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+
+
 def _text(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
-__all__ = ["NemesisSettings", "RoundResult", "Summary", "quiesce", "read_streams",
-           "run_nemesis", "run_round"]  # fmt: skip
+__all__ = [
+    "NemesisSettings",
+    "RoundResult",
+    "Summary",
+    "dump_round",
+    "quiesce",
+    "read_streams",
+    "run_nemesis",
+    "run_round",
+]  # fmt: skip
 
 
 # --- what bench/nemesis.py prints --------------------------------------------------------
