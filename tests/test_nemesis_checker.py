@@ -313,7 +313,7 @@ def test_a_stream_no_client_was_told_of_is_an_orphan(history: History) -> None:
 
 
 def test_anything_left_running_or_leased_is_caught() -> None:
-    leftovers = Leftovers(running=((1, STREAM),), leased=((STREAM, "replica-a"),))
+    leftovers = Leftovers(running=((1, STREAM, "running"),), leased=((STREAM, "replica-a"),))
     assert tally(check_round([], {}, leftovers)) == {"left-running": 1, "left-leased": 1}
 
 

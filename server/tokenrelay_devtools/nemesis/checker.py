@@ -387,8 +387,8 @@ def _check_log(stream: StoredStream, label: str | None = None) -> list[Violation
 
 def _check_leftovers(leftovers: Leftovers) -> list[Violation]:
     out = [
-        Violation("left-running", stream_id[:12], f"replica {replica} still lists it")
-        for replica, stream_id in leftovers.running
+        Violation("left-running", stream_id[:12], f"replica {replica} still lists it: {state}")
+        for replica, stream_id, state in leftovers.running
     ]
     out += [
         Violation("left-leased", stream_id[:12], f"still leased by {owner}")

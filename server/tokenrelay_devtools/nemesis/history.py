@@ -109,7 +109,8 @@ class Leftovers:
     replica still lists as running or detached, and the streams still
     leased."""
 
-    running: tuple[tuple[int, str], ...] = ()  # (replica, stream id)
+    # (replica, stream id, what the replica says of it: state, phase, calls attached…)
+    running: tuple[tuple[int, str, str], ...] = ()
     leased: tuple[tuple[str, str], ...] = ()  # (stream id, owner)
 
 

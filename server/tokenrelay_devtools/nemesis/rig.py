@@ -249,6 +249,14 @@ async def _cluster_ok(url: str) -> bool:
 RedisProcesses = RedisServer | RedisClusterServers
 
 
+def _describe_info(info: admin_pb2.StreamInfo) -> str:
+    return (
+        f"state={admin_pb2.StreamState.Name(info.state)} phase={info.phase or '-'} "
+        f"last_seq={info.last_seq} attached_clients={info.attached_clients} "
+        f"attempts={info.attempts} owner={info.owner or '-'} age={info.age_seconds:.0f}s"
+    )
+
+
 # --- replicas ---------------------------------------------------------------------------
 
 
@@ -467,9 +475,10 @@ class Rig:
 
     # -- what is left after a round ------------------------------------------------
 
-    async def running_streams(self) -> list[tuple[int, str]]:
-        """(replica, stream id) of every generation a live replica lists."""
-        found: list[tuple[int, str]] = []
+    async def running_streams(self) -> list[tuple[int, str, str]]:
+        """(replica, stream id, how it stands) of every generation a live
+        replica lists."""
+        found: list[tuple[int, str, str]] = []
         metadata = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
         for replica in self.replicas:
             if not replica.alive or replica.paused:
@@ -479,7 +488,7 @@ class Rig:
                 answer = await stub.ListStreams(
                     admin_pb2.ListStreamsRequest(), metadata=metadata, timeout=10.0
                 )
-            found += [(replica.index, s.stream_id) for s in answer.streams]
+            found += [(replica.index, s.stream_id, _describe_info(s)) for s in answer.streams]
         return found
 
     def redis_client(self, *, socket_timeout: float = 10.0) -> aioredis.Redis | RedisCluster:

@@ -228,17 +228,17 @@ async def quiesce(rig: Rig, stream_ids: Sequence[str], timeout_s: float) -> Left
     client = rig.redis_client(socket_timeout=5)
     try:
         while True:
-            running: list[tuple[int, str]] = []
+            running: list[tuple[int, str, str]] = []
             leased: list[tuple[str, str]] = []
             try:
-                running = [(r, s) for r, s in await rig.running_streams() if s in wanted]
+                running = [info for info in await rig.running_streams() if info[1] in wanted]
                 for stream_id in stream_ids:
                     owner = await client.get(rig.stream_keys(stream_id)["lease"])
                     if owner is not None:
                         leased.append((stream_id, _text(owner)))
             except (grpc.aio.AioRpcError, aioredis.RedisError, OSError) as exc:
                 # A replica or Redis still coming back: ask again.
-                running = [(-1, f"(could not ask: {type(exc).__name__})")]
+                running = [(-1, "?", f"could not ask: {type(exc).__name__}")]
             if not running and not leased:
                 return Leftovers()
             if time.monotonic() >= deadline:
