@@ -11,7 +11,10 @@
 - `redis_pause`: `CLIENT PAUSE hold_ms ALL`: Redis answers nobody for a
   while, then carries on by itself.
 - `redis_restart`: SIGTERM the throwaway redis-server and start it again
-  `hold_s` later (AOF, fsync always: nothing it acknowledged is lost).
+  `hold_s` later (AOF, fsync always: nothing it acknowledged is lost); on
+  a cluster, one node (`node`).
+
+On a cluster, `client_kill` and `redis_pause` go to every node.
 
 A fault fires when the round's clients have received `at_chunk` chunks in
 all (progress, not wall time, so a slow machine changes when in the
@@ -71,7 +74,7 @@ def schedule(
     A pause lasts 0.5 to 2.5 lease TTLs: a short one must change nothing, a
     long one lets another replica take the stream over while the owner
     sleeps (the split brain of issue 9, defect 4). A dead replica stays down
-    for up to 1.5 lease TTLs (so its leases lapse before it is back)."""
+    0.1 to 1.5 lease TTLs: back before its leases lapse, or after."""
     faults = []
     for _ in range(count):
         kind = rng.choice(list(kinds))
