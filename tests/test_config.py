@@ -108,8 +108,8 @@ ONE_MISTAKE = [
     ),
     pytest.param(
         "[server]\nport = 1\n\n[srever]\nhost = 'h'\n",
-        "p.toml:4: srever: is not a known table (known: breaker, models, providers, recovery, "
-        "server)",
+        "p.toml:4: srever: is not a known table (known: breaker, limits, models, providers, "
+        "recovery, server)",
         id="an unknown table is named at its header",
     ),
     pytest.param(
@@ -255,8 +255,8 @@ def test_every_mistake_of_file_environment_and_flags_is_reported_together(tmp_pa
         f"{file}:3: server.stal_timeout_s: is not a known key (did you mean stall_timeout_s?)",
         f"{file}:4: server.resume_secret: must be at least 16 characters long",
         f"{file}:7: recovery.jitter: must be at most 1",
-        f"{file}:9: bogus: is not a known table (known: breaker, models, providers, recovery, "
-        "server)",
+        f"{file}:9: bogus: is not a known table (known: breaker, limits, models, providers, "
+        "recovery, server)",
         f"{file}:13: providers.main.kind: must be 'openai' or 'anthropic'",
         f"{file}:14: providers.main.base_url: must be an http:// or https:// URL with a host",
         f"{file}:17: models.fast.chain[0].provider: no provider named 'mian' (known: main, sim)",

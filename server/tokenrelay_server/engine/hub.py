@@ -15,7 +15,11 @@ Reading a stream:
 
 Admission is one synchronous step: the check against `max_streams` and the
 reservation of the slot happen with no await between them, so concurrent
-starts can never admit more than the limit.
+starts can never admit more than the limit. A start is refused (`Overloaded`,
+with the `shed_retry_after_s` to wait) while the replica is over
+`max_streams` (running and detached generations), over its memory limit, or
+while its event loop lags (loop_lag.py): the servicer decides it after
+reading the first request, so a refusal is a clean RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from tokenrelay_server.engine.cursor import LogCursor
 from tokenrelay_server.engine.events import Observers, ReaderAttached, StreamStarted, TakenOver
 from tokenrelay_server.engine.fanout import Subscription
 from tokenrelay_server.engine.generation import Generation, stop_fault
+from tokenrelay_server.engine.loop_lag import LoopLagMonitor
 from tokenrelay_server.engine.recovery_loop import Recovery
 from tokenrelay_server.engine.routing import Route, Router
 from tokenrelay_server.engine.takeover import Leases, Takeover, cancel_fault
@@ -84,8 +89,10 @@ class StreamHub:
         replica_id: str | None = None,
         observers: Observers | None = None,
         heartbeats: Heartbeats | None = None,
+        loop_lag: LoopLagMonitor | None = None,
     ) -> None:
         self.store = store
+        self.loop_lag = loop_lag
         self.router = router
         self._clock = clock
         self.recovery = recovery
@@ -140,15 +147,32 @@ class StreamHub:
         """Refuse a new generation (raise), or reserve its slot; no await here."""
         if self.draining:
             raise DrainingError("the server is draining; start the stream on another replica")
-        if self.memory_exceeded is not None:
-            raise Overloaded(
-                f"this replica is over its memory limit ({self.memory_exceeded >> 20} MiB of "
-                f"{self.max_memory_bytes >> 20} MiB); retry later or on another replica"
-            )
+        wait_s = self._settings.shed_retry_after_s
+        later = f"retry in {wait_s:g} s or on another replica"
         running = len(self._local) + self._admitting
         if running >= self._settings.max_streams:
             raise Overloaded(
-                f"this replica is generating {running} streams, its limit; retry later"
+                f"this replica is generating {running} streams (running and detached), its "
+                f"limit (max_streams); {later}",
+                reason="MAX_STREAMS",
+                retry_after_s=wait_s,
+            )
+        if self.memory_exceeded is not None:
+            raise Overloaded(
+                f"this replica is over its memory limit ({self.memory_exceeded >> 20} MiB of "
+                f"{self.max_memory_bytes >> 20} MiB); {later}",
+                reason="MEMORY_LIMIT",
+                retry_after_s=wait_s,
+            )
+        lag = self.loop_lag
+        if lag is not None and lag.overloaded:
+            settings = lag.settings
+            raise Overloaded(
+                f"this replica is saturated: its event loop's p{settings.quantile * 100:g} lag "
+                f"over the last {settings.window_s:g} s is {lag.lag_s() * 1000:.0f} ms, above "
+                f"max_loop_lag_ms {settings.threshold_s * 1000:g}; {later}",
+                reason="LOOP_LAG",
+                retry_after_s=wait_s,
             )
         self._admitting += 1
 
@@ -193,7 +217,10 @@ class StreamHub:
         generation.attach(subscription)
         self._run(generation)
         if self.observe:
-            self.observe(StreamStarted(meta.stream_id, meta.model, self._clock.monotonic()))
+            prompt = request.messages[-1].content if request.messages else ""
+            self.observe(
+                StreamStarted(meta.stream_id, meta.model, self._clock.monotonic(), prompt)
+            )
         return self._open(Session(meta, False, 0, subscription, generation))
 
     def _generation(
