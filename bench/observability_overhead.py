@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import statistics
 import sys
@@ -112,7 +113,8 @@ async def measure(
         median_ratio=medians["on"] / medians["off"],
         off_us_per_chunk=us["off"],
         on_us_per_chunk=us["on"],
-        cpu_ratio=us["off"] / us["on"],
+        # nan: rounds too short for the CPU clock's ticks (10 ms) to see.
+        cpu_ratio=us["off"] / us["on"] if us["on"] else math.nan,
         all_ok=all(r.ok for side in SIDES for r in results[side]),
         off_rounds=[round(x) for x in rates["off"]],
         on_rounds=[round(x) for x in rates["on"]],

@@ -190,8 +190,9 @@ def serve_in_child(
 
 
 async def _serve(kind: ServerKind, conn: Connection, settings: dict[str, Any]) -> None:
-    from tokenrelay_server.api.server import MIN_TRANSPORT_LIMIT_BYTES, RelayServer
+    from tokenrelay_server.api.server import RelayServer
     from tokenrelay_server.config.settings import Settings
+    from tokenrelay_server.core.limits import RequestLimits
 
     relay: RelayServer | None = None
     echo: grpc.aio.Server | None = None
@@ -206,7 +207,7 @@ async def _serve(kind: ServerKind, conn: Connection, settings: dict[str, Any]) -
         # The same transport options as RelayServer.start.
         echo = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", MIN_TRANSPORT_LIMIT_BYTES),
+                ("grpc.max_receive_message_length", RequestLimits().max_request_bytes),
                 ("grpc.so_reuseport", 0),
             ]
         )
@@ -514,7 +515,8 @@ async def measure_throughput(
         relay_client_us_per_chunk=statistics.median(
             r.client_us_per_chunk for r in results["relay"]
         ),
-        cpu_ratio=echo_us / relay_us,
+        # nan: rounds too short for the CPU clock's ticks (10 ms) to see.
+        cpu_ratio=echo_us / relay_us if relay_us else math.nan,
         rounds=rounds,
         all_ok=all(r.ok for rs in results.values() for r in rs),
         echo_rounds=[round(x) for x in echo_rates],

@@ -1,0 +1,49 @@
+"""The benchmarks still run: each one, at a tiny size, in a subprocess, to
+its JSON summary. (A refactor of the gateway broke relay_vs_echo's import
+once and nothing noticed.) Figures are not asserted, only that every stream
+the benchmark ran was correct."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run_bench(script: str, *args: str) -> dict[str, object]:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert isinstance(summary, dict)
+    return summary
+
+
+def test_relay_vs_echo_runs_and_every_stream_is_exact() -> None:
+    summary = run_bench(
+        "relay_vs_echo.py",
+        *("--streams", "2", "--total-chunks", "100", "--rounds", "1"),
+        *("--resumes", "2", "--idle-streams", "5"),
+    )
+    throughput = summary["throughput"]
+    assert isinstance(throughput, list) and throughput
+    assert all(level["all_ok"] for level in throughput)
+
+
+@pytest.mark.parametrize("script", ["observability_overhead.py"])
+def test_observability_overhead_runs_and_every_stream_is_exact(script: str) -> None:
+    summary = run_bench(
+        script, *("--streams", "2", "--total-chunks", "100", "--rounds", "1", "--short-tokens", "0")
+    )
+    levels = summary["levels"]
+    assert isinstance(levels, list) and levels
+    assert all(level["all_ok"] for level in levels)
