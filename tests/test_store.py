@@ -38,6 +38,7 @@ from tokenrelay_server.core.model import (
 )
 from tokenrelay_server.store import MemoryStore, StreamStore, StreamTail
 from tokenrelay_server.store.codec import decode_entry, decode_meta, encode_meta
+from tokenrelay_server.store.errors import StoreUnavailable, StreamFenced
 from tokenrelay_server.store.redis import RedisStore
 
 # Redis TTLs are real: polls for "it expired" give up after this many rounds.
@@ -618,9 +619,9 @@ async def test_lease_acquire_renew_release(store: StreamStore) -> None:
     stream_id = await new_stream(store)
     assert await store.lease_owner(stream_id) is None
 
-    assert await store.acquire_lease(stream_id, "replica-a", 30.0) is True
-    assert await store.acquire_lease(stream_id, "replica-b", 30.0) is False
-    assert await store.acquire_lease(stream_id, "replica-a", 30.0) is True  # the holder again
+    assert await store.acquire_lease(stream_id, "replica-a", 30.0) == 1  # the first epoch
+    assert await store.acquire_lease(stream_id, "replica-b", 30.0) is None
+    assert await store.acquire_lease(stream_id, "replica-a", 30.0) == 1  # the holder again
     assert await store.lease_owner(stream_id) == "replica-a"
 
     assert await store.renew_lease(stream_id, "replica-a", 30.0) is True
@@ -632,21 +633,78 @@ async def test_lease_acquire_renew_release(store: StreamStore) -> None:
     assert await store.lease_owner(stream_id) is None
     assert await store.renew_lease(stream_id, "replica-a", 30.0) is False
 
-    assert await store.acquire_lease(stream_id, "replica-b", 30.0) is True
+    assert await store.acquire_lease(stream_id, "replica-b", 30.0) == 2  # changed hands
     assert await store.lease_owner(stream_id) == "replica-b"
 
 
 async def test_lease_lapses(backend: Backend, store: StreamStore) -> None:
     stream_id = await new_stream(store)
-    assert await store.acquire_lease(stream_id, "replica-a", 0.05)
+    assert await store.acquire_lease(stream_id, "replica-a", 0.05) == 1
 
     async def lapsed() -> bool:
         return await store.lease_owner(stream_id) is None
 
     assert await backend.let_time_pass(0.1, until=lapsed)
     assert await store.renew_lease(stream_id, "replica-a", 30.0) is False
-    assert await store.acquire_lease(stream_id, "replica-b", 30.0) is True
+    assert await store.acquire_lease(stream_id, "replica-b", 30.0) == 2
     assert await store.lease_owner(stream_id) == "replica-b"
+
+
+async def test_a_lapsed_lease_nobody_took_is_renewed_with_its_epoch(
+    backend: Backend, store: StreamStore
+) -> None:
+    stream_id = await new_stream(store)
+    epoch = await store.acquire_lease(stream_id, "replica-a", 0.05)
+
+    async def lapsed() -> bool:
+        return await store.lease_owner(stream_id) is None
+
+    assert await backend.let_time_pass(0.1, until=lapsed)
+    assert await store.renew_lease(stream_id, "replica-a", 30.0, epoch=epoch) is True
+    assert await store.lease_owner(stream_id) == "replica-a"
+    await store.append(stream_id, [chunk(1)], epoch=epoch)  # still the writer
+    assert await store.read(stream_id, after_seq=0) == [chunk(1)]
+
+
+async def test_a_takeover_fences_the_old_writer_end_included(
+    backend: Backend, store: StreamStore
+) -> None:
+    stream_id = await new_stream(store)
+    old = await store.acquire_lease(stream_id, "replica-a", 0.05)
+    await store.append(stream_id, [chunk(1)], epoch=old)
+
+    async def lapsed() -> bool:
+        return await store.lease_owner(stream_id) is None
+
+    assert await backend.let_time_pass(0.1, until=lapsed)  # A paused past its lease
+    new = await store.acquire_lease(stream_id, "replica-b", 30.0)
+    assert new is not None and old is not None and new > old
+    await store.append(stream_id, [chunk(2)], epoch=new)
+
+    for stale in ([chunk(3)], [notice(2)], [end(2)]):
+        with pytest.raises(StreamFenced):
+            await store.append(stream_id, stale, epoch=old)
+    assert await store.renew_lease(stream_id, "replica-a", 30.0, epoch=old) is False
+    await store.append(stream_id, [chunk(3), end(3)], epoch=new)
+    assert await store.read(stream_id, after_seq=0) == [chunk(1), chunk(2), chunk(3), end(3)]
+
+
+async def test_an_end_must_close_exactly_the_log_it_follows(store: StreamStore) -> None:
+    stream_id = await new_stream(store)
+    await store.append(stream_id, [chunk(1), chunk(2)])
+    for wrong in (1, 3):
+        with pytest.raises(ValueError, match="total_seq"):
+            await store.append(stream_id, [end(wrong)])
+    assert await store.tail(stream_id) == StreamTail(2, False)
+    await store.append(stream_id, [end(2)])
+    assert await store.tail(stream_id) == StreamTail(2, True)
+
+
+async def test_the_memory_and_redis_stores_are_always_reachable_or_say_so(
+    store: StreamStore,
+) -> None:
+    await store.ping()  # a live store answers; an unreachable one: tests below
+    assert store.label
 
 
 async def test_cancel_request_round_trip(store: StreamStore) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import secrets
@@ -54,10 +55,13 @@ from tokenrelay_server.obs.metrics import Metrics, MetricsEndpoint
 from tokenrelay_server.obs.tracing import Tracing, span_exporter
 from tokenrelay_server.store.base import ObservableStore, StreamStore
 from tokenrelay_server.store.error_stats import ErrorStats, MemoryErrorStats
+from tokenrelay_server.store.errors import StoreError
 from tokenrelay_server.store.memory import MemoryStore
 from tokenrelay_server.upstream.base import Provider
 from tokenrelay_server.upstream.build import build_providers
 from tokenrelay_server.upstream.sim import SimProvider
+
+log = logging.getLogger(__name__)
 
 RELAY_SERVICE = relay_pb2.DESCRIPTOR.services_by_name["Relay"].full_name
 # The transport limit sits well above the prompt limit, so a prompt that is too
@@ -165,6 +169,9 @@ def build_store(settings: Settings, clock: Clock) -> StreamStore:
             retention_s=settings.retention_s,
             prefix=settings.redis_prefix,
             clock=clock,
+            max_connections=settings.redis_max_connections,
+            pool_timeout_s=settings.redis_pool_timeout_s,
+            retry_window_s=settings.store_retry_window_s,
         )
     return MemoryStore(retention_s=settings.retention_s, clock=clock)
 
@@ -179,6 +186,14 @@ def build_error_stats(settings: Settings, clock: Clock) -> ErrorStats:
             settings.redis_url, prefix=settings.redis_prefix, clock=clock
         )
     return MemoryErrorStats(clock=clock)
+
+
+async def _store_answers(store: StreamStore) -> bool:
+    try:
+        await store.ping()
+    except StoreError:
+        return False
+    return True
 
 
 class RelayServer:
@@ -196,6 +211,7 @@ class RelayServer:
         port: int,
         owns_store: bool,
         guard: asyncio.Task[None] | None = None,
+        store_available: bool = True,
         tracing: Tracing | None = None,
         recorder: ErrorRecorder | None,
         live: LiveStats | None = None,
@@ -217,7 +233,8 @@ class RelayServer:
         self._guard = guard
         self.tracing = tracing  # None with --otel-exporter none
         self._stopped = False
-        self._store_available = True
+        self._store_available = store_available
+        self._probe: asyncio.Task[None] | None = None
 
     @property
     def error_stats(self) -> ErrorStats | None:
@@ -244,6 +261,7 @@ class RelayServer:
         elsewhere) and tokenrelay_store_up is 0 (the TokenrelayStoreUnavailable
         alert); SERVING and 1 again when it answers. Draining wins."""
         self._store_available = available
+        self.hub.store_available = available
         if self.metrics is not None:
             self.metrics.set_store_available(available)
         if self._stopped or self.hub.draining:
@@ -255,6 +273,24 @@ class RelayServer:
         )
         for service in ("", RELAY_SERVICE):
             await self._health.set(service, status)
+
+    @property
+    def store_available(self) -> bool:
+        return self._store_available
+
+    async def probe_store(self) -> None:
+        """Ask the store every `store_probe_interval_s` whether it answers and
+        report changes (`set_store_available`); owned by the server (started
+        with it, cancelled when it stops). Real time: an outage is."""
+        store = self.hub.store
+        while True:
+            await asyncio.sleep(self.settings.store_probe_interval_s)
+            available = await _store_answers(store)
+            if available != self._store_available:
+                log.warning(
+                    "%s is %s", store.label, "reachable again" if available else "unreachable"
+                )
+                await self.set_store_available(available)
 
     @property
     def address(self) -> str:
@@ -391,16 +427,27 @@ class RelayServer:
         await server.start()
         if recorder is not None:
             recorder.start()
+        # A store that does not answer at start: NOT_SERVING until it does.
+        store_available = await _store_answers(store)
+        hub.store_available = store_available
+        if metrics is not None:
+            metrics.set_store_available(store_available)
         for service in ("", RELAY_SERVICE):
-            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+            await health_servicer.set(
+                service,
+                health_pb2.HealthCheckResponse.SERVING
+                if store_available
+                else health_pb2.HealthCheckResponse.NOT_SERVING,
+            )
         providers = router.providers()
         guard = (
             asyncio.create_task(hub.guard_memory(resident_bytes), name="memory guard")
             if settings.max_memory_mb
             else None
         )
-        return cls(
+        relay = cls(
             guard=guard,
+            store_available=store_available,
             settings=settings,
             server=server,
             hub=hub,
@@ -415,6 +462,8 @@ class RelayServer:
             metrics=metrics,
             metrics_endpoint=endpoint,
         )
+        relay._probe = asyncio.create_task(relay.probe_store(), name="store probe")
+        return relay
 
     async def drain_and_stop(self) -> None:
         """The SIGTERM path: NOT_SERVING, no new streams, let open ones finish
@@ -431,10 +480,11 @@ class RelayServer:
             return
         self._stopped = True
         self.hub.draining = True
-        if self._guard is not None:
-            self._guard.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._guard
+        for task in (self._guard, self._probe):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._health.enter_graceful_shutdown()
         await self.hub.close()
         await self._server.stop(grace)
