@@ -9,6 +9,7 @@ bound) for the expected state. No test asserts how long anything took.
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -942,3 +943,61 @@ async def test_redis_wait_longer_than_the_socket_timeout_blocks_in_slices(
 def test_redis_blocking_client_needs_room_for_a_blocking_read() -> None:
     with pytest.raises(ValueError, match="socket_timeout"):
         RedisStore(Redis(), blocking_client=Redis(socket_timeout=0.2))
+
+
+async def test_redis_append_retried_after_an_unknown_outcome_is_stored_once(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # What `_run` does after a connection broke mid-append: run it again,
+    # marked as a retry. The batch that landed is not stored twice; one that
+    # did not land is stored; a gap or a different batch is still refused.
+    store = RedisStore.from_url(redis_url, prefix=redis_prefix)
+    try:
+        stream_id = await new_stream(store)
+
+        async def retry(entries: list[LogEntry]) -> None:
+            await store._run(
+                "append", stream_id, lambda _: store._append_once(stream_id, entries, None, True)
+            )
+
+        await store.append(stream_id, [chunk(1), notice(1), chunk(2)])
+        await retry([chunk(1), notice(1), chunk(2)])
+        await retry([chunk(2)])
+        assert await store.read(stream_id, after_seq=0) == [chunk(1), notice(1), chunk(2)]
+        with pytest.raises(ValueError, match="does not follow"):
+            await store.append(stream_id, [chunk(2)])  # not a retry: a duplicate
+        different = Chunk(seq=2, text="something else", provider="sim", attempt=1)
+        with pytest.raises(ValueError, match="does not follow"):
+            await retry([different])
+        with pytest.raises(ValueError, match="does not follow"):
+            await retry([chunk(4)])
+        await retry([chunk(3)])  # had not landed
+        await retry([end(3)])
+        await retry([end(3)])
+        assert await store.read(stream_id, after_seq=2) == [chunk(3), end(3)]
+    finally:
+        await store.close()
+
+
+async def test_redis_unreachable_raises_store_unavailable_naming_the_store() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again: nothing listens there
+    store = RedisStore.from_url(f"redis://127.0.0.1:{port}/0", retry_window_s=0.05)
+    try:
+        with pytest.raises(StoreUnavailable, match=f"Redis store at redis://127.0.0.1:{port}"):
+            await store.ping()
+        with pytest.raises(StoreUnavailable, match="did not answer"):
+            await store.create(make_meta())
+        with pytest.raises(StoreUnavailable):
+            await store.append("some-stream", [chunk(1)])
+        with pytest.raises(StoreUnavailable):
+            await store.tail("some-stream")
+    finally:
+        await store.close()
+
+
+def test_redis_urls_in_messages_hide_the_password() -> None:
+    store = RedisStore.from_url("redis://user:hunter2@127.0.0.1:1/0")
+    assert "hunter2" not in store.label
+    assert "user@127.0.0.1:1" in store.label

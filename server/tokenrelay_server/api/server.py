@@ -189,11 +189,15 @@ def build_error_stats(settings: Settings, clock: Clock) -> ErrorStats:
 
 
 async def _store_answers(store: StreamStore) -> bool:
-    try:
-        await store.ping()
-    except StoreError:
-        return False
-    return True
+    """Whether the store answers; asked twice, so that one killed connection
+    (the probe's own) is not an outage."""
+    for _ in range(2):
+        try:
+            await store.ping()
+        except StoreError:
+            continue
+        return True
+    return False
 
 
 class RelayServer:

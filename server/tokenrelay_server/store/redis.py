@@ -450,6 +450,13 @@ class RedisStore:
             try:
                 return await call(retried)
             except _TRANSIENT as error:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # The task was cancelled while the pool wait's own timeout
+                    # fired (Python 3.11's asyncio.timeout then raises
+                    # TimeoutError, which redis-py turns into "No connection
+                    # available."): the cancellation wins, never a retry.
+                    raise asyncio.CancelledError from None
                 now = loop.time()
                 if deadline is None:
                     deadline = now + self._retry_window_s
@@ -571,28 +578,10 @@ class RedisStore:
     async def append(
         self, stream_id: str, entries: Sequence[LogEntry], *, epoch: int | None = None
     ) -> None:
-        payload: list[str | int] = []
-        for entry in entries:
-            if isinstance(entry, Chunk):
-                payload += ["c", entry.seq, encode_entry(entry)]
-            elif isinstance(entry, Notice):
-                payload += ["n", 0, encode_entry(entry)]
-            else:
-                payload += ["e", entry.total_seq, encode_entry(entry)]
-        head: list[str | int] = [
-            self._retention_ms,
-            self._now_ms(),
-            self._idem_refresh_ms,
-            "" if epoch is None else epoch,
-        ]
-        keys = self._log_keys(stream_id)
-        count = len(entries)
         idem_key = await self._run(
             "append",
             stream_id,
-            lambda retried: self._append(
-                keys=keys, args=[*head, 1 if retried else 0, count, *payload]
-            ),
+            partial(self._append_once, stream_id, entries, epoch),
         )
         if idem_key is not None:
             # Best effort: the refresh is asked for again a quarter of the
@@ -603,6 +592,30 @@ class RedisStore:
                     stream_id,
                     lambda _: self._client.pexpire(idem_key, self._idem_ttl_ms),
                 )
+
+    async def _append_once(
+        self, stream_id: str, entries: Sequence[LogEntry], epoch: int | None, retried: bool
+    ) -> Any:
+        """One run of the append script; `retried`: an earlier run's outcome
+        is unknown, so a batch that is already the log's tail is success."""
+        payload: list[str | int] = []
+        for entry in entries:
+            if isinstance(entry, Chunk):
+                payload += ["c", entry.seq, encode_entry(entry)]
+            elif isinstance(entry, Notice):
+                payload += ["n", 0, encode_entry(entry)]
+            else:
+                payload += ["e", entry.total_seq, encode_entry(entry)]
+        args: list[str | int] = [
+            self._retention_ms,
+            self._now_ms(),
+            self._idem_refresh_ms,
+            "" if epoch is None else epoch,
+            1 if retried else 0,
+            len(entries),
+            *payload,
+        ]
+        return await self._append(keys=self._log_keys(stream_id), args=args)
 
     async def read(self, stream_id: str, after_seq: int, limit: int = 1000) -> list[LogEntry]:
         entries, _ = await self._read_after(stream_id, after_seq, limit)
