@@ -20,6 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from redisproc import RedisProcess, free_port
 from serverkit import (
+    PACED,
+    QUIET,
     SECRET,
     RawCall,
     RelayFactory,
@@ -27,6 +29,8 @@ from serverkit import (
     chunks_of,
     end_of,
     eventually,
+    generation_of,
+    produce,
     resume_request,
     run_to_end,
     sha256,
@@ -34,8 +38,11 @@ from serverkit import (
     text_of,
 )
 from tokenrelay.v1 import relay_pb2 as pb
+from tokenrelay_devtools.netfault import FaultProxy
+from tokenrelay_devtools.timekeeper import TimeKeeper
 from tokenrelay_server.api.calls import cancel_within
 from tokenrelay_server.api.server import RelayServer
+from tokenrelay_server.core.clock import ManualClock
 from tokenrelay_server.core.model import Chunk, End
 from tokenrelay_server.store.redis import RedisStore
 
@@ -119,13 +126,13 @@ async def test_client_kills_mid_stream_leave_every_stream_exact(
     own_redis: RedisProcess, relay_factory: RelayFactory
 ) -> None:
     relay = await gateway(relay_factory, own_redis.url)
-    rounds, streams, tokens = 8, 10, 30
+    rounds, streams, tokens = 8, 20, 30
     clean: str | None = None
     async with grpc.aio.insecure_channel(relay.address) as channel:
         clean = text_of(await run_to_end(channel, start_request(max_tokens=tokens)))
         for _ in range(rounds):
             calls = [
-                RawCall(channel, start_request(max_tokens=tokens, metadata=paced(20)))
+                RawCall(channel, start_request(max_tokens=tokens, metadata=paced(2)))
                 for _ in range(streams)
             ]
             firsts = [
@@ -225,6 +232,7 @@ async def test_a_server_started_with_redis_unreachable_is_not_serving_until_it_a
             events = await run_to_end(channel, start_request(max_tokens=5))
             assert not end_of(events).partial
         finally:
+            await relay.stop(grace=0.5)
             later.stop()
 
 
@@ -381,3 +389,86 @@ async def test_a_paused_owner_resumed_after_a_takeover_writes_nothing_more(
             replica_a.send_signal(signal.SIGCONT)
             replica_a.kill()
             await replica_a.wait()
+
+
+async def test_a_writer_whose_append_is_fenced_stops_quietly_and_sends_readers_away(
+    relay_factory: RelayFactory, redis_url: str, redis_prefix: str, clock: ManualClock
+) -> None:
+    # Deterministic half of the test above: A runs on a manual clock (its
+    # lease keeper never wakes), another writer takes the stream over in
+    # Redis, and A's very next append is refused by the script.
+    a = await relay_factory(
+        clock=clock, store="redis", redis_url=redis_url, redis_prefix=redis_prefix, **QUIET
+    )
+    async with grpc.aio.insecure_channel(a.address) as on_a:
+        call = RawCall(on_a, start_request(max_tokens=30, metadata=PACED))
+        started = await call.next_event()
+        generation = generation_of(a, started)
+        await produce(clock, a, generation, 4)
+        seen = [started, *await call.events_until(lambda e: e.chunk.seq == 4)]
+        stream_id = started.started.stream_id
+        other = RedisStore.from_url(redis_url, prefix=redis_prefix)
+        try:
+            await other.release_lease(stream_id, a.hub.replica_id)  # as if it lapsed
+            epoch = await other.acquire_lease(stream_id, "replica-b", 600.0)
+            assert epoch is not None and generation.epoch is not None
+            assert epoch > generation.epoch
+            keeper = TimeKeeper(clock, a)
+            await eventually(keeper.waiting_on_time, poll_s=0.001)
+            assert await keeper.move_once()  # A's next token: refused
+            with pytest.raises(grpc.aio.AioRpcError) as sent_away:
+                await asyncio.wait_for(call.events_until(), WITHIN_S)
+            assert sent_away.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "took it over" in (sent_away.value.details() or "")
+            await eventually(lambda: a.hub.running_generations == 0, within_s=WITHIN_S)
+            stored = await other.read(stream_id, after_seq=0)
+            assert stored == [c for c in stored if isinstance(c, Chunk)]  # no End from A
+            assert [c.seq for c in stored if isinstance(c, Chunk)] == [1, 2, 3, 4]
+            assert [c.text for c in chunks_of(seen)] == [
+                c.text for c in stored if isinstance(c, Chunk)
+            ]
+            assert await other.lease_owner(stream_id) == "replica-b"  # A did not release it
+        finally:
+            await other.close()
+
+
+async def test_connections_reset_mid_append_store_each_batch_once(
+    own_redis: RedisProcess, relay_factory: RelayFactory
+) -> None:
+    # A proxy between the gateway and Redis resets every connection (RST
+    # both ways) while appends are on the wire: Redis may have run a script
+    # whose reply is lost. The retry must find it stored, not store it twice
+    # (a chunk no client saw) nor fail the stream.
+    async with FaultProxy("127.0.0.1", own_redis.port) as proxy:
+        relay = await gateway(relay_factory, f"redis://{proxy.address}/0")
+        streams, tokens, cuts = 30, 60, 8
+        async with grpc.aio.insecure_channel(relay.address) as channel:
+            clean = text_of(await run_to_end(channel, start_request(max_tokens=tokens)))
+            records: list[list[pb.StreamEvent]] = [[] for _ in range(streams)]
+
+            async def read(record: list[pb.StreamEvent]) -> None:
+                call = RawCall(channel, start_request(max_tokens=tokens, metadata=paced(5)))
+                try:
+                    while not (record and record[-1].HasField("end")):
+                        record.append(await call.next_event())
+                finally:
+                    call.cancel()
+
+            readers = [asyncio.create_task(read(record)) for record in records]
+            seen = 0
+            for _ in range(cuts):
+                seen += streams
+                target = seen
+                await eventually(
+                    lambda target=target: (
+                        sum(len(r) for r in records) >= target or all(t.done() for t in readers)
+                    ),
+                    within_s=WITHIN_S,
+                )
+                proxy.cut_all()
+            await asyncio.wait_for(asyncio.gather(*readers), WITHIN_S * 2)
+        for events in records:
+            end = end_of(events)
+            assert not end.partial, end.error
+            assert text_of(events) == clean
+            await assert_log_agrees(own_redis.url, events)
