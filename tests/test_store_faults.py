@@ -1,7 +1,10 @@
 """The Redis store under load, connection kills, outages and pauses (issue 9).
 
 Each test runs its own throwaway redis-server (tests/redisproc.py) so it can
-stop, restart or attack it. Gateways run on the system clock (real time):
+stop, restart or attack it. Tests stop their gateways themselves at the end:
+stopped from relay_factory's teardown instead, a gateway that ran here
+sometimes took minutes to stop (not understood yet; see the report of
+issue 9), where stopped in the test it stops at once. Gateways run on the system clock (real time):
 outages are. Tests wait on conditions with generous bounds and assert
 outcomes, never how long anything took.
 """
@@ -150,6 +153,7 @@ async def test_client_kills_mid_stream_leave_every_stream_exact(
                 assert text_of(events) == clean
                 assert_contiguous(chunks_of(events))
                 await assert_log_agrees(own_redis.url, events)
+    await relay.stop(grace=0.5)
 
 
 async def test_a_short_redis_restart_is_only_a_pause(
@@ -175,6 +179,7 @@ async def test_a_short_redis_restart_is_only_a_pause(
             assert text_of(events) == clean
             await assert_log_agrees(own_redis.url, events)
         await wait_health(relay, SERVING)
+    await relay.stop(grace=0.5)
 
 
 async def test_a_long_outage_ends_streams_typed_and_health_follows_the_store(
@@ -213,6 +218,7 @@ async def test_a_long_outage_ends_streams_typed_and_health_follows_the_store(
     whole = text_of(events) + text_of(resumed)
     assert not end_of(resumed).partial
     assert whole == text_of(clean)
+    await relay.stop(grace=0.5)
 
 
 async def test_a_server_started_with_redis_unreachable_is_not_serving_until_it_answers(
@@ -263,6 +269,7 @@ async def test_many_paced_streams_on_a_small_pool_end_without_error(
     ends = [end_of(r) for r in results if not isinstance(r, BaseException)]
     assert [e for e in ends if e.partial] == []
     assert all(text_of(r) == clean for r in results if not isinstance(r, BaseException))
+    await relay.stop(grace=0.5)
 
 
 # --- defect 6: admission is one step ----------------------------------------------------
@@ -288,6 +295,7 @@ async def test_concurrent_starts_never_pass_max_streams(
     assert peak <= 5
     assert len(refused) == 20
     assert {r.code() for r in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    await relay.stop(grace=0.5)
 
 
 # --- defect 5: a call ends whatever its request reader does ----------------------------
@@ -384,6 +392,7 @@ async def test_a_paused_owner_resumed_after_a_takeover_writes_nothing_more(
         assert taken_at <= paused_at + 1
         assert all(c.attempt >= 2 for c in stored if c.seq >= taken_at)
         await eventually(lambda: b.hub.running_generations == 0, within_s=WITHIN_S)
+        await b.stop(grace=0.5)
     finally:
         if replica_a.returncode is None:
             replica_a.send_signal(signal.SIGCONT)
@@ -430,6 +439,7 @@ async def test_a_writer_whose_append_is_fenced_stops_quietly_and_sends_readers_a
             assert await other.lease_owner(stream_id) == "replica-b"  # A did not release it
         finally:
             await other.close()
+    await a.stop(grace=0.5)
 
 
 async def test_connections_reset_mid_append_store_each_batch_once(
@@ -472,3 +482,4 @@ async def test_connections_reset_mid_append_store_each_batch_once(
             assert not end.partial, end.error
             assert text_of(events) == clean
             await assert_log_agrees(own_redis.url, events)
+        await relay.stop(grace=0.5)  # before the proxy closes

@@ -450,13 +450,7 @@ class RedisStore:
             try:
                 return await call(retried)
             except _TRANSIENT as error:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    # The task was cancelled while the pool wait's own timeout
-                    # fired (Python 3.11's asyncio.timeout then raises
-                    # TimeoutError, which redis-py turns into "No connection
-                    # available."): the cancellation wins, never a retry.
-                    raise asyncio.CancelledError from None
+                _raise_if_cancelling()
                 now = loop.time()
                 if deadline is None:
                     deadline = now + self._retry_window_s
@@ -481,6 +475,7 @@ class RedisStore:
         try:
             await self._probe.ping()
         except (RedisError, OSError) as error:
+            _raise_if_cancelling()
             raise StoreUnavailable(
                 f"{self.label} is unreachable ({type(error).__name__}: {error})"
             ) from None
@@ -748,6 +743,19 @@ class RedisStore:
         if state == 0:
             raise StreamNotFound(f"stream {stream_id} is unknown or expired")
         return [decode_entry(raw) for raw in payloads], state == 2
+
+
+def _raise_if_cancelling() -> None:
+    """Re-raise a cancellation that redis-py turned into an error of its own.
+
+    A task cancelled while a pool wait's own timeout fires (Python 3.11's
+    asyncio.timeout then raises TimeoutError, which redis-py reports as "No
+    connection available.") would otherwise retry or carry on as if nothing
+    happened, and a `task.cancel(); await task` would wait for ever (seen:
+    lease keepers and the health probe outliving their server)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _ms(seconds: float) -> int:
