@@ -387,13 +387,13 @@ async def test_a_failing_store_ends_the_stream_typed_never_unknown(relay_factory
     class StoreThatFailsAfterFiveAppends(MemoryStore):
         appends = 0
 
-        def append_now(self, stream_id, entries):  # type: ignore[no-untyped-def]
+        def append_now(self, stream_id, entries, *, epoch=None):  # type: ignore[no-untyped-def]
             # (the engine appends to an in-process store without awaiting)
             self.appends += 1
             if 5 < self.appends < 1000:
                 self.appends = 1000
                 raise ConnectionError("store connection lost")
-            super().append_now(stream_id, entries)
+            super().append_now(stream_id, entries, epoch=epoch)
 
     relay = await relay_factory(store_instance=StoreThatFailsAfterFiveAppends())
     async with grpc.aio.insecure_channel(relay.address) as channel:

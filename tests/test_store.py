@@ -11,6 +11,7 @@ bound) for the expected state. No test asserts how long anything took.
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from tokenrelay_server.core.model import (
 )
 from tokenrelay_server.store import MemoryStore, StreamStore, StreamTail
 from tokenrelay_server.store.codec import decode_entry, decode_meta, encode_meta
+from tokenrelay_server.store.errors import StoreUnavailable, StreamFenced
 from tokenrelay_server.store.redis import RedisStore
 
 # Redis TTLs are real: polls for "it expired" give up after this many rounds.
@@ -637,9 +639,9 @@ async def test_lease_acquire_renew_release(store: StreamStore) -> None:
     stream_id = await new_stream(store)
     assert await store.lease_owner(stream_id) is None
 
-    assert await store.acquire_lease(stream_id, "replica-a", 30.0) is True
-    assert await store.acquire_lease(stream_id, "replica-b", 30.0) is False
-    assert await store.acquire_lease(stream_id, "replica-a", 30.0) is True  # the holder again
+    assert await store.acquire_lease(stream_id, "replica-a", 30.0) == 1  # the first epoch
+    assert await store.acquire_lease(stream_id, "replica-b", 30.0) is None
+    assert await store.acquire_lease(stream_id, "replica-a", 30.0) == 1  # the holder again
     assert await store.lease_owner(stream_id) == "replica-a"
 
     assert await store.renew_lease(stream_id, "replica-a", 30.0) is True
@@ -651,21 +653,78 @@ async def test_lease_acquire_renew_release(store: StreamStore) -> None:
     assert await store.lease_owner(stream_id) is None
     assert await store.renew_lease(stream_id, "replica-a", 30.0) is False
 
-    assert await store.acquire_lease(stream_id, "replica-b", 30.0) is True
+    assert await store.acquire_lease(stream_id, "replica-b", 30.0) == 2  # changed hands
     assert await store.lease_owner(stream_id) == "replica-b"
 
 
 async def test_lease_lapses(backend: Backend, store: StreamStore) -> None:
     stream_id = await new_stream(store)
-    assert await store.acquire_lease(stream_id, "replica-a", 0.05)
+    assert await store.acquire_lease(stream_id, "replica-a", 0.05) == 1
 
     async def lapsed() -> bool:
         return await store.lease_owner(stream_id) is None
 
     assert await backend.let_time_pass(0.1, until=lapsed)
     assert await store.renew_lease(stream_id, "replica-a", 30.0) is False
-    assert await store.acquire_lease(stream_id, "replica-b", 30.0) is True
+    assert await store.acquire_lease(stream_id, "replica-b", 30.0) == 2
     assert await store.lease_owner(stream_id) == "replica-b"
+
+
+async def test_a_lapsed_lease_nobody_took_is_renewed_with_its_epoch(
+    backend: Backend, store: StreamStore
+) -> None:
+    stream_id = await new_stream(store)
+    epoch = await store.acquire_lease(stream_id, "replica-a", 0.05)
+
+    async def lapsed() -> bool:
+        return await store.lease_owner(stream_id) is None
+
+    assert await backend.let_time_pass(0.1, until=lapsed)
+    assert await store.renew_lease(stream_id, "replica-a", 30.0, epoch=epoch) is True
+    assert await store.lease_owner(stream_id) == "replica-a"
+    await store.append(stream_id, [chunk(1)], epoch=epoch)  # still the writer
+    assert await store.read(stream_id, after_seq=0) == [chunk(1)]
+
+
+async def test_a_takeover_fences_the_old_writer_end_included(
+    backend: Backend, store: StreamStore
+) -> None:
+    stream_id = await new_stream(store)
+    old = await store.acquire_lease(stream_id, "replica-a", 0.05)
+    await store.append(stream_id, [chunk(1)], epoch=old)
+
+    async def lapsed() -> bool:
+        return await store.lease_owner(stream_id) is None
+
+    assert await backend.let_time_pass(0.1, until=lapsed)  # A paused past its lease
+    new = await store.acquire_lease(stream_id, "replica-b", 30.0)
+    assert new is not None and old is not None and new > old
+    await store.append(stream_id, [chunk(2)], epoch=new)
+
+    for stale in ([chunk(3)], [notice(2)], [end(2)]):
+        with pytest.raises(StreamFenced):
+            await store.append(stream_id, stale, epoch=old)
+    assert await store.renew_lease(stream_id, "replica-a", 30.0, epoch=old) is False
+    await store.append(stream_id, [chunk(3), end(3)], epoch=new)
+    assert await store.read(stream_id, after_seq=0) == [chunk(1), chunk(2), chunk(3), end(3)]
+
+
+async def test_an_end_must_close_exactly_the_log_it_follows(store: StreamStore) -> None:
+    stream_id = await new_stream(store)
+    await store.append(stream_id, [chunk(1), chunk(2)])
+    for wrong in (1, 3):
+        with pytest.raises(ValueError, match="total_seq"):
+            await store.append(stream_id, [end(wrong)])
+    assert await store.tail(stream_id) == StreamTail(2, False)
+    await store.append(stream_id, [end(2)])
+    assert await store.tail(stream_id) == StreamTail(2, True)
+
+
+async def test_the_memory_and_redis_stores_are_always_reachable_or_say_so(
+    store: StreamStore,
+) -> None:
+    await store.ping()  # a live store answers; an unreachable one: tests below
+    assert store.label
 
 
 async def test_cancel_request_round_trip(store: StreamStore) -> None:
@@ -903,3 +962,61 @@ async def test_redis_wait_longer_than_the_socket_timeout_blocks_in_slices(
 def test_redis_blocking_client_needs_room_for_a_blocking_read() -> None:
     with pytest.raises(ValueError, match="socket_timeout"):
         RedisStore(Redis(), blocking_client=Redis(socket_timeout=0.2))
+
+
+async def test_redis_append_retried_after_an_unknown_outcome_is_stored_once(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # What `_run` does after a connection broke mid-append: run it again,
+    # marked as a retry. The batch that landed is not stored twice; one that
+    # did not land is stored; a gap or a different batch is still refused.
+    store = RedisStore.from_url(redis_url, prefix=redis_prefix)
+    try:
+        stream_id = await new_stream(store)
+
+        async def retry(entries: list[LogEntry]) -> None:
+            await store._run(
+                "append", stream_id, lambda _: store._append_once(stream_id, entries, None, True)
+            )
+
+        await store.append(stream_id, [chunk(1), notice(1), chunk(2)])
+        await retry([chunk(1), notice(1), chunk(2)])
+        await retry([chunk(2)])
+        assert await store.read(stream_id, after_seq=0) == [chunk(1), notice(1), chunk(2)]
+        with pytest.raises(ValueError, match="does not follow"):
+            await store.append(stream_id, [chunk(2)])  # not a retry: a duplicate
+        different = Chunk(seq=2, text="something else", provider="sim", attempt=1)
+        with pytest.raises(ValueError, match="does not follow"):
+            await retry([different])
+        with pytest.raises(ValueError, match="does not follow"):
+            await retry([chunk(4)])
+        await retry([chunk(3)])  # had not landed
+        await retry([end(3)])
+        await retry([end(3)])
+        assert await store.read(stream_id, after_seq=2) == [chunk(3), end(3)]
+    finally:
+        await store.close()
+
+
+async def test_redis_unreachable_raises_store_unavailable_naming_the_store() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again: nothing listens there
+    store = RedisStore.from_url(f"redis://127.0.0.1:{port}/0", retry_window_s=0.05)
+    try:
+        with pytest.raises(StoreUnavailable, match=f"Redis store at redis://127.0.0.1:{port}"):
+            await store.ping()
+        with pytest.raises(StoreUnavailable, match="did not answer"):
+            await store.create(make_meta())
+        with pytest.raises(StoreUnavailable):
+            await store.append("some-stream", [chunk(1)])
+        with pytest.raises(StoreUnavailable):
+            await store.tail("some-stream")
+    finally:
+        await store.close()
+
+
+def test_redis_urls_in_messages_hide_the_password() -> None:
+    store = RedisStore.from_url("redis://user:hunter2@127.0.0.1:1/0")
+    assert "hunter2" not in store.label
+    assert "user@127.0.0.1:1" in store.label

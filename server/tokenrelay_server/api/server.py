@@ -57,6 +57,7 @@ from tokenrelay_server.obs.metrics import Metrics, MetricsEndpoint
 from tokenrelay_server.obs.tracing import Tracing, span_exporter
 from tokenrelay_server.store.base import ObservableStore, StreamStore
 from tokenrelay_server.store.error_stats import ErrorStats, MemoryErrorStats
+from tokenrelay_server.store.errors import StoreError
 from tokenrelay_server.store.heartbeat import HasHeartbeats
 from tokenrelay_server.store.memory import MemoryStore
 from tokenrelay_server.upstream.base import Provider
@@ -168,6 +169,9 @@ def build_store(settings: Settings, clock: Clock) -> StreamStore:
             prefix=settings.redis_prefix,
             clock=clock,
             cluster=settings.redis_cluster,
+            max_connections=settings.redis_max_connections,
+            pool_timeout_s=settings.redis_pool_timeout_s,
+            retry_window_s=settings.store_retry_window_s,
         )
     return MemoryStore(retention_s=settings.retention_s, clock=clock)
 
@@ -187,6 +191,18 @@ def build_error_stats(settings: Settings, clock: Clock) -> ErrorStats:
     return MemoryErrorStats(clock=clock)
 
 
+async def _store_answers(store: StreamStore) -> bool:
+    """Whether the store answers; asked twice, so that one killed connection
+    (the probe's own) is not an outage."""
+    for _ in range(2):
+        try:
+            await store.ping()
+        except StoreError:
+            continue
+        return True
+    return False
+
+
 class RelayServer:
     """A running gateway."""
 
@@ -204,6 +220,7 @@ class RelayServer:
         guard: asyncio.Task[None] | None = None,
         heartbeat: asyncio.Task[None] | None = None,
         lag_monitor: asyncio.Task[None] | None = None,
+        store_available: bool = True,
         tracing: Tracing | None = None,
         recorder: ErrorRecorder | None,
         live: LiveStats | None = None,
@@ -227,7 +244,8 @@ class RelayServer:
         self._lag_monitor = lag_monitor
         self.tracing = tracing  # None with --otel-exporter none
         self._stopped = False
-        self._store_available = True
+        self._store_available = store_available
+        self._probe: asyncio.Task[None] | None = None
         self.tls: ReloadableCredentials | None = None  # None: a plaintext port
 
     def reload_certificates(self) -> None:
@@ -262,6 +280,7 @@ class RelayServer:
         elsewhere) and tokenrelay_store_up is 0 (the TokenrelayStoreUnavailable
         alert); SERVING and 1 again when it answers. Draining wins."""
         self._store_available = available
+        self.hub.store_available = available
         if self.metrics is not None:
             self.metrics.set_store_available(available)
         if self._stopped or self.hub.draining:
@@ -273,6 +292,24 @@ class RelayServer:
         )
         for service in ("", RELAY_SERVICE):
             await self._health.set(service, status)
+
+    @property
+    def store_available(self) -> bool:
+        return self._store_available
+
+    async def probe_store(self) -> None:
+        """Ask the store every `store_probe_interval_s` whether it answers and
+        report changes (`set_store_available`); owned by the server (started
+        with it, cancelled when it stops). Real time: an outage is."""
+        store = self.hub.store
+        while True:
+            await asyncio.sleep(self.settings.store_probe_interval_s)
+            available = await _store_answers(store)
+            if available != self._store_available:
+                log.warning(
+                    "%s is %s", store.label, "reachable again" if available else "unreachable"
+                )
+                await self.set_store_available(available)
 
     @property
     def address(self) -> str:
@@ -448,8 +485,18 @@ class RelayServer:
         await server.start()
         if recorder is not None:
             recorder.start()
+        # A store that does not answer at start: NOT_SERVING until it does.
+        store_available = await _store_answers(store)
+        hub.store_available = store_available
+        if metrics is not None:
+            metrics.set_store_available(store_available)
         for service in ("", RELAY_SERVICE):
-            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+            await health_servicer.set(
+                service,
+                health_pb2.HealthCheckResponse.SERVING
+                if store_available
+                else health_pb2.HealthCheckResponse.NOT_SERVING,
+            )
         providers = router.providers()
         guard = (
             asyncio.create_task(hub.guard_memory(resident_bytes), name="memory guard")
@@ -465,6 +512,7 @@ class RelayServer:
             guard=guard,
             heartbeat=heartbeat,
             lag_monitor=lag_monitor,
+            store_available=store_available,
             settings=settings,
             server=server,
             hub=hub,
@@ -480,6 +528,7 @@ class RelayServer:
             metrics_endpoint=endpoint,
         )
         relay.tls = tls
+        relay._probe = asyncio.create_task(relay.probe_store(), name="store probe")
         return relay
 
     async def drain_and_stop(self) -> None:
@@ -497,7 +546,7 @@ class RelayServer:
             return
         self._stopped = True
         self.hub.draining = True
-        for task in (self._guard, self._lag_monitor):
+        for task in (self._guard, self._lag_monitor, self._probe):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

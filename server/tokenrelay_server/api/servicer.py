@@ -42,6 +42,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from tokenrelay.v1 import relay_pb2, relay_pb2_grpc
+from tokenrelay_server.api.calls import cancel_within
 from tokenrelay_server.api.requests import parse_start
 from tokenrelay_server.api.tokens import ResumeTokens
 from tokenrelay_server.core.clock import Clock
@@ -60,6 +61,7 @@ from tokenrelay_server.core.errors import (
 from tokenrelay_server.core.limits import RequestLimits
 from tokenrelay_server.core.model import Chunk, End, LogEntry, Notice
 from tokenrelay_server.engine.hub import Session, StreamHub
+from tokenrelay_server.store.errors import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,9 @@ STATUS_FOR: tuple[tuple[type[TokenRelayError], grpc.StatusCode], ...] = (
     (StreamNotFound, grpc.StatusCode.NOT_FOUND),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Draining, grpc.StatusCode.UNAVAILABLE),
+    # The store is unreachable, or another replica took the stream over
+    # (store/errors.py): resume, here later or on another replica.
+    (StoreError, grpc.StatusCode.UNAVAILABLE),
 )
 
 # A cancel reason is repeated in the End every reader of the stream gets.
@@ -392,9 +397,8 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             await self._abort_internal(context, f"streaming {session.stream_id}")
         finally:
             self._hub.release(session)
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            # Bounded: a read stuck in grpc must not keep the call open (issue 9).
+            await cancel_within(reader)
 
     def _allows_partial(self, session: Session) -> bool:
         """The stream's own policy (stored with it: the same for every reader),

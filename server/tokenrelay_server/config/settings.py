@@ -120,6 +120,15 @@ class Settings(BaseModel):
     redis_prefix: str = "tr"
     # The Redis at redis_url is a node of a Redis Cluster (store/connect.py).
     redis_cluster: bool = False
+    # Redis connections (issue 9): a bounded pool per replica; a command waits
+    # up to redis_pool_timeout_s for a free connection. A transient store
+    # failure is retried for store_retry_window_s (appends held back, not
+    # dropped); past it running streams end STORE_UNAVAILABLE. Health is
+    # probed every store_probe_interval_s (NOT_SERVING while unreachable).
+    redis_max_connections: int = Field(128, ge=1)
+    redis_pool_timeout_s: float = Field(5.0, gt=0)
+    store_retry_window_s: float = Field(10.0, ge=0)
+    store_probe_interval_s: float = Field(0.5, gt=0)
     resume_secret: str | None = Field(None, min_length=16)
     retention_s: float = Field(3600.0, gt=0)
     detach_grace_s: float = Field(_HUB.detach_grace_s, ge=0)

@@ -108,7 +108,6 @@ class CompactLog:
 
     # -- what it holds -------------------------------------------------------------
 
-
     def text(self) -> str:
         """The answer: the text of the text chunks, in seq order (reasoning
         and tool calls are not in it)."""
@@ -193,6 +192,12 @@ class CompactLog:
                     )
                 last_seq = entry.seq
             elif not isinstance(entry, Notice):
+                # An End closes exactly the log it follows (issue 9).
+                if entry.total_seq != last_seq:
+                    raise ValueError(
+                        f"the End says total_seq {entry.total_seq} but the log holds "
+                        f"{last_seq} chunks"
+                    )
                 ended = True
 
     def append(self, entries: Sequence[LogEntry]) -> None:

@@ -46,8 +46,11 @@ class LocalLog:
         store: StreamStore,
         *,
         on_unattended: Callable[[], None] | None = None,
+        epoch: int | None = None,
     ) -> None:
         self.stream_id = stream_id
+        # Every append carries it: a stale one is refused (store/base.py rule 8).
+        self.epoch = epoch
         self._store = store
         # An in-process store's own log is ours too: one buffer, one append
         # (SharesLogs in store/base.py); otherwise a copy of what was stored.
@@ -145,7 +148,7 @@ class LocalLog:
         """`append` for a store that shares its log (`appends_now`)."""
         sharing = self._sharing
         assert sharing is not None, "append_now needs a store that shares its log"
-        sharing.append_now(self.stream_id, entries)
+        sharing.append_now(self.stream_id, entries, epoch=self.epoch)
         self._wake()
 
     async def append(self, entries: Sequence[LogEntry]) -> None:
@@ -156,10 +159,10 @@ class LocalLog:
         if self._store.in_process:
             # Nothing in an in-process append can suspend, so no cancellation
             # can land between the write and our record of it.
-            await self._store.append(self.stream_id, entries)
+            await self._store.append(self.stream_id, entries, epoch=self.epoch)
             self._record(entries)
             return
-        write = asyncio.ensure_future(self._store.append(self.stream_id, entries))
+        write = asyncio.ensure_future(self._store.append(self.stream_id, entries, epoch=self.epoch))
         try:
             await asyncio.shield(write)
         except asyncio.CancelledError:
@@ -172,6 +175,11 @@ class LocalLog:
                 self._record(entries)
             raise
         self._record(entries)
+
+    def fail_readers(self, error: BaseException) -> None:
+        """End every attached reader's read with `error` (a fenced writer)."""
+        for subscription in list(self._subscribers):
+            subscription.fail(error)
 
     def record_unstored(self, end: End) -> None:
         """The store is gone: let local readers at least learn how it ended."""

@@ -3,6 +3,16 @@
     RUNNING ──the recovery loop returned──────────────▶ ENDING ──End stored──▶ ENDED
     RUNNING ──stop(fault)─────────────────────────────▶ STOPPING
     STOPPING ──the loop left (scope expired)──────────▶ ENDING ──End stored──▶ ENDED
+    ENDING ──fenced (another replica owns it)─────────────────────────────────▶ ENDED
+
+Store failures (issue 9, store/errors.py): when the store refuses a write
+because another replica took the stream over (`StreamFenced`, or the lease
+keeper finds the lease gone: `fence`), the generation stops at once and
+quietly: it writes nothing more (no End: the new owner writes it) and its
+readers get the error (UNAVAILABLE: resume elsewhere). When the store stays
+unreachable past its retry window (`StoreUnavailable`), the readers here get
+a partial End with STORE_UNAVAILABLE (retryable, RESUME) that could not be
+stored; the stream's lease then lapses and a resume continues it.
 
 `stop(fault)` is how everything outside ends a generation early: a client's
 `cancel`, the caller's deadline, the detach grace (guarantee 4), the memory
@@ -41,6 +51,7 @@ from tokenrelay_server.engine.fanout import LocalLog, Subscription
 from tokenrelay_server.engine.recovery_loop import Outcome, Recovery, RecoveryLoop, Tally
 from tokenrelay_server.engine.routing import Route
 from tokenrelay_server.store.base import StreamStore
+from tokenrelay_server.store.errors import StoreUnavailable, StreamFenced, store_unavailable_fault
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +67,7 @@ class GenerationEvent(enum.StrEnum):
     STOP = "stop"
     LOOP_LEFT = "loop_left"
     END_STORED = "end_stored"
+    FENCED = "fenced"
 
 
 _S, _E = GenerationState, GenerationEvent
@@ -65,6 +77,7 @@ TRANSITIONS: dict[tuple[GenerationState, GenerationEvent], GenerationState] = {
     (_S.RUNNING, _E.LOOP_LEFT): _S.ENDING,
     (_S.STOPPING, _E.LOOP_LEFT): _S.ENDING,
     (_S.ENDING, _E.END_STORED): _S.ENDED,
+    (_S.ENDING, _E.FENCED): _S.ENDED,
 }
 
 del _S, _E
@@ -119,6 +132,7 @@ class Generation:
         deadline_s: float | None = None,
         max_stream_bytes: int = 0,
         observe: Observers | None = None,
+        epoch: int | None = None,
     ) -> None:
         self.meta = meta
         self.stream_id = meta.stream_id
@@ -128,7 +142,10 @@ class Generation:
         self._detach_grace_s = detach_grace_s
         self._deadline_s = deadline_s
         self._max_stream_bytes = max_stream_bytes
-        self.log = LocalLog(meta.stream_id, store, on_unattended=self.arm_grace)
+        # The epoch this generation writes with (fencing, store/base.py rule 8).
+        self.epoch = epoch
+        self.log = LocalLog(meta.stream_id, store, on_unattended=self.arm_grace, epoch=epoch)
+        self._fenced: StreamFenced | None = None
         self.tally = Tally()
         self.state = GenerationState.RUNNING
         self._stop_fault: Fault | None = None
@@ -171,7 +188,7 @@ class Generation:
 
     @property
     def phase(self) -> str:
-        """"attempt" (an upstream call runs), "backoff" (waiting on the clock
+        """ "attempt" (an upstream call runs), "backoff" (waiting on the clock
         to try again) or "done" (the End is being written or was)."""
         return self._loop.phase
 
@@ -233,6 +250,13 @@ class Generation:
         if self._stop_scope is not None:
             self._stop_scope.expire()
 
+    def fence(self, error: StreamFenced) -> None:
+        """Another replica owns the stream now (the lease keeper lost the
+        lease): stop at once, store nothing more, send the readers elsewhere."""
+        if self._fenced is None:
+            self._fenced = error
+        self.stop(stop_fault("OWNERSHIP_LOST", str(error), retryable=True))
+
     def _apply(self, event: GenerationEvent) -> None:
         after = TRANSITIONS.get((self.state, event))
         if after is None:
@@ -252,6 +276,7 @@ class Generation:
             deadline = self._clock.call_later(
                 self._deadline_s, lambda: self.stop(deadline_fault(self._deadline_s or 0.0))
             )
+        store_down = False
         try:
             end = await self._produce()
         except asyncio.CancelledError:
@@ -269,6 +294,12 @@ class Generation:
             self.state = GenerationState.ENDED
             self.finished.set()
             raise
+        except StreamFenced as error:
+            self._fenced = self._fenced or error
+            end = self._partial_end(stop_fault("OWNERSHIP_LOST", str(error), retryable=True))
+        except StoreUnavailable as error:
+            store_down = True
+            end = self._store_unavailable_end(error)
         except Exception:
             log.exception("stream %s: generation failed", self.stream_id)
             end = self._partial_end(
@@ -286,12 +317,30 @@ class Generation:
                 self._grace_timer = None
         if self.state is not GenerationState.ENDING:  # _produce raised
             self._apply(GenerationEvent.LOOP_LEFT)
-        try:
-            await self.log.append([end])
-        except Exception:
-            log.exception("stream %s: could not store the End", self.stream_id)
+        if self._fenced is None and not store_down:
+            try:
+                await self.log.append([end])
+            except StreamFenced as error:
+                self._fenced = error
+            except StoreUnavailable as error:
+                # The End did not reach the store: what readers here are told
+                # must not claim more than the log will hold (a resume
+                # continues it once the store is back).
+                end = self._store_unavailable_end(error)
+                store_down = True
+            except Exception:
+                log.exception("stream %s: could not store the End", self.stream_id)
+                self.log.record_unstored(end)
+        if store_down:
+            log.warning("stream %s: store unavailable; ended unstored", self.stream_id)
             self.log.record_unstored(end)
-        self._apply(GenerationEvent.END_STORED)
+        if self._fenced is not None:
+            # Quietly: the new owner writes the End; our readers resume there.
+            log.info("stream %s: fenced (%s); stopped", self.stream_id, self._fenced)
+            self.log.fail_readers(self._fenced)
+            self._apply(GenerationEvent.FENCED)
+        else:
+            self._apply(GenerationEvent.END_STORED)
         self.finished.set()
         if self._observe:
             now = self._clock.monotonic()
@@ -333,6 +382,14 @@ class Generation:
             )
         assert outcome.fault is not None
         return self._partial_end(outcome.fault)
+
+    def _store_unavailable_end(self, error: StoreUnavailable) -> End:
+        return self._partial_end(
+            store_unavailable_fault(
+                f"{error}; this is what was stored so far: resume with your latest "
+                "resume token once the store is back"
+            )
+        )
 
     def _usage(self) -> Usage:
         # An attempt cut short by a stop never reported: its delivered tokens
@@ -389,9 +446,7 @@ class Generation:
         limit = self._max_stream_bytes
         # A UTF-8 character is at most 4 bytes: count the bytes only near the
         # limit (a tool call's pieces always: their text is in tool_call).
-        if limit and (
-            piece.tool_call is not None or log.text_bytes + 4 * len(piece.text) > limit
-        ):
+        if limit and (piece.tool_call is not None or log.text_bytes + 4 * len(piece.text) > limit):
             if log.text_bytes + chunk.content_bytes > limit:
                 raise ResourceError(
                     stream_too_large_fault(limit, provider=provider, attempt=attempt)

@@ -53,6 +53,7 @@ from tokenrelay_server.engine.recovery_loop import Recovery
 from tokenrelay_server.engine.routing import Route, Router
 from tokenrelay_server.engine.takeover import Leases, Takeover, cancel_fault
 from tokenrelay_server.store.base import StreamStore
+from tokenrelay_server.store.errors import StoreError, StoreUnavailable
 from tokenrelay_server.store.heartbeat import Heartbeats
 
 log = logging.getLogger(__name__)
@@ -109,13 +110,18 @@ class StreamHub:
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
+        # False while the server's store probe cannot reach the store: new
+        # streams are refused at once (UNAVAILABLE naming the store).
+        self.store_available = True
         self.max_memory_bytes = self._settings.max_memory_bytes
         self.memory_exceeded: int | None = None  # resident bytes when over the limit
         self.leases = Leases(store, self.replica_id, self._settings.lease_ttl_s, clock)
         self._takeover = Takeover(
             leases=self.leases,
             router=router,
-            make_generation=lambda meta, routes: self._generation(meta, meta.request, routes),
+            make_generation=lambda meta, routes, epoch: self._generation(
+                meta, meta.request, routes, epoch=epoch
+            ),
             draining=lambda: self.draining,
         )
 
@@ -147,6 +153,11 @@ class StreamHub:
         """Refuse a new generation (raise), or reserve its slot; no await here."""
         if self.draining:
             raise DrainingError("the server is draining; start the stream on another replica")
+        if not self.store_available:
+            raise StoreUnavailable(
+                f"{self.store.label} is unreachable; start the stream on another replica "
+                "or retry shortly"
+            )
         wait_s = self._settings.shed_retry_after_s
         later = f"retry in {wait_s:g} s or on another replica"
         running = len(self._local) + self._admitting
@@ -208,10 +219,13 @@ class StreamHub:
                 )
             return await self._attach(meta, after_seq=0)
         try:
-            await self.store.acquire_lease(meta.stream_id, self.replica_id, self.leases.ttl_s)
-            generation = self._generation(meta, request, routes, deadline_s=deadline_s)
+            epoch = await self.store.acquire_lease(
+                meta.stream_id, self.replica_id, self.leases.ttl_s
+            )
+            generation = self._generation(meta, request, routes, deadline_s=deadline_s, epoch=epoch)
         except BaseException:
-            await self.store.delete(meta.stream_id)
+            with contextlib.suppress(StoreError):
+                await self.store.delete(meta.stream_id)
             raise
         subscription = Subscription()
         generation.attach(subscription)
@@ -230,6 +244,7 @@ class StreamHub:
         routes: list[Route],
         *,
         deadline_s: float | None = None,
+        epoch: int | None = None,
     ) -> Generation:
         assert request is not None
         return Generation(
@@ -242,6 +257,7 @@ class StreamHub:
             deadline_s=deadline_s,
             max_stream_bytes=self._settings.max_stream_bytes,
             observe=self.observe,
+            epoch=epoch,
         )
 
     def _run(self, generation: Generation) -> None:

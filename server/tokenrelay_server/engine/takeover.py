@@ -10,6 +10,9 @@ replica, and the takeover of a stream whose owner died (guarantee 5).
   from the stored log by continuation (`take_over`). Where that cannot be
   done (no stored request, a model this replica does not route, draining),
   it ends the stream with what was produced and OWNER_LOST (`orphan_end`).
+- Fencing (issue 9): taking the lease raises the stream's epoch; the new
+  generation writes with it, so the old owner (paused, not dead) can write
+  nothing more. A keeper that finds its lease gone fences its generation.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from tokenrelay_server.engine.cursor import LogCursor
 from tokenrelay_server.engine.generation import Generation, stop_fault
 from tokenrelay_server.engine.routing import Route, Router
 from tokenrelay_server.store.base import StreamStore
+from tokenrelay_server.store.errors import StoreError, StreamFenced
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +104,22 @@ class Leases:
         while True:
             await self.clock.sleep(self.ttl_s / 3)
             try:
-                if not await self.store.renew_lease(stream_id, self.replica_id, self.ttl_s):
-                    log.warning("stream %s: lost its lease", stream_id)
+                renewed = await self.store.renew_lease(
+                    stream_id, self.replica_id, self.ttl_s, epoch=generation.epoch
+                )
+                if not renewed:
+                    log.warning("stream %s: lost its lease; stopping its generation", stream_id)
+                    generation.fence(
+                        StreamFenced(
+                            f"stream {stream_id}: this replica lost its lease; resume it "
+                            "(anywhere) with your latest resume token"
+                        )
+                    )
+                    return
                 reason = await self.store.cancel_requested(stream_id)
-            except Exception:
-                log.exception("stream %s: lease renewal failed", stream_id)
+            except StoreError as error:
+                # Retried within the store's window already; the appends see it too.
+                log.warning("stream %s: lease renewal failed: %s", stream_id, error)
                 continue
             if reason is not None:
                 generation.stop(cancel_fault(reason))
@@ -118,7 +133,7 @@ class Takeover:
         *,
         leases: Leases,
         router: Router,
-        make_generation: Callable[[StreamMeta, list[Route]], Generation],
+        make_generation: Callable[[StreamMeta, list[Route], int], Generation],
         draining: Callable[[], bool],
     ) -> None:
         self._leases = leases
@@ -132,7 +147,8 @@ class Takeover:
         it cannot be continued here. None when another replica got the lease
         first, or there is nothing to continue."""
         store, owner = self._leases.store, self._leases.replica_id
-        if not await store.acquire_lease(stream_id, owner, self._leases.ttl_s):
+        epoch = await store.acquire_lease(stream_id, owner, self._leases.ttl_s)
+        if epoch is None:
             return None
         handed_over = False
         try:
@@ -146,12 +162,12 @@ class Takeover:
                 with contextlib.suppress(UnknownModel):
                     routes = self._router.resolve(meta.model)
             if meta.request is None or routes is None:
-                await store.append(stream_id, [orphan_end(entries)])
+                await store.append(stream_id, [orphan_end(entries)], epoch=epoch)
                 log.warning(
                     "stream %s: owner lost; ended partial at seq %d", stream_id, tail.last_seq
                 )
                 return None
-            generation = self._make_generation(meta, routes)
+            generation = self._make_generation(meta, routes, epoch)
             generation.restore(entries)
             await generation.notice(owner_lost_fault(continued_by=owner, at_seq=tail.last_seq))
             handed_over = True

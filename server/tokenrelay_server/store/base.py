@@ -15,8 +15,18 @@ Rules (tests/test_store.py runs one suite against every implementation):
 6. Operations on a stream that is unknown or expired raise `StreamNotFound`
    (except `get_meta`, `tail`, `lease_owner` and `cancel_requested`, which
    answer None).
-7. A rejected `append` (a seq gap, anything after the End) stores nothing of
-   its batch and raises ValueError.
+7. A rejected `append` (a seq gap, anything after the End, an End whose
+   total_seq is not the log's last seq) stores nothing of its batch and
+   raises ValueError.
+8. Fencing: each stream has an epoch. `acquire_lease` raises it whenever the
+   lease changes hands (a start's first acquire makes it 1, every takeover
+   raises it) and returns it; an `append` that carries an epoch other than
+   the stream's raises `StreamFenced` and stores nothing, checked in the same
+   atomic step as the append.
+9. Failures are ours (store/errors.py): a store that cannot be reached
+   retries within its retry window, then raises `StoreUnavailable`; nothing
+   of its client library escapes. An `append` retried after an unknown
+   outcome never stores its batch twice.
 """
 
 from __future__ import annotations
@@ -47,7 +57,9 @@ class SharesLogs(Protocol):
         """The store's own log of a live stream (None: unknown or expired)."""
         ...
 
-    def append_now(self, stream_id: str, entries: Sequence[LogEntry]) -> None:
+    def append_now(
+        self, stream_id: str, entries: Sequence[LogEntry], *, epoch: int | None = None
+    ) -> None:
         """`append`, done before it returns (no await on the per-token path)."""
         ...
 
@@ -58,6 +70,8 @@ class StreamStore(Protocol):
     # True when no method ever suspends (the memory store): callers may skip
     # guarding writes against cancellation.
     in_process: bool
+    # Names the store in messages ("the Redis store at redis://…").
+    label: str
 
     async def create(self, meta: StreamMeta) -> tuple[StreamMeta, bool]:
         """Register a stream. Returns (meta, created). When meta.idempotency_key
@@ -72,8 +86,11 @@ class StreamStore(Protocol):
         """Forget a stream and its idempotency key (used to undo a failed start)."""
         ...
 
-    async def append(self, stream_id: str, entries: Sequence[LogEntry]) -> None:
-        """Durably append entries (see rule 1 for their order)."""
+    async def append(
+        self, stream_id: str, entries: Sequence[LogEntry], *, epoch: int | None = None
+    ) -> None:
+        """Durably append entries (see rule 1 for their order). With `epoch`,
+        only while it is the stream's epoch (rule 8)."""
         ...
 
     async def read(self, stream_id: str, after_seq: int, limit: int = 1000) -> list[LogEntry]:
@@ -89,12 +106,17 @@ class StreamStore(Protocol):
         """The last chunk's seq and whether the stream ended; None if unknown."""
         ...
 
-    async def acquire_lease(self, stream_id: str, owner: str, ttl_s: float) -> bool:
-        """Take ownership of a stream's generation if nobody holds it."""
+    async def acquire_lease(self, stream_id: str, owner: str, ttl_s: float) -> int | None:
+        """Take ownership of a stream's generation if nobody else holds it.
+        Returns the epoch to write with (rule 8), None when someone else holds it."""
         ...
 
-    async def renew_lease(self, stream_id: str, owner: str, ttl_s: float) -> bool:
-        """Extend our lease; False when someone else holds it (or it lapsed and was taken)."""
+    async def renew_lease(
+        self, stream_id: str, owner: str, ttl_s: float, *, epoch: int | None = None
+    ) -> bool:
+        """Extend our lease; False when someone else holds it (or it lapsed and
+        was taken). A lease that lapsed with the stream still at `epoch`
+        (nobody took it over) is taken back."""
         ...
 
     async def release_lease(self, stream_id: str, owner: str) -> None:
@@ -111,6 +133,10 @@ class StreamStore(Protocol):
 
     async def cancel_requested(self, stream_id: str) -> str | None:
         """The reason given to `request_cancel`, or None."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise `StoreUnavailable` unless the store answers now (the health probe)."""
         ...
 
     async def close(self) -> None:

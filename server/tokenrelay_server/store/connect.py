@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, TypeAlias
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import MaxConnectionsError
 from redis.typing import EncodableT
@@ -78,19 +78,34 @@ class InitializedRedisCluster(RedisCluster):
             self._in_flight.release()
 
 
-def connect(url: str, *, cluster: bool = False, **client_kwargs: Any) -> RedisClient:
+def connect(
+    url: str,
+    *,
+    cluster: bool = False,
+    pool_timeout_s: float | None = None,
+    **client_kwargs: Any,
+) -> RedisClient:
     """A client for the Redis (or, with `cluster`, the Redis Cluster) at `url`.
 
     `client_kwargs` go to `from_url`; on a cluster `max_connections` is per
-    node. Nothing is connected yet: the first command connects.
+    node. With `pool_timeout_s`, connections are bounded and a command waits
+    up to that long for a free one (a `BlockingConnectionPool` on one server,
+    `InitializedRedisCluster`'s wait on a cluster), then fails with a
+    `ConnectionError`; without it a full pool fails at once (redis-py's
+    default). Nothing is connected yet: the first command connects.
     """
     if not cluster:
-        return Redis.from_url(url, **client_kwargs)
+        if pool_timeout_s is None:
+            return Redis.from_url(url, **client_kwargs)
+        pool = BlockingConnectionPool.from_url(url, timeout=pool_timeout_s, **client_kwargs)
+        return Redis.from_pool(pool)
     database = url.split("://", 1)[-1].partition("/")[2].split("?", 1)[0]
     if database not in ("", "0"):
         raise ValueError(
             f"a Redis Cluster has only database 0; the Redis URL names database {database}"
         )
+    if pool_timeout_s is not None:
+        client_kwargs["connection_wait_s"] = pool_timeout_s
     return InitializedRedisCluster.from_url(url, **client_kwargs)
 
 

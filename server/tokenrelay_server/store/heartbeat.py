@@ -40,11 +40,11 @@ from typing import Protocol, runtime_checkable
 from redis.exceptions import RedisError
 
 from tokenrelay_server.core.clock import Clock, SystemClock
-from tokenrelay_server.core.errors import TokenRelayError
 from tokenrelay_server.store.connect import RedisClient
+from tokenrelay_server.store.errors import StoreError
 
 
-class HeartbeatUnavailable(TokenRelayError):
+class HeartbeatUnavailable(StoreError):
     """The store could not be asked about a heartbeat. A follower must then
     assume the owner lives (and wait for its lease to lapse); a replica that
     cannot beat keeps trying, and its streams may be taken over meanwhile."""

@@ -13,6 +13,7 @@ from tokenrelay_server.core.compact_log import CompactLog
 from tokenrelay_server.core.errors import StreamNotFound
 from tokenrelay_server.core.model import LogEntry, StreamMeta
 from tokenrelay_server.store.base import AppendObserver, StreamTail
+from tokenrelay_server.store.errors import StreamFenced
 
 
 @dataclass
@@ -22,11 +23,13 @@ class _Stream:
     log: CompactLog = field(default_factory=CompactLog)
     cancel_reason: str | None = None
     lease: tuple[str, float] | None = None
+    epoch: int = 0  # raised each time the lease changes hands (fencing, base.py rule 8)
     changed: asyncio.Event | None = None  # made by the first waiter, set by the next append
 
 
 class MemoryStore:
     in_process = True
+    label = "the memory store"
 
     def __init__(
         self,
@@ -69,16 +72,26 @@ class MemoryStore:
 
     # -- the log -----------------------------------------------------------------
 
-    async def append(self, stream_id: str, entries: Sequence[LogEntry]) -> None:
-        self.append_now(stream_id, entries)
+    async def append(
+        self, stream_id: str, entries: Sequence[LogEntry], *, epoch: int | None = None
+    ) -> None:
+        self.append_now(stream_id, entries, epoch=epoch)
 
-    def append_now(self, stream_id: str, entries: Sequence[LogEntry]) -> None:
+    def append_now(
+        self, stream_id: str, entries: Sequence[LogEntry], *, epoch: int | None = None
+    ) -> None:
         observer = self.append_observer
         started = self._clock.monotonic() if observer is not None else 0.0
         now = self._clock.wall()
         stream = self._streams.get(stream_id)
         if stream is None or stream.expires_at <= now:
             stream = self._require(stream_id)  # raises, and forgets an expired one
+        if epoch is not None and epoch != stream.epoch:
+            raise StreamFenced(
+                f"stream {stream_id}: epoch {epoch} is stale: the stream is at epoch "
+                f"{stream.epoch}; another replica took it over: resume it (anywhere) with "
+                "your latest resume token"
+            )
         try:
             # The whole batch is checked first: a rejected append stores nothing.
             stream.log.append(entries)
@@ -121,23 +134,33 @@ class MemoryStore:
 
     # -- ownership and cancellation ------------------------------------------------
 
-    async def acquire_lease(self, stream_id: str, owner: str, ttl_s: float) -> bool:
+    async def acquire_lease(self, stream_id: str, owner: str, ttl_s: float) -> int | None:
         stream = self._require(stream_id)
         now = self._clock.monotonic()
-        if stream.lease is not None and stream.lease[1] > now and stream.lease[0] != owner:
-            return False
+        held = stream.lease is not None and stream.lease[1] > now
+        if held and stream.lease is not None and stream.lease[0] != owner:
+            return None
+        if not held:
+            stream.epoch += 1
         stream.lease = (owner, now + ttl_s)
-        return True
+        return stream.epoch
 
-    async def renew_lease(self, stream_id: str, owner: str, ttl_s: float) -> bool:
+    async def renew_lease(
+        self, stream_id: str, owner: str, ttl_s: float, *, epoch: int | None = None
+    ) -> bool:
         stream = self._live(stream_id)
         if stream is None:
             return False
         now = self._clock.monotonic()
-        if stream.lease is None or stream.lease[0] != owner or stream.lease[1] <= now:
-            return False
-        stream.lease = (owner, now + ttl_s)
-        return True
+        held = stream.lease is not None and stream.lease[1] > now
+        if held and stream.lease is not None and stream.lease[0] == owner:
+            stream.lease = (owner, now + ttl_s)
+            return True
+        if not held and epoch is not None and epoch == stream.epoch:
+            # It lapsed and nobody took it over: ours again (only a takeover fences).
+            stream.lease = (owner, now + ttl_s)
+            return True
+        return False
 
     async def release_lease(self, stream_id: str, owner: str) -> None:
         stream = self._live(stream_id)
@@ -157,6 +180,9 @@ class MemoryStore:
     async def cancel_requested(self, stream_id: str) -> str | None:
         stream = self._live(stream_id)
         return None if stream is None else stream.cancel_reason
+
+    async def ping(self) -> None:
+        """Always reachable: it lives in this process."""
 
     async def close(self) -> None:
         self._streams.clear()

@@ -29,17 +29,52 @@ Why this shape:
   one. An idempotency key that outlives its stream is treated as free.
 - Blocking reads (`wait`) go through a second client with its own pool: each
   parked XREAD BLOCK holds a connection, and followers must not use up the
-  pool that appends need (redis-py's asyncio pool raises when it is empty).
+  pool that appends need.
+
+Failures (issue 9; the tree is in store/errors.py):
+
+- Pools are bounded `BlockingConnectionPool`s (`max_connections`): a command
+  waits for a free connection (up to `pool_timeout_s`) instead of failing.
+- redis-py's own retries are off: a retried EVALSHA whose first run may have
+  landed must be resolved, not repeated blindly. `_run` retries transient
+  errors (connection lost, timeouts, no free connection, LOADING) with a
+  capped backoff for up to `retry_window_s`, then raises `StoreUnavailable`.
+  Nothing from redis-py escapes the store.
+- An append whose outcome is unknown is retried with `retry = 1`: the script
+  then first asks whether the batch is already the tail of the log (stored
+  identically, entry for entry) and answers success if so; otherwise it is
+  checked and applied as usual (a gap is still refused). Only the stream's
+  one writer (see fencing) appends, so "the batch is the tail" means "my
+  earlier try landed".
+- Fencing (DESIGN.md guarantee 5): the meta hash holds the stream's `epoch`.
+  `acquire_lease` raises it whenever the lease changes hands and returns it;
+  every append carries the writer's epoch and the script refuses a stale one
+  (`StreamFenced`) in the same atomic step. An End must carry the total seq
+  of the log it closes (`TR_ORDER` otherwise).
+- `ping` (the server's health probe) uses a one-connection client of its own,
+  so a busy command pool never makes a live store look dead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import Any, TypeVar
 
-from redis.exceptions import ResponseError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tokenrelay_server.core.clock import Clock, SystemClock
 from tokenrelay_server.core.errors import StreamNotFound
@@ -47,7 +82,10 @@ from tokenrelay_server.core.model import Chunk, LogEntry, Notice, StreamMeta
 from tokenrelay_server.store.base import StreamTail
 from tokenrelay_server.store.codec import decode_entry, decode_meta, encode_entry, encode_meta
 from tokenrelay_server.store.connect import RedisClient, connect, connection_kwargs
+from tokenrelay_server.store.errors import StoreError, StoreUnavailable, StreamFenced
 from tokenrelay_server.store.heartbeat import RedisHeartbeats
+
+T = TypeVar("T")
 
 # The idempotency key is refreshed every `retention / _IDEM_REFRESH_DIVISOR`
 # at most, so its TTL must cover that gap on top of the stream's retention.
@@ -70,6 +108,25 @@ _CLAIM_ATTEMPTS = 8
 # turned back into the exceptions the memory store raises.
 _UNKNOWN = "TR_UNKNOWN"
 _ORDER = "TR_ORDER"
+_FENCED = "TR_FENCED"
+
+# Errors worth retrying: the command may not have run, or its reply was lost.
+# (BusyLoadingError, a server loading its data after a restart, is a
+# ConnectionError; so is the pool's "No connection available.".)
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ReadOnlyError,
+    TryAgainError,
+    ClusterDownError,
+    OSError,
+)
+# The backoff between retries of a transient error: doubling from the first
+# to the cap, never past the window.
+_RETRY_FIRST_S = 0.02
+_RETRY_CAP_S = 0.5
+# The health probe's own connection gives up this fast.
+_PING_TIMEOUT_S = 1.0
 
 # KEYS: meta, log, lease. ARGV: encoded meta, retention ms, idem key name or "",
 # now ms. A create replaces whatever an earlier stream of the same id left.
@@ -83,20 +140,44 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-# KEYS: meta, log. ARGV: retention ms, now ms, idem refresh interval ms, then
-# one (kind, seq, payload) triple per entry. The whole batch is checked
-# before anything is written, so a rejected batch leaves the log unchanged.
-# Returns the idempotency key name when its TTL is due for a refresh.
+# KEYS: meta, log. ARGV: retention ms, now ms, idem refresh interval ms,
+# writer's epoch ("" = unfenced), retry (0/1), count of entries, then one
+# (kind, seq, payload) triple per entry (an End's seq is its total_seq). The
+# whole batch is checked before anything is written, so a rejected batch
+# leaves the log unchanged. A retry whose batch is already the log's tail
+# (stored identically) succeeds without writing. Returns the idempotency key
+# name when its TTL is due for a refresh.
 _APPEND = """
-local state = redis.call('HMGET', KEYS[1], 'last_seq', 'notices', 'ended', 'idem', 'idem_at')
+local state = redis.call('HMGET', KEYS[1], 'last_seq', 'notices', 'ended', 'idem', 'idem_at',
+  'epoch')
 if not state[1] then
   return redis.error_reply('TR_UNKNOWN stream is unknown or expired')
+end
+if ARGV[4] ~= '' and tonumber(state[6] or 0) ~= tonumber(ARGV[4]) then
+  return redis.error_reply(string.format(
+    'TR_FENCED epoch %s is stale: the stream is at epoch %s', ARGV[4], state[6] or '0'))
+end
+local count = tonumber(ARGV[6])
+if ARGV[5] == '1' and count > 0 then
+  local stored = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', count)
+  if #stored == count then
+    local same = true
+    for j = 1, count do
+      if stored[count + 1 - j][2][2] ~= ARGV[6 + 3 * j] then
+        same = false
+        break
+      end
+    end
+    if same then
+      return false
+    end
+  end
 end
 local last_seq = tonumber(state[1])
 local notices = tonumber(state[2])
 local ended = state[3] == '1'
 local ids = {}
-for i = 4, #ARGV, 3 do
+for i = 7, #ARGV, 3 do
   if ended then
     return redis.error_reply('TR_ORDER stream has ended; nothing can follow its End')
   end
@@ -114,12 +195,17 @@ for i = 4, #ARGV, 3 do
     notices = notices + 1
     ids[#ids + 1] = string.format('%d-%d', last_seq, notices)
   else
+    if tonumber(ARGV[i + 1]) ~= last_seq then
+      return redis.error_reply(string.format(
+        'TR_ORDER the End says total_seq %s but the log holds %d chunks', ARGV[i + 1],
+        last_seq))
+    end
     ended = true
     ids[#ids + 1] = string.format('%d-0', last_seq + 1)
   end
 end
 for j = 1, #ids do
-  redis.call('XADD', KEYS[2], ids[j], 'e', ARGV[3 + 3 * j])
+  redis.call('XADD', KEYS[2], ids[j], 'e', ARGV[6 + 3 * j])
 end
 redis.call('HSET', KEYS[1], 'last_seq', last_seq, 'notices', notices,
   'ended', ended and '1' or '0')
@@ -174,7 +260,9 @@ return 0
 """
 
 # KEYS: meta, lease. ARGV: owner, TTL ms. The holder may acquire again (which
-# extends the lease), as in the memory store.
+# extends the lease and keeps the epoch), as in the memory store; a lease that
+# changes hands (or is taken after it lapsed) raises the epoch. Returns the
+# epoch the owner now writes with, or 0 when someone else holds the lease.
 _ACQUIRE_LEASE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return redis.error_reply('TR_UNKNOWN stream is unknown or expired')
@@ -184,13 +272,27 @@ if holder and holder ~= ARGV[1] then
   return 0
 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-return 1
+if holder then
+  return tonumber(redis.call('HGET', KEYS[1], 'epoch') or 0)
+end
+return redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 """
 
-# KEYS: meta, lease. ARGV: owner, TTL ms.
+# KEYS: meta, lease. ARGV: owner, TTL ms, the owner's epoch ("" = unknown).
+# A lease that lapsed while nobody took the stream over (the epoch is still
+# ours) is taken back: only a takeover fences a writer.
 _RENEW_LEASE = """
-if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('GET', KEYS[2]) == ARGV[1] then
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+local holder = redis.call('GET', KEYS[2])
+if holder == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+if not holder and ARGV[3] ~= '' and
+    tonumber(redis.call('HGET', KEYS[1], 'epoch') or 0) == tonumber(ARGV[3]) then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  return 1
 end
 return 0
 """
@@ -217,10 +319,14 @@ class RedisStore:
 
     `client` serves every command except the blocking read in `wait`, which
     uses `blocking_client` (default: `client`; `from_url` gives it a pool of
-    its own). The store owns both clients: `close()` closes them.
+    its own), and `ping`, which uses `probe_client` (default: `client`). The
+    store owns the clients: `close()` closes them. Give the clients no retry
+    of their own (`from_url` does so): `_run` retries, within
+    `retry_window_s`, and resolves appends whose outcome it does not know.
 
     TTLs (retention, leases) run on the Redis server's clock; `clock` only
-    dates the idempotency-key refreshes.
+    dates the idempotency-key refreshes. Retries wait on the event loop's
+    clock: an outage of Redis is real time, whatever the injected clock says.
     """
 
     in_process = False
@@ -230,9 +336,12 @@ class RedisStore:
         client: RedisClient,
         *,
         blocking_client: RedisClient | None = None,
+        probe_client: RedisClient | None = None,
         retention_s: float = 3600.0,
         prefix: str = "tr",
         clock: Clock | None = None,
+        retry_window_s: float = 10.0,
+        label: str = "the Redis store",
     ) -> None:
         if "{" in prefix or "}" in prefix:
             # A brace in the prefix would become the hash tag and put every
@@ -240,13 +349,18 @@ class RedisStore:
             raise ValueError(f"the key prefix must not contain braces: {prefix!r}")
         if retention_s <= 0:
             raise ValueError(f"retention_s must be positive, not {retention_s}")
+        if retry_window_s < 0:
+            raise ValueError(f"retry_window_s must not be negative, not {retry_window_s}")
         self._client = client
         self._blocking = blocking_client or client
+        self._probe = probe_client or client
         self._retention_ms = _ms(retention_s)
         self._idem_ttl_ms = _ms(retention_s * _IDEM_TTL_FACTOR)
         self._idem_refresh_ms = _ms(retention_s / _IDEM_REFRESH_DIVISOR)
         self._prefix = prefix
         self._clock = clock or SystemClock()
+        self._retry_window_s = retry_window_s
+        self.label = label
         self._block_slice_s = _block_slice(self._blocking)
         register = client.register_script
         self._create = register(_CREATE)
@@ -270,41 +384,107 @@ class RedisStore:
         retention_s: float = 3600.0,
         prefix: str = "tr",
         clock: Clock | None = None,
+        max_connections: int = 128,
         max_waiters: int = 1000,
         cluster: bool = False,
+        pool_timeout_s: float = 5.0,
+        retry_window_s: float = 10.0,
         **client_kwargs: Any,
     ) -> RedisStore:
         """Connect to the Redis at `url` (redis://, rediss://, unix://), or
         with `cluster` to the Redis Cluster `url` names a node of (connect.py).
 
-        `max_waiters` caps the connections parked in `wait` (one per blocked
-        follower); `client_kwargs` go to both `Redis.from_url` calls, except
-        that the blocking client's socket timeout is raised to fit a slice of
-        `wait` (see `_BLOCK_SLICE_S`).
+        `max_connections` bounds the command pool (a command waits up to
+        `pool_timeout_s` for a free connection; longer is a transient error,
+        retried within `retry_window_s`); `max_waiters` bounds the connections
+        parked in `wait` (one per blocked follower). `client_kwargs` go to
+        every client, except that the blocking client's socket timeout is
+        raised to fit a slice of `wait` (see `_BLOCK_SLICE_S`).
         """
+        if max_connections < 1 or max_waiters < 1:
+            raise ValueError(
+                f"max_connections ({max_connections}) and max_waiters ({max_waiters}) "
+                "must be at least 1"
+            )
         client_kwargs["decode_responses"] = False
-        client = connect(url, cluster=cluster, **client_kwargs)
-        blocking_kwargs = {
-            **client_kwargs,
-            "max_connections": max_waiters,
-            "socket_timeout": max(
+        # No retries inside redis-py: `_run` owns them (see the module docstring).
+        client_kwargs["retry"] = Retry(NoBackoff(), 0)
+
+        def client_of(size: int, **overrides: Any) -> RedisClient:
+            settings = {**client_kwargs, "max_connections": size, **overrides}
+            return connect(url, cluster=cluster, pool_timeout_s=pool_timeout_s, **settings)
+
+        client = client_of(max_connections)
+        blocking_client = client_of(
+            max_waiters,
+            socket_timeout=max(
                 client_kwargs.get("socket_timeout") or 0.0, _BLOCK_SLICE_S + _BLOCK_SLACK_S
             ),
-        }
-        blocking_client = connect(url, cluster=cluster, **blocking_kwargs)
+        )
+        probe_client = client_of(
+            1, socket_timeout=_PING_TIMEOUT_S, socket_connect_timeout=_PING_TIMEOUT_S
+        )
         return cls(
             client,
             blocking_client=blocking_client,
+            probe_client=probe_client,
             retention_s=retention_s,
             prefix=prefix,
             clock=clock,
+            retry_window_s=retry_window_s,
+            label=f"the Redis store at {_safe_url(url)}",
         )
+
+    # -- failures --------------------------------------------------------------------
+
+    async def _run(self, what: str, stream_id: str, call: Callable[[bool], Awaitable[T]]) -> T:
+        """`call(retried)`, retried on transient errors for up to the retry
+        window; our scripts' refusals become the memory store's exceptions;
+        anything else from redis-py becomes a `StoreError`."""
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        delay = _RETRY_FIRST_S
+        retried = False
+        while True:
+            try:
+                return await call(retried)
+            except _TRANSIENT as error:
+                _raise_if_cancelling()
+                now = loop.time()
+                if deadline is None:
+                    deadline = now + self._retry_window_s
+                if now >= deadline:
+                    raise StoreUnavailable(
+                        f"{self.label} did not answer for {self._retry_window_s:g} s "
+                        f"({what}: {type(error).__name__}: {error}); retry later"
+                    ) from None
+                await asyncio.sleep(min(delay, deadline - now))
+                delay = min(delay * 2, _RETRY_CAP_S)
+                retried = True
+            except ResponseError as error:
+                raise _translate(error, stream_id, self.label) from None
+            except RedisError as error:
+                raise StoreError(
+                    f"{self.label} failed ({what}: {type(error).__name__}: {error})"
+                ) from None
+
+    async def ping(self) -> None:
+        """Raise `StoreUnavailable` unless Redis answers now (no retries: the
+        server's health probe asks again soon)."""
+        try:
+            await self._probe.ping()
+        except (RedisError, OSError) as error:
+            _raise_if_cancelling()
+            raise StoreUnavailable(
+                f"{self.label} is unreachable ({type(error).__name__}: {error})"
+            ) from None
 
     # -- lifecycle ---------------------------------------------------------------
 
     async def create(self, meta: StreamMeta) -> tuple[StreamMeta, bool]:
         key = meta.idempotency_key
         idem_key = self._idem_key(key) if key else ""
+        stream_id = meta.stream_id
         if key:
             # The common retry: the key already names a live stream.
             existing = await self._stream_named_by(idem_key)
@@ -312,65 +492,124 @@ class RedisStore:
                 return existing, False
         # Write the stream before claiming the key, so that a key always points
         # to a stream that exists or existed: a pointer to a missing stream is
-        # stale, never "about to be written".
-        await self._create(
-            keys=self._stream_keys(meta.stream_id),
-            args=[encode_meta(meta), self._retention_ms, idem_key, self._now_ms()],
+        # stale, never "about to be written". (Creating again is harmless.)
+        args: list[str | int] = [encode_meta(meta), self._retention_ms, idem_key, self._now_ms()]
+        await self._run(
+            "create",
+            stream_id,
+            lambda _: self._create(keys=self._stream_keys(stream_id), args=args),
         )
         if not key:
             return meta, True
         for _ in range(_CLAIM_ATTEMPTS):
-            if await self._client.set(idem_key, meta.stream_id, nx=True, px=self._idem_ttl_ms):
+            claimed = await self._run(
+                "create",
+                stream_id,
+                lambda retried: self._claim(idem_key, stream_id, retried),
+            )
+            if claimed:
                 return meta, True
-            holder = await self._client.get(idem_key)
+            holder = await self._run("create", stream_id, lambda _: self._client.get(idem_key))
             if holder is None:
                 continue  # it expired just now; claim it again
             holder_id = _text(holder)
-            if holder_id == meta.stream_id:
+            if holder_id == stream_id:
                 # A concurrent create of this very stream id won the claim.
                 stored = await self.get_meta(holder_id)
                 return (stored or meta), False
             held = await self.get_meta(holder_id)
             if held is not None:
-                await self._delete(keys=self._stream_keys(meta.stream_id))
+                await self._run(
+                    "create", stream_id, lambda _: self._delete(keys=self._stream_keys(stream_id))
+                )
                 return held, False
             # The holder's stream expired or was deleted: take the key over,
             # unless another creator just did.
-            if await self._swap_if_equal(
-                keys=[idem_key], args=[holder_id, meta.stream_id, self._idem_ttl_ms]
-            ):
+            swap_args: list[str | int] = [holder_id, stream_id, self._idem_ttl_ms]
+            if await self._run("create", stream_id, partial(self._swap, idem_key, swap_args)):
                 return meta, True
-        await self._delete(keys=self._stream_keys(meta.stream_id))
-        raise RuntimeError(
+        await self._run(
+            "create", stream_id, lambda _: self._delete(keys=self._stream_keys(stream_id))
+        )
+        raise StoreError(
             f"could not claim idempotency key {key!r}: it kept changing; retry the create"
         )
 
+    async def _claim(self, idem_key: str, stream_id: str, retried: bool) -> bool:
+        """SET NX of the idempotency key; a retry whose first try may have
+        landed counts the key holding our id as claimed."""
+        if await self._client.set(idem_key, stream_id, nx=True, px=self._idem_ttl_ms):
+            return True
+        if retried:
+            holder = await self._client.get(idem_key)
+            return holder is not None and _text(holder) == stream_id
+        return False
+
+    async def _swap(self, idem_key: str, args: list[str | int], _retried: bool) -> Any:
+        return await self._swap_if_equal(keys=[idem_key], args=args)
+
+    async def _doorbell(self, log_key: str, last_seen: str, block_ms: int, _retried: bool) -> Any:
+        return await self._blocking.xread({log_key: last_seen}, count=1, block=block_ms)
+
     async def get_meta(self, stream_id: str) -> StreamMeta | None:
-        raw = await self._client.hget(self._key(stream_id, "meta"), "meta")
+        key = self._key(stream_id, "meta")
+        raw = await self._run("get_meta", stream_id, lambda _: self._client.hget(key, "meta"))
         return None if raw is None else decode_meta(raw)
 
     async def delete(self, stream_id: str) -> None:
-        idem_key = await self._delete(keys=self._stream_keys(stream_id))
+        idem_key = await self._run(
+            "delete", stream_id, lambda _: self._delete(keys=self._stream_keys(stream_id))
+        )
         if idem_key is not None:
-            await self._delete_if_equal(keys=[idem_key], args=[stream_id])
+            await self._run(
+                "delete",
+                stream_id,
+                lambda _: self._delete_if_equal(keys=[idem_key], args=[stream_id]),
+            )
 
     # -- the log -----------------------------------------------------------------
 
-    async def append(self, stream_id: str, entries: Sequence[LogEntry]) -> None:
-        args: list[str | int] = [self._retention_ms, self._now_ms(), self._idem_refresh_ms]
+    async def append(
+        self, stream_id: str, entries: Sequence[LogEntry], *, epoch: int | None = None
+    ) -> None:
+        idem_key = await self._run(
+            "append",
+            stream_id,
+            partial(self._append_once, stream_id, entries, epoch),
+        )
+        if idem_key is not None:
+            # Best effort: the refresh is asked for again a quarter of the
+            # retention later if this one is lost.
+            with contextlib.suppress(StoreError):
+                await self._run(
+                    "append",
+                    stream_id,
+                    lambda _: self._client.pexpire(idem_key, self._idem_ttl_ms),
+                )
+
+    async def _append_once(
+        self, stream_id: str, entries: Sequence[LogEntry], epoch: int | None, retried: bool
+    ) -> Any:
+        """One run of the append script; `retried`: an earlier run's outcome
+        is unknown, so a batch that is already the log's tail is success."""
+        payload: list[str | int] = []
         for entry in entries:
             if isinstance(entry, Chunk):
-                args += ["c", entry.seq, encode_entry(entry)]
+                payload += ["c", entry.seq, encode_entry(entry)]
             elif isinstance(entry, Notice):
-                args += ["n", 0, encode_entry(entry)]
+                payload += ["n", 0, encode_entry(entry)]
             else:
-                args += ["e", 0, encode_entry(entry)]
-        try:
-            idem_key = await self._append(keys=self._log_keys(stream_id), args=args)
-        except ResponseError as exc:
-            raise _translate(exc, stream_id) from exc
-        if idem_key is not None:
-            await self._client.pexpire(idem_key, self._idem_ttl_ms)
+                payload += ["e", entry.total_seq, encode_entry(entry)]
+        args: list[str | int] = [
+            self._retention_ms,
+            self._now_ms(),
+            self._idem_refresh_ms,
+            "" if epoch is None else epoch,
+            1 if retried else 0,
+            len(entries),
+            *payload,
+        ]
+        return await self._append(keys=self._log_keys(stream_id), args=args)
 
     async def read(self, stream_id: str, after_seq: int, limit: int = 1000) -> list[LogEntry]:
         entries, _ = await self._read_after(stream_id, after_seq, limit)
@@ -394,14 +633,19 @@ class RedisStore:
                 return []
             if self._block_slice_s is not None:
                 remaining = min(remaining, self._block_slice_s)
+            block_ms = _ms(remaining)
             # Used as a doorbell only (COUNT 1): the entries come from `read`,
             # which also applies the limit and knows about the End.
-            if await self._blocking.xread({log_key: last_seen}, count=1, block=_ms(remaining)):
+            rang = await self._run(
+                "wait", stream_id, partial(self._doorbell, log_key, last_seen, block_ms)
+            )
+            if rang:
                 return await self.read(stream_id, after_seq)
 
     async def tail(self, stream_id: str) -> StreamTail | None:
-        last_seq, ended = await self._client.hmget(
-            self._key(stream_id, "meta"), ["last_seq", "ended"]
+        key = self._key(stream_id, "meta")
+        last_seq, ended = await self._run(
+            "tail", stream_id, lambda _: self._client.hmget(key, ["last_seq", "ended"])
         )
         if last_seq is None:
             return None
@@ -411,42 +655,57 @@ class RedisStore:
 
     # -- ownership and cancellation ------------------------------------------------
 
-    async def acquire_lease(self, stream_id: str, owner: str, ttl_s: float) -> bool:
-        try:
-            acquired = await self._acquire_lease(
-                keys=self._lease_keys(stream_id), args=[owner, _ms(ttl_s)]
-            )
-        except ResponseError as exc:
-            raise _translate(exc, stream_id) from exc
-        return bool(acquired)
+    async def acquire_lease(self, stream_id: str, owner: str, ttl_s: float) -> int | None:
+        keys = self._lease_keys(stream_id)
+        args: list[str | int] = [owner, _ms(ttl_s)]
+        # Acquiring again is harmless: the holder keeps its epoch.
+        epoch = await self._run(
+            "acquire_lease", stream_id, lambda _: self._acquire_lease(keys=keys, args=args)
+        )
+        return int(epoch) or None
 
-    async def renew_lease(self, stream_id: str, owner: str, ttl_s: float) -> bool:
-        renewed = await self._renew_lease(
-            keys=self._lease_keys(stream_id), args=[owner, _ms(ttl_s)]
+    async def renew_lease(
+        self, stream_id: str, owner: str, ttl_s: float, *, epoch: int | None = None
+    ) -> bool:
+        keys = self._lease_keys(stream_id)
+        args: list[str | int] = [owner, _ms(ttl_s), "" if epoch is None else epoch]
+        renewed = await self._run(
+            "renew_lease", stream_id, lambda _: self._renew_lease(keys=keys, args=args)
         )
         return bool(renewed)
 
     async def release_lease(self, stream_id: str, owner: str) -> None:
-        await self._delete_if_equal(keys=[self._key(stream_id, "lease")], args=[owner])
+        key = self._key(stream_id, "lease")
+        await self._run(
+            "release_lease",
+            stream_id,
+            lambda _: self._delete_if_equal(keys=[key], args=[owner]),
+        )
 
     async def lease_owner(self, stream_id: str) -> str | None:
-        owner = await self._lease_owner(keys=self._lease_keys(stream_id))
+        keys = self._lease_keys(stream_id)
+        owner = await self._run("lease_owner", stream_id, lambda _: self._lease_owner(keys=keys))
         return None if owner is None else _text(owner)
 
     async def request_cancel(self, stream_id: str, reason: str) -> None:
-        try:
-            await self._request_cancel(keys=[self._key(stream_id, "meta")], args=[reason])
-        except ResponseError as exc:
-            raise _translate(exc, stream_id) from exc
+        key = self._key(stream_id, "meta")
+        await self._run(
+            "request_cancel",
+            stream_id,
+            lambda _: self._request_cancel(keys=[key], args=[reason]),
+        )
 
     async def cancel_requested(self, stream_id: str) -> str | None:
-        reason = await self._client.hget(self._key(stream_id, "meta"), "cancel")
+        key = self._key(stream_id, "meta")
+        reason = await self._run(
+            "cancel_requested", stream_id, lambda _: self._client.hget(key, "cancel")
+        )
         return None if reason is None else _text(reason)
 
     async def close(self) -> None:
-        if self._blocking is not self._client:
-            await self._blocking.aclose()
-        await self._client.aclose()
+        for client in {id(c): c for c in (self._probe, self._blocking, self._client)}.values():
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
 
     # -- helpers -------------------------------------------------------------------
 
@@ -469,17 +728,33 @@ class RedisStore:
         return int(self._clock.wall() * 1000)
 
     async def _stream_named_by(self, idem_key: str) -> StreamMeta | None:
-        holder = await self._client.get(idem_key)
+        holder = await self._run("create", "", lambda _: self._client.get(idem_key))
         return None if holder is None else await self.get_meta(_text(holder))
 
     async def _read_after(
         self, stream_id: str, after_seq: int, limit: int = 1000
     ) -> tuple[list[LogEntry], bool]:
         start = f"({after_seq}-0" if after_seq >= 0 else "-"
-        state, *payloads = await self._read(keys=self._log_keys(stream_id), args=[start, limit])
+        keys = self._log_keys(stream_id)
+        state, *payloads = await self._run(
+            "read", stream_id, lambda _: self._read(keys=keys, args=[start, limit])
+        )
         if state == 0:
             raise StreamNotFound(f"stream {stream_id} is unknown or expired")
         return [decode_entry(raw) for raw in payloads], state == 2
+
+
+def _raise_if_cancelling() -> None:
+    """Re-raise a cancellation that redis-py turned into an error of its own.
+
+    A task cancelled while a pool wait's own timeout fires (Python 3.11's
+    asyncio.timeout then raises TimeoutError, which redis-py reports as "No
+    connection available.") would otherwise retry or carry on as if nothing
+    happened, and a `task.cancel(); await task` would wait for ever (seen:
+    lease keepers and the health probe outliving their server)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _ms(seconds: float) -> int:
@@ -506,14 +781,29 @@ def _block_slice(client: RedisClient) -> float | None:
     return socket_timeout - _BLOCK_SLACK_S
 
 
-def _translate(exc: ResponseError, stream_id: str) -> Exception:
-    """The memory store's exception for a script's refusal."""
+def _translate(exc: ResponseError, stream_id: str, label: str) -> Exception:
+    """The memory store's exception for a script's refusal (ours for the rest)."""
     message = str(exc)
     if message.startswith(_UNKNOWN):
         return StreamNotFound(f"stream {stream_id} is unknown or expired")
     if message.startswith(_ORDER):
         return ValueError(f"{message.removeprefix(_ORDER).strip()} in {stream_id}")
-    return exc
+    if message.startswith(_FENCED):
+        return StreamFenced(
+            f"stream {stream_id}: {message.removeprefix(_FENCED).strip()}; another replica "
+            "took it over: resume it (anywhere) with your latest resume token"
+        )
+    return StoreError(f"{label} refused a command ({message})")
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.partition(":")[0]
+    return f"{scheme}://{user + '@' if user else ''}{host}"
 
 
 __all__ = ["RedisStore"]
