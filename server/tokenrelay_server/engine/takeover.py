@@ -99,10 +99,14 @@ class Leases:
     async def keep(self, generation: Generation) -> None:
         """Renew the lease of a generation running here, and honour cancels
         sent to other replicas, until cancelled (the hub cancels it when the
-        generation ends)."""
+        generation ends; and it stops by itself once the generation finished,
+        should a cancellation be lost in the Redis client: the nemesis saw a
+        keeper renew a finished stream's lease for ever)."""
         stream_id = generation.stream_id
-        while True:
+        while not generation.finished.is_set():
             await self.clock.sleep(self.ttl_s / 3)
+            if generation.finished.is_set():
+                return
             try:
                 renewed = await self.store.renew_lease(
                     stream_id, self.replica_id, self.ttl_s, epoch=generation.epoch
