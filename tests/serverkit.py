@@ -31,7 +31,7 @@ from tokenrelay_server.core.clock import Clock, ManualClock
 from tokenrelay_server.engine.generation import Generation
 from tokenrelay_server.store.base import StreamStore
 
-SECRET = "test-secret-0123456789abcdef"
+SECRET = "53aeb5c1447de373d55030726116959bfa0af6629f4c952589dff538009ae41c"
 
 # Timers far beyond any clock move of a test, so only the timer a test means
 # to reach fires. (A Redis lease lapses on the Redis server's own clock: 600 s

@@ -538,7 +538,11 @@ async def chaos_universe() -> AsyncIterator[Universe]:
             path = Path(folder) / "chaos.toml"
             path.write_text(chaos_config(upstream.base_url))
             settings = build_settings(
-                {**read_config_file(path), "port": 0, "resume_secret": "chaos-secret-0123456789"}
+                {
+                    **read_config_file(path),
+                    "port": 0,
+                    "resume_secret": "bdbde16ddf0c78151c9ae03ee45db11010c0a34b301070e1d96f221d2dd57386",
+                }
             )
         server = await RelayServer.start(settings, clock=clock)
         try:

@@ -108,7 +108,6 @@ class CompactLog:
 
     # -- what it holds -------------------------------------------------------------
 
-
     def text(self) -> str:
         """The answer: the text of the text chunks, in seq order (reasoning
         and tool calls are not in it)."""

@@ -171,7 +171,7 @@ class Generation:
 
     @property
     def phase(self) -> str:
-        """"attempt" (an upstream call runs), "backoff" (waiting on the clock
+        """ "attempt" (an upstream call runs), "backoff" (waiting on the clock
         to try again) or "done" (the End is being written or was)."""
         return self._loop.phase
 
@@ -389,9 +389,7 @@ class Generation:
         limit = self._max_stream_bytes
         # A UTF-8 character is at most 4 bytes: count the bytes only near the
         # limit (a tool call's pieces always: their text is in tool_call).
-        if limit and (
-            piece.tool_call is not None or log.text_bytes + 4 * len(piece.text) > limit
-        ):
+        if limit and (piece.tool_call is not None or log.text_bytes + 4 * len(piece.text) > limit):
             if log.text_bytes + chunk.content_bytes > limit:
                 raise ResourceError(
                     stream_too_large_fault(limit, provider=provider, attempt=attempt)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -46,8 +47,37 @@ from tokenrelay_server.engine.recovery_loop import Recovery
 from tokenrelay_server.engine.routing import Route, Router
 from tokenrelay_server.engine.takeover import Leases, Takeover, cancel_fault
 from tokenrelay_server.store.base import StreamStore
+from tokenrelay_server.store.quota import Quota, QuotaLimits
 
 log = logging.getLogger(__name__)
+
+
+NO_QUOTA = QuotaLimits()
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who starts or resumes a stream (issue 13): the tenant of the call's API
+    key ("" on a gateway with no keys) and that tenant's quota."""
+
+    tenant: str = ""
+    limits: QuotaLimits = NO_QUOTA
+    default_max_tokens: int = 1024
+
+    @property
+    def has_quota(self) -> bool:
+        return (
+            self.limits.max_concurrent_streams is not None
+            or self.limits.tokens_per_minute is not None
+        )
+
+
+ANONYMOUS = Caller()
+
+
+def tenant_of(meta: StreamMeta) -> str:
+    """The tenant a stream belongs to ("" when started on an open gateway)."""
+    return meta.extra.get("tenant", "")
 
 
 @dataclass(eq=False)
@@ -76,8 +106,10 @@ class StreamHub:
         settings: HubSettings | None = None,
         replica_id: str | None = None,
         observers: Observers | None = None,
+        quota: Quota | None = None,
     ) -> None:
         self.store = store
+        self.quota = quota
         self.router = router
         self._clock = clock
         self.recovery = recovery
@@ -141,32 +173,73 @@ class StreamHub:
             )
         self._admitting += 1
 
-    async def start(self, request: StartRequest, *, deadline_s: float | None = None) -> Session:
-        """A new stream (or the one its idempotency key names). `deadline_s`
-        is the caller's gRPC deadline: the generation stops when it passes."""
+    async def start(
+        self,
+        request: StartRequest,
+        *,
+        deadline_s: float | None = None,
+        caller: Caller = ANONYMOUS,
+    ) -> Session:
+        """A new stream (or the one its idempotency key names, among the
+        caller's tenant's). `deadline_s` is the caller's gRPC deadline: the
+        generation stops when it passes."""
         self.router.validate(request)
         routes = self.router.resolve(request.model)
         self._admit()
         try:
-            return await self._start_admitted(request, routes, deadline_s)
+            return await self._start_admitted(request, routes, deadline_s, caller)
         finally:
             self._admitting -= 1
 
+    async def _admit_quota(self, caller: Caller, stream_id: str, request: StartRequest) -> bool:
+        """Take the tenant's slot and token reservation (raises QuotaExceeded);
+        False when the tenant has no quota."""
+        if self.quota is None or not caller.has_quota:
+            return False
+        reserve = request.params.max_tokens or caller.default_max_tokens
+        per_minute = caller.limits.tokens_per_minute
+        if per_minute is not None and reserve > per_minute:
+            raise RequestError(
+                f"params.max_tokens ({reserve}) is more than tenant {caller.tenant}'s "
+                f"tokens_per_minute ({per_minute}); ask for fewer tokens"
+            )
+        await self.quota.admit(caller.tenant, stream_id, caller.limits, reserve)
+        return True
+
     async def _start_admitted(
-        self, request: StartRequest, routes: list[Route], deadline_s: float | None
+        self,
+        request: StartRequest,
+        routes: list[Route],
+        deadline_s: float | None,
+        caller: Caller = ANONYMOUS,
     ) -> Session:
+        key = request.idempotency_key
         meta = StreamMeta(
-            stream_id=uuid.uuid4().hex,
+            # 128 random bits (issue 13): a stream id cannot be guessed.
+            stream_id=secrets.token_hex(16),
             model=request.model,
             created_at=self._clock.wall(),
             checkpoint_interval=request.policy.checkpoint_interval
             or self._settings.checkpoint_interval,
             request=request,
-            idempotency_key=request.idempotency_key,
+            # Scoped to the tenant: another tenant's identical key is another stream.
+            idempotency_key=f"{caller.tenant or '-'}:{key}" if key else "",
+            extra={"tenant": caller.tenant} if caller.tenant else {},
         )
-        meta, created = await self.store.create(meta)
+        holds_slot = await self._admit_quota(caller, meta.stream_id, request)
+        try:
+            meta, created = await self.store.create(meta)
+        except BaseException:
+            if holds_slot:
+                await self._release_slot(caller.tenant, meta.stream_id, 0)
+            raise
         if not created:
-            if meta.request is not None and meta.request != request:
+            if holds_slot:
+                await self._release_slot(caller.tenant, meta.stream_id, 0)
+            if tenant_of(meta) != caller.tenant or (
+                meta.request is not None and meta.request != request
+            ):
+                # Never names the stream: the key may be a guess at someone else's.
                 raise RequestError(
                     "start.idempotency_key was already used for a different request; "
                     "use a new key for a new request"
@@ -177,6 +250,8 @@ class StreamHub:
             generation = self._generation(meta, request, routes, deadline_s=deadline_s)
         except BaseException:
             await self.store.delete(meta.stream_id)
+            if holds_slot:
+                await self._release_slot(caller.tenant, meta.stream_id, 0)
             raise
         subscription = Subscription()
         generation.attach(subscription)
@@ -215,20 +290,56 @@ class StreamHub:
 
     async def _own(self, generation: Generation) -> None:
         keeper = asyncio.create_task(self.leases.keep(generation), name="lease keeper")
+        tenant = tenant_of(generation.meta)
+        # A tenant's slot lives with the generation's lease: renewed with it
+        # here, lapsing with it if this replica dies (store/quota.py).
+        slot = (
+            asyncio.create_task(self._keep_slot(tenant, generation.stream_id), name="slot keeper")
+            if self.quota is not None and tenant
+            else None
+        )
         try:
             await generation.run()
         finally:
             keeper.cancel()
+            if slot is not None:
+                slot.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
+            if slot is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await slot
             self._local.pop(generation.stream_id, None)
             with contextlib.suppress(Exception):
                 await self.store.release_lease(generation.stream_id, self.replica_id)
+            if slot is not None:
+                end = generation.end
+                used = end.usage.completion_tokens if end is not None else 0
+                await self._release_slot(tenant, generation.stream_id, used)
 
-    async def resume(self, stream_id: str, last_seq: int) -> Session:
-        """Attach to a stream (the servicer verified the token naming it)."""
+    async def _keep_slot(self, tenant: str, stream_id: str) -> None:
+        assert self.quota is not None
+        while True:
+            await self._clock.sleep(self.leases.ttl_s / 3)
+            try:
+                await self.quota.renew(tenant, stream_id)
+            except Exception:
+                log.exception("stream %s: quota slot renewal failed", stream_id)
+
+    async def _release_slot(self, tenant: str, stream_id: str, used_tokens: int) -> None:
+        """Free a slot; a store failure only delays it (the slot lapses with its TTL)."""
+        if self.quota is None:
+            return
+        try:
+            await self.quota.release(tenant, stream_id, used_tokens)
+        except Exception:
+            log.warning("stream %s: the quota slot could not be freed now; it lapses", stream_id)
+
+    async def resume(self, stream_id: str, last_seq: int, *, tenant: str = "") -> Session:
+        """Attach to a stream (the servicer verified the token naming it for
+        `tenant`)."""
         meta = await self.store.get_meta(stream_id)
-        if meta is None:
+        if meta is None or tenant_of(meta) != tenant:
             raise StreamNotFound(
                 f"stream {stream_id} has expired or never existed; start a new stream"
             )

@@ -287,7 +287,7 @@ class SecretFilter(logging.Filter):
 def known_secrets(settings: Settings, env: Mapping[str, str]) -> list[str]:
     """The secrets this gateway holds: its resume secret and the API keys
     its providers read from the environment."""
-    secrets = [settings.resume_secret or ""]
+    secrets = [settings.resume_secret or ""] + [secret for _, secret in settings.resume_keys]
     for provider in settings.upstream.providers.values():
         if provider.api_key_env is not None:
             secrets.append(env.get(provider.api_key_env, "").strip())
