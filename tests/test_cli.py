@@ -135,7 +135,8 @@ def test_serve_reports_every_mistake_of_file_environment_and_flags_at_once(
         "TOKENRELAY_STALL_TIMEOUT_S: must be a number",
         "TOKENRELAY_SIM: must be true or false",
         "--redis-url: is not a valid Redis URL: port could not be cast to integer value as 'abc'",
-        "--resume-secret: entry 1 (kid k0): the secret is too short (fewer than 32 characters); use 32 random bytes, hex or base64 (`tokenrelay keys secret` prints one)",
+        "--resume-secret: entry 1 (kid k0): the secret is too short (fewer than 32 characters); "
+        "use 32 random bytes, hex or base64 (`tokenrelay keys secret` prints one)",
         "Error: 10 configuration mistakes; nothing was started.",
     ]
 

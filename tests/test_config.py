@@ -74,7 +74,9 @@ ONE_MISTAKE = [
     ),
     pytest.param(
         '[server]\nresume_secret = "short"\n',
-        "p.toml:2: server.resume_secret: entry 1 (kid k0): the secret is too short (fewer than 32 characters); use 32 random bytes, hex or base64 (`tokenrelay keys secret` prints one)",
+        "p.toml:2: server.resume_secret: entry 1 (kid k0): the secret is too short "
+        "(fewer than 32 characters); "
+        "use 32 random bytes, hex or base64 (`tokenrelay keys secret` prints one)",
         id="a short resume secret says how long it must be and does not echo it",
     ),
     pytest.param(
@@ -160,7 +162,8 @@ FLAG_AND_ENV_MISTAKES = [
     pytest.param(
         {"resume_secret": "x"},
         {},
-        "--resume-secret: entry 1 (kid k0): the secret is too short (fewer than 32 characters); use 32 random bytes, hex or base64 (`tokenrelay keys secret` prints one)",
+        "--resume-secret: entry 1 (kid k0): the secret is too short (fewer than 32 characters); "
+        "use 32 random bytes, hex or base64 (`tokenrelay keys secret` prints one)",
         id="a short --resume-secret names the flag, not the setting",
     ),
     pytest.param(
@@ -231,7 +234,9 @@ def test_every_mistake_of_file_environment_and_flags_is_reported_together(tmp_pa
     assert found == [
         f"{file}:2: server.port: must be a whole number",
         f"{file}:3: server.stal_timeout_s: is not a known key (did you mean stall_timeout_s?)",
-        f"{file}:4: server.resume_secret: entry 1 (kid k0): the secret is too short (fewer than 32 characters); use 32 random bytes, hex or base64 (`tokenrelay keys secret` prints one)",
+        f"{file}:4: server.resume_secret: entry 1 (kid k0): the secret is too short "
+        "(fewer than 32 characters); "
+        "use 32 random bytes, hex or base64 (`tokenrelay keys secret` prints one)",
         f"{file}:7: recovery.jitter: must be at most 1",
         f"{file}:9: bogus: is not a known table (known: auth, breaker, models, providers, "
         "recovery, server, tenants)",
