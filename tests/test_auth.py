@@ -472,3 +472,21 @@ def test_config_mistakes_in_auth_tables_name_the_key(tmp_path: Path) -> None:
     assert "tenants.acme.max_concurrent_streams" in text
     assert "tenants.acme.bogus" in text
     assert "nothex" not in text
+
+
+async def test_serve_on_a_public_host_with_no_key_refuses_unless_allowed() -> None:
+    status, _, err = await _cli("serve", "--host", "0.0.0.0", "--port", "0")
+    assert status == 2
+    assert "--host: no API key is configured" in err and "--allow-unauthenticated" in err
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "tokenrelay_server.cli", "serve", "--host", "0.0.0.0"),
+        *("--port", "0", "--allow-unauthenticated"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert process.stdout is not None
+        assert (await process.stdout.readline()).startswith(b"port ")
+    finally:
+        process.kill()
+        await process.wait()

@@ -778,7 +778,7 @@ async def test_a_forged_resume_token_is_rejected(gateway):
     sleep = RecordingSleep()
     async with RelayClient(gateway.address, sleep=sleep) as client:
         result = await client.generate("sim", PROMPT, max_tokens=3)
-        forged = f"v1.{result.stream_id}.9999999999.AAAA"
+        forged = f"v2.k0.-.{result.stream_id}.1.9999999999." + "A" * 43
         with pytest.raises(ResumeRejected):
             await collect(client.resume(forged, 0))
     assert sleep.delays == []

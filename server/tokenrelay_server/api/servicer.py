@@ -345,6 +345,8 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         requests = Requests(request_iterator)
         try:
             identity = await self._auth.authenticate(context.invocation_metadata())
+            if identity.key_id:  # the key id, never the key
+                log.debug("call with key %s (tenant %s)", identity.key_id, identity.tenant)
             session = await self._open(requests, context.time_remaining(), identity)
         except TokenRelayError as error:
             await self._abort(context, error)
