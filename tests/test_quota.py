@@ -309,3 +309,15 @@ async def test_a_killed_replicas_slots_free_themselves_with_its_leases(
             if process.returncode is None:
                 process.kill()
                 await process.wait()
+
+
+async def test_an_unreachable_quota_store_is_unavailable_never_internal() -> None:
+    from conftest import _free_port
+    from tokenrelay_server.core.errors import QuotaUnavailable
+
+    quota = RedisQuota.from_url(f"redis://127.0.0.1:{_free_port()}/0")
+    try:
+        with pytest.raises(QuotaUnavailable, match="tenant acme's quota cannot be checked"):
+            await quota.admit("acme", "s1", QuotaLimits(max_concurrent_streams=1), 1)
+    finally:
+        await quota.close()

@@ -57,6 +57,7 @@ from tokenrelay_server.core.errors import (
     Overloaded,
     PermissionDenied,
     QuotaExceeded,
+    QuotaUnavailable,
     RequestError,
     ResumeDenied,
     StreamNotFound,
@@ -81,6 +82,7 @@ STATUS_FOR: tuple[tuple[type[TokenRelayError], grpc.StatusCode], ...] = (
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Draining, grpc.StatusCode.UNAVAILABLE),
     (AuthUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (QuotaUnavailable, grpc.StatusCode.UNAVAILABLE),
 )
 
 # A cancel reason is repeated in the End every reader of the stream gets.

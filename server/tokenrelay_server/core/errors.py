@@ -176,6 +176,11 @@ class AuthUnavailable(TokenRelayError):
     not be checked. Retry with backoff (or on another replica)."""
 
 
+class QuotaUnavailable(TokenRelayError):
+    """The store that counts tenant quotas cannot be reached, so a start
+    could not be admitted. Nothing was started; retry with backoff."""
+
+
 class PermissionDenied(TokenRelayError):
     """The caller's tenant may not do this: a model it is not allowed, or a
     cancel on a call that only holds a resume token. Do not retry."""

@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from tokenrelay_server.core.clock import Clock
-from tokenrelay_server.core.errors import QuotaExceeded
+from tokenrelay_server.core.errors import QuotaExceeded, QuotaUnavailable
 
 WINDOW_S = 60.0
 # When a stream slot frees is not known in advance: suggest this much.
@@ -229,17 +230,23 @@ class RedisQuota:
     async def admit(
         self, tenant: str, stream_id: str, limits: QuotaLimits, reserve_tokens: int
     ) -> None:
-        result = await self._admit(
-            keys=self._keys(tenant),
-            args=[
-                stream_id,
-                limits.max_concurrent_streams or 0,
-                limits.tokens_per_minute or 0,
-                reserve_tokens,
-                self._slot_ttl_ms,
-                int(WINDOW_S * 1000),
-            ],
-        )
+        try:
+            result = await self._admit(
+                keys=self._keys(tenant),
+                args=[
+                    stream_id,
+                    limits.max_concurrent_streams or 0,
+                    limits.tokens_per_minute or 0,
+                    reserve_tokens,
+                    self._slot_ttl_ms,
+                    int(WINDOW_S * 1000),
+                ],
+            )
+        except (RedisError, OSError) as error:
+            raise QuotaUnavailable(
+                f"tenant {tenant}'s quota cannot be checked: Redis is unreachable "
+                f"({type(error).__name__}); nothing was started, retry with backoff"
+            ) from None
         if int(result[0]) == 1:
             return
         _, limit, value, retry_ms = result
