@@ -503,3 +503,40 @@ async def test_an_unreachable_key_store_is_unavailable_never_internal(
         error = await refused(channel, start_request(max_tokens=2), key=ACME_KEY)
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert "cannot check API keys" in error.details()
+
+
+def test_resume_secrets_from_the_environment_are_comma_separated_kid_secret_pairs() -> None:
+    from tokenrelay_server.config.settings import load_settings
+
+    new, old = "5b" + SECRET[2:], SECRET
+    settings = load_settings(
+        None, flags={"resume_secret": None}, env={"TOKENRELAY_RESUME_SECRET": f"k2:{new},k1:{old}"}
+    )
+    assert settings.resume_keys == [("k2", new), ("k1", old)]
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, flags={"resume_secret": f"k1:{new},k1:{old}"}, env={})
+    assert "--resume-secret: entry 2: key id k1 is given twice" in str(caught.value)
+    assert old not in str(caught.value) and new not in str(caught.value)
+
+
+async def test_serve_takes_resume_secret_twice() -> None:
+    new, old = "5b" + SECRET[2:], SECRET
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "tokenrelay_server.cli", "serve", "--port", "0"),
+        *("--resume-secret", f"k2:{new}", "--resume-secret", f"k1:{old}"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert process.stdout is not None
+        port = int((await process.stdout.readline()).split()[1])
+        signer = ResumeTokens([("k1", old.encode())], ttl_s=600, clock=SystemClock())
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            events = await run_to_end(channel, start_request(max_tokens=2))
+            assert events[0].started.resume_token.startswith("v2.k2.")
+            stream_id = events[0].started.stream_id
+            again = await run_to_end(channel, resume_request(signer.issue(stream_id), 0))
+        assert end_of(again).total_seq == end_of(events).total_seq
+    finally:
+        process.kill()
+        await process.wait()
