@@ -289,42 +289,33 @@ class StreamHub:
         task.add_done_callback(self._tasks.discard)
 
     async def _own(self, generation: Generation) -> None:
-        keeper = asyncio.create_task(self.leases.keep(generation), name="lease keeper")
         tenant = tenant_of(generation.meta)
-        # A tenant's slot lives with the generation's lease: renewed with it
-        # here, lapsing with it if this replica dies (store/quota.py).
-        slot = (
-            asyncio.create_task(self._keep_slot(tenant, generation.stream_id), name="slot keeper")
-            if self.quota is not None and tenant
-            else None
+        quota = self.quota if tenant else None
+        stream_id = generation.stream_id
+
+        async def renew_slot() -> None:
+            assert quota is not None
+            await quota.renew(tenant, stream_id)
+
+        # A tenant's slot lives with the generation's lease: renewed in the
+        # same step, lapsing with it if this replica dies (store/quota.py).
+        keeper = asyncio.create_task(
+            self.leases.keep(generation, renew_slot if quota is not None else None),
+            name="lease keeper",
         )
         try:
             await generation.run()
         finally:
             keeper.cancel()
-            if slot is not None:
-                slot.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
-            if slot is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await slot
-            self._local.pop(generation.stream_id, None)
+            self._local.pop(stream_id, None)
             with contextlib.suppress(Exception):
-                await self.store.release_lease(generation.stream_id, self.replica_id)
-            if slot is not None:
+                await self.store.release_lease(stream_id, self.replica_id)
+            if quota is not None:
                 end = generation.end
                 used = end.usage.completion_tokens if end is not None else 0
-                await self._release_slot(tenant, generation.stream_id, used)
-
-    async def _keep_slot(self, tenant: str, stream_id: str) -> None:
-        assert self.quota is not None
-        while True:
-            await self._clock.sleep(self.leases.ttl_s / 3)
-            try:
-                await self.quota.renew(tenant, stream_id)
-            except Exception:
-                log.exception("stream %s: quota slot renewal failed", stream_id)
+                await self._release_slot(tenant, stream_id, used)
 
     async def _release_slot(self, tenant: str, stream_id: str, used_tokens: int) -> None:
         """Free a slot; a store failure only delays it (the slot lapses with its TTL)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from tokenrelay_server.core.clock import Clock
@@ -92,16 +92,21 @@ class Leases:
     ttl_s: float
     clock: Clock
 
-    async def keep(self, generation: Generation) -> None:
+    async def keep(
+        self, generation: Generation, also: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         """Renew the lease of a generation running here, and honour cancels
         sent to other replicas, until cancelled (the hub cancels it when the
-        generation ends)."""
+        generation ends). `also` renews what lives with the lease (the
+        tenant's quota slot, issue 13) in the same step."""
         stream_id = generation.stream_id
         while True:
             await self.clock.sleep(self.ttl_s / 3)
             try:
                 if not await self.store.renew_lease(stream_id, self.replica_id, self.ttl_s):
                     log.warning("stream %s: lost its lease", stream_id)
+                if also is not None:
+                    await also()
                 reason = await self.store.cancel_requested(stream_id)
             except Exception:
                 log.exception("stream %s: lease renewal failed", stream_id)
