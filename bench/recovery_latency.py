@@ -120,7 +120,13 @@ async def main(runs: int, backoff_ms: float) -> dict[str, object]:
         path = Path(folder) / "bench.toml"
         path.write_text(CONFIG.format(backoff=backoff_s, url=upstream.base_url))
         values = read_config_file(path)
-    settings = build_settings({**values, "port": 0, "resume_secret": "bench-secret-0123456789"})
+    settings = build_settings(
+        {
+            **values,
+            "port": 0,
+            "resume_secret": "fb4119eb43f581a675489fb0d4093765018545f4a1b8fdfc9c27bbf1111b22a5",
+        }
+    )
     server = await RelayServer.start(settings)
     results: dict[str, object] = {"runs": runs, "backoff_ms": backoff_ms}
     cases = [

@@ -108,7 +108,7 @@ import psutil
 
 from tokenrelay.v1 import relay_pb2, relay_pb2_grpc
 
-SECRET = "bench-secret-0123456789"
+SECRET = "23470a3e48adb610d7843171fd02b36e4c90dc4e02c509bc971b1dbd4a9329f0"
 ServerKind = Literal["echo", "relay"]
 KINDS: tuple[ServerKind, ServerKind] = ("echo", "relay")
 GOAL_RATIO = 0.6

@@ -31,7 +31,7 @@ from tokenrelay_server.core.clock import Clock, ManualClock
 from tokenrelay_server.engine.generation import Generation
 from tokenrelay_server.store.base import StreamStore
 
-SECRET = "test-secret-0123456789abcdef"
+SECRET = "53aeb5c1447de373d55030726116959bfa0af6629f4c952589dff538009ae41c"
 
 # Timers far beyond any clock move of a test, so only the timer a test means
 # to reach fires. (A Redis lease lapses on the Redis server's own clock: 600 s
@@ -47,6 +47,38 @@ QUIET: dict[str, Any] = {
 PACED = {"sim.pace_ms": "1000"}
 
 RelayFactory = Callable[..., Awaitable[RelayServer]]
+
+# Tenant API keys (issue 13): a gateway started with `auth=TENANTS` needs one
+# of these on every Relay call (`key=` of RawCall and run_to_end).
+ACME_KEY = "trk_acme_" + "a1" * 20
+GLOBEX_KEY = "trk_globex_" + "b2" * 20
+
+
+def tenants(**limits: dict[str, Any]) -> dict[str, Any]:
+    """An `auth` setting: keys acme-1 (ACME_KEY) and globex-1 (GLOBEX_KEY),
+    and the given [tenants.*] tables."""
+    return {
+        "keys": [
+            {
+                "id": "acme-1",
+                "tenant": "acme",
+                "sha256": hashlib.sha256(ACME_KEY.encode()).hexdigest(),
+            },
+            {
+                "id": "globex-1",
+                "tenant": "globex",
+                "sha256": hashlib.sha256(GLOBEX_KEY.encode()).hexdigest(),
+            },
+        ],
+        "tenants": limits,
+    }
+
+
+TENANTS = tenants()
+
+
+def bearer(key: str | None) -> tuple[tuple[str, str], ...] | None:
+    return None if key is None else (("authorization", f"Bearer {key}"),)
 
 
 @pytest.fixture
@@ -138,11 +170,19 @@ def resume_request(token: str, last_seq: int) -> pb.StreamRequest:
 class RawCall:
     """One Relay.Stream call whose requests the test sends one by one."""
 
-    def __init__(self, channel: grpc.aio.Channel, *first: pb.StreamRequest) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *first: pb.StreamRequest,
+        key: str | None = None,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> None:
         self._outbox: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
         for request in first:
             self._outbox.put_nowait(request)
-        self.call = pbg.RelayStub(channel).Stream(self._requests())
+        self.call = pbg.RelayStub(channel).Stream(
+            self._requests(), metadata=metadata if metadata is not None else bearer(key)
+        )
 
     async def _requests(self) -> AsyncIterator[pb.StreamRequest]:
         while (request := await self._outbox.get()) is not None:
@@ -192,8 +232,10 @@ def end_of(events: list[pb.StreamEvent]) -> pb.StreamEnd:
     return ends[0]
 
 
-async def run_to_end(channel: grpc.aio.Channel, request: pb.StreamRequest) -> list[pb.StreamEvent]:
-    call = RawCall(channel, request)
+async def run_to_end(
+    channel: grpc.aio.Channel, request: pb.StreamRequest, *, key: str | None = None
+) -> list[pb.StreamEvent]:
+    call = RawCall(channel, request, key=key)
     try:
         return await call.events_until()
     finally:

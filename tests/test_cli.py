@@ -129,13 +129,14 @@ def test_serve_reports_every_mistake_of_file_environment_and_flags_at_once(
         f"{config}:6: recovery.max_retires: is not a known key (did you mean max_retries?)",
         f"{config}:9: breaker.cooldown_s: must be at least 0",
         f"{config}:11: bogus: is not a known table "
-        "(known: breaker, limits, models, providers, recovery, server)",
+        "(known: auth, breaker, limits, models, providers, recovery, server, tenants)",
         f"{config}:16: providers.main.api_key_env: "
         "environment variable TR_TEST_KEY_THAT_IS_NOT_SET is not set or empty",
         "TOKENRELAY_STALL_TIMEOUT_S: must be a number",
         "TOKENRELAY_SIM: must be true or false",
         "--redis-url: is not a valid Redis URL: port could not be cast to integer value as 'abc'",
-        "--resume-secret: must be at least 16 characters long",
+        "--resume-secret: entry 1 (kid k0): the secret is too short (fewer than 32 characters); "
+        "use 32 random bytes, hex or base64 (`tokenrelay keys secret` prints one)",
         "Error: 10 configuration mistakes; nothing was started.",
     ]
 
@@ -202,8 +203,6 @@ def test_recovery_and_breaker_tables_are_read_from_the_config_file(tmp_path: Pat
     assert (settings.max_retries, settings.backoff_base_s, settings.backoff_cap_s) == (5, 0.5, 10)
     assert (settings.jitter, settings.retry_budget_ratio) == (0.2, 0.1)
     assert (settings.breaker_failure_threshold, settings.breaker_cooldown_s) == (7, 12)
-
-
 
 
 # --- `tokenrelay chat` as a user runs it (issue 8, defect 8) -------------------------------------

@@ -57,7 +57,7 @@ from tokenrelay_server.config.settings import Settings
 from tokenrelay_server.core.clock import ManualClock
 from tokenrelay_server.engine.generation import Generation
 
-SECRET = "client-test-secret-0123456789"
+SECRET = "757c0a99601ccd000414ff137362a92c4b016c1249745b271888a5174ae5c5db"
 PROMPT = [("user", "tell me about streams that survive failure")]
 
 
@@ -778,7 +778,7 @@ async def test_a_forged_resume_token_is_rejected(gateway):
     sleep = RecordingSleep()
     async with RelayClient(gateway.address, sleep=sleep) as client:
         result = await client.generate("sim", PROMPT, max_tokens=3)
-        forged = f"v1.{result.stream_id}.9999999999.AAAA"
+        forged = f"v2.k0.-.{result.stream_id}.1.9999999999." + "A" * 43
         with pytest.raises(ResumeRejected):
             await collect(client.resume(forged, 0))
     assert sleep.delays == []
@@ -966,7 +966,11 @@ async def test_a_partial_answer_is_a_result_unless_strict():
     from tokenrelay_server.api.server import RelayServer
     from tokenrelay_server.config.settings import Settings
 
-    server = await RelayServer.start(Settings(port=0, resume_secret="partial-secret-0123456789"))
+    server = await RelayServer.start(
+        Settings(
+            port=0, resume_secret="0ce4090cfd1684b1c96b4da04f26be870a1b0790aaf6969d86f9b5e03c3aeb15"
+        )
+    )
     try:
         async with RelayClient(server.address) as client:
             kwargs = {

@@ -83,7 +83,9 @@ ONE_MISTAKE = [
     ),
     pytest.param(
         '[server]\nresume_secret = "short"\n',
-        "p.toml:2: server.resume_secret: must be at least 16 characters long",
+        "p.toml:2: server.resume_secret: entry 1 (kid k0): the secret is too short "
+        "(fewer than 32 characters); "
+        "use 32 random bytes, hex or base64 (`tokenrelay keys secret` prints one)",
         id="a short resume secret says how long it must be and does not echo it",
     ),
     pytest.param(
@@ -108,8 +110,8 @@ ONE_MISTAKE = [
     ),
     pytest.param(
         "[server]\nport = 1\n\n[srever]\nhost = 'h'\n",
-        "p.toml:4: srever: is not a known table (known: breaker, limits, models, providers, "
-        "recovery, server)",
+        "p.toml:4: srever: is not a known table (known: auth, breaker, limits, models, "
+        "providers, recovery, server, tenants)",
         id="an unknown table is named at its header",
     ),
     pytest.param(
@@ -169,7 +171,8 @@ FLAG_AND_ENV_MISTAKES = [
     pytest.param(
         {"resume_secret": "x"},
         {},
-        "--resume-secret: must be at least 16 characters long",
+        "--resume-secret: entry 1 (kid k0): the secret is too short (fewer than 32 characters); "
+        "use 32 random bytes, hex or base64 (`tokenrelay keys secret` prints one)",
         id="a short --resume-secret names the flag, not the setting",
     ),
     pytest.param(
@@ -253,10 +256,12 @@ def test_every_mistake_of_file_environment_and_flags_is_reported_together(tmp_pa
     assert found == [
         f"{file}:2: server.port: must be a whole number",
         f"{file}:3: server.stal_timeout_s: is not a known key (did you mean stall_timeout_s?)",
-        f"{file}:4: server.resume_secret: must be at least 16 characters long",
+        f"{file}:4: server.resume_secret: entry 1 (kid k0): the secret is too short "
+        "(fewer than 32 characters); "
+        "use 32 random bytes, hex or base64 (`tokenrelay keys secret` prints one)",
         f"{file}:7: recovery.jitter: must be at most 1",
-        f"{file}:9: bogus: is not a known table (known: breaker, limits, models, providers, "
-        "recovery, server)",
+        f"{file}:9: bogus: is not a known table (known: auth, breaker, limits, models, "
+        "providers, recovery, server, tenants)",
         f"{file}:13: providers.main.kind: must be 'openai' or 'anthropic'",
         f"{file}:14: providers.main.base_url: must be an http:// or https:// URL with a host",
         f"{file}:17: models.fast.chain[0].provider: no provider named 'mian' (known: main, sim)",

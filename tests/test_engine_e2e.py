@@ -173,8 +173,6 @@ async def test_a_continued_answer_keeps_the_token_budget_in_tokens(
         )
     # The gateway learnt two tokens per delta from the clean answer, so the
     # continuation asks for the 8 tokens that are left, not 10.
-    assert "".join(c.text for c in chunks_of(broken)) == "".join(
-        c.text for c in chunks_of(clean)
-    )
+    assert "".join(c.text for c in chunks_of(broken)) == "".join(c.text for c in chunks_of(clean))
     assert end_of(broken).usage.completion_tokens == 12
     assert relay is not None

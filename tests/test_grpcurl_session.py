@@ -96,7 +96,7 @@ def json_documents(text: str) -> list[Any]:
 
 
 def resume_token_pattern(stream_id: str) -> re.Pattern[str]:
-    return re.compile(rf"v1\.{stream_id}\.[0-9]+\.[A-Za-z0-9_-]+")
+    return re.compile(rf"v2\.k0\.-\.{stream_id}\.[0-9]+\.[0-9]+\.[A-Za-z0-9_-]{{43}}")
 
 
 def without_varying_values(documents: list[Any]) -> list[Any]:

@@ -196,7 +196,7 @@ async def chaos_gateway(tmp_path: Path) -> AsyncIterator[ChaosGateway]:
             {
                 **read_config_file(path),
                 "port": 0,
-                "resume_secret": "chaos-secret-0123456789",
+                "resume_secret": "f6a908d1972565a85e1b36a4902c47e9129d6e0385ee1b3f6fdbc914a1fee4ff",
                 "max_loop_lag_ms": 0,  # as in the chaos universe
                 "metrics_port": 0,
                 "admin_token": ADMIN_TOKEN,

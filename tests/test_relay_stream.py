@@ -286,7 +286,8 @@ async def test_unrecovered_upstream_failure_ends_as_typed_partial(
 ) -> None:
     events = await run_to_end(
         # No retries: this is about how a failure is typed, not how it is recovered.
-        channel, start_request(max_tokens=30, metadata={"sim.faults": faults}, max_retries=0)
+        channel,
+        start_request(max_tokens=30, metadata={"sim.faults": faults}, max_retries=0),
     )
     end = end_of(events)
     assert end.partial

@@ -26,9 +26,11 @@ import grpc
 import pytest
 
 from serverkit import (
+    ACME_KEY,
     PACED,
     QUIET,
     SECRET,
+    TENANTS,
     RawCall,
     RelayFactory,
     assert_contiguous,
@@ -194,19 +196,23 @@ async def test_the_same_idempotency_key_on_another_replica_attaches(replicas) ->
 
 
 async def test_cancel_sent_to_another_replica_stops_the_generation(
-    replicas, clock: ManualClock
+    relay_factory: RelayFactory, redis_url: str, redis_prefix: str, clock: ManualClock
 ) -> None:
-    a, b = replicas
+    # A cancel on a resumed call needs the tenant's key (issue 13): both
+    # replicas check keys, and both calls carry acme's.
+    shared = {"store": "redis", "redis_url": redis_url, "redis_prefix": redis_prefix}
+    a = await relay_factory(clock=clock, auth=TENANTS, **shared, **QUIET)
+    b = await relay_factory(clock=clock, auth=TENANTS, **shared, **QUIET)
     async with (
         grpc.aio.insecure_channel(a.address) as on_a,
         grpc.aio.insecure_channel(b.address) as on_b,
     ):
         # Two chunks, then the attempt hangs (its stall timeout is out of reach).
         request = start_request(max_tokens=100_000, metadata={"sim.faults": "stall@2"})
-        call = RawCall(on_a, request)
+        call = RawCall(on_a, request, key=ACME_KEY)
         started = await call.next_event()
         stream_id = started.started.stream_id
-        other = RawCall(on_b, resume_request(started.started.resume_token, 0))
+        other = RawCall(on_b, resume_request(started.started.resume_token, 0), key=ACME_KEY)
         await other.events_until(lambda e: e.HasField("chunk"))
         other.send(pb.StreamRequest(cancel=pb.Cancel(reason="from B")))
         async with asyncio.timeout(10):  # B stores the request

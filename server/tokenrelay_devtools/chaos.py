@@ -151,6 +151,9 @@ REASONING = (0, 0, 0, 2, 5)  # sim.reasoning of a run
 TOOL_MODES = ("", "", "whole", "stream")  # "" offers no tool
 TOOL_CALL_MODES = {"whole": pb.TOOL_CALL_MODE_WHOLE, "stream": pb.TOOL_CALL_MODE_STREAM}
 
+# 32 random bytes, hex: the resume secret of every chaos gateway.
+CHAOS_SECRET = "bdbde16ddf0c78151c9ae03ee45db11010c0a34b301070e1d96f221d2dd57386"
+
 
 @dataclass(frozen=True)
 class Scenario:
@@ -544,7 +547,7 @@ async def chaos_universe() -> AsyncIterator[Universe]:
                 {
                     **read_config_file(path),
                     "port": 0,
-                    "resume_secret": "chaos-secret-0123456789",
+                    "resume_secret": CHAOS_SECRET,
                     "max_loop_lag_ms": 0,
                 }
             )

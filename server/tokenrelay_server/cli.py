@@ -66,7 +66,22 @@ SERVE_OPTIONS: list[tuple[str, str | type[bool], str]] = [
         NUMBER,
         "Seconds after its last heartbeat that a replica counts as dead (its streams taken over).",
     ),
-    ("resume_secret", TEXT, "HMAC secret for resume tokens (the same on every replica)."),
+    (
+        "resume_secret",
+        "[KID:]SECRET",
+        "HMAC secret of resume tokens (the same on every replica); repeatable: the first "
+        "signs, all verify (rotation). The variable takes them comma-separated.",
+    ),
+    (
+        "auth_store",
+        "[file|redis]",
+        "Where tenant API keys live: [[auth.keys]] in --config, or Redis (`tokenrelay keys`).",
+    ),
+    (
+        "allow_unauthenticated",
+        bool,
+        "Serve with no API key configured on a non-loopback --host (anyone may call).",
+    ),
     ("detach_grace_s", NUMBER, "Seconds a generation runs on with no client attached."),
     ("drain_grace_s", NUMBER, "Seconds open streams get to finish after SIGTERM."),
     ("retention_s", NUMBER, "Seconds a stream stays resumable after its last write."),
@@ -136,6 +151,10 @@ def serve_options(function: _Callback) -> _Callback:
         if metavar is bool:
             flag = flag_of(name)
             option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=text)
+        elif name == "resume_secret":
+            option = click.option(
+                flag_of(name), name, metavar=metavar, multiple=True, default=None, help=text
+            )
         else:
             option = click.option(flag_of(name), name, metavar=metavar, default=None, help=text)
         function = option(function)
@@ -160,8 +179,13 @@ def main() -> None:
 )
 @serve_options
 @click.pass_context
-def serve(ctx: click.Context, /, config_file: Path | None, **flags: str | bool | None) -> None:
+def serve(
+    ctx: click.Context, /, config_file: Path | None, **flags: str | bool | tuple[str, ...] | None
+) -> None:
     """Run the gateway (in-memory store and the `sim` model by default)."""
+    repeated = flags.get("resume_secret")
+    if isinstance(repeated, tuple):  # --resume-secret KID:SECRET, repeatable
+        flags["resume_secret"] = ",".join(repeated) or None
     try:
         settings = load_settings(config_file, flags=flags, env=os.environ)
     except ConfigError as error:
@@ -223,6 +247,11 @@ async def _serve(settings: Settings) -> None:
         log.info("metrics at %s", server.metrics_url)
     if settings.admin_token:
         log.info("Admin service on (calls need authorization: Bearer <admin token>)")
+    if server.authenticator is not None and not server.authenticator.required:
+        log.warning(
+            "no API key configured: the gateway is open to every caller on %s",
+            server.address,
+        )
     if settings.resume_secret is None:
         log.warning(
             "no resume secret set (--resume-secret / TOKENRELAY_RESUME_SECRET): using a random "
@@ -520,6 +549,190 @@ def _width() -> int:
     better in a file or a pipe (COLUMNS still wins)."""
     columns = os.environ.get("COLUMNS", "")
     return int(columns) if columns.isdigit() else 160
+
+
+# --- tenants: API keys (issue 13) ------------------------------------------------------------
+
+
+def key_store_options(function: Any) -> Any:
+    for option in reversed(
+        [
+            click.option(
+                "--config",
+                "config_file",
+                type=click.Path(dir_okay=False, path_type=Path),
+                envvar=env_var("config"),
+                show_envvar=True,
+                default=None,
+                help="The gateway's config file (its [[auth.keys]], or its Redis settings).",
+            ),
+            click.option(
+                "--store",
+                "auth_store",
+                type=click.Choice(["file", "redis"]),
+                envvar=env_var("auth_store"),
+                show_envvar=True,
+                default=None,
+                help="Keys in the config file (prints TOML to add) or in Redis (stores them). "
+                "[default: the config's auth_store, else file]",
+            ),
+            click.option(
+                "--redis-url", envvar=env_var("redis_url"), default=None, help="Redis URL."
+            ),
+            click.option(
+                "--redis-prefix", envvar=env_var("redis_prefix"), default=None, help="Key prefix."
+            ),
+        ]
+    ):
+        function = option(function)
+    return function
+
+
+def _key_settings(
+    ctx: click.Context,
+    config_file: Path | None,
+    auth_store: str | None,
+    redis_url: str | None,
+    redis_prefix: str | None,
+) -> Settings:
+    from tokenrelay_server.config.settings import build_settings, read_config_file
+
+    try:
+        values = read_config_file(config_file) if config_file is not None else {}
+        for name, value in (
+            ("auth_store", auth_store),
+            ("redis_url", redis_url),
+            ("redis_prefix", redis_prefix),
+        ):
+            if value is not None:
+                values[name] = value
+        return build_settings(values, source="keys")
+    except ConfigError as error:
+        exit_with_problems(ctx, error)
+
+
+@main.group()
+def keys() -> None:
+    """Tenant API keys: add, list, revoke; and a new resume secret."""
+
+
+@keys.command("add")
+@click.option("--tenant", required=True, help="The tenant the key belongs to.")
+@click.option("--id", "key_id", default=None, help="The key's id (default: TENANT-<random>).")
+@key_store_options
+@click.pass_context
+def keys_add(
+    ctx: click.Context,
+    tenant: str,
+    key_id: str | None,
+    config_file: Path | None,
+    auth_store: str | None,
+    redis_url: str | None,
+    redis_prefix: str | None,
+) -> None:
+    """Make a new API key (32 random bytes) and print it once. Redis: its hash
+    is stored, every replica accepts it now. File: prints the [[auth.keys]]
+    lines to add to the config (the key itself is not in them)."""
+    import re
+    import secrets
+    import time
+
+    from tokenrelay_server.config.tenants import NAME_PATTERN, key_hash
+    from tokenrelay_server.store.keys import KeyRecord
+
+    key_id = key_id or f"{tenant}-{secrets.token_hex(3)}"
+    for what, value in (("--tenant", tenant), ("--id", key_id)):
+        if not re.fullmatch(NAME_PATTERN, value):
+            raise click.BadParameter("must be 1-64 letters, digits, '_' or '-'", param_hint=what)
+    settings = _key_settings(ctx, config_file, auth_store, redis_url, redis_prefix)
+    key = "trk_" + secrets.token_urlsafe(32)
+    record = KeyRecord(id=key_id, tenant=tenant, sha256=key_hash(key), created_at=time.time())
+    if settings.auth_store == "redis":
+        if any(entry.id == key_id for entry in settings.auth.keys):
+            raise click.ClickException(f"key id {key_id} is already in the config file")
+        asyncio.run(_redis_keys(settings, lambda store: store.add(record)))
+        click.echo(f"added key {key_id} for tenant {tenant} (Redis); the key, shown once:")
+        click.echo(key)
+        return
+    if any(entry.id == key_id for entry in settings.auth.keys):
+        raise click.ClickException(f"key id {key_id} is already in the config file")
+    click.echo(f"# key {key_id} for tenant {tenant}; add these lines to the config file:", err=True)
+    click.echo(f'[[auth.keys]]\nid = "{key_id}"\ntenant = "{tenant}"\nsha256 = "{record.sha256}"')
+    click.echo("# the key, shown once (give it to the tenant):", err=True)
+    click.echo(key, err=True)
+
+
+@keys.command("list")
+@key_store_options
+@click.pass_context
+def keys_list(
+    ctx: click.Context,
+    config_file: Path | None,
+    auth_store: str | None,
+    redis_url: str | None,
+    redis_prefix: str | None,
+) -> None:
+    """List the keys: id and tenant (never the key)."""
+    settings = _key_settings(ctx, config_file, auth_store, redis_url, redis_prefix)
+    if settings.auth_store == "redis":
+        records = asyncio.run(_redis_keys(settings, lambda store: store.list()))
+        rows = [(record.id, record.tenant) for record in records]
+    else:
+        rows = [(entry.id, entry.tenant) for entry in settings.auth.keys]
+    for key_id, tenant in rows:
+        click.echo(f"{key_id}\t{tenant}")
+    if not rows:
+        click.echo("no keys", err=True)
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@key_store_options
+@click.pass_context
+def keys_revoke(
+    ctx: click.Context,
+    key_id: str,
+    config_file: Path | None,
+    auth_store: str | None,
+    redis_url: str | None,
+    redis_prefix: str | None,
+) -> None:
+    """Revoke key KEY_ID. Redis: every replica refuses it within 2 s. File:
+    delete its [[auth.keys]] entry and restart the replicas."""
+    settings = _key_settings(ctx, config_file, auth_store, redis_url, redis_prefix)
+    if settings.auth_store != "redis":
+        raise click.ClickException(
+            f"keys in the config file are revoked by deleting the [[auth.keys]] entry with "
+            f'id = "{key_id}" and restarting the gateway (or keep keys in Redis: --store redis)'
+        )
+    if not asyncio.run(_redis_keys(settings, lambda store: store.revoke(key_id))):
+        raise click.ClickException(f"no key has id {key_id}")
+    click.echo(f"revoked key {key_id}")
+
+
+@keys.command("secret")
+def keys_secret() -> None:
+    """Print a new resume secret (32 random bytes, hex) for --resume-secret KID:SECRET."""
+    from tokenrelay_server.config.secrets import new_secret
+
+    click.echo(new_secret())
+
+
+_Result = TypeVar("_Result")
+
+
+async def _redis_keys(settings: Settings, action: Callable[[Any], Any]) -> Any:
+    from tokenrelay_server.store.tenants_redis import RedisKeys
+
+    store = RedisKeys.from_url(settings.redis_url, prefix=settings.redis_prefix)
+    try:
+        return await action(store)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    except OSError as error:
+        raise click.ClickException(f"cannot reach Redis at {settings.redis_url}: {error}") from None
+    finally:
+        await store.close()
 
 
 def add_tool_commands(group: click.Group) -> None:

@@ -97,7 +97,7 @@ describe('a clean stream', () => {
     );
     const checkpoints = events.filter((event) => event.type === 'checkpoint');
     assert.deepEqual(checkpoints.map((event) => event.type === 'checkpoint' && event.seq), [5, 10]);
-    assert.ok(checkpoints.every((event) => event.type === 'checkpoint' && event.resumeToken.startsWith('v1.')));
+    assert.ok(checkpoints.every((event) => event.type === 'checkpoint' && event.resumeToken.startsWith('v2.')));
   });
 });
 

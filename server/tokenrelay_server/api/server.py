@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import random
@@ -32,11 +33,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tokenrelay.v1 import admin_pb2_grpc, relay_pb2, relay_pb2_grpc
 from tokenrelay_server.api.admin import ADMIN_SERVICE, AdminServicer
+from tokenrelay_server.api.auth import Authenticator
 from tokenrelay_server.api.reflection import enable_server_reflection
 from tokenrelay_server.api.servicer import RelayServicer
 from tokenrelay_server.api.tls import ReloadableCredentials, TlsFiles
 from tokenrelay_server.api.tokens import ResumeTokens
-from tokenrelay_server.config.settings import Settings
+from tokenrelay_server.config.problems import ConfigError, ConfigProblem
+from tokenrelay_server.config.settings import Settings, flag_of
 from tokenrelay_server.core.breaker import BreakerListener, BreakerSettings
 from tokenrelay_server.core.clock import Clock, SystemClock
 from tokenrelay_server.core.limits import HubSettings, LagSettings, Timeouts
@@ -59,7 +62,9 @@ from tokenrelay_server.store.base import ObservableStore, StreamStore
 from tokenrelay_server.store.error_stats import ErrorStats, MemoryErrorStats
 from tokenrelay_server.store.errors import StoreError
 from tokenrelay_server.store.heartbeat import HasHeartbeats
+from tokenrelay_server.store.keys import FileKeys, KeyRecord, KeyStore
 from tokenrelay_server.store.memory import MemoryStore
+from tokenrelay_server.store.quota import MemoryQuota, Quota
 from tokenrelay_server.upstream.base import Provider
 from tokenrelay_server.upstream.build import build_providers
 from tokenrelay_server.upstream.sim import SimProvider
@@ -176,6 +181,62 @@ def build_store(settings: Settings, clock: Clock) -> StreamStore:
     return MemoryStore(retention_s=settings.retention_s, clock=clock)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` only listens on this machine (localhost, 127.0.0.0/8, ::1)."""
+    name = host.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def check_open_gateway(settings: Settings) -> None:
+    """With no API key configured, serve only on loopback unless told otherwise."""
+    if settings.requires_keys or settings.allow_unauthenticated or is_loopback(settings.host):
+        return
+    raise ConfigError(
+        [
+            ConfigProblem(
+                "",
+                f"no API key is configured, so the gateway would be open to anyone who reaches "
+                f"{settings.host}; add [[auth.keys]] (or --auth-store redis and "
+                "`tokenrelay keys add`), listen on a loopback address, or pass "
+                f"{flag_of('allow_unauthenticated')}",
+                None,
+                flag_of("host"),
+            )
+        ]
+    )
+
+
+def build_key_store(settings: Settings) -> KeyStore | None:
+    """Where API keys are looked up; None: the gateway is open (no key configured)."""
+    if settings.auth_store == "redis":
+        from tokenrelay_server.store.tenants_redis import RedisKeys
+
+        return RedisKeys.from_url(settings.redis_url, prefix=settings.redis_prefix)
+    if settings.auth.keys:
+        return FileKeys(
+            KeyRecord(id=entry.id, tenant=entry.tenant, sha256=entry.sha256)
+            for entry in settings.auth.keys
+        )
+    return None
+
+
+def build_quota(settings: Settings, clock: Clock) -> Quota:
+    """Per-tenant quotas: in Redis with the Redis store (shared by every
+    replica, slots living with the leases), else in this process."""
+    if settings.store == "redis":
+        from tokenrelay_server.store.quota import RedisQuota
+
+        return RedisQuota.from_url(
+            settings.redis_url, prefix=settings.redis_prefix, slot_ttl_s=settings.lease_ttl_s
+        )
+    return MemoryQuota(clock)
+
+
 def build_error_stats(settings: Settings, clock: Clock) -> ErrorStats:
     """Where the error statistics go: beside the stream log (Redis: shared by
     every replica, under the same prefix), or in memory."""
@@ -226,8 +287,14 @@ class RelayServer:
         live: LiveStats | None = None,
         metrics: Metrics | None = None,
         metrics_endpoint: MetricsEndpoint | None = None,
+        authenticator: Authenticator | None = None,
+        key_store: KeyStore | None = None,
+        quota: Quota | None = None,
     ) -> None:
         self.settings = settings
+        self.authenticator = authenticator
+        self.key_store = key_store
+        self.quota = quota
         self.hub = hub
         self.tokens = tokens
         self.port = port
@@ -336,6 +403,7 @@ class RelayServer:
         `lag_clock` is the loop-lag monitor's (default: the real clock, even
         when `clock` is a test's: loop lag is real time)."""
         settings = settings or Settings()
+        check_open_gateway(settings)
         # Checked before anything is built: a mistake is a configuration error
         # (TlsFilesError) and nothing was started.
         tls_files = TlsFiles.of(settings)
@@ -370,14 +438,21 @@ class RelayServer:
         observe = Observers([*own, *observers])
         # Without a configured secret, tokens die with this process; the CLI
         # warns about it right after the "listening" line.
-        secret = settings.resume_secret or secrets.token_urlsafe(32)
+        resume_keys = [(kid, secret.encode()) for kid, secret in settings.resume_keys] or [
+            ("k0", secrets.token_urlsafe(32).encode())
+        ]
         owns_store = store is None
         if store is None:
             store = build_store(settings, clock)
         if metrics is not None and isinstance(store, ObservableStore):
             store.append_observer = metrics.observe_append
         router = build_router(settings, routes, clock=clock)
-        tokens = ResumeTokens(secret.encode(), ttl_s=settings.retention_s, clock=clock)
+        # Twice the retention: a token outlives its stream, so a stream past
+        # retention is NOT_FOUND rather than an expired token.
+        tokens = ResumeTokens(resume_keys, ttl_s=2 * settings.retention_s, clock=clock)
+        key_store = build_key_store(settings)
+        authenticator = Authenticator(key_store, settings.auth, clock=clock)
+        quota = build_quota(settings, clock)
         loop_lag = (
             LoopLagMonitor(
                 lag_clock or SystemClock(),
@@ -391,6 +466,7 @@ class RelayServer:
         )
         hub = StreamHub(
             loop_lag=loop_lag,
+            quota=quota,
             store=store,
             router=router,
             clock=clock,
@@ -432,6 +508,7 @@ class RelayServer:
                 clock=clock,
                 first_message_timeout_s=settings.first_message_timeout_s,
                 allow_partial=settings.allow_partial,
+                auth=authenticator,
             ),
             server,
         )
@@ -526,6 +603,9 @@ class RelayServer:
             live=live,
             metrics=metrics,
             metrics_endpoint=endpoint,
+            authenticator=authenticator,
+            key_store=key_store,
+            quota=quota,
         )
         relay.tls = tls
         relay._probe = asyncio.create_task(relay.probe_store(), name="store probe")
@@ -570,6 +650,10 @@ class RelayServer:
             await self.recorder.stats.close()
         if self._owns_store:
             await self.hub.store.close()
+        if self.key_store is not None:
+            await self.key_store.close()
+        if self.quota is not None:
+            await self.quota.close()
         if self.tracing is not None:
             await self.tracing.shutdown()
 

@@ -33,6 +33,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
@@ -42,25 +43,32 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from tokenrelay.v1 import relay_pb2, relay_pb2_grpc
+from tokenrelay_server.api.auth import Authenticator, Identity
 from tokenrelay_server.api.calls import cancel_within
 from tokenrelay_server.api.requests import parse_start
 from tokenrelay_server.api.tokens import ResumeTokens
+from tokenrelay_server.config.tenants import AuthConfig
 from tokenrelay_server.core.clock import Clock
 from tokenrelay_server.core.errors import (
+    AuthUnavailable,
     Draining,
     ErrorType,
     Fault,
     FirstMessageTimeout,
     Overloaded,
+    PermissionDenied,
+    QuotaExceeded,
+    QuotaUnavailable,
     RequestError,
     ResumeDenied,
     StreamNotFound,
     TokenRelayError,
+    Unauthenticated,
     truncate,
 )
 from tokenrelay_server.core.limits import RequestLimits
 from tokenrelay_server.core.model import Chunk, End, LogEntry, Notice
-from tokenrelay_server.engine.hub import Session, StreamHub
+from tokenrelay_server.engine.hub import Session, StreamHub, tenant_of
 from tokenrelay_server.store.errors import StoreError
 
 log = logging.getLogger(__name__)
@@ -69,13 +77,18 @@ log = logging.getLogger(__name__)
 STATUS_FOR: tuple[tuple[type[TokenRelayError], grpc.StatusCode], ...] = (
     (FirstMessageTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
     (RequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (ResumeDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (StreamNotFound, grpc.StatusCode.NOT_FOUND),
+    (QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Draining, grpc.StatusCode.UNAVAILABLE),
     # The store is unreachable, or another replica took the stream over
     # (store/errors.py): resume, here later or on another replica.
     (StoreError, grpc.StatusCode.UNAVAILABLE),
+    (AuthUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (QuotaUnavailable, grpc.StatusCode.UNAVAILABLE),
 )
 
 # A cancel reason is repeated in the End every reader of the stream gets.
@@ -90,6 +103,42 @@ def status_for(error: TokenRelayError) -> grpc.StatusCode:
         if isinstance(error, error_class):
             return code
     return grpc.StatusCode.INTERNAL
+
+
+def _packed(*details: Any) -> list[any_pb2.Any]:
+    packed = []
+    for detail in details:
+        any_detail = any_pb2.Any()
+        any_detail.Pack(detail)
+        packed.append(any_detail)
+    return packed
+
+
+def error_status(error: TokenRelayError) -> grpc.Status | None:
+    """The rich status (google.rpc.Status details) of an error that has more
+    to say than its message: a spent quota (ErrorInfo naming the tenant and
+    the limit, RetryInfo), a refused resume token (ErrorInfo with the reason).
+    None: a plain status will do."""
+    code = status_for(error)
+    if isinstance(error, QuotaExceeded):
+        delay = Duration()
+        delay.FromNanoseconds(int(error.retry_after_s * 1e9))
+        details = _packed(
+            error_details_pb2.ErrorInfo(
+                reason="QUOTA_EXCEEDED",
+                domain=ERROR_DOMAIN,
+                metadata={"tenant": error.tenant, "limit": error.limit},
+            ),
+            error_details_pb2.RetryInfo(retry_delay=delay),
+        )
+    elif isinstance(error, ResumeDenied):
+        details = _packed(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))
+    else:
+        return None
+    status: grpc.Status = rpc_status.to_status(
+        status_pb2.Status(code=code.value[0], message=str(error), details=details)
+    )
+    return status
 
 
 def status_for_fault(fault: Fault) -> grpc.StatusCode:
@@ -273,9 +322,10 @@ class TokenCache:
     """Fresh resume tokens for one call, signed again only when the expiry they
     carry (whole seconds) moves on: until then a new one would be identical."""
 
-    def __init__(self, tokens: ResumeTokens, stream_id: str) -> None:
+    def __init__(self, tokens: ResumeTokens, stream_id: str, tenant: str = "") -> None:
         self._tokens = tokens
         self._stream_id = stream_id
+        self._tenant = tenant
         self._expiry = -1
         self._token = ""
 
@@ -283,7 +333,7 @@ class TokenCache:
         expiry = self._tokens.expiry()
         if expiry != self._expiry:
             self._expiry = expiry
-            self._token = self._tokens.issue(self._stream_id, expiry)
+            self._token = self._tokens.issue(self._stream_id, expiry, tenant=self._tenant)
         return self._token
 
 
@@ -334,8 +384,10 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         clock: Clock,
         first_message_timeout_s: float = 10.0,
         allow_partial: bool = True,
+        auth: Authenticator | None = None,
     ) -> None:
         self._hub = hub
+        self._auth = auth or Authenticator(None, AuthConfig(), clock=clock)
         self._tokens = tokens
         self._max_prompt_bytes = max_prompt_bytes
         self._limits = limits or RequestLimits()
@@ -350,26 +402,33 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
     ) -> AsyncIterator[relay_pb2.StreamEvent]:
         requests = Requests(request_iterator)
         try:
-            session = await self._open(requests, context.time_remaining())
+            identity = await self._auth.authenticate(context.invocation_metadata())
+            if identity.key_id:  # the key id, never the key
+                log.debug("call with key %s (tenant %s)", identity.key_id, identity.tenant)
+            session = await self._open(requests, context.time_remaining(), identity)
         except Overloaded as error:
             await context.abort_with_status(overloaded_status(error))
         except TokenRelayError as error:
-            await context.abort(status_for(error), str(error))
+            await self._abort(context, error)
         except Exception:
             await self._abort_internal(context, "opening a stream")
-        reader = asyncio.create_task(self._read_rest(requests, session))
+        tenant = tenant_of(session.meta)
+        # A resume token grants a read, nothing more (issue 13): a cancel
+        # needs the call that started the stream or the tenant's own key.
+        may_cancel = not session.resumed or (self._auth.required and identity.tenant == tenant)
+        reader = asyncio.create_task(self._read_rest(requests, session, may_cancel=may_cancel))
         allow_partial = self._allows_partial(session)
         try:
             yield relay_pb2.StreamEvent(
                 started=relay_pb2.StreamStarted(
                     stream_id=session.stream_id,
-                    resume_token=self._tokens.issue(session.stream_id),
+                    resume_token=self._tokens.issue(session.stream_id, tenant=tenant),
                     resumed=session.resumed,
                     model=session.meta.model,
                 )
             )
             interval = session.meta.checkpoint_interval
-            tokens = TokenCache(self._tokens, session.stream_id)
+            tokens = TokenCache(self._tokens, session.stream_id, tenant)
             async with contextlib.aclosing(self._hub.follow(session)) as batches:
                 async for batch in batches:
                     for entry in batch:
@@ -390,7 +449,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         except _PartialRefused as refused:
             await context.abort_with_status(refused_partial_status(session.stream_id, refused.end))
         except TokenRelayError as error:
-            await context.abort(status_for(error), str(error))
+            await self._abort(context, error)
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception:
@@ -408,7 +467,19 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             return request.policy.allow_partial
         return self._allow_partial
 
-    async def _open(self, requests: Requests, deadline_s: float | None) -> Session:
+    async def _abort(
+        self,
+        context: grpc.aio.ServicerContext[relay_pb2.StreamRequest, relay_pb2.StreamEvent],
+        error: TokenRelayError,
+    ) -> None:
+        status = error_status(error)
+        if status is not None:
+            await context.abort_with_status(status)
+        await context.abort(status_for(error), str(error))
+
+    async def _open(
+        self, requests: Requests, deadline_s: float | None, identity: Identity
+    ) -> Session:
         timeout_s = self._first_message_timeout_s
         try:
             # On the injected clock: a call that never speaks must not hold
@@ -425,20 +496,23 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             raise RequestError("the call ended before its first message (`start` or `resume`)")
         kind = first.WhichOneof("kind")
         if kind == "start":
-            return await self._hub.start(
-                parse_start(
-                    first.start, max_prompt_bytes=self._max_prompt_bytes, limits=self._limits
-                ),
-                deadline_s=deadline_s,
+            request = parse_start(
+                first.start, max_prompt_bytes=self._max_prompt_bytes, limits=self._limits
             )
+            identity.check_model(request.model)
+            return await self._hub.start(request, deadline_s=deadline_s, caller=identity.caller)
         if kind == "resume":
-            grant = self._tokens.verify(first.resume.resume_token)
-            return await self._hub.resume(grant.stream_id, first.resume.last_seq)
+            grant = self._tokens.verify(first.resume.resume_token, tenant=identity.tenant)
+            return await self._hub.resume(
+                grant.stream_id, first.resume.last_seq, tenant=identity.tenant
+            )
         raise RequestError(
             f"the first message must be `start` or `resume`, not `{kind or 'an empty request'}`"
         )
 
-    async def _read_rest(self, requests: Requests, session: Session) -> None:
+    async def _read_rest(
+        self, requests: Requests, session: Session, *, may_cancel: bool = True
+    ) -> None:
         """Messages after the first: acks and cancels; anything else (another
         kind, an undecodable frame) ends the call with INVALID_ARGUMENT (the
         stream itself keeps running)."""
@@ -449,6 +523,14 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
                     session.subscription.acked_seq = max(
                         session.subscription.acked_seq, request.ack.seq
                     )
+                elif kind == "cancel" and not may_cancel:
+                    session.subscription.fail(
+                        PermissionDenied(
+                            "a resume token grants a read of the stream, not a cancel: cancel "
+                            "on the call that started it, or with the tenant's API key"
+                        )
+                    )
+                    return
                 elif kind == "cancel":
                     # Bounded before the hub sees it: the reason is repeated
                     # in the End (and the store) for every reader.

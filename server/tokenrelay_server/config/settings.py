@@ -40,6 +40,8 @@ from tokenrelay_server.config.problems import (
     toml_syntax_problem,
     validation_problems,
 )
+from tokenrelay_server.config.secrets import parse_resume_secrets
+from tokenrelay_server.config.tenants import AuthConfig
 from tokenrelay_server.config.upstream import (
     UpstreamConfig,
     UpstreamConfigError,
@@ -129,7 +131,9 @@ class Settings(BaseModel):
     redis_pool_timeout_s: float = Field(5.0, gt=0)
     store_retry_window_s: float = Field(10.0, ge=0)
     store_probe_interval_s: float = Field(0.5, gt=0)
-    resume_secret: str | None = Field(None, min_length=16)
+    # `KID:SECRET[,KID:SECRET…]` (a bare SECRET is kid k0): the first signs
+    # resume tokens, all verify (rotation); each needs >= 128 bits (secrets.py).
+    resume_secret: str | None = None
     retention_s: float = Field(3600.0, gt=0)
     detach_grace_s: float = Field(_HUB.detach_grace_s, ge=0)
     drain_grace_s: float = Field(10.0, ge=0)
@@ -206,6 +210,12 @@ class Settings(BaseModel):
     metrics_port: int | None = Field(None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
     admin_token: str | None = Field(None, min_length=16)
+    # Tenants (issue 13): API keys from [[auth.keys]] ("file") or Redis
+    # ("redis", shared by replicas; `tokenrelay keys`), limits from [tenants.*].
+    auth_store: Literal["file", "redis"] = "file"
+    # With no API key configured, serve only on a loopback host unless this is set.
+    allow_unauthenticated: bool = False
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     # Provider and model tables ([providers.*], [models.*]) from the config file.
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
     # Timeouts set by flag or environment: they beat every provider's own.
@@ -238,6 +248,25 @@ class Settings(BaseModel):
             max_metadata_entries=self.max_metadata_entries,
         )
 
+    @field_validator("resume_secret", mode="before")
+    @classmethod
+    def _resume_secret(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple):  # a TOML array of KID:SECRET strings
+            value = ",".join(str(item) for item in value)
+        if isinstance(value, str):
+            parse_resume_secrets(value)
+        return value
+
+    @property
+    def resume_keys(self) -> list[tuple[str, str]]:
+        """(kid, secret) pairs, the signing one first; [] when none is set."""
+        return [] if self.resume_secret is None else parse_resume_secrets(self.resume_secret)
+
+    @property
+    def requires_keys(self) -> bool:
+        """Every Relay call must carry an API key (keys in Redis, or some in the file)."""
+        return self.auth_store == "redis" or bool(self.auth.keys)
+
     @property
     def sim_routable(self) -> bool:
         """Model `sim` is served: as `sim` says, else only without [models.*]
@@ -245,7 +274,7 @@ class Settings(BaseModel):
         return self.sim if self.sim is not None else not self.upstream.models
 
 
-SERVER_KEYS = frozenset(Settings.model_fields) - {"upstream", "timeout_overrides"}
+SERVER_KEYS = frozenset(Settings.model_fields) - {"upstream", "timeout_overrides", "auth"}
 RECOVERY_KEYS = frozenset(
     {
         "max_retries",
@@ -288,7 +317,8 @@ TABLES: dict[str, tuple[str, frozenset[str]]] = {
     "breaker": ("breaker_", BREAKER_KEYS),
 }
 UPSTREAM_TABLES = ("providers", "models")
-KNOWN_TABLES = (*TABLES, *UPSTREAM_TABLES)
+AUTH_TABLES = ("auth", "tenants")
+KNOWN_TABLES = (*TABLES, *UPSTREAM_TABLES, *AUTH_TABLES)
 
 
 def _table_key(setting: str) -> tuple[str, str]:
@@ -338,9 +368,46 @@ def _read_file(path: Path) -> _FileSettings:
             result.values["upstream"] = load_upstream_config(document, source, source_text=text)
         except UpstreamConfigError as error:
             result.problems.extend(error.problems)
+    if any(name in document for name in AUTH_TABLES):
+        _check_auth(document, source, KeyLines(text), result)
     result.problems.sort(key=lambda problem: problem.line or 0)
     result.text = text
     return result
+
+
+def _check_auth(
+    document: dict[str, Any], source: str, lines: KeyLines, result: _FileSettings
+) -> None:
+    """[[auth.keys]] and [tenants.*]: into result.values["auth"], or problems
+    naming the key (never echoing a value)."""
+    auth = document.get("auth", {})
+    values: dict[str, Any] = {"tenants": document.get("tenants", {})}
+    if isinstance(auth, dict):
+        for key in auth:
+            if key != "keys":
+                path: tuple[str | int, ...] = ("auth", key)
+                result.problems.append(
+                    ConfigProblem(
+                        format_key_path(path),
+                        "is not a known key (known: keys)",
+                        lines.line_of(path),
+                        source,
+                    )
+                )
+        values["keys"] = auth.get("keys", [])
+    else:
+        result.problems.append(
+            ConfigProblem("auth", "must be a table", lines.line_of(("auth",)), source)
+        )
+
+    def locate(loc: tuple[str | int, ...]) -> tuple[str, str, int | None]:
+        path = ("auth", *loc) if loc and loc[0] == "keys" else loc
+        return source, format_key_path(path) or "auth", lines.line_of(path)
+
+    try:
+        result.values["auth"] = AuthConfig.model_validate(values)
+    except ValidationError as error:
+        result.problems.extend(validation_problems(error, locate))
 
 
 def _check_document(document: dict[str, Any], source: str, lines: KeyLines) -> _FileSettings:

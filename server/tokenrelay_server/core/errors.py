@@ -154,8 +154,47 @@ class FirstMessageTimeout(RequestError):
 
 
 class ResumeDenied(TokenRelayError):
-    """The resume token was tampered with or signed by another deployment.
-    Start a new stream; retrying with this token will not help."""
+    """The resume token was tampered with, signed with a key id this gateway
+    does not list, expired, or belongs to another tenant (`reason` says
+    which: TOKEN_MALFORMED, TOKEN_UNKNOWN_KID, TOKEN_BAD_MAC, TOKEN_EXPIRED,
+    TOKEN_OTHER_TENANT). Start a new stream; retrying with this token will
+    not help."""
+
+    def __init__(self, message: str, *, reason: str = "TOKEN_DENIED") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Unauthenticated(TokenRelayError):
+    """The call carries no API key, a malformed one, or one the gateway does
+    not know (never issued, or revoked). Send `authorization: Bearer <key>`
+    with a valid key; retrying the same key will not help."""
+
+
+class AuthUnavailable(TokenRelayError):
+    """The store that holds the API keys cannot be reached, so the key could
+    not be checked. Retry with backoff (or on another replica)."""
+
+
+class QuotaUnavailable(TokenRelayError):
+    """The store that counts tenant quotas cannot be reached, so a start
+    could not be admitted. Nothing was started; retry with backoff."""
+
+
+class PermissionDenied(TokenRelayError):
+    """The caller's tenant may not do this: a model it is not allowed, or a
+    cancel on a call that only holds a resume token. Do not retry."""
+
+
+class QuotaExceeded(TokenRelayError):
+    """A tenant's quota (`limit`: max_concurrent_streams or
+    tokens_per_minute) is spent. Retry after `retry_after_s`."""
+
+    def __init__(self, message: str, *, tenant: str, limit: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.tenant = tenant
+        self.limit = limit
+        self.retry_after_s = retry_after_s
 
 
 class StreamNotFound(TokenRelayError):

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import secrets
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -55,12 +56,41 @@ from tokenrelay_server.engine.takeover import Leases, Takeover, cancel_fault
 from tokenrelay_server.store.base import StreamStore
 from tokenrelay_server.store.errors import StoreError, StoreUnavailable
 from tokenrelay_server.store.heartbeat import Heartbeats
+from tokenrelay_server.store.quota import Quota, QuotaLimits
 
 log = logging.getLogger(__name__)
 
 # A follower looks at a live owner's heartbeat again this long after it
 # would lapse (a renewal in flight, the store's TTL timer).
 HEARTBEAT_RECHECK_SLACK_S = 0.05
+
+
+NO_QUOTA = QuotaLimits()
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who starts or resumes a stream (issue 13): the tenant of the call's API
+    key ("" on a gateway with no keys) and that tenant's quota."""
+
+    tenant: str = ""
+    limits: QuotaLimits = NO_QUOTA
+    default_max_tokens: int = 1024
+
+    @property
+    def has_quota(self) -> bool:
+        return (
+            self.limits.max_concurrent_streams is not None
+            or self.limits.tokens_per_minute is not None
+        )
+
+
+ANONYMOUS = Caller()
+
+
+def tenant_of(meta: StreamMeta) -> str:
+    """The tenant a stream belongs to ("" when started on an open gateway)."""
+    return meta.extra.get("tenant", "")
 
 
 @dataclass(eq=False)
@@ -91,9 +121,11 @@ class StreamHub:
         observers: Observers | None = None,
         heartbeats: Heartbeats | None = None,
         loop_lag: LoopLagMonitor | None = None,
+        quota: Quota | None = None,
     ) -> None:
         self.store = store
         self.loop_lag = loop_lag
+        self.quota = quota
         self.router = router
         self._clock = clock
         self.recovery = recovery
@@ -187,32 +219,73 @@ class StreamHub:
             )
         self._admitting += 1
 
-    async def start(self, request: StartRequest, *, deadline_s: float | None = None) -> Session:
-        """A new stream (or the one its idempotency key names). `deadline_s`
-        is the caller's gRPC deadline: the generation stops when it passes."""
+    async def start(
+        self,
+        request: StartRequest,
+        *,
+        deadline_s: float | None = None,
+        caller: Caller = ANONYMOUS,
+    ) -> Session:
+        """A new stream (or the one its idempotency key names, among the
+        caller's tenant's). `deadline_s` is the caller's gRPC deadline: the
+        generation stops when it passes."""
         self.router.validate(request)
         routes = self.router.resolve(request.model)
         self._admit()
         try:
-            return await self._start_admitted(request, routes, deadline_s)
+            return await self._start_admitted(request, routes, deadline_s, caller)
         finally:
             self._admitting -= 1
 
+    async def _admit_quota(self, caller: Caller, stream_id: str, request: StartRequest) -> bool:
+        """Take the tenant's slot and token reservation (raises QuotaExceeded);
+        False when the tenant has no quota."""
+        if self.quota is None or not caller.has_quota:
+            return False
+        reserve = request.params.max_tokens or caller.default_max_tokens
+        per_minute = caller.limits.tokens_per_minute
+        if per_minute is not None and reserve > per_minute:
+            raise RequestError(
+                f"params.max_tokens ({reserve}) is more than tenant {caller.tenant}'s "
+                f"tokens_per_minute ({per_minute}); ask for fewer tokens"
+            )
+        await self.quota.admit(caller.tenant, stream_id, caller.limits, reserve)
+        return True
+
     async def _start_admitted(
-        self, request: StartRequest, routes: list[Route], deadline_s: float | None
+        self,
+        request: StartRequest,
+        routes: list[Route],
+        deadline_s: float | None,
+        caller: Caller = ANONYMOUS,
     ) -> Session:
+        key = request.idempotency_key
         meta = StreamMeta(
-            stream_id=uuid.uuid4().hex,
+            # 128 random bits (issue 13): a stream id cannot be guessed.
+            stream_id=secrets.token_hex(16),
             model=request.model,
             created_at=self._clock.wall(),
             checkpoint_interval=request.policy.checkpoint_interval
             or self._settings.checkpoint_interval,
             request=request,
-            idempotency_key=request.idempotency_key,
+            # Scoped to the tenant: another tenant's identical key is another stream.
+            idempotency_key=f"{caller.tenant or '-'}:{key}" if key else "",
+            extra={"tenant": caller.tenant} if caller.tenant else {},
         )
-        meta, created = await self.store.create(meta)
+        holds_slot = await self._admit_quota(caller, meta.stream_id, request)
+        try:
+            meta, created = await self.store.create(meta)
+        except BaseException:
+            if holds_slot:
+                await self._release_slot(caller.tenant, meta.stream_id, 0)
+            raise
         if not created:
-            if meta.request is not None and meta.request != request:
+            if holds_slot:
+                await self._release_slot(caller.tenant, meta.stream_id, 0)
+            if tenant_of(meta) != caller.tenant or (
+                meta.request is not None and meta.request != request
+            ):
+                # Never names the stream: the key may be a guess at someone else's.
                 raise RequestError(
                     "start.idempotency_key was already used for a different request; "
                     "use a new key for a new request"
@@ -226,6 +299,8 @@ class StreamHub:
         except BaseException:
             with contextlib.suppress(StoreError):
                 await self.store.delete(meta.stream_id)
+            if holds_slot:
+                await self._release_slot(caller.tenant, meta.stream_id, 0)
             raise
         subscription = Subscription()
         generation.attach(subscription)
@@ -268,16 +343,33 @@ class StreamHub:
         task.add_done_callback(self._tasks.discard)
 
     async def _own(self, generation: Generation) -> None:
-        keeper = asyncio.create_task(self.leases.keep(generation), name="lease keeper")
+        tenant = tenant_of(generation.meta)
+        quota = self.quota if tenant else None
+        stream_id = generation.stream_id
+
+        async def renew_slot() -> None:
+            assert quota is not None
+            await quota.renew(tenant, stream_id)
+
+        # A tenant's slot lives with the generation's lease: renewed in the
+        # same step, lapsing with it if this replica dies (store/quota.py).
+        keeper = asyncio.create_task(
+            self.leases.keep(generation, renew_slot if quota is not None else None),
+            name="lease keeper",
+        )
         try:
             await generation.run()
         finally:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
-            self._local.pop(generation.stream_id, None)
+            self._local.pop(stream_id, None)
             with contextlib.suppress(Exception):
-                await self.store.release_lease(generation.stream_id, self.replica_id)
+                await self.store.release_lease(stream_id, self.replica_id)
+            if quota is not None:
+                end = generation.end
+                used = end.usage.completion_tokens if end is not None else 0
+                await self._release_slot(tenant, stream_id, used)
 
     # -- heartbeat ---------------------------------------------------------------------
 
@@ -320,10 +412,20 @@ class StreamHub:
             return math.inf
         return 0.0 if left is None else left
 
-    async def resume(self, stream_id: str, last_seq: int) -> Session:
-        """Attach to a stream (the servicer verified the token naming it)."""
+    async def _release_slot(self, tenant: str, stream_id: str, used_tokens: int) -> None:
+        """Free a slot; a store failure only delays it (the slot lapses with its TTL)."""
+        if self.quota is None:
+            return
+        try:
+            await self.quota.release(tenant, stream_id, used_tokens)
+        except Exception:
+            log.warning("stream %s: the quota slot could not be freed now; it lapses", stream_id)
+
+    async def resume(self, stream_id: str, last_seq: int, *, tenant: str = "") -> Session:
+        """Attach to a stream (the servicer verified the token naming it for
+        `tenant`)."""
         meta = await self.store.get_meta(stream_id)
-        if meta is None:
+        if meta is None or tenant_of(meta) != tenant:
             raise StreamNotFound(
                 f"stream {stream_id} has expired or never existed; start a new stream"
             )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from tokenrelay_server.core.clock import Clock
@@ -96,12 +96,15 @@ class Leases:
     ttl_s: float
     clock: Clock
 
-    async def keep(self, generation: Generation) -> None:
+    async def keep(
+        self, generation: Generation, also: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         """Renew the lease of a generation running here, and honour cancels
         sent to other replicas, until cancelled (the hub cancels it when the
         generation ends; and it stops by itself once the generation finished,
         should a cancellation be lost in the Redis client: the nemesis saw a
-        keeper renew a finished stream's lease for ever)."""
+        keeper renew a finished stream's lease for ever). `also` renews what
+        lives with the lease (the tenant's quota slot, issue 13) in the same step."""
         stream_id = generation.stream_id
         while not generation.finished.is_set():
             await self.clock.sleep(self.ttl_s / 3)
@@ -120,6 +123,8 @@ class Leases:
                         )
                     )
                     return
+                if also is not None:
+                    await also()
                 reason = await self.store.cancel_requested(stream_id)
             except StoreError as error:
                 # Retried within the store's window already; the appends see it too.

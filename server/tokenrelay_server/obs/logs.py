@@ -335,9 +335,8 @@ def known_secrets(settings: Settings, env: Mapping[str, str]) -> list[str]:
     """The secrets this gateway holds: its resume secrets (each of a
     comma-separated list, with and without a `KID:` prefix), its admin
     token, and the API keys its providers read from the environment."""
-    secrets = [settings.admin_token or ""]
-    for entry in (settings.resume_secret or "").split(","):
-        secrets += [entry.strip(), entry.partition(":")[2].strip()]
+    secrets = [settings.admin_token or "", settings.resume_secret or ""]
+    secrets += [secret for _, secret in settings.resume_keys]
     for provider in settings.upstream.providers.values():
         if provider.api_key_env is not None:
             secrets.append(env.get(provider.api_key_env, "").strip())

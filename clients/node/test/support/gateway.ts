@@ -9,7 +9,7 @@ import { existsSync } from 'node:fs';
 import * as path from 'node:path';
 
 export const REPO_ROOT = path.resolve(__dirname, '..', '..', '..', '..', '..');
-export const RESUME_SECRET = 'node-test-secret-0123456789abcdef';
+export const RESUME_SECRET = 'fa0d2290f8c2c29afdffff5d5ca089871cd31da7f5968b638c36919b3002fbd6';
 
 export function tokenrelayBinary(): string {
   const binary = process.env['TOKENRELAY_BIN'] ?? path.join(REPO_ROOT, '.venv', 'bin', 'tokenrelay');
