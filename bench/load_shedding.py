@@ -122,7 +122,7 @@ async def run(args: argparse.Namespace) -> int:
             "--log-level",
             "warning",
             stdout=asyncio.subprocess.PIPE,
-            env={**os.environ, "TOKENRELAY_RESUME_SECRET": "bench-secret-0123456789"},
+            env={**os.environ, "TOKENRELAY_RESUME_SECRET": "5f2b9e0c7a1d4836b0e9f3a5c2d8471e6b3a0f9c8d7e2b1a4c5f6e7d8a9b0c1d"},
         )
         try:
             assert process.stdout is not None

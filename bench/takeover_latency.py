@@ -48,7 +48,7 @@ from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay.v1 import relay_pb2_grpc as pbg
 from tokenrelay_devtools.redis_cluster import LocalRedisCluster
 
-SECRET = "bench-secret-0123456789abcdef"
+SECRET = "8a61ec5f711f65e26c3a4a992d331e0d52fb41fe68a7ef21551189d5f48a6406"
 PACE_MS = 20
 SEEN_BEFORE_KILL = 10
 

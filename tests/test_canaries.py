@@ -49,7 +49,8 @@ from tokenrelay_server.upstream.build import tls_context
 
 CANARY = "c4n4ry-7f3e9a"
 PROVIDER_KEY = f"sk-{CANARY}-provider-key-0123456789"
-RESUME_SECRET = f"{CANARY}-resume-secret-" + "0a1b2c3d4e5f6789" * 3
+# 32 random bytes (a weak secret is refused); a canary by itself, being unique.
+RESUME_SECRET = "8dd7ce55cfc9e736d508ee2bc213a79bc26483550950c09df81ee67e5004aff6"
 ADMIN_TOKEN = f"{CANARY}-admin-token-0123456789"
 API_KEY = f"trk-{CANARY}-tenant-api-key-0123456789"
 PROMPT = f"{CANARY}-prompt: my password is hunter2, please keep it"

@@ -379,7 +379,7 @@ class RigSettings:
     server: dict[str, Any] = field(default_factory=dict)
 
 
-RESUME_SECRET = "nemesis-secret-0123456789abcdef"
+RESUME_SECRET = "6498a89895f88e2e1ccec80b6a59e8d8e4eead66953dc684ff9d21b287785dce"
 ADMIN_TOKEN = "nemesis-admin-0123456789abcdef"
 
 
