@@ -280,7 +280,7 @@ def resume_token(draw: Draw, material: Material) -> tuple[str, str]:
     if len(parts) != 4:  # not the v1 format: nothing to forge from
         return tamper(draw, base), TAMPERED
     if kind == UNKNOWN_STREAM:
-        parts[1] = draw.binary(16).hex().ljust(32, "0")
+        parts[1] = draw.binary(16).hex().ljust(32, "0") if draw.roll(4) else ""
     else:
         parts[2] = str(draw.integer(1, 1_000_000_000))  # long past
     payload = ".".join(parts[:3])
