@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
-from tokenrelay_server.config.settings import RECOVERY_KEYS
+from tokenrelay_server.config.settings import _table_key
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
@@ -55,15 +55,13 @@ def _toml_value(value: Any) -> str:
 
 
 def config_text(settings: dict[str, Any]) -> str:
-    """`settings` (Settings' field names) as a config file: [server] and [recovery]."""
-    tables: dict[str, list[str]] = {"server": [], "recovery": []}
-    for key, value in settings.items():
-        table = "recovery" if key in RECOVERY_KEYS else "server"
-        tables[table].append(f"{key} = {_toml_value(value)}")
+    """`settings` (Settings' field names) as a config file, each in its table."""
+    tables: dict[str, list[str]] = {}
+    for setting, value in settings.items():
+        table, key = _table_key(setting)
+        tables.setdefault(table, []).append(f"{key} = {_toml_value(value)}")
     return "".join(
-        f"[{name}]\n" + "".join(f"{line}\n" for line in lines)
-        for name, lines in tables.items()
-        if lines
+        f"[{name}]\n" + "".join(f"{line}\n" for line in lines) for name, lines in tables.items()
     )
 
 
