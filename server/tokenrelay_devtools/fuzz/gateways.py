@@ -1,8 +1,10 @@
 """The gateway a fuzz run uses when it is not given one: a `tokenrelay serve`
 process with timers short enough that a fuzzed stall, a missing first token
 or a backoff costs a fraction of a second, a dropped call that takes its
-generation with it (no detach grace), and a prompt limit a huge string
-passes."""
+generation with it (no detach grace), a prompt limit a huge string
+passes, and breakers and retry budgets out of reach: fuzzed fault scripts
+fail the simulator on purpose, and a breaker they opened would end the
+clean stream the run ends with (BREAKER_OPEN)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ FUZZ_SETTINGS: dict[str, Any] = {
     "first_token_timeout_s": 0.5,
     "backoff_base_s": 0,
     "backoff_cap_s": 0,
+    "retry_budget_ratio": 1000,
+    "breaker_failure_threshold": 1_000_000,
+    "breaker_failure_rate": 1.0,
     "log_level": "warning",
 }
 

@@ -258,7 +258,10 @@ class FuzzReport:
     after: Census | None = None
     healthy_after: bool = False
     clean_after: bool = False
+    clean_error: str = ""
     server_errors: list[str] = field(default_factory=list)
+    # A few distinct messages of each status, for the tally.
+    examples: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def leaks(self) -> list[str]:
@@ -286,7 +289,9 @@ class FuzzReport:
 
     def lines(self) -> list[str]:
         out = [f"calls={self.calls}"]
-        out += [f"  {code:<20} {count}" for code, count in sorted(self.tally.items())]
+        for code, count in sorted(self.tally.items()):
+            out.append(f"  {code:<20} {count}")
+            out += [f"      e.g. {example}" for example in self.examples.get(code, [])]
         out.append(
             "by first frame: " + " ".join(f"{k}={v}" for k, v in sorted(self.by_first.items()))
         )
@@ -300,7 +305,10 @@ class FuzzReport:
             out.append("census: not read (no admin token)")
         out += [f"LEAK {leak}" for leak in self.leaks]
         out.append(f"health SERVING after: {self.healthy_after}")
-        out.append(f"a clean stream whole after: {self.clean_after}")
+        out.append(
+            f"a clean stream whole after: {self.clean_after}"
+            + (f" ({self.clean_error})" if self.clean_error else "")
+        )
         out += [f"SERVER ERROR {line}" for line in self.server_errors[:20]]
         out.append(
             f"unknown={self.tally['UNKNOWN']} internal={self.tally['INTERNAL']} "
@@ -373,6 +381,11 @@ class Fuzzer:
         with self._lock:
             self.report.calls += 1
             self.report.tally[outcome.code] += 1
+            if outcome.code != "OK":
+                examples = self.report.examples.setdefault(outcome.code, [])
+                example = outcome.details[:100]
+                if len(examples) < 3 and example not in examples:
+                    examples.append(example)
             self.report.by_first[case.first.partition(":")[0]] += 1
             if found:
                 failure = Failure(index, case, outcome, found)
@@ -394,9 +407,13 @@ class Fuzzer:
             report.after = settle(channel, self.admin_token, report.baseline)
         report.healthy_after = healthy(channel)
         try:
-            report.clean_after = stream_whole(clean_stream(channel, self.material.api_key), 3)
-        except grpc.RpcError:
+            events = clean_stream(channel, self.material.api_key)
+            report.clean_after = stream_whole(events, 3)
+            if not report.clean_after:
+                report.clean_error = f"it ended {events[-1] if events else 'with no event'}"
+        except grpc.RpcError as error:
             report.clean_after = False
+            report.clean_error = f"{error.code().name}: {error.details()}"
         if self._server_errors is not None:
             report.server_errors = self._server_errors()
         return report
