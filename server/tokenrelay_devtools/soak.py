@@ -116,9 +116,13 @@ class SoakSettings:
 # The settings of a gateway the soak starts itself: short timers (a stall
 # costs half a second), breakers and retry budgets out of reach (the faults
 # are on purpose: a breaker opened by them would end clean streams partial),
-# a detach grace long enough for a dropped client to come back.
+# a detach grace long enough for a dropped client to come back, and a
+# retention of a minute: the store keeps every stream that long, so with the
+# default hour the RSS would measure the retention, not a leak (it levels
+# off once the first minute's streams expire, well within the warm-up).
 SOAK_GATEWAY: dict[str, Any] = {
     "max_streams": 16,
+    "retention_s": 60,
     "detach_grace_s": 30,
     "stall_timeout_s": 0.5,
     "first_token_timeout_s": 2,

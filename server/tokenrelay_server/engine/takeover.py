@@ -94,11 +94,20 @@ class Leases:
 
     async def keep(self, generation: Generation) -> None:
         """Renew the lease of a generation running here, and honour cancels
-        sent to other replicas, until cancelled (the hub cancels it when the
-        generation ends)."""
+        sent to other replicas, until the generation has finished (the hub
+        also cancels it then).
+
+        Not on the cancel alone: redis-py (8.1, Python 3.11) can lose a
+        cancellation that arrives during a command, and the command then
+        returns as if nothing happened; a keeper looping on `while True`
+        would renew the lease for ever and the hub, awaiting it, would keep
+        the finished generation registered (a stream left DETACHED, its slot
+        of max_streams held: found by bench/soak.py on Redis)."""
         stream_id = generation.stream_id
-        while True:
+        while not generation.finished.is_set():
             await self.clock.sleep(self.ttl_s / 3)
+            if generation.finished.is_set():
+                return
             try:
                 if not await self.store.renew_lease(stream_id, self.replica_id, self.ttl_s):
                     log.warning("stream %s: lost its lease", stream_id)
