@@ -12,6 +12,7 @@ generous bound only guards against hanging.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,8 +147,6 @@ def test_a_key_goes_as_bearer_metadata() -> None:
 
 
 def test_refused_tokens_differ_from_every_valid_one() -> None:
-    import random
-
     valid = "v1." + "ab" * 16 + ".1999999999.c2lnbmF0dXJlX29mX3RoZV90b2tlbl9iYXNlNjR1cmw"
     material = Material(tokens=[valid], secret="s" * 32)
     kinds = set()

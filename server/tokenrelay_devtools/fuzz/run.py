@@ -42,8 +42,6 @@ from tokenrelay_devtools.fuzz.draw import RandomDraw
 from tokenrelay_devtools.fuzz.generate import (
     BAD_CREDENTIALS,
     FOREIGN_KEY,
-    KEY,
-    NO_KEY,
     REFUSED_TOKENS,
     VALID,
     FuzzCase,
@@ -470,6 +468,3 @@ def replay(
         return fuzzer.finish()
     finally:
         fuzzer.close()
-
-
-__all__ = ["KEY", "NO_KEY", "Census", "FuzzReport", "Fuzzer", "Outcome", "fuzz", "play", "replay"]
