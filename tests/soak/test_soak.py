@@ -82,3 +82,17 @@ def test_a_short_soak_on_redis_breaks_nothing_and_leaks_nothing(
     assert_clean_soak(report, printed, redis_gateway)
     with redis.Redis.from_url(redis_url) as client:
         assert any(client.scan_iter(f"{redis_prefix}:*", count=1000))  # it did use Redis
+
+
+def test_the_rss_slope_is_fitted_to_the_samples_after_warm_up() -> None:
+    from tokenrelay_devtools.fuzz.run import Census
+    from tokenrelay_devtools.soak import Sample
+
+    def at(seconds: float, megabytes: float) -> Sample:
+        return Sample(seconds, 0, Census(0, 0, 0, 16, int(megabytes * 1e6), 14))
+
+    # Warm-up climbs 100 MB in a minute; after it, 2 MB per 10 minutes.
+    report = SoakReport(warm_at_s=60.0)
+    report.samples = [at(0, 80), at(30, 150), *(at(60 + 60 * i, 180 + 0.2 * i) for i in range(11))]
+    assert report.rss_slope_mb_per_h == pytest.approx(12.0)
+    assert report.rss_growth_after_warmup == pytest.approx(2 / 180)
