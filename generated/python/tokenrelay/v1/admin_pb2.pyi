@@ -367,11 +367,16 @@ class Overview(_message.Message):
     """Tokens delivered to clients per second, over the last 10 seconds."""
     asyncio_tasks: _builtins.int
     """This replica's process, for leak checks (bench/fuzz.py, bench/soak.py):
-    asyncio tasks not done, resident memory in bytes and open file
-    descriptors (0 where the platform does not say: they are read from /proc).
+    its asyncio tasks that are not done.
     """
     rss_bytes: _builtins.int
+    """Its resident memory in bytes (read from /proc; 0 where the platform does
+    not say).
+    """
     open_fds: _builtins.int
+    """Its open file descriptors (read from /proc; 0 where the platform does
+    not say).
+    """
     @_builtins.property
     def errors_last_minute(self) -> _containers.RepeatedCompositeFieldContainer[Global___CodeCount]:
         """Classified upstream errors in the last minute, by code, most first."""
