@@ -70,7 +70,10 @@ def main() -> int:
         target,
         admin_token,
         settings=SoakSettings(
-            max_streams=max_streams, api_key=args.api_key, foreign_key=args.foreign_key
+            max_streams=max_streams,
+            pooled_store=args.store == "redis",
+            api_key=args.api_key,
+            foreign_key=args.foreign_key,
         ),
         seed=args.seed,
         concurrency=args.concurrency,

@@ -109,6 +109,8 @@ class SoakSettings:
     """The gateway a soak starts (or what it knows of a --target's)."""
 
     max_streams: int | None = 16
+    # The gateway's store keeps connection pools (Redis): see SoakReport.fd_slack.
+    pooled_store: bool = False
     api_key: str | None = None
     foreign_key: str | None = None
 
@@ -155,6 +157,11 @@ class SoakReport:
     refused_over_quota: int = 0
     seconds: float = 0.0
     warm_at_s: float = 0.0  # when the warm-up ended (the baseline was read)
+    # How far above the baseline open fds may end. A store with connection
+    # pools (Redis) may still open a connection for a concurrency peak the
+    # warm-up did not reach (one per concurrent stream at most): the Soak
+    # sets max_streams + SLACK for it; the memory store opens none.
+    fd_slack: int = SLACK
 
     def _after_warmup(self) -> list[Sample]:
         return [s for s in self.samples if s.at_s >= self.warm_at_s]
@@ -189,7 +196,7 @@ class SoakReport:
             and now.streams == 0
             and now.attached == 0
             and now.tasks <= base.tasks + SLACK
-            and now.open_fds <= base.open_fds + SLACK
+            and now.open_fds <= base.open_fds + self.fd_slack
         )
 
     def summary(self) -> list[str]:
@@ -309,6 +316,8 @@ class Soak:
         self.concurrency = concurrency
         self.print_line = print_line
         self.report = SoakReport()
+        if settings.pooled_store:
+            self.report.fd_slack = (settings.max_streams or 16) + SLACK
         self._channels = [grpc.insecure_channel(target) for _ in range(max(concurrency // 3, 1))]
         self._admin = grpc.insecure_channel(target)
         self._lock = threading.Lock()
@@ -758,7 +767,7 @@ class Soak:
                 now.streams == 0
                 and now.attached == 0
                 and now.tasks <= baseline.tasks + SLACK
-                and now.open_fds <= baseline.open_fds + SLACK
+                and now.open_fds <= baseline.open_fds + self.report.fd_slack
             ) or time.monotonic() > give_up:
                 return now
             time.sleep(0.2)

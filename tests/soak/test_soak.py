@@ -21,12 +21,14 @@ from tokenrelay_devtools.soak import SOAK_GATEWAY, WEIGHTS, Soak, SoakReport, So
 CI_OPERATIONS = 150
 
 
-def soak(gateway: GatewayProcess, operations: int) -> tuple[SoakReport, list[str]]:
+def soak(
+    gateway: GatewayProcess, operations: int, *, pooled_store: bool = False
+) -> tuple[SoakReport, list[str]]:
     printed: list[str] = []
     runner = Soak(
         gateway.address,
         gateway.admin_token,
-        settings=SoakSettings(max_streams=SOAK_GATEWAY["max_streams"]),
+        settings=SoakSettings(max_streams=SOAK_GATEWAY["max_streams"], pooled_store=pooled_store),
         seed=13,
         concurrency=4,
         print_line=printed.append,
@@ -66,6 +68,7 @@ def test_a_short_soak_on_the_memory_store_breaks_nothing_and_leaks_nothing(
 ) -> None:
     report, printed = soak(memory_gateway, CI_OPERATIONS)
     assert_clean_soak(report, printed, memory_gateway)
+    assert report.fd_slack == 2  # no pool: the fds come back exactly (within 2)
 
 
 @pytest.fixture
@@ -78,7 +81,7 @@ def redis_gateway(tmp_path, redis_url: str, redis_prefix: str) -> Iterator[Gatew
 def test_a_short_soak_on_redis_breaks_nothing_and_leaks_nothing(
     redis_gateway: GatewayProcess, redis_url: str, redis_prefix: str
 ) -> None:
-    report, printed = soak(redis_gateway, CI_OPERATIONS)
+    report, printed = soak(redis_gateway, CI_OPERATIONS, pooled_store=True)
     assert_clean_soak(report, printed, redis_gateway)
     with redis.Redis.from_url(redis_url) as client:
         assert any(client.scan_iter(f"{redis_prefix}:*", count=1000))  # it did use Redis
