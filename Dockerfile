@@ -6,7 +6,7 @@ COPY protos protos
 COPY generated generated
 COPY server server
 COPY clients clients
-RUN pip install --no-cache-dir --prefix=/install .
+RUN pip install --no-cache-dir --prefix=/install '.[uvloop]'
 
 FROM python:3.11-slim
 COPY --from=build /install /usr/local

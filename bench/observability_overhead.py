@@ -9,9 +9,9 @@ with the defaults (`--otel-exporter none`), "on" with `--otel-exporter
 otlp` exporting, by the standard OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, to an
 OTLP/gRPC receiver (tokenrelay_devtools.otlp_receiver, counting spans) in
 this process, the load generator's, so the traced server pays for making,
-batching, encoding and sending its spans and nothing else. The metrics
-observer (obs/metrics.py) is included when it exists; this branch has none,
-so "on" is tracing only (the JSON says which).
+batching, encoding and sending its spans and nothing else; "on" also has the
+metrics observer and its endpoint (`--metrics-port`, on a free port), so it
+is everything an operator turns on (the JSON says which).
 
 The load is relay_vs_echo's: `--total-chunks` chunks per round and side at
 each concurrency level (N streams of total/N tokens of model `sim` at full
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import statistics
@@ -62,16 +61,8 @@ SIDES = ("off", "on")
 
 def observed_settings() -> tuple[dict[str, Any], list[str]]:
     """The "on" side's settings, and what they turn on."""
-    from tokenrelay_server.config.settings import Settings
-
-    settings: dict[str, Any] = {"otel_exporter": "otlp"}
-    parts = ["tracing (OTLP/gRPC to a local receiver)"]
-    # The metrics observer, where this tree has it (issue 11's other half):
-    # its endpoint on a free port. (Check the setting's meaning when it lands.)
-    metrics = importlib.util.find_spec("tokenrelay_server.obs.metrics") is not None
-    if metrics and "metrics_port" in Settings.model_fields:
-        settings["metrics_port"] = 0
-        parts.append("metrics")
+    settings: dict[str, Any] = {"otel_exporter": "otlp", "metrics_port": 0}
+    parts = ["tracing (OTLP/gRPC to a local receiver)", "metrics"]
     return settings, parts
 
 

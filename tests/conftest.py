@@ -116,3 +116,58 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
         keys = list(client.scan_iter(match=f"{prefix}:*", count=500))
         if keys:
             client.delete(*keys)
+
+
+# --- Redis Cluster ---------------------------------------------------------------
+#
+# `redis_cluster_url` gives the session a throwaway local Redis Cluster of three
+# masters (tokenrelay_devtools.redis_cluster: redis-server --cluster-enabled yes
+# on three free ports, joined by redis-cli --cluster create), or the one named by
+# TOKENRELAY_TEST_REDIS_CLUSTER_URL. A test that needs it FAILS when it cannot
+# be had: a skipped cluster suite is how a cross-slot script goes unnoticed.
+# `redis_cluster_prefix` is `redis_prefix` on the cluster (keys deleted after,
+# on every master).
+
+
+def _cluster_answers(url: str) -> bool:
+    try:
+        with redis.RedisCluster.from_url(url, socket_connect_timeout=1, socket_timeout=1) as client:
+            return "ok" == client.cluster_info().get("cluster_state")
+    except (redis.RedisError, OSError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    from tokenrelay_devtools.redis_cluster import ClusterStartError, LocalRedisCluster
+
+    given = os.environ.get("TOKENRELAY_TEST_REDIS_CLUSTER_URL")
+    if given:
+        if not _cluster_answers(given):
+            pytest.fail(
+                f"TOKENRELAY_TEST_REDIS_CLUSTER_URL={given} is not a Redis Cluster in state ok",
+                pytrace=False,
+            )
+        yield given
+        return
+    try:
+        with LocalRedisCluster.start() as cluster:
+            yield cluster.url
+    except ClusterStartError as error:
+        pytest.fail(
+            f"the local Redis Cluster could not be started: {error}. Install redis-server "
+            "and redis-cli, or point TOKENRELAY_TEST_REDIS_CLUSTER_URL at a cluster.",
+            pytrace=False,
+        )
+
+
+@pytest.fixture
+def redis_cluster_prefix(redis_cluster_url: str) -> Iterator[str]:
+    """A key prefix no other test uses on the cluster; its keys are deleted after."""
+    prefix = f"trtest-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    with redis.RedisCluster.from_url(redis_cluster_url) as client:
+        for node in client.get_primaries():
+            keys = list(client.scan_iter(match=f"{prefix}:*", count=500, target_nodes=node))
+            for key in keys:
+                client.delete(key)

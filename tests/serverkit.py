@@ -63,11 +63,20 @@ async def relay_factory() -> AsyncIterator[RelayFactory]:
     servers: list[RelayServer] = []
 
     async def start(
-        store_instance: StreamStore | None = None, *, clock: Clock | None = None, **overrides: Any
+        store_instance: StreamStore | None = None,
+        *,
+        clock: Clock | None = None,
+        lag_clock: Clock | None = None,
+        **overrides: Any,
     ) -> RelayServer:
-        values: dict[str, Any] = {"port": 0, "resume_secret": SECRET}
+        # No shedding on event-loop lag unless a test asks for it: a gateway in
+        # the test's process shares the test's loop, whose lag on a loaded
+        # machine is the machine's, not the gateway's.
+        values: dict[str, Any] = {"port": 0, "resume_secret": SECRET, "max_loop_lag_ms": 0}
         values.update(overrides)
-        server = await RelayServer.start(Settings(**values), store=store_instance, clock=clock)
+        server = await RelayServer.start(
+            Settings(**values), store=store_instance, clock=clock, lag_clock=lag_clock
+        )
         servers.append(server)
         return server
 

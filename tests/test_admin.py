@@ -162,10 +162,18 @@ async def test_a_period_that_is_not_hour_day_or_week_is_invalid(
     assert "period" in (error.details() or "")
 
 
+@pytest.mark.parametrize("cluster", [False, True], ids=["on one redis", "on a redis cluster"])
 async def test_replicas_on_one_redis_share_the_error_statistics(
-    relay_factory: RelayFactory, redis_url: str, redis_prefix: str
+    relay_factory: RelayFactory, request: pytest.FixtureRequest, cluster: bool
 ) -> None:
-    shared = {"store": "redis", "redis_url": redis_url, "redis_prefix": redis_prefix}
+    shared = {
+        "store": "redis",
+        "redis_url": request.getfixturevalue("redis_cluster_url" if cluster else "redis_url"),
+        "redis_prefix": request.getfixturevalue(
+            "redis_cluster_prefix" if cluster else "redis_prefix"
+        ),
+        "redis_cluster": cluster,
+    }
     first = await relay_factory(admin_token=TOKEN, max_retries=0, **shared)
     second = await relay_factory(admin_token=TOKEN, max_retries=0, **shared)
     for relay, faults in ((first, "http:429"), (second, "http:429"), (second, "http:503")):
@@ -173,6 +181,12 @@ async def test_replicas_on_one_redis_share_the_error_statistics(
             await run_to_end(
                 channel, start_request(metadata={"sim.faults": faults, "sim.retry_after_s": "0"})
             )
+    # Each replica writes its records from its own task, soon but not at once
+    # (a fresh cluster client first learns the slots); an Admin call flushes
+    # only its own replica's. So both flush before either is asked.
+    for relay in (first, second):
+        assert relay.recorder is not None
+        await relay.recorder.flush()
     for relay in (first, second):
         async with grpc.aio.insecure_channel(relay.address) as channel:
             stub = admin_pb2_grpc.AdminStub(channel)

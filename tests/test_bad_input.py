@@ -493,14 +493,15 @@ async def test_a_huge_cancel_reason_is_cut_and_every_reader_still_gets_the_end(
         # Paced on a clock nobody moves: still generating when the cancel comes.
         call = RawCall(channel, start_request(max_tokens=100_000, metadata=PACED))
         started = await call.next_event()
-        call.send(pb.StreamRequest(cancel=pb.Cancel(reason="stop " * 1_000_000)))  # 5 MB
+        # 3 MB: under the 4 MiB transport limit ([limits] max_request_bytes).
+        call.send(pb.StreamRequest(cancel=pb.Cancel(reason="stop " * 600_000)))
         events = await call.events_until()  # a reader with gRPC's default 4 MiB limit
         call.cancel()
         end = end_of(events)
         assert end.finish_reason == "cancelled"
         assert (
             "stop stop" in end.error.message
-            and "truncated from 5000000 characters" in end.error.message
+            and "truncated from 3000000 characters" in end.error.message
         )
         assert len(end.error.message) < MAX_CANCEL_REASON_CHARS + 200
         again = await run_to_end(channel, resume_request(started.started.resume_token, 0))

@@ -543,6 +543,8 @@ def test_one_status_table_gives_one_answer_for_a_status_line_and_a_payload(
         assert classify.blame_of(payload) is blame
     assert line.retryable is retryable
     assert classify.blame_of(line) is blame
+    if 300 <= status <= 399:
+        assert "redirect, which the gateway never follows" in line.message
 
 
 def test_the_status_table_test_covers_every_status_the_code_names():

@@ -129,7 +129,7 @@ def test_serve_reports_every_mistake_of_file_environment_and_flags_at_once(
         f"{config}:6: recovery.max_retires: is not a known key (did you mean max_retries?)",
         f"{config}:9: breaker.cooldown_s: must be at least 0",
         f"{config}:11: bogus: is not a known table "
-        "(known: breaker, models, providers, recovery, server)",
+        "(known: breaker, limits, models, providers, recovery, server)",
         f"{config}:16: providers.main.api_key_env: "
         "environment variable TR_TEST_KEY_THAT_IS_NOT_SET is not set or empty",
         "TOKENRELAY_STALL_TIMEOUT_S: must be a number",

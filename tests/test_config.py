@@ -29,6 +29,9 @@ FLAG_NAMES = (
     "first_token_timeout_s",
     "max_retries",
     "sim",
+    "redis_cluster",
+    "heartbeat_interval_s",
+    "heartbeat_ttl_s",
 )
 
 
@@ -57,6 +60,12 @@ def mistakes(text: str | None = None, **kwargs: Any) -> list[str]:
 # --- one mistake each: where it is reported and how it reads ------------------------------
 
 ONE_MISTAKE = [
+    pytest.param(
+        "[server]\nheartbeat_interval_s = 1\nheartbeat_ttl_s = 0.5\n",
+        "p.toml:3: server.heartbeat_ttl_s: must be longer than heartbeat_interval_s (1.0), "
+        "or every replica would look dead between two heartbeats",
+        id="a heartbeat TTL no longer than its interval is refused saying why",
+    ),
     pytest.param(
         "[server]\nport = 1\nport_x = 2\n",
         "p.toml:3: server.port_x: is not a known key (did you mean port?)",
@@ -99,8 +108,8 @@ ONE_MISTAKE = [
     ),
     pytest.param(
         "[server]\nport = 1\n\n[srever]\nhost = 'h'\n",
-        "p.toml:4: srever: is not a known table (known: breaker, models, providers, recovery, "
-        "server)",
+        "p.toml:4: srever: is not a known table (known: breaker, limits, models, providers, "
+        "recovery, server)",
         id="an unknown table is named at its header",
     ),
     pytest.param(
@@ -183,6 +192,19 @@ FLAG_AND_ENV_MISTAKES = [
     ),
     pytest.param(
         {},
+        {"TOKENRELAY_REDIS_CLUSTER": "perhaps"},
+        "TOKENRELAY_REDIS_CLUSTER: must be true or false",
+        id="TOKENRELAY_REDIS_CLUSTER that is no boolean",
+    ),
+    pytest.param(
+        {"heartbeat_ttl_s": "0.2"},
+        {},
+        "--heartbeat-ttl-s: must be longer than heartbeat_interval_s (0.5), "
+        "or every replica would look dead between two heartbeats",
+        id="a --heartbeat-ttl-s under the default interval names the flag",
+    ),
+    pytest.param(
+        {},
         {"TOKENRELAY_STORE": "disk"},
         "TOKENRELAY_STORE: must be 'memory' or 'redis'",
         id="a choice from the environment says the choices",
@@ -233,8 +255,8 @@ def test_every_mistake_of_file_environment_and_flags_is_reported_together(tmp_pa
         f"{file}:3: server.stal_timeout_s: is not a known key (did you mean stall_timeout_s?)",
         f"{file}:4: server.resume_secret: must be at least 16 characters long",
         f"{file}:7: recovery.jitter: must be at most 1",
-        f"{file}:9: bogus: is not a known table (known: breaker, models, providers, recovery, "
-        "server)",
+        f"{file}:9: bogus: is not a known table (known: breaker, limits, models, providers, "
+        "recovery, server)",
         f"{file}:13: providers.main.kind: must be 'openai' or 'anthropic'",
         f"{file}:14: providers.main.base_url: must be an http:// or https:// URL with a host",
         f"{file}:17: models.fast.chain[0].provider: no provider named 'mian' (known: main, sim)",
@@ -380,3 +402,28 @@ def test_a_redis_password_never_appears_in_the_error(tmp_path: Path) -> None:
 def test_a_table_defined_only_by_dotted_keys_is_found_at_its_first_mention() -> None:
     lines = KeyLines("# x\na.b = 1\n[c.d.e]\nf = 2\n")
     assert (lines.line_of(("a",)), lines.line_of(("c",)), lines.line_of(("c", "d"))) == (2, 3, 3)
+
+
+@pytest.mark.parametrize(
+    ("text", "flags", "env"),
+    [
+        pytest.param("[server]\nredis_cluster = true\n", {}, {}, id="in the server table"),
+        pytest.param(None, {}, {"TOKENRELAY_REDIS_CLUSTER": "true"}, id="by its variable"),
+        pytest.param(None, {"redis_cluster": True}, {}, id="by --redis-cluster"),
+    ],
+)
+def test_redis_cluster_is_set_by_file_variable_or_flag(
+    tmp_path: Path, text: str | None, flags: dict[str, Any], env: dict[str, str]
+) -> None:
+    assert load(tmp_path=tmp_path).redis_cluster is False
+    assert load(text, tmp_path=tmp_path, flags=flags, env=env).redis_cluster is True
+
+
+def test_heartbeat_settings_come_from_the_file_and_default_to_half_and_two_seconds(
+    tmp_path: Path,
+) -> None:
+    default = load(tmp_path=tmp_path)
+    assert (default.heartbeat_interval_s, default.heartbeat_ttl_s) == (0.5, 2.0)
+    text = "[server]\nheartbeat_interval_s = 0.2\nheartbeat_ttl_s = 1\n"
+    given = load(text, tmp_path=tmp_path)
+    assert (given.heartbeat_interval_s, given.heartbeat_ttl_s) == (0.2, 1.0)

@@ -34,7 +34,7 @@ from serverkit import (
 from tokenrelay.v1 import admin_pb2, admin_pb2_grpc
 from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay.v1 import relay_pb2_grpc as pbg
-from tokenrelay_devtools.chaos import PROMPT, Scenario, chaos_config, make_scenario
+from tokenrelay_devtools.chaos import PROMPT, Scenario, chaos_config, make_scenario, read_call
 from tokenrelay_devtools.mock_upstream import MockUpstream
 from tokenrelay_devtools.timekeeper import keeping_time
 from tokenrelay_server.api.server import RelayServer
@@ -126,27 +126,6 @@ def chaos_start(scenario: Scenario) -> pb.StreamRequest:
     )
 
 
-async def read_call(
-    stub: pbg.RelayStub, first: pb.StreamRequest, stop_after_seq: int | None
-) -> list[pb.StreamEvent]:
-    async def requests() -> AsyncIterator[pb.StreamRequest]:
-        yield first
-        await asyncio.Event().wait()  # keep the call open until we leave it
-
-    call = stub.Stream(requests())
-    events: list[pb.StreamEvent] = []
-    try:
-        async for event in call:
-            events.append(event)
-            if event.HasField("end"):
-                break
-            if stop_after_seq is not None and event.chunk.seq == stop_after_seq:
-                break
-    finally:
-        call.cancel()
-    return events
-
-
 class ClientView:
     """What the clients of a chaos run saw, added up."""
 
@@ -218,6 +197,7 @@ async def chaos_gateway(tmp_path: Path) -> AsyncIterator[ChaosGateway]:
                 **read_config_file(path),
                 "port": 0,
                 "resume_secret": "chaos-secret-0123456789",
+                "max_loop_lag_ms": 0,  # as in the chaos universe
                 "metrics_port": 0,
                 "admin_token": ADMIN_TOKEN,
             }

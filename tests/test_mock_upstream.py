@@ -600,6 +600,28 @@ async def test_the_consumer_closing_early_closes_the_connection(
     await until_idle(upstream)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+async def test_the_mock_paces_on_an_absolute_schedule_however_late_it_wakes(
+    make: Providers, upstream: MockUpstream, clock: ManualClock, kind: str
+):
+    # Every wake-up 7 ms late: sleeping the full pace after each event would
+    # put event k at k * 27 ms; on an absolute schedule it is due at
+    # start + k * 20 ms (issue 10).
+    started = clock.monotonic()
+    answer = asyncio.create_task(run(make(kind), request(max_tokens=30, pace_ms="20")))
+    last_due = 0.0
+    for k in range(1, 31):
+        # The mock's next wake-up is the only timer on the clock.
+        await eventually(lambda after=last_due: (clock.next_due() or 0.0) > after)
+        due = clock.next_due()
+        assert due == pytest.approx(started + k * 0.020, abs=1e-9), f"event {k}"
+        clock.advance(due - clock.monotonic() + 0.007)
+        last_due = due
+    deltas, error = await answer
+    assert error is None
+    assert text_of(deltas) == await sim_text(request(max_tokens=30))
+
+
 # --- pooling --------------------------------------------------------------------------------------
 
 

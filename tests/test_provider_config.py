@@ -101,6 +101,20 @@ def test_an_empty_document_has_no_providers_and_no_models():
             id="a base_url that is not http names the base_url key",
         ),
         pytest.param(
+            'base_url = "http://127.0.0.1:8081/v1"',
+            'base_url = "https://user:s3cret@api.example/v1"',
+            "providers.local-openai.base_url",
+            6,
+            id="a base_url with a password in it is refused",
+        ),
+        pytest.param(
+            'base_url = "http://127.0.0.1:8081/v1"',
+            'base_url = "https:///v1"',
+            "providers.local-openai.base_url",
+            6,
+            id="a base_url without a host is refused",
+        ),
+        pytest.param(
             "connect_timeout_s = 5",
             "connect_timeout_s = -1",
             "providers.local-openai.connect_timeout_s",

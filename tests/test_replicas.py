@@ -8,6 +8,9 @@ In-process replicas run on one ManualClock with their timers out of reach
 a lease renewal passes when the test moves the clock. Redis keeps its own
 time (lease TTLs, blocking reads), so leases are long in real time too. The
 replica killed with SIGKILL is a real process on real time; see that test.
+
+Every test runs twice: on one Redis, and on a local three-master Redis
+Cluster (issue 9 defect 8; conftest.py starts it), with `redis_cluster` on.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -43,12 +49,84 @@ from tokenrelay_server.core.clock import ManualClock
 from tokenrelay_server.core.model import Chunk, StreamMeta
 from tokenrelay_server.store.redis import RedisStore
 
+# A generous bound on waits for another process (it fails the test; it times nothing).
+PROCESS_GUARD_S = 90.0
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def shared(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The settings every replica of a test shares: one Redis, or a cluster."""
+    cluster = request.param == "cluster"
+    return {
+        "store": "redis",
+        "redis_url": request.getfixturevalue("redis_cluster_url" if cluster else "redis_url"),
+        "redis_prefix": request.getfixturevalue(
+            "redis_cluster_prefix" if cluster else "redis_prefix"
+        ),
+        "redis_cluster": cluster,
+    }
+
+
+def open_store(shared: dict[str, Any]) -> RedisStore:
+    return RedisStore.from_url(
+        shared["redis_url"], prefix=shared["redis_prefix"], cluster=shared["redis_cluster"]
+    )
+
+
+def replica_config(path: Path, shared: dict[str, Any], **extra: Any) -> Path:
+    """A TOML config of a replica process on the shared Redis."""
+    lines = ["[server]", "port = 0", 'store = "redis"', f'resume_secret = "{SECRET}"']
+    lines += [f'redis_url = "{shared["redis_url"]}"', f'redis_prefix = "{shared["redis_prefix"]}"']
+    lines.append(f"redis_cluster = {'true' if shared['redis_cluster'] else 'false'}")
+    lines += [f"{key} = {value}" for key, value in extra.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class ReplicaProcess:
+    """A `tokenrelay serve` process; `kill()` is SIGKILL (no drain, no End)."""
+
+    def __init__(self, process: asyncio.subprocess.Process, port: int) -> None:
+        self.process = process
+        self.address = f"127.0.0.1:{port}"
+
+    @classmethod
+    async def start(cls, config: Path) -> ReplicaProcess:
+        errors = config.with_suffix(".log")
+        with errors.open("wb") as stderr:
+            process = await asyncio.create_subprocess_exec(
+                *(sys.executable, "-m", "tokenrelay_server.cli", "serve", "--config", str(config)),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=stderr,
+            )
+        assert process.stdout is not None
+        async with asyncio.timeout(PROCESS_GUARD_S):
+            line = await process.stdout.readline()
+        if not line.startswith(b"port "):
+            process.kill()
+            await process.wait()
+            said = errors.read_text(errors="replace")[-2000:]
+            raise AssertionError(f"the replica did not start: {line!r}; it said: {said}")
+        return cls(process, int(line.split()[1]))
+
+    async def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGKILL)
+        await self.process.wait()
+
+
+@pytest.fixture
+async def replica_processes() -> AsyncIterator[list[ReplicaProcess]]:
+    started: list[ReplicaProcess] = []
+    yield started
+    for replica in started:
+        await replica.kill()
+
 
 @pytest.fixture
 async def replicas(
-    relay_factory: RelayFactory, redis_url: str, redis_prefix: str, clock: ManualClock
+    relay_factory: RelayFactory, shared: dict[str, Any], clock: ManualClock
 ) -> tuple[RelayServer, RelayServer]:
-    shared = {"store": "redis", "redis_url": redis_url, "redis_prefix": redis_prefix}
     a = await relay_factory(clock=clock, **shared, **QUIET)
     b = await relay_factory(clock=clock, **shared, **QUIET)
     return a, b
@@ -145,9 +223,8 @@ async def test_cancel_sent_to_another_replica_stops_the_generation(
 
 
 async def test_a_draining_replica_sends_unavailable_and_another_serves_the_resume(
-    relay_factory: RelayFactory, redis_url: str, redis_prefix: str, clock: ManualClock
+    relay_factory: RelayFactory, shared: dict[str, Any], clock: ManualClock
 ) -> None:
-    shared = {"store": "redis", "redis_url": redis_url, "redis_prefix": redis_prefix}
     a = await relay_factory(clock=clock, **shared, **QUIET, drain_grace_s=10)
     b = await relay_factory(clock=clock, **shared, **QUIET)
     async with (
@@ -176,11 +253,11 @@ async def test_a_draining_replica_sends_unavailable_and_another_serves_the_resum
 
 
 async def test_a_stream_whose_owner_died_ends_typed_with_what_it_produced(
-    relay_factory: RelayFactory, redis_url: str, redis_prefix: str
+    relay_factory: RelayFactory, shared: dict[str, Any]
 ) -> None:
-    b = await relay_factory(store="redis", redis_url=redis_url, redis_prefix=redis_prefix)
+    b = await relay_factory(**shared)
     # A replica that died mid-generation leaves a log, no End and no lease.
-    store = RedisStore.from_url(redis_url, prefix=redis_prefix)
+    store = open_store(shared)
     try:
         meta = StreamMeta("deadbeef" * 4, "sim", 0.0, 10)
         await store.create(meta)
@@ -198,7 +275,7 @@ async def test_a_stream_whose_owner_died_ends_typed_with_what_it_produced(
 
 
 async def test_a_dead_replicas_generation_is_taken_over_and_finished(
-    relay_factory: RelayFactory, redis_url: str, redis_prefix: str, tmp_path, clock: ManualClock
+    relay_factory: RelayFactory, shared: dict[str, Any], tmp_path: Path, clock: ManualClock
 ) -> None:
     # Replica A is a real process, on real time: its lease lapses in Redis
     # (Redis's own clock) lease_ttl_s after the SIGKILL, and B, polling the
@@ -208,11 +285,14 @@ async def test_a_dead_replicas_generation_is_taken_over_and_finished(
     # renewal A misses while alive changes nothing (no one else reads the
     # stream then); B continues on the manual clock with nothing timed.
     # A slow machine only makes it take longer.
-    config = tmp_path / "replica-a.toml"
-    config.write_text(
-        '[server]\nport = 0\nstore = "redis"\n'
-        f'redis_url = "{redis_url}"\nredis_prefix = "{redis_prefix}"\n'
-        f'resume_secret = "{SECRET}"\nlease_ttl_s = 0.6\nstall_timeout_s = 3600\n'
+    # (The heartbeat would free it sooner: here the lease is the shorter.)
+    config = replica_config(
+        tmp_path / "replica-a.toml",
+        shared,
+        lease_ttl_s=0.6,
+        stall_timeout_s=3600,
+        heartbeat_interval_s=60,
+        heartbeat_ttl_s=3600,
     )
     replica_a = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "tokenrelay_server.cli", "serve", "--config", str(config)),
@@ -222,9 +302,7 @@ async def test_a_dead_replicas_generation_is_taken_over_and_finished(
     try:
         assert replica_a.stdout is not None
         port = int((await replica_a.stdout.readline()).split()[1])
-        b = await relay_factory(
-            clock=clock, store="redis", redis_url=redis_url, redis_prefix=redis_prefix, **QUIET
-        )
+        b = await relay_factory(clock=clock, **shared, **QUIET)
         request = start_request(max_tokens=60, metadata={"sim.faults": "stall@8"})
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as on_a:
             call = RawCall(on_a, request)
@@ -251,3 +329,69 @@ async def test_a_dead_replicas_generation_is_taken_over_and_finished(
         if replica_a.returncode is None:
             replica_a.kill()
             await replica_a.wait()
+
+
+async def test_a_killed_owners_stream_is_taken_over_once_its_heartbeat_is_gone(
+    shared: dict[str, Any], tmp_path: Path, replica_processes: list[ReplicaProcess]
+) -> None:
+    # Issue 9 defect 7. Two replica processes on real time. The lease is an
+    # hour long, so the only thing that can free A's stream for B within the
+    # test's guard is A's heartbeat going away (2 s after its last renewal).
+    # A sends 8 chunks and hangs (stall@8, its stall timeout out of reach),
+    # so it is mid-generation when killed however slow the machine is; the
+    # client then resumes on B and must get exactly the clean answer.
+    # Nothing is timed: a slow machine only makes it take longer.
+    settings = {"lease_ttl_s": 3600, "stall_timeout_s": 3600}
+    a = await ReplicaProcess.start(replica_config(tmp_path / "a.toml", shared, **settings))
+    replica_processes.append(a)
+    b = await ReplicaProcess.start(replica_config(tmp_path / "b.toml", shared, **settings))
+    replica_processes.append(b)
+    request = start_request(max_tokens=60, metadata={"sim.faults": "stall@8"})
+    async with asyncio.timeout(PROCESS_GUARD_S):
+        async with grpc.aio.insecure_channel(a.address) as on_a:
+            call = RawCall(on_a, request)
+            seen = await call.events_until(lambda e: e.HasField("chunk") and e.chunk.seq == 8)
+            await a.kill()
+            with pytest.raises(grpc.aio.AioRpcError):
+                await call.events_until()
+        last = max(c.seq for c in chunks_of(seen))
+        async with grpc.aio.insecure_channel(b.address) as on_b:
+            rest = await run_to_end(on_b, resume_request(seen[0].started.resume_token, last))
+            clean = await run_to_end(on_b, start_request(max_tokens=60))
+    chunks = chunks_of(seen) + chunks_of(rest)
+    assert_contiguous(chunks)
+    assert "".join(c.text for c in chunks) == text_of(clean)
+    end = end_of(rest)
+    assert not end.partial
+    assert end.total_seq == len(chunks)
+    assert end.text_sha256 == sha256(text_of(clean))
+    notices = [e.error for e in rest if e.HasField("error")]
+    assert [n.code for n in notices] == ["OWNER_LOST"]
+    assert not notices[0].fatal
+
+
+async def test_a_live_owners_stream_is_not_taken_over_while_it_beats(
+    shared: dict[str, Any], tmp_path: Path, replica_processes: list[ReplicaProcess]
+) -> None:
+    # The other side of the heartbeat: B follows A's stream while A stalls
+    # (alive, beating) far past several heartbeat TTLs' worth of B's looks;
+    # B never takes it over. A then ends it (its stall timeout), and B's
+    # client gets A's End: OWNER_LOST never appears.
+    settings = {"lease_ttl_s": 3600, "stall_timeout_s": 3}
+    a = await ReplicaProcess.start(replica_config(tmp_path / "a.toml", shared, **settings))
+    replica_processes.append(a)
+    b = await ReplicaProcess.start(replica_config(tmp_path / "b.toml", shared, **settings))
+    replica_processes.append(b)
+    request = start_request(max_tokens=60, metadata={"sim.faults": "stall@4"})
+    async with asyncio.timeout(PROCESS_GUARD_S):
+        async with grpc.aio.insecure_channel(a.address) as on_a:
+            call = RawCall(on_a, request)
+            seen = await call.events_until(lambda e: e.HasField("chunk") and e.chunk.seq == 4)
+            call.cancel()
+        async with grpc.aio.insecure_channel(b.address) as on_b:
+            rest = await run_to_end(on_b, resume_request(seen[0].started.resume_token, 4))
+    codes = [e.error.code for e in rest if e.HasField("error")]
+    assert "OWNER_LOST" not in codes
+    end = end_of(rest)
+    assert end.total_seq == 4 + len(chunks_of(rest))
+    assert end.error.code != "OWNER_LOST"

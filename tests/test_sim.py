@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tokenrelay_server.core.clock import ManualClock
 from tokenrelay_server.core.errors import NetworkError, RequestError
 from tokenrelay_server.core.model import GenerationParams, Message, Tool, ToolCall, ToolChoice
 from tokenrelay_server.upstream.base import (
@@ -440,3 +442,66 @@ async def test_the_in_process_simulator_resets_inside_a_tool_call() -> None:
         async for delta in SimProvider().stream(request):
             seen.append(delta)
     assert isinstance(seen[-1], ToolCallDelta) and seen[-1].index == 0
+
+
+# --- pacing: an absolute schedule on the injected clock (issue 10) -------------------------------
+
+
+def paced_request(pace_ms: str, max_tokens: int) -> ProviderRequest:
+    return ProviderRequest(
+        model="sim",
+        messages=PROMPT,
+        params=GenerationParams(max_tokens=max_tokens),
+        metadata=(("sim.pace_ms", pace_ms),),
+    )
+
+
+async def settle(steps: int = 10) -> None:
+    for _ in range(steps):
+        await asyncio.sleep(0)
+
+
+async def test_the_simulator_paces_token_k_at_start_plus_k_paces_however_late_it_wakes() -> None:
+    # Each wake-up comes 7 ms late (a busy loop). Sleeping the full pace after
+    # each token would put token k at k * 27 ms (37 tok/s for a 50 tok/s
+    # pace); on an absolute schedule it is due at start + k * 20 ms.
+    clock = ManualClock()
+    provider = SimProvider(clock=clock)
+    stream = provider.stream(paced_request("20", 100))
+    started = clock.monotonic()
+    for k in range(1, 101):
+        following = asyncio.ensure_future(anext(stream))
+        await settle()
+        assert not following.done()  # it waits on the clock for token k
+        due = clock.next_due()
+        assert due == pytest.approx(started + k * 0.020, abs=1e-9), f"token {k}"
+        clock.advance(due - clock.monotonic() + 0.007)
+        delta = await following
+        assert isinstance(delta, TextDelta)
+    # 100 tokens in 2 s of the clock (+ the last wake-up's 7 ms): the nominal rate.
+    assert clock.monotonic() - started == pytest.approx(2.007)
+    rest = [delta async for delta in stream]
+    assert isinstance(rest[-1], Finish)
+
+
+async def test_tokens_already_due_after_a_long_stall_come_at_once_then_the_pace_resumes() -> None:
+    clock = ManualClock()
+    stream = SimProvider(clock=clock).stream(paced_request("20", 100))
+    started = clock.monotonic()
+    first = asyncio.ensure_future(anext(stream))
+    await settle()
+    clock.advance(0.5)  # the loop was stuck for half a second: 25 tokens are due
+    assert isinstance(await first, TextDelta)
+    for k in range(2, 26):
+        due = asyncio.ensure_future(anext(stream))
+        await settle()
+        assert due.done(), f"token {k} was due and still waited"
+        assert isinstance(due.result(), TextDelta)
+    following = asyncio.ensure_future(anext(stream))
+    await settle()
+    assert not following.done()
+    assert clock.next_due() == pytest.approx(started + 26 * 0.020, abs=1e-9)
+    following.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await following
+    await stream.aclose()

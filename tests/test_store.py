@@ -1,5 +1,7 @@
 """One suite for every `StreamStore` (base.py): each test runs against the
-memory store and the Redis store, so the gateway cannot tell them apart.
+memory store, the Redis store, and the Redis store on a local three-master
+Redis Cluster (issue 9 defect 8: every script's keys in one slot), so the
+gateway cannot tell them apart.
 
 Time: the memory store runs on a `ManualClock` that tests move forward; Redis
 TTLs run on the server's real clock, so there the same tests poll (with a
@@ -17,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 
 from tokenrelay_server.core.clock import ManualClock
 from tokenrelay_server.core.errors import ErrorType, Fault, StreamNotFound, SuggestedAction
@@ -83,7 +86,11 @@ class Backend:
             # The clock only dates idempotency-key refreshes here; a ManualClock
             # also proves that `wait` does not time out on it.
             store = RedisStore.from_url(
-                self.redis_url, retention_s=retention_s, prefix=self.redis_prefix, clock=self.clock
+                self.redis_url,
+                retention_s=retention_s,
+                prefix=self.redis_prefix,
+                clock=self.clock,
+                cluster=self.kind == "cluster",
             )
         self.opened.append(store)
         return store
@@ -104,6 +111,11 @@ class Backend:
         """How many blocking reads the server holds (Redis); 0 for memory."""
         if self.kind == "memory":
             return 0
+        assert self.redis_url is not None
+        if self.kind == "cluster":
+            async with RedisCluster.from_url(self.redis_url) as cluster:
+                per_node = await cluster.info("clients", target_nodes=RedisCluster.PRIMARIES)
+                return sum(int(info["blocked_clients"]) for info in per_node.values())
         async with Redis.from_url(self.redis_url) as client:
             return int((await client.info("clients"))["blocked_clients"])
 
@@ -120,16 +132,23 @@ class Backend:
             await asyncio.sleep(POLL_INTERVAL_S)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     if request.param == "memory":
         backend = Backend("memory", ManualClock())
-    else:
+    elif request.param == "redis":
         backend = Backend(
             "redis",
             ManualClock(),
             redis_url=request.getfixturevalue("redis_url"),
             redis_prefix=request.getfixturevalue("redis_prefix"),
+        )
+    else:
+        backend = Backend(
+            "cluster",
+            ManualClock(),
+            redis_url=request.getfixturevalue("redis_cluster_url"),
+            redis_prefix=request.getfixturevalue("redis_cluster_prefix"),
         )
     yield backend
     for store in backend.opened:

@@ -537,8 +537,16 @@ async def chaos_universe() -> AsyncIterator[Universe]:
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "chaos.toml"
             path.write_text(chaos_config(upstream.base_url))
+            # No shedding on event-loop lag: the mock, the gateway and the
+            # clients share one loop here, and a run must not depend on how
+            # busy the machine is.
             settings = build_settings(
-                {**read_config_file(path), "port": 0, "resume_secret": "chaos-secret-0123456789"}
+                {
+                    **read_config_file(path),
+                    "port": 0,
+                    "resume_secret": "chaos-secret-0123456789",
+                    "max_loop_lag_ms": 0,
+                }
             )
         server = await RelayServer.start(settings, clock=clock)
         try:
@@ -578,7 +586,7 @@ def _start(scenario: Scenario) -> pb.StreamRequest:
     return pb.StreamRequest(start=start)
 
 
-async def _read(
+async def read_call(
     stub: pbg.RelayAsyncStub, first: pb.StreamRequest, stop_after_seq: int | None
 ) -> list[pb.StreamEvent]:
     """Read a call to its end, or until chunk `stop_after_seq` (then drop it)."""
@@ -604,12 +612,12 @@ async def _read(
 async def run_scenario(stub: pbg.RelayAsyncStub, scenario: Scenario) -> tuple[list[str], str, bool]:
     """(violations, outcome "exact"/"partial", whether the client resumed)."""
     problems: list[str] = []
-    events = await _read(stub, _start(scenario), scenario.drop_after)
+    events = await read_call(stub, _start(scenario), scenario.drop_after)
     resumed = False
     if not events or not events[-1].HasField("end"):
         token = events[0].started.resume_token
         last = max((e.chunk.seq for e in events if e.HasField("chunk")), default=0)
-        events += await _read(
+        events += await read_call(
             stub, pb.StreamRequest(resume=pb.ResumeStream(resume_token=token, last_seq=last)), None
         )
         resumed = True

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+from pathlib import Path
 
 import click
 
+from tokenrelay_client.click_options import client_credential_options
 from tokenrelay_server.config.settings import env_var
 
 
@@ -53,11 +55,27 @@ def mock_upstream(host: str, port: int) -> None:
     envvar=env_var("target"),
     help="Use this gateway instead of starting one in-process.",
 )
-def demo(target: str | None) -> None:
-    """Watch a stream survive a dropped connection: cut, reconnect, resume, verify."""
-    from tokenrelay_devtools.demo import run_demo
+@client_credential_options
+def demo(
+    target: str | None,
+    api_key: str | None,
+    tls_ca: Path | None,
+    tls_client_cert: Path | None,
+    tls_client_key: Path | None,
+) -> None:
+    """Watch a stream survive a dropped connection: cut, reconnect, resume, verify.
+    The --api-key and --tls-* options are for a --target gateway's calls."""
+    from tokenrelay_devtools.demo import ClientCredentials, run_demo
     from tokenrelay_server.obs.logs import setup_logging
 
+    if target is None and any(
+        value is not None for value in (tls_ca, tls_client_cert, tls_client_key)
+    ):
+        raise click.UsageError(
+            "--tls-ca, --tls-client-cert and --tls-client-key are for a --target gateway "
+            "(the in-process one serves plaintext)"
+        )
+    credentials = ClientCredentials(api_key, tls_ca, tls_client_cert, tls_client_key)
     setup_logging("warning")
     with contextlib.suppress(KeyboardInterrupt):
-        sys.exit(asyncio.run(run_demo(target)))
+        sys.exit(asyncio.run(run_demo(target, credentials=credentials)))

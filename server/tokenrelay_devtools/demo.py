@@ -22,6 +22,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.live import Live
@@ -235,6 +237,36 @@ class _SeqGrid:
 # --- the demo ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ClientCredentials:
+    """How the demo's clients call a --target gateway (issue 13): its API key
+    and TLS files, as RelayClient takes them."""
+
+    api_key: str | None = None
+    tls_ca: Path | None = None
+    tls_client_cert: Path | None = None
+    tls_client_key: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_ca is not None or self.tls_client_cert is not None
+
+    def options(self, target: str, *, via_proxy: bool) -> dict[str, Any]:
+        """RelayClient keywords. Through the fault proxy the client dials the
+        proxy's address but must check the certificate for the gateway's own
+        host name (the proxy passes TLS through untouched)."""
+        options: dict[str, Any] = {
+            "api_key": self.api_key,
+            "tls_ca": self.tls_ca,
+            "tls_client_cert": self.tls_client_cert,
+            "tls_client_key": self.tls_client_key,
+        }
+        if via_proxy and self.tls:
+            host = target.rsplit(":", 1)[0].strip("[]")
+            options["channel_options"] = [("grpc.ssl_target_name_override", host)]
+        return options
+
+
 async def run_demo(
     target: str | None = None,
     *,
@@ -243,8 +275,11 @@ async def run_demo(
     cut_after: int = 40,
     console: Console | None = None,
     backoff_base_s: float = 1.0,
+    credentials: ClientCredentials | None = None,
 ) -> int:
-    """Run the demo; 0 when every check passed, 1 otherwise."""
+    """Run the demo; 0 when every check passed, 1 otherwise. `credentials`:
+    how to call a `target` gateway (its API key, TLS)."""
+    credentials = credentials or ClientCredentials()
     if not 0 < cut_after < tokens:
         raise ValueError(f"cut_after must be between 1 and tokens-1 ({tokens - 1})")
     console = console or Console()
@@ -282,6 +317,7 @@ async def run_demo(
                     pace_ms=pace_ms,
                     cut_after=cut_after,
                     backoff_base_s=backoff_base_s,
+                    credentials=credentials,
                 )
                 state.finished = True
                 view.update(state)
@@ -301,11 +337,16 @@ async def _stream_and_check(
     pace_ms: float,
     cut_after: int,
     backoff_base_s: float,
+    credentials: ClientCredentials,
 ) -> bool:
     metadata = {"sim.pace_ms": f"{pace_ms:g}", "sim.seed": SEED}
     seqs: list[int] = []
     announce_next_chunk = False
-    async with RelayClient(proxy.address, backoff_base_s=backoff_base_s) as client:
+    async with RelayClient(
+        proxy.address,
+        backoff_base_s=backoff_base_s,
+        **credentials.options(target, via_proxy=True),
+    ) as client:
         relay_stream = client.stream(
             MODEL, [("user", PROMPT)], max_tokens=tokens, metadata=metadata
         )
@@ -388,7 +429,9 @@ async def _stream_and_check(
         refresh(state)
         try:
             # Straight to the gateway, no proxy, no pacing: the reference text.
-            async with RelayClient(target) as reference_client:
+            async with RelayClient(
+                target, **credentials.options(target, via_proxy=False)
+            ) as reference_client:
                 reference = await reference_client.generate(
                     MODEL,
                     [("user", PROMPT)],

@@ -1215,9 +1215,16 @@ class MockUpstream:
         if cut_at is not None:
             events = events[:cut_at]
         pace_s = settings.pace_ms / 1000.0
-        for event in events:
+        # An absolute schedule, as the in-process simulator's: event i is due
+        # at start + (i + 1) * pace, so the rate holds however late each
+        # wake-up and each write is (issue 10: sleeping the full pace after
+        # each event drifted below the nominal rate).
+        started = self._clock.monotonic()
+        for index, event in enumerate(events):
             if pace_s:
-                await self._wait(answer, pace_s)
+                delay = started + (index + 1) * pace_s - self._clock.monotonic()
+                if delay > 0:  # an event already due (a late wake-up) is not a wait
+                    await self._wait(answer, delay)
             for data in wire.event(event):
                 await out.write(data)
         if cut_at is not None:

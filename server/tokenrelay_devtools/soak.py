@@ -122,8 +122,11 @@ class SoakSettings:
 # retention of a minute: the store keeps every stream that long, so with the
 # default hour the RSS would measure the retention, not a leak (it levels
 # off once the first minute's streams expire, well within the warm-up).
+# No shedding on event-loop lag (max_loop_lag_ms 0): on a loaded machine it
+# would refuse the soak's own starts; refusals are tested with max_streams.
 SOAK_GATEWAY: dict[str, Any] = {
     "max_streams": 16,
+    "max_loop_lag_ms": 0,
     "retention_s": 60,
     "detach_grace_s": 30,
     "stall_timeout_s": 0.5,

@@ -25,6 +25,7 @@ from tokenrelay_server.core.digest import ChunkDigests
 from tokenrelay_server.core.model import (
     Chunk,
     End,
+    GenerationParams,
     LogEntry,
     Message,
     Notice,
@@ -277,3 +278,26 @@ async def test_a_takeover_after_a_shown_tool_call_continues_nothing(
     end = checked_end(entries)
     assert end.finish_reason == finish_reason
     assert (end.error.code if end.error is not None else None) == error
+
+
+async def test_a_takeover_after_the_last_token_of_max_tokens_asks_for_no_more() -> None:
+    # The owner stored the 3rd token of max_tokens = 3 and died before its
+    # End: the answer is complete; continuing would add a 4th token.
+    engine = build_engine({"m": [("p", [Script(text(" more"), finish())])]})
+    request = StartRequest(
+        model="m", messages=(Message("user", "hello"),), params=GenerationParams(max_tokens=3)
+    )
+    meta = StreamMeta("st-full", "m", 0.0, 10, request=request)
+    await engine.store.create(meta)
+    await engine.store.append(
+        "st-full",
+        [
+            Chunk(seq, word, "p", 1, tokens_so_far=seq)
+            for seq, word in enumerate(["a", " b", " c"], 1)
+        ],
+    )
+    session = await engine.hub.resume("st-full", 0)
+    entries = await engine.run_to_end(session)
+    assert engine.providers["p"].requests == []
+    end = checked_end(entries)
+    assert (end.finish_reason, end.total_seq, end.partial) == ("length", 3, False)

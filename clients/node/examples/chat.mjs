@@ -2,18 +2,36 @@
 // Stream one answer from a tokenrelay gateway, as `tokenrelay chat` does:
 // the answer on stdout as it arrives, everything else on stderr.
 //
-//   node examples/chat.mjs [ADDRESS] [PROMPT]      (default 127.0.0.1:50051)
+//   node examples/chat.mjs [options] [ADDRESS] [PROMPT]      (default 127.0.0.1:50051)
+//
+// Options (as `tokenrelay chat` takes them): --api-key KEY (default
+// $TOKENRELAY_API_KEY), --tls-ca FILE, --tls-client-cert FILE, --tls-client-key FILE.
 //
 // A dropped connection is survived by the client itself (it resumes with the
 // latest token after the last seq it holds); the end is checked against the
 // server's digests before it is shown. Exit status: 0 for a complete answer,
 // 2 for a partial one, 1 for no answer.
+import { parseArgs } from 'node:util';
+
 import { RelayClient, TokenRelayClientError } from 'tokenrelay';
 
-const [address = '127.0.0.1:50051', prompt = 'Tell me how tokenrelay keeps a stream alive'] =
-  process.argv.slice(2);
+const { values: flags, positionals } = parseArgs({
+  allowPositionals: true,
+  options: {
+    'api-key': { type: 'string' },
+    'tls-ca': { type: 'string' },
+    'tls-client-cert': { type: 'string' },
+    'tls-client-key': { type: 'string' },
+  },
+});
+const [address = '127.0.0.1:50051', prompt = 'Tell me how tokenrelay keeps a stream alive'] = positionals;
 
-const client = new RelayClient(address);
+const client = new RelayClient(address, {
+  apiKey: flags['api-key'],
+  tlsCa: flags['tls-ca'],
+  tlsClientCert: flags['tls-client-cert'],
+  tlsClientKey: flags['tls-client-key'],
+});
 let status = 0;
 try {
   const stream = client.stream('sim', [['user', prompt]], { metadata: { 'sim.pace_ms': '5' } });

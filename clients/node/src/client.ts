@@ -40,6 +40,7 @@
  * only end the same way). grpc errors stay inside call.ts and wire.ts.
  */
 import { randomUUID } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { setTimeout as sleepFor } from 'node:timers/promises';
 
 import * as grpc from '@grpc/grpc-js';
@@ -117,9 +118,21 @@ export interface KeepaliveOptions {
 }
 
 export interface RelayClientOptions {
-  /** TLS or other channel credentials; default: a plaintext channel. */
+  /** The tenant's API key, sent as `authorization: Bearer <key>` with every
+   * call; default: $TOKENRELAY_API_KEY (unset or empty: no key is sent). */
+  readonly apiKey?: string;
+  /** TLS: the CA that signed the gateway's certificate, as a PEM file path
+   * or its contents. Turns TLS on. */
+  readonly tlsCa?: string | Buffer;
+  /** mTLS: the client's certificate and its key (PEM path or contents), for a
+   * gateway that requires client certificates; both or neither. */
+  readonly tlsClientCert?: string | Buffer;
+  readonly tlsClientKey?: string | Buffer;
+  /** Channel credentials built by the caller (instead of the tls* options);
+   * default: a plaintext channel. */
   readonly credentials?: grpc.ChannelCredentials;
-  /** gRPC metadata sent with every call (e.g. authorization). */
+  /** gRPC metadata sent with every call (an `authorization` entry here wins
+   * over apiKey). */
   readonly callMetadata?: Readonly<Record<string, string>>;
   readonly keepalive?: KeepaliveOptions;
   readonly reconnect?: ReconnectOptions;
@@ -170,6 +183,51 @@ const DEFAULT_CHANNEL_OPTIONS: grpc.ChannelOptions = {
   'grpc.max_reconnect_backoff_ms': 1000,
 };
 
+export const API_KEY_ENV = 'TOKENRELAY_API_KEY';
+
+/** The call metadata that carries the API key (or $TOKENRELAY_API_KEY). */
+function apiKeyMetadata(apiKey: string | undefined): Record<string, string> {
+  const key = (apiKey ?? process.env[API_KEY_ENV] ?? '').trim();
+  if (key === '') {
+    return {};
+  }
+  if (!/^[\x21-\x7e]+$/.test(key)) {
+    // grpc-js would refuse the header with an error that quotes it.
+    throw new TypeError('apiKey must be printable ASCII without spaces');
+  }
+  return { authorization: `Bearer ${key}` };
+}
+
+function pem(value: string | Buffer, option: string): Buffer {
+  if (Buffer.isBuffer(value)) {
+    return value;
+  }
+  try {
+    return readFileSync(value);
+  } catch (error) {
+    const reason = (error as NodeJS.ErrnoException).code ?? String(error);
+    throw new TypeError(`${option} ${JSON.stringify(value)} cannot be read (${reason})`);
+  }
+}
+
+/** TLS credentials from the tls* options; null when none is given. */
+function tlsCredentials(options: RelayClientOptions): grpc.ChannelCredentials | null {
+  const { tlsCa, tlsClientCert, tlsClientKey } = options;
+  if ((tlsClientCert === undefined) !== (tlsClientKey === undefined)) {
+    const [given, missing] =
+      tlsClientKey === undefined ? ['tlsClientCert', 'tlsClientKey'] : ['tlsClientKey', 'tlsClientCert'];
+    throw new TypeError(`${given} is given but ${missing} is not: a client certificate needs both`);
+  }
+  if (tlsCa === undefined && tlsClientCert === undefined) {
+    return null;
+  }
+  return grpc.credentials.createSsl(
+    tlsCa === undefined ? null : pem(tlsCa, 'tlsCa'),
+    tlsClientKey === undefined ? null : pem(tlsClientKey, 'tlsClientKey'),
+    tlsClientCert === undefined ? null : pem(tlsClientCert, 'tlsClientCert'),
+  );
+}
+
 function positive(value: number, field: string): number {
   if (!Number.isFinite(value) || value <= 0) {
     throw new RangeError(`${field} must be a positive number, got ${value}`);
@@ -197,6 +255,8 @@ export class RelayClient {
   private readonly defaultPolicy: PolicyInput;
   private readonly callMetadata: Readonly<Record<string, string>>;
   private readonly credentials: grpc.ChannelCredentials;
+  private readonly tls: boolean;
+  private readonly clientCert: boolean;
   private readonly channelOptions: grpc.ChannelOptions;
   private stub: RelayStub | null = null;
 
@@ -219,8 +279,14 @@ export class RelayClient {
     // Checked now, so a bad default policy fails here rather than on every call.
     toWirePolicy(options.policy ?? {});
     this.defaultPolicy = { ...options.policy };
-    this.callMetadata = { ...options.callMetadata };
-    this.credentials = options.credentials ?? grpc.credentials.createInsecure();
+    this.callMetadata = { ...apiKeyMetadata(options.apiKey), ...options.callMetadata };
+    const tls = tlsCredentials(options);
+    if (tls !== null && options.credentials !== undefined) {
+      throw new TypeError('give either credentials or the tls* options, not both');
+    }
+    this.credentials = tls ?? options.credentials ?? grpc.credentials.createInsecure();
+    this.tls = tls !== null || options.credentials !== undefined;
+    this.clientCert = options.tlsClientCert !== undefined;
     const keepalive: grpc.ChannelOptions = {};
     if (options.keepalive?.timeMs !== undefined) {
       keepalive['grpc.keepalive_time_ms'] = positive(options.keepalive.timeMs, 'keepalive.timeMs');
@@ -309,6 +375,25 @@ export class RelayClient {
   }
 
   // -- used by RelayStream ------------------------------------------------------
+
+  /** @internal What a connection failure probably means when TLS is on one
+   * side only, or mTLS refused the client (grpc-js only says it failed). */
+  tlsHint(cause: string): string {
+    if (!this.tls) {
+      return /Failed to connect|Connection dropped/.test(cause)
+        ? ' (this client speaks plaintext: if the gateway serves TLS, pass tlsCa)'
+        : '';
+    }
+    if (/certificate/i.test(cause)) {
+      return " (the gateway's certificate is not one tlsCa signed for this address)";
+    }
+    if (/Failed to connect|Connection dropped/.test(cause)) {
+      return this.clientCert
+        ? " (is the client certificate one the gateway's client CA signed?)"
+        : ' (if the gateway requires client certificates (mTLS), pass tlsClientCert and tlsClientKey)';
+    }
+    return '';
+  }
 
   /** @internal */
   openCall(reconnecting: boolean): WireCall {
@@ -514,7 +599,8 @@ export class RelayStream implements AsyncIterable<RelayEvent> {
       }
       if (attempt >= client.maxAttempts) {
         throw new ReconnectsExhausted(
-          `gave up after ${attempt} reconnect attempt(s) without progress; last failure: ${cause}`,
+          `gave up after ${attempt} reconnect attempt(s) without progress; last failure: ${cause}` +
+            client.tlsHint(cause),
           attempt,
           cause,
           this.partial(),

@@ -74,11 +74,23 @@ def _explain(target: str, error: grpc.aio.AioRpcError) -> AdminError:
 class AdminClient:
     """The Admin calls `stats` and `top` make, with the token attached."""
 
-    def __init__(self, target: str, token: str, *, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        target: str,
+        token: str,
+        *,
+        timeout_s: float = 5.0,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self.target = target
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(target)
+        # credentials: TLS (credentials.tls_credentials); None: plaintext.
+        self._channel = (
+            grpc.aio.insecure_channel(target)
+            if credentials is None
+            else grpc.aio.secure_channel(target, credentials)
+        )
         self._stub = admin_pb2_grpc.AdminStub(self._channel)
 
     async def __aenter__(self) -> AdminClient:
@@ -168,9 +180,16 @@ def stats_table(stats: admin_pb2.GetErrorStatsResponse, period: str) -> Renderab
     return table
 
 
-async def run_stats(target: str, token: str, period: str, console: Console) -> int:
+async def run_stats(
+    target: str,
+    token: str,
+    period: str,
+    console: Console,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> int:
     try:
-        async with AdminClient(target, token) as client:
+        async with AdminClient(target, token, credentials=credentials) as client:
             stats = await client.error_stats(period)
     except AdminError as error:
         Console(stderr=True).print(f"error: {error}", markup=False, highlight=False)
@@ -275,10 +294,13 @@ async def run_top(
     *,
     interval_s: float = 1.0,
     rounds: int | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> int:
     """On a terminal: refresh in place every `interval_s` until Ctrl-C (or
     `rounds` refreshes). Otherwise: one snapshot."""
-    async with AdminClient(target, token, timeout_s=max(interval_s, 2.0)) as client:
+    async with AdminClient(
+        target, token, timeout_s=max(interval_s, 2.0), credentials=credentials
+    ) as client:
         if not console.is_terminal:
             try:
                 snapshot = await take_snapshot(client)

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 from .client import RelayClient, ToolChoiceLike, ToolLike
+from .credentials import PathLike
 from .errors import ReconnectsExhausted, StreamFailed, TokenRelayClientError
 from .events import Chunk, End, ErrorDetail, Notice, Reconnected, Reconnecting
 
@@ -151,6 +152,10 @@ async def run_chat(
     tools: Sequence[ToolLike] = (),
     tool_choice: ToolChoiceLike | None = None,
     tool_calls: str | None = None,
+    api_key: str | None = None,
+    tls_ca: PathLike | None = None,
+    tls_client_cert: PathLike | None = None,
+    tls_client_key: PathLike | None = None,
     client: RelayClient | None = None,
     out: TextIO | None = None,
     err: TextIO | None = None,
@@ -161,19 +166,28 @@ async def run_chat(
     `max_reconnects`, `connect_timeout_s` and `backoff_base_s` tune the
     RelayClient (see there; the defaults are its own). `tools` and
     `tool_choice` offer the model tools; `tool_calls` ("whole" or "stream")
-    is the policy's tool-call mode. `client`, `out`, `err` and `color` are
+    is the policy's tool-call mode. `api_key` and the `tls_*` files are the
+    RelayClient's (credentials.py). `client`, `out`, `err` and `color` are
     for tests; by default a RelayClient for `target`, stdout and stderr,
     dimmed reasoning on a terminal.
     """
     console = _Console(out or sys.stdout, err or sys.stderr, color=color)
     own_client = client is None
     if client is None:
-        client = RelayClient(
-            target,
-            max_reconnects=max_reconnects,
-            connect_timeout_s=connect_timeout_s,
-            backoff_base_s=backoff_base_s,
-        )
+        try:
+            client = RelayClient(
+                target,
+                max_reconnects=max_reconnects,
+                connect_timeout_s=connect_timeout_s,
+                backoff_base_s=backoff_base_s,
+                api_key=api_key,
+                tls_ca=tls_ca,
+                tls_client_cert=tls_client_cert,
+                tls_client_key=tls_client_key,
+            )
+        except ValueError as error:  # a TLS file that cannot be read, half a pair
+            console.line(f"error: {error}")
+            return EXIT_FAILED
     try:
         policy: Mapping[str, Any] | None = {"tool_calls": tool_calls} if tool_calls else None
         relay_stream = client.stream(

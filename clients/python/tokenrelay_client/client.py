@@ -73,6 +73,7 @@ from grpc_status import rpc_status
 
 from tokenrelay.v1 import relay_pb2, relay_pb2_grpc
 
+from .credentials import PathLike, merged_metadata, tls_credentials
 from .errors import (
     DigestMismatch,
     GenerationFailed,
@@ -313,8 +314,14 @@ class RelayClient:
         tests pass a manual clock's `deadline` and move that clock, so no
         test waits for the window on wall time.
     channel_options: extra grpc channel options, applied after our defaults.
-    credentials: TLS credentials; None means a plaintext channel.
-    call_metadata: gRPC metadata sent with every call (e.g. authorization).
+    api_key: the tenant's API key, sent as `authorization: Bearer <key>` with
+        every call; default: $TOKENRELAY_API_KEY (credentials.py).
+    tls_ca, tls_client_cert, tls_client_key: PEM files: the CA that signed the
+        gateway's certificate (turns TLS on), and the client's certificate and
+        key for a gateway that requires them (mTLS).
+    credentials: TLS credentials built by the caller (instead of the tls_*
+        files); None and no tls_* file means a plaintext channel.
+    call_metadata: gRPC metadata sent with every call.
     interceptors: grpc.aio client interceptors of the channel, e.g.
         `tokenrelay_client.tracing.tracing_interceptors()` (OpenTelemetry: a
         CLIENT span per call and the W3C trace context in its metadata, so
@@ -337,6 +344,10 @@ class RelayClient:
         credentials: grpc.ChannelCredentials | None = None,
         call_metadata: Sequence[tuple[str, str]] | None = None,
         interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+        api_key: str | None = None,
+        tls_ca: PathLike | None = None,
+        tls_client_cert: PathLike | None = None,
+        tls_client_key: PathLike | None = None,
     ) -> None:
         if max_reconnects < 0:
             raise ValueError("max_reconnects must be 0 or more")
@@ -356,8 +367,12 @@ class RelayClient:
         self.connect_timeout_s = connect_timeout_s
         self._deadline = deadline
         self._channel_options = (*_DEFAULT_CHANNEL_OPTIONS, *(channel_options or ()))
-        self._credentials = credentials
-        self._call_metadata = tuple(call_metadata or ())
+        files = tls_credentials(tls_ca, tls_client_cert, tls_client_key)
+        if files is not None and credentials is not None:
+            raise ValueError("give either credentials or the tls_* files, not both")
+        self._credentials = credentials or files
+        self._client_cert = tls_client_cert is not None
+        self._call_metadata = merged_metadata(api_key, call_metadata)
         self._interceptors = list(interceptors or ())
         self._channel: grpc.aio.Channel | None = None
         self._stub: relay_pb2_grpc.RelayAsyncStub | None = None
@@ -513,6 +528,9 @@ class RelayClient:
         # the gateway is reachable now, not a minute-old channel state.
         call: _Call = stub.Stream(metadata=self._call_metadata or None, wait_for_ready=reconnecting)
         return call
+
+    def _tls_hint(self, cause: str) -> str:
+        return _tls_hint(cause, tls=self._credentials is not None, client_cert=self._client_cert)
 
     def _channel_ready(self) -> bool:
         channel = self._channel
@@ -710,7 +728,7 @@ class RelayStream:
             if attempt >= client.max_reconnects:
                 raise ReconnectsExhausted(
                     f"gave up after {attempt} reconnect attempt(s) without progress; "
-                    f"last failure: {cause}",
+                    f"last failure: {cause}{client._tls_hint(cause)}",
                     attempts=attempt,
                     cause=cause,
                     partial=self.partial(),
@@ -972,6 +990,35 @@ _RESUME_REFUSALS = frozenset(
         grpc.StatusCode.INVALID_ARGUMENT,
     }
 )
+
+
+def _tls_hint(cause: str, *, tls: bool, client_cert: bool) -> str:
+    """What a connection failure probably means when TLS is on one side only,
+    or mTLS refused the client (grpc itself only says the socket closed, or
+    the handshake failed)."""
+    if not tls:
+        if "Socket closed" in cause:
+            return (
+                " (this client speaks plaintext: if the gateway serves TLS, pass tls_ca, "
+                "or --tls-ca to the CLI)"
+            )
+        return ""
+    if "Socket closed" in cause:
+        if not client_cert:
+            return (
+                " (the gateway closed the connection during TLS setup: if it requires client "
+                "certificates (mTLS), pass tls_client_cert and tls_client_key)"
+            )
+        return (
+            " (the gateway closed the connection during TLS setup: is the client certificate "
+            "one its client CA signed?)"
+        )
+    if "handshake" in cause.lower() or "ssl" in cause.lower():
+        return (
+            " (the TLS handshake failed: does the gateway serve TLS, with a certificate the "
+            "tls_ca signed for this address?)"
+        )
+    return ""
 
 
 def _translate_status(

@@ -4,7 +4,8 @@ or a backoff costs a fraction of a second, a dropped call that takes its
 generation with it (no detach grace), a prompt limit a huge string
 passes, and breakers and retry budgets out of reach: fuzzed fault scripts
 fail the simulator on purpose, and a breaker they opened would end the
-clean stream the run ends with (BREAKER_OPEN)."""
+clean stream the run ends with (BREAKER_OPEN); no shedding on event-loop
+lag either (a loaded machine would refuse that stream too)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ FUZZ_SETTINGS: dict[str, Any] = {
     "retry_budget_ratio": 1000,
     "breaker_failure_threshold": 1_000_000,
     "breaker_failure_rate": 1.0,
+    "max_loop_lag_ms": 0,
     "log_level": "warning",
 }
 

@@ -6,12 +6,15 @@ it (`start.tools[2].parameters_json: is not a JSON object`) and says what
 would be accepted; nothing has started when it is raised. Text from the
 request that comes back in a message goes through `excerpt`.
 
-Limits: see the constants. The prompt's size (`max_prompt_bytes`) counts the
-messages' content and tool-call arguments and the tools' descriptions and
-schemas: all of it goes to the provider with every attempt.
+Limits: the [limits] table (`RequestLimits`, core/limits.py: messages,
+content characters per message, tools, metadata entries; each refusal names
+its field and the limit's key) and the constants here. The prompt's size
+(`max_prompt_bytes`) counts the messages' content and tool-call arguments
+and the tools' descriptions and schemas: all of it goes to the provider with
+every attempt.
 
 Agent turns (issue 12):
-- tools: at most `MAX_TOOLS`, names of 1 to 64 characters of A-Z, a-z,
+- tools: at most `limits.max_tools`, names of 1 to 64 characters of A-Z, a-z,
   0-9, "_" and "-" (what both providers accept), unique; parameters_json
   empty (no arguments) or a JSON object;
 - tool_choice: a mode (AUTO, NONE, REQUIRED), or the name of one of the
@@ -30,6 +33,7 @@ from collections.abc import Sequence
 
 from tokenrelay.v1 import relay_pb2
 from tokenrelay_server.core.errors import RequestError, excerpt
+from tokenrelay_server.core.limits import RequestLimits
 from tokenrelay_server.core.model import (
     ROLES,
     GenerationParams,
@@ -44,17 +48,15 @@ from tokenrelay_server.core.model import (
 )
 from tokenrelay_server.core.turn import json_object_problem
 
+DEFAULT_LIMITS = RequestLimits()
 MAX_MODEL_CHARS = 256
-MAX_MESSAGES = 1_000
 MAX_IDEMPOTENCY_KEY_CHARS = 256
-MAX_METADATA_ENTRIES = 64
 MAX_METADATA_KEY_CHARS = 128
 MAX_METADATA_VALUE_CHARS = 4_096
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
 MAX_TOKENS_LIMIT = 1_000_000
 MAX_RETRIES_LIMIT = 100
-MAX_TOOLS = 128
 MAX_TOOL_CALLS_PER_MESSAGE = 128
 MAX_TOOL_CALL_ID_CHARS = 256
 # OpenAI's and Anthropic's own rule for function and tool names.
@@ -101,9 +103,13 @@ def _check_json_object(text: str, field: str) -> None:
         raise RequestError(f"{field}: is not a JSON object ({problem})")
 
 
-def parse_tools(tools: Sequence[relay_pb2.Tool], size: _PromptSize) -> tuple[Tool, ...]:
-    if len(tools) > MAX_TOOLS:
-        raise RequestError(f"start.tools has {len(tools)} tools; the limit is {MAX_TOOLS}")
+def parse_tools(
+    tools: Sequence[relay_pb2.Tool], size: _PromptSize, max_tools: int = DEFAULT_LIMITS.max_tools
+) -> tuple[Tool, ...]:
+    if len(tools) > max_tools:
+        raise RequestError(
+            f"start.tools has {len(tools)} tools; the limit is {max_tools} (limits.max_tools)"
+        )
     seen: dict[str, int] = {}
     parsed: list[Tool] = []
     for index, tool in enumerate(tools):
@@ -159,12 +165,17 @@ def parse_tool_choice(
     return ToolChoice(mode=mode)
 
 
-def parse_messages(messages: Sequence[relay_pb2.Message], size: _PromptSize) -> tuple[Message, ...]:
+def parse_messages(
+    messages: Sequence[relay_pb2.Message],
+    size: _PromptSize,
+    limits: RequestLimits = DEFAULT_LIMITS,
+) -> tuple[Message, ...]:
     if not messages:
         raise RequestError("start.messages is empty; send at least one message")
-    if len(messages) > MAX_MESSAGES:
+    if len(messages) > limits.max_messages:
         raise RequestError(
-            f"start.messages has {len(messages)} messages; the limit is {MAX_MESSAGES}"
+            f"start.messages has {len(messages)} messages; the limit is {limits.max_messages} "
+            "(limits.max_messages)"
         )
     parsed: list[Message] = []
     call_ids: set[str] = set()  # the tool calls of earlier assistant messages
@@ -173,6 +184,11 @@ def parse_messages(messages: Sequence[relay_pb2.Message], size: _PromptSize) -> 
         role = message.role
         if role not in ROLES:
             raise RequestError(f"{field}.role is {excerpt(role)}; use one of {', '.join(ROLES)}")
+        if len(message.content) > limits.max_content_chars:
+            raise RequestError(
+                f"{field}.content has {len(message.content)} characters; the limit is "
+                f"{limits.max_content_chars} (limits.max_content_chars)"
+            )
         size.add(message.content, f"{field}.content")
         if message.tool_calls and role != "assistant":
             raise RequestError(
@@ -267,7 +283,12 @@ def parse_policy(policy: relay_pb2.RecoveryPolicy) -> RecoveryPolicy:
     )
 
 
-def parse_start(start: relay_pb2.StartGeneration, *, max_prompt_bytes: int) -> StartRequest:
+def parse_start(
+    start: relay_pb2.StartGeneration,
+    *,
+    max_prompt_bytes: int,
+    limits: RequestLimits = DEFAULT_LIMITS,
+) -> StartRequest:
     """Validate a StartGeneration; a problem raises RequestError naming the field."""
     model = start.model.strip()
     if not model:
@@ -275,8 +296,8 @@ def parse_start(start: relay_pb2.StartGeneration, *, max_prompt_bytes: int) -> S
     if len(model) > MAX_MODEL_CHARS:
         raise RequestError(f"start.model is longer than {MAX_MODEL_CHARS} characters")
     size = _PromptSize(max_prompt_bytes)
-    messages = parse_messages(start.messages, size)
-    tools = parse_tools(start.tools, size)
+    messages = parse_messages(start.messages, size, limits)
+    tools = parse_tools(start.tools, size, limits.max_tools)
     tool_choice = parse_tool_choice(start, tools)
     params = parse_params(start.params)
     policy = parse_policy(start.policy)
@@ -284,8 +305,11 @@ def parse_start(start: relay_pb2.StartGeneration, *, max_prompt_bytes: int) -> S
         raise RequestError(
             f"start.idempotency_key is longer than {MAX_IDEMPOTENCY_KEY_CHARS} characters"
         )
-    if len(start.metadata) > MAX_METADATA_ENTRIES:
-        raise RequestError(f"start.metadata has more than {MAX_METADATA_ENTRIES} entries")
+    if len(start.metadata) > limits.max_metadata_entries:
+        raise RequestError(
+            f"start.metadata has {len(start.metadata)} entries; the limit is "
+            f"{limits.max_metadata_entries} (limits.max_metadata_entries)"
+        )
     for key, value in start.metadata.items():
         if not key or len(key) > MAX_METADATA_KEY_CHARS:
             raise RequestError(

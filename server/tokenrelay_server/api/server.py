@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import secrets
@@ -33,15 +34,17 @@ from tokenrelay.v1 import admin_pb2_grpc, relay_pb2, relay_pb2_grpc
 from tokenrelay_server.api.admin import ADMIN_SERVICE, AdminServicer
 from tokenrelay_server.api.reflection import enable_server_reflection
 from tokenrelay_server.api.servicer import RelayServicer
+from tokenrelay_server.api.tls import ReloadableCredentials, TlsFiles
 from tokenrelay_server.api.tokens import ResumeTokens
 from tokenrelay_server.config.settings import Settings
 from tokenrelay_server.core.breaker import BreakerListener, BreakerSettings
 from tokenrelay_server.core.clock import Clock, SystemClock
-from tokenrelay_server.core.limits import HubSettings, Timeouts
+from tokenrelay_server.core.limits import HubSettings, LagSettings, Timeouts
 from tokenrelay_server.core.recovery import RecoveryConfig
 from tokenrelay_server.core.retry import BackoffPolicy
 from tokenrelay_server.engine.events import BreakerChanged, Observer, Observers
 from tokenrelay_server.engine.hub import StreamHub
+from tokenrelay_server.engine.loop_lag import LoopLagMonitor
 from tokenrelay_server.engine.recovery_loop import Recovery
 from tokenrelay_server.engine.resources import resident_bytes
 from tokenrelay_server.engine.routing import Route, Router
@@ -54,16 +57,15 @@ from tokenrelay_server.obs.metrics import Metrics, MetricsEndpoint
 from tokenrelay_server.obs.tracing import Tracing, span_exporter
 from tokenrelay_server.store.base import ObservableStore, StreamStore
 from tokenrelay_server.store.error_stats import ErrorStats, MemoryErrorStats
+from tokenrelay_server.store.heartbeat import HasHeartbeats
 from tokenrelay_server.store.memory import MemoryStore
 from tokenrelay_server.upstream.base import Provider
 from tokenrelay_server.upstream.build import build_providers
 from tokenrelay_server.upstream.sim import SimProvider
 
+log = logging.getLogger(__name__)
+
 RELAY_SERVICE = relay_pb2.DESCRIPTOR.services_by_name["Relay"].full_name
-# The transport limit sits well above the prompt limit, so a prompt that is too
-# large reaches our validation and gets INVALID_ARGUMENT naming the message;
-# only a request past this limit is refused by gRPC itself (RESOURCE_EXHAUSTED).
-MIN_TRANSPORT_LIMIT_BYTES = 16 << 20
 
 
 def build_router(
@@ -165,6 +167,7 @@ def build_store(settings: Settings, clock: Clock) -> StreamStore:
             retention_s=settings.retention_s,
             prefix=settings.redis_prefix,
             clock=clock,
+            cluster=settings.redis_cluster,
         )
     return MemoryStore(retention_s=settings.retention_s, clock=clock)
 
@@ -176,7 +179,10 @@ def build_error_stats(settings: Settings, clock: Clock) -> ErrorStats:
         from tokenrelay_server.store.error_stats_redis import RedisErrorStats
 
         return RedisErrorStats.from_url(
-            settings.redis_url, prefix=settings.redis_prefix, clock=clock
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            clock=clock,
+            cluster=settings.redis_cluster,
         )
     return MemoryErrorStats(clock=clock)
 
@@ -196,6 +202,8 @@ class RelayServer:
         port: int,
         owns_store: bool,
         guard: asyncio.Task[None] | None = None,
+        heartbeat: asyncio.Task[None] | None = None,
+        lag_monitor: asyncio.Task[None] | None = None,
         tracing: Tracing | None = None,
         recorder: ErrorRecorder | None,
         live: LiveStats | None = None,
@@ -215,9 +223,19 @@ class RelayServer:
         self._providers = providers
         self._owns_store = owns_store
         self._guard = guard
+        self._heartbeat = heartbeat
+        self._lag_monitor = lag_monitor
         self.tracing = tracing  # None with --otel-exporter none
         self._stopped = False
         self._store_available = True
+        self.tls: ReloadableCredentials | None = None  # None: a plaintext port
+
+    def reload_certificates(self) -> None:
+        """Read the TLS files again (SIGHUP): new connections get the new
+        certificate, open ones keep theirs (api/tls.py). Raises TlsFilesError,
+        changing nothing, when they do not load; a plaintext port ignores it."""
+        if self.tls is not None:
+            self.tls.reload()
 
     @property
     def error_stats(self) -> ErrorStats | None:
@@ -272,12 +290,19 @@ class RelayServer:
         clock: Clock | None = None,
         routes: Mapping[str, list[Route]] | None = None,
         observers: Sequence[Observer] = (),
+        lag_clock: Clock | None = None,
     ) -> RelayServer:
         """Assemble and start a gateway. `observers` get every engine event
         (engine/events.py) after the gateway's own: the tracer (when
         `otel_exporter` is not "none"), the lifecycle log lines, live stats,
-        metrics and the error statistics recorder (when asked for)."""
+        metrics and the error statistics recorder (when asked for).
+        `lag_clock` is the loop-lag monitor's (default: the real clock, even
+        when `clock` is a test's: loop lag is real time)."""
         settings = settings or Settings()
+        # Checked before anything is built: a mistake is a configuration error
+        # (TlsFilesError) and nothing was started.
+        tls_files = TlsFiles.of(settings)
+        tls = None if tls_files is None else ReloadableCredentials(tls_files)
         replica_id = uuid.uuid4().hex[:12]
         tracing = (
             Tracing(span_exporter(settings.otel_exporter), replica_id=replica_id)
@@ -301,7 +326,7 @@ class RelayServer:
         # Only what is asked for observes: with no observer that wants chunks,
         # the engine builds no event per chunk (the log lines need none).
         own: list[Observer] = [] if tracing is None else [tracing.observer]
-        own.append(StreamLog())
+        own.append(StreamLog(log_content=settings.log_content))
         for observer in (live, metrics, recorder):
             if observer is not None:
                 own.append(observer)
@@ -316,7 +341,19 @@ class RelayServer:
             store.append_observer = metrics.observe_append
         router = build_router(settings, routes, clock=clock)
         tokens = ResumeTokens(secret.encode(), ttl_s=settings.retention_s, clock=clock)
+        loop_lag = (
+            LoopLagMonitor(
+                lag_clock or SystemClock(),
+                LagSettings(
+                    threshold_s=settings.max_loop_lag_ms / 1000,
+                    window_s=settings.loop_lag_window_s,
+                ),
+            )
+            if settings.max_loop_lag_ms
+            else None
+        )
         hub = StreamHub(
+            loop_lag=loop_lag,
             store=store,
             router=router,
             clock=clock,
@@ -325,21 +362,27 @@ class RelayServer:
             ),
             observers=observe,
             replica_id=replica_id,
+            heartbeats=store.heartbeats if isinstance(store, HasHeartbeats) else None,
             settings=HubSettings(
                 detach_grace_s=settings.detach_grace_s,
                 checkpoint_interval=settings.checkpoint_interval,
                 max_streams=settings.max_streams,
                 max_stream_bytes=settings.max_response_bytes,
                 lease_ttl_s=settings.lease_ttl_s,
+                heartbeat_interval_s=settings.heartbeat_interval_s,
+                heartbeat_ttl_s=settings.heartbeat_ttl_s,
                 max_memory_bytes=int(settings.max_memory_mb * (1 << 20)),
                 memory_check_interval_s=settings.memory_check_interval_s,
+                shed_retry_after_s=settings.shed_retry_after_s,
             ),
         )
-        limit = max(4 * settings.max_prompt_bytes, MIN_TRANSPORT_LIMIT_BYTES)
+        limits = settings.request_limits
+        # A frame past max_request_bytes is refused by gRPC itself with
+        # RESOURCE_EXHAUSTED before it is decoded ([limits], issue 13).
         server = grpc.aio.server(
             interceptors=None if tracing is None else [tracing.server_interceptor()],
             options=[
-                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_receive_message_length", limits.max_request_bytes),
                 ("grpc.so_reuseport", 0),
             ],
         )
@@ -348,6 +391,7 @@ class RelayServer:
                 hub,
                 tokens,
                 max_prompt_bytes=settings.max_prompt_bytes,
+                limits=limits,
                 clock=clock,
                 first_message_timeout_s=settings.first_message_timeout_s,
                 allow_partial=settings.allow_partial,
@@ -374,7 +418,12 @@ class RelayServer:
         # Both reflection protocols (v1 and v1alpha): api/reflection.py.
         enable_server_reflection(services, server)
         try:
-            port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+            address = f"{settings.host}:{settings.port}"
+            port = (
+                server.add_insecure_port(address)
+                if tls is None
+                else server.add_secure_port(address, tls.credentials)
+            )
         except RuntimeError as error:
             if tracing is not None:
                 await tracing.shutdown()
@@ -388,6 +437,14 @@ class RelayServer:
             except OSError:
                 await server.stop(None)
                 raise
+        # The first heartbeat before the first stream: a lease of this replica
+        # never names a replica without one (others would take it over). A
+        # store that cannot be reached now is retried by the keeper.
+        try:
+            await hub.beat()
+        except Exception as error:  # typed by the store
+            log.warning("first heartbeat not written: %s", error)
+        heartbeat = asyncio.create_task(hub.keep_heartbeat(), name="heartbeat")
         await server.start()
         if recorder is not None:
             recorder.start()
@@ -399,8 +456,15 @@ class RelayServer:
             if settings.max_memory_mb
             else None
         )
-        return cls(
+        lag_monitor = (
+            asyncio.create_task(loop_lag.run(), name="loop lag monitor")
+            if loop_lag is not None
+            else None
+        )
+        relay = cls(
             guard=guard,
+            heartbeat=heartbeat,
+            lag_monitor=lag_monitor,
             settings=settings,
             server=server,
             hub=hub,
@@ -415,6 +479,8 @@ class RelayServer:
             metrics=metrics,
             metrics_endpoint=endpoint,
         )
+        relay.tls = tls
+        return relay
 
     async def drain_and_stop(self) -> None:
         """The SIGTERM path: NOT_SERVING, no new streams, let open ones finish
@@ -431,13 +497,21 @@ class RelayServer:
             return
         self._stopped = True
         self.hub.draining = True
-        if self._guard is not None:
-            self._guard.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._guard
+        for task in (self._guard, self._lag_monitor):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._health.enter_graceful_shutdown()
         await self.hub.close()
         await self._server.stop(grace)
+        if self._heartbeat is not None:
+            # After the generations ended: until then they are ours.
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+            with contextlib.suppress(Exception):
+                await self.hub.stop_heartbeat()
         if self._metrics_endpoint is not None:
             await self._metrics_endpoint.stop()
         for provider in self._providers:

@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf import any_pb2
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -57,6 +57,7 @@ from tokenrelay_server.core.errors import (
     TokenRelayError,
     truncate,
 )
+from tokenrelay_server.core.limits import RequestLimits
 from tokenrelay_server.core.model import Chunk, End, LogEntry, Notice
 from tokenrelay_server.engine.hub import Session, StreamHub
 
@@ -147,6 +148,54 @@ def refused_partial_status(stream_id: str, end: End) -> grpc.Status:
         status_pb2.Status(code=code.value[0], message=message, details=packed)
     )
     return status
+
+
+# Trailing metadata of a refused start: how long to wait, in whole milliseconds
+# (the header OpenAI's and Anthropic's clients read; our own gRPC clients read
+# the RetryInfo, which says the same).
+RETRY_AFTER_MS = "retry-after-ms"
+
+
+def overloaded_status(error: Overloaded) -> grpc.Status:
+    """RESOURCE_EXHAUSTED for a refused start (load shedding, quotas), with a
+    google.rpc.ErrorInfo naming the limit and, when the refusal says how long
+    to wait, a google.rpc.RetryInfo and `retry-after-ms` trailing metadata."""
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    details: list[Message] = []
+    if error.reason:
+        details.append(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))
+    if error.retry_after_s is not None:
+        delay = Duration()
+        delay.FromNanoseconds(int(error.retry_after_s * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    packed = []
+    for detail in details:
+        any_detail = any_pb2.Any()
+        any_detail.Pack(detail)
+        packed.append(any_detail)
+    status: grpc.Status = rpc_status.to_status(
+        status_pb2.Status(code=code.value[0], message=str(error), details=packed)
+    )
+    if error.retry_after_s is None:
+        return status
+    retry_after_ms = str(max(round(error.retry_after_s * 1000), 0))
+    return _Status(
+        code, status.details, (*status.trailing_metadata, (RETRY_AFTER_MS, retry_after_ms))
+    )
+
+
+class _Status(grpc.Status):
+    """A grpc.Status (grpc_status builds one the same way, privately)."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        trailing_metadata: tuple[tuple[str, str | bytes], ...],
+    ) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
 
 
 # --- events -----------------------------------------------------------------------------
@@ -276,6 +325,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         tokens: ResumeTokens,
         *,
         max_prompt_bytes: int,
+        limits: RequestLimits | None = None,
         clock: Clock,
         first_message_timeout_s: float = 10.0,
         allow_partial: bool = True,
@@ -283,6 +333,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         self._hub = hub
         self._tokens = tokens
         self._max_prompt_bytes = max_prompt_bytes
+        self._limits = limits or RequestLimits()
         self._clock = clock
         self._first_message_timeout_s = first_message_timeout_s
         self._allow_partial = allow_partial
@@ -295,6 +346,8 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         requests = Requests(request_iterator)
         try:
             session = await self._open(requests, context.time_remaining())
+        except Overloaded as error:
+            await context.abort_with_status(overloaded_status(error))
         except TokenRelayError as error:
             await context.abort(status_for(error), str(error))
         except Exception:
@@ -369,7 +422,9 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         kind = first.WhichOneof("kind")
         if kind == "start":
             return await self._hub.start(
-                parse_start(first.start, max_prompt_bytes=self._max_prompt_bytes),
+                parse_start(
+                    first.start, max_prompt_bytes=self._max_prompt_bytes, limits=self._limits
+                ),
                 deadline_s=deadline_s,
             )
         if kind == "resume":

@@ -1,6 +1,6 @@
 """Server settings: defaults < config file < environment < flags.
 
-The file's [server], [recovery] and [breaker] tables, the `TOKENRELAY_*`
+The file's [server], [recovery], [limits] and [breaker] tables, the `TOKENRELAY_*`
 environment variables and the `serve` flags each set some settings; the CLI
 reads the flags (click) and hands them here with the environment.
 `load_settings` checks every source on its own, so a file value that a flag
@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from redis.asyncio.connection import parse_url
 
 from tokenrelay_server.config.problems import (
@@ -40,7 +47,7 @@ from tokenrelay_server.config.upstream import (
     missing_api_keys,
 )
 from tokenrelay_server.core.breaker import BreakerSettings
-from tokenrelay_server.core.limits import HubSettings, Timeouts
+from tokenrelay_server.core.limits import HubSettings, LagSettings, RequestLimits, Timeouts
 from tokenrelay_server.core.recovery import RecoveryConfig, SelectionMode
 from tokenrelay_server.core.retry import DEFAULT_RETRY_BUDGET_RATIO, BackoffPolicy
 
@@ -95,10 +102,12 @@ def check_redis_url(url: str) -> str:
 
 # The defaults of the engine's settings live with the engine's types.
 _HUB = HubSettings()
+_LAG = LagSettings()
 _TIMEOUTS = Timeouts()
 _POLICY = RecoveryConfig()
 _BACKOFF = BackoffPolicy()
 _BREAKER = BreakerSettings()
+_LIMITS = RequestLimits()
 
 
 class Settings(BaseModel):
@@ -109,6 +118,8 @@ class Settings(BaseModel):
     store: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "tr"
+    # The Redis at redis_url is a node of a Redis Cluster (store/connect.py).
+    redis_cluster: bool = False
     resume_secret: str | None = Field(None, min_length=16)
     retention_s: float = Field(3600.0, gt=0)
     detach_grace_s: float = Field(_HUB.detach_grace_s, ge=0)
@@ -116,14 +127,37 @@ class Settings(BaseModel):
     checkpoint_interval: int = Field(_HUB.checkpoint_interval, ge=1, le=100_000)
     max_streams: int = Field(_HUB.max_streams, ge=1)
     max_prompt_bytes: int = Field(1 << 20, ge=1)
+    # [limits] (issue 13; core/limits.py RequestLimits): the transport's
+    # receive limit (RESOURCE_EXHAUSTED), then what a `start` may hold
+    # (INVALID_ARGUMENT naming the field).
+    max_request_bytes: int = Field(_LIMITS.max_request_bytes, ge=1024, le=1 << 30)
+    max_messages: int = Field(_LIMITS.max_messages, ge=1)
+    max_content_chars: int = Field(_LIMITS.max_content_chars, ge=1)
+    max_tools: int = Field(_LIMITS.max_tools, ge=0)
+    max_metadata_entries: int = Field(_LIMITS.max_metadata_entries, ge=0)
+    # TLS (issue 13; api/tls.py): PEM files. Both or neither of cert and key;
+    # a client CA turns on mTLS (every client presents a certificate it
+    # signed). Reloaded from the same paths on SIGHUP.
+    tls_cert: str | None = Field(None, min_length=1)
+    tls_key: str | None = Field(None, min_length=1)
+    tls_client_ca: str | None = Field(None, min_length=1)
     # The text one stream may hold, across all its attempts (a longer answer
     # ends partial with RESPONSE_TOO_LARGE).
     max_response_bytes: int = Field(_HUB.max_stream_bytes, ge=1)
     lease_ttl_s: float = Field(_HUB.lease_ttl_s, gt=0)
+    heartbeat_interval_s: float = Field(_HUB.heartbeat_interval_s, gt=0)
+    heartbeat_ttl_s: float = Field(_HUB.heartbeat_ttl_s, gt=0)
     # Above this resident memory (MiB; 0 = no limit) new streams are refused
     # with RESOURCE_EXHAUSTED and running ones end as typed partials.
     max_memory_mb: float = Field(0.0, ge=0)
     memory_check_interval_s: float = Field(_HUB.memory_check_interval_s, gt=0)
+    # Load shedding (issue 10): while the event loop's p99 lag over the last
+    # loop_lag_window_s is above max_loop_lag_ms (0 = never), new streams get
+    # RESOURCE_EXHAUSTED; every refused start is told to retry after
+    # shed_retry_after_s (RetryInfo and retry-after-ms).
+    max_loop_lag_ms: float = Field(_LAG.threshold_s * 1000, ge=0)
+    loop_lag_window_s: float = Field(_LAG.window_s, gt=0, le=60)
+    shed_retry_after_s: float = Field(_HUB.shed_retry_after_s, ge=0, le=3600)
     first_token_timeout_s: float = Field(_TIMEOUTS.first_token_s, gt=0)
     stall_timeout_s: float = Field(_TIMEOUTS.stall_s, gt=0)
     # A call that sends no first message (`start`/`resume`) within this time
@@ -154,6 +188,9 @@ class Settings(BaseModel):
     # `otlp` exports over gRPC as the standard OTEL_EXPORTER_OTLP_* variables say.
     otel_exporter: Literal["none", "console", "otlp"] = "none"
     log_format: Literal["text", "json"] = "text"
+    # Prompt and answer text in the lifecycle log lines (DEBUG); off, no
+    # line holds any (issue 13).
+    log_content: bool = False
     # Metrics and Admin (issue 11): Prometheus /metrics on metrics_host:
     # metrics_port (None: not served; 0 picks a free port); the Admin service
     # only with an admin token, which every Admin call must carry.
@@ -169,6 +206,28 @@ class Settings(BaseModel):
     @classmethod
     def _redis_url(cls, value: str) -> str:
         return check_redis_url(value)
+
+    @field_validator("heartbeat_ttl_s")
+    @classmethod
+    def _heartbeat_ttl(cls, value: float, info: ValidationInfo) -> float:
+        # Fields validate in order: the interval (declared before) is known here.
+        interval = info.data.get("heartbeat_interval_s", _HUB.heartbeat_interval_s)
+        if value <= interval:
+            raise ValueError(
+                f"must be longer than heartbeat_interval_s ({interval}), or every replica "
+                "would look dead between two heartbeats"
+            )
+        return value
+
+    @property
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(
+            max_request_bytes=self.max_request_bytes,
+            max_messages=self.max_messages,
+            max_content_chars=self.max_content_chars,
+            max_tools=self.max_tools,
+            max_metadata_entries=self.max_metadata_entries,
+        )
 
     @property
     def sim_routable(self) -> bool:
@@ -191,6 +250,15 @@ RECOVERY_KEYS = frozenset(
         "selection",
     }
 )
+LIMITS_KEYS = frozenset(
+    {
+        "max_request_bytes",
+        "max_messages",
+        "max_content_chars",
+        "max_tools",
+        "max_metadata_entries",
+    }
+)
 BREAKER_KEYS = frozenset(
     {
         "breaker_failure_threshold",
@@ -205,8 +273,9 @@ BREAKER_KEYS = frozenset(
 # table → (prefix of its settings, its settings); [breaker] failure_threshold
 # is the setting breaker_failure_threshold.
 TABLES: dict[str, tuple[str, frozenset[str]]] = {
-    "server": ("", SERVER_KEYS - RECOVERY_KEYS - BREAKER_KEYS),
+    "server": ("", SERVER_KEYS - RECOVERY_KEYS - BREAKER_KEYS - LIMITS_KEYS),
     "recovery": ("", RECOVERY_KEYS),
+    "limits": ("", LIMITS_KEYS),
     "breaker": ("breaker_", BREAKER_KEYS),
 }
 UPSTREAM_TABLES = ("providers", "models")

@@ -94,6 +94,12 @@ class ProviderConfig(_Strict):
             raise ValueError(f"is not a URL ({exc})") from None
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError("must be an http:// or https:// URL with a host")
+        if url.userinfo:
+            # It would reach logs and errors with the URL (issue 13).
+            raise ValueError(
+                "must not carry a user or password (user:password@); a key goes in the "
+                "environment variable api_key_env names"
+            )
         if url.query or url.fragment:
             raise ValueError("must not have a query or fragment")
         return value.rstrip("/")

@@ -254,11 +254,23 @@ _OTHER_STATUS = StatusMeaning(
 )
 
 
+# A 3xx: provider clients never follow redirects (upstream/build.py; a
+# redirect could send the request, and its key, to a host the configuration
+# never named, issue 13), so it ends the attempt, saying why.
+_REDIRECT = StatusMeaning(
+    ProviderErrorKind.INVALID_REQUEST,
+    "the provider answered with a redirect, which the gateway never follows "
+    "(upstream URLs come from the configuration only; check the provider's base_url)",
+)
+
+
 def http_status_meaning(status: int) -> StatusMeaning:
     """The row of `HTTP_STATUSES` for a non-2xx status."""
     meaning = HTTP_STATUSES.get(status)
     if meaning is not None:
         return meaning
+    if 300 <= status <= 399:
+        return _REDIRECT
     return _OTHER_5XX if status >= 500 else _OTHER_STATUS
 
 

@@ -163,7 +163,18 @@ class StreamNotFound(TokenRelayError):
 
 
 class Overloaded(TokenRelayError):
-    """The gateway is shedding load or a quota is spent. Retry later with backoff."""
+    """The gateway is shedding load or a quota is spent. Retry later with
+    backoff: after `retry_after_s` when it is set (the servicer sends it as
+    a google.rpc.RetryInfo and `retry-after-ms` trailing metadata), on this
+    replica or another. `reason` names the limit (`MAX_STREAMS`,
+    `MEMORY_LIMIT`, `LOOP_LAG`, ...; "" when not said)."""
+
+    def __init__(
+        self, message: str, *, reason: str = "", retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
 
 
 class Draining(TokenRelayError):

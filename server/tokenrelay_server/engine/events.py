@@ -18,7 +18,9 @@ logged and the engine goes on: an observer can never break a stream).
     BreakerChanged   a circuit breaker changed state (from the breaker's listeners)
 
 Events carry ids and bounded labels (model alias, provider, codes); never
-prompts, answers, keys or tokens.
+keys or tokens. Two fields carry content, for `--log-content` alone (the
+log observer, obs/logs.py; every other observer leaves them alone):
+StreamStarted.prompt and ChunkStored.text.
 
 ChunkStored is the one event per chunk: an observer that has no use for it
 says so with a class attribute `observes_chunks = False`, and when no
@@ -43,6 +45,7 @@ class StreamStarted:
     stream_id: str
     model: str  # the alias the client asked for
     at: float  # the clock's monotonic time
+    prompt: str = ""  # the last message's content (for --log-content only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,7 @@ class ChunkStored:
     tokens_so_far: int
     at: float
     kind: str = "text"  # "text", "reasoning" or "tool_call"
+    text: str = ""  # the chunk's text (for --log-content only)
 
 
 @dataclass(frozen=True, slots=True)

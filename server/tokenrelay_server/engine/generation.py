@@ -409,6 +409,7 @@ class Generation:
                     tokens_so_far=chunk.tokens_so_far,
                     at=self._clock.monotonic(),
                     kind=chunk.kind,
+                    text=chunk.text,
                 )
             )
 

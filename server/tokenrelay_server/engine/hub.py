@@ -8,13 +8,18 @@ Reading a stream:
 - generated here: from the generation's local log (already stored), then
   live as it grows;
 - generated elsewhere, or finished: from the store, waiting on it for more.
-  When the stream is unfinished and nobody holds its lease (the owning
-  replica died), the reader takes it over and continues it here
+  When the stream is unfinished and nobody holds its lease, or the lease's
+  owner has no heartbeat any more (the owning replica died: issue 9 defect
+  7, store/heartbeat.py), the reader takes it over and continues it here
   (takeover.py), or ends it OWNER_LOST when it cannot be continued.
 
 Admission is one synchronous step: the check against `max_streams` and the
 reservation of the slot happen with no await between them, so concurrent
-starts can never admit more than the limit.
+starts can never admit more than the limit. A start is refused (`Overloaded`,
+with the `shed_retry_after_s` to wait) while the replica is over
+`max_streams` (running and detached generations), over its memory limit, or
+while its event loop lags (loop_lag.py): the servicer decides it after
+reading the first request, so a refusal is a clean RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -42,12 +48,18 @@ from tokenrelay_server.engine.cursor import LogCursor
 from tokenrelay_server.engine.events import Observers, ReaderAttached, StreamStarted, TakenOver
 from tokenrelay_server.engine.fanout import Subscription
 from tokenrelay_server.engine.generation import Generation, stop_fault
+from tokenrelay_server.engine.loop_lag import LoopLagMonitor
 from tokenrelay_server.engine.recovery_loop import Recovery
 from tokenrelay_server.engine.routing import Route, Router
 from tokenrelay_server.engine.takeover import Leases, Takeover, cancel_fault
 from tokenrelay_server.store.base import StreamStore
+from tokenrelay_server.store.heartbeat import Heartbeats
 
 log = logging.getLogger(__name__)
+
+# A follower looks at a live owner's heartbeat again this long after it
+# would lapse (a renewal in flight, the store's TTL timer).
+HEARTBEAT_RECHECK_SLACK_S = 0.05
 
 
 @dataclass(eq=False)
@@ -76,14 +88,20 @@ class StreamHub:
         settings: HubSettings | None = None,
         replica_id: str | None = None,
         observers: Observers | None = None,
+        heartbeats: Heartbeats | None = None,
+        loop_lag: LoopLagMonitor | None = None,
     ) -> None:
         self.store = store
+        self.loop_lag = loop_lag
         self.router = router
         self._clock = clock
         self.recovery = recovery
         self._settings = settings or HubSettings()
         self.replica_id = replica_id or uuid.uuid4().hex[:12]
         self.observe = observers or Observers()
+        # None (the memory store): no other replica; streams change owner
+        # only when a lease lapses.
+        self.heartbeats = heartbeats
         self._local: dict[str, Generation] = {}
         self._admitting = 0  # starts admitted but not yet registered in _local
         self._tasks: set[asyncio.Task[None]] = set()
@@ -129,15 +147,32 @@ class StreamHub:
         """Refuse a new generation (raise), or reserve its slot; no await here."""
         if self.draining:
             raise DrainingError("the server is draining; start the stream on another replica")
-        if self.memory_exceeded is not None:
-            raise Overloaded(
-                f"this replica is over its memory limit ({self.memory_exceeded >> 20} MiB of "
-                f"{self.max_memory_bytes >> 20} MiB); retry later or on another replica"
-            )
+        wait_s = self._settings.shed_retry_after_s
+        later = f"retry in {wait_s:g} s or on another replica"
         running = len(self._local) + self._admitting
         if running >= self._settings.max_streams:
             raise Overloaded(
-                f"this replica is generating {running} streams, its limit; retry later"
+                f"this replica is generating {running} streams (running and detached), its "
+                f"limit (max_streams); {later}",
+                reason="MAX_STREAMS",
+                retry_after_s=wait_s,
+            )
+        if self.memory_exceeded is not None:
+            raise Overloaded(
+                f"this replica is over its memory limit ({self.memory_exceeded >> 20} MiB of "
+                f"{self.max_memory_bytes >> 20} MiB); {later}",
+                reason="MEMORY_LIMIT",
+                retry_after_s=wait_s,
+            )
+        lag = self.loop_lag
+        if lag is not None and lag.overloaded:
+            settings = lag.settings
+            raise Overloaded(
+                f"this replica is saturated: its event loop's p{settings.quantile * 100:g} lag "
+                f"over the last {settings.window_s:g} s is {lag.lag_s() * 1000:.0f} ms, above "
+                f"max_loop_lag_ms {settings.threshold_s * 1000:g}; {later}",
+                reason="LOOP_LAG",
+                retry_after_s=wait_s,
             )
         self._admitting += 1
 
@@ -182,7 +217,10 @@ class StreamHub:
         generation.attach(subscription)
         self._run(generation)
         if self.observe:
-            self.observe(StreamStarted(meta.stream_id, meta.model, self._clock.monotonic()))
+            prompt = request.messages[-1].content if request.messages else ""
+            self.observe(
+                StreamStarted(meta.stream_id, meta.model, self._clock.monotonic(), prompt)
+            )
         return self._open(Session(meta, False, 0, subscription, generation))
 
     def _generation(
@@ -224,6 +262,47 @@ class StreamHub:
             self._local.pop(generation.stream_id, None)
             with contextlib.suppress(Exception):
                 await self.store.release_lease(generation.stream_id, self.replica_id)
+
+    # -- heartbeat ---------------------------------------------------------------------
+
+    async def beat(self) -> None:
+        """Renew this replica's heartbeat once (the server does it before it
+        serves, so no lease of ours ever exists without a heartbeat)."""
+        if self.heartbeats is not None:
+            await self.heartbeats.beat(self.replica_id, self._settings.heartbeat_ttl_s)
+
+    async def keep_heartbeat(self) -> None:
+        """Renew this replica's heartbeat every `heartbeat_interval_s` of the
+        heartbeats' own clock (their TTL runs on it) until cancelled. A failed
+        renewal is logged and retried at the next beat: while the store
+        cannot be reached, other replicas may take our streams over, which
+        is what the heartbeat is for."""
+        if self.heartbeats is None:
+            return
+        while True:
+            await self.heartbeats.clock.sleep(self._settings.heartbeat_interval_s)
+            try:
+                await self.beat()
+            except Exception as error:  # a dependency failure, typed by the store
+                log.warning("heartbeat not renewed: %s", error)
+
+    async def stop_heartbeat(self) -> None:
+        """Say this replica is gone (after its generations ended)."""
+        if self.heartbeats is not None:
+            await self.heartbeats.stop(self.replica_id)
+
+    async def _owner_heartbeat_left(self, owner: str) -> float:
+        """Seconds the owner of a lease still counts as alive: 0 when its
+        heartbeat is gone; infinite without heartbeats, for ourselves, or when
+        the store cannot say (then only the lease's lapse frees the stream)."""
+        if self.heartbeats is None or owner == self.replica_id:
+            return math.inf
+        try:
+            left = await self.heartbeats.remaining(owner)
+        except Exception as error:  # typed by the store; assume it lives
+            log.warning("cannot read the heartbeat of replica %s: %s", owner, error)
+            return math.inf
+        return 0.0 if left is None else left
 
     async def resume(self, stream_id: str, last_seq: int) -> Session:
         """Attach to a stream (the servicer verified the token naming it)."""
@@ -303,10 +382,15 @@ class StreamHub:
     async def _follow_store(self, session: Session) -> AsyncGenerator[list[LogEntry], None]:
         stream_id = session.stream_id
         cursor = LogCursor(session.after_seq)
+        poll_s = self._settings.store_poll_s
+        # The first look does not wait: a resume of a dead owner's stream is
+        # taken over as soon as its heartbeat is gone, not a poll later.
+        wait_s = 0.0
         while True:
             if session.subscription.violation is not None:
                 raise session.subscription.violation
-            entries = await self.store.wait(stream_id, cursor.seq, self._settings.store_poll_s)
+            entries = await self.store.wait(stream_id, cursor.seq, wait_s)
+            wait_s = poll_s
             if entries:
                 batch = cursor.take(entries)
                 if batch:
@@ -317,8 +401,26 @@ class StreamHub:
             tail = await self.store.tail(stream_id)
             if tail is None:
                 raise StreamNotFound(f"stream {stream_id} expired while being read")
-            if tail.ended or await self.store.lease_owner(stream_id) is not None:
+            if tail.ended:
                 continue
+            owner = await self.store.lease_owner(stream_id)
+            if owner is not None:
+                left = await self._owner_heartbeat_left(owner)
+                if left > 0:
+                    # Look again right after its heartbeat would lapse, if
+                    # that comes before the next poll.
+                    wait_s = min(poll_s, left + HEARTBEAT_RECHECK_SLACK_S)
+                    continue
+                # Its owner's heartbeat is gone: free the lease (only if that
+                # owner still holds it) and take the stream over, without
+                # waiting for the lease to lapse. An owner that was only
+                # paused finds its lease gone when it wakes.
+                log.warning(
+                    "stream %s: owner %s has no heartbeat; taking the stream over",
+                    stream_id,
+                    owner,
+                )
+                await self.store.release_lease(stream_id, owner)
             generation = await self._takeover.take_over(stream_id)
             if generation is None:
                 continue

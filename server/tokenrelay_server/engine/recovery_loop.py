@@ -271,8 +271,13 @@ class RecoveryLoop:
         )
 
     def _restored_turn_outcome(self) -> Outcome | None:
-        """A stream taken over after its tool calls were shown: there is
-        nothing to continue (the decision's rule, without an attempt)."""
+        """A stream taken over after its tool calls were shown, or after its
+        owner stored the last token of the caller's `max_tokens` (but not the
+        End): there is nothing to continue (the decision's rule, without an
+        attempt; asking for one more token would exceed the budget)."""
+        limit = self.request.params.max_tokens
+        if limit is not None and self.tally.delivered_tokens >= limit:
+            return Outcome(finish=Finish("length"))
         if self.turn.open_call is not None:
             cause = Fault(
                 type=ErrorType.APPLICATION,

@@ -22,14 +22,20 @@ As text the message is the event and its fields as key=value; as JSON
 `msg` and the fields at the top level (every other log line of the gateway
 is a JSON object too, with the current trace id when there is one).
 
-Secrets: the lifecycle lines hold ids, bounded labels, counts and codes, never
-prompts, answers, provider error messages (they can quote the request), keys
-or tokens. Third-party loggers: hpack logs every header it encodes at DEBUG
-(with HTTP/2 that is `authorization: Bearer <provider key>`, issue 13), and
-httpcore traces requests at DEBUG; `setup_logging` holds both at INFO
-whatever `--log-level` says. And `SecretFilter` masks the secrets the gateway
-knows (provider API keys, the resume secret) in any record that would carry
-one anyway, from any logger.
+Secrets (issue 13): the lifecycle lines hold ids, bounded labels, counts and
+codes, never prompts, answers, provider error messages (they can quote the
+request), keys or tokens; prompt and answer text only with `--log-content`
+(a `prompt` line after `stream_started`, an `answer` line after
+`stream_ended`, both at DEBUG, each with a `text` field). Third-party
+loggers: hpack logs every header it encodes at DEBUG (with HTTP/2 that is
+`authorization: Bearer <provider key>`), h2 and httpcore trace frames and
+requests at DEBUG; `setup_logging` pins all three
+at WARNING whatever `--log-level` says. And `SecretFilter`, on the handler,
+masks in every record from any logger (its message, its exception text and
+a lifecycle line's fields): the secrets the gateway knows by value (provider
+API keys, every resume secret, the admin token), and by shape what it cannot
+know by value: the credential of any `Bearer` or `x-api-key` header (tenant
+API keys: the gateway holds only their hashes) and resume tokens.
 
 The standard library is enough here: a 30-line formatter gives JSON lines,
 and the records stay plain `logging` records, so third-party loggers (grpc,
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -53,6 +60,7 @@ from tokenrelay_server.core.errors import Fault
 from tokenrelay_server.engine.events import (
     AttemptEnded,
     AttemptStarted,
+    ChunkStored,
     EngineEvent,
     ReaderAttached,
     RecoveryAction,
@@ -66,8 +74,8 @@ STREAM_LOGGER = "tokenrelay.streams"
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 # The record attribute that carries a line's fields to the JSON formatter.
 FIELDS = "tokenrelay_fields"
-# Loggers that print what they send at DEBUG: never below INFO (module doc).
-QUIET_LOGGERS = ("hpack", "httpcore")
+# Loggers that print what they send at DEBUG: never below WARNING (module doc).
+QUIET_LOGGERS = ("hpack", "h2", "httpcore")
 # A "secret" this short would mask ordinary words; no real key is.
 MIN_SECRET_CHARS = 6
 
@@ -94,13 +102,18 @@ def _text_value(value: Value) -> str:
 class StreamLog:
     """The engine observer that writes the lifecycle lines (module doc)."""
 
-    observes_chunks = False  # no line per chunk
+    observes_chunks = False  # no line per chunk (but with --log-content: __init__)
 
-    def __init__(self, logger: logging.Logger | None = None) -> None:
+    def __init__(self, logger: logging.Logger | None = None, *, log_content: bool = False) -> None:
         self._log = logger or logging.getLogger(STREAM_LOGGER)
         # Each stream's last attempt (provider, number), for its later lines;
         # dropped at its end.
         self._last: dict[str, tuple[str, int]] = {}
+        # --log-content: each stream's answer so far (its text chunks), for
+        # stream_ended; only then does this observer see chunks.
+        self.log_content = log_content
+        self.observes_chunks = log_content
+        self._answers: dict[str, list[str]] = {}
 
     def __call__(self, event: EngineEvent) -> None:
         match event:
@@ -135,6 +148,13 @@ class StreamLog:
                 )
             case StreamStarted():
                 self._write(logging.INFO, "stream_started", event.stream_id, model=event.model)
+                if self.log_content:
+                    self._answers[event.stream_id] = []
+                    self._write(logging.DEBUG, "prompt", event.stream_id, text=event.prompt)
+            case ChunkStored() if self.log_content:
+                answer = self._answers.get(event.stream_id)
+                if answer is not None and event.kind == "text":
+                    answer.append(event.text)
             case StreamEnded():
                 self._stream_ended(event)
             case ReaderAttached() if event.resumed:
@@ -198,6 +218,9 @@ class StreamLog:
             fields.update(_fault_fields(end.error))
         level = logging.WARNING if outcome == "partial" else logging.INFO
         self._write(level, "stream_ended", event.stream_id, **fields)
+        answer = self._answers.pop(event.stream_id, None)
+        if answer is not None:
+            self._write(logging.DEBUG, "answer", event.stream_id, text="".join(answer))
 
     def _write(self, level: int, event: str, stream_id: str, **fields: Value | None) -> None:
         if not self._log.isEnabledFor(level):
@@ -252,9 +275,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+# Credentials by shape (SecretFilter): what follows `Bearer` (an
+# authorization header, however a logger prints it: `authorization: Bearer
+# K`, `(b'authorization', b'Bearer K')`), an `x-api-key` header's value
+# (Anthropic), and a resume token: `v<N>.` dotted fields ending in a MAC of
+# 32 or more base64url characters (api/tokens.py: HMAC-SHA256, 43; any
+# later token version that keeps the `v<N>.` prefix and a MAC at the end).
+SECRET_SHAPES = (
+    re.compile(r"(?i)(bearer\s+)[^\s'\",;)\]}]+"),
+    re.compile(r"(?i)(x-api-key['\"]?\s*[:=,]\s*b?['\"]?)[^\s'\",;)\]}]+"),
+    re.compile(r"()\bv\d+\.[A-Za-z0-9_.:-]+\.[A-Za-z0-9_-]{32,}"),
+)
+
+
 class SecretFilter(logging.Filter):
-    """Masks known secrets in a record's message and exception text, for
-    whatever logger wrote it (put it on the handler)."""
+    """Masks secrets in a record's message, exception text and lifecycle
+    fields, for whatever logger wrote it (put it on the handler): the known
+    ones by value, credentials and resume tokens by shape (SECRET_SHAPES)."""
 
     MASK = "***"
 
@@ -265,29 +302,42 @@ class SecretFilter(logging.Filter):
         )
         self._format = logging.Formatter()
 
-    def _mask(self, text: str) -> str:
+    def mask(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, self.MASK)
+        for shape in SECRET_SHAPES:
+            text = shape.sub(lambda match: match.group(1) + self.MASK, text)
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not self._secrets:
-            return True
         message = record.getMessage()
-        masked = self._mask(message)
+        masked = self.mask(message)
         if masked != message:
             record.msg, record.args = masked, None
         if record.exc_info and not record.exc_text:
             record.exc_text = self._format.formatException(record.exc_info)
         if record.exc_text:
-            record.exc_text = self._mask(record.exc_text)
+            record.exc_text = self.mask(record.exc_text)
+        fields = getattr(record, FIELDS, None)
+        if isinstance(fields, dict):
+            setattr(
+                record,
+                FIELDS,
+                {
+                    key: self.mask(value) if isinstance(value, str) else value
+                    for key, value in fields.items()
+                },
+            )
         return True
 
 
 def known_secrets(settings: Settings, env: Mapping[str, str]) -> list[str]:
-    """The secrets this gateway holds: its resume secret and the API keys
-    its providers read from the environment."""
-    secrets = [settings.resume_secret or ""]
+    """The secrets this gateway holds: its resume secrets (each of a
+    comma-separated list, with and without a `KID:` prefix), its admin
+    token, and the API keys its providers read from the environment."""
+    secrets = [settings.admin_token or ""]
+    for entry in (settings.resume_secret or "").split(","):
+        secrets += [entry.strip(), entry.partition(":")[2].strip()]
     for provider in settings.upstream.providers.values():
         if provider.api_key_env is not None:
             secrets.append(env.get(provider.api_key_env, "").strip())
@@ -313,7 +363,7 @@ def setup_logging(
     root.addHandler(handler)
     root.setLevel(level.upper())
     for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(max(logging.INFO, root.level))
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     # httpx logs every upstream request at INFO; keep that for debug.
     logging.getLogger("httpx").setLevel(logging.NOTSET if level == "debug" else logging.WARNING)
     return handler

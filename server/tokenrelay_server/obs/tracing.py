@@ -393,18 +393,9 @@ class StreamTracer:
     def _attempt_started(self, event: AttemptStarted) -> None:
         traced = self._traced(event.stream_id, event.model)
         self._end_wait(traced)
-        traced.attempts[event.attempt] = self._tracer.start_span(
-            ATTEMPT_SPAN,
-            context=traced.context,
-            kind=SpanKind.CLIENT,
-            attributes={
-                STREAM_ID: event.stream_id,
-                PROVIDER: event.provider,
-                UPSTREAM_MODEL: event.upstream_model,
-                ATTEMPT: event.attempt,
-                CONTINUATION: event.continuation,
-            },
-        )
+        span = self._attempt_span(traced, event)
+        span.set_attribute(CONTINUATION, event.continuation)
+        traced.attempts[event.attempt] = span
 
     def _attempt_ended(self, event: AttemptEnded) -> None:
         traced = self._traced(event.stream_id, event.model)
@@ -412,17 +403,7 @@ class StreamTracer:
         # A refused attempt made no call and had no start: an instant span.
         span = traced.attempts.pop(event.attempt, None) if event.outcome != "refused" else None
         if span is None:
-            span = self._tracer.start_span(
-                ATTEMPT_SPAN,
-                context=traced.context,
-                kind=SpanKind.CLIENT,
-                attributes={
-                    STREAM_ID: event.stream_id,
-                    PROVIDER: event.provider,
-                    UPSTREAM_MODEL: event.upstream_model,
-                    ATTEMPT: event.attempt,
-                },
-            )
+            span = self._attempt_span(traced, event)
         attributes: dict[str, AttributeValue] = {
             OUTCOME: event.outcome,
             TOKENS_RECEIVED: event.deltas,
@@ -437,6 +418,19 @@ class StreamTracer:
             span.set_status(Status(StatusCode.ERROR, event.fault.code))
         span.set_attributes(attributes)
         span.end()
+
+    def _attempt_span(self, traced: _TracedStream, event: AttemptStarted | AttemptEnded) -> Span:
+        return self._tracer.start_span(
+            ATTEMPT_SPAN,
+            context=traced.context,
+            kind=SpanKind.CLIENT,
+            attributes={
+                STREAM_ID: event.stream_id,
+                PROVIDER: event.provider,
+                UPSTREAM_MODEL: event.upstream_model,
+                ATTEMPT: event.attempt,
+            },
+        )
 
     def _recovery_action(self, event: RecoveryAction) -> None:
         traced = self._traced(event.stream_id, event.model)

@@ -19,6 +19,9 @@ Why this shape:
   script call that adds its counters and sets its TTL atomically, so a
   reader never sees a count without its sums. The calls of a batch go in one
   pipeline (one round trip), not a transaction: they touch different slots.
+  They go as EVAL, not EVALSHA: on a Redis Cluster the pipeline is split per
+  node and cannot load a script on a node that lacks it first (the script
+  is a few hundred bytes; a batch is a handful of buckets).
 - The TTL (rule 4) is relative, computed from the injected clock: a bucket
   lives until `Granularity.expires_at`, a week and a day for day buckets.
 - Replicas add into the same keys (HINCRBY), so the statistics are the whole
@@ -32,9 +35,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio import Redis
-
 from tokenrelay_server.core.clock import Clock, SystemClock
+from tokenrelay_server.store.connect import RedisClient, connect
 from tokenrelay_server.store.error_stats import (
     GRANULARITIES,
     AggregateKey,
@@ -68,18 +70,25 @@ def _field_key(key: AggregateKey) -> str:
 
 
 class RedisErrorStats:
-    def __init__(self, client: Redis, *, prefix: str = "tr", clock: Clock | None = None) -> None:
+    def __init__(
+        self, client: RedisClient, *, prefix: str = "tr", clock: Clock | None = None
+    ) -> None:
         self._client = client
         self._prefix = prefix
         self._clock = clock or SystemClock()
-        self._add = client.register_script(_ADD)
 
     @classmethod
     def from_url(
-        cls, url: str, *, prefix: str = "tr", clock: Clock | None = None, **client_kwargs: Any
+        cls,
+        url: str,
+        *,
+        prefix: str = "tr",
+        clock: Clock | None = None,
+        cluster: bool = False,
+        **client_kwargs: Any,
     ) -> RedisErrorStats:
         client_kwargs["decode_responses"] = True
-        return cls(Redis.from_url(url, **client_kwargs), prefix=prefix, clock=clock)
+        return cls(connect(url, cluster=cluster, **client_kwargs), prefix=prefix, clock=clock)
 
     def bucket_key(self, granularity_name: str, index: int) -> str:
         return f"{self._prefix}:errors:{{{granularity_name}{index}}}"
@@ -107,7 +116,7 @@ class RedisErrorStats:
                 calls.append((self.bucket_key(granularity.name, index), args))
         async with self._client.pipeline(transaction=False) as pipe:
             for bucket, args in calls:
-                await self._add(keys=[bucket], args=args, client=pipe)
+                pipe.eval(_ADD, 1, bucket, *args)
             await pipe.execute()
 
     async def summary(self, period: Period) -> list[ErrorRow]:

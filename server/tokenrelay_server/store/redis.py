@@ -39,7 +39,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from tokenrelay_server.core.clock import Clock, SystemClock
@@ -47,6 +46,8 @@ from tokenrelay_server.core.errors import StreamNotFound
 from tokenrelay_server.core.model import Chunk, LogEntry, Notice, StreamMeta
 from tokenrelay_server.store.base import StreamTail
 from tokenrelay_server.store.codec import decode_entry, decode_meta, encode_entry, encode_meta
+from tokenrelay_server.store.connect import RedisClient, connect, connection_kwargs
+from tokenrelay_server.store.heartbeat import RedisHeartbeats
 
 # The idempotency key is refreshed every `retention / _IDEM_REFRESH_DIVISOR`
 # at most, so its TTL must cover that gap on top of the stream's retention.
@@ -226,9 +227,9 @@ class RedisStore:
 
     def __init__(
         self,
-        client: Redis,
+        client: RedisClient,
         *,
-        blocking_client: Redis | None = None,
+        blocking_client: RedisClient | None = None,
         retention_s: float = 3600.0,
         prefix: str = "tr",
         clock: Clock | None = None,
@@ -258,6 +259,8 @@ class RedisStore:
         self._renew_lease = register(_RENEW_LEASE)
         self._lease_owner = register(_LEASE_OWNER)
         self._request_cancel = register(_REQUEST_CANCEL)
+        # Replica heartbeats live beside the streams, on the same client.
+        self.heartbeats = RedisHeartbeats(client, prefix=prefix)
 
     @classmethod
     def from_url(
@@ -268,9 +271,11 @@ class RedisStore:
         prefix: str = "tr",
         clock: Clock | None = None,
         max_waiters: int = 1000,
+        cluster: bool = False,
         **client_kwargs: Any,
     ) -> RedisStore:
-        """Connect to the Redis at `url` (redis://, rediss://, unix://).
+        """Connect to the Redis at `url` (redis://, rediss://, unix://), or
+        with `cluster` to the Redis Cluster `url` names a node of (connect.py).
 
         `max_waiters` caps the connections parked in `wait` (one per blocked
         follower); `client_kwargs` go to both `Redis.from_url` calls, except
@@ -278,7 +283,7 @@ class RedisStore:
         `wait` (see `_BLOCK_SLICE_S`).
         """
         client_kwargs["decode_responses"] = False
-        client = Redis.from_url(url, **client_kwargs)
+        client = connect(url, cluster=cluster, **client_kwargs)
         blocking_kwargs = {
             **client_kwargs,
             "max_connections": max_waiters,
@@ -286,7 +291,7 @@ class RedisStore:
                 client_kwargs.get("socket_timeout") or 0.0, _BLOCK_SLICE_S + _BLOCK_SLACK_S
             ),
         }
-        blocking_client = Redis.from_url(url, **blocking_kwargs)
+        blocking_client = connect(url, cluster=cluster, **blocking_kwargs)
         return cls(
             client,
             blocking_client=blocking_client,
@@ -486,10 +491,10 @@ def _text(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
-def _block_slice(client: Redis) -> float | None:
+def _block_slice(client: RedisClient) -> float | None:
     """The longest XREAD BLOCK the client can wait for without its own socket
     timeout firing first (None: no socket timeout, block as long as asked)."""
-    socket_timeout: float | None = client.connection_pool.connection_kwargs.get("socket_timeout")
+    socket_timeout: float | None = connection_kwargs(client).get("socket_timeout")
     if not socket_timeout:
         return None
     if socket_timeout <= 2 * _BLOCK_SLACK_S:

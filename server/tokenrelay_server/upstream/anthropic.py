@@ -73,6 +73,7 @@ from tokenrelay_server.upstream.base import (
     ToolCallDone,
     UsageReport,
 )
+from tokenrelay_server.upstream.fastjson import parse_json
 from tokenrelay_server.upstream.http_stream import HttpProvider, sim_headers, token_count
 from tokenrelay_server.upstream.sse import ServerSentEvent
 
@@ -229,7 +230,7 @@ class MessagesParser:
         if self._stopped or event.event == "ping":
             return []
         try:
-            data = json.loads(event.data)
+            data = parse_json(event.data)
         except ValueError:
             raise upstream_error(
                 classify.malformed_data(

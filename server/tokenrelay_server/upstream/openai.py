@@ -68,6 +68,7 @@ from tokenrelay_server.upstream.base import (
     ToolCallDelta,
     UsageReport,
 )
+from tokenrelay_server.upstream.fastjson import parse_json
 from tokenrelay_server.upstream.http_stream import HttpProvider, sim_headers, token_count
 from tokenrelay_server.upstream.sse import ServerSentEvent
 
@@ -162,6 +163,30 @@ def parse_usage(raw: object, tokens_received: int) -> Usage:
     )
 
 
+_PLAIN_DELTA_KEYS = frozenset({"content", "role"})
+
+
+def _plain_text(chunk: dict[str, Any]) -> str | None:
+    """The text of a chunk that is only that: no error, no usage, one choice
+    (index 0, no finish reason) whose delta has only `content` (a string)
+    and perhaps `role`. None for any other chunk (the full rules read it)."""
+    choices = chunk.get("choices")
+    if type(choices) is not list or len(choices) != 1 or "error" in chunk:
+        return None
+    if chunk.get("usage") is not None:
+        return None
+    choice = choices[0]
+    if type(choice) is not dict or choice.get("finish_reason") is not None:
+        return None
+    if choice.get("index", 0) != 0:
+        return None
+    delta = choice.get("delta")
+    if type(delta) is not dict or not delta.keys() <= _PLAIN_DELTA_KEYS:
+        return None
+    content = delta.get("content")
+    return content if type(content) is str else None
+
+
 class ChatCompletionsParser:
     """Chat Completions SSE events → deltas. Sans-IO; one per attempt."""
 
@@ -189,7 +214,7 @@ class ChatCompletionsParser:
             self._done = True
             return []
         try:
-            chunk = json.loads(data)
+            chunk = parse_json(data)
         except ValueError:
             raise upstream_error(
                 classify.malformed_data(
@@ -201,6 +226,12 @@ class ChatCompletionsParser:
             chunk = {"error": str(chunk)}
         if not isinstance(chunk, dict):
             raise _shape_error("a data event is not a JSON object", self.tokens_received)
+        text = _plain_text(chunk) if event.event != "error" else None
+        if text is not None:  # the per-token case, as the rules below would read it
+            if not text:
+                return []
+            self.tokens_received += 1
+            return [TextDelta(text)]
         payload = classify.error_payload_fields(chunk) if "error" in chunk else None
         if payload is not None or event.event == "error":
             payload = payload or classify.ErrorPayload("", "", json.dumps(chunk)[:200])

@@ -76,6 +76,7 @@ class SSEDecoder:
 
     def __init__(self) -> None:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._utf8_pending = False  # the incremental decoder holds part of a character
         self._at_start = True  # a BOM may still come
         self._skip_lf = False  # the last read ended with CR: a leading LF pairs with it
         self._partial: list[str] = []  # the current, unterminated line
@@ -119,7 +120,20 @@ class SSEDecoder:
             self._end()
             return
         self.bytes_received += len(data)
-        text = self._utf8.decode(data)
+        if self._utf8_pending:
+            text = self._utf8.decode(data)
+            self._utf8_pending = bool(self._utf8.getstate()[0])
+        else:
+            try:
+                # The usual read: whole, valid characters. bytes.decode costs
+                # 0.25 µs where the incremental decoder's Python wrapper costs
+                # 1.5 (issue 10); on a clean state they give the same text.
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                # A character split across reads (the decoder keeps its first
+                # bytes), or bytes that are not UTF-8 (U+FFFD).
+                text = self._utf8.decode(data)
+                self._utf8_pending = bool(self._utf8.getstate()[0])
         if text:
             self._receive_text(text)
 

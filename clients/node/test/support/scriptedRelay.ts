@@ -30,6 +30,8 @@ export type Step = StreamEvent | StatusStep | typeof HANG | typeof AWAIT_REQUEST
 export class ScriptedRelay {
   readonly firstRequests: StreamRequest__Output[] = [];
   readonly laterRequests: StreamRequest__Output[] = [];
+  /** Each call's metadata (text values), in call order. */
+  readonly callMetadata: Record<string, string>[] = [];
   private readonly server = new grpc.Server();
   private readonly open = new Set<grpc.ServerDuplexStream<StreamRequest__Output, StreamEvent>>();
 
@@ -59,6 +61,11 @@ export class ScriptedRelay {
   private play(call: grpc.ServerDuplexStream<StreamRequest__Output, StreamEvent>): void {
     const script = this.scripts[Math.min(this.firstRequests.length, this.scripts.length - 1)] ?? [];
     this.open.add(call);
+    this.callMetadata.push(
+      Object.fromEntries(
+        Object.entries(call.metadata.getMap()).map(([key, value]) => [key, String(value)]),
+      ),
+    );
     const waiting: StreamRequest__Output[] = [];
     let wake: (() => void) | null = null;
     let closed = false;
