@@ -9,7 +9,9 @@ what Admin reports is exact, however fast or slow the machine."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -322,3 +324,27 @@ async def test_the_overview_shows_streams_rates_breakers_and_recent_recovery(
         "sim",
     )
     assert action.at_seq == 4 and action.seconds_ago == pytest.approx(1.0)
+
+
+async def test_the_overview_counts_the_processes_tasks_memory_and_descriptors(
+    relay_factory: RelayFactory,
+) -> None:
+    # In process: the server's own loop is this test's, so its tasks are
+    # counted beside the test's; what matters is that each is the process's
+    # (the fuzzer and the soak read them from a gateway in another process).
+    relay = await relay_factory(admin_token=TOKEN)
+    async with grpc.aio.insecure_channel(relay.address) as channel:
+        stub = admin_pb2_grpc.AdminStub(channel)
+        overview = await stub.GetOverview(admin_pb2.GetOverviewRequest(), metadata=AUTH)
+        call = RawCall(channel, start_request(max_tokens=5000, metadata={"sim.pace_ms": "1000"}))
+        await call.next_event()
+        during = await stub.GetOverview(admin_pb2.GetOverviewRequest(), metadata=AUTH)
+        call.cancel()
+    assert overview.asyncio_tasks >= 1
+    assert during.asyncio_tasks > overview.asyncio_tasks  # the stream's generation and reader
+    # The same process, read again now: within what a few calls change.
+    status = Path("/proc/self/status").read_text()  # noqa: ASYNC240 (procfs: no I/O wait)
+    vm_rss_kib = next(int(line.split()[1]) for line in status.splitlines() if "VmRSS:" in line)
+    assert overview.rss_bytes == pytest.approx(vm_rss_kib * 1024, rel=0.2)
+    assert abs(overview.open_fds - (len(os.listdir("/proc/self/fd")) - 1)) <= 8
+    assert overview.open_fds > 3

@@ -433,24 +433,3 @@ async def test_a_subscription_failed_by_the_edge_ends_only_that_read() -> None:
     assert not end_of(await engine.run_to_end(other)).partial
     assert isinstance(Subscription(), Subscription)
 
-
-async def test_a_lease_keeper_stops_by_itself_once_its_generation_finished() -> None:
-    # The hub cancels the keeper when the generation ends; a cancellation the
-    # Redis client swallows must not leave it renewing a finished stream's
-    # lease for ever (the nemesis saw one do so).
-    engine = build_engine({"m": [("p", [Script(text("a", " b"), finish())])]})
-    session = await engine.start()
-    await engine.run_to_end(session)
-    generation = session.generation
-    assert generation is not None and generation.finished.is_set()
-    renewals: list[str] = []
-    original = engine.store.renew_lease
-
-    async def counting_renew(stream_id: str, *args: object, **kwargs: object) -> bool:
-        renewals.append(stream_id)
-        return await original(stream_id, *args, **kwargs)  # type: ignore[arg-type]
-
-    engine.store.renew_lease = counting_renew  # type: ignore[method-assign]
-    keeper = asyncio.create_task(engine.hub.leases.keep(generation))
-    await engine.clock.run_for(engine.hub.leases.ttl_s * 3)
-    assert keeper.done() and renewals == []

@@ -25,6 +25,7 @@ from tokenrelay_server.engine.generation import Generation
 from tokenrelay_server.engine.hub import StreamHub
 from tokenrelay_server.obs.error_recorder import ErrorRecorder
 from tokenrelay_server.obs.live import LiveStats
+from tokenrelay_server.obs.process import census
 from tokenrelay_server.obs.state import breaker_states
 from tokenrelay_server.store.error_stats import ErrorStats, Period
 
@@ -222,6 +223,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         errors = sorted(
             self._live.errors_per_minute(now).items(), key=lambda item: (-item[1], item[0])
         )
+        process = census()
         return admin_pb2.Overview(
             replica_id=hub.replica_id,
             streams_running=running,
@@ -249,4 +251,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 )
                 for action in reversed(self._live.recent)
             ],
+            asyncio_tasks=process.asyncio_tasks,
+            rss_bytes=process.rss_bytes,
+            open_fds=process.open_fds,
         )

@@ -100,11 +100,17 @@ class Leases:
         self, generation: Generation, also: Callable[[], Awaitable[None]] | None = None
     ) -> None:
         """Renew the lease of a generation running here, and honour cancels
-        sent to other replicas, until cancelled (the hub cancels it when the
-        generation ends; and it stops by itself once the generation finished,
-        should a cancellation be lost in the Redis client: the nemesis saw a
-        keeper renew a finished stream's lease for ever). `also` renews what
-        lives with the lease (the tenant's quota slot, issue 13) in the same step."""
+        sent to other replicas, until the generation has finished (the hub
+        also cancels it then).
+
+        Not on the cancel alone: redis-py (8.1, Python 3.11) can lose a
+        cancellation that arrives during a command, and the command then
+        returns as if nothing happened; a keeper looping on `while True`
+        would renew the lease for ever and the hub, awaiting it, would keep
+        the finished generation registered (a stream left DETACHED, its slot
+        of max_streams held: found by bench/soak.py on Redis,
+        and by the nemesis). `also` renews what lives with the lease (the
+        tenant's quota slot, issue 13) in the same step."""
         stream_id = generation.stream_id
         while not generation.finished.is_set():
             await self.clock.sleep(self.ttl_s / 3)

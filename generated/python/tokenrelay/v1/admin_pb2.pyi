@@ -352,6 +352,9 @@ class Overview(_message.Message):
     ERRORS_LAST_MINUTE_FIELD_NUMBER: _builtins.int
     BREAKERS_FIELD_NUMBER: _builtins.int
     RECENT_ACTIONS_FIELD_NUMBER: _builtins.int
+    ASYNCIO_TASKS_FIELD_NUMBER: _builtins.int
+    RSS_BYTES_FIELD_NUMBER: _builtins.int
+    OPEN_FDS_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     """The replica that answered."""
     streams_running: _builtins.int
@@ -362,6 +365,18 @@ class Overview(_message.Message):
     """Calls attached to any stream on this replica."""
     tokens_per_second: _builtins.float
     """Tokens delivered to clients per second, over the last 10 seconds."""
+    asyncio_tasks: _builtins.int
+    """This replica's process, for leak checks (bench/fuzz.py, bench/soak.py):
+    its asyncio tasks that are not done.
+    """
+    rss_bytes: _builtins.int
+    """Its resident memory in bytes (read from /proc; 0 where the platform does
+    not say).
+    """
+    open_fds: _builtins.int
+    """Its open file descriptors (read from /proc; 0 where the platform does
+    not say).
+    """
     @_builtins.property
     def errors_last_minute(self) -> _containers.RepeatedCompositeFieldContainer[Global___CodeCount]:
         """Classified upstream errors in the last minute, by code, most first."""
@@ -385,10 +400,13 @@ class Overview(_message.Message):
         errors_last_minute: _abc.Iterable[Global___CodeCount] | None = ...,
         breakers: _abc.Iterable[Global___BreakerInfo] | None = ...,
         recent_actions: _abc.Iterable[Global___RecoveryActionInfo] | None = ...,
+        asyncio_tasks: _builtins.int = ...,
+        rss_bytes: _builtins.int = ...,
+        open_fds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached_clients", b"attached_clients", "breakers", b"breakers", "errors_last_minute", b"errors_last_minute", "recent_actions", b"recent_actions", "replica_id", b"replica_id", "streams_detached", b"streams_detached", "streams_running", b"streams_running", "tokens_per_second", b"tokens_per_second"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asyncio_tasks", b"asyncio_tasks", "attached_clients", b"attached_clients", "breakers", b"breakers", "errors_last_minute", b"errors_last_minute", "open_fds", b"open_fds", "recent_actions", b"recent_actions", "replica_id", b"replica_id", "rss_bytes", b"rss_bytes", "streams_detached", b"streams_detached", "streams_running", b"streams_running", "tokens_per_second", b"tokens_per_second"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
