@@ -46,6 +46,8 @@ from tokenrelay_server.upstream.sim import SimAnswer
 
 PACE_MS = "20"
 
+BENCH_SECRET = "5f2b9e0c7a1d4836b0e9f3a5c2d8471e6b3a0f9c8d7e2b1a4c5f6e7d8a9b0c1d"  # 32 random bytes
+
 
 def start(prompt: str, tokens: int) -> pb.StreamRequest:
     return pb.StreamRequest(
@@ -122,7 +124,7 @@ async def run(args: argparse.Namespace) -> int:
             "--log-level",
             "warning",
             stdout=asyncio.subprocess.PIPE,
-            env={**os.environ, "TOKENRELAY_RESUME_SECRET": "5f2b9e0c7a1d4836b0e9f3a5c2d8471e6b3a0f9c8d7e2b1a4c5f6e7d8a9b0c1d"},
+            env={**os.environ, "TOKENRELAY_RESUME_SECRET": BENCH_SECRET},
         )
         try:
             assert process.stdout is not None
