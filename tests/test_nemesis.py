@@ -22,7 +22,6 @@ from tokenrelay_devtools.nemesis.runner import (
     describe_summary,
     run_nemesis,
 )
-from tokenrelay_server.config.settings import Settings
 
 
 async def _run(tmp_path: Path, **overrides: object) -> Summary:
@@ -48,16 +47,6 @@ async def test_clients_dropping_and_resuming_anywhere_break_no_promise(tmp_path:
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(
-    strict=False,
-    raises=AssertionError,  # violations only: a rig that cannot start still fails
-    reason=(
-        "now and then (about 1 stream in 100 under kill -9 and SIGTERM) a replica still "
-        "lists a generation whose stream every client read to its End, and renews its "
-        "lease, a minute after the round (left-running + left-leased): a generation that "
-        "is never unregistered, issue 9 defects 4/5"
-    ),
-)
 async def test_replica_crashes_and_drains_break_no_promise(tmp_path: Path) -> None:
     # kill -9 (takeover once the lease lapsed) and SIGTERM (a drain, resumed
     # elsewhere), with restarts: without Redis faults and pauses, all that
@@ -66,29 +55,10 @@ async def test_replica_crashes_and_drains_break_no_promise(tmp_path: Path) -> No
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(
-    strict=False,
-    raises=AssertionError,  # violations only: a rig that cannot start still fails
-    reason=(
-        "store defects of issue 9, fixed on other branches: a Redis error (CLIENT KILL, a "
-        "restart) ends streams INTERNAL and leaves logs without an End while clients were told "
-        "one (defects 2, 3); no fencing after a pause: the woken owner keeps its generation and "
-        "its lease keeper only logs 'lost its lease' (defect 4)"
-    ),
-)
 async def test_every_fault_of_the_nemesis_breaks_no_promise(tmp_path: Path) -> None:
     await _run(tmp_path, seed=1)
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(
-    strict=False,
-    raises=AssertionError,
-    reason="the store defects of issue 9 (see above), on a Redis Cluster too",
-)
 async def test_the_nemesis_on_a_redis_cluster_breaks_no_promise(tmp_path: Path) -> None:
-    # Issue 9 item 8 (`redis_cluster`, another branch) is what lets the
-    # replicas use a cluster; until it is merged there is nothing to run.
-    if "redis_cluster" not in Settings.model_fields:
-        pytest.xfail("the server has no redis_cluster setting yet (issue 9, item 8)")
     await _run(tmp_path, seed=3, cluster=True, rounds=2)
