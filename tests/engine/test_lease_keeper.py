@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 from serverkit import eventually
 from tokenrelay_server.core.clock import ManualClock
+from tokenrelay_server.core.model import StreamMeta
 from tokenrelay_server.engine.takeover import Leases
 from tokenrelay_server.store.memory import MemoryStore
 
@@ -29,7 +30,9 @@ class CancelEatingStore(MemoryStore):
         self.renewing = asyncio.Event()
         self.renewals = 0
 
-    async def renew_lease(self, stream_id: str, owner: str, ttl_s: float) -> bool:
+    async def renew_lease(
+        self, stream_id: str, owner: str, ttl_s: float, *, epoch: int | None = None
+    ) -> bool:
         self.renewals += 1
         self.renewing.set()
         try:
@@ -43,7 +46,13 @@ async def test_the_keeper_ends_with_its_generation_when_the_store_eats_its_cance
     clock = ManualClock()
     store = CancelEatingStore(clock)
     leases = Leases(store, "replica-a", ttl_s=3.0, clock=clock)
-    generation = SimpleNamespace(stream_id="s1", finished=asyncio.Event(), stop=lambda fault: None)
+    generation = SimpleNamespace(
+        stream_id="s1",
+        epoch=1,
+        finished=asyncio.Event(),
+        stop=lambda fault: None,
+        fence=lambda e: None,
+    )
     keeper = asyncio.create_task(leases.keep(generation))  # type: ignore[arg-type]
     await eventually(lambda: clock.next_due() is not None)  # asleep for ttl/3
     await clock.run_for(1.0)
@@ -67,12 +76,21 @@ async def test_the_keeper_renews_while_its_generation_runs() -> None:
     renewed: list[str] = []
     original = store.renew_lease
 
-    async def renew(stream_id: str, owner: str, ttl_s: float) -> bool:
+    async def renew(stream_id: str, owner: str, ttl_s: float, *, epoch: int | None = None) -> bool:
         renewed.append(stream_id)
-        return await original(stream_id, owner, ttl_s)
+        return await original(stream_id, owner, ttl_s, epoch=epoch)
 
     store.renew_lease = renew  # type: ignore[method-assign]
-    generation = SimpleNamespace(stream_id="s1", finished=asyncio.Event(), stop=lambda fault: None)
+    # A stream this replica holds the lease of (a lease lost would stop it).
+    await store.create(StreamMeta("s1", "m", 0.0, 10))
+    epoch = await store.acquire_lease("s1", "replica-a", 3.0)
+    generation = SimpleNamespace(
+        stream_id="s1",
+        epoch=epoch,
+        finished=asyncio.Event(),
+        stop=lambda fault: None,
+        fence=lambda e: None,
+    )
     keeper = asyncio.create_task(leases.keep(generation))  # type: ignore[arg-type]
     for count in (1, 2, 3):
         await eventually(lambda: clock.next_due() is not None)

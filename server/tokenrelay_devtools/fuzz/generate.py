@@ -268,7 +268,11 @@ def resume_token(draw: Draw, material: Material) -> tuple[str, str]:
     if material.secret:
         kinds += [UNKNOWN_STREAM, EXPIRED]
     kind = draw.choice(kinds)
-    base = draw.choice(material.tokens) if material.tokens else "v1." + "a" * 32 + ".9999999999.x"
+    base = (
+        draw.choice(material.tokens)
+        if material.tokens
+        else "v2.k0.-." + "a" * 32 + ".1.9999999999.x"
+    )
     if kind == VALID:
         return base, kind
     if kind == TAMPERED:
@@ -276,15 +280,24 @@ def resume_token(draw: Draw, material: Material) -> tuple[str, str]:
     if kind == FOREIGN:
         return resign(base, material.foreign_secret), kind
     assert material.secret is not None
+    # v2.<kid>.<tenant>.<stream>.<issued>.<expires>.<mac> (api/tokens.py)
     parts = base.split(".")
-    if len(parts) != 4:  # not the v1 format: nothing to forge from
+    if len(parts) != 7:  # not the v2 format: nothing to forge from
         return tamper(draw, base), TAMPERED
     if kind == UNKNOWN_STREAM:
-        parts[1] = draw.binary(16).hex().ljust(32, "0") if draw.roll(4) else ""
+        parts[3] = draw.binary(16).hex().ljust(32, "0") if draw.roll(4) else ""
     else:
-        parts[2] = str(draw.integer(1, 1_000_000_000))  # long past
-    payload = ".".join(parts[:3])
-    return f"{payload}.{_sign(material.secret.encode(), payload)}", kind
+        expires = draw.integer(1, 1_000_000_000)  # long past
+        parts[4], parts[5] = str(max(expires - 60, 0)), str(expires)
+    payload = ".".join(parts[:6])
+    # A secret given as KID:SECRET signs as that kid; a bare one is the token's.
+    kid, colon, secret = material.secret.partition(":")
+    if colon and secret:
+        parts[1] = kid
+        payload = ".".join(parts[:6])
+    else:
+        secret = material.secret
+    return f"{payload}.{_sign(secret.encode(), payload)}", kind
 
 
 # --- messages from descriptors --------------------------------------------------------
