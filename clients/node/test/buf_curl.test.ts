@@ -82,7 +82,7 @@ test('a Stream call and a resume with its token', async () => {
   assert.deepEqual(events.map((event) => Object.keys(event)[0]), ['started', 'chunk', 'chunk', 'chunk', 'end']);
   const started = events[0]?.['started'] ?? {};
   assert.match(String(started['streamId']), /^[0-9a-f]{32}$/);
-  assert.match(String(started['resumeToken']), new RegExp(`^v1\\.${String(started['streamId'])}\\.\\d+\\.[\\w-]+$`));
+  assert.match(String(started['resumeToken']), new RegExp(`^v2\\.[\\w-]+\\.[\\w-]+\\.${String(started['streamId'])}\\.\\d+\\.\\d+\\.[\\w-]+$`));
   // protojson: camelCase names, 64-bit integers as strings.
   const chunks = events.slice(1, 4).map((event) => event['chunk'] ?? {});
   assert.deepEqual(chunks.map((chunk) => chunk['seq']), ['1', '2', '3']);
