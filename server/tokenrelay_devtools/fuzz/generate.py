@@ -45,7 +45,8 @@ UINT64_EDGES = [0, 1, 2, 3, 4, 5, 2**32 - 1, 2**32, 2**53 + 1, 2**63 - 1, 2**63,
 INT32_EDGES = [0, 1, -1, 7, 2**31 - 1, -(2**31)]
 INT64_EDGES = [0, 1, -1, 2**63 - 1, -(2**63), 2**53 + 1]
 UNKNOWN_ENUM_VALUES = [99, -5, 2**31 - 1]
-# Past the gateway's transport limit (16 MiB): RESOURCE_EXHAUSTED.
+# Past the gateway's transport limit (limits.max_request_bytes, 4 MiB by
+# default; 16 MiB was the old one): RESOURCE_EXHAUSTED.
 OVERSIZED_FRAME_BYTES = 17 << 20
 
 STRINGS = [

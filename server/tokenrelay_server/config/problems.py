@@ -5,7 +5,7 @@ one format whatever its source (issue 8):
 
     tokenrelay.toml:3: server.port: must be a whole number
     tokenrelay.toml:9: providers.main.base_url: must be an http:// or https:// URL with a host
-    --resume-secret: must be at least 16 characters long
+    --resume-secret: entry 1 (kid k0): the secret is too short (fewer than 32 characters); …
     TOKENRELAY_SIM: must be true or false
 
 A file mistake names the file, the line (when it can be found) and the key
