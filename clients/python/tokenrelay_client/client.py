@@ -153,7 +153,7 @@ def backoff_delay(
 
 # Connection-level failures that grpc reports with a status other than
 # UNAVAILABLE, depending on where in the call the connection broke.
-_CONNECTION_FAILURE_HINTS = (
+CONNECTION_FAILURE_HINTS = (
     "socket closed",
     "connection reset",
     "connection refused",
@@ -185,7 +185,7 @@ def is_transient(code: grpc.StatusCode, details: str) -> bool:
         return True
     if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
         lowered = details.lower()
-        return any(hint in lowered for hint in _CONNECTION_FAILURE_HINTS)
+        return any(hint in lowered for hint in CONNECTION_FAILURE_HINTS)
     return False
 
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
+from tokenrelay_client.client import CONNECTION_FAILURE_HINTS
 from tokenrelay_devtools.nemesis.history import (
     ClientRecord,
     Leftovers,
@@ -56,21 +57,8 @@ BUG_CODES = frozenset({"INTERNAL", "UNKNOWN"})
 # Statuses that tell a client "reconnect and resume" (README: What each error means).
 RESUMABLE_STATUSES = frozenset({"UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED"})
 # grpc's words for a broken connection, reported as INTERNAL/UNKNOWN depending
-# on where in the call it broke (tokenrelay_client.client keeps the same list).
-TRANSPORT_HINTS = (
-    "socket closed",
-    "connection reset",
-    "connection refused",
-    "connection closed",
-    "broken pipe",
-    "rst_stream",
-    "goaway",
-    "stream removed",
-    "failed to connect",
-    "keepalive",
-    "transport closed",
-    "end of tcp stream",
-)
+# on where in the call it broke: the client's own list.
+TRANSPORT_HINTS = CONNECTION_FAILURE_HINTS
 
 VIOLATION_KINDS = (
     "log-missing",

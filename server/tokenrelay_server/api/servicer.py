@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -120,25 +120,21 @@ def error_status(error: TokenRelayError) -> grpc.Status | None:
     the limit, RetryInfo), a refused resume token (ErrorInfo with the reason).
     None: a plain status will do."""
     code = status_for(error)
+    details: list[Message]
     if isinstance(error, QuotaExceeded):
-        delay = Duration()
-        delay.FromNanoseconds(int(error.retry_after_s * 1e9))
-        details = _packed(
+        details = [
             error_details_pb2.ErrorInfo(
                 reason="QUOTA_EXCEEDED",
                 domain=ERROR_DOMAIN,
                 metadata={"tenant": error.tenant, "limit": error.limit},
             ),
-            error_details_pb2.RetryInfo(retry_delay=delay),
-        )
+            retry_info(error.retry_after_s),
+        ]
     elif isinstance(error, ResumeDenied):
-        details = _packed(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))
+        details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN)]
     else:
         return None
-    status: grpc.Status = rpc_status.to_status(
-        status_pb2.Status(code=code.value[0], message=str(error), details=details)
-    )
-    return status
+    return status_with(code, str(error), details)
 
 
 def status_for_fault(fault: Fault) -> grpc.StatusCode:
@@ -183,23 +179,27 @@ def refused_partial_status(stream_id: str, end: End) -> grpc.Status:
             "chunks_sha256": end.chunks_sha256,
         },
     )
-    details = [fault_to_proto(fault), info]
+    details: list[Message] = [fault_to_proto(fault), info]
     if fault.retry_after_s is not None:
-        delay = Duration()
-        delay.FromNanoseconds(int(fault.retry_after_s * 1e9))
-        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
-    packed = []
-    for detail in details:
-        any_detail = any_pb2.Any()
-        any_detail.Pack(detail)
-        packed.append(any_detail)
+        details.append(retry_info(fault.retry_after_s))
     message = (
         f"stream {stream_id} failed with {fault.code}: {fault.message} "
         f"(policy.allow_partial is false, so the call fails instead of ending with "
         f"end.partial = true; {end.total_seq} chunk(s) were delivered)"
     )
+    return status_with(code, message, details)
+
+
+def retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    delay = Duration()
+    delay.FromNanoseconds(int(seconds * 1e9))
+    return error_details_pb2.RetryInfo(retry_delay=delay)
+
+
+def status_with(code: grpc.StatusCode, message: str, details: Sequence[Message]) -> grpc.Status:
+    """A status with rich details (google.rpc.Status in grpc-status-details-bin)."""
     status: grpc.Status = rpc_status.to_status(
-        status_pb2.Status(code=code.value[0], message=message, details=packed)
+        status_pb2.Status(code=code.value[0], message=message, details=_packed(*details))
     )
     return status
 
@@ -219,17 +219,8 @@ def overloaded_status(error: Overloaded) -> grpc.Status:
     if error.reason:
         details.append(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))
     if error.retry_after_s is not None:
-        delay = Duration()
-        delay.FromNanoseconds(int(error.retry_after_s * 1e9))
-        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
-    packed = []
-    for detail in details:
-        any_detail = any_pb2.Any()
-        any_detail.Pack(detail)
-        packed.append(any_detail)
-    status: grpc.Status = rpc_status.to_status(
-        status_pb2.Status(code=code.value[0], message=str(error), details=packed)
-    )
+        details.append(retry_info(error.retry_after_s))
+    status = status_with(code, str(error), details)
     if error.retry_after_s is None:
         return status
     retry_after_ms = str(max(round(error.retry_after_s * 1000), 0))
@@ -270,9 +261,7 @@ def fault_to_proto(fault: Fault) -> relay_pb2.StreamError:
         attempt=fault.attempt,
     )
     if fault.retry_after_s is not None:
-        retry_after = Duration()
-        retry_after.FromNanoseconds(int(fault.retry_after_s * 1e9))
-        error.retry_after.CopyFrom(retry_after)
+        error.retry_after.CopyFrom(retry_info(fault.retry_after_s).retry_delay)
     return error
 
 
