@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from tokenrelay_devtools.nemesis.rig import Rig
 
@@ -181,15 +182,20 @@ class Nemesis:
             assert replica is not None
             replica.signal(signal.SIGTERM)
             return self._restart_after_exit(fault.replica)
-        if fault.kind == "client_kill":
-            for url in rig.redis_node_urls:
-                async with self._redis(url) as client:
-                    await client.client_kill_filter(_type="normal", skipme=True)
-            return None
-        if fault.kind == "redis_pause":
-            for url in rig.redis_node_urls:
-                async with self._redis(url) as client:
-                    await client.client_pause(int(fault.hold_s * 1000), all=True)
+        if fault.kind in ("client_kill", "redis_pause"):
+            try:
+                for url in rig.redis_node_urls:
+                    async with self._redis(url) as client:
+                        if fault.kind == "client_kill":
+                            await client.client_kill_filter(_type="normal", skipme=True)
+                        else:
+                            await client.client_pause(int(fault.hold_s * 1000), all=True)
+            except (RedisConnectionError, OSError):
+                # Redis is still coming back from a restart (its process runs,
+                # it does not accept yet): the target is down, as above.
+                self.injected[fault.kind] -= 1
+                self.skipped[fault.kind] += 1
+                self.applied.pop()
             return None
         assert fault.kind == "redis_restart" and rig.redis is not None
         # On a cluster, one node restarts (`node`); a single Redis ignores it.
