@@ -361,8 +361,12 @@ class StreamHub:
             await generation.run()
         finally:
             keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await keeper
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # never leave the generation registered
+                log.exception("stream %s: its lease keeper failed", stream_id)
             self._local.pop(stream_id, None)
             with contextlib.suppress(Exception):
                 await self.store.release_lease(stream_id, self.replica_id)

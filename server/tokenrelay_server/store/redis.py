@@ -110,9 +110,24 @@ _UNKNOWN = "TR_UNKNOWN"
 _ORDER = "TR_ORDER"
 _FENCED = "TR_FENCED"
 
+
 # Errors worth retrying: the command may not have run, or its reply was lost.
 # (BusyLoadingError, a server loading its data after a restart, is a
 # ConnectionError; so is the pool's "No connection available.".)
+def _closed_under_us(error: AttributeError | RuntimeError) -> bool:
+    """redis-py's way of saying a connection closed while a command used it
+    (a cluster client re-initializing after a node restart closes them under
+    concurrent commands; on uvloop a write to a closed transport raises):
+    `'NoneType' object has no attribute 'writelines'` and uvloop's
+    `unable to perform operation on <TCPTransport closed=True …>; the handler
+    is closed`. Transient, like any lost connection: the nemesis saw both
+    surface as INTERNAL on a Redis Cluster."""
+    text = str(error)
+    if isinstance(error, AttributeError):
+        return text.startswith("'NoneType' object has no attribute")
+    return "handler is closed" in text or "closed=True" in text
+
+
 _TRANSIENT: tuple[type[BaseException], ...] = (
     RedisConnectionError,
     RedisTimeoutError,
@@ -447,7 +462,14 @@ class RedisStore:
         retried = False
         while True:
             try:
-                return await call(retried)
+                try:
+                    return await call(retried)
+                except (AttributeError, RuntimeError) as error:
+                    if not _closed_under_us(error):
+                        raise
+                    raise RedisConnectionError(
+                        f"the connection closed mid-command: {error}"
+                    ) from error
             except _TRANSIENT as error:
                 _raise_if_cancelling()
                 now = loop.time()
