@@ -442,6 +442,50 @@ async def test_a_writer_whose_append_is_fenced_stops_quietly_and_sends_readers_a
     await a.stop(grace=0.5)
 
 
+async def test_a_resume_on_a_replica_whose_generation_was_taken_over_is_sent_away(
+    relay_factory: RelayFactory, redis_url: str, redis_prefix: str, clock: ManualClock
+) -> None:
+    # A was paused past its lease; replica B took the stream over and stored
+    # chunks 5..8, which a client read there. A wakes up and, before its next
+    # append or renewal tells it, the client resumes on A after seq 8: A's
+    # local generation (at 4) is stale. It must send the client away (and
+    # stop), not refuse the resume as "beyond the stream's last seq 4"
+    # (INVALID_ARGUMENT: the nemesis saw it, seed 11 rounds 28 and 37).
+    a = await relay_factory(
+        clock=clock, store="redis", redis_url=redis_url, redis_prefix=redis_prefix, **QUIET
+    )
+    async with grpc.aio.insecure_channel(a.address) as on_a:
+        call = RawCall(on_a, start_request(max_tokens=30, metadata=PACED))
+        started = await call.next_event()
+        generation = generation_of(a, started)
+        await produce(clock, a, generation, 4)
+        await call.events_until(lambda e: e.chunk.seq == 4)
+        stream_id = started.started.stream_id
+        other = RedisStore.from_url(redis_url, prefix=redis_prefix)
+        try:
+            await other.release_lease(stream_id, a.hub.replica_id)  # as if it lapsed
+            epoch = await other.acquire_lease(stream_id, "replica-b", 600.0)
+            assert epoch is not None
+            await other.append(
+                stream_id,
+                [Chunk(seq, f" b{seq}", "sim", 2, tokens_so_far=seq) for seq in range(5, 9)],
+                epoch=epoch,
+            )
+            resumed = RawCall(on_a, resume_request(started.started.resume_token, 8))
+            with pytest.raises(grpc.aio.AioRpcError) as sent_away:
+                await asyncio.wait_for(resumed.next_event(), WITHIN_S)
+            assert sent_away.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "another replica" in (sent_away.value.details() or "")
+            await eventually(lambda: a.hub.running_generations == 0, within_s=WITHIN_S)
+            stored = await other.read(stream_id, after_seq=0)
+            assert [c.seq for c in stored if isinstance(c, Chunk)] == list(range(1, 9))
+            assert not [e for e in stored if isinstance(e, End)]  # A wrote no End
+        finally:
+            call.cancel()
+            await other.close()
+    await a.stop(grace=0.5)
+
+
 async def test_connections_reset_mid_append_store_each_batch_once(
     own_redis: RedisProcess, relay_factory: RelayFactory
 ) -> None:

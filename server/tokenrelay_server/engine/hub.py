@@ -54,7 +54,7 @@ from tokenrelay_server.engine.recovery_loop import Recovery
 from tokenrelay_server.engine.routing import Route, Router
 from tokenrelay_server.engine.takeover import Leases, Takeover, cancel_fault
 from tokenrelay_server.store.base import StreamStore
-from tokenrelay_server.store.errors import StoreError, StoreUnavailable
+from tokenrelay_server.store.errors import StoreError, StoreUnavailable, StreamFenced
 from tokenrelay_server.store.heartbeat import Heartbeats
 from tokenrelay_server.store.quota import Quota, QuotaLimits
 
@@ -435,10 +435,29 @@ class StreamHub:
             )
         return await self._attach(meta, after_seq=last_seq)
 
+    async def _fence_if_stale(self, generation: Generation) -> None:
+        """A client has seen more of a stream than the generation running
+        here: when the store holds more too, another replica took the stream
+        over while this one was away (paused past its lease) and what this
+        replica holds is stale. Stop it (as a refused append would) and send
+        the client elsewhere; a client that is merely ahead of the log is
+        refused by the caller."""
+        tail = await self.store.tail(generation.stream_id)
+        if tail is None or tail.last_seq <= generation.last_seq:
+            return
+        fenced = StreamFenced(
+            f"stream {generation.stream_id} is continued by another replica; resume it "
+            "again (on any replica) with your latest resume token"
+        )
+        generation.fence(fenced)
+        raise fenced
+
     async def _attach(self, meta: StreamMeta, *, after_seq: int) -> Session:
         generation = self._local.get(meta.stream_id)
         if generation is not None:
             current = generation.last_seq
+            if after_seq > current:
+                await self._fence_if_stale(generation)
         else:
             tail = await self.store.tail(meta.stream_id)
             if tail is None:
