@@ -90,6 +90,7 @@ class RedisServer:
         self.cluster = cluster
         self.process: asyncio.subprocess.Process | None = None
         self.restarts = 0
+        self.restarting = False  # a restart is under way (faults skip Redis then)
 
     @property
     def url(self) -> str:
@@ -150,10 +151,14 @@ class RedisServer:
     async def restart(
         self, *, down_s: float = 0.0, sig: signal.Signals = signal.SIGTERM, node: int = 0
     ) -> None:
-        await self.stop(sig)
-        if down_s > 0:
-            await asyncio.sleep(down_s)  # the outage itself: how long Redis is gone
-        await self.start()
+        self.restarting = True
+        try:
+            await self.stop(sig)
+            if down_s > 0:
+                await asyncio.sleep(down_s)  # the outage itself: how long Redis is gone
+            await self.start()
+        finally:
+            self.restarting = False
         self.restarts += 1
 
 
@@ -177,6 +182,7 @@ class RedisClusterServers:
         self.nodes = [RedisServer(workdir / f"node-{i}", cluster=True) for i in range(nodes)]
         self.created = False
         self.restarts = 0
+        self.restarting = False  # a node restart is under way (faults skip Redis then)
 
     @property
     def url(self) -> str:
@@ -226,11 +232,15 @@ class RedisClusterServers:
         self, *, down_s: float = 0.0, sig: signal.Signals = signal.SIGTERM, node: int = 0
     ) -> None:
         target = self.nodes[node % len(self.nodes)]
-        await target.stop(sig)
-        if down_s > 0:
-            await asyncio.sleep(down_s)  # the outage itself
-        await target.start()
-        await self._wait_cluster_ok()
+        self.restarting = True
+        try:
+            await target.stop(sig)
+            if down_s > 0:
+                await asyncio.sleep(down_s)  # the outage itself
+            await target.start()
+            await self._wait_cluster_ok()
+        finally:
+            self.restarting = False
         self.restarts += 1
 
 
