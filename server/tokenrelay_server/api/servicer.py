@@ -391,10 +391,14 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
     ) -> AsyncIterator[relay_pb2.StreamEvent]:
         requests = Requests(request_iterator)
         try:
+            # The first message is read before anything is refused, the key
+            # included: a client that is still sending it when the call is
+            # refused would see grpc's "Internal error from Core", not the status.
+            first = await self._first(requests)
             identity = await self._auth.authenticate(context.invocation_metadata())
             if identity.key_id:  # the key id, never the key
                 log.debug("call with key %s (tenant %s)", identity.key_id, identity.tenant)
-            session = await self._open(requests, context.time_remaining(), identity)
+            session = await self._open(first, context.time_remaining(), identity)
         except Overloaded as error:
             await context.abort_with_status(overloaded_status(error))
         except TokenRelayError as error:
@@ -466,9 +470,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             await context.abort_with_status(status)
         await context.abort(status_for(error), str(error))
 
-    async def _open(
-        self, requests: Requests, deadline_s: float | None, identity: Identity
-    ) -> Session:
+    async def _first(self, requests: Requests) -> relay_pb2.StreamRequest:
         timeout_s = self._first_message_timeout_s
         try:
             # On the injected clock: a call that never speaks must not hold
@@ -483,6 +485,11 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             ) from None
         if first is None:
             raise RequestError("the call ended before its first message (`start` or `resume`)")
+        return first
+
+    async def _open(
+        self, first: relay_pb2.StreamRequest, deadline_s: float | None, identity: Identity
+    ) -> Session:
         kind = first.WhichOneof("kind")
         if kind == "start":
             request = parse_start(
