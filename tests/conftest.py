@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -14,6 +13,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 from hypothesis import HealthCheck, settings
+
+from redisproc import free_port
 
 # Property tests never depend on how fast the machine is: no per-example
 # deadline and no "too slow" health check (these machines are shared; a
@@ -50,14 +51,6 @@ def _redis_answers(url: str) -> bool:
         return False
 
 
-def _free_port() -> int:
-    # The port could be taken between here and redis-server binding it; a
-    # clash shows up as the server never answering, which fails loudly.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     url = os.environ.get("TOKENRELAY_TEST_REDIS_URL", DEFAULT_REDIS_URL)
@@ -69,7 +62,7 @@ def redis_url() -> Iterator[str]:
     problem = f"no Redis answers at {url} and no redis-server binary is on PATH"
     if binary is not None:
         with tempfile.TemporaryDirectory(prefix="tokenrelay-redis-") as workdir:
-            port = _free_port()
+            port = free_port()  # a clash: the server never answers, which fails loudly
             command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir]
             # No RDB snapshots, no AOF: nothing of the test data reaches disk.
             command += ["--save", "", "--appendonly", "no"]

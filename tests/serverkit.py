@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -243,13 +244,22 @@ async def run_to_end(
 
 
 async def eventually(
-    predicate: Callable[[], bool], *, within_s: float = 10.0, poll_s: float = 0.01
+    predicate: Callable[[], bool | Awaitable[bool]],
+    *,
+    within_s: float = 10.0,
+    poll_s: float = 0.01,
 ) -> None:
-    """Wait until `predicate()` holds, checking every `poll_s`; fail after
+    """Wait until `predicate()` holds (it may be async: a question to a
+    server, Redis or another process), checking every `poll_s`; fail after
     `within_s`. The bound only guards against hanging; no test asserts how
     long it took."""
     async with asyncio.timeout(within_s):
-        while not predicate():  # noqa: ASYNC110 (a plain predicate: nothing to await)
+        while True:
+            held = predicate()
+            if inspect.isawaitable(held):
+                held = await held
+            if held:
+                return
             await asyncio.sleep(poll_s)
 
 

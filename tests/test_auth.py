@@ -495,9 +495,9 @@ async def test_serve_on_a_public_host_with_no_key_refuses_unless_allowed() -> No
 async def test_an_unreachable_key_store_is_unavailable_never_internal(
     relay_factory: RelayFactory,
 ) -> None:
-    from conftest import _free_port
+    from redisproc import free_port
 
-    dead = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens there
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     relay = await relay_factory(auth_store="redis", redis_url=dead, **QUIET)
     async with grpc.aio.insecure_channel(relay.address) as channel:
         error = await refused(channel, start_request(max_tokens=2), key=ACME_KEY)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,17 +18,12 @@ import grpc
 import httpx
 import pytest
 
+from redisproc import free_port
 from serverkit import RelayFactory, run_to_end, start_request
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
 FIRING_WITHIN_S = 120.0  # a hang guard: scrapes and evaluations run every second
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Prometheus:

@@ -99,9 +99,10 @@ async def test_a_redis_slot_lapses_with_its_ttl(redis_url: str, redis_prefix: st
         await quota.admit("acme", "dead-1", QuotaLimits(max_concurrent_streams=1), 1)
         with pytest.raises(QuotaExceeded):
             await quota.admit("acme", "new-1", QuotaLimits(max_concurrent_streams=1), 1)
-        async with asyncio.timeout(30):
-            while await quota.running("acme"):  # noqa: ASYNC110 (Redis keeps the time)
-                await asyncio.sleep(0.05)
+        async def lapsed() -> bool:  # Redis keeps the time
+            return not await quota.running("acme")
+
+        await eventually(lapsed, within_s=30, poll_s=0.05)
         await quota.admit("acme", "new-1", QuotaLimits(max_concurrent_streams=1), 1)
     finally:
         await quota.close()
@@ -312,10 +313,10 @@ async def test_a_killed_replicas_slots_free_themselves_with_its_leases(
 
 
 async def test_an_unreachable_quota_store_is_unavailable_never_internal() -> None:
-    from conftest import _free_port
+    from redisproc import free_port
     from tokenrelay_server.core.errors import QuotaUnavailable
 
-    quota = RedisQuota.from_url(f"redis://127.0.0.1:{_free_port()}/0")
+    quota = RedisQuota.from_url(f"redis://127.0.0.1:{free_port()}/0")
     try:
         with pytest.raises(QuotaUnavailable, match="tenant acme's quota cannot be checked"):
             await quota.admit("acme", "s1", QuotaLimits(max_concurrent_streams=1), 1)

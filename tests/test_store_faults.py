@@ -85,9 +85,10 @@ async def health_of(relay: RelayServer) -> int:
 
 
 async def wait_health(relay: RelayServer, status: int) -> None:
-    async with asyncio.timeout(WITHIN_S):
-        while await health_of(relay) != status:  # noqa: ASYNC110 (polling a server)
-            await asyncio.sleep(0.05)
+    async def reached() -> bool:
+        return await health_of(relay) == status
+
+    await eventually(reached, within_s=WITHIN_S, poll_s=0.05)
 
 
 async def stored_log(url: str, stream_id: str) -> tuple[list[Chunk], End | None]:
@@ -362,9 +363,7 @@ async def test_a_paused_owner_resumed_after_a_takeover_writes_nothing_more(
                 async def lease_lapsed() -> bool:
                     return await probe.lease_owner(stream_id) is None
 
-                async with asyncio.timeout(WITHIN_S):
-                    while not await lease_lapsed():  # noqa: ASYNC110 (polling Redis)
-                        await asyncio.sleep(0.05)
+                await eventually(lease_lapsed, within_s=WITHIN_S, poll_s=0.05)
             finally:
                 await probe.close()
             # B takes it over (a client resumes there) and streams on...
