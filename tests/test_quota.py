@@ -149,6 +149,31 @@ async def test_over_max_concurrent_streams_is_resource_exhausted_with_retry_info
         running[1].cancel()
 
 
+async def test_an_idempotent_retry_gives_back_its_own_slot_not_the_streams(
+    relay_factory: RelayFactory,
+) -> None:
+    # A retry with the same idempotency key attaches to the running stream;
+    # the slot its admission took must be the one given back (it was the
+    # running stream's, leaving a slot held for a stream that never existed).
+    relay = await relay_factory(auth=tenants(acme={"max_concurrent_streams": 2}), **QUIET)
+    quota = relay.hub.quota
+    assert isinstance(quota, MemoryQuota)
+    async with grpc.aio.insecure_channel(relay.address) as channel:
+        request = start_request(max_tokens=1000, metadata=HANGS, idempotency_key="k-1")
+        first = RawCall(channel, request, key=ACME_KEY)
+        started = await first.next_event()
+        retry = RawCall(channel, request, key=ACME_KEY)
+        again = await retry.next_event()
+        assert again.started.stream_id == started.started.stream_id
+        assert quota.running("acme") == 1
+        first.send(pb.StreamRequest(cancel=pb.Cancel(reason="done")))
+        await first.events_until()
+        retry.cancel()
+        await eventually(lambda: relay.hub.running_generations == 0)
+        assert quota.running("acme") == 0
+        first.cancel()
+
+
 async def test_tokens_per_minute_reserves_max_tokens_and_settles_to_the_real_count(
     relay_factory: RelayFactory, clock: ManualClock
 ) -> None:

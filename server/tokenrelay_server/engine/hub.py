@@ -272,16 +272,22 @@ class StreamHub:
             idempotency_key=f"{caller.tenant or '-'}:{key}" if key else "",
             extra={"tenant": caller.tenant} if caller.tenant else {},
         )
-        holds_slot = await self._admit_quota(caller, meta.stream_id, request)
+        stream_id = meta.stream_id  # the slot's, whatever `create` answers
+        holds_slot = await self._admit_quota(caller, stream_id, request)
+
+        async def give_back_slot() -> None:
+            if holds_slot:
+                await self._release_slot(caller.tenant, stream_id, 0)
+
         try:
             meta, created = await self.store.create(meta)
         except BaseException:
-            if holds_slot:
-                await self._release_slot(caller.tenant, meta.stream_id, 0)
+            await give_back_slot()
             raise
         if not created:
-            if holds_slot:
-                await self._release_slot(caller.tenant, meta.stream_id, 0)
+            # An idempotent retry: `meta` is the existing stream's, and so
+            # is its slot; the one taken for this call goes back.
+            await give_back_slot()
             if tenant_of(meta) != caller.tenant or (
                 meta.request is not None and meta.request != request
             ):
@@ -299,8 +305,7 @@ class StreamHub:
         except BaseException:
             with contextlib.suppress(StoreError):
                 await self.store.delete(meta.stream_id)
-            if holds_slot:
-                await self._release_slot(caller.tenant, meta.stream_id, 0)
+            await give_back_slot()
             raise
         subscription = Subscription()
         generation.attach(subscription)
