@@ -15,9 +15,11 @@ waits on time (a backoff, a stalled upstream).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,9 +27,10 @@ import pytest
 
 from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay.v1 import relay_pb2_grpc as pbg
-from tokenrelay_devtools.timekeeper import TimeKeeper
+from tokenrelay_devtools.mock_upstream import MockUpstream
+from tokenrelay_devtools.timekeeper import TimeKeeper, keeping_time
 from tokenrelay_server.api.server import RelayServer
-from tokenrelay_server.config.settings import Settings
+from tokenrelay_server.config.settings import Settings, build_settings, read_config_file
 from tokenrelay_server.core.clock import Clock, ManualClock
 from tokenrelay_server.engine.generation import Generation
 from tokenrelay_server.store.base import StreamStore
@@ -116,6 +119,36 @@ async def relay_factory() -> AsyncIterator[RelayFactory]:
     yield start
     for server in servers:
         await server.stop(grace=0.5)
+
+
+@pytest.fixture
+async def upstream(clock: ManualClock) -> AsyncIterator[MockUpstream]:
+    """The mock upstream on the test's clock, on a free port."""
+    mock = MockUpstream(clock=clock)
+    await mock.start("127.0.0.1", 0)
+    yield mock
+    await mock.stop()
+
+
+@contextlib.asynccontextmanager
+async def configured_gateway(
+    config_text: str,
+    *,
+    upstream: MockUpstream,
+    relay_factory: RelayFactory,
+    tmp_path: Path,
+    clock: ManualClock,
+) -> AsyncIterator[RelayServer]:
+    """A gateway on `clock` configured by `config_text` (its `{base_url}` is
+    the mock upstream's), read as `serve --config` reads a file, with a time
+    keeper moving the clock while every stream waits on it."""
+    config = tmp_path / "tokenrelay.toml"
+    config.write_text(config_text.format(base_url=upstream.base_url))
+    values = read_config_file(config)
+    settings = build_settings(values)
+    relay = await relay_factory(clock=clock, **{k: getattr(settings, k) for k in values})
+    async with keeping_time(clock, relay, upstream):
+        yield relay
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from serverkit import (
     RelayFactory,
     assert_contiguous,
     chunks_of,
+    configured_gateway,
     end_of,
     run_to_end,
     sha256,
@@ -28,9 +29,7 @@ from serverkit import (
 )
 from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay_devtools.mock_upstream import MockUpstream
-from tokenrelay_devtools.timekeeper import keeping_time
 from tokenrelay_server.api.server import RelayServer
-from tokenrelay_server.config.settings import build_settings, read_config_file
 from tokenrelay_server.core.clock import ManualClock
 from tokenrelay_server.core.model import Message
 from tokenrelay_server.upstream.sim import SimAnswer
@@ -76,23 +75,12 @@ chain = [
 
 
 @pytest.fixture
-async def upstream(clock: ManualClock) -> AsyncIterator[MockUpstream]:
-    mock = MockUpstream(clock=clock)
-    await mock.start("127.0.0.1", 0)
-    yield mock
-    await mock.stop()
-
-
-@pytest.fixture
 async def gateway(
     upstream: MockUpstream, relay_factory: RelayFactory, tmp_path: Path, clock: ManualClock
 ) -> AsyncIterator[RelayServer]:
-    config = tmp_path / "tokenrelay.toml"
-    config.write_text(CONFIG.format(base_url=upstream.base_url))
-    values = read_config_file(config)
-    settings = build_settings(values)
-    relay = await relay_factory(clock=clock, **{k: getattr(settings, k) for k in values})
-    async with keeping_time(clock, relay, upstream):
+    async with configured_gateway(
+        CONFIG, upstream=upstream, relay_factory=relay_factory, tmp_path=tmp_path, clock=clock
+    ) as relay:
         yield relay
 
 

@@ -4,7 +4,6 @@ waits on time, over a real gateway and the mock upstream on real sockets."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -43,14 +42,6 @@ chain = [{{ provider = "oa", model = "m" }}]
 [models.an]
 chain = [{{ provider = "an", model = "m" }}]
 """
-
-
-@pytest.fixture
-async def upstream(clock: ManualClock) -> AsyncIterator[MockUpstream]:
-    mock = MockUpstream(clock=clock)
-    await mock.start("127.0.0.1", 0)
-    yield mock
-    await mock.stop()
 
 
 @pytest.fixture
