@@ -160,8 +160,11 @@ async def run(args: argparse.Namespace) -> int:
     )
     for outcome, n in sorted(counts.items()):
         print(f"  {outcome:<45} {n}")
-    print("OK: every refusal RESOURCE_EXHAUSTED with retry info, every admitted stream exact"
-          if not bad else f"FAILED: {bad} call(s) broke the rules")
+    print(
+        "OK: every refusal RESOURCE_EXHAUSTED with retry info, every admitted stream exact"
+        if not bad
+        else f"FAILED: {bad} call(s) broke the rules"
+    )
     summary = {
         "bench": "load_shedding",
         "capacity": args.capacity,

@@ -25,7 +25,11 @@ def test_a_schedule_is_the_seeds_and_fires_in_order() -> None:
 
 def test_a_schedule_holds_only_the_kinds_asked_for_on_replicas_that_exist() -> None:
     faults = schedule(
-        random.Random(1), replicas=2, total_chunks=300, lease_ttl_s=2, kinds=REPLICA_FAULTS,
+        random.Random(1),
+        replicas=2,
+        total_chunks=300,
+        lease_ttl_s=2,
+        kinds=REPLICA_FAULTS,
         count=50,
     )
     assert {f.kind for f in faults} == set(REPLICA_FAULTS)

@@ -99,6 +99,7 @@ async def test_a_redis_slot_lapses_with_its_ttl(redis_url: str, redis_prefix: st
         await quota.admit("acme", "dead-1", QuotaLimits(max_concurrent_streams=1), 1)
         with pytest.raises(QuotaExceeded):
             await quota.admit("acme", "new-1", QuotaLimits(max_concurrent_streams=1), 1)
+
         async def lapsed() -> bool:  # Redis keeps the time
             return not await quota.running("acme")
 

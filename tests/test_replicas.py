@@ -215,6 +215,7 @@ async def test_cancel_sent_to_another_replica_stops_the_generation(
         other = RawCall(on_b, resume_request(started.started.resume_token, 0), key=ACME_KEY)
         await other.events_until(lambda e: e.HasField("chunk"))
         other.send(pb.StreamRequest(cancel=pb.Cancel(reason="from B")))
+
         async def stored() -> bool:  # B stores the request
             return await b.hub.store.cancel_requested(stream_id) is not None
 

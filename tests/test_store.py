@@ -43,7 +43,8 @@ from tokenrelay_server.core.model import (
 from tokenrelay_server.store import MemoryStore, StreamStore, StreamTail
 from tokenrelay_server.store.codec import decode_entry, decode_meta, encode_meta
 from tokenrelay_server.store.errors import StoreUnavailable, StreamFenced
-from tokenrelay_server.store.redis import RedisStore
+from tokenrelay_server.store.group_commit import PendingAppend
+from tokenrelay_server.store.redis import RedisStore, _append_payload
 
 # Redis TTLs are real: polls for "it expired" give up after this many rounds.
 POLL_ROUNDS = 500
@@ -975,9 +976,20 @@ async def test_redis_append_retried_after_an_unknown_outcome_is_stored_once(
         stream_id = await new_stream(store)
 
         async def retry(entries: list[LogEntry]) -> None:
-            await store._run(
-                "append", stream_id, lambda _: store._append_once(stream_id, entries, None, True)
+            # One batch of this stream's append, sent as the retry of a batch
+            # whose outcome is unknown.
+            pending = PendingAppend(
+                stream_id,
+                _append_payload(entries, None),
+                len(entries),
+                asyncio.get_running_loop().create_future(),
             )
+            answers = await store._run(
+                "append", stream_id, lambda _: store._append_batch([pending], True)
+            )
+            (outcome,), _ = store._outcomes([pending], answers)
+            if outcome is not None:
+                raise outcome
 
         await store.append(stream_id, [chunk(1), notice(1), chunk(2)])
         await retry([chunk(1), notice(1), chunk(2)])

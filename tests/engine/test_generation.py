@@ -432,4 +432,3 @@ async def test_a_subscription_failed_by_the_edge_ends_only_that_read() -> None:
     other = await engine.hub.resume(session.stream_id, 0)
     assert not end_of(await engine.run_to_end(other)).partial
     assert isinstance(Subscription(), Subscription)
-

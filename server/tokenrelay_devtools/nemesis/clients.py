@@ -48,6 +48,7 @@ CHANNEL_OPTIONS = (
     ("grpc.max_reconnect_backoff_ms", 500),
 )
 
+
 @dataclass(frozen=True, slots=True)
 class StreamPlan:
     """What one client asks for and how it misbehaves."""
@@ -196,8 +197,8 @@ async def run_client(
                     async with asyncio.timeout(min(settings.idle_timeout_s, remaining)):
                         event = await call.read()
                 except TimeoutError:
-                    call_record.outcome = "idle" if remaining > settings.idle_timeout_s else (
-                        "deadline"
+                    call_record.outcome = (
+                        "idle" if remaining > settings.idle_timeout_s else ("deadline")
                     )
                     break
                 if event is grpc.aio.EOF:

@@ -165,8 +165,12 @@ class Nemesis:
         if replica is not None and not replica.up:
             self.skipped[fault.kind] += 1
             return None
-        if fault.kind in REDIS_FAULTS and rig.redis is not None and (
-            not rig.redis.running or rig.redis.restarting  # one restart at a time
+        if (
+            fault.kind in REDIS_FAULTS
+            and rig.redis is not None
+            and (
+                not rig.redis.running or rig.redis.restarting  # one restart at a time
+            )
         ):
             self.skipped[fault.kind] += 1
             return None

@@ -177,6 +177,8 @@ def build_store(settings: Settings, clock: Clock) -> StreamStore:
             max_connections=settings.redis_max_connections,
             pool_timeout_s=settings.redis_pool_timeout_s,
             retry_window_s=settings.store_retry_window_s,
+            group_commit_max_entries=settings.redis_group_commit_max_entries,
+            group_commit_max_wait_s=settings.redis_group_commit_max_wait_ms / 1000,
         )
     return MemoryStore(retention_s=settings.retention_s, clock=clock)
 

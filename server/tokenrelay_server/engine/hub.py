@@ -312,9 +312,7 @@ class StreamHub:
         self._run(generation)
         if self.observe:
             prompt = request.messages[-1].content if request.messages else ""
-            self.observe(
-                StreamStarted(meta.stream_id, meta.model, self._clock.monotonic(), prompt)
-            )
+            self.observe(StreamStarted(meta.stream_id, meta.model, self._clock.monotonic(), prompt))
         return self._open(Session(meta, False, 0, subscription, generation))
 
     def _generation(

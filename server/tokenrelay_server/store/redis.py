@@ -20,8 +20,13 @@ Why this shape:
   "s-0", the notices after chunk s are "s-1", "s-2", …, the End is
   "total_seq+1-0". So `XRANGE key (S-0 +` is exactly "everything after chunk
   S" (rule 1 of base.py) and `XREAD … S-0` wakes on exactly that.
-- `append` is one EVALSHA: it checks the seq rules against the hash, XADDs
-  and refreshes the retention TTL atomically. It is the per-token hot path.
+- Appends go through one writer per store (group commit,
+  store/group_commit.py): the appends of every stream of the process that
+  arrive while a batch is on the wire are sent together, as one EVALSHA of
+  `_APPEND_MANY` per hash slot (one in all on a single server), pipelined.
+  For each stream the script checks the seq rules and the epoch against its
+  hash, XADDs and refreshes the retention TTL atomically; a caller's
+  `append` returns once its batch is acknowledged (durable before visible).
 - Every key carries a TTL of `retention_s`, refreshed on append (rule 5).
   The idempotency key cannot be refreshed in the same script (other slot), so
   it gets a longer TTL (`_IDEM_TTL_FACTOR`) and the append script asks for a
@@ -40,8 +45,8 @@ Failures (issue 9; the tree is in store/errors.py):
   errors (connection lost, timeouts, no free connection, LOADING) with a
   capped backoff for up to `retry_window_s`, then raises `StoreUnavailable`.
   Nothing from redis-py escapes the store.
-- An append whose outcome is unknown is retried with `retry = 1`: the script
-  then first asks whether the batch is already the tail of the log (stored
+- A batch whose outcome is unknown is retried with `retry = 1`: the script
+  then first asks, per stream, whether its entries are already the tail of the log (stored
   identically, entry for entry) and answers success if so; otherwise it is
   checked and applied as usual (a gap is still refused). Only the stream's
   one writer (see fencing) appends, so "the batch is the tail" means "my
@@ -64,10 +69,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.exceptions import (
     ClusterDownError,
+    NoScriptError,
     ReadOnlyError,
     RedisError,
     ResponseError,
@@ -79,10 +87,17 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tokenrelay_server.core.clock import Clock, SystemClock
 from tokenrelay_server.core.errors import StreamNotFound
 from tokenrelay_server.core.model import Chunk, LogEntry, Notice, StreamMeta
-from tokenrelay_server.store.base import StreamTail
+from tokenrelay_server.store.base import AppendObserver, StreamTail
 from tokenrelay_server.store.codec import decode_entry, decode_meta, encode_entry, encode_meta
 from tokenrelay_server.store.connect import RedisClient, connect, connection_kwargs
 from tokenrelay_server.store.errors import StoreError, StoreUnavailable, StreamFenced
+from tokenrelay_server.store.group_commit import (
+    DEFAULT_MAX_ENTRIES,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_WAIT_S,
+    GroupCommit,
+    PendingAppend,
+)
 from tokenrelay_server.store.heartbeat import RedisHeartbeats
 
 T = TypeVar("T")
@@ -155,82 +170,99 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-# KEYS: meta, log. ARGV: retention ms, now ms, idem refresh interval ms,
-# writer's epoch ("" = unfenced), retry (0/1), count of entries, then one
-# (kind, seq, payload) triple per entry (an End's seq is its total_seq). The
-# whole batch is checked before anything is written, so a rejected batch
-# leaves the log unchanged. A retry whose batch is already the log's tail
-# (stored identically) succeeds without writing. Returns the idempotency key
-# name when its TTL is due for a refresh.
-_APPEND = """
-local state = redis.call('HMGET', KEYS[1], 'last_seq', 'notices', 'ended', 'idem', 'idem_at',
-  'epoch')
-if not state[1] then
-  return redis.error_reply('TR_UNKNOWN stream is unknown or expired')
-end
-if ARGV[4] ~= '' and tonumber(state[6] or 0) ~= tonumber(ARGV[4]) then
-  return redis.error_reply(string.format(
-    'TR_FENCED epoch %s is stale: the stream is at epoch %s', ARGV[4], state[6] or '0'))
-end
-local count = tonumber(ARGV[6])
-if ARGV[5] == '1' and count > 0 then
-  local stored = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', count)
-  if #stored == count then
-    local same = true
-    for j = 1, count do
-      if stored[count + 1 - j][2][2] ~= ARGV[6 + 3 * j] then
-        same = false
-        break
+# The appends of a batch (group commit, store/group_commit.py): one call for
+# any number of streams whose keys share a slot (on one server: all of them).
+# KEYS: meta, log of each stream. ARGV: retention ms, now ms, idem refresh
+# interval ms, retry (0/1), then per stream: writer's epoch ("" = unfenced),
+# count of entries, then one (kind, seq, payload) triple per entry (an End's
+# seq is its total_seq). Each stream's batch is checked before anything of it
+# is written, so a rejected one leaves that log unchanged, and one stream's
+# refusal touches no other. A retry whose batch is already the log's tail
+# (stored identically) succeeds without writing. Answers one string per
+# stream: "" stored, "+" and the idempotency key name (stored, and the key's
+# TTL is due for a refresh), or "!" and the refusal (TR_UNKNOWN, TR_FENCED,
+# TR_ORDER ...).
+_APPEND_MANY = """
+local retention, now, refresh = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local retry = ARGV[4] == '1'
+
+local function append_one(meta, log, epoch, count, first)
+  local state = redis.call('HMGET', meta, 'last_seq', 'notices', 'ended', 'idem', 'idem_at',
+    'epoch')
+  if not state[1] then
+    return '!TR_UNKNOWN stream is unknown or expired'
+  end
+  if epoch ~= '' and tonumber(state[6] or 0) ~= tonumber(epoch) then
+    return string.format('!TR_FENCED epoch %s is stale: the stream is at epoch %s', epoch,
+      state[6] or '0')
+  end
+  if retry and count > 0 then
+    local stored = redis.call('XREVRANGE', log, '+', '-', 'COUNT', count)
+    if #stored == count then
+      local same = true
+      for j = 1, count do
+        if stored[count + 1 - j][2][2] ~= ARGV[first + 3 * j - 1] then
+          same = false
+          break
+        end
+      end
+      if same then
+        return ''
       end
     end
-    if same then
-      return false
+  end
+  local last_seq = tonumber(state[1])
+  local notices = tonumber(state[2])
+  local ended = state[3] == '1'
+  local ids = {}
+  for i = first, first + 3 * count - 1, 3 do
+    if ended then
+      return '!TR_ORDER stream has ended; nothing can follow its End'
+    end
+    local kind = ARGV[i]
+    if kind == 'c' then
+      local seq = tonumber(ARGV[i + 1])
+      if seq ~= last_seq + 1 then
+        return string.format('!TR_ORDER chunk seq %s does not follow %d', ARGV[i + 1], last_seq)
+      end
+      last_seq = seq
+      notices = 0
+      ids[#ids + 1] = string.format('%d-0', last_seq)
+    elseif kind == 'n' then
+      notices = notices + 1
+      ids[#ids + 1] = string.format('%d-%d', last_seq, notices)
+    else
+      if tonumber(ARGV[i + 1]) ~= last_seq then
+        return string.format(
+          '!TR_ORDER the End says total_seq %s but the log holds %d chunks', ARGV[i + 1],
+          last_seq)
+      end
+      ended = true
+      ids[#ids + 1] = string.format('%d-0', last_seq + 1)
     end
   end
-end
-local last_seq = tonumber(state[1])
-local notices = tonumber(state[2])
-local ended = state[3] == '1'
-local ids = {}
-for i = 7, #ARGV, 3 do
-  if ended then
-    return redis.error_reply('TR_ORDER stream has ended; nothing can follow its End')
+  for j = 1, #ids do
+    redis.call('XADD', log, ids[j], 'e', ARGV[first + 3 * j - 1])
   end
-  local kind = ARGV[i]
-  if kind == 'c' then
-    local seq = tonumber(ARGV[i + 1])
-    if seq ~= last_seq + 1 then
-      return redis.error_reply(string.format(
-        'TR_ORDER chunk seq %s does not follow %d', ARGV[i + 1], last_seq))
-    end
-    last_seq = seq
-    notices = 0
-    ids[#ids + 1] = string.format('%d-0', last_seq)
-  elseif kind == 'n' then
-    notices = notices + 1
-    ids[#ids + 1] = string.format('%d-%d', last_seq, notices)
-  else
-    if tonumber(ARGV[i + 1]) ~= last_seq then
-      return redis.error_reply(string.format(
-        'TR_ORDER the End says total_seq %s but the log holds %d chunks', ARGV[i + 1],
-        last_seq))
-    end
-    ended = true
-    ids[#ids + 1] = string.format('%d-0', last_seq + 1)
+  redis.call('HSET', meta, 'last_seq', last_seq, 'notices', notices,
+    'ended', ended and '1' or '0')
+  redis.call('PEXPIRE', meta, retention)
+  redis.call('PEXPIRE', log, retention)
+  if state[4] and now - tonumber(state[5] or 0) >= refresh then
+    redis.call('HSET', meta, 'idem_at', ARGV[2])
+    return '+' .. state[4]
   end
+  return ''
 end
-for j = 1, #ids do
-  redis.call('XADD', KEYS[2], ids[j], 'e', ARGV[6 + 3 * j])
+
+local out = {}
+local at = 5
+for s = 1, #KEYS / 2 do
+  local count = tonumber(ARGV[at + 1])
+  out[s] = append_one(KEYS[2 * s - 1], KEYS[2 * s], ARGV[at], count, at + 2)
+  at = at + 2 + 3 * count
 end
-redis.call('HSET', KEYS[1], 'last_seq', last_seq, 'notices', notices,
-  'ended', ended and '1' or '0')
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-redis.call('PEXPIRE', KEYS[2], ARGV[1])
-if state[4] and tonumber(ARGV[2]) - tonumber(state[5] or 0) >= tonumber(ARGV[3]) then
-  redis.call('HSET', KEYS[1], 'idem_at', ARGV[2])
-  return state[4]
-end
-return false
+return out
 """
 
 # KEYS: meta, log. ARGV: XRANGE start, limit. Returns {state, payload...} where
@@ -357,6 +389,10 @@ class RedisStore:
         clock: Clock | None = None,
         retry_window_s: float = 10.0,
         label: str = "the Redis store",
+        group_commit_max_entries: int = DEFAULT_MAX_ENTRIES,
+        group_commit_max_wait_s: float = DEFAULT_MAX_WAIT_S,
+        group_commit_max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        append_observer: AppendObserver | None = None,
     ) -> None:
         if "{" in prefix or "}" in prefix:
             # A brace in the prefix would become the hash tag and put every
@@ -379,7 +415,7 @@ class RedisStore:
         self._block_slice_s = _block_slice(self._blocking)
         register = client.register_script
         self._create = register(_CREATE)
-        self._append = register(_APPEND)
+        self._append_many = register(_APPEND_MANY)
         self._read = register(_READ)
         self._delete = register(_DELETE)
         self._delete_if_equal = register(_DELETE_IF_EQUAL)
@@ -390,6 +426,16 @@ class RedisStore:
         self._request_cancel = register(_REQUEST_CANCEL)
         # Replica heartbeats live beside the streams, on the same client.
         self.heartbeats = RedisHeartbeats(client, prefix=prefix)
+        self._cluster = isinstance(client, RedisCluster)
+        # Told of each batch once it is durable (ObservableStore in base.py).
+        self.append_observer = append_observer
+        self._commits = GroupCommit(
+            self._send_batch,
+            max_entries=group_commit_max_entries,
+            max_wait_s=group_commit_max_wait_s,
+            max_in_flight=group_commit_max_in_flight,
+            on_batch=self._observe_batch,
+        )
 
     @classmethod
     def from_url(
@@ -404,6 +450,9 @@ class RedisStore:
         cluster: bool = False,
         pool_timeout_s: float = 5.0,
         retry_window_s: float = 10.0,
+        group_commit_max_entries: int = DEFAULT_MAX_ENTRIES,
+        group_commit_max_wait_s: float = DEFAULT_MAX_WAIT_S,
+        group_commit_max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         **client_kwargs: Any,
     ) -> RedisStore:
         """Connect to the Redis at `url` (redis://, rediss://, unix://), or
@@ -448,6 +497,9 @@ class RedisStore:
             clock=clock,
             retry_window_s=retry_window_s,
             label=f"the Redis store at {_safe_url(url)}",
+            group_commit_max_entries=group_commit_max_entries,
+            group_commit_max_wait_s=group_commit_max_wait_s,
+            group_commit_max_in_flight=group_commit_max_in_flight,
         )
 
     # -- failures --------------------------------------------------------------------
@@ -594,44 +646,115 @@ class RedisStore:
     async def append(
         self, stream_id: str, entries: Sequence[LogEntry], *, epoch: int | None = None
     ) -> None:
-        idem_key = await self._run(
-            "append",
-            stream_id,
-            partial(self._append_once, stream_id, entries, epoch),
+        """Queue the entries for the next batch (group commit) and return once
+        that batch is acknowledged. Encoded once: a batch retried after an
+        unknown outcome sends the very bytes it sent before, which is what
+        the script's "already the tail" check compares."""
+        await self._commits.append(stream_id, _append_payload(entries, epoch), len(entries))
+
+    async def _send_batch(self, batch: Sequence[PendingAppend]) -> list[BaseException | None]:
+        """Store a batch of appends (each of another stream): one script call
+        per hash slot (one in all on a single server), in one round trip.
+        Transient failures retry the whole batch within the retry window
+        (with `retry`, so appends whose first run landed are not repeated)."""
+        answers = await self._run(
+            "append", f"a batch of {len(batch)} streams", partial(self._append_batch, batch)
         )
-        if idem_key is not None:
+        outcomes, refresh = self._outcomes(batch, answers)
+        if refresh:
             # Best effort: the refresh is asked for again a quarter of the
             # retention later if this one is lost.
             with contextlib.suppress(StoreError):
-                await self._run(
-                    "append",
-                    stream_id,
-                    lambda _: self._client.pexpire(idem_key, self._idem_ttl_ms),
-                )
+                await self._run("append", "", partial(self._refresh_idem, refresh))
+        return outcomes
 
-    async def _append_once(
-        self, stream_id: str, entries: Sequence[LogEntry], epoch: int | None, retried: bool
-    ) -> Any:
-        """One run of the append script; `retried`: an earlier run's outcome
-        is unknown, so a batch that is already the log's tail is success."""
-        payload: list[str | int] = []
-        for entry in entries:
-            if isinstance(entry, Chunk):
-                payload += ["c", entry.seq, encode_entry(entry)]
-            elif isinstance(entry, Notice):
-                payload += ["n", 0, encode_entry(entry)]
-            else:
-                payload += ["e", entry.total_seq, encode_entry(entry)]
-        args: list[str | int] = [
+    def _outcomes(
+        self, batch: Sequence[PendingAppend], answers: Sequence[Any]
+    ) -> tuple[list[BaseException | None], list[str]]:
+        """Each append's outcome (None: stored), and the idempotency keys due
+        for a refresh."""
+        outcomes: list[BaseException | None] = []
+        refresh: list[str] = []
+        for pending, answer in zip(batch, answers, strict=True):
+            if isinstance(answer, BaseException):
+                outcomes.append(answer)
+                continue
+            text = _text(answer)
+            if text.startswith("!"):
+                outcomes.append(_refusal(text[1:], pending.stream_id, self.label))
+                continue
+            if text.startswith("+"):
+                refresh.append(text[1:])
+            outcomes.append(None)
+        return outcomes, refresh
+
+    async def _append_batch(self, batch: Sequence[PendingAppend], retried: bool) -> list[Any]:
+        """One run of the batch: an answer per append, in batch order (a
+        string from the script, or the ResponseError of its group)."""
+        head: list[str | int] = [
             self._retention_ms,
             self._now_ms(),
             self._idem_refresh_ms,
-            "" if epoch is None else epoch,
             1 if retried else 0,
-            len(entries),
-            *payload,
         ]
-        return await self._append(keys=self._log_keys(stream_id), args=args)
+        groups = self._by_slot(batch)
+        if len(groups) == 1:
+            (members,) = groups
+            answers = await self._append_many(*self._group_call(batch, members, head))
+            return list(answers)
+        results: list[Any] = [None] * len(batch)
+        todo = groups
+        for _ in range(2):  # a second pass after loading the script where it was missing
+            pipe = self._client.pipeline(transaction=False)
+            for members in todo:
+                keys, args = self._group_call(batch, members, head)
+                # (redis-py blocks the evalsha method of a cluster pipeline by
+                # name; the command itself is routed by its keys like any other.)
+                pipe.execute_command("EVALSHA", self._append_many.sha, len(keys), *keys, *args)
+            replies = await pipe.execute(raise_on_error=False)
+            missing: list[list[int]] = []
+            for members, reply in zip(todo, replies, strict=True):
+                if isinstance(reply, NoScriptError):
+                    missing.append(members)
+                    continue
+                for position, index in enumerate(members):
+                    results[index] = reply if isinstance(reply, Exception) else reply[position]
+            if not missing:
+                break
+            await self._client.script_load(_APPEND_MANY)
+            todo = missing
+        return [
+            _batch_failure(result, self.label) if isinstance(result, Exception) else result
+            for result in results
+        ]
+
+    def _by_slot(self, batch: Sequence[PendingAppend]) -> list[list[int]]:
+        """Positions in the batch, grouped so each group's keys share a slot."""
+        if not self._cluster:
+            return [list(range(len(batch)))]
+        groups: dict[int, list[int]] = {}
+        for index, pending in enumerate(batch):
+            groups.setdefault(key_slot(self._key(pending.stream_id, "log").encode()), []).append(
+                index
+            )
+        return list(groups.values())
+
+    def _group_call(
+        self, batch: Sequence[PendingAppend], members: list[int], head: list[str | int]
+    ) -> tuple[list[str], list[str | int]]:
+        keys: list[str] = []
+        args = list(head)
+        for index in members:
+            pending = batch[index]
+            keys += self._log_keys(pending.stream_id)
+            args += pending.payload
+        return keys, args
+
+    async def _refresh_idem(self, keys: list[str], _retried: bool) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for key in keys:
+            pipe.pexpire(key, self._idem_ttl_ms)
+        await pipe.execute()
 
     async def read(self, stream_id: str, after_seq: int, limit: int = 1000) -> list[LogEntry]:
         entries, _ = await self._read_after(stream_id, after_seq, limit)
@@ -724,7 +847,20 @@ class RedisStore:
         )
         return None if reason is None else _text(reason)
 
+    @property
+    def group_commit(self) -> GroupCommit:
+        """The writer batching this store's appends (its stats, for operators)."""
+        return self._commits
+
+    def _observe_batch(self, entries: int, seconds: float) -> None:
+        observer = self.append_observer
+        if observer is not None:
+            observer(entries, seconds)
+
     async def close(self) -> None:
+        # What is queued is sent first (the writer refuses new appends after).
+        with contextlib.suppress(Exception):
+            await self._commits.close()
         for client in {id(c): c for c in (self._probe, self._blocking, self._client)}.values():
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose()
@@ -779,6 +915,19 @@ def _raise_if_cancelling() -> None:
         raise asyncio.CancelledError
 
 
+def _append_payload(entries: Sequence[LogEntry], epoch: int | None) -> list[str | int]:
+    """One stream's part of `_APPEND_MANY`'s ARGV: epoch, count, triples."""
+    payload: list[str | int] = ["" if epoch is None else epoch, len(entries)]
+    for entry in entries:
+        if isinstance(entry, Chunk):
+            payload += ("c", entry.seq, encode_entry(entry))
+        elif isinstance(entry, Notice):
+            payload += ("n", 0, encode_entry(entry))
+        else:
+            payload += ("e", entry.total_seq, encode_entry(entry))
+    return payload
+
+
 def _ms(seconds: float) -> int:
     """Whole milliseconds for PX/PEXPIRE/BLOCK, at least 1 (0 means "forever" to BLOCK)."""
     return max(1, math.ceil(seconds * 1000))
@@ -805,7 +954,16 @@ def _block_slice(client: RedisClient) -> float | None:
 
 def _translate(exc: ResponseError, stream_id: str, label: str) -> Exception:
     """The memory store's exception for a script's refusal (ours for the rest)."""
-    message = str(exc)
+    return _refusal(str(exc), stream_id, label)
+
+
+def _batch_failure(error: Exception, label: str) -> Exception:
+    """A group of a batch that Redis refused as a whole (not one stream's refusal)."""
+    return StoreError(f"{label} refused an append batch ({type(error).__name__}: {error})")
+
+
+def _refusal(message: str, stream_id: str, label: str) -> Exception:
+    """The memory store's exception for a script's refusal `message`."""
     if message.startswith(_UNKNOWN):
         return StreamNotFound(f"stream {stream_id} is unknown or expired")
     if message.startswith(_ORDER):
