@@ -149,7 +149,17 @@ class EchoServicer(relay_pb2_grpc.RelayServicer):
             started=relay_pb2.StreamStarted(stream_id=uuid.uuid4().hex, model=start.model)
         )
         texts = self._texts
+        # `sim.pace_ms` paces the chunks on an absolute schedule, as the
+        # simulator does (chunk i is due at start + i * pace), so paced
+        # figures compare the same schedule on both sides (bench/redis_speed.py).
+        pace_s = float(start.metadata.get("sim.pace_ms", "0")) / 1000
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         for seq in range(1, count + 1):
+            if pace_s:
+                delay = began + seq * pace_s - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
             yield relay_pb2.StreamEvent(
                 chunk=relay_pb2.TokenChunk(
                     seq=seq, text=texts[(seq - 1) % len(texts)], provider="sim", attempt=1

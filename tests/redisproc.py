@@ -9,6 +9,7 @@ connections killed. No redis-server binary is a failure, never a skip.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -72,6 +73,16 @@ class RedisProcess:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+    def pause(self) -> None:
+        """SIGSTOP: the server holds its connections and answers nothing."""
+        assert self._process is not None, "not running"
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after `pause`."""
+        assert self._process is not None, "not running"
+        self._process.send_signal(signal.SIGCONT)
 
     def kill_clients(self) -> int:
         """CLIENT KILL TYPE normal: every ordinary connection is cut."""

@@ -9,6 +9,16 @@ Rules:
   finish, and recorded if it did, before the cancellation goes on.
 - The writer never waits for a reader: readers take what is new at their
   own pace (a slow reader costs memory, the text, never throughput).
+- Write-behind (a store that queues appends itself, group commit): a chunk
+  is handed to the store and the writer goes on; chunks handed over while
+  a write is on the wire go together in the next one (one write per stream
+  on the wire, up to `WRITE_BEHIND_ENTRIES` entries waiting). Readers still
+  see a chunk only once its write is acknowledged, and `entries`, `text()`,
+  the digests and `last_seq` are what is durable. Anything that depends on
+  the whole of what was written (a notice, the End, the decision after an
+  attempt, a continuation's prefix) calls `settle()` first: it waits until
+  every write landed and raises the first write's failure, after which the
+  log takes no more chunks.
 """
 
 from __future__ import annotations
@@ -19,8 +29,8 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from tokenrelay_server.core.compact_log import CompactLog
-from tokenrelay_server.core.model import End, LogEntry
-from tokenrelay_server.store.base import SharesLogs, StreamStore
+from tokenrelay_server.core.model import Chunk, End, LogEntry
+from tokenrelay_server.store.base import SharesLogs, StreamStore, SubmitsAppends
 
 
 @dataclass(eq=False)
@@ -37,6 +47,11 @@ class Subscription:
         self.wake.set()
 
 
+# How many entries of one stream may wait for the store (on the wire and
+# queued) before the writer waits for a write to land.
+WRITE_BEHIND_ENTRIES = 512
+
+
 class LocalLog:
     """The entries of one stream generated here: stored, then shown."""
 
@@ -47,6 +62,7 @@ class LocalLog:
         *,
         on_unattended: Callable[[], None] | None = None,
         epoch: int | None = None,
+        on_write_failed: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.stream_id = stream_id
         # Every append carries it: a stale one is refused (store/base.py rule 8).
@@ -63,6 +79,20 @@ class LocalLog:
         # writer calls `append_now`; otherwise it awaits `append`.
         self._sharing = sharing if shared is not None else None
         self.appends_now = self._sharing is not None
+        # A store that queues appends (group commit) hands back a future;
+        # chunks are then written behind (the module docstring).
+        self._submits = store if isinstance(store, SubmitsAppends) else None
+        self.writes_behind = self._submits is not None and not self._shared
+        self._unsent: list[LogEntry] = []
+        self._on_wire: list[LogEntry] = []
+        self._write: asyncio.Future[None] | None = None
+        self._pending_bytes = 0  # content bytes of the chunks not yet durable
+        self._submitted_seq = 0  # the last chunk handed to the store
+        self._failure: BaseException | None = None
+        self._progress = asyncio.Event()  # set whenever a write lands or fails
+        # Told of the first failed write at once (the writer may be waiting
+        # on something else than the log, e.g. its clock).
+        self._on_write_failed = on_write_failed
         self._subscribers: set[Subscription] = set()
         # Called when the last reader detaches (the generation arms its grace).
         self._on_unattended = on_unattended
@@ -78,8 +108,14 @@ class LocalLog:
         return self.entries.end
 
     @property
+    def next_seq(self) -> int:
+        """The seq the next chunk takes (after the chunks still being written)."""
+        return max(self.entries.last_seq, self._submitted_seq) + 1
+
+    @property
     def text_bytes(self) -> int:
-        return self.entries.text_bytes
+        """Content bytes of every chunk handed over (durable or not yet)."""
+        return self.entries.text_bytes + self._pending_bytes
 
     @property
     def tokens_so_far(self) -> int:
@@ -151,18 +187,95 @@ class LocalLog:
         sharing.append_now(self.stream_id, entries, epoch=self.epoch)
         self._wake()
 
+    async def append_chunk(self, chunk: Chunk) -> None:
+        """Store one chunk, then show it: written behind when the store
+        queues appends (returns once it is handed over, unless the stream
+        has `WRITE_BEHIND_ENTRIES` waiting), else as `append`. Raises the
+        failure of an earlier write."""
+        if not self.writes_behind:
+            await self.append([chunk])
+            return
+        if self._failure is not None:
+            raise self._failure
+        self._unsent.append(chunk)
+        self._pending_bytes += chunk.content_bytes
+        self._submitted_seq = chunk.seq
+        if self._write is None:
+            self._send()
+        while len(self._unsent) + len(self._on_wire) >= WRITE_BEHIND_ENTRIES:
+            if self._failure is not None:
+                raise self._failure
+            self._progress.clear()
+            await self._progress.wait()
+
+    async def settle(self) -> None:
+        """Wait until every chunk written behind is durable (and shown);
+        raise the failure of the first write that failed."""
+        while self._failure is None and (self._write is not None or self._unsent):
+            self._progress.clear()
+            await self._progress.wait()
+        if self._failure is not None:
+            raise self._failure
+
+    async def settle_quietly(self) -> None:
+        """`settle` for a writer that was cancelled: let what is on the wire
+        land (and be shown) so what readers saw and the End agree; errors are
+        not this caller's any more."""
+        with contextlib.suppress(Exception):
+            await self.settle()
+
+    def _send(self) -> None:
+        submits = self._submits
+        assert submits is not None
+        entries, self._unsent = self._unsent, []
+        self._on_wire = entries
+        write = submits.submit_append(self.stream_id, entries, epoch=self.epoch)
+        self._write = write
+        write.add_done_callback(self._written)
+
+    def _written(self, write: asyncio.Future[None]) -> None:
+        entries, self._on_wire = self._on_wire, []
+        self._write = None
+        error = (
+            RuntimeError("the store dropped the write") if write.cancelled() else write.exception()
+        )
+        if error is None:
+            self._pending_bytes -= sum(e.content_bytes for e in entries if isinstance(e, Chunk))
+            if self.entries.end is None:  # (an unstored End may have closed it meanwhile)
+                self._record(entries)
+            if self._unsent and self._failure is None:
+                self._send()
+        elif self._failure is None:
+            # Nothing after a failed write can be stored in order: what is
+            # queued is dropped, and the writer learns of it at its next step.
+            self._failure = error
+            self._unsent = []
+            self._pending_bytes = 0
+            self._submitted_seq = self.entries.last_seq
+            if self._on_write_failed is not None:
+                self._on_write_failed(error)
+        self._progress.set()
+
     async def append(self, entries: Sequence[LogEntry]) -> None:
         """Store `entries`, then show them. Raises what the store raises."""
         if self.appends_now:
             self.append_now(entries)
             return
+        if self.writes_behind:
+            await self.settle()  # in order after every chunk written behind
         if self._store.in_process:
             # Nothing in an in-process append can suspend, so no cancellation
             # can land between the write and our record of it.
             await self._store.append(self.stream_id, entries, epoch=self.epoch)
             self._record(entries)
             return
-        write = asyncio.ensure_future(self._store.append(self.stream_id, entries, epoch=self.epoch))
+        write: asyncio.Future[None]
+        if self._submits is not None:
+            write = self._submits.submit_append(self.stream_id, entries, epoch=self.epoch)
+        else:
+            write = asyncio.ensure_future(
+                self._store.append(self.stream_id, entries, epoch=self.epoch)
+            )
         try:
             await asyncio.shield(write)
         except asyncio.CancelledError:

@@ -144,7 +144,13 @@ class Generation:
         self._max_stream_bytes = max_stream_bytes
         # The epoch this generation writes with (fencing, store/base.py rule 8).
         self.epoch = epoch
-        self.log = LocalLog(meta.stream_id, store, on_unattended=self.arm_grace, epoch=epoch)
+        self.log = LocalLog(
+            meta.stream_id,
+            store,
+            on_unattended=self.arm_grace,
+            epoch=epoch,
+            on_write_failed=self._write_failed,
+        )
         self._fenced: StreamFenced | None = None
         self.tally = Tally()
         self.state = GenerationState.RUNNING
@@ -167,6 +173,7 @@ class Generation:
             notice=self.notice,
             delivered_text=self.log.text,
             delivered_chunks=lambda: self.log.last_seq,
+            settle=self.log.settle if self.log.writes_behind else None,
             model=meta.model,
             observe=self._observe,
             turn=TurnState(request.tool_call_mode),
@@ -257,6 +264,21 @@ class Generation:
             self._fenced = error
         self.stop(stop_fault("OWNERSHIP_LOST", str(error), retryable=True))
 
+    def _write_failed(self, error: BaseException) -> None:
+        """A chunk written behind was refused or never acknowledged: stop now
+        (the writer may be waiting on its clock, not on the log); the End
+        path's `settle` raises `error` and the End says what happened."""
+        if isinstance(error, StreamFenced):
+            self.fence(error)
+        elif isinstance(error, StoreUnavailable):
+            self.stop(store_unavailable_fault(str(error)))
+        else:
+            self.stop(
+                stop_fault(
+                    "INTERNAL", "the store refused a write; see the gateway's logs", retryable=True
+                )
+            )
+
     def _apply(self, event: GenerationEvent) -> None:
         after = TRANSITIONS.get((self.state, event))
         if after is None:
@@ -281,7 +303,9 @@ class Generation:
             end = await self._produce()
         except asyncio.CancelledError:
             # Cancelled from outside (a shutdown that could not wait): no End
-            # can be stored, but the readers here still learn how it ended.
+            # can be stored, but the readers here still learn how it ended,
+            # after what is on the wire (so the End covers what they saw).
+            await self.log.settle_quietly()
             self.log.record_unstored(
                 self._partial_end(
                     stop_fault(
@@ -371,6 +395,9 @@ class Generation:
             self._stop_scope = None
         if self._stop_fault is not None and outcome.fault is None and outcome.finish is None:
             outcome = Outcome(fault=self._stop_fault)
+        # The End covers exactly what is durable: every chunk written behind
+        # lands first (a failed write raises here, and the End says so).
+        await self.log.settle()
         self._apply(GenerationEvent.LOOP_LEFT)
         if outcome.finish is not None:
             return End(
@@ -414,7 +441,7 @@ class Generation:
 
     async def _emit_chunk(self, piece: Piece, provider: str, attempt: int, tokens: int) -> None:
         chunk = self._chunk(piece, provider, attempt, tokens)
-        await self.log.append([chunk])
+        await self.log.append_chunk(chunk)
         self._stored(chunk)
 
     def _emit_chunk_now(self, piece: Piece, provider: str, attempt: int, tokens: int) -> None:
@@ -434,7 +461,7 @@ class Generation:
 
     def _chunk(self, piece: Piece, provider: str, attempt: int, tokens: int) -> Chunk:
         chunk = Chunk(
-            seq=self.log.entries.last_seq + 1,
+            seq=self.log.next_seq,
             text=piece.text,
             provider=provider,
             attempt=attempt,
@@ -470,6 +497,7 @@ class Generation:
 
     async def notice(self, fault: Fault) -> None:
         """Tell every reader about a failure the gateway is recovering from."""
+        await self.log.settle()  # it sits after the last chunk written
         await self.log.append(
             [Notice(after_seq=self.log.last_seq, fault=fault.with_context(fatal=False))]
         )

@@ -31,6 +31,7 @@ Rules (tests/test_store.py runs one suite against every implementation):
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -62,6 +63,17 @@ class SharesLogs(Protocol):
     ) -> None:
         """`append`, done before it returns (no await on the per-token path)."""
         ...
+
+
+@runtime_checkable
+class SubmitsAppends(Protocol):
+    """A store that queues appends itself (group commit): `submit_append`
+    is `append` as a future, so the per-token path needs no task of its
+    own. The future resolves once the entries are durable (rule 2)."""
+
+    def submit_append(
+        self, stream_id: str, entries: Sequence[LogEntry], *, epoch: int | None = None
+    ) -> asyncio.Future[None]: ...
 
 
 class StreamStore(Protocol):

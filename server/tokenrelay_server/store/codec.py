@@ -1,5 +1,7 @@
 """JSON forms of log entries and stream metadata, shared by the stores that
 serialize (Redis). Field names are short: they are stored once per chunk.
+orjson writes and reads them (compact, UTF-8 as is; it reads what the
+standard library's json wrote before, too).
 
 A chunk of text has no kind field (entries stored before issue 12 are text);
 a reasoning chunk has `"y": "r"`; a tool-call piece `"y": "c"` with its
@@ -9,8 +11,9 @@ arguments fragment in `"t"`.
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+import orjson
 
 from tokenrelay_server.core.errors import Fault
 from tokenrelay_server.core.model import (
@@ -52,10 +55,10 @@ def encode_entry(entry: LogEntry) -> str:
                 data["d"] = call.id
             if call.name:
                 data["m"] = call.name
-        return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+        return orjson.dumps(data).decode()
     if isinstance(entry, Notice):
-        return json.dumps({"k": "n", "s": entry.after_seq, "f": entry.fault.to_json()})
-    return json.dumps(
+        return orjson.dumps({"k": "n", "s": entry.after_seq, "f": entry.fault.to_json()}).decode()
+    return orjson.dumps(
         {
             "k": "e",
             "r": entry.finish_reason,
@@ -66,11 +69,11 @@ def encode_entry(entry: LogEntry) -> str:
             "f": None if entry.error is None else entry.error.to_json(),
             "x": entry.chunks_sha256,
         }
-    )
+    ).decode()
 
 
 def decode_entry(raw: str | bytes) -> LogEntry:
-    data: dict[str, Any] = json.loads(raw)
+    data: dict[str, Any] = orjson.loads(raw)
     kind = data["k"]
     if kind == "c":
         chunk_kind = data.get("y")
@@ -181,7 +184,7 @@ def decode_request(data: dict[str, Any]) -> StartRequest:
 
 
 def encode_meta(meta: StreamMeta) -> str:
-    return json.dumps(
+    return orjson.dumps(
         {
             "id": meta.stream_id,
             "model": meta.model,
@@ -190,13 +193,12 @@ def encode_meta(meta: StreamMeta) -> str:
             "request": None if meta.request is None else encode_request(meta.request),
             "idempotency_key": meta.idempotency_key,
             "extra": meta.extra,
-        },
-        ensure_ascii=False,
-    )
+        }
+    ).decode()
 
 
 def decode_meta(raw: str | bytes) -> StreamMeta:
-    data = json.loads(raw)
+    data = orjson.loads(raw)
     return StreamMeta(
         stream_id=data["id"],
         model=data["model"],

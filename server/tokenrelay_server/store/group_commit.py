@@ -103,6 +103,13 @@ class GroupCommit:
     async def append(self, stream_id: str, payload: Any, entries: int) -> None:
         """Queue one append and wait until its batch is acknowledged; raises
         what the store answered for it."""
+        await self.submit(stream_id, payload, entries)
+
+    def submit(self, stream_id: str, payload: Any, entries: int) -> asyncio.Future[None]:
+        """Queue one append; the future resolves once its batch is
+        acknowledged (or fails with what the store answered for it).
+        Cancelling the future before its batch is sent withdraws the append;
+        after, the batch is answered all the same."""
         if self._closed:
             raise RuntimeError("the store is closed")
         loop = asyncio.get_running_loop()
@@ -110,7 +117,7 @@ class GroupCommit:
         self._pending.append(pending)
         self._pending_entries += entries
         self._schedule(loop)
-        await pending.future
+        return pending.future
 
     @property
     def waiting(self) -> int:

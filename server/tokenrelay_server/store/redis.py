@@ -69,6 +69,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
+import orjson
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -173,35 +174,37 @@ return 1
 # The appends of a batch (group commit, store/group_commit.py): one call for
 # any number of streams whose keys share a slot (on one server: all of them).
 # KEYS: meta, log of each stream. ARGV: retention ms, now ms, idem refresh
-# interval ms, retry (0/1), then per stream: writer's epoch ("" = unfenced),
-# count of entries, then one (kind, seq, payload) triple per entry (an End's
-# seq is its total_seq). Each stream's batch is checked before anything of it
-# is written, so a rejected one leaves that log unchanged, and one stream's
-# refusal touches no other. A retry whose batch is already the log's tail
-# (stored identically) succeeds without writing. Answers one string per
-# stream: "" stored, "+" and the idempotency key name (stored, and the key's
-# TTL is due for a refresh), or "!" and the refusal (TR_UNKNOWN, TR_FENCED,
-# TR_ORDER ...).
+# interval ms, retry (0/1), and the batch as one JSON array (one argument for
+# the whole batch: packing many small arguments was most of the client's
+# cost per append), an item per stream: [epoch ("" = unfenced), [[kind, seq,
+# payload], ...]] (an End's seq is its total_seq). Each stream's entries are
+# checked before anything of them is written, so a rejected append leaves
+# that log unchanged, and one stream's refusal touches no other. A retry whose
+# entries are already the log's tail (stored identically) succeeds without
+# writing. Answers one string per stream: "" stored, "+" and the idempotency
+# key name (stored, and the key's TTL is due for a refresh), or "!" and the
+# refusal (TR_UNKNOWN, TR_FENCED, TR_ORDER ...).
 _APPEND_MANY = """
 local retention, now, refresh = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local retry = ARGV[4] == '1'
 
-local function append_one(meta, log, epoch, count, first)
+local function append_one(meta, log, epoch, entries)
   local state = redis.call('HMGET', meta, 'last_seq', 'notices', 'ended', 'idem', 'idem_at',
     'epoch')
   if not state[1] then
     return '!TR_UNKNOWN stream is unknown or expired'
   end
   if epoch ~= '' and tonumber(state[6] or 0) ~= tonumber(epoch) then
-    return string.format('!TR_FENCED epoch %s is stale: the stream is at epoch %s', epoch,
+    return string.format('!TR_FENCED epoch %d is stale: the stream is at epoch %s', epoch,
       state[6] or '0')
   end
+  local count = #entries
   if retry and count > 0 then
     local stored = redis.call('XREVRANGE', log, '+', '-', 'COUNT', count)
     if #stored == count then
       local same = true
       for j = 1, count do
-        if stored[count + 1 - j][2][2] ~= ARGV[first + 3 * j - 1] then
+        if stored[count + 1 - j][2][2] ~= entries[j][3] then
           same = false
           break
         end
@@ -215,34 +218,32 @@ local function append_one(meta, log, epoch, count, first)
   local notices = tonumber(state[2])
   local ended = state[3] == '1'
   local ids = {}
-  for i = first, first + 3 * count - 1, 3 do
+  for j = 1, count do
     if ended then
       return '!TR_ORDER stream has ended; nothing can follow its End'
     end
-    local kind = ARGV[i]
+    local kind, seq = entries[j][1], entries[j][2]
     if kind == 'c' then
-      local seq = tonumber(ARGV[i + 1])
       if seq ~= last_seq + 1 then
-        return string.format('!TR_ORDER chunk seq %s does not follow %d', ARGV[i + 1], last_seq)
+        return string.format('!TR_ORDER chunk seq %d does not follow %d', seq, last_seq)
       end
       last_seq = seq
       notices = 0
-      ids[#ids + 1] = string.format('%d-0', last_seq)
+      ids[j] = string.format('%d-0', last_seq)
     elseif kind == 'n' then
       notices = notices + 1
-      ids[#ids + 1] = string.format('%d-%d', last_seq, notices)
+      ids[j] = string.format('%d-%d', last_seq, notices)
     else
-      if tonumber(ARGV[i + 1]) ~= last_seq then
+      if seq ~= last_seq then
         return string.format(
-          '!TR_ORDER the End says total_seq %s but the log holds %d chunks', ARGV[i + 1],
-          last_seq)
+          '!TR_ORDER the End says total_seq %d but the log holds %d chunks', seq, last_seq)
       end
       ended = true
-      ids[#ids + 1] = string.format('%d-0', last_seq + 1)
+      ids[j] = string.format('%d-0', last_seq + 1)
     end
   end
-  for j = 1, #ids do
-    redis.call('XADD', log, ids[j], 'e', ARGV[first + 3 * j - 1])
+  for j = 1, count do
+    redis.call('XADD', log, ids[j], 'e', entries[j][3])
   end
   redis.call('HSET', meta, 'last_seq', last_seq, 'notices', notices,
     'ended', ended and '1' or '0')
@@ -255,12 +256,10 @@ local function append_one(meta, log, epoch, count, first)
   return ''
 end
 
+local batch = cjson.decode(ARGV[5])
 local out = {}
-local at = 5
-for s = 1, #KEYS / 2 do
-  local count = tonumber(ARGV[at + 1])
-  out[s] = append_one(KEYS[2 * s - 1], KEYS[2 * s], ARGV[at], count, at + 2)
-  at = at + 2 + 3 * count
+for s = 1, #batch do
+  out[s] = append_one(KEYS[2 * s - 1], KEYS[2 * s], batch[s][1], batch[s][2])
 end
 return out
 """
@@ -650,7 +649,14 @@ class RedisStore:
         that batch is acknowledged. Encoded once: a batch retried after an
         unknown outcome sends the very bytes it sent before, which is what
         the script's "already the tail" check compares."""
-        await self._commits.append(stream_id, _append_payload(entries, epoch), len(entries))
+        await self.submit_append(stream_id, entries, epoch=epoch)
+
+    def submit_append(
+        self, stream_id: str, entries: Sequence[LogEntry], *, epoch: int | None = None
+    ) -> asyncio.Future[None]:
+        """`append` without a coroutine (SubmitsAppends in base.py): the
+        future resolves once the batch holding the entries is acknowledged."""
+        return self._commits.submit(stream_id, _append_payload(entries, epoch), len(entries))
 
     async def _send_batch(self, batch: Sequence[PendingAppend]) -> list[BaseException | None]:
         """Store a batch of appends (each of another stream): one script call
@@ -712,6 +718,14 @@ class RedisStore:
                 # name; the command itself is routed by its keys like any other.)
                 pipe.execute_command("EVALSHA", self._append_many.sha, len(keys), *keys, *args)
             replies = await pipe.execute(raise_on_error=False)
+            for reply in replies:
+                # A node that was down, moving or restarting: the outcome of
+                # the whole batch is unknown to `_run`, which retries it
+                # (with `retry`: groups that landed are not written twice).
+                if isinstance(reply, _TRANSIENT):
+                    raise reply
+                if isinstance(reply, (AttributeError, RuntimeError)) and _closed_under_us(reply):
+                    raise RedisConnectionError(f"the connection closed mid-command: {reply}")
             missing: list[list[int]] = []
             for members, reply in zip(todo, replies, strict=True):
                 if isinstance(reply, NoScriptError):
@@ -741,14 +755,14 @@ class RedisStore:
 
     def _group_call(
         self, batch: Sequence[PendingAppend], members: list[int], head: list[str | int]
-    ) -> tuple[list[str], list[str | int]]:
+    ) -> tuple[list[str], list[str | int | bytes]]:
         keys: list[str] = []
-        args = list(head)
+        items: list[bytes] = []
         for index in members:
             pending = batch[index]
             keys += self._log_keys(pending.stream_id)
-            args += pending.payload
-        return keys, args
+            items.append(pending.payload)
+        return keys, [*head, b"[" + b",".join(items) + b"]"]
 
     async def _refresh_idem(self, keys: list[str], _retried: bool) -> None:
         pipe = self._client.pipeline(transaction=False)
@@ -915,17 +929,17 @@ def _raise_if_cancelling() -> None:
         raise asyncio.CancelledError
 
 
-def _append_payload(entries: Sequence[LogEntry], epoch: int | None) -> list[str | int]:
-    """One stream's part of `_APPEND_MANY`'s ARGV: epoch, count, triples."""
-    payload: list[str | int] = ["" if epoch is None else epoch, len(entries)]
+def _append_payload(entries: Sequence[LogEntry], epoch: int | None) -> bytes:
+    """One stream's item of `_APPEND_MANY`'s batch: [epoch, [[kind, seq, payload], ...]]."""
+    items: list[tuple[str, int, str]] = []
     for entry in entries:
         if isinstance(entry, Chunk):
-            payload += ("c", entry.seq, encode_entry(entry))
+            items.append(("c", entry.seq, encode_entry(entry)))
         elif isinstance(entry, Notice):
-            payload += ("n", 0, encode_entry(entry))
+            items.append(("n", 0, encode_entry(entry)))
         else:
-            payload += ("e", entry.total_seq, encode_entry(entry))
-    return payload
+            items.append(("e", entry.total_seq, encode_entry(entry)))
+    return orjson.dumps(("" if epoch is None else epoch, items))
 
 
 def _ms(seconds: float) -> int:
