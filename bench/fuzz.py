@@ -1,6 +1,7 @@
 """Fuzz a gateway's edge: every call's status tallied; pass or fail.
 
     .venv/bin/python bench/fuzz.py --count 10000 --seed 1
+    .venv/bin/python bench/fuzz.py --count 1000 --keyed     # its own gateway, with tenant keys
     .venv/bin/python bench/fuzz.py --target HOST:PORT --admin-token T --count 1000 --seed 7 \\
         [--api-key KEY --foreign-key OTHER] [--resume-secret S] [--save-failures DIR]
 
@@ -23,6 +24,10 @@ A --target should run with short timers, or fuzzed stalls wait its own
 `tokenrelay serve --detach-grace-s 0 --stall-timeout-s 0.2 --first-token-timeout-s 0.5
 --backoff-base-s 0 --admin-token ...`.
 
+--keyed (without --target): the gateway it starts has [[auth.keys]] for two
+tenants (fresh keys, their SHA-256 in the file; [tenants.*] limits), and the
+run uses the one tenant's key as --api-key and the other's as --foreign-key.
+
 With --api-key the gateway is taken to enforce keys: a call with a missing,
 malformed or unknown key that opens a stream is a failure, as is
 --foreign-key resuming a stream of --api-key's tenant.
@@ -36,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from tokenrelay_devtools.fuzz.gateways import fuzz_gateway
+from tokenrelay_devtools.fuzz.gateways import fuzz_gateway, keyed_fuzz_gateway
 from tokenrelay_devtools.fuzz.generate import Material
 from tokenrelay_devtools.fuzz.run import fuzz
 
@@ -56,15 +61,28 @@ def main() -> int:
     parser.add_argument("--foreign-key", help="a key of another tenant")
     parser.add_argument("--resume-secret", help="the target's resume secret (forged tokens)")
     parser.add_argument("--save-failures", type=Path, help="write each failing case here")
+    parser.add_argument(
+        "--keyed",
+        action="store_true",
+        help="start a gateway with two tenants' keys and fuzz with both (no --target)",
+    )
     args = parser.parse_args()
+    if args.keyed and args.target is not None:
+        parser.error("--keyed starts its own gateway: give --api-key and --foreign-key instead")
 
     material = Material(api_key=args.api_key, foreign_key=args.foreign_key)
     gateway = None
     if args.target is None:
-        gateway = fuzz_gateway()
+        gateway = keyed_fuzz_gateway() if args.keyed else fuzz_gateway()
         target, admin_token = gateway.address, gateway.admin_token
         material.secret = gateway.resume_secret
-        print(f"gateway: {target} (log {gateway.log_path})")
+        if args.keyed:
+            material.api_key = gateway.key_of("own")
+            material.foreign_key = gateway.key_of("foreign")
+        keyed = (
+            f", keys of tenants {', '.join(k.tenant for k in gateway.keys)}" if gateway.keys else ""
+        )
+        print(f"gateway: {target} (log {gateway.log_path}{keyed})")
     else:
         target, admin_token = args.target, args.admin_token
         material.secret = args.resume_secret

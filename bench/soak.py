@@ -4,6 +4,7 @@
     .venv/bin/python bench/soak.py --minutes 60 --target HOST:PORT --admin-token T \\
         [--max-streams 16] [--api-key KEY --foreign-key OTHER]
     .venv/bin/python bench/soak.py --operations 300        # by count, as CI does
+    .venv/bin/python bench/soak.py --operations 300 --keyed  # its own gateway, with tenant keys
 
 Without --target it starts its own gateway (`tokenrelay serve` in a process
 of its own: max_streams 16, short stall timeout, breakers out of reach,
@@ -15,6 +16,12 @@ tasks, open fds, running and detached streams (its Admin overview), and the
 violations so far; at the end the RSS slope after warm-up (MB/h) and whether
 tasks and fds came back to the baseline. Exit status 0 when there was no
 violation and tasks and fds came back, else 1.
+
+--keyed (without --target): the gateway it starts has [[auth.keys]] for two
+tenants (fresh keys; the soak's tenant limited to 16 concurrent streams, the
+gateway to 32) and the soak runs with the one's key and the other's as the
+foreign key: foreign-tenant tokens, unauthenticated starts, and over-quota
+bursts that meet the tenant's quota.
 
 A --target needs the `sim` model with short timers and its breakers out of
 reach, e.g. a config with `stall_timeout_s = 0.5`, `[breaker]
@@ -32,8 +39,15 @@ import sys
 
 import redis
 
-from tokenrelay_devtools.gateway import GatewayProcess
-from tokenrelay_devtools.soak import SOAK_GATEWAY, Soak, SoakSettings
+from tokenrelay_devtools.gateway import GatewayProcess, keyed_tenants
+from tokenrelay_devtools.soak import (
+    SOAK_GATEWAY,
+    SOAK_KEYED,
+    SOAK_TENANT_STREAMS,
+    SOAK_TENANTS,
+    Soak,
+    SoakSettings,
+)
 
 
 def main() -> int:
@@ -50,18 +64,33 @@ def main() -> int:
     parser.add_argument("--foreign-key")
     parser.add_argument("--concurrency", type=int, default=6)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--keyed",
+        action="store_true",
+        help="start a gateway with two tenants' keys and soak with both (no --target)",
+    )
     args = parser.parse_args()
+    if args.keyed and args.target is not None:
+        parser.error("--keyed starts its own gateway: give --api-key and --foreign-key instead")
 
     gateway = None
     prefix = None
     if args.target is None:
-        settings = dict(SOAK_GATEWAY)
+        settings = dict(SOAK_KEYED if args.keyed else SOAK_GATEWAY)
         if args.store == "redis":
             prefix = f"soak{secrets.token_hex(4)}"
             settings.update(store="redis", redis_url=args.redis_url, redis_prefix=prefix)
-        gateway = GatewayProcess.start(**settings)
-        target, admin_token, max_streams = gateway.address, gateway.admin_token, 16
-        print(f"gateway: {target} store={args.store} (log {gateway.log_path})", flush=True)
+        max_streams = int(settings["max_streams"])
+        if args.keyed:
+            keys, tenants = keyed_tenants(SOAK_TENANTS["own"], SOAK_TENANTS["foreign"])
+            gateway = GatewayProcess.start(keys=keys, tenants=tenants, **settings)
+            args.api_key, args.foreign_key = gateway.key_of("own"), gateway.key_of("foreign")
+            max_streams = SOAK_TENANT_STREAMS  # the tenant's quota, below the gateway's
+        else:
+            gateway = GatewayProcess.start(**settings)
+        target, admin_token = gateway.address, gateway.admin_token
+        keyed = " keyed (tenants own, foreign)" if args.keyed else ""
+        print(f"gateway: {target} store={args.store}{keyed} (log {gateway.log_path})", flush=True)
     else:
         if not args.admin_token:
             parser.error("--target needs --admin-token (the soak reads the Admin overview)")

@@ -47,3 +47,9 @@ def test_observability_overhead_runs_and_every_stream_is_exact(script: str) -> N
     levels = summary["levels"]
     assert isinstance(levels, list) and levels
     assert all(level["all_ok"] for level in levels)
+
+
+def test_seal_runs_and_reports_its_cost() -> None:
+    summary = run_bench("seal.py", "--number", "200", "--repeat", "1")
+    assert summary["sealed_size"] == 100 + 32  # header (k2), nonce, tag
+    assert all(isinstance(summary[key], float) for key in ("seal_us", "open_us", "codec_us"))

@@ -6,10 +6,16 @@ overview (asyncio tasks, RSS, open descriptors) is the gateway's alone.
 `GatewayProcess.start` writes the settings to a TOML file (some have no
 flag), starts `serve --port 0`, reads the port it prints and waits until
 health says SERVING; `stop` sends SIGTERM (the drain) and waits.
+
+Given `keys` (and `tenants`), the file also has their [[auth.keys]] (the
+SHA-256 of each key, as an operator writes them) and [tenants.*] tables, so
+the gateway enforces tenant keys; `keyed_tenants()` makes two tenants with
+fresh keys and limits, for a run that needs a valid key and a foreign one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -19,6 +25,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -65,17 +73,79 @@ def config_text(settings: dict[str, Any]) -> str:
     )
 
 
+@dataclass(frozen=True)
+class TenantKey:
+    """An API key of a gateway this module starts: the key itself (for the
+    caller's `authorization` metadata) and what the config file stores."""
+
+    id: str
+    tenant: str
+    key: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.key.encode()).hexdigest()
+
+
+def new_key(key_id: str, tenant: str) -> TenantKey:
+    """A key as `tokenrelay keys add` makes one: 32 random bytes."""
+    return TenantKey(key_id, tenant, "trk_" + secrets.token_hex(32))
+
+
+def auth_text(keys: Sequence[TenantKey], tenants: Mapping[str, Mapping[str, Any]]) -> str:
+    """[[auth.keys]] (hashes only) and [tenants.*] tables of a config file."""
+    lines: list[str] = []
+    for key in keys:
+        lines += [
+            "[[auth.keys]]",
+            f"id = {_toml_value(key.id)}",
+            f"tenant = {_toml_value(key.tenant)}",
+            f"sha256 = {_toml_value(key.sha256)}",
+        ]
+    for tenant, limits in tenants.items():
+        lines.append(f"[tenants.{tenant}]")
+        for name, value in limits.items():
+            if isinstance(value, list | tuple):
+                shown = "[" + ", ".join(_toml_value(item) for item in value) + "]"
+            else:
+                shown = _toml_value(value)
+            lines.append(f"{name} = {shown}")
+    return "".join(f"{line}\n" for line in lines)
+
+
+def keyed_tenants(
+    own: Mapping[str, Any], foreign: Mapping[str, Any]
+) -> tuple[list[TenantKey], dict[str, dict[str, Any]]]:
+    """Two tenants, each with a fresh key: `own` (the run's, key id own-1)
+    and `foreign` (another tenant's, foreign-1), with these limits."""
+    keys = [new_key("own-1", "own"), new_key("foreign-1", "foreign")]
+    return keys, {"own": dict(own), "foreign": dict(foreign)}
+
+
 class GatewayProcess:
     """One `tokenrelay serve` process; its log (stderr) goes to `log_path`."""
 
     def __init__(
-        self, process: subprocess.Popen[bytes], port: int, workdir: Path, settings: dict[str, Any]
+        self,
+        process: subprocess.Popen[bytes],
+        port: int,
+        workdir: Path,
+        settings: dict[str, Any],
+        keys: Sequence[TenantKey] = (),
     ) -> None:
         self.process = process
         self.port = port
         self.workdir = workdir
         self.settings = settings
+        self.keys = list(keys)  # empty: an open gateway
         self.log_path = workdir / "gateway.log"
+
+    def key_of(self, tenant: str) -> str:
+        """The API key of `tenant` (the first, if it has several)."""
+        for key in self.keys:
+            if key.tenant == tenant:
+                return key.key
+        raise KeyError(f"the gateway has no key of tenant {tenant!r}")
 
     @property
     def address(self) -> str:
@@ -90,10 +160,18 @@ class GatewayProcess:
         return str(self.settings["resume_secret"])
 
     @classmethod
-    def start(cls, workdir: Path | None = None, **settings: Any) -> GatewayProcess:
+    def start(
+        cls,
+        workdir: Path | None = None,
+        *,
+        keys: Sequence[TenantKey] = (),
+        tenants: Mapping[str, Mapping[str, Any]] | None = None,
+        **settings: Any,
+    ) -> GatewayProcess:
         """A gateway with `settings` over these defaults: a free port, a known
         resume secret and admin token (the fuzzer forges tokens with the one
-        and reads the Admin overview with the other)."""
+        and reads the Admin overview with the other); with `keys`, it
+        requires them (and applies `tenants`' limits)."""
         values: dict[str, Any] = {
             "port": 0,
             "resume_secret": secrets.token_hex(32),
@@ -103,7 +181,7 @@ class GatewayProcess:
         if workdir is None:
             workdir = Path(tempfile.mkdtemp(prefix="tokenrelay-gateway-"))
         config = workdir / "gateway.toml"
-        config.write_text(config_text(values))
+        config.write_text(config_text(values) + auth_text(keys, tenants or {}))
         log = (workdir / "gateway.log").open("wb")
         environment = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
         process = subprocess.Popen(
@@ -114,7 +192,7 @@ class GatewayProcess:
         )
         log.close()
         port = _read_port(process, workdir / "gateway.log")
-        gateway = cls(process, port, workdir, values)
+        gateway = cls(process, port, workdir, values, keys)
         try:
             gateway.wait_serving()
         except BaseException:

@@ -19,7 +19,16 @@ Workers run operations back to back, each drawn from a seeded mix:
   PERMISSION_DENIED;
 - `over_quota`: with every other worker paused, max_streams + 2 slow starts
   at once: at most max_streams admitted, the rest RESOURCE_EXHAUSTED with a
-  message; then all cancelled.
+  message; then all cancelled;
+- `unauthenticated` (only given an API key: the gateway has keys): a start
+  with no key, a malformed one or one the gateway never issued:
+  UNAUTHENTICATED with a message.
+
+`SOAK_KEYED` / `SOAK_TENANTS` is the keyed gateway a soak starts itself
+(bench/soak.py --keyed): two tenants' keys in [[auth.keys]], the soak's
+tenant limited to `max_concurrent_streams = SOAK_TENANT_STREAMS` below the
+gateway's max_streams, so the over-quota burst meets the tenant's quota
+(QuotaExceeded) rather than the replica's shedding.
 
 Anything else (UNKNOWN or INTERNAL anywhere, a status or an ending the
 operation does not expect) is a violation. Every `report_every_s` (a minute)
@@ -59,6 +68,9 @@ WEIGHTS = {
     "foreign": 10,
     "over_quota": 2,
 }
+# Operations only a keyed run has (SoakSettings.api_key given).
+KEYED_WEIGHTS = {"unauthenticated": 5}
+ORDER = [*WEIGHTS, *KEYED_WEIGHTS]
 PROMPTS = ["tell me about streams", "and about rivers", "what is a relay?", "hello"]
 LENGTHS = [24, 48]
 RECOVERABLE = [
@@ -137,6 +149,16 @@ SOAK_GATEWAY: dict[str, Any] = {
     "breaker_failure_threshold": 1_000_000,
     "breaker_failure_rate": 1.0,
     "log_level": "warning",
+}
+
+# The keyed gateway (bench/soak.py --keyed): room for more streams than the
+# soak's tenant may run, so its quota is what a burst meets; the foreign
+# tenant (whose key only ever tries to resume the soak's streams) is tighter.
+SOAK_TENANT_STREAMS = 16
+SOAK_KEYED: dict[str, Any] = {**SOAK_GATEWAY, "max_streams": 2 * SOAK_TENANT_STREAMS}
+SOAK_TENANTS: dict[str, dict[str, Any]] = {
+    "own": {"max_concurrent_streams": SOAK_TENANT_STREAMS, "tokens_per_minute": 100_000_000},
+    "foreign": {"max_concurrent_streams": 4, "tokens_per_minute": 1_000_000, "models": ["sim"]},
 }
 
 
@@ -334,6 +356,8 @@ class Soak:
         self._claimed = 0
         self._last_print = -1e9
         weights = {k: v for k, v in WEIGHTS.items() if k != "over_quota" or settings.max_streams}
+        if settings.api_key:
+            weights.update(KEYED_WEIGHTS)
         self._kinds = [kind for kind, weight in weights.items() for _ in range(weight)]
 
     @property
@@ -543,6 +567,23 @@ class Soak:
             channel, request, grpc.StatusCode.PERMISSION_DENIED, f"{how} token", metadata
         )
 
+    def op_unauthenticated(self, rng: random.Random, channel: grpc.Channel) -> None:
+        how, metadata = rng.choice(
+            [
+                ("no key", ()),
+                ("a malformed key", (("authorization", "Bearer not a key"),)),
+                ("another scheme", (("authorization", f"Basic {self.settings.api_key}"),)),
+                ("an unknown key", (bearer("trk_" + rng.randbytes(32).hex()),)),
+            ]
+        )
+        self.expect_refusal(
+            channel,
+            start(rng.choice(PROMPTS), LENGTHS[0], 0),
+            grpc.StatusCode.UNAUTHENTICATED,
+            f"a start with {how}",
+            metadata,
+        )
+
     def op_over_quota(self, rng: random.Random, channel: grpc.Channel) -> None:
         """max_streams + 2 slow starts at once, every other operation paused.
 
@@ -628,7 +669,7 @@ class Soak:
     def run_one(self, rng: random.Random, channel: grpc.Channel, index: int) -> None:
         """Operation `index` (1-based): the first ones go through every kind
         once, so a short run covers the whole mix; then the mix decides."""
-        kinds = sorted(set(self._kinds), key=list(WEIGHTS).index)
+        kinds = sorted(set(self._kinds), key=ORDER.index)
         kind = kinds[index - 1] if index <= len(kinds) else rng.choice(self._kinds)
         exclusive = kind == "over_quota"
         self._enter(exclusive)

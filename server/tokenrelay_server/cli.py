@@ -195,8 +195,12 @@ def serve(
         settings.log_format,
         secrets=known_secrets(settings, os.environ),
     )
+
+    def reread() -> Settings:  # SIGHUP: the config file again, as at start
+        return load_settings(config_file, flags=flags, env=os.environ)
+
     try:
-        run_gateway(_serve(settings))
+        run_gateway(_serve(settings, reread))
     except ConfigError as error:
         exit_with_problems(ctx, error)
     except OSError as error:
@@ -231,7 +235,7 @@ def exit_with_problems(ctx: click.Context, error: ConfigError) -> NoReturn:
     ctx.exit(CONFIG_ERROR_STATUS)
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, reread: Callable[[], Settings] | None = None) -> None:
     from tokenrelay_server.api.server import RelayServer
 
     server = await RelayServer.start(settings)
@@ -259,12 +263,12 @@ async def _serve(settings: Settings) -> None:
         )
     if server.tls is not None:
         mode = "mTLS" if settings.tls_client_ca else "TLS"
-        log.info("%s on; SIGHUP reloads the certificate files", mode)
+        log.info("%s on; SIGHUP reloads the certificate files (and the config file's keys)", mode)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload_certificates, server)
+    loop.add_signal_handler(signal.SIGHUP, _on_sighup, server, reread)
     await stop.wait()
     loop.remove_signal_handler(signal.SIGHUP)
     log.info("draining: no new streams; open streams get %.0f s", settings.drain_grace_s)
@@ -272,6 +276,29 @@ async def _serve(settings: Settings) -> None:
         loop.remove_signal_handler(sig)
     await server.drain_and_stop()
     log.info("stopped")
+
+
+def _on_sighup(server: RelayServer, reread: Callable[[], Settings] | None) -> None:
+    _reload_certificates(server)
+    if reread is not None:
+        _reload_keys(server, reread)
+
+
+def _reload_keys(server: RelayServer, reread: Callable[[], Settings]) -> None:
+    """SIGHUP: the config file's [[auth.keys]] and [tenants.*] again (api/auth.py
+    `Authenticator.reload`). A file that does not load changes nothing."""
+    if server.authenticator is None:
+        return
+    try:
+        settings = reread()
+    except ConfigError as error:
+        log.error(
+            "SIGHUP: the config file does not load; still using the old API keys and tenants: %s",
+            "; ".join(problem.describe() for problem in error.problems),
+        )
+        return
+    summary = server.authenticator.reload(settings.auth)
+    log.info("SIGHUP: API keys and tenants reloaded from the config file: %s", summary)
 
 
 def _reload_certificates(server: RelayServer) -> None:

@@ -21,7 +21,7 @@ import pytest
 
 from tokenrelay_devtools.fuzz.corpus import load
 from tokenrelay_devtools.fuzz.draw import RandomDraw
-from tokenrelay_devtools.fuzz.gateways import fuzz_gateway
+from tokenrelay_devtools.fuzz.gateways import fuzz_gateway, keyed_fuzz_gateway
 from tokenrelay_devtools.fuzz.generate import (
     BAD_CREDENTIALS,
     EXPIRED,
@@ -74,6 +74,28 @@ def test_a_thousand_fuzzed_calls_get_no_internal_or_unknown_and_leave_nothing_be
     for code in ("OK", "INVALID_ARGUMENT", "PERMISSION_DENIED", "NOT_FOUND"):
         assert report.tally[code] > 0, report.tally
     assert set(report.by_first) == {"start", "resume", "any"}
+
+
+def test_a_thousand_fuzzed_calls_with_keys_refuse_every_bad_key_and_foreign_token(
+    tmp_path: Path,
+) -> None:
+    # A gateway of its own with two tenants' keys: the run's key, a foreign
+    # tenant's key, and missing, malformed, unknown and doubled ones.
+    with keyed_fuzz_gateway(tmp_path) as keyed:
+        report = fuzz(
+            keyed.address,
+            count=CI_CALLS,
+            seed=CI_SEED,
+            material=material_for(
+                keyed, api_key=keyed.key_of("own"), foreign_key=keyed.key_of("foreign")
+            ),
+            admin_token=keyed.admin_token,
+            server_errors=keyed.error_lines,
+        )
+    assert report.failures == [], "\n".join(f.line() for f in report.failures)
+    assert report.passed, "\n".join(report.lines())
+    for code in ("OK", "UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT"):
+        assert report.tally[code] > 0, report.tally
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,18 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from tokenrelay_devtools.gateway import GatewayProcess
-from tokenrelay_devtools.soak import SOAK_GATEWAY, WEIGHTS, Soak, SoakReport, SoakSettings
+from tokenrelay_devtools.gateway import GatewayProcess, keyed_tenants
+from tokenrelay_devtools.soak import (
+    KEYED_WEIGHTS,
+    SOAK_GATEWAY,
+    SOAK_KEYED,
+    SOAK_TENANT_STREAMS,
+    SOAK_TENANTS,
+    WEIGHTS,
+    Soak,
+    SoakReport,
+    SoakSettings,
+)
 
 CI_OPERATIONS = 150
 
@@ -85,6 +95,39 @@ def test_a_short_soak_on_redis_breaks_nothing_and_leaks_nothing(
     assert_clean_soak(report, printed, redis_gateway)
     with redis.Redis.from_url(redis_url) as client:
         assert any(client.scan_iter(f"{redis_prefix}:*", count=1000))  # it did use Redis
+
+
+def test_a_short_soak_with_tenant_keys_refuses_strangers_and_holds_the_tenant_quota(
+    tmp_path,
+) -> None:
+    keys, tenants = keyed_tenants(SOAK_TENANTS["own"], SOAK_TENANTS["foreign"])
+    with GatewayProcess.start(tmp_path, keys=keys, tenants=tenants, **SOAK_KEYED) as gateway:
+        printed: list[str] = []
+        runner = Soak(
+            gateway.address,
+            gateway.admin_token,
+            settings=SoakSettings(
+                max_streams=SOAK_TENANT_STREAMS,
+                api_key=gateway.key_of("own"),
+                foreign_key=gateway.key_of("foreign"),
+            ),
+            seed=13,
+            concurrency=4,
+            print_line=printed.append,
+        )
+        try:
+            report = runner.run(operations=CI_OPERATIONS, report_every_ops=CI_OPERATIONS // 5)
+        finally:
+            runner.close()
+        assert report.violation_count == 0, report.violations
+        assert set(report.ops) == set(WEIGHTS) | set(KEYED_WEIGHTS), report.ops
+        assert report.statuses["UNAUTHENTICATED"] == report.ops["unauthenticated"] > 0
+        assert report.statuses["PERMISSION_DENIED"] > 0
+        # The burst met the tenant's quota (16), not the gateway's max_streams (32).
+        assert 0 < report.admitted_max <= SOAK_TENANT_STREAMS < SOAK_KEYED["max_streams"]
+        assert report.refused_over_quota >= 2
+        assert report.passed, "\n".join(report.summary())
+        assert gateway.error_lines() == []
 
 
 def test_the_rss_slope_is_fitted_to_the_samples_after_warm_up() -> None:

@@ -29,7 +29,7 @@ from typing import Any, TextIO
 from .client import RelayClient, ToolChoiceLike, ToolLike
 from .credentials import PathLike
 from .errors import ReconnectsExhausted, StreamFailed, TokenRelayClientError
-from .events import Chunk, End, ErrorDetail, Notice, Reconnected, Reconnecting
+from .events import Chunk, End, ErrorDetail, Notice, Reconnected, Reconnecting, Throttled
 
 DIM, UNDIM = "\x1b[2m", "\x1b[22m"
 
@@ -223,6 +223,12 @@ async def run_chat(
                 )
             elif isinstance(event, Reconnected):
                 console.line(f"[reconnected, resuming after seq {event.last_seq}]")
+            elif isinstance(event, Throttled):
+                console.line(
+                    f"[the gateway refused the start for now ({event.cause}); trying again "
+                    f"in {event.delay_s:.1f} s as it advised, attempt "
+                    f"{event.attempt}/{event.max_attempts}]"
+                )
             elif isinstance(event, Notice):
                 console.line(f"[notice {event.code}: {event.message}]")
             elif isinstance(event, End):

@@ -25,6 +25,13 @@ What the client does for you:
   that accepts every resume and drops it at once still exhausts the budget.
   A long stream may therefore survive many separate breaks, each with a full
   budget, but never loops forever without receiving text.
+* Honours a refused start's advice: a start refused with RESOURCE_EXHAUSTED
+  (load shedding, a tenant's quota) whose status says when to try again
+  (google.rpc.RetryInfo in grpc-status-details-bin, or `retry-after-ms`
+  trailing metadata) is sent again after that wait, `start_retries` times at
+  most (`start_retry_wait`); then `StreamFailed` carries the advised
+  `retry_after_s`. A refusal without advice, or with a wait longer than
+  `max_start_retry_wait_s`, raises at once.
 * Delivers every seq exactly once: chunks at or below the last seq (replayed
   after a resume) are dropped and counted; a gap raises `ProtocolViolation`.
 * Verifies the end: the text it assembled must hash to `StreamEnd.text_sha256`
@@ -36,7 +43,7 @@ What the client does for you:
   `Result.assistant_message()` and `tool_result()` make the messages that
   send an agent loop's results back.
 
-Statuses that a reconnect cannot fix (INVALID_ARGUMENT, PERMISSION_DENIED,
+Other statuses that a reconnect cannot fix (INVALID_ARGUMENT, PERMISSION_DENIED,
 NOT_FOUND, RESOURCE_EXHAUSTED, …) raise `StreamFailed` / `ResumeRejected` at
 once. A status whose rich details (grpc-status-details-bin) carry a
 `tokenrelay.v1.StreamError` is the end of a stream that refused partial
@@ -95,6 +102,7 @@ from .events import (
     Reconnected,
     Reconnecting,
     Started,
+    Throttled,
     Tool,
     ToolCall,
     ToolCallDelta,
@@ -149,6 +157,30 @@ def backoff_delay(
     exponential = min(cap_s, base_s * 2.0 ** (attempt - 1))
     spread = exponential * jitter * (2.0 * rng() - 1.0)
     return max(0.0, min(cap_s, exponential + spread))
+
+
+def start_retry_wait(
+    code: grpc.StatusCode,
+    retry_after_s: float | None,
+    *,
+    retries_done: int,
+    max_retries: int,
+    max_wait_s: float,
+) -> float | None:
+    """Seconds to wait before sending a refused start again, or None: give up
+    (raise the refusal).
+
+    Only RESOURCE_EXHAUSTED that says how long to wait is worth it (the
+    gateway sheds load or a tenant is over quota, for now); at most
+    `max_retries` times per stream; a wait longer than `max_wait_s` is the
+    caller's to decide on, so it is raised rather than slept. A negative
+    advice (a broken server) waits nothing.
+    """
+    if code != grpc.StatusCode.RESOURCE_EXHAUSTED or retry_after_s is None:
+        return None
+    if retries_done >= max_retries or retry_after_s > max_wait_s:
+        return None
+    return max(0.0, retry_after_s)
 
 
 # Connection-level failures that grpc reports with a status other than
@@ -321,6 +353,11 @@ class RelayClient:
         key for a gateway that requires them (mTLS).
     credentials: TLS credentials built by the caller (instead of the tls_*
         files); None and no tls_* file means a plaintext channel.
+    start_retries: how many times a start refused with RESOURCE_EXHAUSTED and
+        an advised wait (RetryInfo / retry-after-ms) is sent again, each time
+        after that wait on `sleep`; 0 raises the first refusal.
+    max_start_retry_wait_s: an advised wait longer than this is not slept:
+        the refusal is raised at once (its `retry_after_s` says the wait).
     call_metadata: gRPC metadata sent with every call.
     interceptors: grpc.aio client interceptors of the channel, e.g.
         `tokenrelay_client.tracing.tracing_interceptors()` (OpenTelemetry: a
@@ -348,9 +385,15 @@ class RelayClient:
         tls_ca: PathLike | None = None,
         tls_client_cert: PathLike | None = None,
         tls_client_key: PathLike | None = None,
+        start_retries: int = 3,
+        max_start_retry_wait_s: float = 60.0,
     ) -> None:
         if max_reconnects < 0:
             raise ValueError("max_reconnects must be 0 or more")
+        if start_retries < 0:
+            raise ValueError("start_retries must be 0 or more")
+        if max_start_retry_wait_s < 0:
+            raise ValueError("max_start_retry_wait_s must be 0 or more")
         if backoff_base_s < 0 or backoff_cap_s < 0:
             raise ValueError("backoff_base_s and backoff_cap_s must be 0 or more")
         if connect_timeout_s <= 0:
@@ -359,6 +402,8 @@ class RelayClient:
             raise ValueError("jitter must be between 0 and 1")
         self.target = target
         self.max_reconnects = max_reconnects
+        self.start_retries = start_retries
+        self.max_start_retry_wait_s = max_start_retry_wait_s
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
         self.jitter = jitter
@@ -685,11 +730,14 @@ class RelayStream:
         attempt = 0  # failed attempts in the current round (reset by a new chunk)
         round_cause = ""
         delay_s = 0.0
+        start_retries = 0  # refused starts sent again (RelayClient.start_retries)
         while True:
             seq_before = self.last_seq
             call = client._open_call(reconnecting=attempt > 0)
             self._call = call
             resuming = bool(self.resume_token)
+            refused: StreamFailed | None = None
+            wait_s: float | None = None
             try:
                 async with contextlib.aclosing(
                     self._attach_and_read(call, resuming=resuming)
@@ -713,6 +761,20 @@ class RelayStream:
                 error.partial = self.partial()
                 self._check_failed_delivery(error)
                 raise
+            except StreamFailed as error:
+                if not resuming:  # a refused start: shed load, a quota (until it passes)
+                    wait_s = start_retry_wait(
+                        error.code,
+                        error.retry_after_s,
+                        retries_done=start_retries,
+                        max_retries=client.start_retries,
+                        max_wait_s=client.max_start_retry_wait_s,
+                    )
+                if wait_s is None:
+                    if error.partial is None:
+                        error.partial = self.partial()
+                    raise
+                refused = error
             except TokenRelayClientError as error:
                 if error.partial is None:
                     error.partial = self.partial()
@@ -721,6 +783,17 @@ class RelayStream:
                 self._call = None
                 if not call.done():
                     call.cancel()
+            if refused is not None and wait_s is not None:
+                # Not a broken connection: the reconnect budget is untouched.
+                start_retries += 1
+                yield Throttled(
+                    attempt=start_retries,
+                    max_attempts=client.start_retries,
+                    delay_s=wait_s,
+                    cause=str(refused),
+                )
+                await client._sleep(wait_s)
+                continue
             if self.last_seq > seq_before or attempt == 0:
                 # Progress since the last failure (or the first failure): a new round.
                 attempt = 0
@@ -1027,9 +1100,11 @@ def _translate_status(
     *,
     resuming: bool,
     rich: status_pb2.Status | None = None,
+    trailing: Iterable[tuple[str, str | bytes]] = (),
 ) -> Exception:
     """The one place grpc statuses become client errors (or a reconnect).
-    `rich` is the call's google.rpc.Status (grpc-status-details-bin), if any."""
+    `rich` is the call's google.rpc.Status (grpc-status-details-bin), if any;
+    `trailing` its trailing metadata."""
     failed = _generation_failed(code, details, rich)
     if failed is not None:
         return failed
@@ -1037,7 +1112,28 @@ def _translate_status(
         return _Transient(f"{code.name}: {details}")
     if resuming and code in _RESUME_REFUSALS:
         return ResumeRejected(code, details)
-    return StreamFailed(code, details)
+    return StreamFailed(code, details, retry_after_s=advised_wait(rich, trailing))
+
+
+RETRY_AFTER_MS = "retry-after-ms"
+
+
+def advised_wait(
+    rich: status_pb2.Status | None, trailing: Iterable[tuple[str, str | bytes]] = ()
+) -> float | None:
+    """The wait a refusal advises, in seconds: its google.rpc.RetryInfo, else
+    its `retry-after-ms` trailing metadata (whole milliseconds); None when it
+    says nothing (or nothing readable)."""
+    for detail in rich.details if rich is not None else ():
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return info.retry_delay.ToNanoseconds() / 1e9
+    for name, value in trailing:
+        if name.lower() == RETRY_AFTER_MS and isinstance(value, str):
+            text = value.strip()
+            if text.isascii() and text.isdigit():
+                return int(text) / 1000
+    return None
 
 
 def _generation_failed(
@@ -1092,7 +1188,11 @@ def _rich_status(exc: grpc.aio.AioRpcError) -> status_pb2.Status | None:
 
 def _translate_rpc_error(exc: grpc.aio.AioRpcError, *, resuming: bool) -> Exception:
     return _translate_status(
-        exc.code(), exc.details() or "", resuming=resuming, rich=_rich_status(exc)
+        exc.code(),
+        exc.details() or "",
+        resuming=resuming,
+        rich=_rich_status(exc),
+        trailing=tuple(exc.trailing_metadata() or ()),
     )
 
 
@@ -1117,7 +1217,10 @@ async def _write(
             rich = await rpc_status.aio.from_call(call)
         except ValueError:
             rich = None
-        raise _translate_status(code, details or "", resuming=resuming, rich=rich) from None
+        trailing = tuple(await call.trailing_metadata() or ())
+        raise _translate_status(
+            code, details or "", resuming=resuming, rich=rich, trailing=trailing
+        ) from None
 
 
 async def _read(
@@ -1310,10 +1413,12 @@ __all__ = [
     "RelayClient",
     "RelayStream",
     "Result",
+    "advised_wait",
     "assemble_tool_calls",
     "backoff_delay",
     "chunk_record",
     "is_transient",
+    "start_retry_wait",
     "text_sha256",
     "tool_result",
     "verify_assembly",

@@ -1,7 +1,8 @@
 """Every error the tokenrelay client raises, in one tree.
 
     TokenRelayClientError
-     ├── StreamFailed            a gRPC status that retrying cannot fix (code + details)
+     ├── StreamFailed            a gRPC status that retrying cannot fix (code + details;
+     │    │                      `retry_after_s` when the gateway said when to try again)
      │    ├── ResumeRejected     the server refused a resume (NOT_FOUND, PERMISSION_DENIED)
      │    └── GenerationFailed   the gateway gave up and the stream refused partials
      │                           (policy allow_partial = false): the typed StreamError
@@ -50,7 +51,14 @@ class TokenRelayClientError(Exception):
 class StreamFailed(TokenRelayClientError):
     """The server (or gRPC) ended the call with a status that a reconnect cannot
     fix: a bad request (INVALID_ARGUMENT names the field), credentials, quota.
-    Fix the request or give up; do not retry the same call."""
+    Fix the request or give up; do not retry the same call.
+
+    `retry_after_s`: the wait the gateway advised (google.rpc.RetryInfo, or
+    `retry-after-ms` trailing metadata), None when it gave none. A start
+    refused with RESOURCE_EXHAUSTED (load shedding, a tenant's quota) that
+    carries one has already been retried `start_retries` times, each after
+    the advised wait (`RelayClient`); this is the last refusal: try again
+    after `retry_after_s`, on another replica, or with fewer tokens."""
 
     def __init__(
         self,
@@ -58,10 +66,12 @@ class StreamFailed(TokenRelayClientError):
         details: str,
         *,
         partial: PartialStream | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(f"{code.name}: {details}", partial=partial)
         self.code = code
         self.details = details
+        self.retry_after_s = retry_after_s
 
 
 class ResumeRejected(StreamFailed):

@@ -9,10 +9,12 @@ Server events, in the order a stream produces them:
     Notice       a non-fatal StreamError: the gateway is recovering, the stream goes on
     End          the last event; the client has already checked the digest
 
-Client-side events, only when the connection breaks:
+Client-side events, only when the connection breaks or a start is refused:
 
     Reconnecting the call failed transiently; the client waits `delay_s` then reattaches
     Reconnected  reattached; the next chunk is `last_seq + 1`
+    Throttled    the gateway refused the start (RESOURCE_EXHAUSTED) and said when to
+                 try again; the client waits `delay_s`, then sends the same start
 """
 
 from __future__ import annotations
@@ -173,4 +175,17 @@ class Reconnected:
     cause: str  # the failure that started this round of reconnects
 
 
-Event = Started | Chunk | Checkpoint | Notice | End | Reconnecting | Reconnected
+@dataclass(frozen=True, slots=True)
+class Throttled:
+    """The gateway refused the start for now (load shedding, a tenant's quota:
+    RESOURCE_EXHAUSTED with google.rpc.RetryInfo or `retry-after-ms`); the
+    client sleeps the advised `delay_s`, then sends the same start (same
+    idempotency key: the refused start created nothing)."""
+
+    attempt: int  # 1-based: the how-manieth retry of the start this wait precedes
+    max_attempts: int  # RelayClient(start_retries=...)
+    delay_s: float  # the wait the gateway advised
+    cause: str  # e.g. "RESOURCE_EXHAUSTED: this replica is generating 8 streams ..."
+
+
+Event = Started | Chunk | Checkpoint | Notice | End | Reconnecting | Reconnected | Throttled

@@ -203,14 +203,18 @@ def credentials(draw: Draw, material: Material) -> tuple[str, tuple[tuple[str, s
         return kind, (bearer(unknown),)
     if kind == TWO_KEYS:
         return kind, (bearer(key), bearer(unknown))
+    # Not here: "bearer <key>" and "Bearer  <key>", which are the key itself
+    # (RFC 7235 section 2.1: the scheme is case-insensitive, then 1*SP), and
+    # the gateway accepts them; a first run against a keyed gateway counted
+    # them as malformed keys that opened streams.
     malformed = draw.choice(
         [
             "Bearer",
             "Bearer ",
-            "bearer " + key,
+            "Token " + key,
             "Basic " + base64.b64encode(key.encode()).decode(),
             f"Bearer {key} {key}",
-            f"Bearer  {key}",
+            f"Bearer:{key}",
             "Bearer " + key[: len(key) // 2],
             "Bearer " + "k" * 2000,
             key,

@@ -16,6 +16,12 @@ With no key store (no key configured) the gateway is open: every call is
 the anonymous tenant "" with no quota; `serve` allows that only on a loopback
 host unless `--allow-unauthenticated` (api/server.py).
 
+SIGHUP re-reads the config file (cli.py): `reload` takes its [tenants.*]
+limits and, when the keys come from the file, its [[auth.keys]], and drops
+the cache, so a key revoked in the file is refused from the next call on. A
+reload never opens a gateway that needs keys: a file with no key left
+refuses every call; keys added to an open gateway's file turn keys on.
+
 Health and reflection are other services and need no key; Admin has its own
 token (api/admin.py).
 """
@@ -32,7 +38,7 @@ from tokenrelay_server.config.tenants import AuthConfig, TenantLimits
 from tokenrelay_server.core.clock import Clock
 from tokenrelay_server.core.errors import AuthUnavailable, PermissionDenied, Unauthenticated
 from tokenrelay_server.engine.hub import ANONYMOUS, Caller
-from tokenrelay_server.store.keys import KeyRecord, KeyStore
+from tokenrelay_server.store.keys import FileKeys, KeyRecord, KeyStore
 from tokenrelay_server.store.quota import QuotaLimits
 
 log = logging.getLogger(__name__)
@@ -109,6 +115,41 @@ class Authenticator:
             default_max_tokens=limits.default_max_tokens,
         )
         return Identity(key_id=record.id, caller=caller, limits=limits)
+
+    def reload(self, auth: AuthConfig) -> str:
+        """Take a re-read config file's tenants and, unless the keys live
+        elsewhere (Redis), its keys; says what changed (ids, never hashes)."""
+        previous = self._auth
+        self._auth = auth
+        tenants = f"{len(auth.tenants)} tenant(s)"
+        if self._keys is not None and not isinstance(self._keys, FileKeys):
+            self.forget()
+            return f"{tenants}; the keys live in the key store, not the file"
+        records = [
+            KeyRecord(id=entry.id, tenant=entry.tenant, sha256=entry.sha256) for entry in auth.keys
+        ]
+        if self._keys is None:
+            if not records:
+                return f"{tenants}; no key configured: still open"
+            self._keys = FileKeys(records)
+        else:
+            self._keys.replace(records)
+        self.forget()
+        before = {entry.id: entry.sha256 for entry in previous.keys}
+        after = {entry.id: entry.sha256 for entry in auth.keys}
+        changed = ", ".join(
+            [f"+{key_id}" for key_id in sorted(after.keys() - before.keys())]
+            + [f"-{key_id}" for key_id in sorted(before.keys() - after.keys())]
+            + [
+                f"~{key_id}"
+                for key_id in sorted(after)
+                if before.get(key_id, after[key_id]) != after[key_id]
+            ]
+        )
+        summary = f"{len(records)} key(s) ({changed or 'no key added or removed'}), {tenants}"
+        if not records:
+            summary += "; no key left: every call is refused until one is added"
+        return summary
 
     def forget(self) -> None:
         """Drop the cache (tests; a reload)."""

@@ -407,8 +407,14 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             await self._abort_internal(context, "opening a stream")
         tenant = tenant_of(session.meta)
         # A resume token grants a read, nothing more (issue 13): a cancel
-        # needs the call that started the stream or the tenant's own key.
-        may_cancel = not session.resumed or (self._auth.required and identity.tenant == tenant)
+        # needs the tenant's credentials as well. With keys, a resumed call
+        # carries a key of the token's tenant (the token is verified for the
+        # key's tenant, so this holds by construction and is checked again
+        # here). Open (no keys: loopback, or --allow-unauthenticated) every
+        # caller is the one anonymous tenant, with no credential to ask for:
+        # a resumed call may cancel as the starting call may, or a client
+        # that reconnected could never cancel its own stream.
+        may_cancel = identity.tenant == tenant
         reader = asyncio.create_task(self._read_rest(requests, session, may_cancel=may_cancel))
         allow_partial = self._allows_partial(session)
         try:
@@ -523,7 +529,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
                     session.subscription.fail(
                         PermissionDenied(
                             "a resume token grants a read of the stream, not a cancel: cancel "
-                            "on the call that started it, or with the tenant's API key"
+                            "with the API key of the stream's tenant"
                         )
                     )
                     return

@@ -14,8 +14,10 @@ Verification says which check failed, each a `ResumeDenied`
 (PERMISSION_DENIED): not a token (format), a key id this gateway does not
 list, a MAC that does not match (compared in constant time with
 `hmac.compare_digest`), an expired token, a token of another tenant. A token
-grants a read of its stream and nothing more (the servicer refuses a cancel
-on a call that only holds a token).
+grants a read of its stream and nothing more: a cancel also needs the
+tenant's credentials (the servicer: with keys, the key of the token's
+tenant, which a resume needs anyway; on an open gateway there are none, and
+a resumed call may cancel).
 """
 
 from __future__ import annotations

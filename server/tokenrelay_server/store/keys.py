@@ -35,9 +35,14 @@ class KeyStore(Protocol):
 
 
 class FileKeys:
-    """The keys of the config file (they change with the file, on a restart)."""
+    """The keys of the config file (re-read on SIGHUP: `replace`)."""
 
     def __init__(self, records: Iterable[KeyRecord]) -> None:
+        self._by_hash = {record.sha256: record for record in records}
+
+    def replace(self, records: Iterable[KeyRecord]) -> None:
+        """Serve `records` from now on (one assignment: a lookup sees the old
+        set or the new one, never a mix)."""
         self._by_hash = {record.sha256: record for record in records}
 
     async def lookup(self, sha256: str) -> KeyRecord | None:
