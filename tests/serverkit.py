@@ -29,11 +29,12 @@ from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay.v1 import relay_pb2_grpc as pbg
 from tokenrelay_devtools.mock_upstream import MockUpstream
 from tokenrelay_devtools.timekeeper import TimeKeeper, keeping_time
-from tokenrelay_server.api.server import RelayServer
+from tokenrelay_server.api.server import RelayServer, store_sealer
 from tokenrelay_server.config.settings import Settings, build_settings, read_config_file
 from tokenrelay_server.core.clock import Clock, ManualClock
 from tokenrelay_server.engine.generation import Generation
 from tokenrelay_server.store.base import StreamStore
+from tokenrelay_server.store.redis import RedisStore
 
 SECRET = "53aeb5c1447de373d55030726116959bfa0af6629f4c952589dff538009ae41c"
 
@@ -324,3 +325,9 @@ async def produce(
 def assert_contiguous(chunks: list[pb.TokenChunk], first: int = 1) -> None:
     seqs = [c.seq for c in chunks]
     assert seqs == list(range(first, first + len(seqs))), f"seq not contiguous: {seqs}"
+
+
+def gateway_store(url: str, **kwargs: Any) -> RedisStore:
+    """A Redis store that reads what a test gateway wrote: its values are
+    sealed with the gateway's resume secret (SECRET)."""
+    return RedisStore.from_url(url, sealer=store_sealer(Settings(resume_secret=SECRET)), **kwargs)

@@ -37,6 +37,7 @@ from serverkit import (
     chunks_of,
     end_of,
     eventually,
+    gateway_store,
     generation_of,
     produce,
     resume_request,
@@ -70,7 +71,7 @@ def shared(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 
 def open_store(shared: dict[str, Any]) -> RedisStore:
-    return RedisStore.from_url(
+    return gateway_store(
         shared["redis_url"], prefix=shared["redis_prefix"], cluster=shared["redis_cluster"]
     )
 

@@ -44,7 +44,7 @@ from tokenrelay_server.store import MemoryStore, StreamStore, StreamTail
 from tokenrelay_server.store.codec import decode_entry, decode_meta, encode_meta
 from tokenrelay_server.store.errors import StoreUnavailable, StreamFenced
 from tokenrelay_server.store.group_commit import PendingAppend
-from tokenrelay_server.store.redis import RedisStore, _append_payload
+from tokenrelay_server.store.redis import RedisStore
 
 # Redis TTLs are real: polls for "it expired" give up after this many rounds.
 POLL_ROUNDS = 500
@@ -980,7 +980,7 @@ async def test_redis_append_retried_after_an_unknown_outcome_is_stored_once(
             # whose outcome is unknown.
             pending = PendingAppend(
                 stream_id,
-                _append_payload(entries, None),
+                store._payload(stream_id, entries, None),
                 len(entries),
                 asyncio.get_running_loop().create_future(),
             )

@@ -32,6 +32,7 @@ from serverkit import (
     chunks_of,
     end_of,
     eventually,
+    gateway_store,
     generation_of,
     produce,
     resume_request,
@@ -47,7 +48,6 @@ from tokenrelay_server.api.calls import cancel_within
 from tokenrelay_server.api.server import RelayServer
 from tokenrelay_server.core.clock import ManualClock
 from tokenrelay_server.core.model import Chunk, End
-from tokenrelay_server.store.redis import RedisStore
 
 # Bounds that only guard against a hang.
 WITHIN_S = 60.0
@@ -92,7 +92,7 @@ async def wait_health(relay: RelayServer, status: int) -> None:
 
 
 async def stored_log(url: str, stream_id: str) -> tuple[list[Chunk], End | None]:
-    store = RedisStore.from_url(url, prefix="faults")
+    store = gateway_store(url, prefix="faults")
     try:
         entries = await store.read(stream_id, after_seq=0, limit=100_000)
     finally:
@@ -357,7 +357,7 @@ async def test_a_paused_owner_resumed_after_a_takeover_writes_nothing_more(
             replica_a.send_signal(signal.SIGSTOP)
             paused_at = max(c.seq for c in chunks_of(seen))
 
-            probe = RedisStore.from_url(own_redis.url, prefix="faults")
+            probe = gateway_store(own_redis.url, prefix="faults")
             try:
 
                 async def lease_lapsed() -> bool:
@@ -415,7 +415,7 @@ async def test_a_writer_whose_append_is_fenced_stops_quietly_and_sends_readers_a
         await produce(clock, a, generation, 4)
         seen = [started, *await call.events_until(lambda e: e.chunk.seq == 4)]
         stream_id = started.started.stream_id
-        other = RedisStore.from_url(redis_url, prefix=redis_prefix)
+        other = gateway_store(redis_url, prefix=redis_prefix)
         try:
             await other.release_lease(stream_id, a.hub.replica_id)  # as if it lapsed
             epoch = await other.acquire_lease(stream_id, "replica-b", 600.0)
@@ -460,7 +460,7 @@ async def test_a_resume_on_a_replica_whose_generation_was_taken_over_is_sent_awa
         await produce(clock, a, generation, 4)
         await call.events_until(lambda e: e.chunk.seq == 4)
         stream_id = started.started.stream_id
-        other = RedisStore.from_url(redis_url, prefix=redis_prefix)
+        other = gateway_store(redis_url, prefix=redis_prefix)
         try:
             await other.release_lease(stream_id, a.hub.replica_id)  # as if it lapsed
             epoch = await other.acquire_lease(stream_id, "replica-b", 600.0)

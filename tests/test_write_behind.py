@@ -26,6 +26,7 @@ from serverkit import (
     chunks_of,
     end_of,
     eventually,
+    gateway_store,
     generation_of,
     produce,
     run_to_end,
@@ -51,7 +52,7 @@ def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
 
 
 async def stored(url: str, stream_id: str) -> list[Chunk | End]:
-    store = RedisStore.from_url(url, prefix="wb")
+    store = gateway_store(url, prefix="wb")
     try:
         entries = await store.read(stream_id, after_seq=0, limit=100_000)
     finally:

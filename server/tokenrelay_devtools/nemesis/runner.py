@@ -51,9 +51,12 @@ from tokenrelay_devtools.nemesis.history import (
     StoredStream,
     Violation,
 )
-from tokenrelay_devtools.nemesis.rig import Rig, RigSettings
+from tokenrelay_devtools.nemesis.rig import RESUME_SECRET, Rig, RigSettings
+from tokenrelay_server.api.server import store_sealer
+from tokenrelay_server.config.settings import Settings
 from tokenrelay_server.core.model import LogEntry
 from tokenrelay_server.store.codec import decode_entry, encode_entry
+from tokenrelay_server.store.redis import open_value
 
 
 @dataclass
@@ -262,7 +265,9 @@ async def stream_ids_in_store(rig: Rig) -> set[str]:
 
 
 async def read_streams(rig: Rig, stream_ids: Sequence[str]) -> dict[str, StoredStream]:
-    """Every stream's log and lease, straight from Redis (not through a replica)."""
+    """Every stream's log and lease, straight from Redis (not through a replica;
+    the values are sealed with the replicas' resume secret)."""
+    sealer = store_sealer(Settings(resume_secret=RESUME_SECRET))
     client = rig.redis_client()
     stored: dict[str, StoredStream] = {}
     try:
@@ -272,7 +277,9 @@ async def read_streams(rig: Rig, stream_ids: Sequence[str]) -> dict[str, StoredS
                 stored[stream_id] = StoredStream(stream_id, None)
                 continue
             items = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(keys["log"]))
-            entries: list[LogEntry] = [decode_entry(fields[b"e"]) for _, fields in items]
+            entries: list[LogEntry] = [
+                decode_entry(open_value(fields[b"e"], stream_id, sealer)) for _, fields in items
+            ]
             owner = await client.get(keys["lease"])
             stored[stream_id] = StoredStream(
                 stream_id, tuple(entries), None if owner is None else _text(owner)

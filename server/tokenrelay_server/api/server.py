@@ -65,6 +65,7 @@ from tokenrelay_server.store.heartbeat import HasHeartbeats
 from tokenrelay_server.store.keys import FileKeys, KeyRecord, KeyStore
 from tokenrelay_server.store.memory import MemoryStore
 from tokenrelay_server.store.quota import MemoryQuota, Quota
+from tokenrelay_server.store.seal import Sealer
 from tokenrelay_server.upstream.base import Provider
 from tokenrelay_server.upstream.build import build_providers
 from tokenrelay_server.upstream.sim import SimProvider
@@ -164,9 +165,23 @@ def build_recovery(
     )
 
 
+# What the Redis store's sealer derives its keys for (store/seal.py).
+STORE_SEAL_CONTEXT = b"tokenrelay redis store values v1"
+
+
+def store_sealer(settings: Settings) -> Sealer | None:
+    """What seals the Redis store's values at rest: the resume secrets (every
+    replica has them). Without configured ones tokens die with the process
+    anyway, and the values stay plain."""
+    keys = [(kid, secret.encode()) for kid, secret in settings.resume_keys]
+    return Sealer(keys, context=STORE_SEAL_CONTEXT) if keys else None
+
+
 def build_store(settings: Settings, clock: Clock) -> StreamStore:
     if settings.store == "redis":
         from tokenrelay_server.store.redis import RedisStore
+
+        sealer = store_sealer(settings)
 
         return RedisStore.from_url(
             settings.redis_url,
@@ -179,6 +194,7 @@ def build_store(settings: Settings, clock: Clock) -> StreamStore:
             retry_window_s=settings.store_retry_window_s,
             group_commit_max_entries=settings.redis_group_commit_max_entries,
             group_commit_max_wait_s=settings.redis_group_commit_max_wait_ms / 1000,
+            sealer=sealer,
         )
     return MemoryStore(retention_s=settings.retention_s, clock=clock)
 

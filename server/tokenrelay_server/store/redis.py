@@ -63,6 +63,7 @@ Failures (issue 9; the tree is in store/errors.py):
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 import math
 from collections.abc import Awaitable, Callable, Sequence
@@ -100,6 +101,7 @@ from tokenrelay_server.store.group_commit import (
     PendingAppend,
 )
 from tokenrelay_server.store.heartbeat import RedisHeartbeats
+from tokenrelay_server.store.seal import SealBroken, Sealer
 
 T = TypeVar("T")
 
@@ -392,6 +394,7 @@ class RedisStore:
         group_commit_max_wait_s: float = DEFAULT_MAX_WAIT_S,
         group_commit_max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         append_observer: AppendObserver | None = None,
+        sealer: Sealer | None = None,
     ) -> None:
         if "{" in prefix or "}" in prefix:
             # A brace in the prefix would become the hash tag and put every
@@ -426,6 +429,9 @@ class RedisStore:
         # Replica heartbeats live beside the streams, on the same client.
         self.heartbeats = RedisHeartbeats(client, prefix=prefix)
         self._cluster = isinstance(client, RedisCluster)
+        # Values at rest: sealed when the gateway has resume secrets (every
+        # replica has the same ones); readable either way.
+        self._sealer = sealer
         # Told of each batch once it is durable (ObservableStore in base.py).
         self.append_observer = append_observer
         self._commits = GroupCommit(
@@ -452,6 +458,7 @@ class RedisStore:
         group_commit_max_entries: int = DEFAULT_MAX_ENTRIES,
         group_commit_max_wait_s: float = DEFAULT_MAX_WAIT_S,
         group_commit_max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        sealer: Sealer | None = None,
         **client_kwargs: Any,
     ) -> RedisStore:
         """Connect to the Redis at `url` (redis://, rediss://, unix://), or
@@ -499,6 +506,7 @@ class RedisStore:
             group_commit_max_entries=group_commit_max_entries,
             group_commit_max_wait_s=group_commit_max_wait_s,
             group_commit_max_in_flight=group_commit_max_in_flight,
+            sealer=sealer,
         )
 
     # -- failures --------------------------------------------------------------------
@@ -566,7 +574,12 @@ class RedisStore:
         # Write the stream before claiming the key, so that a key always points
         # to a stream that exists or existed: a pointer to a missing stream is
         # stale, never "about to be written". (Creating again is harmless.)
-        args: list[str | int] = [encode_meta(meta), self._retention_ms, idem_key, self._now_ms()]
+        args: list[str | int] = [
+            self._seal(encode_meta(meta), stream_id),
+            self._retention_ms,
+            idem_key,
+            self._now_ms(),
+        ]
         await self._run(
             "create",
             stream_id,
@@ -627,7 +640,7 @@ class RedisStore:
     async def get_meta(self, stream_id: str) -> StreamMeta | None:
         key = self._key(stream_id, "meta")
         raw = await self._run("get_meta", stream_id, lambda _: self._client.hget(key, "meta"))
-        return None if raw is None else decode_meta(raw)
+        return None if raw is None else decode_meta(self._open(raw, stream_id))
 
     async def delete(self, stream_id: str) -> None:
         idem_key = await self._run(
@@ -656,7 +669,9 @@ class RedisStore:
     ) -> asyncio.Future[None]:
         """`append` without a coroutine (SubmitsAppends in base.py): the
         future resolves once the batch holding the entries is acknowledged."""
-        return self._commits.submit(stream_id, _append_payload(entries, epoch), len(entries))
+        return self._commits.submit(
+            stream_id, self._payload(stream_id, entries, epoch), len(entries)
+        )
 
     async def _send_batch(self, batch: Sequence[PendingAppend]) -> list[BaseException | None]:
         """Store a batch of appends (each of another stream): one script call
@@ -879,6 +894,33 @@ class RedisStore:
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose()
 
+    # -- sealing -------------------------------------------------------------------
+
+    def _payload(self, stream_id: str, entries: Sequence[LogEntry], epoch: int | None) -> bytes:
+        """One stream's item of `_APPEND_MANY`'s batch: [epoch, [[kind, seq, payload], ...]]."""
+        seal = self._seal
+        items: list[tuple[str, int, str]] = []
+        for entry in entries:
+            if isinstance(entry, Chunk):
+                items.append(("c", entry.seq, seal(encode_entry(entry), stream_id)))
+            elif isinstance(entry, Notice):
+                items.append(("n", 0, seal(encode_entry(entry), stream_id)))
+            else:
+                items.append(("e", entry.total_seq, seal(encode_entry(entry), stream_id)))
+        return orjson.dumps(("" if epoch is None else epoch, items))
+
+    def _seal(self, text: str, stream_id: str) -> str:
+        """A value as stored: its JSON, or with a sealer that JSON sealed
+        (store/seal.py) and in base64, bound to its stream."""
+        sealer = self._sealer
+        if sealer is None:
+            return text
+        value = sealer.seal(text.encode(), aad=stream_id.encode())
+        return binascii.b2a_base64(value, newline=False).decode("ascii")
+
+    def _open(self, raw: bytes | str, stream_id: str) -> bytes | str:
+        return open_value(raw, stream_id, self._sealer)
+
     # -- helpers -------------------------------------------------------------------
 
     def _key(self, stream_id: str, part: str) -> str:
@@ -913,7 +955,27 @@ class RedisStore:
         )
         if state == 0:
             raise StreamNotFound(f"stream {stream_id} is unknown or expired")
-        return [decode_entry(raw) for raw in payloads], state == 2
+        return [decode_entry(self._open(raw, stream_id)) for raw in payloads], state == 2
+
+
+def open_value(raw: bytes | str, stream_id: str, sealer: Sealer | None) -> bytes | str:
+    """The JSON of a value the store wrote for `stream_id`: plain (written
+    without a sealer) or sealed (for tools that read Redis directly too)."""
+    if raw[:1] in (b"{", "{"):
+        return raw
+    if sealer is None:
+        raise SealBroken(
+            f"a value of stream {stream_id} is sealed, and this gateway has no resume "
+            "secret to open it: give it the secrets the other replicas have",
+            reason="no key",
+        )
+    try:
+        value = binascii.a2b_base64(raw)
+    except (binascii.Error, ValueError):
+        raise SealBroken(
+            f"a value of stream {stream_id} is neither JSON nor sealed", reason="format"
+        ) from None
+    return sealer.open(value, aad=stream_id.encode())
 
 
 def _raise_if_cancelling() -> None:
@@ -927,19 +989,6 @@ def _raise_if_cancelling() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
-
-
-def _append_payload(entries: Sequence[LogEntry], epoch: int | None) -> bytes:
-    """One stream's item of `_APPEND_MANY`'s batch: [epoch, [[kind, seq, payload], ...]]."""
-    items: list[tuple[str, int, str]] = []
-    for entry in entries:
-        if isinstance(entry, Chunk):
-            items.append(("c", entry.seq, encode_entry(entry)))
-        elif isinstance(entry, Notice):
-            items.append(("n", 0, encode_entry(entry)))
-        else:
-            items.append(("e", entry.total_seq, encode_entry(entry)))
-    return orjson.dumps(("" if epoch is None else epoch, items))
 
 
 def _ms(seconds: float) -> int:
@@ -1000,4 +1049,4 @@ def _safe_url(url: str) -> str:
     return f"{scheme}://{user + '@' if user else ''}{host}"
 
 
-__all__ = ["RedisStore"]
+__all__ = ["RedisStore", "open_value"]
