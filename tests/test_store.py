@@ -20,7 +20,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.cluster import RedisCluster
 
 from tokenrelay_server.core.clock import ManualClock
 from tokenrelay_server.core.errors import ErrorType, Fault, StreamNotFound, SuggestedAction
@@ -111,28 +110,33 @@ class Backend:
         return False
 
     async def parked_waiters(self) -> int:
-        """How many blocking reads the server holds (Redis); 0 for memory."""
+        """How many readers wait on the Redis stores opened here (all share
+        each store's one watcher, store/follow.py); 0 for memory."""
         if self.kind == "memory":
             return 0
-        assert self.redis_url is not None
-        if self.kind == "cluster":
-            async with RedisCluster.from_url(self.redis_url) as cluster:
-                per_node = await cluster.info("clients", target_nodes=RedisCluster.PRIMARIES)
-                return sum(int(info["blocked_clients"]) for info in per_node.values())
-        async with Redis.from_url(self.redis_url) as client:
-            return int((await client.info("clients"))["blocked_clients"])
+        return sum(s.watcher.waiting for s in self.opened if isinstance(s, RedisStore))
 
     async def until_parked(self, count: int) -> None:
-        """Best effort: return once `count` waiters are blocked, so an append
-        really has to wake them. Correctness never depends on it."""
+        """Best effort: return once `count` readers wait and (one server) the
+        watcher's blocking read is parked in Redis, so an append really has
+        to wake them. Correctness never depends on it."""
         if self.kind == "memory":
             for _ in range(10):
                 await asyncio.sleep(0)
             return
         for _ in range(POLL_ROUNDS):
-            if await self.parked_waiters() >= count:
+            if await self.parked_waiters() >= count and await self._blocked() >= (
+                1 if self.kind == "redis" else 0
+            ):
                 return
             await asyncio.sleep(POLL_INTERVAL_S)
+
+    async def _blocked(self) -> int:
+        assert self.redis_url is not None
+        if self.kind == "cluster":
+            return 0  # the cluster's watcher polls: nothing blocks
+        async with Redis.from_url(self.redis_url) as client:
+            return int((await client.info("clients"))["blocked_clients"])
 
 
 @pytest.fixture(params=["memory", "redis", "cluster"])
@@ -874,15 +878,15 @@ async def test_redis_parked_waiters_leave_the_command_pool_free(
     )
     store = RedisStore(commands, blocking_client=Redis.from_url(redis_url), prefix=redis_prefix)
     backend = Backend("redis", ManualClock(), redis_url=redis_url, redis_prefix=redis_prefix)
+    backend.opened.append(store)
     try:
         stream_id = await new_stream(store)
-        parked_before = await backend.parked_waiters()
         async with asyncio.TaskGroup() as tasks:
             waiters = [
                 tasks.create_task(store.wait(stream_id, after_seq=0, timeout_s=30.0))
                 for _ in range(5)
             ]
-            await backend.until_parked(parked_before + len(waiters))
+            await backend.until_parked(len(waiters))
             await store.append(stream_id, [chunk(1)])
         assert all(waiter.result() == [chunk(1)] for waiter in waiters)
     finally:

@@ -32,9 +32,11 @@ Why this shape:
   it gets a longer TTL (`_IDEM_TTL_FACTOR`) and the append script asks for a
   separate refresh once a quarter of the retention has passed since the last
   one. An idempotency key that outlives its stream is treated as free.
-- Blocking reads (`wait`) go through a second client with its own pool: each
-  parked XREAD BLOCK holds a connection, and followers must not use up the
-  pool that appends need.
+- Readers waiting for a stream to grow (`wait`) share one watcher
+  (store/follow.py): on one server a single XREAD BLOCK over every watched
+  log key, on the blocking client (a pool of its own, so it never takes a
+  connection appends need); on a cluster, one pipelined poll of the watched
+  logs' last IDs every `follow_poll_s`. 1,000 followers, one connection.
 
 Failures (issue 9; the tree is in store/errors.py):
 
@@ -93,6 +95,7 @@ from tokenrelay_server.store.base import AppendObserver, StreamTail
 from tokenrelay_server.store.codec import decode_entry, decode_meta, encode_entry, encode_meta
 from tokenrelay_server.store.connect import RedisClient, connect, connection_kwargs
 from tokenrelay_server.store.errors import StoreError, StoreUnavailable, StreamFenced
+from tokenrelay_server.store.follow import BlockingWatcher, PollingWatcher
 from tokenrelay_server.store.group_commit import (
     DEFAULT_MAX_ENTRIES,
     DEFAULT_MAX_IN_FLIGHT,
@@ -117,6 +120,12 @@ _BLOCK_SLACK_S = 0.5
 # `from_url` gives the blocking client a socket timeout of slice + slack, so a
 # follower parked on a dead connection notices within a few seconds.
 _BLOCK_SLICE_S = 5.0
+
+# The watcher's client: its one blocking read, and one to spare while a
+# connection that broke is replaced.
+_WATCHER_CONNECTIONS = 2
+# On a Redis Cluster, how often the watcher asks whether followed logs grew.
+DEFAULT_FOLLOW_POLL_S = 0.01
 
 # How many times `create` retries claiming an idempotency key that other
 # creators keep changing under it (each retry means someone else progressed).
@@ -395,6 +404,7 @@ class RedisStore:
         group_commit_max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         append_observer: AppendObserver | None = None,
         sealer: Sealer | None = None,
+        follow_poll_s: float = DEFAULT_FOLLOW_POLL_S,
     ) -> None:
         if "{" in prefix or "}" in prefix:
             # A brace in the prefix would become the hash tag and put every
@@ -434,6 +444,16 @@ class RedisStore:
         self._sealer = sealer
         # Told of each batch once it is durable (ObservableStore in base.py).
         self.append_observer = append_observer
+        # Every reader waiting for a stream owned elsewhere waits on one
+        # watcher (store/follow.py): one blocking read on a single server,
+        # one pipelined poll per follow_poll_s on a cluster.
+        self._watcher: BlockingWatcher | PollingWatcher = (
+            PollingWatcher(client, poll_s=follow_poll_s)
+            if self._cluster
+            else BlockingWatcher(
+                self._blocking, client, prefix=prefix, block_slice_s=self._block_slice_s
+            )
+        )
         self._commits = GroupCommit(
             self._send_batch,
             max_entries=group_commit_max_entries,
@@ -451,7 +471,6 @@ class RedisStore:
         prefix: str = "tr",
         clock: Clock | None = None,
         max_connections: int = 128,
-        max_waiters: int = 1000,
         cluster: bool = False,
         pool_timeout_s: float = 5.0,
         retry_window_s: float = 10.0,
@@ -459,6 +478,7 @@ class RedisStore:
         group_commit_max_wait_s: float = DEFAULT_MAX_WAIT_S,
         group_commit_max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         sealer: Sealer | None = None,
+        follow_poll_s: float = DEFAULT_FOLLOW_POLL_S,
         **client_kwargs: Any,
     ) -> RedisStore:
         """Connect to the Redis at `url` (redis://, rediss://, unix://), or
@@ -466,16 +486,15 @@ class RedisStore:
 
         `max_connections` bounds the command pool (a command waits up to
         `pool_timeout_s` for a free connection; longer is a transient error,
-        retried within `retry_window_s`); `max_waiters` bounds the connections
-        parked in `wait` (one per blocked follower). `client_kwargs` go to
-        every client, except that the blocking client's socket timeout is
-        raised to fit a slice of `wait` (see `_BLOCK_SLICE_S`).
+        retried within `retry_window_s`). Readers waiting in `wait` share
+        one watcher (store/follow.py), on a client of its own with
+        `_WATCHER_CONNECTIONS` connections, however many they are.
+        `client_kwargs` go to every client, except that the blocking client's
+        socket timeout is raised to fit a slice of its blocking read (see
+        `_BLOCK_SLICE_S`).
         """
-        if max_connections < 1 or max_waiters < 1:
-            raise ValueError(
-                f"max_connections ({max_connections}) and max_waiters ({max_waiters}) "
-                "must be at least 1"
-            )
+        if max_connections < 1:
+            raise ValueError(f"max_connections ({max_connections}) must be at least 1")
         client_kwargs["decode_responses"] = False
         # No retries inside redis-py: `_run` owns them (see the module docstring).
         client_kwargs["retry"] = Retry(NoBackoff(), 0)
@@ -486,7 +505,7 @@ class RedisStore:
 
         client = client_of(max_connections)
         blocking_client = client_of(
-            max_waiters,
+            _WATCHER_CONNECTIONS,
             socket_timeout=max(
                 client_kwargs.get("socket_timeout") or 0.0, _BLOCK_SLICE_S + _BLOCK_SLACK_S
             ),
@@ -507,6 +526,7 @@ class RedisStore:
             group_commit_max_wait_s=group_commit_max_wait_s,
             group_commit_max_in_flight=group_commit_max_in_flight,
             sealer=sealer,
+            follow_poll_s=follow_poll_s,
         )
 
     # -- failures --------------------------------------------------------------------
@@ -633,9 +653,6 @@ class RedisStore:
 
     async def _swap(self, idem_key: str, args: list[str | int], _retried: bool) -> Any:
         return await self._swap_if_equal(keys=[idem_key], args=args)
-
-    async def _doorbell(self, log_key: str, last_seen: str, block_ms: int, _retried: bool) -> Any:
-        return await self._blocking.xread({log_key: last_seen}, count=1, block=block_ms)
 
     async def get_meta(self, stream_id: str) -> StreamMeta | None:
         key = self._key(stream_id, "meta")
@@ -793,28 +810,15 @@ class RedisStore:
         entries, ended = await self._read_after(stream_id, after_seq)
         if entries or ended or timeout_s <= 0:
             return entries
-        log_key = self._key(stream_id, "log")
-        # XREAD is exclusive: from "S-0" it returns exactly what `read` would.
-        last_seen = f"{max(after_seq, 0)}-0"
-        # Loop time, not the injected clock: the server's BLOCK timer runs in
-        # real time whatever the clock says (the memory store uses
-        # asyncio.timeout here for the same reason).
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return []
-            if self._block_slice_s is not None:
-                remaining = min(remaining, self._block_slice_s)
-            block_ms = _ms(remaining)
-            # Used as a doorbell only (COUNT 1): the entries come from `read`,
-            # which also applies the limit and knows about the End.
-            rang = await self._run(
-                "wait", stream_id, partial(self._doorbell, log_key, last_seen, block_ms)
-            )
-            if rang:
-                return await self.read(stream_id, after_seq)
+        # The watcher rings when the log holds an entry after "S-0" (XREAD is
+        # exclusive: exactly what `read` would return); the entries come from
+        # `read`, which applies the limit and knows about the End. Real time:
+        # Redis's BLOCK timer runs on it whatever the injected clock says (the
+        # memory store uses asyncio.timeout here for the same reason).
+        rang = await self._watcher.wait(
+            self._key(stream_id, "log"), f"{max(after_seq, 0)}-0", timeout_s
+        )
+        return await self.read(stream_id, after_seq) if rang else []
 
     async def tail(self, stream_id: str) -> StreamTail | None:
         key = self._key(stream_id, "meta")
@@ -877,6 +881,11 @@ class RedisStore:
         return None if reason is None else _text(reason)
 
     @property
+    def watcher(self) -> BlockingWatcher | PollingWatcher:
+        """The doorbell of every reader waiting here (its stats, for operators)."""
+        return self._watcher
+
+    @property
     def group_commit(self) -> GroupCommit:
         """The writer batching this store's appends (its stats, for operators)."""
         return self._commits
@@ -890,6 +899,7 @@ class RedisStore:
         # What is queued is sent first (the writer refuses new appends after).
         with contextlib.suppress(Exception):
             await self._commits.close()
+        await self._watcher.close()
         for client in {id(c): c for c in (self._probe, self._blocking, self._client)}.values():
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose()
