@@ -587,6 +587,24 @@ async def test_wait_returns_entries_already_there(store: StreamStore) -> None:
         assert await store.wait(stream_id, after_seq=1, timeout_s=60.0) == [chunk(2)]
 
 
+async def test_open_read_gives_meta_tail_and_entries_in_one_look(store: StreamStore) -> None:
+    meta = make_meta()
+    await store.create(meta)
+    assert await store.open_read("no-such-stream", 0) is None
+    await store.append(meta.stream_id, [chunk(1), notice(1), chunk(2), chunk(3)])
+    start = await store.open_read(meta.stream_id, 1)
+    assert start is not None
+    assert start.meta == meta
+    assert start.tail == StreamTail(3, False)
+    assert start.entries == [notice(1), chunk(2), chunk(3)]
+    assert (await store.open_read(meta.stream_id, 0, limit=2)) is not None
+    limited = await store.open_read(meta.stream_id, 0, limit=2)
+    assert limited is not None and limited.entries == [chunk(1), notice(1)]
+    await store.append(meta.stream_id, [end(3)])
+    ended = await store.open_read(meta.stream_id, 3)
+    assert ended is not None and ended.tail == StreamTail(3, True) and ended.entries == [end(3)]
+
+
 async def test_wait_wakes_on_append(backend: Backend, store: StreamStore) -> None:
     stream_id = await new_stream(store)
     await store.append(stream_id, [chunk(1)])

@@ -53,7 +53,7 @@ from tokenrelay_server.engine.loop_lag import LoopLagMonitor
 from tokenrelay_server.engine.recovery_loop import Recovery
 from tokenrelay_server.engine.routing import Route, Router
 from tokenrelay_server.engine.takeover import Leases, Takeover, cancel_fault
-from tokenrelay_server.store.base import StreamStore
+from tokenrelay_server.store.base import ReadStart, StreamStore, StreamTail
 from tokenrelay_server.store.errors import StoreError, StoreUnavailable, StreamFenced
 from tokenrelay_server.store.heartbeat import Heartbeats
 from tokenrelay_server.store.quota import Quota, QuotaLimits
@@ -102,6 +102,9 @@ class Session:
     after_seq: int
     subscription: Subscription
     generation: Generation | None
+    # Entries a resume's first look already read (store.open_read): the
+    # follower starts with them instead of reading again.
+    prefetched: list[LogEntry] | None = None
 
     @property
     def stream_id(self) -> str:
@@ -431,12 +434,19 @@ class StreamHub:
     async def resume(self, stream_id: str, last_seq: int, *, tenant: str = "") -> Session:
         """Attach to a stream (the servicer verified the token naming it for
         `tenant`)."""
-        meta = await self.store.get_meta(stream_id)
-        if meta is None or tenant_of(meta) != tenant:
-            raise StreamNotFound(
-                f"stream {stream_id} has expired or never existed; start a new stream"
-            )
-        return await self._attach(meta, after_seq=last_seq)
+        gone = StreamNotFound(
+            f"stream {stream_id} has expired or never existed; start a new stream"
+        )
+        generation = self._local.get(stream_id)
+        if generation is not None:
+            # Generated here: what a reader needs is in memory.
+            if tenant_of(generation.meta) != tenant:
+                raise gone
+            return await self._attach(generation.meta, after_seq=last_seq)
+        start = await self.store.open_read(stream_id, last_seq)
+        if start is None or tenant_of(start.meta) != tenant:
+            raise gone
+        return await self._attach(start.meta, after_seq=last_seq, start=start)
 
     async def _fence_if_stale(self, generation: Generation) -> None:
         """A client has seen more of a stream than the generation running
@@ -455,14 +465,21 @@ class StreamHub:
         generation.fence(fenced)
         raise fenced
 
-    async def _attach(self, meta: StreamMeta, *, after_seq: int) -> Session:
+    async def _attach(
+        self, meta: StreamMeta, *, after_seq: int, start: ReadStart | None = None
+    ) -> Session:
         generation = self._local.get(meta.stream_id)
+        prefetched: list[LogEntry] | None = None
         if generation is not None:
             current = generation.last_seq
             if after_seq > current:
                 await self._fence_if_stale(generation)
         else:
-            tail = await self.store.tail(meta.stream_id)
+            if start is not None:
+                tail: StreamTail | None = start.tail
+                prefetched = start.entries
+            else:
+                tail = await self.store.tail(meta.stream_id)
             if tail is None:
                 raise StreamNotFound(f"stream {meta.stream_id} has expired; start a new stream")
             current = tail.last_seq
@@ -478,7 +495,8 @@ class StreamHub:
         subscription = Subscription()
         if generation is not None:
             generation.attach(subscription)
-        return self._open(Session(meta, True, after_seq, subscription, generation))
+            prefetched = None  # read live from the generation
+        return self._open(Session(meta, True, after_seq, subscription, generation, prefetched))
 
     def _open(self, session: Session) -> Session:
         self._sessions.add(session)
@@ -533,7 +551,10 @@ class StreamHub:
         while True:
             if session.subscription.violation is not None:
                 raise session.subscription.violation
-            entries = await self.store.wait(stream_id, cursor.seq, wait_s)
+            if session.prefetched is not None:
+                entries, session.prefetched = session.prefetched, None
+            else:
+                entries = await self.store.wait(stream_id, cursor.seq, wait_s)
             wait_s = poll_s
             if entries:
                 batch = cursor.take(entries)

@@ -48,6 +48,16 @@ class StreamTail:
     ended: bool
 
 
+@dataclass(frozen=True, slots=True)
+class ReadStart:
+    """What a resume needs first, in one look: the stream's meta, where its
+    log stands, and up to `limit` entries after the reader's seq."""
+
+    meta: StreamMeta
+    tail: StreamTail
+    entries: list[LogEntry]
+
+
 @runtime_checkable
 class SharesLogs(Protocol):
     """An in-process store whose log of a stream the engine may read directly:
@@ -107,6 +117,13 @@ class StreamStore(Protocol):
 
     async def read(self, stream_id: str, after_seq: int, limit: int = 1000) -> list[LogEntry]:
         """Up to `limit` entries after chunk `after_seq`, in log order."""
+        ...
+
+    async def open_read(
+        self, stream_id: str, after_seq: int, limit: int = 1000
+    ) -> ReadStart | None:
+        """`get_meta`, `tail` and `read` in one look (for Redis: one round
+        trip); None when the stream expired or never existed."""
         ...
 
     async def wait(self, stream_id: str, after_seq: int, timeout_s: float) -> list[LogEntry]:

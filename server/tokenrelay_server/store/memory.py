@@ -12,7 +12,7 @@ from tokenrelay_server.core.clock import Clock, SystemClock
 from tokenrelay_server.core.compact_log import CompactLog
 from tokenrelay_server.core.errors import StreamNotFound
 from tokenrelay_server.core.model import LogEntry, StreamMeta
-from tokenrelay_server.store.base import AppendObserver, StreamTail
+from tokenrelay_server.store.base import AppendObserver, ReadStart, StreamTail
 from tokenrelay_server.store.errors import StreamFenced
 
 
@@ -125,6 +125,16 @@ class MemoryStore:
         except TimeoutError:
             return []
         return await self.read(stream_id, after_seq)
+
+    async def open_read(
+        self, stream_id: str, after_seq: int, limit: int = 1000
+    ) -> ReadStart | None:
+        stream = self._live(stream_id)
+        if stream is None:
+            return None
+        log = stream.log
+        tail = StreamTail(log.last_seq, log.end is not None)
+        return ReadStart(stream.meta, tail, log.read(after_seq, limit))
 
     async def tail(self, stream_id: str) -> StreamTail | None:
         stream = self._live(stream_id)

@@ -91,7 +91,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tokenrelay_server.core.clock import Clock, SystemClock
 from tokenrelay_server.core.errors import StreamNotFound
 from tokenrelay_server.core.model import Chunk, LogEntry, Notice, StreamMeta
-from tokenrelay_server.store.base import AppendObserver, StreamTail
+from tokenrelay_server.store.base import AppendObserver, ReadStart, StreamTail
 from tokenrelay_server.store.codec import decode_entry, decode_meta, encode_entry, encode_meta
 from tokenrelay_server.store.connect import RedisClient, connect, connection_kwargs
 from tokenrelay_server.store.errors import StoreError, StoreUnavailable, StreamFenced
@@ -292,6 +292,21 @@ end
 return out
 """
 
+# A resume's first look (open_read). KEYS: meta, log. ARGV: XRANGE start,
+# limit. Returns {} for an unknown stream, else {meta, last_seq, ended,
+# payload...}.
+_OPEN_READ = """
+local state = redis.call('HMGET', KEYS[1], 'meta', 'last_seq', 'ended')
+if not state[1] then
+  return {}
+end
+local out = {state[1], state[2] or '0', state[3] or '0'}
+for _, item in ipairs(redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', tonumber(ARGV[2]))) do
+  out[#out + 1] = item[2][2]
+end
+return out
+"""
+
 # KEYS: meta, log, lease. Returns the idempotency key name, if the stream had one.
 _DELETE = """
 local idem = redis.call('HGET', KEYS[1], 'idem')
@@ -429,6 +444,7 @@ class RedisStore:
         self._create = register(_CREATE)
         self._append_many = register(_APPEND_MANY)
         self._read = register(_READ)
+        self._open_read = register(_OPEN_READ)
         self._delete = register(_DELETE)
         self._delete_if_equal = register(_DELETE_IF_EQUAL)
         self._swap_if_equal = register(_SWAP_IF_EQUAL)
@@ -819,6 +835,23 @@ class RedisStore:
             self._key(stream_id, "log"), f"{max(after_seq, 0)}-0", timeout_s
         )
         return await self.read(stream_id, after_seq) if rang else []
+
+    async def open_read(
+        self, stream_id: str, after_seq: int, limit: int = 1000
+    ) -> ReadStart | None:
+        start = f"({after_seq}-0" if after_seq >= 0 else "-"
+        keys = self._log_keys(stream_id)
+        reply = await self._run(
+            "open_read", stream_id, lambda _: self._open_read(keys=keys, args=[start, limit])
+        )
+        if not reply:
+            return None
+        raw_meta, last_seq, ended, *payloads = reply
+        return ReadStart(
+            decode_meta(self._open(raw_meta, stream_id)),
+            StreamTail(int(last_seq), _text(ended) == "1"),
+            [decode_entry(self._open(raw, stream_id)) for raw in payloads],
+        )
 
     async def tail(self, stream_id: str) -> StreamTail | None:
         key = self._key(stream_id, "meta")
