@@ -1,6 +1,7 @@
 """Load shedding at 2.5x capacity, over a real `tokenrelay serve` process.
 
-A gateway with `max_streams = --capacity` (memory store, model `sim` paced
+A gateway with `max_streams = --capacity` (`--store`: memory, or redis at
+`--redis-url`; model `sim` paced
 at `--pace-ms`, 20: 50 tokens/s, so the admitted streams outlive the burst
 of starts; `--pace-ms 0` is a flood instead, which saturates the loop, so
 the loop-lag limit refuses too, and frees slots as streams end) gets
@@ -115,7 +116,13 @@ async def run(args: argparse.Namespace) -> int:
     PACE_MS = f"{args.pace_ms:g}"
     with tempfile.TemporaryDirectory() as folder:
         config = Path(folder) / "gateway.toml"
-        config.write_text(f"[server]\nmax_streams = {args.capacity}\n")
+        store = (
+            f'store = "redis"\nredis_url = "{args.redis_url}"\n'
+            f'redis_prefix = "bench-shed-{os.getpid()}"\n'
+            if args.store == "redis"
+            else ""
+        )
+        config.write_text(f"[server]\nmax_streams = {args.capacity}\n{store}")
         command = [sys.executable, "-m", "tokenrelay_server.cli", "serve", "--port", "0"]
         process = await asyncio.create_subprocess_exec(
             *command,
@@ -186,6 +193,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=200, help="tokens per stream (200)")
     parser.add_argument("--channels", type=int, default=4, help="client channels (4)")
     parser.add_argument("--pace-ms", type=float, default=20.0, help="sim.pace_ms (20; 0: flood)")
+    parser.add_argument("--store", choices=["memory", "redis"], default="memory")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     sys.exit(asyncio.run(run(parser.parse_args())))
 
 
