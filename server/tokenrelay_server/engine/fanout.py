@@ -229,7 +229,11 @@ class LocalLog:
         assert submits is not None
         entries, self._unsent = self._unsent, []
         self._on_wire = entries
-        write = submits.submit_append(self.stream_id, entries, epoch=self.epoch)
+        try:
+            write = submits.submit_append(self.stream_id, entries, epoch=self.epoch)
+        except Exception as error:  # the store is closed: fail as a write would
+            write = asyncio.get_running_loop().create_future()
+            write.set_exception(error)
         self._write = write
         write.add_done_callback(self._written)
 
