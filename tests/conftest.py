@@ -9,12 +9,13 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 from hypothesis import HealthCheck, settings
 
-from redisproc import free_port
+from redisproc import RedisProcess, free_port
 
 # Property tests never depend on how fast the machine is: no per-example
 # deadline and no "too slow" health check (these machines are shared; a
@@ -164,3 +165,15 @@ def redis_cluster_prefix(redis_cluster_url: str) -> Iterator[str]:
             keys = list(client.scan_iter(match=f"{prefix}:*", count=500, target_nodes=node))
             for key in keys:
                 client.delete(key)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A throwaway redis-server of the test's own, which it may stop, pause or
+    count the commands of (tests/redisproc.py)."""
+    process = RedisProcess(tmp_path)
+    process.start()
+    yield process
+    if process.running:
+        process.resume()  # harmless when it was not paused
+    process.stop()

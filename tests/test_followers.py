@@ -10,35 +10,16 @@ and the shared throwaway cluster.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from redis.asyncio import Redis
 
+from logkit import chunk, meta
 from redisproc import RedisProcess
 from serverkit import eventually
-from tokenrelay_server.core.model import Chunk, StreamMeta
 from tokenrelay_server.store.redis import RedisStore
 
 FOLLOWERS = 1000
 WITHIN_S = 60.0
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
-    process = RedisProcess(tmp_path)
-    process.start()
-    yield process
-    process.stop()
-
-
-def chunk(seq: int) -> Chunk:
-    return Chunk(seq=seq, text=f"t{seq} ", provider="sim", attempt=1)
-
-
-def meta(stream_id: str) -> StreamMeta:
-    return StreamMeta(stream_id=stream_id, model="sim", created_at=0.0, checkpoint_interval=10)
 
 
 async def clients_info(url: str) -> tuple[int, int]:

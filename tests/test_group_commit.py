@@ -11,15 +11,15 @@ all of its appends, typed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import pytest
 from redis.asyncio import Redis
 
+from logkit import chunk, end, meta
 from redisproc import RedisProcess
 from tokenrelay_server.core.errors import StreamNotFound
-from tokenrelay_server.core.model import Chunk, End, LogEntry, StreamMeta
+from tokenrelay_server.core.model import LogEntry
 from tokenrelay_server.store.errors import StoreUnavailable, StreamFenced
 from tokenrelay_server.store.group_commit import GroupCommit, Outcome, PendingAppend
 from tokenrelay_server.store.redis import RedisStore
@@ -227,26 +227,6 @@ def test_settings_are_checked() -> None:
 
 
 # --- over a real Redis --------------------------------------------------------------------
-
-
-def chunk(seq: int) -> Chunk:
-    return Chunk(seq=seq, text=f"t{seq} ", provider="sim", attempt=1)
-
-
-def end(total_seq: int) -> End:
-    return End(finish_reason="stop", total_seq=total_seq, text_sha256="0" * 64)
-
-
-def meta(stream_id: str) -> StreamMeta:
-    return StreamMeta(stream_id=stream_id, model="sim", created_at=0.0, checkpoint_interval=10)
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
-    process = RedisProcess(tmp_path)
-    process.start()
-    yield process
-    process.stop()
 
 
 async def evalsha_calls(client: Redis) -> int:

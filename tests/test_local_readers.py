@@ -10,11 +10,7 @@ watcher's) while a stream is read live and resumed on its own replica.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import grpc
-import pytest
 from redis import Redis
 
 from redisproc import RedisProcess
@@ -32,14 +28,6 @@ from serverkit import (
     start_request,
 )
 from tokenrelay_server.core.clock import ManualClock
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
-    process = RedisProcess(tmp_path)
-    process.start()
-    yield process
-    process.stop()
 
 
 def log_reads(url: str) -> dict[str, int]:

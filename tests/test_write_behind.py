@@ -11,11 +11,8 @@ manual clock moved by the time keeper: no wall-clock sleeps.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
-import pytest
 
 from redisproc import RedisProcess
 from serverkit import (
@@ -40,15 +37,6 @@ from tokenrelay_server.engine.fanout import WRITE_BEHIND_ENTRIES
 from tokenrelay_server.store.redis import RedisStore
 
 WITHIN_S = 60.0
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
-    process = RedisProcess(tmp_path)
-    process.start()
-    yield process
-    process.resume()  # harmless when it runs
-    process.stop()
 
 
 async def stored(url: str, stream_id: str) -> list[Chunk | End]:
