@@ -297,6 +297,13 @@ class Replica:
         return self.alive and not self.paused and not self.starting
 
     async def start(self) -> None:
+        """Start the replica, unless it runs or is being started: two starts
+        at once (a fault's restart and `heal`) spawned two processes, and the
+        one the rig lost track of outlived the run holding the port."""
+        while self.starting:
+            await asyncio.sleep(POLL_S)
+        if self.alive:
+            return
         self.starting = True
         try:
             await self._start()
