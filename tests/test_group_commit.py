@@ -74,7 +74,7 @@ async def test_appends_of_one_step_go_in_one_batch() -> None:
 
 async def test_appends_gather_while_the_slots_are_busy_and_go_when_one_returns() -> None:
     store = ScriptedStore()
-    writer = GroupCommit(store.send, max_in_flight=1, max_wait_s=3600)
+    writer = GroupCommit(store.send, max_in_flight=1, max_wait_s=0)
     first = asyncio.ensure_future(writer.append("a", None, 1))
     await settle()
     assert store.batches == [["a"]]
@@ -89,18 +89,17 @@ async def test_appends_gather_while_the_slots_are_busy_and_go_when_one_returns()
     await asyncio.gather(*later)
 
 
-async def test_a_full_batch_goes_on_a_free_slot_without_waiting() -> None:
+async def test_a_batch_waits_for_company_until_it_is_full() -> None:
+    # max_wait far off: a lone append waits for more; the append that fills
+    # the batch sends it at once.
     store = ScriptedStore()
     writer = GroupCommit(store.send, max_entries=4, max_in_flight=2, max_wait_s=3600)
-    tasks = [asyncio.ensure_future(writer.append("a", None, 1))]
+    tasks = [asyncio.ensure_future(writer.append(f"s{i}", None, 1)) for i in range(3)]
     await settle()
-    tasks += [asyncio.ensure_future(writer.append(f"s{i}", None, 1)) for i in range(3)]
-    await settle()
-    assert store.batches == [["a"]]  # 3 entries: under max_entries, the clock is far off
+    assert store.batches == []  # 3 entries: under max_entries, the clock is far off
     tasks.append(asyncio.ensure_future(writer.append("s3", None, 1)))
     await settle()
-    assert store.batches == [["a"], ["s0", "s1", "s2", "s3"]]  # full: the second slot
-    store.release()
+    assert store.batches == [["s0", "s1", "s2", "s3"]]
     store.release()
     await asyncio.gather(*tasks)
 
@@ -179,7 +178,7 @@ async def test_a_failed_batch_fails_each_of_its_appends_and_the_next_batch_goes(
 
 async def test_a_cancelled_waiter_does_not_stop_the_batch_or_the_writer() -> None:
     store = ScriptedStore()
-    writer = GroupCommit(store.send, max_in_flight=1)
+    writer = GroupCommit(store.send, max_in_flight=1, max_wait_s=0)
     first = asyncio.ensure_future(writer.append("a", None, 1))
     await settle()
     queued = asyncio.ensure_future(writer.append("b", None, 1))
@@ -197,7 +196,7 @@ async def test_a_cancelled_waiter_does_not_stop_the_batch_or_the_writer() -> Non
 
 async def test_close_sends_what_is_queued_then_refuses() -> None:
     store = ScriptedStore()
-    writer = GroupCommit(store.send, max_in_flight=1)
+    writer = GroupCommit(store.send, max_in_flight=1, max_wait_s=0)
     tasks = [asyncio.ensure_future(writer.append("a", None, 1))]
     await settle()
     tasks += [asyncio.ensure_future(writer.append(f"s{i}", None, 1)) for i in range(4)]

@@ -135,7 +135,7 @@ class Settings(BaseModel):
     # goes once it holds max_entries entries or its oldest append has waited
     # max_wait_ms (or when a batch returns); with every slot busy they gather.
     redis_group_commit_max_entries: int = Field(256, ge=1, le=100_000)
-    redis_group_commit_max_wait_ms: float = Field(0.5, ge=0, le=1000)
+    redis_group_commit_max_wait_ms: float = Field(1.0, ge=0, le=1000)
     store_retry_window_s: float = Field(10.0, ge=0)
     store_probe_interval_s: float = Field(0.5, gt=0)
     # `KID:SECRET[,KID:SECRET…]` (a bare SECRET is kid k0): the first signs

@@ -5,12 +5,15 @@ Rules:
 
 - Durable before visible is the caller's, unchanged: `submit` answers (its
   future resolves) only once the batch holding the append is acknowledged.
-- Up to `max_in_flight` batches are on the wire at once. With nothing on
-  the wire, a batch goes on the loop's next step (with whatever else arrived
-  in this one): an idle writer adds no delay. With a batch on the wire and a
-  slot free, the next goes once it holds `max_entries` entries or its oldest
-  append has waited `max_wait_s`, or when a batch returns, whichever comes
-  first. With every slot busy, appends gather until a batch returns.
+- Up to `max_in_flight` batches are on the wire at once. A batch leaves on
+  a free slot once its oldest append has waited `max_wait_s` or it holds
+  `max_entries` entries, whichever comes first; with every slot busy,
+  appends gather until a batch returns. The wait is what makes batches at a
+  steady pace: without it, at 250 streams of 50 tokens/s a batch held 1.75
+  appends on average and the cost of a round trip per append saturated the
+  process (bench/redis_speed.py); it adds at most `max_wait_s` before a
+  chunk is shown, and nothing to a generation's pace (chunks are written
+  behind, engine/fanout.py).
 - A stream has at most one append in a batch and at most one batch on the
   wire: its next append waits for the one in flight, so a stream's appends
   reach the store in the order they were submitted (and each keeps its own
@@ -32,11 +35,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Defaults: a batch of a few hundred entries is one short script run on
-# Redis; 0.5 ms lets the appends of streams whose tokens come in the same
-# instant share a batch, and is far under a token's spacing at any real pace
-# (2 ms added its own jitter to paced streams, bench/redis_speed.py).
+# Redis; 1 ms is far under a token's spacing at any real pace.
 DEFAULT_MAX_ENTRIES = 256
-DEFAULT_MAX_WAIT_S = 0.0005
+DEFAULT_MAX_WAIT_S = 0.001
 DEFAULT_MAX_IN_FLIGHT = 2
 
 
@@ -136,14 +137,14 @@ class GroupCommit:
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self._pending or len(self._in_flight) >= self.max_in_flight:
             return
-        if not self._in_flight or self._pending_entries >= self.max_entries:
-            # Nothing on the wire (or a full batch waiting): go on the next
-            # step, taking along whatever else arrives in this one.
+        if self._pending_entries >= self.max_entries or self.max_wait_s <= 0:
+            # A full batch (or no lingering): go on the next step, taking
+            # along whatever else arrives in this one.
             if self._flush_soon is None:
                 self._flush_soon = loop.call_soon(self._flush)
             return
-        # A batch is on the wire and a slot is free: the gathered appends go
-        # when that batch returns, or when the oldest has waited max_wait_s.
+        # A slot is free: the gathered appends go once the oldest has waited
+        # max_wait_s (or the batch fills up first).
         if self._timer is None:
             due = self._pending[0].queued_at + self.max_wait_s
             self._timer = loop.call_at(due, self._flush)
