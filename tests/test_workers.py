@@ -201,6 +201,29 @@ async def test_sigterm_drains_every_worker_and_the_supervisor_exits_0(
     assert log.count("exited with status 0") == 2
 
 
+async def test_a_second_sigterm_while_draining_kills_the_workers_and_exits_1(
+    supervised: Supervised, redis_url: str, redis_prefix: str
+) -> None:
+    # Streams that hang (stall@2) would hold the drain for its whole grace
+    # (120 s); the second signal ends it now.
+    store = RedisStore.from_url(redis_url, prefix=redis_prefix)
+    try:
+        async with asyncio.timeout(PROCESS_GUARD_S):
+            await open_on_both_workers(
+                supervised, store, start_request(metadata={"sim.faults": "stall@2"}), 2
+            )
+            pids = [pid for pid, _ in supervised.current().values()]
+            supervised.process.send_signal(signal.SIGTERM)
+            await eventually(lambda: supervised.log().count("draining: no new streams") == 2)
+            supervised.process.send_signal(signal.SIGTERM)
+            status = await supervised.process.wait()
+    finally:
+        await store.close()
+    assert status == 1
+    assert "SIGTERM again while draining: killing the workers (SIGKILL)" in supervised.log()
+    assert not any(psutil.pid_exists(pid) for pid in pids)
+
+
 async def test_a_killed_worker_is_restarted_and_its_stream_taken_over_on_resume(
     supervised: Supervised, redis_url: str, redis_prefix: str
 ) -> None:
@@ -232,6 +255,11 @@ async def test_a_killed_worker_is_restarted_and_its_stream_taken_over_on_resume(
                 supervised.channel(), resume_request(seen[0].started.resume_token, last)
             )
             clean = await run_to_end(supervised.channel(), start_request(max_tokens=60))
+            # The restarted worker serves on the same port: new connections reach it.
+            owners = await open_on_both_workers(
+                supervised, store, start_request(metadata={"sim.faults": "stall@1"}), 1
+            )
+            assert new_replica in owners and owner not in owners
     finally:
         await store.close()
     chunks = chunks_of(seen) + chunks_of(rest)

@@ -156,6 +156,14 @@ class _Seat:
         return self.process is not None and self.exitcode is None
 
     @property
+    def stopped_cleanly(self) -> bool:
+        """Drained and exited 0, or never started, or stopped by the
+        supervisor's SIGTERM while still starting (it had no stream)."""
+        if self.process is None or self.exitcode == 0:
+            return True
+        return not self.ready and self.exitcode == -signal.SIGTERM
+
+    @property
     def pid(self) -> int | None:
         return None if self.process is None else self.process.pid
 
@@ -305,7 +313,8 @@ class Supervisor:
         if seat.conn is not None:
             # A "ready" it sent just before dying still counts.
             with contextlib.suppress(EOFError, OSError):
-                while seat.conn.poll():
+                # on_message drops the pipe at its EOF.
+                while seat.conn is not None and seat.conn.poll():
                     self.on_message(seat)
         if seat.conn is not None:
             seat.conn.close()
@@ -389,7 +398,7 @@ class Supervisor:
                     self.start(seat)
         if self.status is not None:
             return self.status
-        return 0 if all(seat.exitcode in (0, None) for seat in self.seats) else 1
+        return 0 if all(seat.stopped_cleanly for seat in self.seats) else 1
 
 
 def check_worker_host(settings: Settings) -> None:
