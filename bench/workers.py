@@ -28,8 +28,12 @@ CPU, per round (psutil, user + system of every thread):
 - Redis: the redis-server process, when this benchmark started it (the
   default: a throwaway one on a free port, no persistence); with
   `--redis-url` it is not measured;
-- the load client: this process (`time.process_time`).
-Shown as CPU time per chunk (us) and as cores used during the round.
+- the load client: this process (`time.process_time`);
+- other: every core's busy time (psutil.cpu_times) minus the above: what
+  other programs on the machine took meanwhile (a shared machine).
+Shown as CPU time per chunk (us) and as cores used during the round. The
+gateway's CPU per chunk is the figure noise moves least: 1e6 / it is the
+chunks/s one free core gives a worker.
 
 The load client, and why it is here
 
@@ -82,6 +86,12 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core spent on anything but idling, since boot."""
+    times = psutil.cpu_times()
+    return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
 
 
 def cpu_seconds(process: psutil.Process) -> float:
@@ -198,6 +208,7 @@ class Round:
     redis_cores: float | None
     client_cores: float
     busiest_worker_share: float  # of the workers' CPU (1.0 with one worker)
+    other_cores: float  # what the rest of the machine used meanwhile (other programs)
     ok: bool
 
 
@@ -218,6 +229,7 @@ async def run_round(
         gateway_before = {p.pid: cpu_seconds(p) for p in processes}
         redis_before = cpu_seconds(redis.psutil) if redis else 0.0
         client_before = time.process_time()
+        machine_before = machine_busy_seconds()
         started = time.perf_counter()
         outcomes = await asyncio.gather(
             *(
@@ -227,6 +239,7 @@ async def run_round(
         )
         seconds = time.perf_counter() - started
         client = time.process_time() - client_before
+        machine = machine_busy_seconds() - machine_before
         redis_cpu = cpu_seconds(redis.psutil) - redis_before if redis else None
         used = {p.pid: cpu_seconds(p) - gateway_before[p.pid] for p in processes}
     finally:
@@ -247,6 +260,7 @@ async def run_round(
         redis_cores=None if redis_cpu is None else redis_cpu / seconds,
         client_cores=client / seconds,
         busiest_worker_share=max(worker_cpu) / sum(worker_cpu) if sum(worker_cpu) else 1.0,
+        other_cores=max(0.0, machine - gateway_cpu - (redis_cpu or 0.0) - client) / seconds,
         ok=all(o.ended and not o.partial and o.chunks == tokens == o.total_seq for o in outcomes),
     )
 
@@ -263,6 +277,7 @@ class Side:
     redis_cores: float | None
     client_cores: float
     busiest_worker_share: float
+    other_cores: float
     rounds: list[float] = field(default_factory=list)
 
 
@@ -283,6 +298,7 @@ def side_of(rounds: list[Round]) -> Side:
         redis_cores=median([r.redis_cores for r in rounds]),
         client_cores=statistics.median(r.client_cores for r in rounds),
         busiest_worker_share=statistics.median(r.busiest_worker_share for r in rounds),
+        other_cores=statistics.median(r.other_cores for r in rounds),
         rounds=[round(x) for x in rates],
     )
 
@@ -296,7 +312,7 @@ def print_table(sides: list[Side]) -> None:
     print("chunks/s of the best round (median); CPU per chunk and cores used (medians)")
     header = (
         f"{'workers':>7} | {'chunks/s':>16} | {'us/chunk gw / redis / client':>30} | "
-        f"{'cores gw / redis / client':>26} | busiest worker"
+        f"{'cores gw / redis / client / other':>34} | busiest worker"
     )
     print(header)
     print("-" * len(header))
@@ -305,7 +321,7 @@ def print_table(sides: list[Side]) -> None:
             f"{s.workers:>7} | {s.best_chunks_s:>7.0f} ({s.median_chunks_s:>6.0f}) | "
             f"{s.gateway_us_per_chunk:>8.1f} / {fmt(s.redis_us_per_chunk, '>7.1f')} / "
             f"{s.client_us_per_chunk:>7.1f} | {s.gateway_cores:>6.2f} / "
-            f"{fmt(s.redis_cores, '>5.2f')} / {s.client_cores:>5.2f} | "
+            f"{fmt(s.redis_cores, '>5.2f')} / {s.client_cores:>5.2f} / {s.other_cores:>5.2f} | "
             f"{s.busiest_worker_share:>5.0%}"
         )
 
