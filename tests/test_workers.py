@@ -41,7 +41,14 @@ from serverkit import (
     text_of,
 )
 from tokenrelay.v1 import relay_pb2 as pb
-from tokenrelay_server.api.workers import describe_exit, reserve_port, restart_delay
+from tokenrelay_server.api.workers import (
+    MAX_STARTUP_FAILURES,
+    ExitVerdict,
+    after_exit,
+    describe_exit,
+    reserve_port,
+    restart_delay,
+)
 from tokenrelay_server.store.redis import RedisStore
 
 TOKENRELAY = [sys.executable, "-m", "tokenrelay_server.cli"]
@@ -393,3 +400,52 @@ def test_restart_delay(crashes: int, delay: float) -> None:
 )
 def test_describe_exit(exitcode: int, said: str) -> None:
     assert describe_exit(exitcode) == said
+
+
+@pytest.mark.parametrize(
+    ("exitcode", "served_s", "first_start", "crashes", "failures", "verdict"),
+    [
+        (-9, 5.0, False, 0, 0, ExitVerdict(0.0, None, 1, 0)),
+        (-9, 5.0, False, 1, 0, ExitVerdict(0.5, None, 2, 0)),
+        (-9, 5.0, False, 3, 0, ExitVerdict(2.0, None, 4, 0)),
+        (1, 600.0, False, 3, 0, ExitVerdict(0.0, None, 1, 0)),
+        (1, None, True, 0, 0, ExitVerdict(None, 1, 0, 1)),
+        (2, None, True, 0, 0, ExitVerdict(None, 2, 0, 1)),
+        (-15, None, True, 0, 0, ExitVerdict(None, 1, 0, 1)),
+        (2, None, False, 1, 0, ExitVerdict(None, 2, 1, 1)),
+        (1, None, False, 1, 0, ExitVerdict(0.5, None, 2, 1)),
+        (1, None, False, 4, MAX_STARTUP_FAILURES - 2, ExitVerdict(4.0, None, 5, 4)),
+        (1, None, False, 5, MAX_STARTUP_FAILURES - 1, ExitVerdict(None, 1, 5, 5)),
+    ],
+    ids=[
+        "a worker killed while serving is restarted at once",
+        "its second crash in a row waits half a second",
+        "its fourth waits two seconds",
+        "a worker that served half a minute counts its crashes afresh",
+        "a worker that fails its first start stops everything with its status",
+        "a configuration error at the first start stops with status 2",
+        "a worker killed before it ever served stops with status 1",
+        "a restart refused for its configuration is not retried",
+        "a restart that fails otherwise is retried with the backoff",
+        "it is retried up to the limit",
+        "the limit of restarts that never served stops everything",
+    ],
+)
+def test_after_exit(
+    exitcode: int,
+    served_s: float | None,
+    first_start: bool,
+    crashes: int,
+    failures: int,
+    verdict: ExitVerdict,
+) -> None:
+    assert (
+        after_exit(
+            exitcode,
+            served_s=served_s,
+            first_start=first_start,
+            crashes=crashes,
+            startup_failures=failures,
+        )
+        == verdict
+    )

@@ -88,6 +88,54 @@ def restart_delay(crashes_in_a_row: int) -> float:
     return float(min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** (crashes_in_a_row - 2)))
 
 
+@dataclass(frozen=True, slots=True)
+class ExitVerdict:
+    """What the supervisor does about a worker that died unasked: restart it
+    after `restart_in_s`, or stop every worker and exit with `stop_with`;
+    and the worker's counts from now on."""
+
+    restart_in_s: float | None
+    stop_with: int | None
+    crashes: int
+    startup_failures: int
+
+
+def after_exit(
+    exitcode: int | None,
+    *,
+    served_s: float | None,
+    first_start: bool,
+    crashes: int,
+    startup_failures: int,
+    delays: Callable[[int], float] = restart_delay,
+) -> ExitVerdict:
+    """The decision about a worker that exited while the supervisor was not
+    stopping. `served_s`: how long it served (None: it never did);
+    `first_start`: the deployment has not served yet; `crashes` and
+    `startup_failures`: its deaths and its restarts that never served, in a
+    row, before this one.
+
+    A worker that never served is not restarted when this was the first
+    start (the configuration is wrong, or the port), when it exited with a
+    configuration error, or after MAX_STARTUP_FAILURES such restarts in a
+    row: the supervisor stops with its status (1 for a death by signal).
+    Otherwise it is restarted after `delays(crashes in a row)`, a worker
+    that served STABLE_S counting from 0 again."""
+    if served_s is None:
+        startup_failures += 1
+        if (
+            first_start
+            or exitcode == CONFIG_ERROR_STATUS
+            or startup_failures >= MAX_STARTUP_FAILURES
+        ):
+            status = exitcode if exitcode is not None and exitcode > 0 else 1
+            return ExitVerdict(None, status, crashes, startup_failures)
+    elif served_s >= STABLE_S:
+        crashes = 0
+    crashes += 1
+    return ExitVerdict(delays(crashes), None, crashes, startup_failures)
+
+
 def describe_exit(exitcode: int | None) -> str:
     """`exited with status 1`, `killed by SIGKILL` (multiprocessing gives -N
     for a death by signal N)."""
@@ -211,6 +259,7 @@ class Supervisor:
     port: int
     announce_port: Callable[[int], None]
     clock: Callable[[], float] = time.monotonic
+    delays: Callable[[int], float] = restart_delay
     seats: list[_Seat] = field(default_factory=list)
     stopping: bool = False
     stop_deadline: float = math.inf
@@ -324,28 +373,26 @@ class Supervisor:
             level = logging.INFO if seat.exitcode == 0 else logging.WARNING
             log.log(level, "worker %d (pid %s) %s", seat.index, seat.pid, how)
             return
-        if not seat.ready:
-            first_start = not self.announced
-            seat.startup_failures += 1
-            if (
-                first_start
-                or seat.exitcode == CONFIG_ERROR_STATUS
-                or seat.startup_failures >= MAX_STARTUP_FAILURES
-            ):
-                log.error(
-                    "worker %d (pid %s) %s before it served; not restarting it: stopping",
-                    seat.index,
-                    seat.pid,
-                    how,
-                )
-                code = seat.exitcode if seat.exitcode is not None and seat.exitcode > 0 else 1
-                self.begin_stop(code)
-                return
         now = self.clock()
-        if seat.ready and now - seat.ready_at >= STABLE_S:
-            seat.crashes = 0
-        seat.crashes += 1
-        delay = restart_delay(seat.crashes)
+        verdict = after_exit(
+            seat.exitcode,
+            served_s=now - seat.ready_at if seat.ready else None,
+            first_start=not self.announced,
+            crashes=seat.crashes,
+            startup_failures=seat.startup_failures,
+            delays=self.delays,
+        )
+        seat.crashes, seat.startup_failures = verdict.crashes, verdict.startup_failures
+        if verdict.stop_with is not None:
+            log.error(
+                "worker %d (pid %s) %s before it served; not restarting it: stopping",
+                seat.index,
+                seat.pid,
+                how,
+            )
+            self.begin_stop(verdict.stop_with)
+            return
+        assert verdict.restart_in_s is not None
         log.warning(
             "worker %d (pid %s, replica %s) %s; restarting it in %.1f s (its streams are "
             "taken over on their next resume)",
@@ -353,9 +400,9 @@ class Supervisor:
             seat.pid,
             seat.replica_id or "-",
             how,
-            delay,
+            verdict.restart_in_s,
         )
-        seat.restart_at = now + delay
+        seat.restart_at = now + verdict.restart_in_s
 
     # -- the loop ------------------------------------------------------------------
 
