@@ -278,6 +278,28 @@ async def test_a_killed_worker_is_restarted_and_its_stream_taken_over_on_resume(
     assert [e.error.code for e in rest if e.HasField("error")] == ["OWNER_LOST"]
 
 
+def test_a_crashed_worker_whose_restarts_never_serve_stops_the_supervisor(
+    tmp_path: Path,
+) -> None:
+    # tests/workerkit.py: worker 1 serves, crashes, and every restart of it
+    # fails before serving; the supervisor restarts it (no delays there)
+    # until MAX_STARTUP_FAILURES in a row, then drains worker 0 and exits 1.
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("workerkit.py")), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_GUARD_S,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.startswith("port ")
+    lines = done.stderr.splitlines()
+    assert any("worker 1 serving" in line and "replica flaky" in line for line in lines)
+    restarts = [line for line in lines if "worker 1 (pid" in line and "; restarting it in" in line]
+    assert len(restarts) == MAX_STARTUP_FAILURES  # the crash, then 4 failed restarts
+    assert any("worker 1 (pid" in line and "not restarting it: stopping" in line for line in lines)
+    assert any("worker 0 (pid" in line and "exited with status 0" in line for line in lines)
+
+
 # --- refused configurations ------------------------------------------------------------
 
 

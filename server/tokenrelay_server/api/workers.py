@@ -464,10 +464,15 @@ def check_worker_host(settings: Settings) -> None:
 
 
 def supervise(
-    settings: Settings, target: WorkerTarget, *, announce_port: Callable[[int], None]
+    settings: Settings,
+    target: WorkerTarget,
+    *,
+    announce_port: Callable[[int], None],
+    delays: Callable[[int], float] = restart_delay,
 ) -> int:
     """Run `settings.workers` workers (`target(settings, link)` in spawned
-    processes) on one port until they are stopped; the exit status."""
+    processes) on one port until they are stopped; the exit status.
+    `delays`: seconds before a restart, by crashes in a row (tests: none)."""
     check_worker_host(settings)
     hold = reserve_port(settings.host, settings.port)
     port = int(hold.getsockname()[1])
@@ -484,7 +489,7 @@ def supervise(
 
     for signum in handled:
         signal.signal(signum, record)
-    supervisor = Supervisor(settings, target, port, announce_port)
+    supervisor = Supervisor(settings, target, port, announce_port, delays=delays)
     log.info(
         "supervising %d workers on %s:%d (SO_REUSEPORT)", settings.workers, settings.host, port
     )
