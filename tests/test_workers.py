@@ -192,6 +192,9 @@ async def test_sigterm_drains_every_worker_and_the_supervisor_exits_0(
         async with asyncio.timeout(PROCESS_GUARD_S):
             owners = await open_on_both_workers(supervised, store, request, 1)
             pids = [pid for pid, _ in supervised.current().values()]
+            # Twice, as `timeout` sends it (to the command, then its process
+            # group): one stop, still graceful.
+            supervised.process.send_signal(signal.SIGTERM)
             supervised.process.send_signal(signal.SIGTERM)
             for call, seen in owners.values():
                 events = seen + await call.events_until()
@@ -208,11 +211,11 @@ async def test_sigterm_drains_every_worker_and_the_supervisor_exits_0(
     assert log.count("exited with status 0") == 2
 
 
-async def test_a_second_sigterm_while_draining_kills_the_workers_and_exits_1(
+async def test_ctrl_c_while_draining_kills_the_workers_and_exits_1(
     supervised: Supervised, redis_url: str, redis_prefix: str
 ) -> None:
     # Streams that hang (stall@2) would hold the drain for its whole grace
-    # (120 s); the second signal ends it now.
+    # (120 s); Ctrl-C again (a SIGINT) ends it now.
     store = RedisStore.from_url(redis_url, prefix=redis_prefix)
     try:
         async with asyncio.timeout(PROCESS_GUARD_S):
@@ -222,12 +225,12 @@ async def test_a_second_sigterm_while_draining_kills_the_workers_and_exits_1(
             pids = [pid for pid, _ in supervised.current().values()]
             supervised.process.send_signal(signal.SIGTERM)
             await eventually(lambda: supervised.log().count("draining: no new streams") == 2)
-            supervised.process.send_signal(signal.SIGTERM)
+            supervised.process.send_signal(signal.SIGINT)
             status = await supervised.process.wait()
     finally:
         await store.close()
     assert status == 1
-    assert "SIGTERM again while draining: killing the workers (SIGKILL)" in supervised.log()
+    assert "SIGINT while draining: killing the workers (SIGKILL)" in supervised.log()
     assert not any(psutil.pid_exists(pid) for pid in pids)
 
 

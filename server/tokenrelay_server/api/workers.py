@@ -26,11 +26,13 @@ The supervisor (`supervise`, the parent process):
   by the first worker, and nothing else is started.
 - forwards SIGTERM and SIGINT as one SIGTERM to every worker: each drains
   as a single gateway does (drain_grace_s), and ignores any further signal
-  (Ctrl-C reaches the whole process group; systemd may signal every
-  process), so only the supervisor decides to hurry: a second SIGTERM or
-  SIGINT to it, or the drain outlasting drain_grace_s + STOP_MARGIN_S, kills
-  the workers (SIGKILL). It exits 0 when every worker drained and exited 0,
-  else 1. SIGHUP is forwarded (the TLS files are reloaded by every worker).
+  (Ctrl-C reaches the whole process group; `timeout` and systemd signal
+  every process), so only the supervisor decides to hurry: a SIGINT while
+  draining (Ctrl-C again), or the drain outlasting drain_grace_s +
+  STOP_MARGIN_S, kills the workers (SIGKILL); a SIGTERM while draining
+  changes nothing (one stop may deliver two). It exits 0 when every worker
+  drained and exited 0, else 1. SIGHUP is forwarded (the TLS files are
+  reloaded by every worker).
 - restarts a worker that dies while serving (a crash, the OOM killer,
   kill -9) after `restart_delay` of its crashes in a row (0 s for the first,
   then doubling from 0.5 s up to 30 s; a worker that served STABLE_S counts
@@ -318,7 +320,13 @@ class Supervisor:
             self.signal_all(signal.SIGHUP)
             return
         if self.stopping:
-            self.kill_all(f"{signal.Signals(signum).name} again while draining")
+            # Only a SIGINT hurries a drain (Ctrl-C again): a SIGTERM may come
+            # twice for one stop (`timeout` signals the command and its process
+            # group; systemd every process) and the stop stays graceful.
+            if signum == signal.SIGINT:
+                self.kill_all("SIGINT while draining")
+            else:
+                log.info("%s: already draining", signal.Signals(signum).name)
             return
         log.info(
             "%s: draining %d workers (open streams get %.0f s)",
