@@ -234,6 +234,25 @@ async def test_ctrl_c_while_draining_kills_the_workers_and_exits_1(
     assert not any(psutil.pid_exists(pid) for pid in pids)
 
 
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def test_workers_drain_and_exit_when_their_supervisor_is_killed(
+    supervised: Supervised,
+) -> None:
+    # PR_SET_PDEATHSIG: no orphan keeps serving the port.
+    pids = [pid for pid, _ in supervised.current().values()]
+    assert len(pids) == 2
+    supervised.process.send_signal(signal.SIGKILL)
+    await supervised.process.wait()
+    await eventually(lambda: all(gone(pid) for pid in pids), within_s=PROCESS_GUARD_S)
+    assert supervised.log().count("tokenrelay: stopped") == 2  # each drained
+
+
 async def test_a_killed_worker_is_restarted_and_its_stream_taken_over_on_resume(
     supervised: Supervised, redis_url: str, redis_prefix: str
 ) -> None:
