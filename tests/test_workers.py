@@ -234,6 +234,19 @@ async def test_ctrl_c_while_draining_kills_the_workers_and_exits_1(
     assert not any(psutil.pid_exists(pid) for pid in pids)
 
 
+async def test_sighup_reaches_every_worker(supervised: Supervised) -> None:
+    supervised.process.send_signal(signal.SIGHUP)
+    await eventually(
+        lambda: supervised.log().count("SIGHUP: no TLS files to reload") == 2,
+        within_s=PROCESS_GUARD_S,
+    )
+    await eventually(
+        lambda: supervised.log().count("SIGHUP: API keys and tenants reloaded") == 2,
+        within_s=PROCESS_GUARD_S,
+    )  # each worker read the config file again
+    assert "SIGHUP: forwarded to the workers" in supervised.log()
+
+
 def gone(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

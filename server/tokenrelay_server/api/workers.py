@@ -31,8 +31,8 @@ The supervisor (`supervise`, the parent process):
   draining (Ctrl-C again), or the drain outlasting drain_grace_s +
   STOP_MARGIN_S, kills the workers (SIGKILL); a SIGTERM while draining
   changes nothing (one stop may deliver two). It exits 0 when every worker
-  drained and exited 0, else 1. SIGHUP is forwarded (the TLS files are
-  reloaded by every worker).
+  drained and exited 0, else 1. SIGHUP is forwarded (every worker
+  reloads its TLS files and the config file's keys).
 - restarts a worker that dies while serving (a crash, the OOM killer,
   kill -9) after `restart_delay` of its crashes in a row (0 s for the first,
   then doubling from 0.5 s up to 30 s; a worker that served STABLE_S counts
