@@ -70,6 +70,7 @@ class Supervised:
     process: asyncio.subprocess.Process
     log_path: Path
     port: int = 0
+    metrics_port: int | None = None
     channels: list[grpc.aio.Channel] = field(default_factory=list)
 
     @property
@@ -102,10 +103,30 @@ def workers_config(path: Path, redis_url: str, redis_prefix: str, **extra: objec
     return path
 
 
+def free_port_pair() -> int:
+    """A port P such that P and P + 1 are both free now."""
+    while True:
+        with socket.socket() as first, socket.socket() as second:
+            first.bind(("127.0.0.1", 0))
+            port = int(first.getsockname()[1])
+            if port == 65535:
+                continue
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+
+
 @pytest.fixture
 async def supervised(
-    tmp_path: Path, redis_url: str, redis_prefix: str
+    request: pytest.FixtureRequest, tmp_path: Path, redis_url: str, redis_prefix: str
 ) -> AsyncIterator[Supervised]:
+    """`serve --workers 2` on port 0; more settings by indirect parametrization
+    (`metrics_port = "pair"`: a P with P and P + 1 free)."""
+    extra = dict(getattr(request, "param", {}))
+    if extra.get("metrics_port") == "pair":
+        extra["metrics_port"] = free_port_pair()
     # Streams hang where a test says (stall@K) and their leases never lapse
     # on their own: only a death frees a stream (through its heartbeat).
     config = workers_config(
@@ -115,6 +136,7 @@ async def supervised(
         lease_ttl_s=3600,
         stall_timeout_s=3600,
         drain_grace_s=120,
+        **extra,
     )
     log_path = tmp_path / "gateway.log"
     with log_path.open("wb") as stderr:
@@ -124,7 +146,7 @@ async def supervised(
             stderr=stderr,
             start_new_session=True,
         )
-    supervised = Supervised(process, log_path)
+    supervised = Supervised(process, log_path, metrics_port=extra.get("metrics_port"))
     try:
         assert process.stdout is not None
         async with asyncio.timeout(PROCESS_GUARD_S):
@@ -232,6 +254,20 @@ async def test_ctrl_c_while_draining_kills_the_workers_and_exits_1(
     assert status == 1
     assert "SIGINT while draining: killing the workers (SIGKILL)" in supervised.log()
     assert not any(psutil.pid_exists(pid) for pid in pids)
+
+
+@pytest.mark.parametrize("supervised", [{"metrics_port": "pair"}], indirect=True)
+async def test_worker_i_serves_metrics_on_metrics_port_plus_i(supervised: Supervised) -> None:
+    import httpx
+
+    log = supervised.log()
+    assert supervised.metrics_port is not None
+    async with httpx.AsyncClient() as http:
+        for index in (0, 1):
+            url = f"http://127.0.0.1:{supervised.metrics_port + index}/metrics"
+            assert f"metrics at {url}" in log
+            scraped = await http.get(url)
+            assert scraped.status_code == 200 and "tokenrelay_" in scraped.text
 
 
 async def test_sighup_reaches_every_worker(supervised: Supervised) -> None:
