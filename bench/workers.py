@@ -49,15 +49,16 @@ second core would buy when it is free. The benchmark never asserts; it
 exits 0 unless a stream came back wrong or a process failed.
 
 Measured (issue 10), on the 2-core development machine while other jobs
-used 0.5-1 core of it: five runs (3-5 rounds a side, 100-500 tokens per
+used 0.5-1 core of it: six runs (3-5 rounds a side, 100-500 tokens per
 stream) gave best/best ratios of 0.87 to 1.66 and median ratios of 1.10 to
-1.74; the gateway's CPU per chunk was the same on both sides within noise
-(41.0 vs 42.7, 37.9 vs 32.8, 49.5 vs 40.5 us on the write-behind Redis
-store), the two workers split the work 54/46 or closer, and the client
-used 0.4-0.8 of a core (20-55 us per chunk). The rounds of either side
-varied by up to 2x between rounds: the cores were oversubscribed, so the
-1.6x goal could be neither shown nor refuted here; it needs a machine where
-two cores are free for the workers (the client and Redis elsewhere).
+1.77; the gateway's CPU per chunk was the same on both sides within noise
+(on the write-behind Redis store: 49.5 vs 40.5, 37.9 vs 32.8, 41.0 vs 42.7,
+34.3 vs 32.0 us), the two workers split the work 54/46 or closer, and the
+client used 0.4-0.8 of a core (20-55 us per chunk; more per chunk when the
+gateway is the slower side). Rounds of one side varied by up to 2x: the
+cores were oversubscribed, so the 1.6x goal could be neither shown nor
+refuted here; it needs two cores free for the workers (the client and
+Redis elsewhere).
 
 Output: a table, then one JSON line with every figure.
 """
