@@ -53,3 +53,12 @@ def test_seal_runs_and_reports_its_cost() -> None:
     summary = run_bench("seal.py", "--number", "200", "--repeat", "1")
     assert summary["sealed_size"] == 100 + 32  # header (k2), nonce, tag
     assert all(isinstance(summary[key], float) for key in ("seal_us", "open_us", "codec_us"))
+
+
+def test_workers_runs_and_every_stream_is_exact(redis_url: str) -> None:
+    summary = run_bench(
+        "workers.py",
+        *("--streams", "4", "--tokens", "10", "--rounds", "1", "--redis-url", redis_url),
+    )
+    assert summary["all_ok"] is True
+    assert summary["exit_statuses"] == {"1": 0, "2": 0}

@@ -13,12 +13,14 @@ status 2 without starting anything.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -37,6 +39,7 @@ from tokenrelay_server.obs.logs import known_secrets, setup_logging
 
 if TYPE_CHECKING:
     from tokenrelay_server.api.server import RelayServer
+    from tokenrelay_server.api.workers import WorkerLink
 
 log = logging.getLogger("tokenrelay")
 
@@ -51,6 +54,12 @@ SERVE_OPTIONS: list[tuple[str, str | type[bool], str]] = [
     ("port", INTEGER, "Port to listen on; 0 picks a free one and prints it."),
     ("store", "[memory|redis]", "Stream log: memory, or Redis shared by replicas."),
     ("redis_url", TEXT, "Redis URL for --store redis."),
+    (
+        "workers",
+        INTEGER,
+        "Gateway processes sharing the port (SO_REUSEPORT), restarted when they die; "
+        "more than 1 needs --store redis.",
+    ),
     (
         "redis_cluster",
         bool,
@@ -196,9 +205,9 @@ def serve(
         secrets=known_secrets(settings, os.environ),
     )
 
-    def reread() -> Settings:  # SIGHUP: the config file again, as at start
-        return load_settings(config_file, flags=flags, env=os.environ)
-
+    reread = ConfigSource(config_file, dict(flags))  # SIGHUP: the config file again
+    if settings.workers > 1:
+        _supervise(ctx, settings, reread)
     try:
         run_gateway(_serve(settings, reread))
     except ConfigError as error:
@@ -227,23 +236,87 @@ def run_gateway(main: Coroutine[Any, Any, None]) -> None:
 
 def exit_with_problems(ctx: click.Context, error: ConfigError) -> NoReturn:
     """Every mistake on its own line, then a count; nothing was started."""
+    echo_problems(error)
+    ctx.exit(CONFIG_ERROR_STATUS)
+
+
+def echo_problems(error: ConfigError) -> None:
     for problem in error.problems:
         click.echo(problem.describe(), err=True)
     count = len(error.problems)
     noun = "mistake" if count == 1 else "mistakes"
     click.echo(f"Error: {count} configuration {noun}; nothing was started.", err=True)
-    ctx.exit(CONFIG_ERROR_STATUS)
 
 
-async def _serve(settings: Settings, reread: Callable[[], Settings] | None = None) -> None:
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where `serve` read its settings, to read them again on SIGHUP (a
+    value, not a closure: a worker of `--workers N` is handed it pickled)."""
+
+    config_file: Path | None
+    flags: dict[str, Any]
+
+    def __call__(self) -> Settings:
+        return load_settings(self.config_file, flags=self.flags, env=os.environ)
+
+
+def _print_port(port: int) -> None:
+    print(f"port {port}", flush=True)
+
+
+def _supervise(ctx: click.Context, settings: Settings, reread: ConfigSource) -> NoReturn:
+    """`serve --workers N` (N > 1): this process only supervises; each
+    worker runs `_serve_worker` (api/workers.py)."""
+    from tokenrelay_server.api.workers import supervise
+
+    try:
+        status = supervise(
+            settings,
+            functools.partial(_serve_worker, reread=reread),
+            announce_port=_print_port if settings.port == 0 else lambda _port: None,
+        )
+    except ConfigError as error:
+        exit_with_problems(ctx, error)
+    except OSError as error:
+        raise click.ClickException(str(error)) from None
+    ctx.exit(status)
+
+
+def _serve_worker(settings: Settings, worker: WorkerLink, *, reread: ConfigSource) -> None:
+    """A worker process of `serve --workers N` (spawned: a fresh interpreter)."""
+    worker.die_with_supervisor()
+    setup_logging(
+        settings.log_level,
+        settings.log_format,
+        secrets=known_secrets(settings, os.environ),
+    )
+    try:
+        run_gateway(_serve(settings, reread, worker=worker))
+    except ConfigError as error:
+        echo_problems(error)
+        sys.exit(CONFIG_ERROR_STATUS)
+    except OSError as error:
+        click.echo(f"Error: {error}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass
+
+
+async def _serve(
+    settings: Settings,
+    reread: Callable[[], Settings] | None = None,
+    *,
+    worker: WorkerLink | None = None,
+) -> None:
     from tokenrelay_server.api.server import RelayServer
 
-    server = await RelayServer.start(settings)
+    server = await RelayServer.start(settings, reuse_port=worker is not None)
     log.info(
-        "tokenrelay listening on %s (store=%s, models=%s)",
+        "tokenrelay listening on %s (store=%s, models=%s%s)",
         server.address,
         settings.store,
         ",".join(server.hub.router.models),
+        "" if worker is None else f", {worker.label}, replica {server.hub.replica_id}",
     )
     if settings.port == 0:
         print(f"port {server.port}", flush=True)
@@ -269,11 +342,17 @@ async def _serve(settings: Settings, reread: Callable[[], Settings] | None = Non
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _on_sighup, server, reread)
+    if worker is not None:
+        worker.ready(server.port, server.hub.replica_id)
     await stop.wait()
     loop.remove_signal_handler(signal.SIGHUP)
     log.info("draining: no new streams; open streams get %.0f s", settings.drain_grace_s)
+    # A second signal stops a lone gateway at once; a worker ignores it (its
+    # supervisor forwards the one it got itself, api/workers.py) and is
+    # hurried by its supervisor instead.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(sig)
+        if worker is None:
+            loop.remove_signal_handler(sig)
     await server.drain_and_stop()
     log.info("stopped")
 

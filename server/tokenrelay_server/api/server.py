@@ -413,13 +413,16 @@ class RelayServer:
         routes: Mapping[str, list[Route]] | None = None,
         observers: Sequence[Observer] = (),
         lag_clock: Clock | None = None,
+        reuse_port: bool = False,
     ) -> RelayServer:
         """Assemble and start a gateway. `observers` get every engine event
         (engine/events.py) after the gateway's own: the tracer (when
         `otel_exporter` is not "none"), the lifecycle log lines, live stats,
         metrics and the error statistics recorder (when asked for).
         `lag_clock` is the loop-lag monitor's (default: the real clock, even
-        when `clock` is a test's: loop lag is real time)."""
+        when `clock` is a test's: loop lag is real time). `reuse_port`: bind
+        with SO_REUSEPORT, so that the other workers of `serve --workers N`
+        share the port (api/workers.py); off, a port in use is an error."""
         settings = settings or Settings()
         check_open_gateway(settings)
         # Checked before anything is built: a mistake is a configuration error
@@ -514,7 +517,7 @@ class RelayServer:
             interceptors=None if tracing is None else [tracing.server_interceptor()],
             options=[
                 ("grpc.max_receive_message_length", limits.max_request_bytes),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
             ],
         )
         relay_pb2_grpc.add_RelayServicer_to_server(

@@ -122,6 +122,10 @@ class Settings(BaseModel):
     redis_prefix: str = "tr"
     # The Redis at redis_url is a node of a Redis Cluster (store/connect.py).
     redis_cluster: bool = False
+    # Worker processes sharing the port through SO_REUSEPORT (issue 10; api/
+    # workers.py supervises them). More than one needs the Redis store: a
+    # resume may land on any worker (checked in load_settings).
+    workers: int = Field(1, ge=1, le=256)
     # Redis connections (issue 9): a bounded pool per replica; a command waits
     # up to redis_pool_timeout_s for a free connection. A transient store
     # failure is retried for store_retry_window_s (appends held back, not
@@ -511,7 +515,70 @@ def load_settings(
         for name in ("stall_timeout_s", "first_token_timeout_s")
         if name in explicit
     }
-    return build_settings({**file.values, **explicit, "timeout_overrides": overrides})
+    settings = build_settings({**file.values, **explicit, "timeout_overrides": overrides})
+    problems = _worker_problems(settings, given, environment, config_file, file.text)
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _worker_problems(
+    settings: Settings,
+    given: Mapping[str, Any],
+    environment: Mapping[str, Any],
+    config_file: Path | None,
+    text: str | None,
+) -> list[ConfigProblem]:
+    """What `workers` > 1 needs of the merged settings, reported where
+    `workers` was set: the Redis store (a resume may land on any worker, and
+    only Redis is shared by them), and room for one metrics port per worker
+    (worker i serves /metrics on metrics_port + i)."""
+    count = settings.workers
+    if count == 1:
+        return []
+    if "workers" in given:
+        source, path, line = flag_of("workers"), "", None
+    elif "workers" in environment:
+        source, path, line = env_var("workers"), "", None
+    else:
+        source, path = str(config_file), "server.workers"
+        line = KeyLines(text).line_of(("server", "workers")) if text is not None else None
+    problems = []
+    if settings.store != "redis":
+        problems.append(
+            ConfigProblem(
+                path,
+                f"{count} workers need the Redis store ({flag_of('store')} redis): a resume "
+                "may land on any worker, and only Redis is shared by them "
+                f"(the store is {settings.store})",
+                line,
+                source,
+            )
+        )
+    first = settings.metrics_port
+    if first:  # None: no metrics; 0: each worker picks a free port
+        last = first + count - 1
+        if last > 65535:
+            problems.append(
+                ConfigProblem(
+                    path,
+                    f"{count} workers serve metrics on {flag_of('metrics_port')} + 0..{count - 1}, "
+                    f"which passes port 65535; use a lower {flag_of('metrics_port')}",
+                    line,
+                    source,
+                )
+            )
+        elif first <= settings.port <= last:
+            problems.append(
+                ConfigProblem(
+                    path,
+                    f"{count} workers serve metrics on ports {first}-{last}, which holds "
+                    f"{flag_of('port')} {settings.port}; move one of them",
+                    line,
+                    source,
+                )
+            )
+    return problems
 
 
 def build_settings(values: dict[str, Any], *, source: str = "settings") -> Settings:
