@@ -282,6 +282,8 @@ class Replica:
     paused: bool = False
     starting: bool = False  # between spawning and answering health checks
     starts: int = 0
+    # One start at a time (see `start`).
+    _start_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     @property
     def address(self) -> str:
@@ -300,15 +302,14 @@ class Replica:
         """Start the replica, unless it runs or is being started: two starts
         at once (a fault's restart and `heal`) spawned two processes, and the
         one the rig lost track of outlived the run holding the port."""
-        while self.starting:
-            await asyncio.sleep(POLL_S)
-        if self.alive:
-            return
-        self.starting = True
-        try:
-            await self._start()
-        finally:
-            self.starting = False
+        async with self._start_lock:
+            if self.alive:
+                return
+            self.starting = True
+            try:
+                await self._start()
+            finally:
+                self.starting = False
 
     async def _start(self) -> None:
         with self.log.open("ab") as log:
