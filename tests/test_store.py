@@ -605,6 +605,28 @@ async def test_open_read_gives_meta_tail_and_entries_in_one_look(store: StreamSt
     assert ended is not None and ended.tail == StreamTail(3, True) and ended.entries == [end(3)]
 
 
+async def test_wait_past_the_notices_a_reader_saw_waits_for_something_new(
+    backend: Backend, store: StreamStore
+) -> None:
+    # A follower that saw chunk 1 and the notice after it (the owner is in
+    # its backoff) waits for the next entry instead of reading the notice
+    # again and again.
+    stream_id = await new_stream(store)
+    await store.append(stream_id, [chunk(1), notice(1)])
+    assert await store.wait(stream_id, after_seq=1, timeout_s=30.0) == [notice(1)]
+    parked_before = await backend.parked_waiters()
+    waiting = asyncio.ensure_future(
+        store.wait(stream_id, after_seq=1, timeout_s=30.0, seen_notices=1)
+    )
+    await backend.until_parked(parked_before + 1)
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not waiting.done()
+    await store.append(stream_id, [chunk(2)])
+    async with asyncio.timeout(HANG_GUARD_S):
+        assert await waiting == [notice(1), chunk(2)]
+
+
 async def test_wait_wakes_on_append(backend: Backend, store: StreamStore) -> None:
     stream_id = await new_stream(store)
     await store.append(stream_id, [chunk(1)])

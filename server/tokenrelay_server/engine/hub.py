@@ -554,7 +554,9 @@ class StreamHub:
             if session.prefetched is not None:
                 entries, session.prefetched = session.prefetched, None
             else:
-                entries = await self.store.wait(stream_id, cursor.seq, wait_s)
+                entries = await self.store.wait(
+                    stream_id, cursor.seq, wait_s, seen_notices=cursor.notices
+                )
             wait_s = poll_s
             if entries:
                 batch = cursor.take(entries)

@@ -126,9 +126,14 @@ class StreamStore(Protocol):
         trip); None when the stream expired or never existed."""
         ...
 
-    async def wait(self, stream_id: str, after_seq: int, timeout_s: float) -> list[LogEntry]:
-        """Like `read`, but when nothing is there yet, wait up to `timeout_s`
-        for something to be appended. Returns [] on timeout."""
+    async def wait(
+        self, stream_id: str, after_seq: int, timeout_s: float, *, seen_notices: int = 0
+    ) -> list[LogEntry]:
+        """Like `read`, but when nothing is there yet past the first
+        `seen_notices` notices after chunk `after_seq` (the reader saw them),
+        wait up to `timeout_s` for something to be appended. Returns [] on
+        timeout. (A follower of a stream in backoff after a notice waits
+        instead of reading it again and again.)"""
         ...
 
     async def tail(self, stream_id: str) -> StreamTail | None:

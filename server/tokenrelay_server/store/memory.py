@@ -111,10 +111,12 @@ class MemoryStore:
     async def read(self, stream_id: str, after_seq: int, limit: int = 1000) -> list[LogEntry]:
         return self._require(stream_id).log.read(after_seq, limit)
 
-    async def wait(self, stream_id: str, after_seq: int, timeout_s: float) -> list[LogEntry]:
+    async def wait(
+        self, stream_id: str, after_seq: int, timeout_s: float, *, seen_notices: int = 0
+    ) -> list[LogEntry]:
         stream = self._require(stream_id)
         entries = await self.read(stream_id, after_seq)
-        if entries or stream.log.end is not None:
+        if len(entries) > seen_notices or stream.log.end is not None:
             return entries
         if stream.changed is None:
             stream.changed = asyncio.Event()

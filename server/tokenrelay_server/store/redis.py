@@ -822,17 +822,20 @@ class RedisStore:
         entries, _ = await self._read_after(stream_id, after_seq, limit)
         return entries
 
-    async def wait(self, stream_id: str, after_seq: int, timeout_s: float) -> list[LogEntry]:
+    async def wait(
+        self, stream_id: str, after_seq: int, timeout_s: float, *, seen_notices: int = 0
+    ) -> list[LogEntry]:
         entries, ended = await self._read_after(stream_id, after_seq)
-        if entries or ended or timeout_s <= 0:
+        if len(entries) > seen_notices or ended or timeout_s <= 0:
             return entries
-        # The watcher rings when the log holds an entry after "S-0" (XREAD is
-        # exclusive: exactly what `read` would return); the entries come from
-        # `read`, which applies the limit and knows about the End. Real time:
-        # Redis's BLOCK timer runs on it whatever the injected clock says (the
-        # memory store uses asyncio.timeout here for the same reason).
+        # The watcher rings when the log holds an entry after "S-N" (XREAD is
+        # exclusive; the notices after chunk S are "S-1", "S-2", …, so this is
+        # past the N the reader saw); the entries come from `read`, which
+        # applies the limit and knows about the End. Real time: Redis's BLOCK
+        # timer runs on it whatever the injected clock says (the memory store
+        # uses asyncio.timeout here for the same reason).
         rang = await self._watcher.wait(
-            self._key(stream_id, "log"), f"{max(after_seq, 0)}-0", timeout_s
+            self._key(stream_id, "log"), f"{max(after_seq, 0)}-{seen_notices}", timeout_s
         )
         return await self.read(stream_id, after_seq) if rang else []
 
