@@ -7,7 +7,13 @@ import * as grpc from '@grpc/grpc-js';
 
 import { isTransient } from './decisions';
 import { GenerationFailed, ResumeRejected, StreamFailed, statusName } from './errors';
-import { type WireCall, type WireEvent, type WireRequest, refusedPartial } from './wire';
+import {
+  type WireCall,
+  type WireEvent,
+  type WireRequest,
+  advisedWaitMs,
+  refusedPartial,
+} from './wire';
 
 // How long a finished call may take to report its status after StreamEnd
 // before the client cancels it (only matters for a misbehaving server).
@@ -49,7 +55,7 @@ export function translateFailure(error: unknown, resuming: boolean): Error {
   if (resuming && RESUME_REFUSALS.has(code)) {
     return new ResumeRejected(code, details);
   }
-  return new StreamFailed(code, details);
+  return new StreamFailed(code, details, null, advisedWaitMs(metadata));
 }
 
 export const TIMED_OUT = Symbol('timed out');

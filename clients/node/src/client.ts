@@ -31,6 +31,15 @@
  *   server sends it, and its last seq must equal `total_seq`, or
  *   `DigestMismatch` is thrown.
  *
+ * - Honours a refused start's advice: a start refused with RESOURCE_EXHAUSTED
+ *   (load shedding, a tenant's quota) whose status says when to try again
+ *   (google.rpc.RetryInfo in grpc-status-details-bin, or `retry-after-ms`
+ *   trailing metadata) is sent again after that wait (a `throttled` event,
+ *   then `reconnect.sleep`), `startRetries` times at most, with the same
+ *   idempotency key (`startRetryWait`); then `StreamFailed` carries the
+ *   advised `retryAfterMs`. A refusal without advice, or with a wait longer
+ *   than `maxStartRetryWaitMs`, throws at once.
+ *
  * Statuses a reconnect cannot fix (INVALID_ARGUMENT, PERMISSION_DENIED,
  * NOT_FOUND, RESOURCE_EXHAUSTED, …) throw `StreamFailed` / `ResumeRejected`
  * at once. A status whose rich details (grpc-status-details-bin) carry a
@@ -54,13 +63,14 @@ import {
   finishCall,
   translateFailure,
 } from './call';
-import { backoffDelay } from './decisions';
+import { backoffDelay, startRetryWait } from './decisions';
 import {
   GenerationFailed,
   PartialAnswer,
   PartialStream,
   ProtocolViolation,
   ReconnectsExhausted,
+  StreamFailed,
   TokenRelayClientError,
 } from './errors';
 import type {
@@ -140,6 +150,13 @@ export interface RelayClientOptions {
   readonly policy?: PolicyInput;
   /** Extra grpc-js channel options, applied after the client's own. */
   readonly channelOptions?: grpc.ChannelOptions;
+  /** How many times a start refused with RESOURCE_EXHAUSTED and an advised
+   * wait (RetryInfo / retry-after-ms) is sent again, each time after that
+   * wait (slept with `reconnect.sleep`); 0 throws the first refusal (3). */
+  readonly startRetries?: number;
+  /** An advised wait longer than this is not slept: the refusal is thrown at
+   * once (its `retryAfterMs` says the wait) (60000). */
+  readonly maxStartRetryWaitMs?: number;
 }
 
 export interface StreamOptions extends GenerationInput {
@@ -250,6 +267,8 @@ export class RelayClient {
   readonly backoffCapMs: number;
   readonly jitter: number;
   readonly connectTimeoutMs: number;
+  readonly startRetries: number;
+  readonly maxStartRetryWaitMs: number;
   private readonly random: () => number;
   private readonly sleep: Sleep;
   private readonly defaultPolicy: PolicyInput;
@@ -274,6 +293,11 @@ export class RelayClient {
       throw new RangeError(`reconnect.jitter must be between 0 and 1, got ${this.jitter}`);
     }
     this.connectTimeoutMs = positive(reconnect.connectTimeoutMs ?? 2000, 'reconnect.connectTimeoutMs');
+    this.startRetries = atLeastZero(options.startRetries ?? 3, 'startRetries');
+    if (!Number.isInteger(this.startRetries)) {
+      throw new RangeError(`startRetries must be a whole number, got ${this.startRetries}`);
+    }
+    this.maxStartRetryWaitMs = atLeastZero(options.maxStartRetryWaitMs ?? 60_000, 'maxStartRetryWaitMs');
     this.random = reconnect.random ?? Math.random;
     this.sleep = reconnect.sleep ?? ((ms: number) => sleepFor(ms));
     // Checked now, so a bad default policy fails here rather than on every call.
@@ -554,12 +578,15 @@ export class RelayStream implements AsyncIterable<RelayEvent> {
     let attempt = 0; // failed attempts in the current round (reset by a new chunk)
     let roundCause = '';
     let delayMs = 0;
+    let startRetries = 0; // refused starts sent again (RelayClient.startRetries)
     for (;;) {
       const seqBefore = this.lastSeq;
       const call = client.openCall(attempt > 0);
       this.call = call;
       const resuming = this.resumeToken !== '';
-      let cause: string;
+      let cause = '';
+      let refused: StreamFailed | null = null;
+      let waitMs: number | null = null;
       try {
         for await (const event of this.attachAndRead(call, resuming)) {
           if (event.type === 'started' && attempt > 0) {
@@ -581,6 +608,18 @@ export class RelayStream implements AsyncIterable<RelayEvent> {
           error.partial = this.partial();
           this.checkFailedDelivery(error);
           throw error;
+        } else if (error instanceof StreamFailed && !resuming) {
+          // A refused start: shed load, a quota (until it passes).
+          waitMs = startRetryWait(error.code, error.retryAfterMs, {
+            retriesDone: startRetries,
+            maxRetries: client.startRetries,
+            maxWaitMs: client.maxStartRetryWaitMs,
+          });
+          if (waitMs === null) {
+            error.partial ??= this.partial();
+            throw error;
+          }
+          refused = error;
         } else if (error instanceof TokenRelayClientError) {
           error.partial ??= this.partial();
           throw error;
@@ -590,7 +629,19 @@ export class RelayStream implements AsyncIterable<RelayEvent> {
       } finally {
         this.call = null;
         call.cancel(); // a no-op for a call that has its status
-
+      }
+      if (refused !== null && waitMs !== null) {
+        // Not a broken connection: the reconnect budget is untouched.
+        startRetries += 1;
+        yield {
+          type: 'throttled',
+          attempt: startRetries,
+          maxAttempts: client.startRetries,
+          delayMs: waitMs,
+          cause: refused.message,
+        };
+        await client.wait(waitMs);
+        continue;
       }
       if (this.lastSeq > seqBefore || attempt === 0) {
         // Progress since the last failure (or the first failure): a new round.

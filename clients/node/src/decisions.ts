@@ -1,6 +1,7 @@
 /**
- * The client's two decisions, as pure functions (the Python client's
- * `backoff_delay` and `is_transient`, with the same tables in the tests).
+ * The client's decisions, as pure functions (the Python client's
+ * `backoff_delay`, `is_transient` and `start_retry_wait`, with the same
+ * tables in the tests).
  */
 import { status as GrpcStatus } from '@grpc/grpc-js';
 
@@ -76,4 +77,37 @@ export function isTransient(code: GrpcStatus, details: string): boolean {
     return CONNECTION_FAILURE_HINTS.some((hint) => lowered.includes(hint));
   }
   return false;
+}
+
+export interface StartRetrySettings {
+  /** Refused starts already sent again on this stream. */
+  readonly retriesDone: number;
+  /** The budget (RelayClientOptions.startRetries, default 3; 0: never). */
+  readonly maxRetries: number;
+  /** The longest advised wait that is slept (maxStartRetryWaitMs, 60000). */
+  readonly maxWaitMs: number;
+}
+
+/**
+ * Milliseconds to wait before sending a refused start again, or null: give
+ * up (throw the refusal).
+ *
+ * Only RESOURCE_EXHAUSTED that says how long to wait is worth it (the
+ * gateway sheds load or a tenant is over quota, for now); at most
+ * `maxRetries` times per stream; a wait longer than `maxWaitMs` is the
+ * caller's to decide on, so it is thrown rather than slept. A negative
+ * advice (a broken server) waits nothing.
+ */
+export function startRetryWait(
+  code: GrpcStatus,
+  retryAfterMs: number | null,
+  settings: StartRetrySettings,
+): number | null {
+  if (code !== GrpcStatus.RESOURCE_EXHAUSTED || retryAfterMs === null || Number.isNaN(retryAfterMs)) {
+    return null;
+  }
+  if (settings.retriesDone >= settings.maxRetries || retryAfterMs > settings.maxWaitMs) {
+    return null;
+  }
+  return Math.max(0, retryAfterMs);
 }

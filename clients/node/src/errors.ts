@@ -3,7 +3,8 @@
  * Python client's):
  *
  *     TokenRelayClientError
- *      ├── StreamFailed            a gRPC status that retrying cannot fix (code + details)
+ *      ├── StreamFailed            a gRPC status that retrying cannot fix (code + details;
+ *      │    │                      `retryAfterMs` when the gateway said when to try again)
  *      │    ├── ResumeRejected     the server refused a resume (NOT_FOUND, PERMISSION_DENIED)
  *      │    └── GenerationFailed   the gateway gave up and the stream refused partials
  *      │                           (policy allowPartial = false): the typed StreamError
@@ -80,12 +81,20 @@ export function statusName(code: GrpcStatus): string {
 
 /** The server (or gRPC) ended the call with a status that a reconnect cannot
  * fix: a bad request (INVALID_ARGUMENT names the field), credentials, quota.
- * Fix the request or give up; do not retry the same call. */
+ * Fix the request or give up; do not retry the same call.
+ *
+ * `retryAfterMs`: the wait the gateway advised (google.rpc.RetryInfo, or
+ * `retry-after-ms` trailing metadata), null when it gave none. A start
+ * refused with RESOURCE_EXHAUSTED (load shedding, a tenant's quota) that
+ * carries one has already been retried `startRetries` times, each after the
+ * advised wait (see RelayClient); this is the last refusal: try again after
+ * `retryAfterMs`, on another replica, or with fewer tokens. */
 export class StreamFailed extends TokenRelayClientError {
   constructor(
     readonly code: GrpcStatus,
     readonly details: string,
     partial: PartialStream | null = null,
+    readonly retryAfterMs: number | null = null,
   ) {
     super(`${statusName(code)}: ${details}`, partial);
   }

@@ -15,6 +15,12 @@
  *
  *     reconnecting the call failed transiently; the client waits `delayMs`, then reattaches
  *     reconnected  reattached; the next chunk is `lastSeq + 1`
+ *
+ * And when the gateway refuses the start for now:
+ *
+ *     throttled    RESOURCE_EXHAUSTED with an advised wait (load shedding, a
+ *                  tenant's quota); the client waits `delayMs`, then sends the
+ *                  same start again
  */
 
 export interface Started {
@@ -147,6 +153,23 @@ export interface Reconnected {
   readonly cause: string;
 }
 
+/** The gateway refused the start for now (load shedding, a tenant's quota:
+ * RESOURCE_EXHAUSTED with google.rpc.RetryInfo or `retry-after-ms`); the
+ * client sleeps the advised `delayMs`, then sends the same start (same
+ * idempotency key: the refused start created nothing). Not a reconnect: the
+ * reconnect budget is untouched. */
+export interface Throttled {
+  readonly type: 'throttled';
+  /** 1-based: the how-manieth retry of the start this wait precedes. */
+  readonly attempt: number;
+  /** RelayClientOptions.startRetries. */
+  readonly maxAttempts: number;
+  /** The wait the gateway advised. */
+  readonly delayMs: number;
+  /** e.g. "RESOURCE_EXHAUSTED: this replica is generating 8 streams ...". */
+  readonly cause: string;
+}
+
 export type RelayEvent =
   | Started
   | Chunk
@@ -154,7 +177,8 @@ export type RelayEvent =
   | Notice
   | End
   | Reconnecting
-  | Reconnected;
+  | Reconnected
+  | Throttled;
 
 /** A complete tool call, assembled from its deltas (or sent back in an
  * assistant message). `arguments` is JSON text. */

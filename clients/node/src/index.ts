@@ -13,7 +13,13 @@ export {
   type Sleep,
   type StreamOptions,
 } from './client';
-export { backoffDelay, isTransient, type BackoffSettings } from './decisions';
+export {
+  backoffDelay,
+  isTransient,
+  startRetryWait,
+  type BackoffSettings,
+  type StartRetrySettings,
+} from './decisions';
 export { chunkRecord, chunksSha256, textSha256, type ChunkContent } from './assembly';
 export {
   DigestMismatch,
@@ -39,6 +45,7 @@ export type {
   RelayEvent,
   Started,
   TextChunk,
+  Throttled,
   ToolCall,
   ToolCallChunk,
   ToolCallDelta,

@@ -395,12 +395,70 @@ const RPC_TYPES = protobuf.parse(`
   message Any { string type_url = 1; bytes value = 2; }
   message Status { int32 code = 1; string message = 2; repeated Any details = 3; }
   message ErrorInfo { string reason = 1; string domain = 2; map<string, string> metadata = 3; }
+  message Duration { int64 seconds = 1; int32 nanos = 2; }
+  message RetryInfo { Duration retry_delay = 1; }
 `).root;
 const STATUS_TYPE = RPC_TYPES.lookupType('tokenrelay_client.rpc.Status');
 const ERROR_INFO_TYPE = RPC_TYPES.lookupType('tokenrelay_client.rpc.ErrorInfo');
+const RETRY_INFO_TYPE = RPC_TYPES.lookupType('tokenrelay_client.rpc.RetryInfo');
 
 const STREAM_ERROR_URL = 'tokenrelay.v1.StreamError';
 const ERROR_INFO_URL = 'google.rpc.ErrorInfo';
+const RETRY_INFO_URL = 'google.rpc.RetryInfo';
+/** Trailing metadata of a refused start: how long to wait, in whole
+ * milliseconds (the gateway sends it with the RetryInfo, which wins). */
+export const RETRY_AFTER_MS = 'retry-after-ms';
+
+interface RpcDetail {
+  readonly typeUrl?: string;
+  readonly value?: Uint8Array;
+}
+
+/** The details of the google.rpc.Status in grpc-status-details-bin; null
+ * when there is none or it cannot be read. */
+function statusDetails(metadata: grpc.Metadata | undefined): RpcDetail[] | null {
+  const raw = metadata?.get('grpc-status-details-bin')[0];
+  if (!(raw instanceof Buffer)) {
+    return null;
+  }
+  try {
+    const status = STATUS_TYPE.toObject(STATUS_TYPE.decode(raw), { defaults: true }) as {
+      details?: RpcDetail[];
+    };
+    return status.details ?? [];
+  } catch {
+    return null;
+  }
+}
+
+/** The wait a refusal advises, in milliseconds: its google.rpc.RetryInfo,
+ * else its `retry-after-ms` trailing metadata (whole milliseconds, ASCII
+ * digits); null when it says nothing (or nothing readable). */
+export function advisedWaitMs(metadata: grpc.Metadata | undefined): number | null {
+  for (const detail of statusDetails(metadata) ?? []) {
+    if (typeName(detail.typeUrl ?? '') !== RETRY_INFO_URL) {
+      continue;
+    }
+    try {
+      const info = RETRY_INFO_TYPE.toObject(
+        RETRY_INFO_TYPE.decode(detail.value ?? new Uint8Array()),
+        { longs: Number, defaults: true },
+      ) as { retryDelay?: DurationLike | null };
+      const waitMs = durationMs(info.retryDelay ?? { seconds: 0, nanos: 0 });
+      if (waitMs !== null && Number.isFinite(waitMs)) {
+        return waitMs;
+      }
+    } catch {
+      // An unreadable RetryInfo is no advice; the header may still say.
+    }
+  }
+  for (const value of metadata?.get(RETRY_AFTER_MS) ?? []) {
+    if (typeof value === 'string' && /^[0-9]+$/.test(value.trim())) {
+      return Number(value.trim());
+    }
+  }
+  return null;
+}
 
 function typeName(typeUrl: string): string {
   return typeUrl.slice(typeUrl.lastIndexOf('/') + 1);
@@ -415,20 +473,14 @@ export interface RefusedPartial {
  * status's rich details carry, or null when they carry none (or cannot be
  * read: a status we cannot read is judged by its code alone). */
 export function refusedPartial(metadata: grpc.Metadata | undefined): RefusedPartial | null {
-  const raw = metadata?.get('grpc-status-details-bin')[0];
-  if (!(raw instanceof Buffer)) {
-    return null;
-  }
-  let status: { details?: { typeUrl?: string; value?: Uint8Array }[] };
-  try {
-    status = STATUS_TYPE.toObject(STATUS_TYPE.decode(raw), { defaults: true }) as typeof status;
-  } catch {
+  const details = statusDetails(metadata);
+  if (details === null) {
     return null;
   }
   let error: ErrorDetail | null = null;
   let info: Record<string, string> = {};
   const errorType = contract().root.lookupType(STREAM_ERROR_URL);
-  for (const detail of status.details ?? []) {
+  for (const detail of details) {
     const name = typeName(detail.typeUrl ?? '');
     try {
       if (name === STREAM_ERROR_URL) {
