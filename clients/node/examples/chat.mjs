@@ -51,6 +51,9 @@ try {
       case 'reconnected':
         process.stderr.write(`[resumed after seq ${event.lastSeq}]\n`);
         break;
+      case 'throttled':
+        process.stderr.write(`[the gateway is busy (${event.cause}); trying again in ${Math.round(event.delayMs)} ms]\n`);
+        break;
       case 'end':
         process.stdout.write('\n');
         process.stderr.write(
