@@ -88,7 +88,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from relay_vs_echo import SECRET, read_stream, start_request, stream_method
+from relay_vs_echo import SECRET, read_stream, rounded, start_request, stream_method
 
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 GOAL_RATIO = 1.6
@@ -401,16 +401,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "redis_measured": redis is not None,
         "seconds": seconds,
     }
-
-
-def rounded(value: Any) -> Any:
-    if isinstance(value, float):
-        return round(value, 3)
-    if isinstance(value, dict):
-        return {k: rounded(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [rounded(v) for v in value]
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

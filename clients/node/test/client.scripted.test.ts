@@ -40,6 +40,7 @@ import {
   textUpTo,
   unavailable,
 } from './support/scriptedRelay';
+import { bytesField, richStatus } from './support/rpcStatus';
 
 const servers: ScriptedRelay[] = [];
 const clients: RelayClient[] = [];
@@ -566,34 +567,6 @@ describe('cancel', () => {
 // By hand from the protobuf wire format (protobuf.dev/programming-guides/encoding):
 // google.rpc.Status {code = 1, message = 2, repeated Any details = 3},
 // Any {type_url = 1, value = 2}, ErrorInfo {reason = 1, domain = 2, map metadata = 3}.
-
-function varint(value: number): Buffer {
-  const bytes: number[] = [];
-  let rest = value;
-  while (rest > 0x7f) {
-    bytes.push((rest & 0x7f) | 0x80);
-    rest >>>= 7;
-  }
-  bytes.push(rest);
-  return Buffer.from(bytes);
-}
-
-function varintField(number: number, value: number): Buffer {
-  return Buffer.concat([varint(number << 3), varint(value)]);
-}
-
-function bytesField(number: number, value: Buffer | string): Buffer {
-  const bytes = typeof value === 'string' ? Buffer.from(value, 'utf8') : value;
-  return Buffer.concat([varint((number << 3) | 2), varint(bytes.length), bytes]);
-}
-
-function richStatus(code: number, message: string, details: [string, Buffer][]): Buffer {
-  const parts = [varintField(1, code), bytesField(2, message)];
-  for (const [typeUrl, value] of details) {
-    parts.push(bytesField(3, Buffer.concat([bytesField(1, typeUrl), bytesField(2, value)])));
-  }
-  return Buffer.concat(parts);
-}
 
 function errorInfo(metadata: Record<string, string>): Buffer {
   const parts = [bytesField(1, 'ECONNRESET'), bytesField(2, 'tokenrelay.v1')];

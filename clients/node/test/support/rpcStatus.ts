@@ -8,7 +8,7 @@
  */
 import * as grpc from '@grpc/grpc-js';
 
-function varint(value: number): Buffer {
+export function varint(value: number): Buffer {
   const bytes: number[] = [];
   let rest = value;
   while (rest > 0x7f) {
@@ -19,11 +19,11 @@ function varint(value: number): Buffer {
   return Buffer.from(bytes);
 }
 
-function varintField(number: number, value: number): Buffer {
+export function varintField(number: number, value: number): Buffer {
   return Buffer.concat([varint(number << 3), varint(value)]);
 }
 
-function bytesField(number: number, value: Buffer | string): Buffer {
+export function bytesField(number: number, value: Buffer | string): Buffer {
   const bytes = typeof value === 'string' ? Buffer.from(value, 'utf8') : value;
   return Buffer.concat([varint((number << 3) | 2), varint(bytes.length), bytes]);
 }
