@@ -183,3 +183,20 @@ def test_reasoning_and_a_streamed_tool_call_cost_a_run_each_not_a_field_per_chun
     assert log.chunk(1) == chunks[0]
     assert log.chunk(count + 1) == chunks[count]
     assert log.chunk(2 * count) == chunks[-1]
+
+
+def test_a_reader_still_taking_the_last_chunks_at_the_end_gets_the_writers_objects() -> None:
+    # A flood: the End comes while the reader is still behind. The chunk
+    # objects stay until `drop_recent` (the live log calls it once nobody
+    # reads), so the reader takes the writer's objects, not rebuilt ones.
+    log = CompactLog()
+    written = [Chunk(seq=s, text=f"t{s} ", provider="p", attempt=1) for s in range(1, 51)]
+    log.append(written)
+    reader = log.cursor(0)
+    log.append([End(finish_reason="stop", total_seq=50, text_sha256=log.text_sha256())])
+    taken = reader.take()
+    assert all(a is b for a, b in zip(taken[:50], written, strict=True))
+    log.drop_recent()
+    rebuilt = log.cursor(0).take()
+    assert rebuilt[:50] == written and rebuilt[0] is not written[0]
+    assert isinstance(rebuilt[-1], End)

@@ -96,8 +96,11 @@ class CompactLog:
         self.text_bytes = 0  # UTF-8 bytes of every chunk's content (text, reasoning, arguments)
         # The last chunks as the writer made them: a reader that keeps up
         # takes these objects instead of rebuilding them from the buffer.
-        # At most _RECENT_MAX, dropped with the End (a finished stream is
-        # held for the retention period, compactly).
+        # At most _RECENT_MAX, dropped by `drop_recent` once the End is in
+        # and nobody reads live any more (a finished stream is held for the
+        # retention period, compactly). Not at the End itself: a flood's
+        # readers are still taking the last chunks when it comes, and
+        # rebuilt them all from the buffer (92 % of a flood's chunks).
         self._recent: list[Chunk] = []
         self._recent_first = 1  # the seq of _recent[0]
         # Both End digests, brought up to date in batches of chunks from the
@@ -231,8 +234,12 @@ class CompactLog:
                 self._notice_seqs.append(notice.after_seq)
             else:
                 self.end = entry
-                self._recent = []
-                self._recent_first = self.last_seq + 1
+
+    def drop_recent(self) -> None:
+        """Let go of the chunk objects kept for live readers (readers after
+        this rebuild chunks from the buffer, as any read of an old chunk)."""
+        self._recent = []
+        self._recent_first = self.last_seq + 1
 
     def _add_chunk(self, chunk: Chunk) -> None:
         call = chunk.tool_call

@@ -151,8 +151,15 @@ class LocalLog:
         if subscription not in self._subscribers:
             return
         self._subscribers.discard(subscription)
-        if not self._subscribers and self._on_unattended is not None:
-            self._on_unattended()
+        if not self._subscribers:
+            self._settle_finished()
+            if self._on_unattended is not None:
+                self._on_unattended()
+
+    def _settle_finished(self) -> None:
+        """An ended log nobody reads live keeps no chunk objects."""
+        if self.entries.end is not None and not self._subscribers:
+            self.entries.drop_recent()
 
     async def follow(
         self, after_seq: int, subscription: Subscription
@@ -312,3 +319,5 @@ class LocalLog:
     def _wake(self) -> None:
         for subscription in self._subscribers:
             subscription.wake.set()
+        if self.entries.end is not None:
+            self._settle_finished()
