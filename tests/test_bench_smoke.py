@@ -62,3 +62,18 @@ def test_workers_runs_and_every_stream_is_exact(redis_url: str) -> None:
     )
     assert summary["all_ok"] is True
     assert summary["exit_statuses"] == {"1": 0, "2": 0}
+
+
+def test_redis_speed_runs_and_every_stream_is_exact(redis_url: str) -> None:
+    summary = run_bench(
+        "redis_speed.py",
+        *("--redis-url", redis_url, "--streams", "4", "--total-chunks", "200", "--rounds", "1"),
+        *("--paced-levels", "4", "--paced-tokens", "25", "--resumes", "4"),
+    )
+    flood = summary["flood"]
+    assert isinstance(flood, dict) and flood["all_ok"]
+    paced = summary["paced"]
+    assert isinstance(paced, dict)
+    assert all(level["errors"] == 0 for level in paced["levels"])
+    resume = summary["resume"]
+    assert isinstance(resume, dict) and resume["redis_p99_ms"] > 0
