@@ -202,18 +202,25 @@ class LocalLog:
         if not self.writes_behind:
             await self.append([chunk])
             return
-        if self._failure is not None:
-            raise self._failure
-        self._unsent.append(chunk)
-        self._pending_bytes += chunk.content_bytes
-        self._submitted_seq = chunk.seq
-        if self._write is None:
-            self._send()
+        self._hand_over((chunk,))
         while len(self._unsent) + len(self._on_wire) >= WRITE_BEHIND_ENTRIES:
             if self._failure is not None:
                 raise self._failure
             self._progress.clear()
             await self._progress.wait()
+
+    def _hand_over(self, entries: Sequence[LogEntry]) -> None:
+        """Queue entries behind those already handed over, and send them if
+        no write is on the wire. Raises the failure of an earlier write."""
+        if self._failure is not None:
+            raise self._failure
+        self._unsent.extend(entries)
+        for entry in entries:
+            if isinstance(entry, Chunk):
+                self._pending_bytes += entry.content_bytes
+                self._submitted_seq = entry.seq
+        if self._write is None:
+            self._send()
 
     async def settle(self) -> None:
         """Wait until every chunk written behind is durable (and shown);
@@ -273,20 +280,18 @@ class LocalLog:
             self.append_now(entries)
             return
         if self.writes_behind:
-            await self.settle()  # in order after every chunk written behind
+            # In order behind every chunk written behind, recorded by the
+            # write's own callback (so a cancelled caller changes nothing).
+            self._hand_over(entries)
+            await self.settle()
+            return
         if self._store.in_process:
             # Nothing in an in-process append can suspend, so no cancellation
             # can land between the write and our record of it.
             await self._store.append(self.stream_id, entries, epoch=self.epoch)
             self._record(entries)
             return
-        write: asyncio.Future[None]
-        if self._submits is not None:
-            write = self._submits.submit_append(self.stream_id, entries, epoch=self.epoch)
-        else:
-            write = asyncio.ensure_future(
-                self._store.append(self.stream_id, entries, epoch=self.epoch)
-            )
+        write = asyncio.ensure_future(self._store.append(self.stream_id, entries, epoch=self.epoch))
         try:
             await asyncio.shield(write)
         except asyncio.CancelledError:

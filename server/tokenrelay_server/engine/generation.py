@@ -173,7 +173,7 @@ class Generation:
             notice=self.notice,
             delivered_text=self.log.text,
             delivered_chunks=lambda: self.log.last_seq,
-            settle=self.log.settle if self.log.writes_behind else None,
+            settle=self.log.settle,
             model=meta.model,
             observe=self._observe,
             turn=TurnState(request.tool_call_mode),
@@ -497,7 +497,7 @@ class Generation:
 
     async def notice(self, fault: Fault) -> None:
         """Tell every reader about a failure the gateway is recovering from."""
-        await self.log.settle()  # it sits after the last chunk written
+        # It sits after the last chunk handed over (written behind or not).
         await self.log.append(
-            [Notice(after_seq=self.log.last_seq, fault=fault.with_context(fatal=False))]
+            [Notice(after_seq=self.log.next_seq - 1, fault=fault.with_context(fatal=False))]
         )

@@ -35,6 +35,11 @@ from tokenrelay_server.core.model import (
 
 
 def encode_entry(entry: LogEntry) -> str:
+    return entry_json(entry).decode()
+
+
+def entry_json(entry: LogEntry) -> bytes:
+    """`encode_entry` as the UTF-8 bytes orjson writes (what a sealer takes)."""
     if isinstance(entry, Chunk):
         data: dict[str, Any] = {
             "k": "c",
@@ -55,9 +60,9 @@ def encode_entry(entry: LogEntry) -> str:
                 data["d"] = call.id
             if call.name:
                 data["m"] = call.name
-        return orjson.dumps(data).decode()
+        return orjson.dumps(data)
     if isinstance(entry, Notice):
-        return orjson.dumps({"k": "n", "s": entry.after_seq, "f": entry.fault.to_json()}).decode()
+        return orjson.dumps({"k": "n", "s": entry.after_seq, "f": entry.fault.to_json()})
     return orjson.dumps(
         {
             "k": "e",
@@ -69,7 +74,7 @@ def encode_entry(entry: LogEntry) -> str:
             "f": None if entry.error is None else entry.error.to_json(),
             "x": entry.chunks_sha256,
         }
-    ).decode()
+    )
 
 
 def decode_entry(raw: str | bytes) -> LogEntry:

@@ -92,7 +92,7 @@ from tokenrelay_server.core.clock import Clock, SystemClock
 from tokenrelay_server.core.errors import StreamNotFound
 from tokenrelay_server.core.model import Chunk, LogEntry, Notice, StreamMeta
 from tokenrelay_server.store.base import AppendObserver, ReadStart, StreamTail
-from tokenrelay_server.store.codec import decode_entry, decode_meta, encode_entry, encode_meta
+from tokenrelay_server.store.codec import decode_entry, decode_meta, encode_meta, entry_json
 from tokenrelay_server.store.connect import RedisClient, connect, connection_kwargs
 from tokenrelay_server.store.errors import StoreError, StoreUnavailable, StreamFenced
 from tokenrelay_server.store.follow import BlockingWatcher, PollingWatcher
@@ -153,6 +153,11 @@ def _closed_under_us(error: AttributeError | RuntimeError) -> bool:
     if isinstance(error, AttributeError):
         return text.startswith("'NoneType' object has no attribute")
     return "handler is closed" in text or "closed=True" in text
+
+
+def _lost_connection(error: AttributeError | RuntimeError) -> RedisConnectionError:
+    """What `_closed_under_us` recognised, as the transient error it is."""
+    return RedisConnectionError(f"the connection closed mid-command: {error}")
 
 
 _TRANSIENT: tuple[type[BaseException], ...] = (
@@ -562,9 +567,7 @@ class RedisStore:
                 except (AttributeError, RuntimeError) as error:
                     if not _closed_under_us(error):
                         raise
-                    raise RedisConnectionError(
-                        f"the connection closed mid-command: {error}"
-                    ) from error
+                    raise _lost_connection(error) from error
             except _TRANSIENT as error:
                 _raise_if_cancelling()
                 now = loop.time()
@@ -611,7 +614,7 @@ class RedisStore:
         # to a stream that exists or existed: a pointer to a missing stream is
         # stale, never "about to be written". (Creating again is harmless.)
         args: list[str | int] = [
-            self._seal(encode_meta(meta), stream_id),
+            self._seal(encode_meta(meta).encode(), stream_id),
             self._retention_ms,
             idem_key,
             self._now_ms(),
@@ -773,7 +776,7 @@ class RedisStore:
                 if isinstance(reply, _TRANSIENT):
                     raise reply
                 if isinstance(reply, (AttributeError, RuntimeError)) and _closed_under_us(reply):
-                    raise RedisConnectionError(f"the connection closed mid-command: {reply}")
+                    raise _lost_connection(reply)
             missing: list[list[int]] = []
             for members, reply in zip(todo, replies, strict=True):
                 if isinstance(reply, NoScriptError):
@@ -842,10 +845,10 @@ class RedisStore:
     async def open_read(
         self, stream_id: str, after_seq: int, limit: int = 1000
     ) -> ReadStart | None:
-        start = f"({after_seq}-0" if after_seq >= 0 else "-"
         keys = self._log_keys(stream_id)
+        args: list[str | int] = [_after(after_seq), limit]
         reply = await self._run(
-            "open_read", stream_id, lambda _: self._open_read(keys=keys, args=[start, limit])
+            "open_read", stream_id, lambda _: self._open_read(keys=keys, args=args)
         )
         if not reply:
             return None
@@ -853,7 +856,7 @@ class RedisStore:
         return ReadStart(
             decode_meta(self._open(raw_meta, stream_id)),
             StreamTail(int(last_seq), _text(ended) == "1"),
-            [decode_entry(self._open(raw, stream_id)) for raw in payloads],
+            self._entries(payloads, stream_id),
         )
 
     async def tail(self, stream_id: str) -> StreamTail | None:
@@ -948,21 +951,21 @@ class RedisStore:
         items: list[tuple[str, int, str]] = []
         for entry in entries:
             if isinstance(entry, Chunk):
-                items.append(("c", entry.seq, seal(encode_entry(entry), stream_id)))
+                items.append(("c", entry.seq, seal(entry_json(entry), stream_id)))
             elif isinstance(entry, Notice):
-                items.append(("n", 0, seal(encode_entry(entry), stream_id)))
+                items.append(("n", 0, seal(entry_json(entry), stream_id)))
             else:
-                items.append(("e", entry.total_seq, seal(encode_entry(entry), stream_id)))
+                items.append(("e", entry.total_seq, seal(entry_json(entry), stream_id)))
         return orjson.dumps(("" if epoch is None else epoch, items))
 
-    def _seal(self, text: str, stream_id: str) -> str:
+    def _seal(self, value: bytes, stream_id: str) -> str:
         """A value as stored: its JSON, or with a sealer that JSON sealed
         (store/seal.py) and in base64, bound to its stream."""
         sealer = self._sealer
         if sealer is None:
-            return text
-        value = sealer.seal(text.encode(), aad=stream_id.encode())
-        return binascii.b2a_base64(value, newline=False).decode("ascii")
+            return value.decode()
+        sealed = sealer.seal(value, aad=stream_id.encode())
+        return binascii.b2a_base64(sealed, newline=False).decode("ascii")
 
     def _open(self, raw: bytes | str, stream_id: str) -> bytes | str:
         return open_value(raw, stream_id, self._sealer)
@@ -994,14 +997,17 @@ class RedisStore:
     async def _read_after(
         self, stream_id: str, after_seq: int, limit: int = 1000
     ) -> tuple[list[LogEntry], bool]:
-        start = f"({after_seq}-0" if after_seq >= 0 else "-"
         keys = self._log_keys(stream_id)
+        args: list[str | int] = [_after(after_seq), limit]
         state, *payloads = await self._run(
-            "read", stream_id, lambda _: self._read(keys=keys, args=[start, limit])
+            "read", stream_id, lambda _: self._read(keys=keys, args=args)
         )
         if state == 0:
             raise StreamNotFound(f"stream {stream_id} is unknown or expired")
-        return [decode_entry(self._open(raw, stream_id)) for raw in payloads], state == 2
+        return self._entries(payloads, stream_id), state == 2
+
+    def _entries(self, payloads: Sequence[bytes], stream_id: str) -> list[LogEntry]:
+        return [decode_entry(self._open(raw, stream_id)) for raw in payloads]
 
 
 def open_value(raw: bytes | str, stream_id: str, sealer: Sealer | None) -> bytes | str:
@@ -1035,6 +1041,11 @@ def _raise_if_cancelling() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+def _after(after_seq: int) -> str:
+    """The XRANGE start of "everything after chunk S" (rule 1 of base.py)."""
+    return f"({after_seq}-0" if after_seq >= 0 else "-"
 
 
 def _ms(seconds: float) -> int:
