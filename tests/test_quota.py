@@ -286,9 +286,11 @@ async def test_two_replicas_never_admit_more_than_the_tenant_limit(
                 await call.events_until()
             for call in calls:
                 call.cancel()
-            async with asyncio.timeout(30):  # the slots are freed as the generations end
-                while await _slots_held(redis_url, redis_prefix):  # noqa: ASYNC110
-                    await asyncio.sleep(0.02)
+
+            async def freed() -> bool:  # the slots are freed as the generations end
+                return not await _slots_held(redis_url, redis_prefix)
+
+            await eventually(freed, within_s=30, poll_s=0.02)
         for channel in channels:
             await channel.close()
     finally:
@@ -320,15 +322,20 @@ async def test_a_killed_replicas_slots_free_themselves_with_its_leases(
                 call.cancel()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{survivor_port}") as on_survivor:
             # Refused while the dead replica's slots last, admitted once they lapse.
-            async with asyncio.timeout(60):
-                while True:
-                    call = RawCall(on_survivor, start_request(max_tokens=2), key=ACME_KEY)
-                    first = await first_event_or_error(call)
-                    if isinstance(first, pb.StreamEvent):
-                        break
-                    assert first.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                    call.cancel()
-                    await asyncio.sleep(0.1)
+            admitted: list[tuple[RawCall, pb.StreamEvent]] = []
+
+            async def admits() -> bool:
+                call = RawCall(on_survivor, start_request(max_tokens=2), key=ACME_KEY)
+                first = await first_event_or_error(call)
+                if isinstance(first, pb.StreamEvent):
+                    admitted.append((call, first))
+                    return True
+                assert first.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                call.cancel()
+                return False
+
+            await eventually(admits, within_s=60, poll_s=0.1)
+            ((call, first),) = admitted
             assert end_of([first, *await call.events_until()]).total_seq > 0
             call.cancel()
     finally:

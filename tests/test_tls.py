@@ -29,6 +29,7 @@ from serverkit import (
     assert_contiguous,
     chunks_of,
     end_of,
+    eventually,
     generation_of,
     produce,
     start_request,
@@ -339,8 +340,9 @@ async def test_sighup_reloads_the_certificates_of_a_running_gateway(
         async def reloaded() -> None:
             # The signal lands asynchronously: poll new connections until one
             # is shown the new certificate (bounded by the timeout only).
-            while not await asyncio.to_thread(shows_the_new_certificate):  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
+            await eventually(
+                lambda: asyncio.to_thread(shows_the_new_certificate), within_s=60, poll_s=0.05
+            )
 
         async def read_until_reloaded() -> None:
             watcher = asyncio.create_task(reloaded())

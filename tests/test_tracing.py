@@ -83,14 +83,14 @@ async def exported(
     """Flush the exporters until the receiver holds what `until` wants. (A
     call's SERVER span ends just after its last message, so it may need a
     second flush.)"""
-    async with asyncio.timeout(20):
-        while True:
-            for source in tracing:
-                await asyncio.to_thread(source.force_flush)
-            spans = receiver.spans()
-            if until(spans):
-                return spans
-            await asyncio.sleep(0.01)
+
+    async def flushed() -> bool:
+        for source in tracing:
+            await asyncio.to_thread(source.force_flush)
+        return until(receiver.spans())
+
+    await eventually(flushed, within_s=20)
+    return receiver.spans()
 
 
 def named(spans: list[ReceivedSpan], name: str) -> list[ReceivedSpan]:
