@@ -24,6 +24,7 @@ from serverkit import (
     QUIET,
     RawCall,
     RelayFactory,
+    eventually,
     generation_of,
     produce,
     run_to_end,
@@ -243,9 +244,11 @@ async def test_top_on_a_terminal_refreshes_in_place_and_quits_on_ctrl_c(
     code, history = await terminal.tmux("display-message", "-p", "-t", "top", "#{history_size}")
     assert history.strip() == "0"  # the alternate screen: nothing scrolled away
     await terminal.tmux("send-keys", "-t", "top", "C-c")
-    async with asyncio.timeout(30):
-        while (await terminal.tmux("has-session", "-t", "top"))[0] == 0:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)  # the session closes when `top` exits
+
+    async def closed() -> bool:  # the session closes when `top` exits
+        return (await terminal.tmux("has-session", "-t", "top"))[0] != 0
+
+    await eventually(closed, within_s=30, poll_s=0.05)
 
 
 async def test_serve_with_metrics_and_admin_logs_where_and_serves_both() -> None:

@@ -6,7 +6,6 @@ asserts how long it took."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ import httpx
 import pytest
 
 from redisproc import free_port
-from serverkit import RelayFactory, run_to_end, start_request
+from serverkit import RelayFactory, eventually, run_to_end, start_request
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -107,27 +106,28 @@ async def test_a_real_prometheus_fires_the_breaker_alert_for_a_breaker_held_open
     prometheus = prometheus_for(relay.metrics_port)
 
     alerts: list[dict[str, Any]] = []
+
+    async def firing_breaker() -> bool:
+        nonlocal alerts
+        if prometheus.process.poll() is not None:
+            raise AssertionError(f"prometheus exited {prometheus.problem()}")
+        try:
+            alerts = (await prometheus.get("/api/v1/alerts"))["alerts"]
+        except httpx.TransportError:
+            alerts = []  # not listening yet
+        except httpx.HTTPStatusError as error:
+            # Prometheus answers 503 until its storage is ready (it
+            # listens before that); on a loaded machine that is seen.
+            if error.response.status_code != 503:
+                raise
+            alerts = []
+        return any(
+            a["labels"]["alertname"] == "TokenrelayBreakerOpen" and a["state"] == "firing"
+            for a in alerts
+        )
+
     try:
-        async with asyncio.timeout(FIRING_WITHIN_S):
-            while True:
-                if prometheus.process.poll() is not None:
-                    raise AssertionError(f"prometheus exited {prometheus.problem()}")
-                try:
-                    alerts = (await prometheus.get("/api/v1/alerts"))["alerts"]
-                except httpx.TransportError:
-                    alerts = []  # not listening yet
-                except httpx.HTTPStatusError as error:
-                    # Prometheus answers 503 until its storage is ready (it
-                    # listens before that); on a loaded machine that is seen.
-                    if error.response.status_code != 503:
-                        raise
-                    alerts = []
-                if any(
-                    a["labels"]["alertname"] == "TokenrelayBreakerOpen" and a["state"] == "firing"
-                    for a in alerts
-                ):
-                    break
-                await asyncio.sleep(0.2)
+        await eventually(firing_breaker, within_s=FIRING_WITHIN_S, poll_s=0.2)
     except TimeoutError:
         raise AssertionError(
             f"no firing breaker alert; alerts: {alerts} {prometheus.problem()}"
