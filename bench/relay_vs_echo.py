@@ -200,6 +200,7 @@ def serve_in_child(
 
 
 async def _serve(kind: ServerKind, conn: Connection, settings: dict[str, Any]) -> None:
+    from tokenrelay_server.api.heap import tune_collector
     from tokenrelay_server.api.server import RelayServer
     from tokenrelay_server.config.settings import Settings
     from tokenrelay_server.core.limits import RequestLimits
@@ -224,6 +225,10 @@ async def _serve(kind: ServerKind, conn: Connection, settings: dict[str, Any]) -
         relay_pb2_grpc.add_RelayServicer_to_server(EchoServicer(), echo)
         port = echo.add_insecure_port("127.0.0.1:0")
         await echo.start()
+    # Both servers tune their collector as `tokenrelay serve` does (api/heap.py).
+    tune_collector()
+    pauses = GcPauses()
+    gc.callbacks.append(pauses.on_gc)
     conn.send(("ready", port, os.getpid()))
     loop = asyncio.get_running_loop()
     profiler: cProfile.Profile | None = None
@@ -238,6 +243,15 @@ async def _serve(kind: ServerKind, conn: Connection, settings: dict[str, Any]) -
                 gc.collect()
                 await asyncio.sleep(0.2)
                 gc.collect()
+            elif command == "gc_pauses":  # since the last ask, then reset
+                reply = pauses.take()
+            elif command == "gc_census":  # objects the collector tracks, by type
+                counts: dict[str, int] = {}
+                for obj in gc.get_objects():
+                    name = type(obj).__qualname__
+                    counts[name] = counts.get(name, 0) + 1
+                reply = sorted(counts.items(), key=lambda kv: -kv[1])[: int(argument or 20)]
+                reply.insert(0, ("(all)", sum(counts.values())))
             elif command == "metrics_url":
                 reply = None if relay is None else relay.metrics_url
             elif command == "stats":
@@ -259,6 +273,33 @@ async def _serve(kind: ServerKind, conn: Connection, settings: dict[str, Any]) -
         if echo is not None:
             await echo.stop(0.5)
         conn.send(None)
+
+
+class GcPauses:
+    """The collector's pauses in a server process (gc.callbacks), by
+    generation: a paced stream's jitter is mostly these (bench/redis_speed.py)."""
+
+    def __init__(self) -> None:
+        self._started = 0.0
+        self._pauses: list[tuple[int, float]] = []
+
+    def on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self._pauses.append((info["generation"], time.perf_counter() - self._started))
+
+    def take(self) -> dict[str, Any]:
+        pauses, self._pauses = self._pauses, []
+        by_gen: dict[str, Any] = {}
+        for generation in (0, 1, 2):
+            seconds = [s for g, s in pauses if g == generation]
+            by_gen[str(generation)] = {
+                "count": len(seconds),
+                "max_ms": max(seconds, default=0.0) * 1000,
+                "total_ms": sum(seconds) * 1000,
+            }
+        return by_gen
 
 
 def _profile_report(profiler: cProfile.Profile, top: int) -> str:

@@ -18,6 +18,7 @@ can check what the engine asked for and that nothing was left open.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -210,8 +211,12 @@ class Engine:
         """Everything the session reads, to the End (time must be moved
         separately when the stream waits on it)."""
         entries: list[LogEntry] = []
-        async for batch in self.hub.follow(session):
-            entries += batch
+        try:
+            async with contextlib.aclosing(self.hub.follow(session)) as batches:
+                async for batch in batches:
+                    entries += batch
+        finally:
+            self.hub.release(session)  # as the servicer does
         return entries
 
     async def run_to_end(self, session: Session, *, step_s: float = 1.0) -> list[LogEntry]:

@@ -68,7 +68,7 @@ def test_redis_speed_runs_and_every_stream_is_exact(redis_url: str) -> None:
     summary = run_bench(
         "redis_speed.py",
         *("--redis-url", redis_url, "--streams", "4", "--total-chunks", "200", "--rounds", "1"),
-        *("--paced-levels", "4", "--paced-tokens", "25", "--resumes", "4"),
+        *("--paced-levels", "4", "--paced-tokens", "40", "--paced-ramp-s", "0", "--resumes", "4"),
     )
     flood = summary["flood"]
     assert isinstance(flood, dict) and flood["all_ok"]

@@ -11,7 +11,7 @@ all of its appends, typed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 from redis.asyncio import Redis
@@ -70,6 +70,43 @@ async def test_appends_of_one_step_go_in_one_batch() -> None:
     await asyncio.gather(*(writer.append(f"s{i}", None, 1) for i in range(50)))
     assert store.batches == [[f"s{i}" for i in range(50)]]
     assert (writer.stats.batches, writer.stats.appends, writer.stats.entries) == (1, 50, 50)
+
+
+async def test_a_posted_append_is_answered_by_its_callback_in_the_batchs_own_step() -> None:
+    """`post` (the per-token path): each callback is called once, in batch
+    order, before the batch's step returns (no loop step of its own), with
+    None or what the store answered; one callback that raises loses no
+    other's answer."""
+    store = ScriptedStore()
+    store.refuse["s2"] = StreamNotFound("s2")
+    writer = GroupCommit(store.send, max_wait_s=0)
+    answers: list[tuple[str, Outcome]] = []
+    errors: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+
+    def done(name: str) -> Callable[[Outcome], None]:
+        def record(outcome: Outcome) -> None:
+            answers.append((name, outcome))
+            if name == "s1":
+                raise ValueError("a caller's bug")
+
+        return record
+
+    for i in range(4):
+        writer.post(f"s{i}", None, 1, done(f"s{i}"))
+    await settle()
+    assert store.on_wire == 1 and answers == []
+    store.release()
+    # The batch's task wakes on the release; its callbacks run in that step.
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert [name for name, _ in answers] == ["s0", "s1", "s2", "s3"]
+    assert [outcome for name, outcome in answers if name != "s2"] == [None, None, None]
+    assert isinstance(dict(answers)["s2"], StreamNotFound)
+    assert [str(context["exception"]) for context in errors] == ["a caller's bug"]
+    await settle()
+    assert len(answers) == 4  # once each
 
 
 async def test_appends_gather_while_the_slots_are_busy_and_go_when_one_returns() -> None:

@@ -308,9 +308,12 @@ async def _serve(
     *,
     worker: WorkerLink | None = None,
 ) -> None:
+    from tokenrelay_server.api.heap import tune_collector
     from tokenrelay_server.api.server import RelayServer
 
     server = await RelayServer.start(settings, reuse_port=worker is not None)
+    frozen = tune_collector()
+    log.debug("froze %d start-up objects out of the collector's way", frozen)
     log.info(
         "tokenrelay listening on %s (store=%s, models=%s%s)",
         server.address,

@@ -134,12 +134,12 @@ class Settings(BaseModel):
     redis_max_connections: int = Field(128, ge=1)
     redis_pool_timeout_s: float = Field(5.0, gt=0)
     # Group commit (issue 10; store/group_commit.py): the appends of every
-    # stream of the process go to Redis together. With nothing on the wire a
-    # batch goes at once; with a batch on the wire and a slot free, the next
-    # goes once it holds max_entries entries or its oldest append has waited
-    # max_wait_ms (or when a batch returns); with every slot busy they gather.
+    # stream of the process go to Redis together. With a slot free (two
+    # batches on the wire at most), a batch goes once it holds max_entries
+    # entries or its oldest append has waited max_wait_ms (0: at once); with
+    # every slot busy they gather until a batch returns.
     redis_group_commit_max_entries: int = Field(256, ge=1, le=100_000)
-    redis_group_commit_max_wait_ms: float = Field(1.0, ge=0, le=1000)
+    redis_group_commit_max_wait_ms: float = Field(2.0, ge=0, le=1000)
     store_retry_window_s: float = Field(10.0, ge=0)
     store_probe_interval_s: float = Field(0.5, gt=0)
     # `KID:SECRET[,KID:SECRET…]` (a bare SECRET is kid k0): the first signs

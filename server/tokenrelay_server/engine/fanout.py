@@ -36,15 +36,36 @@ from tokenrelay_server.store.base import SharesLogs, StreamStore, SubmitsAppends
 @dataclass(eq=False)
 class Subscription:
     """One attached reader. The servicer may `fail` it (a bad message on its
-    call, a drain) to end its read with that error."""
+    call, a drain) to end its read with that error.
 
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    A reader that caught up parks on a future of its own, resolved by the
+    next `ring` (a bare future, not an asyncio.Event: one object and one
+    callback per token, not an Event's waiter list and wait coroutine). A
+    ring while it is not parked is dropped: the reader looks at the log (and
+    at `violation`) before it parks again, with no await in between."""
+
     violation: BaseException | None = None
     acked_seq: int = 0
+    _parked: asyncio.Future[None] | None = field(default=None, repr=False)
+
+    def ring(self) -> None:
+        """Something new for this reader (or it failed): wake it if parked."""
+        parked = self._parked
+        if parked is not None and not parked.done():
+            parked.set_result(None)
+
+    async def park(self) -> None:
+        """Wait for the next `ring`; call right after looking, with no await
+        in between."""
+        parked = self._parked = asyncio.get_running_loop().create_future()
+        try:
+            await parked
+        finally:
+            self._parked = None
 
     def fail(self, error: BaseException) -> None:
         self.violation = error
-        self.wake.set()
+        self.ring()
 
 
 # How many entries of one stream may wait for the store (on the wire and
@@ -84,9 +105,10 @@ class LocalLog:
         self._submits = store if isinstance(store, SubmitsAppends) else None
         self.writes_behind = self._submits is not None and not self._shared
         self._unsent: list[LogEntry] = []
+        self._unsent_bytes = 0  # content bytes of the chunks in _unsent
         self._on_wire: list[LogEntry] = []
-        self._write: asyncio.Future[None] | None = None
-        self._pending_bytes = 0  # content bytes of the chunks not yet durable
+        self._on_wire_bytes = 0
+        self._writing = False  # a write of ours is on the wire
         self._submitted_seq = 0  # the last chunk handed to the store
         self._failure: BaseException | None = None
         self._progress = asyncio.Event()  # set whenever a write lands or fails
@@ -115,7 +137,7 @@ class LocalLog:
     @property
     def text_bytes(self) -> int:
         """Content bytes of every chunk handed over (durable or not yet)."""
-        return self.entries.text_bytes + self._pending_bytes
+        return self.entries.text_bytes + self._on_wire_bytes + self._unsent_bytes
 
     @property
     def tokens_so_far(self) -> int:
@@ -176,8 +198,7 @@ class LocalLog:
                 continue
             if cursor.done:
                 return
-            subscription.wake.clear()
-            await subscription.wake.wait()
+            await subscription.park()
 
     # -- writing ---------------------------------------------------------------------
 
@@ -217,15 +238,15 @@ class LocalLog:
         self._unsent.extend(entries)
         for entry in entries:
             if isinstance(entry, Chunk):
-                self._pending_bytes += entry.content_bytes
+                self._unsent_bytes += entry.content_bytes
                 self._submitted_seq = entry.seq
-        if self._write is None:
+        if not self._writing:
             self._send()
 
     async def settle(self) -> None:
         """Wait until every chunk written behind is durable (and shown);
         raise the failure of the first write that failed."""
-        while self._failure is None and (self._write is not None or self._unsent):
+        while self._failure is None and (self._writing or self._unsent):
             self._progress.clear()
             await self._progress.wait()
         if self._failure is not None:
@@ -242,23 +263,21 @@ class LocalLog:
         submits = self._submits
         assert submits is not None
         entries, self._unsent = self._unsent, []
-        self._on_wire = entries
+        self._on_wire, self._on_wire_bytes = entries, self._unsent_bytes
+        self._unsent_bytes = 0
+        self._writing = True
         try:
-            write = submits.submit_append(self.stream_id, entries, epoch=self.epoch)
+            submits.post_append(self.stream_id, entries, self._written, epoch=self.epoch)
         except Exception as error:  # the store is closed: fail as a write would
-            write = asyncio.get_running_loop().create_future()
-            write.set_exception(error)
-        self._write = write
-        write.add_done_callback(self._written)
+            self._written(error)
 
-    def _written(self, write: asyncio.Future[None]) -> None:
+    def _written(self, error: BaseException | None) -> None:
+        """The store's answer to the write on the wire (called once, from
+        the store's step: no loop step of its own before readers see it)."""
         entries, self._on_wire = self._on_wire, []
-        self._write = None
-        error = (
-            RuntimeError("the store dropped the write") if write.cancelled() else write.exception()
-        )
+        self._writing = False
         if error is None:
-            self._pending_bytes -= sum(e.content_bytes for e in entries if isinstance(e, Chunk))
+            self._on_wire_bytes = 0
             if self.entries.end is None:  # (an unstored End may have closed it meanwhile)
                 self._record(entries)
             if self._unsent and self._failure is None:
@@ -268,7 +287,7 @@ class LocalLog:
             # queued is dropped, and the writer learns of it at its next step.
             self._failure = error
             self._unsent = []
-            self._pending_bytes = 0
+            self._unsent_bytes = self._on_wire_bytes = 0
             self._submitted_seq = self.entries.last_seq
             if self._on_write_failed is not None:
                 self._on_write_failed(error)
@@ -323,6 +342,6 @@ class LocalLog:
 
     def _wake(self) -> None:
         for subscription in self._subscribers:
-            subscription.wake.set()
+            subscription.ring()
         if self.entries.end is not None:
             self._settle_finished()

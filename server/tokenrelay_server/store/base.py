@@ -31,8 +31,7 @@ Rules (tests/test_store.py runs one suite against every implementation):
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -77,13 +76,20 @@ class SharesLogs(Protocol):
 
 @runtime_checkable
 class SubmitsAppends(Protocol):
-    """A store that queues appends itself (group commit): `submit_append`
-    is `append` as a future, so the per-token path needs no task of its
-    own. The future resolves once the entries are durable (rule 2)."""
+    """A store that queues appends itself (group commit): `post_append` is
+    `append` with a callback, so the per-token path needs no task, future
+    or loop step of its own. `done(None)` once the entries are durable (rule
+    2), `done(error)` with what `append` would have raised; called once,
+    from the store's own step. Raises at once when the store is closed."""
 
-    def submit_append(
-        self, stream_id: str, entries: Sequence[LogEntry], *, epoch: int | None = None
-    ) -> asyncio.Future[None]: ...
+    def post_append(
+        self,
+        stream_id: str,
+        entries: Sequence[LogEntry],
+        done: Callable[[BaseException | None], None],
+        *,
+        epoch: int | None = None,
+    ) -> None: ...
 
 
 class StreamStore(Protocol):

@@ -698,16 +698,21 @@ class RedisStore:
         that batch is acknowledged. Encoded once: a batch retried after an
         unknown outcome sends the very bytes it sent before, which is what
         the script's "already the tail" check compares."""
-        await self.submit_append(stream_id, entries, epoch=epoch)
-
-    def submit_append(
-        self, stream_id: str, entries: Sequence[LogEntry], *, epoch: int | None = None
-    ) -> asyncio.Future[None]:
-        """`append` without a coroutine (SubmitsAppends in base.py): the
-        future resolves once the batch holding the entries is acknowledged."""
-        return self._commits.submit(
+        await self._commits.submit(
             stream_id, self._payload(stream_id, entries, epoch), len(entries)
         )
+
+    def post_append(
+        self,
+        stream_id: str,
+        entries: Sequence[LogEntry],
+        done: Callable[[BaseException | None], None],
+        *,
+        epoch: int | None = None,
+    ) -> None:
+        """`append` with a callback (SubmitsAppends in base.py): `done` is
+        told once the batch holding the entries is answered."""
+        self._commits.post(stream_id, self._payload(stream_id, entries, epoch), len(entries), done)
 
     async def _send_batch(self, batch: Sequence[PendingAppend]) -> list[BaseException | None]:
         """Store a batch of appends (each of another stream): one script call
