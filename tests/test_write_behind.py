@@ -33,6 +33,7 @@ from serverkit import (
 from tokenrelay_devtools.timekeeper import TimeKeeper
 from tokenrelay_server.core.clock import ManualClock
 from tokenrelay_server.core.model import Chunk, End
+from tokenrelay_server.engine.events import ChunkStored
 from tokenrelay_server.engine.fanout import WRITE_BEHIND_ENTRIES
 from tokenrelay_server.store.redis import RedisStore
 
@@ -76,6 +77,11 @@ async def test_chunks_written_behind_are_shown_only_once_redis_acknowledges_them
     relay = await relay_factory(
         clock=clock, store="redis", redis_url=own_redis.url, redis_prefix="wb", **QUIET
     )
+    # ChunkStored means durable: it comes from the write's callback.
+    reported: list[int] = []
+    relay.hub.observe.add(
+        lambda event: reported.append(event.seq) if isinstance(event, ChunkStored) else None
+    )
     async with grpc.aio.insecure_channel(relay.address) as channel:
         call = RawCall(channel, start_request(max_tokens=20, metadata=PACED))
         started = await call.next_event()
@@ -92,8 +98,10 @@ async def test_chunks_written_behind_are_shown_only_once_redis_acknowledges_them
         # ...but nothing past what Redis acknowledged is visible to a reader.
         assert generation.log.last_seq == 3
         assert generation.log.entries.last_seq == 3
+        assert reported == [1, 2, 3]  # nor reported as stored
         own_redis.resume()
         await eventually(lambda: generation.log.last_seq >= 6, within_s=WITHIN_S, poll_s=0.001)
+        assert reported == list(range(1, generation.log.last_seq + 1))
         seen += await call.events_until(lambda e: e.chunk.seq == 6)
         stream_id = started.started.stream_id
         log = await stored(own_redis.url, stream_id)

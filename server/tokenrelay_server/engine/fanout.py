@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from tokenrelay_server.core.compact_log import CompactLog
@@ -84,6 +84,7 @@ class LocalLog:
         on_unattended: Callable[[], None] | None = None,
         epoch: int | None = None,
         on_write_failed: Callable[[BaseException], None] | None = None,
+        on_durable: Callable[[Chunk], None] | None = None,
     ) -> None:
         self.stream_id = stream_id
         # Every append carries it: a stale one is refused (store/base.py rule 8).
@@ -115,6 +116,8 @@ class LocalLog:
         # Told of the first failed write at once (the writer may be waiting
         # on something else than the log, e.g. its clock).
         self._on_write_failed = on_write_failed
+        # Told of each chunk written behind once it is durable (ChunkStored).
+        self._on_durable = on_durable
         self._subscribers: set[Subscription] = set()
         # Called when the last reader detaches (the generation arms its grace).
         self._on_unattended = on_unattended
@@ -217,13 +220,26 @@ class LocalLog:
 
     async def append_chunk(self, chunk: Chunk) -> None:
         """Store one chunk, then show it: written behind when the store
-        queues appends (returns once it is handed over, unless the stream
-        has `WRITE_BEHIND_ENTRIES` waiting), else as `append`. Raises the
+        queues appends (`hand_over_chunk`), else as `append`. Raises the
         failure of an earlier write."""
         if not self.writes_behind:
             await self.append([chunk])
             return
+        waiting = self.hand_over_chunk(chunk)
+        if waiting is not None:
+            await waiting
+
+    def hand_over_chunk(self, chunk: Chunk) -> Awaitable[None] | None:
+        """`append_chunk` without a coroutine (a log that `writes_behind`):
+        hands the chunk over and returns None, or, with `WRITE_BEHIND_ENTRIES`
+        of this stream waiting, what to await before the next. Raises the
+        failure of an earlier write."""
         self._hand_over((chunk,))
+        if len(self._unsent) + len(self._on_wire) >= WRITE_BEHIND_ENTRIES:
+            return self._room()
+        return None
+
+    async def _room(self) -> None:
         while len(self._unsent) + len(self._on_wire) >= WRITE_BEHIND_ENTRIES:
             if self._failure is not None:
                 raise self._failure
@@ -280,6 +296,11 @@ class LocalLog:
             self._on_wire_bytes = 0
             if self.entries.end is None:  # (an unstored End may have closed it meanwhile)
                 self._record(entries)
+                durable = self._on_durable
+                if durable is not None:
+                    for entry in entries:
+                        if type(entry) is Chunk:
+                            durable(entry)
             if self._unsent and self._failure is None:
                 self._send()
         elif self._failure is None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable
 
 from tokenrelay_server.core.clock import Deadline, Timer
 from tokenrelay_server.core.errors import ErrorType, Fault, ResourceError, SuggestedAction
@@ -150,6 +150,7 @@ class Generation:
             on_unattended=self.arm_grace,
             epoch=epoch,
             on_write_failed=self._write_failed,
+            on_durable=self._stored,
         )
         self._fenced: StreamFenced | None = None
         self.tally = Tally()
@@ -169,7 +170,13 @@ class Generation:
             recovery=recovery,
             tally=self.tally,
             emit_chunk=self._emit_chunk,
-            emit_chunk_now=self._emit_chunk_now if self.log.appends_now else None,
+            emit_chunk_now=(
+                self._emit_chunk_now
+                if self.log.appends_now
+                else self._emit_chunk_behind
+                if self.log.writes_behind
+                else None
+            ),
             notice=self.notice,
             delivered_text=self.log.text,
             delivered_chunks=lambda: self.log.last_seq,
@@ -442,7 +449,17 @@ class Generation:
     async def _emit_chunk(self, piece: Piece, provider: str, attempt: int, tokens: int) -> None:
         chunk = self._chunk(piece, provider, attempt, tokens)
         await self.log.append_chunk(chunk)
-        self._stored(chunk)
+        if not self.log.writes_behind:  # (else the write's callback reports it)
+            self._stored(chunk)
+
+    def _emit_chunk_behind(
+        self, piece: Piece, provider: str, attempt: int, tokens: int
+    ) -> Awaitable[None] | None:
+        """`_emit_chunk` for a log that writes behind, without a coroutine:
+        None, or what to await before the next chunk (the stream has
+        WRITE_BEHIND_ENTRIES waiting). ChunkStored comes from the write's
+        callback, once the chunk is durable."""
+        return self.log.hand_over_chunk(self._chunk(piece, provider, attempt, tokens))
 
     def _emit_chunk_now(self, piece: Piece, provider: str, attempt: int, tokens: int) -> None:
         """`_emit_chunk` for a log that appends without awaiting (the memory

@@ -129,8 +129,10 @@ class RecoveryLoop:
     tally: Tally
     # Store and show one chunk: (piece, provider, attempt, tokens_so_far).
     emit_chunk: Callable[[Piece, str, int, int], Awaitable[None]]
-    # The same without an await, where the log allows it (the memory store).
-    emit_chunk_now: Callable[[Piece, str, int, int], None] | None
+    # The same without a coroutine, where the log allows it (the memory
+    # store's own log; a log that writes behind): None, or what to await
+    # before the next chunk (a write-behind log with its window full).
+    emit_chunk_now: Callable[[Piece, str, int, int], Awaitable[None] | None] | None
     # Store and show one non-fatal notice.
     notice: Callable[[Fault], Awaitable[None]]
     # What was delivered so far (the continuation prefix) and its chunk count.
@@ -383,7 +385,9 @@ class RecoveryLoop:
                 answer_deltas if weight == 1.0 else round(answer_deltas * weight)
             )
             if emit_now is not None:
-                emit_now(piece, provider_name, attempt, tokens)
+                waiting = emit_now(piece, provider_name, attempt, tokens)
+                if waiting is not None:
+                    await waiting
             else:
                 await self.emit_chunk(piece, provider_name, attempt, tokens)
             if piece.tool_call is not None or turn.open_call is not None:
