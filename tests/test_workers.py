@@ -26,6 +26,7 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
+from redis.asyncio import Redis
 
 from serverkit import (
     SECRET,
@@ -46,9 +47,12 @@ from tokenrelay_server.api.workers import (
     ExitVerdict,
     after_exit,
     describe_exit,
+    forget_replica,
     reserve_port,
     restart_delay,
 )
+from tokenrelay_server.config.settings import Settings
+from tokenrelay_server.store.heartbeat import RedisHeartbeats
 from tokenrelay_server.store.redis import RedisStore
 
 TOKENRELAY = [sys.executable, "-m", "tokenrelay_server.cli"]
@@ -302,13 +306,17 @@ async def test_workers_drain_and_exit_when_their_supervisor_is_killed(
     assert supervised.log().count("tokenrelay: stopped") == 2  # each drained
 
 
+# Heartbeats that would lapse only after an hour: only the supervisor
+# deleting the dead worker's can free its stream within the test.
+@pytest.mark.parametrize("supervised", [{"heartbeat_ttl_s": 3600}], indirect=True)
 async def test_a_killed_worker_is_restarted_and_its_stream_taken_over_on_resume(
     supervised: Supervised, redis_url: str, redis_prefix: str
 ) -> None:
     # The stream sends 8 chunks and hangs (stall@8, its stall timeout out of
     # reach), so its worker is mid-generation when killed however slow the
-    # machine is. Its lease lasts an hour: only the dead worker's heartbeat
-    # going away (heartbeat_ttl_s) frees it for the worker that gets the resume.
+    # machine is. Its lease and the heartbeats last an hour: only the
+    # supervisor deleting the dead worker's heartbeat frees the stream for
+    # the worker that gets the resume.
     store = RedisStore.from_url(redis_url, prefix=redis_prefix)
     request = start_request(max_tokens=60, metadata={"sim.faults": "stall@8"})
     try:
@@ -327,6 +335,13 @@ async def test_a_killed_worker_is_restarted_and_its_stream_taken_over_on_resume(
             )
             new_pid, new_replica = supervised.current()[index]
             assert new_replica != owner and psutil.pid_exists(new_pid)
+            client = Redis.from_url(redis_url)
+            try:
+                heartbeats = RedisHeartbeats(client, prefix=redis_prefix)
+                assert await heartbeats.remaining(owner) is None  # deleted, not lapsed
+                assert await heartbeats.remaining(new_replica) is not None
+            finally:
+                await client.aclose()
             assert "killed by SIGKILL; restarting it" in supervised.log()
             last = max(c.seq for c in chunks_of(seen))
             rest = await run_to_end(
@@ -542,3 +557,29 @@ def test_after_exit(
         )
         == verdict
     )
+
+
+async def test_the_supervisor_forgets_a_dead_workers_heartbeat(
+    redis_url: str, redis_prefix: str
+) -> None:
+    client = Redis.from_url(redis_url)
+    heartbeats = RedisHeartbeats(client, prefix=redis_prefix)
+    try:
+        await heartbeats.beat("dead-replica", ttl_s=3600)
+        await heartbeats.beat("live-replica", ttl_s=3600)
+        settings = Settings(store="redis", redis_url=redis_url, redis_prefix=redis_prefix)
+        # (A process's own event loop, as the supervisor has none: a thread.)
+        assert await asyncio.to_thread(forget_replica, settings, "dead-replica")
+        assert await heartbeats.remaining("dead-replica") is None
+        assert await heartbeats.remaining("live-replica") is not None
+    finally:
+        await client.aclose()
+
+
+def test_a_heartbeat_the_supervisor_cannot_delete_is_left_to_lapse(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = Settings(store="redis", redis_url="redis://127.0.0.1:1/0")  # nobody listens
+    assert not forget_replica(settings, "r1")
+    assert "could not delete the heartbeat of replica r1" in caplog.text
+    assert "taken over once it lapses" in caplog.text

@@ -37,9 +37,10 @@ The supervisor (`supervise`, the parent process):
   kill -9) after `restart_delay` of its crashes in a row (0 s for the first,
   then doubling from 0.5 s up to 30 s; a worker that served STABLE_S counts
   from 0 again). The restarted worker has a new replica id. The dead one's
-  streams are taken over as a dead replica's are (engine/takeover.py): its
-  heartbeat lapses (heartbeat_ttl_s) and the first resume of each stream,
-  on any worker, continues it from the stored log.
+  streams are taken over as a dead replica's are (engine/takeover.py): the
+  supervisor deletes its heartbeat (`forget_replica`; else it would lapse
+  only after heartbeat_ttl_s) and the first resume of each stream, on any
+  worker, continues it from the stored log.
 - does not restart a worker that exits before it serves with a
   configuration error (status 2), nor the first start of any worker, nor
   after MAX_STARTUP_FAILURES restarts in a row that never served: it says
@@ -73,6 +74,49 @@ from tokenrelay_server.config.problems import ConfigError, ConfigProblem
 from tokenrelay_server.config.settings import Settings, flag_of
 
 log = logging.getLogger("tokenrelay.workers")
+
+# How long the supervisor waits on Redis to delete a dead worker's heartbeat
+# before it gives up (the heartbeat then lapses by itself).
+FORGET_TIMEOUT_S = 2.0
+
+
+def forget_replica(settings: Settings, replica_id: str) -> bool:
+    """Delete the heartbeat of a worker that died (it can renew it no more),
+    so its streams are taken over on their next resume at once, not once the
+    heartbeat lapses. Best effort: False (and a warning) when Redis does not
+    answer within FORGET_TIMEOUT_S; the heartbeat then lapses by itself."""
+    import asyncio
+
+    from tokenrelay_server.store.connect import connect
+    from tokenrelay_server.store.heartbeat import RedisHeartbeats
+
+    async def forget() -> None:
+        client = connect(
+            settings.redis_url,
+            cluster=settings.redis_cluster,
+            socket_timeout=FORGET_TIMEOUT_S,
+            socket_connect_timeout=FORGET_TIMEOUT_S,
+        )
+        try:
+            async with asyncio.timeout(FORGET_TIMEOUT_S):
+                await RedisHeartbeats(client, prefix=settings.redis_prefix).stop(replica_id)
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(forget())
+    except Exception as error:  # (HeartbeatUnavailable, TimeoutError, a bad URL, …)
+        log.warning(
+            "could not delete the heartbeat of replica %s (%s: %s); its streams are taken "
+            "over once it lapses (heartbeat_ttl_s %g)",
+            replica_id,
+            type(error).__name__,
+            error,
+            settings.heartbeat_ttl_s,
+        )
+        return False
+    return True
+
 
 CONFIG_ERROR_STATUS = 2  # what `serve` exits with on a configuration mistake
 STABLE_S = 30.0  # a worker that served this long starts its crash count afresh
@@ -377,6 +421,10 @@ class Supervisor:
             seat.conn.close()
             seat.conn = None
         how = describe_exit(seat.exitcode)
+        if seat.replica_id and seat.exitcode != 0:
+            # It died serving (a clean exit deleted its own): its streams
+            # are taken over on their next resume, on any replica, at once.
+            forget_replica(self.settings, seat.replica_id)
         if self.stopping:
             level = logging.INFO if seat.exitcode == 0 else logging.WARNING
             log.log(level, "worker %d (pid %s) %s", seat.index, seat.pid, how)
