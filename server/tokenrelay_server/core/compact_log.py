@@ -34,7 +34,7 @@ from tokenrelay_server.core.model import Chunk, ChunkKind, End, LogEntry, Notice
 
 # Chunks kept as objects for readers that keep up (module doc), and how many
 # chunks go into the digests at a time.
-_RECENT_MAX = 64
+_RECENT_MAX = 128
 _DIGEST_BATCH = 256
 
 

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from tokenrelay_server.core.compact_log import CompactLog
 from tokenrelay_server.core.model import Chunk, End, LogEntry
@@ -73,6 +74,23 @@ class Subscription:
 WRITE_BEHIND_ENTRIES = 512
 
 
+_ABILITIES: dict[type, tuple[bool, bool]] = {}
+
+
+def _abilities(store: StreamStore) -> tuple[bool, bool]:
+    """(SharesLogs, SubmitsAppends) for the store's class: an isinstance on
+    a runtime Protocol inspects the class's attributes (tens of µs), so once
+    per class, not once per stream."""
+    kind = type(store)
+    known = _ABILITIES.get(kind)
+    if known is None:
+        known = _ABILITIES[kind] = (
+            isinstance(store, SharesLogs),
+            isinstance(store, SubmitsAppends),
+        )
+    return known
+
+
 class LocalLog:
     """The entries of one stream generated here: stored, then shown."""
 
@@ -92,8 +110,8 @@ class LocalLog:
         self._store = store
         # An in-process store's own log is ours too: one buffer, one append
         # (SharesLogs in store/base.py); otherwise a copy of what was stored.
-        # (isinstance on a runtime Protocol inspects the class: once, here.)
-        sharing = store if isinstance(store, SharesLogs) else None
+        shares, submits = _abilities(store)
+        sharing = cast(SharesLogs, store) if shares else None
         shared = sharing.shared_log(stream_id) if sharing is not None else None
         self._shared = shared is not None
         self.entries = shared if shared is not None else CompactLog()
@@ -101,9 +119,9 @@ class LocalLog:
         # writer calls `append_now`; otherwise it awaits `append`.
         self._sharing = sharing if shared is not None else None
         self.appends_now = self._sharing is not None
-        # A store that queues appends (group commit) hands back a future;
+        # A store that queues appends (group commit) answers by a callback;
         # chunks are then written behind (the module docstring).
-        self._submits = store if isinstance(store, SubmitsAppends) else None
+        self._submits = cast(SubmitsAppends, store) if submits else None
         self.writes_behind = self._submits is not None and not self._shared
         self._unsent: list[LogEntry] = []
         self._unsent_bytes = 0  # content bytes of the chunks in _unsent

@@ -41,6 +41,9 @@ class LoopLagMonitor:
         self._clock = clock
         self.settings = settings or LagSettings()
         self._samples: deque[tuple[float, float]] = deque()  # (when, lag seconds)
+        # lag_s() of the window it was computed over (first, last, count):
+        # every admission asks, and samples change only every interval_s.
+        self._cached: tuple[float, float, int, float] | None = None
 
     def record(self, lag_s: float) -> None:
         """A wake-up `lag_s` seconds late, now on the clock."""
@@ -51,8 +54,18 @@ class LoopLagMonitor:
         """The `quantile` of the lags within the window, over the samples the
         window should hold (module doc; 0: none late)."""
         self._drop_old()
-        if not self._samples:
+        samples = self._samples
+        if not samples:
             return 0.0
+        cached = self._cached
+        first, last, count = samples[0][0], samples[-1][0], len(samples)
+        if cached is not None and cached[:3] == (first, last, count):
+            return cached[3]
+        lag = self._quantile()
+        self._cached = (first, last, count, lag)
+        return lag
+
+    def _quantile(self) -> float:
         lags = sorted(lag for _, lag in self._samples)
         settings = self.settings
         missing = max(round(settings.window_s / settings.interval_s) - len(lags), 0)
