@@ -175,6 +175,46 @@ async def test_an_idempotent_retry_gives_back_its_own_slot_not_the_streams(
         first.cancel()
 
 
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_retry_of_a_running_start_at_the_tenants_limit_is_attached_not_refused(
+    relay_factory: RelayFactory, store: str, redis_url: str, redis_prefix: str
+) -> None:
+    # The tenant is at its limit because of that very stream: the retry (a
+    # client that lost the first answer) reads it; a new start is refused.
+    on_store = {"store": "redis", "redis_url": redis_url, "redis_prefix": redis_prefix}
+    relay = await relay_factory(
+        auth=tenants(acme={"max_concurrent_streams": 1}),
+        **(on_store if store == "redis" else {}),
+        **QUIET,
+    )
+    async with grpc.aio.insecure_channel(relay.address) as channel:
+        request = start_request(max_tokens=1000, metadata=HANGS, idempotency_key="k-limit")
+        first = RawCall(channel, request, key=ACME_KEY)
+        started = await first.next_event()
+        retry = RawCall(channel, request, key=ACME_KEY)
+        again = await retry.next_event()
+        assert again.started.stream_id == started.started.stream_id
+        other = RawCall(
+            channel,
+            start_request(max_tokens=10, idempotency_key="k-other"),
+            key=ACME_KEY,
+        )
+        error = await first_event_or_error(other)
+        assert isinstance(error, grpc.aio.AioRpcError)
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # The same key for a different request is refused as it is under
+        # the limit: named, never attached.
+        changed = start_request(max_tokens=999, metadata=HANGS, idempotency_key="k-limit")
+        error = await first_event_or_error(RawCall(channel, changed, key=ACME_KEY))
+        assert isinstance(error, grpc.aio.AioRpcError)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "already used for a different request" in error.details()
+        first.send(pb.StreamRequest(cancel=pb.Cancel(reason="done")))
+        await first.events_until()
+        retry.cancel()
+        first.cancel()
+
+
 async def test_tokens_per_minute_reserves_max_tokens_and_settles_to_the_real_count(
     relay_factory: RelayFactory, clock: ManualClock
 ) -> None:

@@ -39,6 +39,7 @@ from tokenrelay_server.core.errors import (
     ErrorType,
     Fault,
     Overloaded,
+    QuotaExceeded,
     RequestError,
     StreamNotFound,
     SuggestedAction,
@@ -276,7 +277,16 @@ class StreamHub:
             extra={"tenant": caller.tenant} if caller.tenant else {},
         )
         stream_id = meta.stream_id  # the slot's, whatever `create` answers
-        holds_slot = await self._admit_quota(caller, stream_id, request)
+        try:
+            holds_slot = await self._admit_quota(caller, stream_id, request)
+        except QuotaExceeded:
+            # A retry of a start that already runs is attached, not refused
+            # (the running stream holds its slot already): asked only here,
+            # so a start under its quota makes no extra store call.
+            existing = await self.store.find_idempotent(meta.idempotency_key) if key else None
+            if existing is None:
+                raise
+            return await self._attach_retry(existing, request, caller)
 
         async def give_back_slot() -> None:
             if holds_slot:
@@ -291,15 +301,7 @@ class StreamHub:
             # An idempotent retry: `meta` is the existing stream's, and so
             # is its slot; the one taken for this call goes back.
             await give_back_slot()
-            if tenant_of(meta) != caller.tenant or (
-                meta.request is not None and meta.request != request
-            ):
-                # Never names the stream: the key may be a guess at someone else's.
-                raise RequestError(
-                    "start.idempotency_key was already used for a different request; "
-                    "use a new key for a new request"
-                )
-            return await self._attach(meta, after_seq=0)
+            return await self._attach_retry(meta, request, caller)
         try:
             epoch = await self.store.acquire_lease(
                 meta.stream_id, self.replica_id, self.leases.ttl_s
@@ -317,6 +319,21 @@ class StreamHub:
             prompt = request.messages[-1].content if request.messages else ""
             self.observe(StreamStarted(meta.stream_id, meta.model, self._clock.monotonic(), prompt))
         return self._open(Session(meta, False, 0, subscription, generation))
+
+    async def _attach_retry(
+        self, meta: StreamMeta, request: StartRequest, caller: Caller
+    ) -> Session:
+        """Attach an idempotent retry to the stream its key names (`meta`),
+        if it is the same tenant's same request."""
+        if tenant_of(meta) != caller.tenant or (
+            meta.request is not None and meta.request != request
+        ):
+            # Never names the stream: the key may be a guess at someone else's.
+            raise RequestError(
+                "start.idempotency_key was already used for a different request; "
+                "use a new key for a new request"
+            )
+        return await self._attach(meta, after_seq=0)
 
     def _generation(
         self,

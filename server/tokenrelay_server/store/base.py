@@ -106,6 +106,11 @@ class StreamStore(Protocol):
         already names a stream, returns (that stream's meta, False)."""
         ...
 
+    async def find_idempotent(self, idempotency_key: str) -> StreamMeta | None:
+        """The live stream `idempotency_key` names (as `create` would answer
+        it), or None; creates nothing."""
+        ...
+
     async def get_meta(self, stream_id: str) -> StreamMeta | None:
         """The stream's meta, or None when it expired or never existed."""
         ...

@@ -60,6 +60,12 @@ class MemoryStore:
         self._streams[meta.stream_id] = _Stream(meta, self._clock.wall() + self._retention_s)
         return meta, True
 
+    async def find_idempotent(self, idempotency_key: str) -> StreamMeta | None:
+        self._sweep()
+        existing_id = self._idempotency.get(idempotency_key)
+        existing = self._live(existing_id) if existing_id else None
+        return None if existing is None else existing.meta
+
     async def get_meta(self, stream_id: str) -> StreamMeta | None:
         stream = self._live(stream_id)
         return None if stream is None else stream.meta

@@ -673,6 +673,9 @@ class RedisStore:
     async def _swap(self, idem_key: str, args: list[str | int], _retried: bool) -> Any:
         return await self._swap_if_equal(keys=[idem_key], args=args)
 
+    async def find_idempotent(self, idempotency_key: str) -> StreamMeta | None:
+        return await self._stream_named_by(self._idem_key(idempotency_key))
+
     async def get_meta(self, stream_id: str) -> StreamMeta | None:
         key = self._key(stream_id, "meta")
         raw = await self._run("get_meta", stream_id, lambda _: self._client.hget(key, "meta"))
