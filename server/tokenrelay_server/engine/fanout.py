@@ -310,8 +310,8 @@ class LocalLog:
         the store's step: no loop step of its own before readers see it)."""
         entries, self._on_wire = self._on_wire, []
         self._writing = False
+        self._on_wire_bytes = 0  # (recorded now, or dropped with the failure)
         if error is None:
-            self._on_wire_bytes = 0
             if self.entries.end is None:  # (an unstored End may have closed it meanwhile)
                 self._record(entries)
                 durable = self._on_durable
@@ -326,7 +326,7 @@ class LocalLog:
             # queued is dropped, and the writer learns of it at its next step.
             self._failure = error
             self._unsent = []
-            self._unsent_bytes = self._on_wire_bytes = 0
+            self._unsent_bytes = 0
             self._submitted_seq = self.entries.last_seq
             if self._on_write_failed is not None:
                 self._on_write_failed(error)
