@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from serverkit import RelayFactory, chunks_of, run_to_end, start_request, text_of
+from serverkit import RawCall, RelayFactory, chunks_of, run_to_end, start_request, text_of
 
 TOKENRELAY = [sys.executable, "-m", "tokenrelay_server.cli"]
 
@@ -48,6 +48,45 @@ async def test_serve_logs_where_it_listens_first_and_drains_on_sigterm() -> None
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
         assert "stopped" in process.stderr.read()  # type: ignore[union-attr]
+    finally:
+        process.kill()
+        process.wait()
+
+
+async def test_a_second_sigterm_does_not_cut_the_drain_short_and_sigint_stops_at_once() -> None:
+    # `timeout` and systemd signal the process and then its group: the
+    # gateway gets SIGTERM twice. The drain (an hour here) must go on; a
+    # Ctrl-C (SIGINT) while draining stops it at once.
+    process = spawn("--port", "0", "--drain-grace-s", "3600")
+    assert process.stderr is not None
+
+    async def said(words: str) -> None:
+        while True:  # the gateway's own log lines, to the one we wait for
+            line = await asyncio.to_thread(process.stderr.readline)  # type: ignore[union-attr]
+            assert line, f"the gateway exited before saying {words!r}"
+            if words in line:
+                return
+
+    try:
+        port, _ = read_port(process)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = RawCall(
+                channel, start_request(max_tokens=100_000, metadata={"sim.pace_ms": "20"})
+            )
+            await call.events_until(lambda e: e.HasField("chunk"))
+            process.send_signal(signal.SIGTERM)
+            await said("draining: no new streams")
+            process.send_signal(signal.SIGTERM)
+            await said("SIGTERM again: already draining")
+            # Still serving the open stream: its next chunks keep coming.
+            seen = await call.events_until(lambda e: e.HasField("chunk"))
+            after = max(c.seq for c in chunks_of(seen))
+            more = await call.events_until(lambda e: e.HasField("chunk") and e.chunk.seq > after)
+            assert chunks_of(more) and process.poll() is None
+            process.send_signal(signal.SIGINT)
+            # At once, not after the hour of drain grace (60 s only bounds a hang).
+            await asyncio.to_thread(process.wait, 60)
+            call.cancel()
     finally:
         process.kill()
         process.wait()

@@ -350,14 +350,21 @@ async def _serve(
     await stop.wait()
     loop.remove_signal_handler(signal.SIGHUP)
     log.info("draining: no new streams; open streams get %.0f s", settings.drain_grace_s)
-    # A second signal stops a lone gateway at once; a worker ignores it (its
-    # supervisor forwards the one it got itself, api/workers.py) and is
-    # hurried by its supervisor instead.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        if worker is None:
-            loop.remove_signal_handler(sig)
+    # While draining, a lone gateway ignores another SIGTERM (`timeout` and
+    # systemd signal the process and then its group: the second must not cut
+    # the drain short) and stops at once on another SIGINT (Ctrl-C again),
+    # as the supervisor of `--workers` does. A worker ignores both (its
+    # supervisor forwards the signal it got itself, api/workers.py, and
+    # hurries it instead).
+    if worker is None:
+        loop.remove_signal_handler(signal.SIGINT)
+        loop.add_signal_handler(signal.SIGTERM, _already_draining)
     await server.drain_and_stop()
     log.info("stopped")
+
+
+def _already_draining() -> None:
+    log.info("SIGTERM again: already draining (SIGINT, Ctrl-C, stops at once)")
 
 
 def _on_sighup(server: RelayServer, reread: Callable[[], Settings] | None) -> None:
