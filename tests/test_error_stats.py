@@ -6,6 +6,7 @@ Then the recorder that feeds them from engine events."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -25,7 +26,7 @@ from tokenrelay_server.store.error_stats import (
     MemoryErrorStats,
     Period,
 )
-from tokenrelay_server.store.error_stats_redis import RedisErrorStats
+from tokenrelay_server.store.error_stats_redis import MAX_CONNECTIONS, RedisErrorStats
 
 # 30 s before midnight UTC at the end of a Sunday: the next minute, hour,
 # day and (ISO) week all begin 30 s later.
@@ -367,3 +368,23 @@ async def test_the_recorder_queue_is_bounded(clock: ManualClock) -> None:
     await recorder.flush()
     [row] = await stats.summary(Period.HOUR)
     assert row.count == 3
+
+
+async def test_the_redis_error_stats_use_a_bounded_pool_however_many_write_at_once(
+    redis_url: str, redis_prefix: str, clock: ManualClock
+) -> None:
+    # Twenty writers at once (the recorder's task, Admin calls) share at most
+    # MAX_CONNECTIONS connections: a slow Redis makes them wait, it never
+    # makes the gateway open connection after connection.
+    name = f"errstats-{redis_prefix}"
+    stats = RedisErrorStats.from_url(redis_url, prefix=redis_prefix, clock=clock, client_name=name)
+    observer = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await asyncio.gather(*(stats.record([record(at=clock.wall())]) for _ in range(20)))
+        clients = await observer.client_list()
+        ours = [c for c in clients if c.get("name") == name]
+        assert 1 <= len(ours) <= MAX_CONNECTIONS
+        assert counts(await stats.summary(Period.HOUR)) == {"ECONNRESET": 20}
+    finally:
+        await observer.aclose()
+        await stats.close()

@@ -266,6 +266,7 @@ def build_error_stats(settings: Settings, clock: Clock) -> ErrorStats:
             prefix=settings.redis_prefix,
             clock=clock,
             cluster=settings.redis_cluster,
+            pool_timeout_s=settings.redis_pool_timeout_s,
         )
     return MemoryErrorStats(clock=clock)
 

@@ -69,6 +69,9 @@ def _field_key(key: AggregateKey) -> str:
     return json.dumps(list(key), separators=(",", ":"), ensure_ascii=False)
 
 
+MAX_CONNECTIONS = 4
+
+
 class RedisErrorStats:
     def __init__(
         self, client: RedisClient, *, prefix: str = "tr", clock: Clock | None = None
@@ -85,10 +88,24 @@ class RedisErrorStats:
         prefix: str = "tr",
         clock: Clock | None = None,
         cluster: bool = False,
+        max_connections: int = MAX_CONNECTIONS,
+        pool_timeout_s: float = 5.0,
         **client_kwargs: Any,
     ) -> RedisErrorStats:
+        """A client of its own with a bounded pool: the recorder writes from
+        one task and Admin reads now and then, so `max_connections` (4) is
+        plenty, and a slow Redis makes a write wait `pool_timeout_s` for a
+        connection (then fail, counted as dropped) instead of opening new
+        connections without bound."""
         client_kwargs["decode_responses"] = True
-        return cls(connect(url, cluster=cluster, **client_kwargs), prefix=prefix, clock=clock)
+        client = connect(
+            url,
+            cluster=cluster,
+            pool_timeout_s=pool_timeout_s,
+            max_connections=max_connections,
+            **client_kwargs,
+        )
+        return cls(client, prefix=prefix, clock=clock)
 
     def bucket_key(self, granularity_name: str, index: int) -> str:
         return f"{self._prefix}:errors:{{{granularity_name}{index}}}"
