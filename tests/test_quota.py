@@ -150,6 +150,18 @@ async def test_over_max_concurrent_streams_is_resource_exhausted_with_retry_info
         running[1].cancel()
 
 
+async def start_and_retry(channel: grpc.aio.Channel, key: str) -> tuple[RawCall, RawCall]:
+    """Acme starts a stream that hangs after its first chunk, with idempotency
+    key `key`, then sends the same start again: both calls read one stream."""
+    request = start_request(max_tokens=1000, metadata=HANGS, idempotency_key=key)
+    first = RawCall(channel, request, key=ACME_KEY)
+    started = await first.next_event()
+    retry = RawCall(channel, request, key=ACME_KEY)
+    again = await retry.next_event()
+    assert again.started.stream_id == started.started.stream_id
+    return first, retry
+
+
 async def test_an_idempotent_retry_gives_back_its_own_slot_not_the_streams(
     relay_factory: RelayFactory,
 ) -> None:
@@ -160,12 +172,7 @@ async def test_an_idempotent_retry_gives_back_its_own_slot_not_the_streams(
     quota = relay.hub.quota
     assert isinstance(quota, MemoryQuota)
     async with grpc.aio.insecure_channel(relay.address) as channel:
-        request = start_request(max_tokens=1000, metadata=HANGS, idempotency_key="k-1")
-        first = RawCall(channel, request, key=ACME_KEY)
-        started = await first.next_event()
-        retry = RawCall(channel, request, key=ACME_KEY)
-        again = await retry.next_event()
-        assert again.started.stream_id == started.started.stream_id
+        first, retry = await start_and_retry(channel, "k-1")
         assert quota.running("acme") == 1
         first.send(pb.StreamRequest(cancel=pb.Cancel(reason="done")))
         await first.events_until()
@@ -188,12 +195,7 @@ async def test_a_retry_of_a_running_start_at_the_tenants_limit_is_attached_not_r
         **QUIET,
     )
     async with grpc.aio.insecure_channel(relay.address) as channel:
-        request = start_request(max_tokens=1000, metadata=HANGS, idempotency_key="k-limit")
-        first = RawCall(channel, request, key=ACME_KEY)
-        started = await first.next_event()
-        retry = RawCall(channel, request, key=ACME_KEY)
-        again = await retry.next_event()
-        assert again.started.stream_id == started.started.stream_id
+        first, retry = await start_and_retry(channel, "k-limit")
         other = RawCall(
             channel,
             start_request(max_tokens=10, idempotency_key="k-other"),
