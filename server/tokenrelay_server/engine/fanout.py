@@ -236,22 +236,11 @@ class LocalLog:
         sharing.append_now(self.stream_id, entries, epoch=self.epoch)
         self._wake()
 
-    async def append_chunk(self, chunk: Chunk) -> None:
-        """Store one chunk, then show it: written behind when the store
-        queues appends (`hand_over_chunk`), else as `append`. Raises the
-        failure of an earlier write."""
-        if not self.writes_behind:
-            await self.append([chunk])
-            return
-        waiting = self.hand_over_chunk(chunk)
-        if waiting is not None:
-            await waiting
-
     def hand_over_chunk(self, chunk: Chunk) -> Awaitable[None] | None:
-        """`append_chunk` without a coroutine (a log that `writes_behind`):
-        hands the chunk over and returns None, or, with `WRITE_BEHIND_ENTRIES`
-        of this stream waiting, what to await before the next. Raises the
-        failure of an earlier write."""
+        """Store one chunk behind, then show it (a log that `writes_behind`),
+        without a coroutine: hands the chunk over and returns None, or, with
+        `WRITE_BEHIND_ENTRIES` of this stream waiting, what to await before
+        the next. Raises the failure of an earlier write."""
         self._hand_over((chunk,))
         if len(self._unsent) + len(self._on_wire) >= WRITE_BEHIND_ENTRIES:
             return self._room()

@@ -447,10 +447,11 @@ class Generation:
     # -- writing ---------------------------------------------------------------------
 
     async def _emit_chunk(self, piece: Piece, provider: str, attempt: int, tokens: int) -> None:
+        """Store one chunk and show it, for a log that neither shares the
+        store's nor writes behind (`emit_chunk_now` serves those)."""
         chunk = self._chunk(piece, provider, attempt, tokens)
-        await self.log.append_chunk(chunk)
-        if not self.log.writes_behind:  # (else the write's callback reports it)
-            self._stored(chunk)
+        await self.log.append([chunk])
+        self._stored(chunk)
 
     def _emit_chunk_behind(
         self, piece: Piece, provider: str, attempt: int, tokens: int

@@ -73,6 +73,7 @@ def _resolve(future: asyncio.Future[None]) -> Done:
 
     return done
 
+
 Send = Callable[[Sequence[PendingAppend]], Awaitable[Sequence[Outcome]]]
 BatchObserver = Callable[[int, float], None]
 
