@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 import pytest
@@ -199,34 +200,36 @@ async def test_a_shed_start_is_admitted_once_a_slot_frees_during_the_wait(
     assert relay_stream.reconnects == 0  # a refusal is not a broken connection
 
 
-async def test_no_start_retries_raises_the_first_refusal_with_its_advice(
-    full: tuple[RelayServer, ManualClock],
-) -> None:
-    relay, _ = full
-    sleep = RecordingSleep()
+async def refused_while_held(
+    relay: RelayServer, sleep: RecordingSleep, **options: Any
+) -> StreamFailed:
+    """What a client with `options` raises for a start while another call
+    holds the only slot."""
     async with grpc.aio.insecure_channel(relay.address) as channel:
         holder = await holding_the_slot(channel)
-        async with RelayClient(relay.address, sleep=sleep, start_retries=0) as client:
+        async with RelayClient(relay.address, sleep=sleep, **options) as client:
             with pytest.raises(StreamFailed) as caught:
                 await client.generate("sim", PROMPT, max_tokens=5)
         holder.cancel()
+    return caught.value
+
+
+async def test_no_start_retries_raises_the_first_refusal_with_its_advice(
+    full: tuple[RelayServer, ManualClock],
+) -> None:
+    sleep = RecordingSleep()
+    refusal = await refused_while_held(full[0], sleep, start_retries=0)
     assert sleep.delays == []
-    assert (caught.value.code, caught.value.retry_after_s) == (EXHAUSTED, 2.5)
+    assert (refusal.code, refusal.retry_after_s) == (EXHAUSTED, 2.5)
 
 
 async def test_an_advised_wait_past_the_cap_is_raised_at_once(
     full: tuple[RelayServer, ManualClock],
 ) -> None:
-    relay, _ = full
     sleep = RecordingSleep()
-    async with grpc.aio.insecure_channel(relay.address) as channel:
-        holder = await holding_the_slot(channel)
-        async with RelayClient(relay.address, sleep=sleep, max_start_retry_wait_s=1.0) as client:
-            with pytest.raises(StreamFailed) as caught:
-                await client.generate("sim", PROMPT, max_tokens=5)
-        holder.cancel()
+    refusal = await refused_while_held(full[0], sleep, max_start_retry_wait_s=1.0)
     assert sleep.delays == []
-    assert caught.value.retry_after_s == 2.5
+    assert refusal.retry_after_s == 2.5
 
 
 async def test_a_tenant_over_its_quota_is_retried_after_the_retry_info(
