@@ -68,10 +68,10 @@ from relay_vs_echo import (
     CHUNK_TAG,
     END_TAG,
     ServerProcess,
+    interleaved_rounds,
     measure_resume,
     percentile,
     profile_round,
-    run_round,
     start_request,
     stream_method,
 )
@@ -136,13 +136,7 @@ async def flood(
     rounds: int,
 ) -> FloodFigures:
     tokens = max(1, total_chunks // streams)
-    for name in NAMES:
-        await run_round(stubs[name], servers[name], streams, max(1, tokens // 4))
-    results: dict[str, list[Any]] = {name: [] for name in NAMES}
-    for index in range(rounds):
-        order = NAMES[index % 3 :] + NAMES[: index % 3]
-        for name in order:
-            results[name].append(await run_round(stubs[name], servers[name], streams, tokens))
+    results = await interleaved_rounds(stubs, servers, NAMES, streams, tokens, rounds)
     best = {name: max(r.chunks_per_s for r in results[name]) for name in NAMES}
     return FloodFigures(
         streams=streams,

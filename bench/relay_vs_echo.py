@@ -98,10 +98,10 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import grpc
 import psutil
@@ -519,6 +519,35 @@ class ThroughputFigures:
     relay_rounds: list[float] = field(default_factory=list)
 
 
+K = TypeVar("K", bound=str)
+
+
+async def interleaved_rounds(
+    stubs: Mapping[K, grpc.aio.StreamStreamMultiCallable],
+    servers: Mapping[K, ServerProcess],
+    names: Sequence[K],
+    streams: int,
+    tokens: int,
+    rounds: int,
+    checkpoint_interval: int | None = None,
+) -> dict[K, list[RoundResult]]:
+    """An untimed warm-up round (a quarter of the tokens) per server, then
+    `rounds` timed rounds each, interleaved, the order rotating each round so
+    drift on the shared machine hits every server alike."""
+    for name in names:
+        await run_round(
+            stubs[name], servers[name], streams, max(1, tokens // 4), checkpoint_interval
+        )
+    results: dict[K, list[RoundResult]] = {name: [] for name in names}
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in [*names[shift:], *names[:shift]]:
+            results[name].append(
+                await run_round(stubs[name], servers[name], streams, tokens, checkpoint_interval)
+            )
+    return results
+
+
 async def measure_throughput(
     stubs: dict[ServerKind, grpc.aio.StreamStreamMultiCallable],
     servers: dict[ServerKind, ServerProcess],
@@ -528,18 +557,9 @@ async def measure_throughput(
     checkpoint_interval: int | None = None,
 ) -> ThroughputFigures:
     tokens = max(1, total_chunks // streams)
-    warm_tokens = max(1, tokens // 4)
-    for kind in KINDS:
-        await run_round(stubs[kind], servers[kind], streams, warm_tokens, checkpoint_interval)
-    results: dict[ServerKind, list[RoundResult]] = {"echo": [], "relay": []}
-    for index in range(rounds):
-        order: tuple[ServerKind, ServerKind] = (
-            ("echo", "relay") if index % 2 == 0 else ("relay", "echo")
-        )
-        for kind in order:
-            results[kind].append(
-                await run_round(stubs[kind], servers[kind], streams, tokens, checkpoint_interval)
-            )
+    results = await interleaved_rounds(
+        stubs, servers, KINDS, streams, tokens, rounds, checkpoint_interval
+    )
     echo_rates = [r.chunks_per_s for r in results["echo"]]
     relay_rates = [r.chunks_per_s for r in results["relay"]]
     echo_median = statistics.median(echo_rates)
