@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 import redis
 from hypothesis import HealthCheck, settings
 
-from redisproc import RedisProcess, free_port
+from redisproc import RedisProcess, answers, free_port, wait_for_ping
 
 # Property tests never depend on how fast the machine is: no per-example
 # deadline and no "too slow" health check (these machines are shared; a
@@ -44,18 +43,10 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 REDIS_START_TIMEOUT_S = 10.0
 
 
-def _redis_answers(url: str) -> bool:
-    try:
-        with redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1) as client:
-            return bool(client.ping())
-    except (redis.RedisError, OSError):
-        return False
-
-
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     url = os.environ.get("TOKENRELAY_TEST_REDIS_URL", DEFAULT_REDIS_URL)
-    if _redis_answers(url):
+    if answers(url):
         yield url
         return
 
@@ -74,12 +65,9 @@ def redis_url() -> Iterator[str]:
             )
             try:
                 local_url = f"redis://127.0.0.1:{port}/0"
-                deadline = time.monotonic() + REDIS_START_TIMEOUT_S
-                while server.poll() is None and time.monotonic() < deadline:
-                    if _redis_answers(local_url):
-                        yield local_url
-                        return
-                    time.sleep(0.05)
+                if wait_for_ping(server, local_url, REDIS_START_TIMEOUT_S):
+                    yield local_url
+                    return
                 problem = (
                     f"no Redis answers at {url}, and the redis-server started on port "
                     f"{port} did not answer PING (exit code {server.poll()})"

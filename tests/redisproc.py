@@ -34,6 +34,18 @@ def answers(url: str) -> bool:
         return False
 
 
+def wait_for_ping(process: subprocess.Popen[bytes], url: str, timeout_s: float) -> bool:
+    """Whether the redis-server `process` started answers PING at `url`
+    before it exits or `timeout_s` pass (polled: a process coming up is a
+    real condition to wait on, with nothing to inject)."""
+    deadline = time.monotonic() + timeout_s
+    while process.poll() is None and time.monotonic() < deadline:
+        if answers(url):
+            return True
+        time.sleep(0.02)
+    return False
+
+
 class RedisProcess:
     def __init__(self, workdir: Path, port: int | None = None) -> None:
         binary = shutil.which("redis-server")
@@ -53,13 +65,10 @@ class RedisProcess:
         self._process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise AssertionError(f"redis-server exited with {self._process.returncode}")
-            if answers(self.url):
-                return
-            time.sleep(0.02)
+        if wait_for_ping(self._process, self.url, START_TIMEOUT_S):
+            return
+        if self._process.poll() is not None:
+            raise AssertionError(f"redis-server exited with {self._process.returncode}")
         raise AssertionError(f"redis-server on port {self.port} did not answer PING")
 
     def stop(self) -> None:
