@@ -139,8 +139,9 @@ class RecoveryLoop:
     delivered_text: Callable[[], str]
     delivered_chunks: Callable[[], int]
     # Wait until what was emitted is durable (a log that writes behind,
-    # engine/fanout.py): every decision and continuation needs all of it.
-    settle: Callable[[], Awaitable[None]] | None = None
+    # engine/fanout.py; at once otherwise): every decision and continuation
+    # needs all of it.
+    settle: Callable[[], Awaitable[None]]
     model: str = ""  # the alias, for observers
     observe: Observers = field(default_factory=Observers)
     # What the clients were shown of the turn's tool calls (a takeover
@@ -178,8 +179,7 @@ class RecoveryLoop:
                         health.budget(route).record_request()
                         continues = self.delivered_chunks() > 0
                         report = await self._observed_attempt(route, self.tally.attempts)
-                        if self.settle is not None:
-                            await self.settle()
+                        await self.settle()
                         route_health = health.health(route)
                         self.tally.add(report, route_health.delta_weight())
                         if report.fault is None:
