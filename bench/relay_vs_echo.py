@@ -245,13 +245,6 @@ async def _serve(kind: ServerKind, conn: Connection, settings: dict[str, Any]) -
                 gc.collect()
             elif command == "gc_pauses":  # since the last ask, then reset
                 reply = pauses.take()
-            elif command == "gc_census":  # objects the collector tracks, by type
-                counts: dict[str, int] = {}
-                for obj in gc.get_objects():
-                    name = type(obj).__qualname__
-                    counts[name] = counts.get(name, 0) + 1
-                reply = sorted(counts.items(), key=lambda kv: -kv[1])[: int(argument or 20)]
-                reply.insert(0, ("(all)", sum(counts.values())))
             elif command == "metrics_url":
                 reply = None if relay is None else relay.metrics_url
             elif command == "stats":
