@@ -25,7 +25,7 @@ import {
 } from '../src/index';
 import { FaultProxy } from './support/faultProxy';
 import { type Gateway, startGateway } from './support/gateway';
-import { chunksOf, range } from './support/kit';
+import { chunksOf, range, rejection } from './support/kit';
 import { recordingSleep } from './support/scriptedRelay';
 
 const WEATHER: ToolInput = {
@@ -82,15 +82,6 @@ function assertFullyVerified(result: GenerateResult): void {
   assert.ok(result.end.verified, 'text_sha256 checked');
   assert.ok(result.end.chunksVerified, 'chunks_sha256 checked');
   assert.equal(result.chunks, result.end.totalSeq);
-}
-
-async function rejection(promise: Promise<unknown>): Promise<unknown> {
-  try {
-    await promise;
-  } catch (error: unknown) {
-    return error;
-  }
-  assert.fail('expected the stream to fail');
 }
 
 describe('an agent loop', () => {

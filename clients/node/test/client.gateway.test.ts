@@ -20,7 +20,7 @@ import {
 } from '../src/index';
 import { FaultProxy } from './support/faultProxy';
 import { type Gateway, startGateway } from './support/gateway';
-import { PROMPT, chunksOf, collect, range, textOf } from './support/kit';
+import { PROMPT, chunksOf, collect, range, rejection, textOf } from './support/kit';
 import { recordingSleep } from './support/scriptedRelay';
 
 let gateway: Gateway;
@@ -59,15 +59,6 @@ async function referenceText(maxTokens: number, seed: string): Promise<string> {
     metadata: { 'sim.seed': seed },
   });
   return result.text;
-}
-
-async function rejection(promise: Promise<unknown>): Promise<unknown> {
-  try {
-    await promise;
-  } catch (error: unknown) {
-    return error;
-  }
-  assert.fail('expected the stream to fail');
 }
 
 describe('a clean stream', () => {

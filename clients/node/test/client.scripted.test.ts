@@ -26,7 +26,7 @@ import {
   toolResult,
 } from '../src/index';
 import { contractType } from '../src/wire';
-import { PROMPT, chunksOf, collect, range, seededRandom } from './support/kit';
+import { PROMPT, chunksOf, collect, range, rejection, seededRandom } from './support/kit';
 import {
   AWAIT_REQUEST,
   HANG,
@@ -76,15 +76,6 @@ function plainClient(address: string): RelayClient {
   const client = new RelayClient(address);
   clients.push(client);
   return client;
-}
-
-async function rejection(promise: Promise<unknown>): Promise<unknown> {
-  try {
-    await promise;
-  } catch (error: unknown) {
-    return error;
-  }
-  assert.fail('expected the stream to fail');
 }
 
 describe('requests', () => {

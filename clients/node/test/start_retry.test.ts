@@ -32,6 +32,7 @@ import {
 } from '../src/index';
 import { RETRY_AFTER_MS, advisedWaitMs } from '../src/wire';
 import { type Gateway, startGateway } from './support/gateway';
+import { rejection } from './support/kit';
 import { errorInfo, retryInfo, trailers } from './support/rpcStatus';
 import { ScriptedRelay, chunk, endFor, started, textUpTo } from './support/scriptedRelay';
 
@@ -264,15 +265,6 @@ async function holdingTheSlot(shed: SheddingGateway, options: RelayClientOptions
       await eventually(async () => (await shed.generations()) === 0, 'the slot is free');
     },
   };
-}
-
-async function rejection(promise: Promise<unknown>): Promise<unknown> {
-  try {
-    await promise;
-  } catch (error: unknown) {
-    return error;
-  }
-  assert.fail('expected the stream to fail');
 }
 
 async function collect(stream: RelayStream, into: RelayEvent[]): Promise<void> {

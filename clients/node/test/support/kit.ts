@@ -1,4 +1,6 @@
 /** Small helpers shared by the tests. */
+import { strict as assert } from 'node:assert';
+
 import type { Chunk, RelayEvent, TextChunk } from '../../src/events';
 
 export const PROMPT: [string, string][] = [['user', 'tell me about streams']];
@@ -37,4 +39,14 @@ export function seededRandom(seed: number): () => number {
     value ^= value + Math.imul(value ^ (value >>> 7), value | 61);
     return ((value ^ (value >>> 14)) >>> 0) / 4294967296;
   };
+}
+
+/** What `promise` rejects with (the test fails if it resolves). */
+export async function rejection(promise: Promise<unknown>): Promise<unknown> {
+  try {
+    await promise;
+  } catch (error: unknown) {
+    return error;
+  }
+  assert.fail('expected the stream to fail');
 }
