@@ -24,6 +24,8 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from tokenrelay.v1 import relay_pb2 as pb
 from tokenrelay.v1 import relay_pb2_grpc as pbg
@@ -331,3 +333,31 @@ def gateway_store(url: str, **kwargs: Any) -> RedisStore:
     """A Redis store that reads what a test gateway wrote: its values are
     sealed with the gateway's resume secret (SECRET)."""
     return RedisStore.from_url(url, sealer=store_sealer(Settings(resume_secret=SECRET)), **kwargs)
+
+
+def assert_shed(
+    error: grpc.aio.AioRpcError,
+    reason: str,
+    retry_after_s: float,
+    code: grpc.StatusCode = grpc.StatusCode.RESOURCE_EXHAUSTED,
+) -> None:
+    """Load shed: `code` (RESOURCE_EXHAUSTED for a start), an ErrorInfo
+    naming `reason`, a RetryInfo and retry-after-ms saying `retry_after_s`."""
+    assert error.code() == code, error
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, "no grpc-status-details-bin on the refusal"
+    found: dict[str, object] = {}
+    for any_detail in status.details:
+        for kind in (error_details_pb2.ErrorInfo, error_details_pb2.RetryInfo):
+            if any_detail.Is(kind.DESCRIPTOR):
+                message = kind()
+                any_detail.Unpack(message)
+                found[kind.DESCRIPTOR.name] = message
+    info = found["ErrorInfo"]
+    assert isinstance(info, error_details_pb2.ErrorInfo)
+    assert (info.reason, info.domain) == (reason, "tokenrelay.v1")
+    retry = found["RetryInfo"]
+    assert isinstance(retry, error_details_pb2.RetryInfo)
+    assert retry.retry_delay.ToNanoseconds() == round(retry_after_s * 1e9)
+    trailing = dict(error.trailing_metadata() or ())
+    assert trailing["retry-after-ms"] == str(round(retry_after_s * 1000))

@@ -10,8 +10,6 @@ import asyncio
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from serverkit import (
     PACED,
@@ -19,6 +17,7 @@ from serverkit import (
     RawCall,
     RelayFactory,
     assert_contiguous,
+    assert_shed,
     chunks_of,
     end_of,
     eventually,
@@ -147,28 +146,6 @@ async def refusal_of(channel: grpc.aio.Channel) -> grpc.aio.AioRpcError:
     finally:
         call.cancel()
     return caught.value
-
-
-def assert_shed(error: grpc.aio.AioRpcError, reason: str, retry_after_s: float) -> None:
-    """RESOURCE_EXHAUSTED, naming `reason`, with RetryInfo and retry-after-ms."""
-    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None, "no grpc-status-details-bin on the refusal"
-    found: dict[str, object] = {}
-    for any_detail in status.details:
-        for kind in (error_details_pb2.ErrorInfo, error_details_pb2.RetryInfo):
-            if any_detail.Is(kind.DESCRIPTOR):
-                message = kind()
-                any_detail.Unpack(message)
-                found[kind.DESCRIPTOR.name] = message
-    info = found["ErrorInfo"]
-    assert isinstance(info, error_details_pb2.ErrorInfo)
-    assert (info.reason, info.domain) == (reason, "tokenrelay.v1")
-    retry = found["RetryInfo"]
-    assert isinstance(retry, error_details_pb2.RetryInfo)
-    assert retry.retry_delay.ToNanoseconds() == round(retry_after_s * 1e9)
-    trailing = dict(error.trailing_metadata() or ())
-    assert trailing["retry-after-ms"] == str(round(retry_after_s * 1000))
 
 
 async def test_at_two_and_a_half_times_capacity_every_refusal_is_clean_and_admitted_ones_exact(

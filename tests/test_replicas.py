@@ -34,6 +34,7 @@ from serverkit import (
     RawCall,
     RelayFactory,
     assert_contiguous,
+    assert_shed,
     chunks_of,
     end_of,
     eventually,
@@ -47,10 +48,13 @@ from serverkit import (
     text_of,
 )
 from tokenrelay.v1 import relay_pb2 as pb
+from tokenrelay_server.api.requests import parse_start
 from tokenrelay_server.api.server import RelayServer
 from tokenrelay_server.core.clock import ManualClock
 from tokenrelay_server.core.model import Chunk, StreamMeta
+from tokenrelay_server.store.base import StreamTail
 from tokenrelay_server.store.redis import RedisStore
+from tokenrelay_server.upstream.sim import SimAnswer
 
 # A generous bound on waits for another process (it fails the test; it times nothing).
 PROCESS_GUARD_S = 90.0
@@ -281,6 +285,54 @@ async def test_a_stream_whose_owner_died_ends_typed_with_what_it_produced(
     assert end.partial and end.error.code == "OWNER_LOST"
     assert end.total_seq == 5
     assert end.text_sha256 == sha256("".join(f" w{i}" for i in range(1, 6)))
+
+
+async def test_a_replica_at_max_streams_refuses_a_takeover_and_leaves_the_stream_intact(
+    relay_factory: RelayFactory, shared: dict[str, Any], clock: ManualClock
+) -> None:
+    # A takeover is a new generation on the replica that makes it: one at
+    # max_streams sheds it as it sheds a start, or a replica's death would
+    # push its streams past the survivors' limits. The refusal is
+    # UNAVAILABLE (the stream is fine: resume it elsewhere) with the shed
+    # details, and nothing changes: no lease is taken, nothing is written.
+    # With room again, the same resume takes the stream over and finishes it.
+    b = await relay_factory(clock=clock, max_streams=1, shed_retry_after_s=2.5, **shared, **QUIET)
+    request = start_request(max_tokens=12, prompt="an orphan")
+    parsed = parse_start(request.start, max_prompt_bytes=1 << 20)
+    answer = SimAnswer(parsed.messages)
+    meta = StreamMeta("0dd" * 10 + "ba", "sim", 0.0, 10, request=parsed)
+    store = open_store(shared)
+    try:
+        # The log of an owner that died after 5 chunks: no End, no lease.
+        await store.create(meta)
+        await store.append(
+            meta.stream_id, [Chunk(i, answer.token(i - 1), "sim", 1, i) for i in range(1, 6)]
+        )
+        token = b.tokens.issue(meta.stream_id)
+        async with grpc.aio.insecure_channel(b.address) as on_b:
+            occupant = RawCall(on_b, start_request(max_tokens=5, metadata=PACED))
+            await occupant.next_event()  # started: B is at its limit
+            refused = RawCall(on_b, resume_request(token, 2))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await refused.events_until()
+            error = caught.value
+            assert_shed(error, "MAX_STREAMS", 2.5, code=grpc.StatusCode.UNAVAILABLE)
+            assert meta.stream_id in (error.details() or "")
+            assert "max_streams" in (error.details() or "")
+            assert await store.lease_owner(meta.stream_id) is None
+            assert await store.tail(meta.stream_id) == StreamTail(5, False)
+            assert b.hub.running_generations == 1
+            occupant.send(pb.StreamRequest(cancel=pb.Cancel(reason="make room")))
+            await occupant.events_until()
+            await eventually(lambda: b.hub.running_generations == 0)
+            rest = await run_to_end(on_b, resume_request(token, 2))
+            clean = await run_to_end(on_b, start_request(max_tokens=12, prompt="an orphan"))
+    finally:
+        await store.close()
+    assert [c.seq for c in chunks_of(rest)] == list(range(3, 13))
+    assert [e.error.code for e in rest if e.HasField("error")] == ["OWNER_LOST"]
+    assert not end_of(rest).partial
+    assert end_of(rest).text_sha256 == sha256(text_of(clean))
 
 
 async def test_a_dead_replicas_generation_is_taken_over_and_finished(

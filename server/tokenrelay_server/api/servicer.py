@@ -62,6 +62,7 @@ from tokenrelay_server.core.errors import (
     RequestError,
     ResumeDenied,
     StreamNotFound,
+    TakeoverRefused,
     TokenRelayError,
     Unauthenticated,
     truncate,
@@ -82,6 +83,9 @@ STATUS_FOR: tuple[tuple[type[TokenRelayError], grpc.StatusCode], ...] = (
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (StreamNotFound, grpc.StatusCode.NOT_FOUND),
     (QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    # A takeover this replica has no room for: the stream is intact; resume
+    # it elsewhere (clients reconnect on UNAVAILABLE), or here later.
+    (TakeoverRefused, grpc.StatusCode.UNAVAILABLE),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Draining, grpc.StatusCode.UNAVAILABLE),
     # The store is unreachable, or another replica took the stream over
@@ -211,10 +215,11 @@ RETRY_AFTER_MS = "retry-after-ms"
 
 
 def overloaded_status(error: Overloaded) -> grpc.Status:
-    """RESOURCE_EXHAUSTED for a refused start (load shedding, quotas), with a
-    google.rpc.ErrorInfo naming the limit and, when the refusal says how long
-    to wait, a google.rpc.RetryInfo and `retry-after-ms` trailing metadata."""
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    """The status of load shed (RESOURCE_EXHAUSTED for a refused start,
+    UNAVAILABLE for a refused takeover), with a google.rpc.ErrorInfo naming
+    the limit and, when the refusal says how long to wait, a
+    google.rpc.RetryInfo and `retry-after-ms` trailing metadata."""
+    code = status_for(error)
     details: list[Message] = []
     if error.reason:
         details.append(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))
@@ -414,8 +419,6 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             if identity.key_id:  # the key id, never the key
                 log.debug("call with key %s (tenant %s)", identity.key_id, identity.tenant)
             session = await self._open(first, context.time_remaining(), identity)
-        except Overloaded as error:
-            await context.abort_with_status(overloaded_status(error))
         except TokenRelayError as error:
             await self._abort(context, error)
         except Exception:
@@ -486,7 +489,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         context: grpc.aio.ServicerContext[relay_pb2.StreamRequest, relay_pb2.StreamEvent],
         error: TokenRelayError,
     ) -> None:
-        status = error_status(error)
+        status = overloaded_status(error) if isinstance(error, Overloaded) else error_status(error)
         if status is not None:
             await context.abort_with_status(status)
         await context.abort(status_for(error), str(error))

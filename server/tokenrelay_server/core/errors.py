@@ -216,6 +216,13 @@ class Overloaded(TokenRelayError):
         self.retry_after_s = retry_after_s
 
 
+class TakeoverRefused(Overloaded):
+    """A resumed stream's owner died and this replica has no room to continue
+    it (at `max_streams`, over its memory limit, or saturated: `reason` says
+    which, as for `Overloaded`). Nothing changed: the stream is intact, with
+    no owner. Resume it on another replica, or here after `retry_after_s`."""
+
+
 class Draining(TokenRelayError):
     """The server is shutting down. Reconnect (to another replica) and resume."""
 

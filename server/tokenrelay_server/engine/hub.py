@@ -19,7 +19,10 @@ starts can never admit more than the limit. A start is refused (`Overloaded`,
 with the `shed_retry_after_s` to wait) while the replica is over
 `max_streams` (running and detached generations), over its memory limit, or
 while its event loop lags (loop_lag.py): the servicer decides it after
-reading the first request, so a refusal is a clean RESOURCE_EXHAUSTED.
+reading the first request, so a refusal is a clean RESOURCE_EXHAUSTED. A
+takeover is a new generation too, held to the same limits (`_take_over`):
+refused, it is `TakeoverRefused` (UNAVAILABLE) and the stream is left as it
+was, for another replica.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from tokenrelay_server.core.errors import (
     RequestError,
     StreamNotFound,
     SuggestedAction,
+    TakeoverRefused,
 )
 from tokenrelay_server.core.limits import HubSettings
 from tokenrelay_server.core.model import LogEntry, StartRequest, StreamMeta
@@ -195,33 +199,58 @@ class StreamHub:
                 "or retry shortly"
             )
         wait_s = self._settings.shed_retry_after_s
-        later = f"retry in {wait_s:g} s or on another replica"
+        self._shed(Overloaded, f"retry in {wait_s:g} s or on another replica")
+        self._admitting += 1
+
+    def _shed(self, refusal: type[Overloaded], advice: str) -> None:
+        """Raise `refusal` while this replica has no room for another
+        generation: at max_streams, over its memory limit, or saturated."""
+        wait_s = self._settings.shed_retry_after_s
         running = len(self._local) + self._admitting
         if running >= self._settings.max_streams:
-            raise Overloaded(
+            raise refusal(
                 f"this replica is generating {running} streams (running and detached), its "
-                f"limit (max_streams); {later}",
+                f"limit (max_streams); {advice}",
                 reason="MAX_STREAMS",
                 retry_after_s=wait_s,
             )
         if self.memory_exceeded is not None:
-            raise Overloaded(
+            raise refusal(
                 f"this replica is over its memory limit ({self.memory_exceeded >> 20} MiB of "
-                f"{self.max_memory_bytes >> 20} MiB); {later}",
+                f"{self.max_memory_bytes >> 20} MiB); {advice}",
                 reason="MEMORY_LIMIT",
                 retry_after_s=wait_s,
             )
         lag = self.loop_lag
         if lag is not None and lag.overloaded:
             settings = lag.settings
-            raise Overloaded(
+            raise refusal(
                 f"this replica is saturated: its event loop's p{settings.quantile * 100:g} lag "
                 f"over the last {settings.window_s:g} s is {lag.lag_s() * 1000:.0f} ms, above "
-                f"max_loop_lag_ms {settings.threshold_s * 1000:g}; {later}",
+                f"max_loop_lag_ms {settings.threshold_s * 1000:g}; {advice}",
                 reason="LOOP_LAG",
                 retry_after_s=wait_s,
             )
-        self._admitting += 1
+
+    async def _take_over(self, stream_id: str) -> Generation | None:
+        """`Takeover.take_over` within this replica's limits: a stream whose
+        owner died is a new generation here, so it is shed as a start is
+        (TakeoverRefused, UNAVAILABLE: the stream stays intact and unowned,
+        for another replica or a later resume here)."""
+        wait_s = self._settings.shed_retry_after_s
+        self._shed(
+            TakeoverRefused,
+            f"so it cannot continue stream {stream_id}, whose owner stopped; the stream is "
+            f"intact: resume it on another replica, or here in {wait_s:g} s",
+        )
+        self._admitting += 1  # the slot is held across the takeover's awaits
+        try:
+            generation = await self._takeover.take_over(stream_id)
+            if generation is not None:
+                self._run(generation)
+            return generation
+        finally:
+            self._admitting -= 1
 
     async def start(
         self,
@@ -599,10 +628,9 @@ class StreamHub:
                     owner,
                 )
                 await self.store.release_lease(stream_id, owner)
-            generation = await self._takeover.take_over(stream_id)
+            generation = await self._take_over(stream_id)
             if generation is None:
                 continue
-            self._run(generation)
             generation.arm_grace()
             if self.observe:
                 self.observe(
