@@ -69,7 +69,7 @@ import binascii
 import contextlib
 import math
 from collections.abc import Awaitable, Callable, Sequence
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, TypeVar
 
 import orjson
@@ -389,6 +389,22 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 return redis.call('HSET', KEYS[1], 'cancel', ARGV[1])
 """
+
+
+def stream_key(prefix: str, stream_id: str, part: str) -> str:
+    """The key of one part (meta, log, lease) of a stream: `{stream_id}` is
+    its hash tag, so a stream's keys share a Redis Cluster slot."""
+    return f"{prefix}:{{{stream_id}}}:{part}"
+
+
+@lru_cache(maxsize=1 << 14)
+def _log_key_bytes(prefix: str, stream_id: str) -> tuple[bytes, bytes]:
+    """A stream's meta and log keys (`RedisStore._log_keys`) as bytes, made
+    once per live stream rather than once per batch it is in."""
+    return (
+        stream_key(prefix, stream_id, "meta").encode(),
+        stream_key(prefix, stream_id, "log").encode(),
+    )
 
 
 class RedisStore:
@@ -756,11 +772,11 @@ class RedisStore:
     async def _append_batch(self, batch: Sequence[PendingAppend], retried: bool) -> list[Any]:
         """One run of the batch: an answer per append, in batch order (a
         string from the script, or the ResponseError of its group)."""
-        head: list[str | int] = [
-            self._retention_ms,
-            self._now_ms(),
-            self._idem_refresh_ms,
-            1 if retried else 0,
+        head = [
+            b"%d" % self._retention_ms,
+            b"%d" % self._now_ms(),
+            b"%d" % self._idem_refresh_ms,
+            b"1" if retried else b"0",
         ]
         groups = self._by_slot(batch)
         if len(groups) == 1:
@@ -807,19 +823,22 @@ class RedisStore:
             return [list(range(len(batch)))]
         groups: dict[int, list[int]] = {}
         for index, pending in enumerate(batch):
-            groups.setdefault(key_slot(self._key(pending.stream_id, "log").encode()), []).append(
-                index
-            )
+            log_key = _log_key_bytes(self._prefix, pending.stream_id)[1]
+            groups.setdefault(key_slot(log_key), []).append(index)
         return list(groups.values())
 
     def _group_call(
-        self, batch: Sequence[PendingAppend], members: list[int], head: list[str | int]
-    ) -> tuple[list[str], list[str | int | bytes]]:
-        keys: list[str] = []
+        self, batch: Sequence[PendingAppend], members: list[int], head: list[bytes]
+    ) -> tuple[list[bytes], list[bytes]]:
+        """KEYS and ARGV of one `_APPEND_MANY` call, as bytes: redis-py packs
+        bytes as they are, where a str or an int is encoded on every call
+        (84 against 31 µs for 20 streams, most of the client's cost per batch)."""
+        keys: list[bytes] = []
         items: list[bytes] = []
+        prefix = self._prefix
         for index in members:
             pending = batch[index]
-            keys += self._log_keys(pending.stream_id)
+            keys += _log_key_bytes(prefix, pending.stream_id)
             items.append(pending.payload)
         return keys, [*head, b"[" + b",".join(items) + b"]"]
 
@@ -981,7 +1000,7 @@ class RedisStore:
     # -- helpers -------------------------------------------------------------------
 
     def _key(self, stream_id: str, part: str) -> str:
-        return f"{self._prefix}:{{{stream_id}}}:{part}"
+        return stream_key(self._prefix, stream_id, part)
 
     def _stream_keys(self, stream_id: str) -> list[str]:
         return [self._key(stream_id, part) for part in ("meta", "log", "lease")]
