@@ -11,15 +11,22 @@ from __future__ import annotations
 
 import asyncio
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from logkit import chunk, meta
 from redisproc import RedisProcess
 from serverkit import eventually
+from tokenrelay_server.store.follow import BlockingWatcher
 from tokenrelay_server.store.redis import RedisStore
 
 FOLLOWERS = 1000
 WITHIN_S = 60.0
+
+
+async def blocked_clients(url: str, count: int) -> bool:
+    """Whether `count` clients of the server are blocked in a command."""
+    _, blocked = await clients_info(url)
+    return blocked == count
 
 
 async def clients_info(url: str) -> tuple[int, int]:
@@ -42,12 +49,17 @@ async def test_a_thousand_followers_park_on_one_connection_and_all_wake(
             for stream_id in streams
         ]
 
+        every_log = {f"tr:{{{s}}}:log" for s in streams}
+
         async def parked() -> bool:
+            # One parked read over every log: the pokes of followers that
+            # joined while it was parked (some fail at first, the command
+            # pool full of their reads: they are tried again) sent it again.
             _, blocked = await clients_info(own_redis.url)
-            return store.watcher.waiting == FOLLOWERS and blocked == 1
+            watcher = store.watcher
+            return watcher.waiting == FOLLOWERS and blocked == 1 and watcher.stats.keys == every_log
 
         await eventually(parked, within_s=WITHIN_S)
-        assert store.watcher.stats.keys == {f"tr:{{{s}}}:log" for s in streams}
         connected, blocked = await clients_info(own_redis.url)
         # The watcher's one parked read, plus the command pool (bounded at 16).
         assert blocked == 1
@@ -81,6 +93,43 @@ async def test_a_follower_that_joins_a_parked_read_is_rung_without_waiting_for_i
         assert await first == [chunk(1)]
     finally:
         await store.close()
+
+
+async def test_a_poke_that_fails_is_tried_again_until_the_parked_read_covers_the_follower(
+    own_redis: RedisProcess,
+) -> None:
+    # b's reader joins while the read over a is parked, and its poke finds
+    # the command pool (one connection here) taken by a blocked command: it
+    # fails. Tried again, it lands once the connection is free, and b's
+    # append rings b's reader. Not tried again, b would wait for the parked
+    # read's block slice (an hour here), past its own 60 s.
+    commands = Redis(
+        connection_pool=BlockingConnectionPool.from_url(
+            own_redis.url, max_connections=1, timeout=0.01
+        )
+    )
+    blocking = Redis.from_url(own_redis.url, socket_timeout=3600.0)  # for the hour-long slice
+    other = Redis.from_url(own_redis.url)
+    watcher = BlockingWatcher(blocking, commands, prefix="t", block_slice_s=3600.0)
+    try:
+        first = asyncio.ensure_future(watcher.wait("t:{a}:log", "0-0", WITHIN_S))
+        await eventually(lambda: watcher.stats.keys == {"t:{a}:log"})
+        await eventually(lambda: blocked_clients(own_redis.url, 1))
+        hold = asyncio.ensure_future(commands.blpop(["t:hold"], timeout=0))
+        await eventually(lambda: blocked_clients(own_redis.url, 2))
+        second = asyncio.ensure_future(watcher.wait("t:{b}:log", "0-0", WITHIN_S))
+        await eventually(lambda: watcher.stats.poke_failures >= 1)
+        assert watcher.stats.keys == {"t:{a}:log"}  # still the read over a alone
+        await other.rpush("t:hold", "x")  # the blocked command returns: the pool is free
+        await hold
+        await eventually(lambda: watcher.stats.keys == {"t:{a}:log", "t:{b}:log"})
+        await other.xadd("t:{b}:log", {"e": "1"})
+        assert await second is True
+        assert not first.done()
+    finally:
+        await watcher.close()
+        for client in (commands, blocking, other):
+            await client.aclose()
 
 
 async def test_a_follower_waits_from_its_own_position(own_redis: RedisProcess) -> None:

@@ -62,6 +62,7 @@ class WatcherStats:
 
     reads: int = 0  # XREADs or polls sent
     pokes: int = 0
+    poke_failures: int = 0  # pokes tried again (the command pool full, Redis away)
     rings: int = 0
     errors: int = 0
     # The keys watched at the last read (a view of that read's own dict: not
@@ -185,13 +186,45 @@ class BlockingWatcher(_Watcher):
         if self._reading and (self._poking is None or self._poking.done()):
             self._poking = asyncio.get_running_loop().create_task(self._poke())
 
+    def _uncovered(self) -> bool:
+        """Whether a read is parked that would not ring some waiter (asked
+        only when a poke failed: it looks at every waiter)."""
+        reading = self._reading
+        if not reading:
+            return False  # the next read takes every waiter there is then
+        for key, waiters in self._waiters.items():
+            covered = reading.get(key)
+            if covered is None or any(w.after < covered for w in waiters):
+                return True
+        return False
+
     async def _poke(self) -> None:
-        with contextlib.suppress(RedisError, OSError, AttributeError, RuntimeError):
-            pipe = self._commands.pipeline(transaction=False)
-            pipe.xadd(self.poke_key, {"p": "1"}, maxlen=16, approximate=True)
-            pipe.pexpire(self.poke_key, self._poke_ttl_ms)
-            await pipe.execute()
+        """Make the parked read return, so it is sent again with every
+        waiter. Poked again while a read is parked that misses a waiter:
+        after a poke that failed (the command pool full, Redis away), and
+        after one that landed before the next read took its snapshot (a
+        waiter that joined then, with this poke still on its way, started no
+        poke of its own). Either would leave the waiter to the end of the
+        block slice."""
+        while not self._closed:
+            reads = self.stats.reads
+            try:
+                pipe = self._commands.pipeline(transaction=False)
+                pipe.xadd(self.poke_key, {"p": "1"}, maxlen=16, approximate=True)
+                pipe.pexpire(self.poke_key, self._poke_ttl_ms)
+                await pipe.execute()
+            except (RedisError, OSError, AttributeError, RuntimeError) as error:
+                self.stats.poke_failures += 1
+                if not self._uncovered():
+                    return
+                log.debug("the Redis watcher's poke failed (%s); trying again", error)
+                await asyncio.sleep(RETRY_S)
+                continue
             self.stats.pokes += 1
+            # No read sent since: the one this poke returns is sent again
+            # with every waiter there is by then.
+            if self.stats.reads == reads or not self._uncovered():
+                return
 
     async def _watch_once(self) -> None:
         watched = self._watched()
