@@ -39,6 +39,7 @@ from tokenrelay_client import (
     Started,
     StreamFailed,
     Throttled,
+    reconnect_wait,
     start_retry_wait,
 )
 from tokenrelay_client.client import advised_wait
@@ -88,6 +89,20 @@ def test_start_retry_wait_table(
 ) -> None:
     wait = start_retry_wait(code, advice, retries_done=done, max_retries=3, max_wait_s=60.0)
     assert wait == expected
+
+
+@pytest.mark.parametrize(
+    ("backoff", "advice", "expected"),
+    [
+        pytest.param(1.0, None, 1.0, id="no advice: the backoff"),
+        pytest.param(1.0, 2.5, 2.5, id="a longer advice is waited (a refused takeover)"),
+        pytest.param(4.0, 2.5, 4.0, id="a shorter advice does not cut the backoff"),
+        pytest.param(1.0, 90.0, 30.0, id="an advice past the cap waits the cap"),
+        pytest.param(1.0, -1.0, 1.0, id="a negative advice is the backoff"),
+    ],
+)
+def test_reconnect_wait_table(backoff: float, advice: float | None, expected: float) -> None:
+    assert reconnect_wait(backoff, advice, cap_s=30.0) == expected
 
 
 def test_no_start_retries_means_the_first_refusal_is_raised() -> None:

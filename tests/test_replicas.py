@@ -48,6 +48,7 @@ from serverkit import (
     text_of,
 )
 from tokenrelay.v1 import relay_pb2 as pb
+from tokenrelay_client import End, Notice, Reconnecting, RelayClient
 from tokenrelay_server.api.requests import parse_start
 from tokenrelay_server.api.server import RelayServer
 from tokenrelay_server.core.clock import ManualClock
@@ -287,6 +288,25 @@ async def test_a_stream_whose_owner_died_ends_typed_with_what_it_produced(
     assert end.text_sha256 == sha256("".join(f" w{i}" for i in range(1, 6)))
 
 
+ORPHAN_PROMPT = "an orphan"
+
+
+async def write_orphan(store: RedisStore, prompt: str, chunks: int = 5) -> StreamMeta:
+    """The log of a stream whose owner died after `chunks` chunks of the
+    sim's answer to `prompt` (max_tokens 12): its request stored, no End, no
+    lease."""
+    parsed = parse_start(
+        start_request(max_tokens=12, prompt=prompt).start, max_prompt_bytes=1 << 20
+    )
+    answer = SimAnswer(parsed.messages)
+    meta = StreamMeta("0dd" * 10 + "ba", "sim", 0.0, 10, request=parsed)
+    await store.create(meta)
+    await store.append(
+        meta.stream_id, [Chunk(i, answer.token(i - 1), "sim", 1, i) for i in range(1, chunks + 1)]
+    )
+    return meta
+
+
 async def test_a_replica_at_max_streams_refuses_a_takeover_and_leaves_the_stream_intact(
     relay_factory: RelayFactory, shared: dict[str, Any], clock: ManualClock
 ) -> None:
@@ -297,17 +317,9 @@ async def test_a_replica_at_max_streams_refuses_a_takeover_and_leaves_the_stream
     # details, and nothing changes: no lease is taken, nothing is written.
     # With room again, the same resume takes the stream over and finishes it.
     b = await relay_factory(clock=clock, max_streams=1, shed_retry_after_s=2.5, **shared, **QUIET)
-    request = start_request(max_tokens=12, prompt="an orphan")
-    parsed = parse_start(request.start, max_prompt_bytes=1 << 20)
-    answer = SimAnswer(parsed.messages)
-    meta = StreamMeta("0dd" * 10 + "ba", "sim", 0.0, 10, request=parsed)
     store = open_store(shared)
     try:
-        # The log of an owner that died after 5 chunks: no End, no lease.
-        await store.create(meta)
-        await store.append(
-            meta.stream_id, [Chunk(i, answer.token(i - 1), "sim", 1, i) for i in range(1, 6)]
-        )
+        meta = await write_orphan(store, ORPHAN_PROMPT)
         token = b.tokens.issue(meta.stream_id)
         async with grpc.aio.insecure_channel(b.address) as on_b:
             occupant = RawCall(on_b, start_request(max_tokens=5, metadata=PACED))
@@ -326,13 +338,54 @@ async def test_a_replica_at_max_streams_refuses_a_takeover_and_leaves_the_stream
             await occupant.events_until()
             await eventually(lambda: b.hub.running_generations == 0)
             rest = await run_to_end(on_b, resume_request(token, 2))
-            clean = await run_to_end(on_b, start_request(max_tokens=12, prompt="an orphan"))
+            clean = await run_to_end(on_b, start_request(max_tokens=12, prompt=ORPHAN_PROMPT))
     finally:
         await store.close()
     assert [c.seq for c in chunks_of(rest)] == list(range(3, 13))
     assert [e.error.code for e in rest if e.HasField("error")] == ["OWNER_LOST"]
     assert not end_of(rest).partial
     assert end_of(rest).text_sha256 == sha256(text_of(clean))
+
+
+async def test_the_python_client_waits_the_advised_time_before_resuming_a_refused_takeover(
+    relay_factory: RelayFactory, shared: dict[str, Any], clock: ManualClock
+) -> None:
+    # The refusal of the test above, as the Python client meets it: an
+    # UNAVAILABLE is a reconnect, and its RetryInfo (2.5 s) is longer than
+    # the first backoff (0.1 s), so the client waits 2.5 s (its injected
+    # sleep: nothing waits on real time). Meanwhile the replica gets room;
+    # the resume takes the stream over and the client has the whole answer.
+    b = await relay_factory(clock=clock, max_streams=1, shed_retry_after_s=2.5, **shared, **QUIET)
+    store = open_store(shared)
+    try:
+        meta = await write_orphan(store, ORPHAN_PROMPT)
+        async with grpc.aio.insecure_channel(b.address) as on_b:
+            occupant = RawCall(on_b, start_request(max_tokens=5, metadata=PACED))
+            await occupant.next_event()
+            slept: list[float] = []
+
+            async def sleep(seconds: float) -> None:
+                slept.append(seconds)
+                occupant.send(pb.StreamRequest(cancel=pb.Cancel(reason="make room")))
+                await occupant.events_until()
+                await eventually(lambda: b.hub.running_generations == 0)
+
+            client = RelayClient(b.address, sleep=sleep, backoff_base_s=0.1, jitter=0.0)
+            try:
+                stream = client.resume(b.tokens.issue(meta.stream_id), 0)
+                events = [event async for event in stream]
+            finally:
+                await client.close()
+            clean = await run_to_end(on_b, start_request(max_tokens=12, prompt=ORPHAN_PROMPT))
+    finally:
+        await store.close()
+    reconnecting = [e for e in events if isinstance(e, Reconnecting)]
+    assert [e.delay_s for e in reconnecting] == [2.5] == slept
+    assert "max_streams" in reconnecting[0].cause
+    assert [e.code for e in events if isinstance(e, Notice)] == ["OWNER_LOST"]
+    end = events[-1]
+    assert isinstance(end, End) and not end.partial
+    assert stream.text == text_of(clean)
 
 
 async def test_a_dead_replicas_generation_is_taken_over_and_finished(

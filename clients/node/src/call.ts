@@ -19,9 +19,13 @@ import {
 // before the client cancels it (only matters for a misbehaving server).
 const CLOSE_TIMEOUT_MS = 1000;
 
-/** A failure a reconnect may fix (never leaves the client). */
+/** A failure a reconnect may fix (never leaves the client); `retryAfterMs`
+ * is the wait the server advised (null: none). */
 export class Transient extends Error {
-  constructor(readonly why: string) {
+  constructor(
+    readonly why: string,
+    readonly retryAfterMs: number | null = null,
+  ) {
     super(why);
   }
 }
@@ -50,7 +54,7 @@ export function translateFailure(error: unknown, resuming: boolean): Error {
     return new GenerationFailed(code, details, refused.error, refused.delivered);
   }
   if (isTransient(code, details)) {
-    return new Transient(`${statusName(code)}: ${details}`);
+    return new Transient(`${statusName(code)}: ${details}`, advisedWaitMs(metadata));
   }
   if (resuming && RESUME_REFUSALS.has(code)) {
     return new ResumeRejected(code, details);

@@ -12,7 +12,8 @@
  *
  * - Reconnects. When the call fails transiently (`isTransient`: UNAVAILABLE,
  *   or a connection-level CANCELLED/INTERNAL/UNKNOWN such as a reset) it
- *   waits `backoffDelay(attempt)` and reattaches: with `resume` (latest
+ *   waits `backoffDelay(attempt)`, or the wait the failure advised
+ *   (RetryInfo) when it is longer (`reconnectWait`), and reattaches: with `resume` (latest
  *   resume token, last seq it holds) once the server has said StreamStarted,
  *   otherwise by sending the same `start` again with the same idempotency
  *   key, so the server attaches to the generation it may already have begun.
@@ -63,7 +64,7 @@ import {
   finishCall,
   translateFailure,
 } from './call';
-import { backoffDelay, startRetryWait } from './decisions';
+import { backoffDelay, reconnectWait, startRetryWait } from './decisions';
 import {
   GenerationFailed,
   PartialAnswer,
@@ -587,6 +588,7 @@ export class RelayStream implements AsyncIterable<RelayEvent> {
       let cause = '';
       let refused: StreamFailed | null = null;
       let waitMs: number | null = null;
+      let advisedMs: number | null = null; // the wait a transient failure advised
       try {
         for await (const event of this.attachAndRead(call, resuming)) {
           if (event.type === 'started' && attempt > 0) {
@@ -604,6 +606,7 @@ export class RelayStream implements AsyncIterable<RelayEvent> {
       } catch (error: unknown) {
         if (error instanceof Transient) {
           cause = error.why;
+          advisedMs = error.retryAfterMs;
         } else if (error instanceof GenerationFailed) {
           error.partial = this.partial();
           this.checkFailedDelivery(error);
@@ -658,7 +661,7 @@ export class RelayStream implements AsyncIterable<RelayEvent> {
         );
       }
       attempt += 1;
-      delayMs = client.delayFor(attempt);
+      delayMs = reconnectWait(client.delayFor(attempt), advisedMs, client.backoffCapMs);
       yield {
         type: 'reconnecting',
         attempt,

@@ -111,3 +111,16 @@ export function startRetryWait(
   }
   return Math.max(0, retryAfterMs);
 }
+
+/**
+ * Milliseconds to wait before a reconnect: the backoff, or the wait the
+ * failure advised when it is longer (a replica with no room to take a
+ * stream over says when it may have some: RetryInfo on its UNAVAILABLE),
+ * but never past capMs (or the backoff, when that is longer).
+ */
+export function reconnectWait(backoffMs: number, advisedMs: number | null, capMs: number): number {
+  if (advisedMs === null || Number.isNaN(advisedMs) || advisedMs <= backoffMs) {
+    return backoffMs;
+  }
+  return Math.min(advisedMs, Math.max(capMs, backoffMs));
+}

@@ -16,6 +16,7 @@ export {
 export {
   backoffDelay,
   isTransient,
+  reconnectWait,
   startRetryWait,
   type BackoffSettings,
   type StartRetrySettings,

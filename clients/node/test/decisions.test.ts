@@ -4,7 +4,7 @@ import { describe, test } from 'node:test';
 
 import { status } from '@grpc/grpc-js';
 
-import { backoffDelay, isTransient } from '../src/decisions';
+import { backoffDelay, isTransient, reconnectWait } from '../src/decisions';
 
 describe('backoffDelay', () => {
   const rows: [string, number, number, number, number, number, number][] = [
@@ -59,6 +59,22 @@ describe('isTransient', () => {
   for (const [id, code, details, expected] of rows) {
     test(id, () => {
       assert.equal(isTransient(code, details), expected);
+    });
+  }
+});
+
+describe('reconnectWait', () => {
+  const rows: [string, number, number | null, number][] = [
+    // [id, backoff ms, advised ms, expected]; the cap is 30 s
+    ['no advice: the backoff', 1000, null, 1000],
+    ['a longer advice is waited (a refused takeover)', 1000, 2500, 2500],
+    ['a shorter advice does not cut the backoff', 4000, 2500, 4000],
+    ['an advice past the cap waits the cap', 1000, 90_000, 30_000],
+    ['a negative advice is the backoff', 1000, -1000, 1000],
+  ];
+  for (const [id, backoffMs, advisedMs, expected] of rows) {
+    test(id, () => {
+      assert.equal(reconnectWait(backoffMs, advisedMs, 30_000), expected);
     });
   }
 });

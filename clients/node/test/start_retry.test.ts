@@ -150,6 +150,36 @@ describe('a refusal that advises by retry-after-ms only', () => {
   });
 });
 
+// --- a transient failure that advises a wait ----------------------------------------------
+
+describe('an UNAVAILABLE that advises a wait (a replica with no room for a takeover)', () => {
+  test('is reconnected after the advice when it is longer than the backoff', async () => {
+    const unavailable = {
+      status: grpc.status.UNAVAILABLE,
+      details: 'this replica is generating 1 streams (running and detached), its limit (max_streams)',
+      metadata: trailers([errorInfo('MAX_STREAMS'), retryInfo(2500)]),
+    };
+    const server = new ScriptedRelay([[unavailable], [started(), chunk(1), endFor(textUpTo(1), 1)]]);
+    const address = await server.start();
+    const { sleep, delays } = recordingSleep();
+    const client = new RelayClient(address, { reconnect: { sleep, baseMs: 100, jitter: 0 } });
+    try {
+      const events: RelayEvent[] = [];
+      await collect(client.stream('sim', PROMPT, { idempotencyKey: 'key-2' }), events);
+      assert.deepEqual(delays, [2500]);
+      const reconnecting = events.filter((e) => e.type === 'reconnecting');
+      assert.deepEqual(
+        reconnecting.map((e) => e.delayMs),
+        [2500],
+      );
+      assert.equal(events.at(-1)?.type, 'end');
+    } finally {
+      client.close();
+      await server.stop();
+    }
+  });
+});
+
 // --- over a real gateway that sheds ---------------------------------------------------------
 
 /** Stands in for the timer: records each wait, runs `during` (the world

@@ -10,7 +10,8 @@ What the client does for you:
 
 * Reconnects. When the call fails transiently (`is_transient`: UNAVAILABLE,
   or a connection-level CANCELLED/INTERNAL/UNKNOWN such as a reset) it waits
-  `backoff_delay(attempt)` and reattaches: with `resume` (latest resume token,
+  `backoff_delay(attempt)`, or the wait the failure advised (RetryInfo) when
+  it is longer (`reconnect_wait`), and reattaches: with `resume` (latest resume token,
   last seq it holds) once the server has said StreamStarted, otherwise by
   sending the same `start` again with the same idempotency key, so the server
   attaches to the generation it may already have begun instead of starting a
@@ -157,6 +158,16 @@ def backoff_delay(
     exponential = min(cap_s, base_s * 2.0 ** (attempt - 1))
     spread = exponential * jitter * (2.0 * rng() - 1.0)
     return max(0.0, min(cap_s, exponential + spread))
+
+
+def reconnect_wait(backoff_s: float, advised_s: float | None, *, cap_s: float) -> float:
+    """Seconds to wait before a reconnect: the backoff, or the wait the
+    failure advised when it is longer (a replica with no room to take a
+    stream over says when it may have some: RetryInfo on its UNAVAILABLE),
+    but never past cap_s (or the backoff, when that is longer)."""
+    if advised_s is None or advised_s <= backoff_s:
+        return backoff_s
+    return min(advised_s, max(cap_s, backoff_s))
 
 
 def start_retry_wait(
@@ -320,11 +331,13 @@ class Result:
 
 
 class _Transient(Exception):
-    """A call failed in a way a reconnect may fix; `cause` says how."""
+    """A call failed in a way a reconnect may fix; `cause` says how, and
+    `retry_after_s` how long the server advised to wait (None: no advice)."""
 
-    def __init__(self, cause: str) -> None:
+    def __init__(self, cause: str, retry_after_s: float | None = None) -> None:
         super().__init__(cause)
         self.cause = cause
+        self.retry_after_s = retry_after_s
 
 
 # --- the client --------------------------------------------------------------------
@@ -738,6 +751,7 @@ class RelayStream:
             resuming = bool(self.resume_token)
             refused: StreamFailed | None = None
             wait_s: float | None = None
+            advised_s: float | None = None  # the wait a transient failure advised
             try:
                 async with contextlib.aclosing(
                     self._attach_and_read(call, resuming=resuming)
@@ -757,6 +771,7 @@ class RelayStream:
                             return
             except _Transient as failure:
                 cause = failure.cause
+                advised_s = failure.retry_after_s
             except GenerationFailed as error:
                 error.partial = self.partial()
                 self._check_failed_delivery(error)
@@ -807,7 +822,7 @@ class RelayStream:
                     partial=self.partial(),
                 )
             attempt += 1
-            delay_s = client._delay(attempt)
+            delay_s = reconnect_wait(client._delay(attempt), advised_s, cap_s=client.backoff_cap_s)
             yield Reconnecting(
                 attempt=attempt,
                 max_attempts=client.max_reconnects,
@@ -1109,7 +1124,7 @@ def _translate_status(
     if failed is not None:
         return failed
     if is_transient(code, details):
-        return _Transient(f"{code.name}: {details}")
+        return _Transient(f"{code.name}: {details}", advised_wait(rich, trailing))
     if resuming and code in _RESUME_REFUSALS:
         return ResumeRejected(code, details)
     return StreamFailed(code, details, retry_after_s=advised_wait(rich, trailing))
@@ -1418,6 +1433,7 @@ __all__ = [
     "backoff_delay",
     "chunk_record",
     "is_transient",
+    "reconnect_wait",
     "start_retry_wait",
     "text_sha256",
     "tool_result",
