@@ -16,9 +16,11 @@ Cluster (issue 9 defect 8; conftest.py starts it), with `redis_cluster` on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -307,6 +309,42 @@ async def write_orphan(store: RedisStore, prompt: str, chunks: int = 5) -> Strea
     return meta
 
 
+@dataclass
+class FullReplica:
+    """A replica at max_streams (1: one paced stream, `occupant`, holds its
+    slot) and, in the store, an orphan (`write_orphan`) to resume on it."""
+
+    relay: RelayServer
+    store: RedisStore
+    orphan: StreamMeta
+    channel: grpc.aio.Channel
+    occupant: RawCall
+
+    async def make_room(self) -> None:
+        """Cancel the occupant; return once its generation is gone."""
+        self.occupant.send(pb.StreamRequest(cancel=pb.Cancel(reason="make room")))
+        await self.occupant.events_until()
+        await eventually(lambda: self.relay.hub.running_generations == 0)
+
+
+@contextlib.asynccontextmanager
+async def full_replica(
+    relay_factory: RelayFactory, shared: dict[str, Any], clock: ManualClock
+) -> AsyncIterator[FullReplica]:
+    relay = await relay_factory(
+        clock=clock, max_streams=1, shed_retry_after_s=2.5, **shared, **QUIET
+    )
+    store = open_store(shared)
+    try:
+        orphan = await write_orphan(store, ORPHAN_PROMPT)
+        async with grpc.aio.insecure_channel(relay.address) as channel:
+            occupant = RawCall(channel, start_request(max_tokens=5, metadata=PACED))
+            await occupant.next_event()  # started: the replica is at its limit
+            yield FullReplica(relay, store, orphan, channel, occupant)
+    finally:
+        await store.close()
+
+
 async def test_a_replica_at_max_streams_refuses_a_takeover_and_leaves_the_stream_intact(
     relay_factory: RelayFactory, shared: dict[str, Any], clock: ManualClock
 ) -> None:
@@ -316,31 +354,21 @@ async def test_a_replica_at_max_streams_refuses_a_takeover_and_leaves_the_stream
     # UNAVAILABLE (the stream is fine: resume it elsewhere) with the shed
     # details, and nothing changes: no lease is taken, nothing is written.
     # With room again, the same resume takes the stream over and finishes it.
-    b = await relay_factory(clock=clock, max_streams=1, shed_retry_after_s=2.5, **shared, **QUIET)
-    store = open_store(shared)
-    try:
-        meta = await write_orphan(store, ORPHAN_PROMPT)
-        token = b.tokens.issue(meta.stream_id)
-        async with grpc.aio.insecure_channel(b.address) as on_b:
-            occupant = RawCall(on_b, start_request(max_tokens=5, metadata=PACED))
-            await occupant.next_event()  # started: B is at its limit
-            refused = RawCall(on_b, resume_request(token, 2))
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await refused.events_until()
-            error = caught.value
-            assert_shed(error, "MAX_STREAMS", 2.5, code=grpc.StatusCode.UNAVAILABLE)
-            assert meta.stream_id in (error.details() or "")
-            assert "max_streams" in (error.details() or "")
-            assert await store.lease_owner(meta.stream_id) is None
-            assert await store.tail(meta.stream_id) == StreamTail(5, False)
-            assert b.hub.running_generations == 1
-            occupant.send(pb.StreamRequest(cancel=pb.Cancel(reason="make room")))
-            await occupant.events_until()
-            await eventually(lambda: b.hub.running_generations == 0)
-            rest = await run_to_end(on_b, resume_request(token, 2))
-            clean = await run_to_end(on_b, start_request(max_tokens=12, prompt=ORPHAN_PROMPT))
-    finally:
-        await store.close()
+    async with full_replica(relay_factory, shared, clock) as full:
+        token = full.relay.tokens.issue(full.orphan.stream_id)
+        refused = RawCall(full.channel, resume_request(token, 2))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await refused.events_until()
+        error = caught.value
+        assert_shed(error, "MAX_STREAMS", 2.5, code=grpc.StatusCode.UNAVAILABLE)
+        assert full.orphan.stream_id in (error.details() or "")
+        assert "max_streams" in (error.details() or "")
+        assert await full.store.lease_owner(full.orphan.stream_id) is None
+        assert await full.store.tail(full.orphan.stream_id) == StreamTail(5, False)
+        assert full.relay.hub.running_generations == 1
+        await full.make_room()
+        rest = await run_to_end(full.channel, resume_request(token, 2))
+        clean = await run_to_end(full.channel, start_request(max_tokens=12, prompt=ORPHAN_PROMPT))
     assert [c.seq for c in chunks_of(rest)] == list(range(3, 13))
     assert [e.error.code for e in rest if e.HasField("error")] == ["OWNER_LOST"]
     assert not end_of(rest).partial
@@ -355,30 +383,20 @@ async def test_the_python_client_waits_the_advised_time_before_resuming_a_refuse
     # the first backoff (0.1 s), so the client waits 2.5 s (its injected
     # sleep: nothing waits on real time). Meanwhile the replica gets room;
     # the resume takes the stream over and the client has the whole answer.
-    b = await relay_factory(clock=clock, max_streams=1, shed_retry_after_s=2.5, **shared, **QUIET)
-    store = open_store(shared)
-    try:
-        meta = await write_orphan(store, ORPHAN_PROMPT)
-        async with grpc.aio.insecure_channel(b.address) as on_b:
-            occupant = RawCall(on_b, start_request(max_tokens=5, metadata=PACED))
-            await occupant.next_event()
-            slept: list[float] = []
+    async with full_replica(relay_factory, shared, clock) as full:
+        slept: list[float] = []
 
-            async def sleep(seconds: float) -> None:
-                slept.append(seconds)
-                occupant.send(pb.StreamRequest(cancel=pb.Cancel(reason="make room")))
-                await occupant.events_until()
-                await eventually(lambda: b.hub.running_generations == 0)
+        async def sleep(seconds: float) -> None:
+            slept.append(seconds)
+            await full.make_room()
 
-            client = RelayClient(b.address, sleep=sleep, backoff_base_s=0.1, jitter=0.0)
-            try:
-                stream = client.resume(b.tokens.issue(meta.stream_id), 0)
-                events = [event async for event in stream]
-            finally:
-                await client.close()
-            clean = await run_to_end(on_b, start_request(max_tokens=12, prompt=ORPHAN_PROMPT))
-    finally:
-        await store.close()
+        client = RelayClient(full.relay.address, sleep=sleep, backoff_base_s=0.1, jitter=0.0)
+        try:
+            stream = client.resume(full.relay.tokens.issue(full.orphan.stream_id), 0)
+            events = [event async for event in stream]
+        finally:
+            await client.close()
+        clean = await run_to_end(full.channel, start_request(max_tokens=12, prompt=ORPHAN_PROMPT))
     reconnecting = [e for e in events if isinstance(e, Reconnecting)]
     assert [e.delay_s for e in reconnecting] == [2.5] == slept
     assert "max_streams" in reconnecting[0].cause
