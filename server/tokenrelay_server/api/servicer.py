@@ -121,8 +121,10 @@ def _packed(*details: Any) -> list[any_pb2.Any]:
 def error_status(error: TokenRelayError) -> grpc.Status | None:
     """The rich status (google.rpc.Status details) of an error that has more
     to say than its message: a spent quota (ErrorInfo naming the tenant and
-    the limit, RetryInfo), a refused resume token (ErrorInfo with the reason).
-    None: a plain status will do."""
+    the limit, RetryInfo), a refused resume token (ErrorInfo with the reason),
+    load shed (`overloaded_status`). None: a plain status will do."""
+    if isinstance(error, Overloaded):
+        return overloaded_status(error)
     code = status_for(error)
     details: list[Message]
     if isinstance(error, QuotaExceeded):
@@ -489,7 +491,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         context: grpc.aio.ServicerContext[relay_pb2.StreamRequest, relay_pb2.StreamEvent],
         error: TokenRelayError,
     ) -> None:
-        status = overloaded_status(error) if isinstance(error, Overloaded) else error_status(error)
+        status = error_status(error)
         if status is not None:
             await context.abort_with_status(status)
         await context.abort(status_for(error), str(error))

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from tokenrelay_server.core.clock import Deadline, Timer
 from tokenrelay_server.core.errors import ErrorType, Fault, ResourceError, SuggestedAction
@@ -170,13 +170,7 @@ class Generation:
             recovery=recovery,
             tally=self.tally,
             emit_chunk=self._emit_chunk,
-            emit_chunk_now=(
-                self._emit_chunk_now
-                if self.log.appends_now
-                else self._emit_chunk_behind
-                if self.log.writes_behind
-                else None
-            ),
+            emit_chunk_now=self._chunk_emitter_now(),
             notice=self.notice,
             delivered_text=self.log.text,
             delivered_chunks=lambda: self.log.last_seq,
@@ -452,6 +446,18 @@ class Generation:
         chunk = self._chunk(piece, provider, attempt, tokens)
         await self.log.append([chunk])
         self._stored(chunk)
+
+    def _chunk_emitter_now(
+        self,
+    ) -> Callable[[Piece, str, int, int], Awaitable[None] | None] | None:
+        """How this log stores a chunk without a coroutine: at once (the
+        memory store's own log), or behind (a store that queues appends);
+        None when each chunk must be awaited (`_emit_chunk`)."""
+        if self.log.appends_now:
+            return self._emit_chunk_now
+        if self.log.writes_behind:
+            return self._emit_chunk_behind
+        return None
 
     def _emit_chunk_behind(
         self, piece: Piece, provider: str, attempt: int, tokens: int

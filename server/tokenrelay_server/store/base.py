@@ -74,6 +74,11 @@ class SharesLogs(Protocol):
         ...
 
 
+# Told the outcome of an append once: None when it is durable, else what
+# `append` would have raised.
+AppendDone = Callable[[BaseException | None], None]
+
+
 @runtime_checkable
 class SubmitsAppends(Protocol):
     """A store that queues appends itself (group commit): `post_append` is
@@ -83,12 +88,7 @@ class SubmitsAppends(Protocol):
     from the store's own step. Raises at once when the store is closed."""
 
     def post_append(
-        self,
-        stream_id: str,
-        entries: Sequence[LogEntry],
-        done: Callable[[BaseException | None], None],
-        *,
-        epoch: int | None = None,
+        self, stream_id: str, entries: Sequence[LogEntry], done: AppendDone, *, epoch: int | None
     ) -> None: ...
 
 

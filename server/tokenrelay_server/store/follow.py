@@ -180,23 +180,27 @@ class BlockingWatcher(_Watcher):
         self._poking: asyncio.Task[None] | None = None
 
     def _added(self, key: str, waiter: _Waiter) -> None:
-        covered = self._reading.get(key)
-        if covered is not None and covered <= waiter.after:
-            return  # the parked read already rings this one
+        if self._covers(key, waiter):
+            return
         if self._reading and (self._poking is None or self._poking.done()):
             self._poking = asyncio.get_running_loop().create_task(self._poke())
 
+    def _covers(self, key: str, waiter: _Waiter) -> bool:
+        """Whether the parked read rings `waiter` (it reads `key` from no
+        later than the waiter waits from)."""
+        covered = self._reading.get(key)
+        return covered is not None and covered <= waiter.after
+
     def _uncovered(self) -> bool:
         """Whether a read is parked that would not ring some waiter (asked
-        only when a poke failed: it looks at every waiter)."""
-        reading = self._reading
-        if not reading:
+        after a poke, not per waiter that joins: it looks at every waiter)."""
+        if not self._reading:
             return False  # the next read takes every waiter there is then
-        for key, waiters in self._waiters.items():
-            covered = reading.get(key)
-            if covered is None or any(w.after < covered for w in waiters):
-                return True
-        return False
+        return any(
+            not self._covers(key, waiter)
+            for key, waiters in self._waiters.items()
+            for waiter in waiters
+        )
 
     async def _poke(self) -> None:
         """Make the parked read return, so it is sent again with every

@@ -91,7 +91,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tokenrelay_server.core.clock import Clock, SystemClock
 from tokenrelay_server.core.errors import StreamNotFound
 from tokenrelay_server.core.model import Chunk, LogEntry, Notice, StreamMeta
-from tokenrelay_server.store.base import AppendObserver, ReadStart, StreamTail
+from tokenrelay_server.store.base import AppendDone, AppendObserver, ReadStart, StreamTail
 from tokenrelay_server.store.codec import decode_entry, decode_meta, encode_meta, entry_json
 from tokenrelay_server.store.connect import RedisClient, connect, connection_kwargs
 from tokenrelay_server.store.errors import StoreError, StoreUnavailable, StreamFenced
@@ -722,12 +722,7 @@ class RedisStore:
         )
 
     def post_append(
-        self,
-        stream_id: str,
-        entries: Sequence[LogEntry],
-        done: Callable[[BaseException | None], None],
-        *,
-        epoch: int | None = None,
+        self, stream_id: str, entries: Sequence[LogEntry], done: AppendDone, *, epoch: int | None
     ) -> None:
         """`append` with a callback (SubmitsAppends in base.py): `done` is
         told once the batch holding the entries is answered."""
