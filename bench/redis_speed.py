@@ -26,14 +26,14 @@ the `end` parsed).
    independent callers' are. What a level is judged on is the steady window:
    from `SETTLE_S` after the last start to one pace before the first stream
    could end, when all N streams run at once (the ramp measures how fast the
-   server takes new streams, which is not what "holds N" asks; its cost per
-   start is printed apart). Per level: delivered tokens/s per stream
-   (median, first chunk to last), and the inter-chunk jitter p99 (|gap - 20
-   ms| over every gap of every stream that ends in the window; measured
-   where the client reads). A level holds when jitter p99 <= 10 ms and the
-   median rate >= 95 % of 50; the figure is the largest level that holds,
-   Redis against echo (goal >= 0.7). `--paced-ramp-s 0` starts every stream
-   within one pace (a thundering herd: the window then opens SETTLE_S later).
+   server takes new streams, which is not what "holds N" asks). Per level:
+   delivered tokens/s per stream (median, first chunk to last), and the
+   inter-chunk jitter p99 (|gap - 20 ms| over every gap, of every stream,
+   that ends in the window; measured where the client reads). A level holds
+   when jitter p99 <= 10 ms and the median rate >= 95 % of 50; the figure is
+   the largest level that holds, Redis against echo (goal >= 0.7).
+   `--paced-ramp-s 0` starts every stream within one pace (a thundering herd:
+   the window then opens SETTLE_S later).
 3. Resume: `--resumes` finished streams per store, each resumed at half its
    length; request -> first replayed chunk, p50/p99, Redis against memory
    (goal: p99 within 2 ms).

@@ -270,7 +270,9 @@ async def _serve(kind: ServerKind, conn: Connection, settings: dict[str, Any]) -
 
 class GcPauses:
     """The collector's pauses in a server process (gc.callbacks), by
-    generation: a paced stream's jitter is mostly these (bench/redis_speed.py)."""
+    generation: the longest of a paced level is printed with it
+    (bench/redis_speed.py), to tell a collector's pause from a loop that is
+    behind."""
 
     def __init__(self) -> None:
         self._started = 0.0

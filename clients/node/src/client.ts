@@ -13,8 +13,8 @@
  * - Reconnects. When the call fails transiently (`isTransient`: UNAVAILABLE,
  *   or a connection-level CANCELLED/INTERNAL/UNKNOWN such as a reset) it
  *   waits `backoffDelay(attempt)`, or the wait the failure advised
- *   (RetryInfo) when it is longer (`reconnectWait`), and reattaches: with `resume` (latest
- *   resume token, last seq it holds) once the server has said StreamStarted,
+ *   (RetryInfo) when it is longer (`reconnectWait`), and reattaches: with
+ *   `resume` (latest resume token, last seq it holds) once the server has said StreamStarted,
  *   otherwise by sending the same `start` again with the same idempotency
  *   key, so the server attaches to the generation it may already have begun.
  * - Bounds each attempt: StreamStarted must arrive within `connectTimeoutMs`.

@@ -11,8 +11,8 @@ What the client does for you:
 * Reconnects. When the call fails transiently (`is_transient`: UNAVAILABLE,
   or a connection-level CANCELLED/INTERNAL/UNKNOWN such as a reset) it waits
   `backoff_delay(attempt)`, or the wait the failure advised (RetryInfo) when
-  it is longer (`reconnect_wait`), and reattaches: with `resume` (latest resume token,
-  last seq it holds) once the server has said StreamStarted, otherwise by
+  it is longer (`reconnect_wait`), and reattaches: with `resume` (latest
+  resume token, last seq it holds) once the server has said StreamStarted, otherwise by
   sending the same `start` again with the same idempotency key, so the server
   attaches to the generation it may already have begun instead of starting a
   second one.
