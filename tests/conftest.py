@@ -14,7 +14,7 @@ import pytest
 import redis
 from hypothesis import HealthCheck, settings
 
-from redisproc import RedisProcess, answers, free_port, wait_for_ping
+from redisproc import RedisProcess, answers, free_port, spawn, wait_until_ready
 
 # Property tests never depend on how fast the machine is: no per-example
 # deadline and no "too slow" health check (these machines are shared; a
@@ -58,19 +58,15 @@ def redis_url() -> Iterator[str]:
             command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir]
             # No RDB snapshots, no AOF: nothing of the test data reaches disk.
             command += ["--save", "", "--appendonly", "no"]
-            server = subprocess.Popen(
-                command,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+            server = spawn(command)
             try:
                 local_url = f"redis://127.0.0.1:{port}/0"
-                if wait_for_ping(server, local_url, REDIS_START_TIMEOUT_S):
+                if wait_until_ready(server, REDIS_START_TIMEOUT_S):
                     yield local_url
                     return
                 problem = (
                     f"no Redis answers at {url}, and the redis-server started on port "
-                    f"{port} did not answer PING (exit code {server.poll()})"
+                    f"{port} did not say it was ready (exit code {server.poll()})"
                 )
             finally:
                 server.terminate()

@@ -8,12 +8,16 @@ connections killed. No redis-server binary is a failure, never a skip.
 
 from __future__ import annotations
 
+import os
+import selectors
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import redis
 
@@ -34,16 +38,41 @@ def answers(url: str) -> bool:
         return False
 
 
-def wait_for_ping(process: subprocess.Popen[bytes], url: str, timeout_s: float) -> bool:
-    """Whether the redis-server `process` started answers PING at `url`
-    before it exits or `timeout_s` pass (polled: a process coming up is a
-    real condition to wait on, with nothing to inject)."""
+# What redis-server logs once it listens (after loading its AOF, if any).
+READY = b"Ready to accept connections"
+
+
+def spawn(command: list[str]) -> subprocess.Popen[bytes]:
+    """Start a redis-server with its log on a pipe, for `wait_until_ready`."""
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_until_ready(process: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    """Whether the redis-server `process` (from `spawn`) says it accepts
+    connections before it exits or `timeout_s` pass: its log is read as it
+    comes (no polling; the bound only guards against hanging). From then on
+    a thread drains the log, so a full pipe never blocks the server."""
+    assert process.stdout is not None
+    fd = process.stdout.fileno()
+    seen = b""
     deadline = time.monotonic() + timeout_s
-    while process.poll() is None and time.monotonic() < deadline:
-        if answers(url):
-            return True
-        time.sleep(0.02)
-    return False
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while READY not in seen:
+            left = deadline - time.monotonic()
+            if left <= 0 or not selector.select(left):
+                return False
+            data = os.read(fd, 65536)
+            if not data:
+                return False  # it exited
+            seen = seen[-len(READY) :] + data  # (the line may come in two reads)
+    threading.Thread(target=_drain, args=(process.stdout,), daemon=True).start()
+    return True
+
+
+def _drain(log: IO[bytes]) -> None:
+    while log.read(65536):
+        pass
 
 
 class RedisProcess:
@@ -62,14 +91,12 @@ class RedisProcess:
         command += ["--dir", str(self._workdir), "--save", ""]
         # Every write reaches the AOF before its reply: a restart loses nothing.
         command += ["--appendonly", "yes", "--appendfsync", "always"]
-        self._process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        if wait_for_ping(self._process, self.url, START_TIMEOUT_S):
+        self._process = spawn(command)
+        if wait_until_ready(self._process, START_TIMEOUT_S):
             return
         if self._process.poll() is not None:
             raise AssertionError(f"redis-server exited with {self._process.returncode}")
-        raise AssertionError(f"redis-server on port {self.port} did not answer PING")
+        raise AssertionError(f"redis-server on port {self.port} did not say it was ready")
 
     def stop(self) -> None:
         """SIGTERM and wait: Redis flushes its AOF and exits."""
